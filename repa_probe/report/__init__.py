@@ -1,0 +1,1 @@
+"""Reports: the tidy results table, its summary (peaks, drops, deltas), figures, and the PDF."""

@@ -1,0 +1,235 @@
+"""Figures for the reports: one function per figure, each returning a matplotlib Figure.
+
+Conventions across every figure: blocks numbered as in the paper (0 = patch embedding, i = output of
+block i), one fixed colour per checkpoint (seaborn "colorblind"), one colour per t from viridis,
+baselines drawn in grey (dashed: untrained model, dotted: raw input), axes labelled with units.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from repa_probe.report.summary import BASELINE_PREFIX, is_baseline, metric_label  # noqa: E402
+
+PAGE = (11.69, 8.27)  # A4 landscape, inches
+
+
+def checkpoint_colours(names: list[str]) -> dict[str, tuple]:
+    palette = sns.color_palette("colorblind", max(3, len(names)))
+    return {n: palette[i] for i, n in enumerate(names)}
+
+
+def t_colours(ts: list[float]) -> dict[float, tuple]:
+    cmap = plt.get_cmap("viridis")
+    return {t: cmap(i / max(1, len(ts) - 1) * 0.9) for i, t in enumerate(sorted(ts))}
+
+
+def _panel_grid(n: int, max_cols: int = 3):
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=PAGE, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric.startswith("probe") else 1.0
+
+
+def text_page(title: str, blocks: list[tuple[str, list[tuple[str, str]] | list[str] | str]]) -> plt.Figure:
+    """A page of text: a title, then sections of (key, value) rows, bullet lines or paragraphs."""
+    fig = plt.figure(figsize=PAGE)
+    fig.text(0.04, 0.95, title, fontsize=16, weight="bold", va="top")
+    y = 0.89
+    for heading, body in blocks:
+        fig.text(0.04, y, heading, fontsize=11, weight="bold", va="top")
+        y -= 0.032
+        if isinstance(body, str):
+            body = textwrap.wrap(body, 150)
+        for line in body:
+            if isinstance(line, tuple):
+                key, value = line
+                fig.text(0.06, y, key, fontsize=8.5, va="top", family="monospace")
+                fig.text(0.27, y, textwrap.shorten(str(value), 140), fontsize=8.5, va="top", family="monospace",
+                         color="firebrick" if "RANDOM" in str(value) or "ASSUMED" in str(value) else "black")
+            else:
+                fig.text(0.06, y, line, fontsize=8.5, va="top", family="monospace",
+                         color="firebrick" if line.startswith("!") else "black")
+            y -= 0.024
+        y -= 0.012
+    return fig
+
+
+def table_page(title: str, table: pd.DataFrame, note: str = "") -> plt.Figure:
+    """A page holding a table (the summary), as text cells."""
+    fig = plt.figure(figsize=PAGE)
+    fig.text(0.04, 0.95, title, fontsize=14, weight="bold", va="top")
+    if note:
+        fig.text(0.04, 0.905, note, fontsize=8.5, va="top", wrap=True)
+    ax = fig.add_axes([0.03, 0.03, 0.94, 0.83])
+    ax.axis("off")
+    tbl = ax.table(cellText=table.astype(str).values, colLabels=list(table.columns), loc="upper center",
+                   cellLoc="center", colLoc="center")
+    tbl.auto_set_font_size(False)
+    tbl.set_fontsize(7.5 if len(table) < 25 else 6.5)
+    tbl.scale(1, 1.25)
+    for (row, _), cell in tbl.get_celld().items():
+        if row == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#e8e8e8")
+    return fig
+
+
+def heatmaps(results: pd.DataFrame, checkpoint: str, title: str) -> list[plt.Figure]:
+    """Block × t heatmaps, one panel per metric × encoder, for one checkpoint."""
+    rows = results[(results["checkpoint"] == checkpoint) & (results["block"] >= 0)]
+    panels = sorted(rows.groupby(["metric", "encoder"]).groups)
+    figs = []
+    for start in range(0, len(panels), 4):
+        chunk = panels[start:start + 4]
+        fig, axes = _panel_grid(len(chunk), max_cols=2)
+        for ax, (metric, encoder) in zip(axes, chunk):
+            g = rows[(rows["metric"] == metric) & (rows["encoder"] == encoder)]
+            grid = g.pivot_table(index="t", columns="block", values="value") * _scale(metric)
+            sns.heatmap(grid, ax=ax, cmap="mako", annot=grid.shape[1] <= 16, fmt=".1f" if _scale(metric) > 1 else ".2f",
+                        annot_kws={"fontsize": 6}, cbar_kws={"label": metric_label(metric)})
+            ax.set_xlabel("block (0 = patch embedding)")
+            ax.set_ylabel("noise level t (0 = data, 1 = noise)")
+            ax.set_title(f"{metric_label(metric)}" + (f" vs {encoder}" if encoder else ""), fontsize=10)
+        fig.suptitle(f"{title}: {checkpoint}", fontsize=12)
+        fig.tight_layout()
+        figs.append(fig)
+    return figs
+
+
+def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.Figure:
+    """Metric vs block, one panel per t, one line (with CI band) per checkpoint; baselines in grey."""
+    rows = results[(results["metric"] == metric) & (results["encoder"] == encoder)]
+    ts = sorted(rows["t"].unique())
+    models = [c for c in dict.fromkeys(rows["checkpoint"]) if not is_baseline(c)]
+    colours = checkpoint_colours(models)
+    s = _scale(metric)
+    fig, axes = _panel_grid(len(ts))
+    for ax, t in zip(axes, ts):
+        at = rows[rows["t"] == t]
+        for name in models:
+            c = at[(at["checkpoint"] == name) & (at["block"] >= 0)].sort_values("block")
+            ax.plot(c["block"], c["value"] * s, marker="o", ms=3, color=colours[name], label=name)
+            if c["ci_low"].notna().any():
+                ax.fill_between(c["block"], c["ci_low"] * s, c["ci_high"] * s, color=colours[name], alpha=0.2, lw=0)
+        untrained = at[at["checkpoint"] == f"{BASELINE_PREFIX}untrained"].sort_values("block")
+        if len(untrained):
+            ax.plot(untrained["block"], untrained["value"] * s, ls="--", color="grey", label="untrained model")
+        raw = at[at["checkpoint"] == f"{BASELINE_PREFIX}raw-input"]
+        if len(raw):
+            ax.axhline(raw["value"].iloc[0] * s, ls=":", color="grey", label="raw input")
+        ax.set_title(f"t = {t:g}", fontsize=10)
+        ax.set_xlabel("block")
+        ax.set_ylabel(metric_label(metric))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def curves_over_t(results: pd.DataFrame, checkpoint: str, metrics: list[tuple[str, str]], title: str) -> plt.Figure:
+    """One panel per metric × encoder, one line per t: how the layer-wise profile moves with noise."""
+    rows = results[results["checkpoint"] == checkpoint]
+    colours = t_colours(sorted(rows["t"].unique()))
+    fig, axes = _panel_grid(len(metrics), max_cols=2)
+    for ax, (metric, encoder) in zip(axes, metrics):
+        g = rows[(rows["metric"] == metric) & (rows["encoder"] == encoder) & (rows["block"] >= 0)]
+        for t, c in g.groupby("t"):
+            c = c.sort_values("block")
+            ax.plot(c["block"], c["value"] * _scale(metric), marker="o", ms=3, color=colours[t], label=f"t = {t:g}")
+        ax.set_xlabel("block")
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(metric_label(metric) + (f" vs {encoder}" if encoder else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: {checkpoint}", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def similarity_matrix(matrix: np.ndarray, title: str, xlabel: str = "block", ylabel: str = "block",
+                      metric: str = "CKA") -> plt.Figure:
+    """Layer × layer (or model A block × model B block) similarity heatmap."""
+    fig, ax = plt.subplots(figsize=(PAGE[1] * 1.1, PAGE[1]))
+    sns.heatmap(matrix, ax=ax, cmap="rocket", vmin=0, vmax=1, square=True, cbar_kws={"label": metric})
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def delta_heatmaps(delta: pd.DataFrame, a: str, b: str) -> list[plt.Figure]:
+    """(B − A) per block × t, one panel per metric × encoder, diverging colours centred on 0."""
+    panels = sorted(delta.groupby(["metric", "encoder"]).groups)
+    figs = []
+    for start in range(0, len(panels), 4):
+        chunk = panels[start:start + 4]
+        fig, axes = _panel_grid(len(chunk), max_cols=2)
+        for ax, (metric, encoder) in zip(axes, chunk):
+            g = delta[(delta["metric"] == metric) & (delta["encoder"] == encoder)]
+            grid = g.pivot_table(index="t", columns="block", values="delta") * _scale(metric)
+            lim = float(np.nanmax(np.abs(grid.values))) or 1.0
+            sns.heatmap(grid, ax=ax, cmap="vlag", center=0, vmin=-lim, vmax=lim, annot=grid.shape[1] <= 16,
+                        fmt=".1f" if _scale(metric) > 1 else ".2f", annot_kws={"fontsize": 6},
+                        cbar_kws={"label": f"Δ {metric_label(metric)}"})
+            ax.set_xlabel("block")
+            ax.set_ylabel("noise level t")
+            ax.set_title(f"{metric_label(metric)}" + (f" vs {encoder}" if encoder else "") + f": {b} − {a}",
+                         fontsize=10)
+        fig.tight_layout()
+        figs.append(fig)
+    return figs
+
+
+def trajectory(traj: pd.DataFrame, metric: str, encoder: str, title: str, groups: list[list[int]]) -> plt.Figure:
+    """Metric over training steps, one panel per t, one curve per block group (mean over the group).
+
+    `traj` is tidy with a `step` column and a `run` column (one line style per run)."""
+    rows = traj[(traj["metric"] == metric) & (traj["encoder"] == encoder)]
+    ts = sorted(rows["t"].unique())
+    palette = sns.color_palette("flare", len(groups))
+    styles = ["-", "--", ":", "-."]
+    fig, axes = _panel_grid(len(ts))
+    for ax, t in zip(axes, ts):
+        at = rows[rows["t"] == t]
+        for r, (run, rr) in enumerate(at.groupby("run", sort=False)):
+            for gi, group in enumerate(groups):
+                c = rr[rr["block"].isin(group)].groupby("step")["value"].mean()
+                label = f"blocks {group[0]}–{group[-1]}" + (f" ({run})" if at["run"].nunique() > 1 else "")
+                ax.plot(c.index, c.values * _scale(metric), ls=styles[r % 4], marker="o", ms=2.5,
+                        color=palette[gi], label=label)
+        ax.set_title(f"t = {t:g}", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric_label(metric))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6.5)
+    fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: np.ndarray, title: str) -> plt.Figure:
+    """A uint8 image grid [H, W, 3] on its own page."""
+    fig, ax = plt.subplots(figsize=PAGE)
+    ax.imshow(images)
+    ax.axis("off")
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
