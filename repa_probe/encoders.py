@@ -1,0 +1,616 @@
+"""Target encoders: the pretrained vision transformers whose patch tokens REPA aligns to (DESIGN.md §4).
+
+An encoder is named the way REPA names it, ``type-arch-size`` (``dinov2-vit-b``, ``mae-vit-l``,
+``jepa-vit-h``, ``mocov3-vit-b``, ``clip-vit-L``, ...), or by any timm model name. Every registry entry
+is a timm architecture plus a *family*: how the family's images are normalised, whether REPA takes its
+tokens before or after the final norm, and a converter from the original repository's weight file to
+timm's parameter names. Written against timm 1.0.31 (``timm.__version__`` is recorded in ``describe()``).
+
+What REPA does (sihyun-yu/REPA ``train.py: preprocess_raw_image``, ``utils.py: load_encoders``), and
+what we do, for a diffusion model whose token grid is ``grid × grid`` (16 for SiT/2 on 32×32 latents):
+
+    family    mean/std   input size            tokens                 REPA at 256 px
+    dinov2    ImageNet   grid·14, bicubic      after final norm       224 px, x_norm_patchtokens
+    mae       ImageNet   grid·16 (H: ·14)      before final norm      256 px, blocks output
+    jepa      ImageNet   grid·14, bicubic      after final norm       224 px
+    mocov3    ImageNet   grid·16, bicubic      after final norm       256 px
+    clip      CLIP       grid·14, bicubic      before ln_post         224 px
+    siglip    0.5 / 0.5  grid·patch, bicubic   after final norm       (not in REPA)
+
+Resizing is ``F.interpolate(mode='bicubic', antialias=False)`` as in REPA, skipped when the image already
+has the size; we resize before normalising (REPA normalises first for most families: the two orders are
+the same map, since both are linear and bicubic weights sum to one). Position embeddings: the model keeps
+the grid it was trained at and timm resamples them to the requested grid on every forward
+(``dynamic_img_size=True``: bicubic, antialiased, in fp32); that is the same function and the same
+arguments REPA applies once at load time (``resample_abs_pos_embed(pos_embed, [16, 16])``), so the
+features agree, and one loaded encoder serves any grid. Patch tokens exclude CLS and register tokens;
+the pooled vector is their mean.
+
+Weights never come from the network unless asked (``pretrained_download=True``): a spec string
+``NAME=PATH`` names a local ``.pth``/``.pt``/``.safetensors`` file (original layout or timm's), or the file
+is found by its official name in ``$REPA_PROBE_WEIGHTS`` / ``~/.cache/repa-probe/weights``. ``.pth`` files
+are read with ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repa_probe.errors import UserError
+
+#################################################################################
+#                          Normalisation constants                              #
+#################################################################################
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+RANDOM_SEED = 0  # random_init=True always draws the same network, so its features can be cached too
+
+#################################################################################
+#            Converters: original repositories' weight files → timm names       #
+#################################################################################
+# Each converter takes what torch.load returned and the (timm) model, and returns a state dict in timm's
+# names. They end in timm's own `checkpoint_filter_fn`, which converts the DINOv2 hub layout (mask_token,
+# register_tokens, SwiGLU w12/w3), OpenAI CLIP's `visual.*` names and I-JEPA's `{'encoder': module.*}`,
+# and resamples position embeddings stored at another grid. Keys that are not part of the encoder trunk
+# (heads, decoders, predictors, momentum encoders) survive conversion and are dropped by `_HARMLESS`.
+
+_vit_filter = timm.models.vision_transformer.checkpoint_filter_fn
+
+
+def convert_timm(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """timm layout, or any layout timm's ViT filter recognises (DINOv2 hub, OpenAI CLIP, I-JEPA)."""
+    return _vit_filter(dict(ckpt), model)
+
+
+def convert_mae(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """MAE (facebookresearch/mae): ``{'model': encoder [+ decoder_*, mask_token] state dict}``.
+
+    The encoder's names are already timm's (MAE's ViT subclasses timm's); the decoder is dropped.
+    """
+    sd = ckpt.get("model", ckpt)
+    return _vit_filter({k: v for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}, model)
+
+
+def convert_ijepa(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """I-JEPA (facebookresearch/ijepa): ``{'encoder': {'module.<timm name>': ...}, 'predictor': ...,
+    'target_encoder': ..., 'opt': ...}``. Like REPA we take ``encoder``; no CLS token, pos_embed [1, 256, D]."""
+    sd = ckpt.get("encoder", ckpt)
+    return _vit_filter({k.removeprefix("module."): v for k, v in sd.items()}, model)
+
+
+# A released MoCo v3 ViT-L file misnames four parameters of blocks 13 and 14 (REPA's utils.py renames them).
+_MOCOV3_KEY_FIXES = {
+    "blocks.13.norm13.": "blocks.13.norm1.", "blocks.13.mlp.fc13.": "blocks.13.mlp.fc1.",
+    "blocks.14.norm14.": "blocks.14.norm2.", "blocks.14.mlp.fc14.": "blocks.14.mlp.fc2.",
+}
+
+
+def convert_mocov3(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """MoCo v3 (facebookresearch/moco-v3): ``{'state_dict': {'module.base_encoder.<timm name>', ...,
+    'module.momentum_encoder.*', 'module.predictor.*'}, 'optimizer': ...}``.
+
+    Only the base encoder is kept; its ``head.*`` (the projection MLP) is dropped later as harmless.
+    """
+    sd = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", ckpt).items()}
+    if any(k.startswith("base_encoder.") for k in sd):
+        sd = {k.removeprefix("base_encoder."): v for k, v in sd.items() if k.startswith("base_encoder.")}
+    out = {}
+    for k, v in sd.items():
+        for wrong, right in _MOCOV3_KEY_FIXES.items():
+            k = k.replace(wrong, right)
+        out[k] = v
+    return _vit_filter(out, model)
+
+
+# Keys of a weight file that are not part of the trunk we run, once converted: classifier or projection
+# heads (MoCo v3's projector, CLIP's `proj`) and SigLIP's attention pool. Anything else that does not fit
+# is an error. (MAE's decoder, DINOv2's mask_token, MoCo's momentum encoder and predictor and I-JEPA's
+# predictor never get this far: their converters leave them behind.)
+_HARMLESS = re.compile(r"^(head|attn_pool)\.")
+
+#################################################################################
+#                               Encoder registry                                #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Family:
+    """What every encoder of one kind shares: preprocessing, where REPA takes tokens, the converter."""
+    name: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    final_norm: bool = True   # tokens after the trunk's final norm (REPA: DINOv2, MoCo v3, I-JEPA) or before
+    convert: Callable[[Mapping[str, Any], nn.Module], dict[str, Tensor]] | None = None  # None: timm's filter
+    weights_hint: str = ""    # where to get the official weights, for the "needs weights" error
+
+
+DINOV2 = Family("dinov2", weights_hint="https://github.com/facebookresearch/dinov2#pretrained-models")
+MAE = Family("mae", final_norm=False, convert=convert_mae,
+             weights_hint="https://github.com/facebookresearch/mae#pre-trained-checkpoints")
+JEPA = Family("jepa", convert=convert_ijepa,
+              weights_hint="https://github.com/facebookresearch/ijepa#pretrained-models")
+MOCOV3 = Family("mocov3", convert=convert_mocov3,
+                weights_hint="https://github.com/facebookresearch/moco-v3/blob/main/CONFIG.md")
+CLIP = Family("clip", CLIP_MEAN, CLIP_STD, final_norm=False,
+              weights_hint="https://github.com/openai/CLIP/blob/main/clip/clip.py (_MODELS)")
+SIGLIP = Family("siglip", SIGLIP_MEAN, SIGLIP_STD, weights_hint="https://huggingface.co/timm")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One registry entry.
+
+    A timm encoder gives ``arch``, a timm name whose pretrained tag (``.lvd142m``) names the timm weights that
+    ``pretrained_download`` fetches; no tag means timm has none of this encoder's weights (MoCo v3). A custom
+    encoder (not a timm model) gives ``builder``: a function returning an nn.Module whose
+    ``forward_features(x)`` returns tokens [N, num_prefix_tokens + grid², D] (``num_prefix_tokens``
+    attribute, default 0) or, instead, a ``tokens(model, x) -> [N, grid², D]`` function; it should also
+    state ``patch_size`` and ``embed_dim`` so the encoder table needs no model.
+    """
+    family: Family
+    arch: str = ""
+    weight_files: tuple[str, ...] = ()   # official file names, looked up in the weights folders
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra timm kwargs (tests: tiny depth)
+    builder: Callable[[], nn.Module] | None = None
+    tokens: Callable[[nn.Module, Tensor], Tensor] | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    weights_url: str = ""                # the official file's address, for the "needs weights" error
+
+
+_FAIR = "https://dl.fbaipublicfiles.com"
+
+
+def _dinov2(size: str, reg: bool, arch: str) -> EncoderSpec:
+    base = f"dinov2_vit{size}14"
+    fname = f"{base}{'_reg4' if reg else ''}_pretrain.pth"
+    return EncoderSpec(DINOV2, arch, (fname,), weights_url=f"{_FAIR}/dinov2/{base}/{fname}")
+
+
+def _mae(size: str, arch: str) -> EncoderSpec:
+    fname = f"mae_pretrain_vit_{dict(b='base', l='large', h='huge')[size]}.pth"
+    return EncoderSpec(MAE, arch, (fname, f"mae_vit{size}.pth"), weights_url=f"{_FAIR}/mae/pretrain/{fname}")
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    # DINOv2 (torch.hub checkpoints dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth; ViT-g uses a SwiGLU MLP)
+    "dinov2-vit-s": _dinov2("s", False, "vit_small_patch14_dinov2.lvd142m"),
+    "dinov2-vit-b": _dinov2("b", False, "vit_base_patch14_dinov2.lvd142m"),
+    "dinov2-vit-l": _dinov2("l", False, "vit_large_patch14_dinov2.lvd142m"),
+    "dinov2-vit-g": _dinov2("g", False, "vit_giant_patch14_dinov2.lvd142m"),
+    "dinov2-vit-s-reg": _dinov2("s", True, "vit_small_patch14_reg4_dinov2.lvd142m"),
+    "dinov2-vit-b-reg": _dinov2("b", True, "vit_base_patch14_reg4_dinov2.lvd142m"),
+    "dinov2-vit-l-reg": _dinov2("l", True, "vit_large_patch14_reg4_dinov2.lvd142m"),
+    "dinov2-vit-g-reg": _dinov2("g", True, "vit_giant_patch14_reg4_dinov2.lvd142m"),
+    # MAE (mae_pretrain_vit_{base,large,huge}.pth; REPA calls them ckpts/mae_vit{b,l,h}.pth)
+    "mae-vit-b": _mae("b", "vit_base_patch16_224.mae"),
+    "mae-vit-l": _mae("l", "vit_large_patch16_224.mae"),
+    "mae-vit-h": _mae("h", "vit_huge_patch14_224.mae"),
+    # I-JEPA ViT-H/14, ImageNet-1k, 300 epochs (REPA: ckpts/ijepa_vith.pth)
+    "jepa-vit-h": EncoderSpec(JEPA, "vit_huge_patch14_gap_224.in1k_ijepa",
+                              ("IN1K-vit.h.14-300e.pth.tar", "ijepa_vith.pth"),
+                              weights_url=f"{_FAIR}/ijepa/IN1K-vit.h.14-300e.pth.tar"),
+    # MoCo v3 (no timm weights: the architecture is timm's plain ViT; REPA: ckpts/mocov3_vit{b,l}.pth)
+    "mocov3-vit-b": EncoderSpec(MOCOV3, "vit_base_patch16_224", ("vit-b-300ep.pth.tar", "mocov3_vitb.pth"),
+                                weights_url=f"{_FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
+    "mocov3-vit-l": EncoderSpec(MOCOV3, "vit_large_patch16_224", ("vit-l-300ep.pth.tar", "mocov3_vitl.pth")),
+    # OpenAI CLIP image towers; QuickGELU as in the original (timm's non-quickgelu arch would differ)
+    "clip-vit-B": EncoderSpec(CLIP, "vit_base_patch16_clip_quickgelu_224.openai", ("ViT-B-16.pth",)),
+    "clip-vit-L": EncoderSpec(CLIP, "vit_large_patch14_clip_quickgelu_224.openai", ("ViT-L-14.pth",)),
+    # SigLIP (timm layout only), each trained at a 16×16 token grid
+    "siglip-vit-b": EncoderSpec(SIGLIP, "vit_base_patch16_siglip_256.webli"),
+    "siglip-vit-l": EncoderSpec(SIGLIP, "vit_large_patch16_siglip_256.webli"),
+    "siglip-so400m": EncoderSpec(SIGLIP, "vit_so400m_patch14_siglip_224.webli"),
+    "siglip2-vit-b": EncoderSpec(SIGLIP, "vit_base_patch16_siglip_256.v2_webli"),
+    "siglip2-so400m": EncoderSpec(SIGLIP, "vit_so400m_patch14_siglip_224.v2_webli"),
+}
+
+# REPA's own spelling of the register variants (its encoder type contains "reg").
+ALIASES = {f"dinov2reg-vit-{s}": f"dinov2-vit-{s}-reg" for s in "sblg"}
+
+
+def register_encoder(name: str, spec: EncoderSpec, *, overwrite: bool = False) -> None:
+    """Add an encoder to the registry (e.g. a CIFAR-10 self-supervised teacher ``cifar-ssl-...``)."""
+    if name in ENCODERS and not overwrite:
+        raise ValueError(f"encoder {name!r} is already registered")
+    if not (spec.arch or spec.builder):
+        raise ValueError(f"encoder {name!r}: give a timm arch or a builder")
+    ENCODERS[name] = spec
+
+
+def _timm_family(arch: str) -> Family:
+    """A plain timm model name: normalisation from its pretrained config, tokens after the final norm."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    return Family("timm", tuple(mean), tuple(std), weights_hint=f"https://huggingface.co/timm/{arch}")
+
+
+def get_encoder_spec(name: str) -> tuple[str, EncoderSpec]:
+    """(canonical name, spec) for a registry name (case-insensitive), a REPA alias or a timm model name."""
+    name = ALIASES.get(name, name)
+    if name in ENCODERS:
+        return name, ENCODERS[name]
+    folded = {k.lower(): k for k in ENCODERS}
+    if name.lower() in folded:
+        return folded[name.lower()], ENCODERS[folded[name.lower()]]
+    if timm.is_model(name):
+        cfg = timm.models.get_pretrained_cfg(name)
+        tagged = name if "." in name or cfg is None or not cfg.tag else f"{name}.{cfg.tag}"  # timm's default
+        return name, EncoderSpec(_timm_family(tagged), tagged)
+    known = list(ENCODERS) + list(ALIASES)
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+    if len(close) < 4:
+        close += difflib.get_close_matches(name, timm.list_models(pretrained=True), n=4 - len(close), cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list(ENCODERS)[:8])}, ..."
+    raise UserError(f"unknown encoder {name!r}: {hint} (`repa-probe encoders` lists them; any timm model "
+                    "name works too)")
+
+#################################################################################
+#                                  Weight files                                 #
+#################################################################################
+
+
+def parse_encoder_spec(s: str) -> tuple[str, Path | None]:
+    """``'dinov2-vit-b=/w/dinov2_vitb14_pretrain.pth'`` → (``'dinov2-vit-b'``, Path); ``'mae-vit-l'`` → (name, None)."""
+    name, sep, path = s.strip().partition("=")
+    name, path = name.strip(), path.strip()
+    if not name:
+        raise UserError(f"--encoder {s!r}: give an encoder name, e.g. dinov2-vit-b or dinov2-vit-b=/path/weights.pth")
+    if sep and not path:
+        raise UserError(f"--encoder {s!r}: nothing after '='; give the weight file, e.g. {name}=/path/weights.pth")
+    return name, Path(path).expanduser() if path else None
+
+
+def weights_dirs() -> list[Path]:
+    """Folders searched for official weight files: ``$REPA_PROBE_WEIGHTS`` (os.pathsep-separated) or
+    ``~/.cache/repa-probe/weights``."""
+    env = os.environ.get("REPA_PROBE_WEIGHTS")
+    if env:
+        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    return [Path.home() / ".cache" / "repa-probe" / "weights"]
+
+
+def candidate_files(name: str, spec: EncoderSpec) -> list[str]:
+    """File names that count as this encoder's weights in a weights folder, official ones first."""
+    names = [*spec.weight_files, f"{name}.safetensors", f"{name}.pth"]
+    if spec.arch:
+        names.append(f"{spec.arch}.safetensors")
+    return list(dict.fromkeys(names))
+
+
+def find_weights(name: str, spec: EncoderSpec) -> Path | None:
+    """The first candidate file present in a weights folder, or None."""
+    for folder in weights_dirs():
+        for fname in candidate_files(name, spec):
+            if (folder / fname).is_file():
+                return folder / fname
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_weights(path: Path) -> Mapping[str, Any]:
+    """Read a weight file without running code from it: safetensors, or torch.load(weights_only=True)."""
+    if not path.is_file():
+        raise UserError(f"encoder weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"encoder weights {path}: not a readable safetensors file ({_first_line(e)}); "
+                            "is the download complete?") from None
+    if _is_torchscript(path):
+        raise UserError(
+            f"encoder weights {path}: a TorchScript archive (like OpenAI's CLIP .pt); repa-probe reads plain "
+            "state dicts only: convert it once, if you trust the file, with python -c \"import torch; "
+            f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), '{path.with_suffix('.pth')}')\"")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise UserError(f"encoder weights {path}: refused, the file is a pickle that would run code or build "
+                            f"objects other than tensors ({_first_line(e)[:160]})") from None
+        raise UserError(f"encoder weights {path}: cannot read it ({type(e).__name__}: {_first_line(e)[:160]}); "
+                        "is the file complete and a .pth/.safetensors weight file?") from None
+    if not isinstance(obj, Mapping):
+        raise UserError(f"encoder weights {path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _state_dict_sha256(sd: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+#################################################################################
+#                                 Building models                               #
+#################################################################################
+
+_TIMM_KWARGS = dict(num_classes=0, global_pool="", dynamic_img_size=True)  # trunk only, any input grid
+
+
+def _create_timm(spec: EncoderSpec, *, pretrained: bool = False) -> nn.Module:
+    try:
+        return timm.create_model(spec.arch, pretrained=pretrained, **_TIMM_KWARGS, **spec.model_kwargs)
+    except TypeError as e:
+        raise UserError(f"timm model {spec.arch!r} is not a ViT-style model with patch tokens ({e})") from None
+
+
+def _build(spec: EncoderSpec, *, on_meta: bool) -> nn.Module:
+    """The untrained network; on the meta device (no memory, no init) when weights will be assigned."""
+    if spec.builder is not None:
+        return spec.builder()
+    if on_meta:
+        with torch.device("meta"):
+            return _create_timm(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return _create_timm(spec)
+
+
+def load_weights_into(model: nn.Module, sd: Mapping[str, Any], spec: EncoderSpec, source: str) -> None:
+    """Convert ``sd`` to the model's names and load it; every trunk parameter must be there."""
+    convert = spec.family.convert or (convert_timm if spec.builder is None else lambda ckpt, _: dict(ckpt))
+    converted = convert(sd, model)
+    own = model.state_dict()
+    converted = {k: v for k, v in converted.items() if k in own or not _HARMLESS.match(k)}
+    bad = [k for k, v in converted.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise UserError(f"encoder weights {source}: entries {_few(bad)} are not tensors; not a state dict")
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise UserError(f"encoder weights {source} do not fit {spec.arch or 'the model'}: shape "
+                        f"{', '.join(mismatched[:3])} (file vs model); wrong size or wrong encoder name?")
+    on_meta = any(t.is_meta for t in own.values())
+    converted = {k: v.to(own[k].dtype) if k in own else v for k, v in converted.items()}
+    missing, unexpected = model.load_state_dict(converted, strict=False, assign=on_meta)
+    if missing or unexpected:
+        parts = [f"{what} {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise UserError(f"encoder weights {source} do not match {spec.arch or 'the model'}: {'; '.join(parts)}; "
+                        "wrong file for this encoder name?")
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:  # a buffer the weight file does not carry: cannot come from assignment
+        raise UserError(f"encoder weights {source}: {still_meta[:3]} are not in the file")
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _timm_patch_tokens(model: nn.Module, x: Tensor, final_norm: bool) -> Tensor:
+    """Last block's patch tokens [N, T, D] (CLS and registers removed), optionally after the final norm."""
+    return model.forward_intermediates(x, indices=1, norm=final_norm, output_fmt="NLC", intermediates_only=True)[-1]
+
+
+def _builder_tokens(model: nn.Module, x: Tensor) -> Tensor:
+    return model.forward_features(x)[:, getattr(model, "num_prefix_tokens", 0):]
+
+#################################################################################
+#                                    Encoder                                    #
+#################################################################################
+
+
+class Encoder(nn.Module):
+    """A frozen target encoder: ``encode(images01, grid) -> (tokens [N, grid², D], pooled [N, D])``."""
+
+    def __init__(self, name: str, spec: EncoderSpec, model: nn.Module, *, weights_path: Path | None,
+                 weights_sha256: str | None, random_init: bool, source: str):
+        super().__init__()
+        self.name, self.spec, self.model = name, spec, model.eval().requires_grad_(False)
+        self.arch = spec.arch or type(model).__name__
+        self.family = spec.family.name
+        self.weights_path, self.weights_sha256, self.random_init = weights_path, weights_sha256, random_init
+        self.source = source  # "file", "timm-download" or "random"
+        self.patch_size = _patch_size(model, spec)
+        self.embed_dim = spec.embed_dim or getattr(model, "embed_dim", None) or getattr(model, "num_features")
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+
+    def input_size(self, grid: int) -> int:
+        """Pixels per side fed to the encoder so that it yields ``grid × grid`` patch tokens."""
+        return grid * self.patch_size
+
+    def preprocess(self, images01: Tensor, grid: int) -> Tensor:
+        """[N, 3, H, W] in [0, 1] → resized (bicubic, no antialias, as REPA) to the grid and normalised."""
+        size = self.input_size(grid)
+        x = images01.float()
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        mean = torch.tensor(self.spec.family.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.family.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std  # in fp32 whatever the model's dtype
+
+    @torch.no_grad()
+    def encode(self, images01: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+        """Patch tokens [N, grid², D] and their mean [N, D], both float32, for images in [0, 1]."""
+        if images01.ndim != 4 or images01.shape[1] != 3:
+            raise ValueError(f"encode expects images [N, 3, H, W]; got {tuple(images01.shape)}")
+        lo, hi = images01.min().item(), images01.max().item()
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"encode expects images in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]")
+        self.model.eval()
+        param = next(self.model.parameters())
+        x = self.preprocess(images01.to(param.device), grid).to(param.dtype)
+        if self.spec.tokens is not None:
+            tokens = self.spec.tokens(self.model, x)
+        elif self.spec.builder is not None:
+            tokens = _builder_tokens(self.model, x)
+        else:
+            tokens = _timm_patch_tokens(self.model, x, self.spec.family.final_norm)  # (N, grid², D)
+        if tokens.shape[1] != grid * grid:
+            raise RuntimeError(f"{self.name}: expected {grid * grid} patch tokens, got {tokens.shape[1]}")
+        tokens = tokens.float()
+        return tokens, tokens.mean(dim=1)
+
+    def describe(self, grid: int | None = None) -> dict[str, Any]:
+        """Plain data for provenance: what network, which weights, what preprocessing."""
+        d = {
+            "name": self.name, "family": self.family, "arch": self.arch, "timm_version": timm.__version__,
+            "weights": "RANDOM" if self.random_init else self.weights_sha256,
+            "random_seed": RANDOM_SEED if self.random_init else None,
+            "weights_source": self.source, "weights_path": str(self.weights_path) if self.weights_path else None,
+            "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "preprocessing": {"range": "[0,1]", "resize": "bicubic", "antialias": False,
+                              "mean": list(self.spec.family.mean), "std": list(self.spec.family.std)},
+            "tokens": "patch tokens after final norm" if self.spec.family.final_norm
+                      else "patch tokens before final norm",
+            "pooled": "mean of patch tokens",
+        }
+        if grid is not None:
+            d.update(grid=grid, input_size=self.input_size(grid))
+        return d
+
+    def fingerprint(self, grid: int) -> str:
+        """A short hash of ``describe(grid)`` without the weights path: a cache key for these features."""
+        d = {k: v for k, v in self.describe(grid).items() if k != "weights_path"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def forward(self, images01: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+        return self.encode(images01, grid)
+
+
+def _patch_size(model: nn.Module, spec: EncoderSpec) -> int:
+    if spec.patch_size:
+        return spec.patch_size
+    p = getattr(getattr(model, "patch_embed", None), "patch_size", None) or getattr(model, "patch_size", None)
+    if p is None:
+        raise UserError(f"encoder {spec.arch or spec.builder}: cannot tell its patch size; set EncoderSpec.patch_size")
+    return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+#################################################################################
+#                                    Loading                                    #
+#################################################################################
+
+
+def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Encoder:
+    """Build a frozen target encoder from ``'NAME'`` or ``'NAME=PATH'``.
+
+    Weights come from PATH, else from a weights folder (``weights_dirs()``), else from timm's download when
+    ``pretrained_download``; none of these → UserError naming the flag and file. ``random_init=True`` gives
+    a seeded random network instead (for tests) and the encoder says so (``describe()['weights']``).
+    """
+    name, path = parse_encoder_spec(spec)
+    name, entry = get_encoder_spec(name)
+    if random_init and path is not None:
+        raise UserError(f"--encoder {spec}: a weight file and --encoder-random-init exclude each other")
+    path = None if random_init else path or find_weights(name, entry)
+    if random_init:
+        model, sha, source = _build(entry, on_meta=False), None, "random"
+    elif path is not None:
+        sd = read_weights(path)
+        model = _build(entry, on_meta=entry.builder is None)
+        load_weights_into(model, sd, entry, str(path))
+        sha, source = file_sha256(path), "file"
+    elif pretrained_download:
+        model, source = _download(name, entry), "timm-download"
+        sha = _state_dict_sha256(model.state_dict())
+    else:
+        raise UserError(_needs_weights_message(name, entry))
+    enc = Encoder(name, entry, model, weights_path=path, weights_sha256=sha, random_init=random_init,
+                  source=source)
+    return enc.to(device=device, dtype=dtype)
+
+
+def _download(name: str, spec: EncoderSpec) -> nn.Module:
+    """timm's own pretrained weights; only where the arch's tag names this encoder's weights."""
+    if "." not in spec.arch:
+        raise UserError(f"encoder {name!r} has no timm download; {_needs_weights_message(name, spec)}")
+    try:
+        return _create_timm(spec, pretrained=True)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline, hub errors, ...
+        raise UserError(f"encoder {name!r}: timm could not download {spec.arch} ({type(e).__name__}: "
+                        f"{_first_line(e)[:120]}); pass a local file with --encoder {name}=/path/weights") from None
+
+
+def _needs_weights_message(name: str, spec: EncoderSpec) -> str:
+    fname = (candidate_files(name, spec) or [f"{name}.safetensors"])[0]
+    url = spec.weights_url or spec.family.weights_hint
+    where = f" (download it from {url})" if url else ""
+    folders = " or ".join(str(d) for d in weights_dirs())
+    return (f"encoder {name!r} needs weights: pass --encoder {name}=/path/to/{fname}{where}, or put {fname} in "
+            f"{folders} (REPA_PROBE_WEIGHTS); --encoder-random-init runs a random network for tests")
+
+#################################################################################
+#                               The encoder table                               #
+#################################################################################
+
+
+_SHAPES: dict[tuple, tuple[int, int]] = {}
+
+
+def _shape_info(spec: EncoderSpec) -> tuple[int, int]:
+    """(patch size, feature dim) from a meta-device build (no memory, no weights), or from the spec."""
+    if spec.patch_size and spec.embed_dim:
+        return spec.patch_size, spec.embed_dim
+    key = (spec.arch, spec.builder, tuple(sorted(spec.model_kwargs.items())))
+    if key not in _SHAPES:
+        model = _build(spec, on_meta=spec.builder is None)
+        _SHAPES[key] = _patch_size(model, spec), int(spec.embed_dim or getattr(model, "embed_dim"))
+    return _SHAPES[key]
+
+
+def encoders_table(grid: int = 16) -> list[dict[str, Any]]:
+    """One row per registered encoder for ``repa-probe encoders``; builds nothing bigger than a meta model."""
+    rows = []
+    for name, spec in ENCODERS.items():
+        patch, dim = _shape_info(spec)
+        found = find_weights(name, spec)
+        rows.append({
+            "name": name, "family": spec.family.name, "timm_arch": spec.arch or "(custom)",
+            "patch_size": patch, "input_size": grid * patch, "grid": f"{grid}x{grid}", "dim": dim,
+            "tokens": "after final norm" if spec.family.final_norm else "before final norm",
+            "weights": str(found) if found else "not found", "weight_files": ", ".join(candidate_files(name, spec)),
+        })
+    return rows
+
+
+__all__ = [
+    "ENCODERS", "ALIASES", "Encoder", "EncoderSpec", "Family", "encoders_table", "find_weights",
+    "get_encoder_spec", "load_encoder", "load_weights_into", "parse_encoder_spec", "read_weights",
+    "register_encoder", "weights_dirs",
+]
