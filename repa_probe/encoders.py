@@ -14,7 +14,7 @@ what we do, for a diffusion model whose token grid is ``grid × grid`` (16 for S
     mae       ImageNet   grid·16 (H: ·14)      before final norm      256 px, blocks output
     jepa      ImageNet   grid·14, bicubic      after final norm       224 px
     mocov3    ImageNet   grid·16, bicubic      after final norm       256 px
-    clip      CLIP       grid·14, bicubic      before ln_post         224 px
+    clip      CLIP       grid·14 (B: ·16)      before ln_post         224 px
     siglip    0.5 / 0.5  grid·patch, bicubic   after final norm       (not in REPA)
 
 Resizing is ``F.interpolate(mode='bicubic', antialias=False)`` as in REPA, skipped when the image already
@@ -142,13 +142,13 @@ class Family:
     weights_hint: str = ""    # where to get the official weights, for the "needs weights" error
 
 
-DINOV2 = Family("dinov2", weights_hint="https://github.com/facebookresearch/dinov2#pretrained-models")
+DINOV2 = Family("dinov2", weights_hint="https://github.com/facebookresearch/dinov2")
 MAE = Family("mae", final_norm=False, convert=convert_mae,
-             weights_hint="https://github.com/facebookresearch/mae#pre-trained-checkpoints")
+             weights_hint="https://github.com/facebookresearch/mae")
 JEPA = Family("jepa", convert=convert_ijepa,
-              weights_hint="https://github.com/facebookresearch/ijepa#pretrained-models")
+              weights_hint="https://github.com/facebookresearch/ijepa")
 MOCOV3 = Family("mocov3", convert=convert_mocov3,
-                weights_hint="https://github.com/facebookresearch/moco-v3/blob/main/CONFIG.md")
+                weights_hint="https://github.com/facebookresearch/moco-v3")
 CLIP = Family("clip", CLIP_MEAN, CLIP_STD, final_norm=False,
               weights_hint="https://github.com/openai/CLIP/blob/main/clip/clip.py (_MODELS)")
 SIGLIP = Family("siglip", SIGLIP_MEAN, SIGLIP_STD, weights_hint="https://huggingface.co/timm")
@@ -211,7 +211,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # MoCo v3 (no timm weights: the architecture is timm's plain ViT; REPA: ckpts/mocov3_vit{b,l}.pth)
     "mocov3-vit-b": EncoderSpec(MOCOV3, "vit_base_patch16_224", ("vit-b-300ep.pth.tar", "mocov3_vitb.pth"),
                                 weights_url=f"{_FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
-    "mocov3-vit-l": EncoderSpec(MOCOV3, "vit_large_patch16_224", ("vit-l-300ep.pth.tar", "mocov3_vitl.pth")),
+    "mocov3-vit-l": EncoderSpec(MOCOV3, "vit_large_patch16_224", ("mocov3_vitl.pth",)),
     # OpenAI CLIP image towers; QuickGELU as in the original (timm's non-quickgelu arch would differ)
     "clip-vit-B": EncoderSpec(CLIP, "vit_base_patch16_clip_quickgelu_224.openai", ("ViT-B-16.pth",)),
     "clip-vit-L": EncoderSpec(CLIP, "vit_large_patch14_clip_quickgelu_224.openai", ("ViT-L-14.pth",)),
@@ -367,12 +367,12 @@ def _state_dict_sha256(sd: Mapping[str, Tensor]) -> str:
 #                                 Building models                               #
 #################################################################################
 
-_TIMM_KWARGS = dict(num_classes=0, global_pool="", dynamic_img_size=True)  # trunk only, any input grid
-
-
 def _create_timm(spec: EncoderSpec, *, pretrained: bool = False) -> nn.Module:
+    """The trunk at any input grid, without classifier; without pooling head too, unless timm's own
+    pretrained weights (which carry it, and are loaded strictly) are being downloaded."""
+    kwargs = dict(num_classes=0, dynamic_img_size=True, **({} if pretrained else dict(global_pool="")))
     try:
-        return timm.create_model(spec.arch, pretrained=pretrained, **_TIMM_KWARGS, **spec.model_kwargs)
+        return timm.create_model(spec.arch, pretrained=pretrained, **kwargs, **spec.model_kwargs)
     except TypeError as e:
         raise UserError(f"timm model {spec.arch!r} is not a ViT-style model with patch tokens ({e})") from None
 

@@ -322,6 +322,28 @@ def test_missing_weight_file_and_no_timm_download_are_clear_errors(tmp_path):
         E.load_encoder("mocov3-vit-b", pretrained_download=True)
 
 
+def test_pretrained_download_is_timms_own_loader_and_offline_failure_is_one_clear_line(monkeypatch):
+    name = tiny(monkeypatch, "siglip-vit-b")
+    downloaded, calls = timm_twin(name, global_pool="map"), []
+
+    def fake_create_model(arch, pretrained=False, **kwargs):  # what timm returns once downloaded
+        calls.append((arch, pretrained, kwargs))
+        return downloaded
+
+    monkeypatch.setattr(E.timm, "create_model", fake_create_model)
+    enc = E.load_encoder(name, pretrained_download=True)
+    (arch, pretrained, kwargs), = calls
+    assert (arch, pretrained, "global_pool" in kwargs) == ("vit_base_patch16_siglip_256.webli", True, False)
+    assert enc.source == "timm-download" and len(enc.weights_sha256) == 64 and enc.weights_path is None
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known\nretrying")
+
+    monkeypatch.setattr(E.timm, "create_model", offline)
+    with pytest.raises(UserError, match=r"timm could not download .*Name or service not known\); pass a local file"):
+        E.load_encoder(name, pretrained_download=True)
+
+
 # --------------------------------------------------------------------------- names and the registry
 
 def test_unknown_encoder_name_suggests_close_names():
