@@ -1,0 +1,105 @@
+"""Linear-probe speed: repa_probe.probe against scikit-learn's lbfgs LogisticRegression.
+
+Features: 10,000 CIFAR-10 training images (the first 1,000 of each class in
+../shared/data/cifar10/train) and the 10,000 test images, as raw pixels in [0, 1] (3,072 values),
+through a seeded random projection to 768 dimensions and a ReLU (random features: real image
+statistics, encoder-like width). Both sides get the same standardised float32 arrays.
+
+1. One fit at a fixed λ (same objective: sklearn C = 1/(λ·n)), same tolerance (max |gradient|
+   ≤ 1e-4, sklearn's default) and iteration cap: times, ratio, test top-1 of each.
+2. The full protocol with the λ search (5 values on a seeded 80/20 split, then a refit), ours vs
+   the same protocol through sklearn (``backend="sklearn"``; skip it with --no-sklearn-search).
+
+    python benchmarks/bench_probe.py [--device cuda] [--lam 1e-3] [--n-train 10000]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from repa_probe.probe import ProbeConfig, fit_logistic, linear_probe, logits, standardize
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
+
+
+def load_cifar(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, 3072) float32 pixels in [0, 1] and labels, the first ``per_class`` of each class."""
+    classes = sorted(p.name for p in (DATA / split).iterdir())
+    images, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((DATA / split / name).iterdir())[:per_class]:
+            images.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).ravel())
+            labels.append(c)
+    return np.stack(images) / 255.0, np.array(labels)
+
+
+def random_features(x: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
+    w = np.random.default_rng(seed).normal(size=(x.shape[1], dim)).astype(np.float32)
+    return np.maximum((x - 0.5) @ w / np.sqrt(x.shape[1]), 0.0)
+
+
+def main(args):
+    t0 = time.perf_counter()
+    x_tr, y_tr = load_cifar("train", args.n_train // 10)
+    x_te, y_te = load_cifar("test", args.n_test // 10)
+    f_tr, f_te = random_features(x_tr, args.dim), random_features(x_te, args.dim)
+    print(f"data: {f_tr.shape} train, {f_te.shape} test, loaded in {time.perf_counter() - t0:.1f} s;"
+          f" device={args.device} threads={torch.get_num_threads()}")
+    s_tr, s_te = standardize(torch.from_numpy(f_tr)[None], torch.from_numpy(f_te)[None])
+    s_tr, s_te = s_tr.to(args.device), s_te.to(args.device)
+    y_tr_t = torch.from_numpy(y_tr).to(args.device)
+
+    # -- 1. one fit at a fixed λ
+    lam = torch.tensor([[args.lam]])
+    fit_logistic(s_tr[:, :500], y_tr_t[:500], lam, 10, max_iter=5)  # warm-up
+    t0 = time.perf_counter()
+    theta = fit_logistic(s_tr, y_tr_t, lam, 10, max_iter=args.max_iter, tol=args.tol)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_ours = time.perf_counter() - t0
+    acc_ours = (logits(s_te, theta)[0, :, 0].argmax(-1).cpu().numpy() == y_te).mean()
+
+    a_tr, a_te = s_tr[0].cpu().numpy(), s_te[0].cpu().numpy()
+    clf = LogisticRegression(C=1.0 / (args.lam * len(y_tr)), max_iter=args.max_iter, tol=args.tol)
+    t0 = time.perf_counter()
+    clf.fit(a_tr, y_tr)
+    t_sk = time.perf_counter() - t0
+    acc_sk = (clf.predict(a_te) == y_te).mean()
+    print(f"fixed λ={args.lam:g} (sklearn C={1 / (args.lam * len(y_tr)):.4g}), tol={args.tol:g}:")
+    print(f"  sklearn lbfgs  {t_sk:7.2f} s  top-1 {100 * acc_sk:.2f}%  ({clf.n_iter_[0]} iterations)")
+    print(f"  repa_probe     {t_ours:7.2f} s  top-1 {100 * acc_ours:.2f}%")
+    print(f"  speed-up {t_sk / t_ours:.1f}x, accuracy difference {100 * (acc_ours - acc_sk):+.2f}"
+          " points")
+
+    # -- 2. the full protocol: λ search on a validation split, refit, test
+    cfg = ProbeConfig(max_iter=args.max_iter, tol=args.tol)
+    t0 = time.perf_counter()
+    ours = linear_probe(f_tr, y_tr, f_te, y_te, cfg, device=args.device)
+    t_search = time.perf_counter() - t0
+    print(f"λ search over {cfg.lambdas} + refit:")
+    print(f"  repa_probe     {t_search:7.2f} s  top-1 {100 * float(ours['top1']):.2f}%  "
+          f"λ={float(ours['lambda']):g} ({t_search / t_ours:.1f}x one fixed-λ fit)")
+    if args.sklearn_search:
+        t0 = time.perf_counter()
+        ref = linear_probe(f_tr, y_tr, f_te, y_te, cfg, backend="sklearn")
+        t_ref = time.perf_counter() - t0
+        print(f"  sklearn        {t_ref:7.2f} s  top-1 {100 * float(ref['top1']):.2f}%  "
+              f"λ={float(ref['lambda']):g}; speed-up {t_ref / t_search:.1f}x")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n-train", type=int, default=10_000)
+    p.add_argument("--n-test", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--lam", type=float, default=1e-3)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=int, default=1000)
+    p.add_argument("--no-sklearn-search", dest="sklearn_search", action="store_false")
+    main(p.parse_args())

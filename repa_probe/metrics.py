@@ -1,0 +1,521 @@
+"""Representation alignment between a model's features and a target encoder's (DESIGN.md §5).
+
+Every metric compares two feature matrices A (n x d_a) and B (n x d_b) for the same n images, in
+the same order, through their linear kernels K = A·Aᵀ and L = B·Bᵀ:
+
+- CKNNA(k), centered kernel nearest-neighbour alignment (Huh et al. 2024, "The Platonic
+  Representation Hypothesis", arXiv 2405.07987; the metric REPA reports, arXiv 2410.06940);
+- CKA, biased (Kornblith et al. 2019, arXiv 1905.00414) and unbiased (HSIC_u of Song et al. 2012);
+- mutual kNN, the fraction of shared k nearest neighbours (Huh et al. 2024).
+
+The definitions match minyoungg/platonic-rep's ``metrics.py`` (its ``cknna(topk=k, unbiased=True)``,
+``cka``, ``unbiased_cka``, ``mutual_knn``), but the computation is different: platonic-rep builds
+n x n masks and multiplies n x n matrices (O(n³)); here the n x n Gram matrix is never held, only its
+k largest entries per row (a kNN graph, O(n·k)), and every HSIC term is evaluated on that sparse
+graph, while CKA is computed from the d_a x d_b cross-covariance of the features (O(n·d_a·d_b)).
+
+The target side (encoder kernel, its kNN graph, its self-similarity) is the same for every block and
+noise level: build one ``FeatureKernel`` for it and pass it to ``alignment`` for every source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+METRICS = ("cknna", "cka", "cka_unbiased", "mutual_knn")
+KNN_METRICS = ("cknna", "mutual_knn")
+CKA_METRICS = ("cka", "cka_unbiased")
+EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+def _default_device(x) -> torch.device:
+    if isinstance(x, torch.Tensor):
+        return x.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to_tensor(x, device: torch.device) -> torch.Tensor:
+    """A (possibly float16, possibly memory-mapped) array as a float32 tensor on ``device``.
+
+    float64 input stays float64 (tests use it to compare against references to 1e-12)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        dtype = np.float64 if x.dtype == np.float64 else np.float32
+        # a read-only memmap is copied (torch cannot wrap it); float16 is converted here anyway
+        x = x.astype(dtype, copy=x.dtype != dtype or not x.flags.writeable)
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(device=device, dtype=dtype)
+
+
+def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """q-quantile of all entries of x with linear interpolation (numpy's default).
+
+    ``torch.quantile`` refuses inputs above 2**24 entries (50k images x 1152 dims is 57M), so the
+    two neighbouring order statistics come from ``kthvalue`` instead."""
+    flat = x.flatten()
+    h = q * (flat.numel() - 1)
+    lo, hi = math.floor(h), math.ceil(h)
+    v_lo = flat.kthvalue(lo + 1).values
+    v_hi = flat.kthvalue(hi + 1).values if hi != lo else v_lo
+    return v_lo + (h - lo) * (v_hi - v_lo)
+
+
+def prepare_features(feats, clamp: bool = True, normalize: bool = True, q: float = 0.95,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Platonic-rep preprocessing of one feature matrix (n, d).
+
+    clamp:     x ← clip(x, −τ, τ) with τ = q-quantile of |x| over all n·d entries of this matrix
+               (removes the few huge activations that dominate dot products in transformers);
+    normalize: x_i ← x_i / ‖x_i‖₂, so that K_ij = cos(x_i, x_j).
+    Clamping is per coordinate, so it is not rotation invariant; it is scale invariant.
+    (platonic-rep takes the quantile over a whole model's stack of layers at once and picks the
+    order statistic without interpolation; DESIGN.md §5 asks for one matrix at a time.)
+    """
+    device = torch.device(device) if device is not None else _default_device(feats)
+    x = _to_tensor(feats, device)
+    if clamp:
+        tau = _quantile(x.abs(), q)
+        x = x.clamp(-tau, tau)
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+#                      kNN graph of a linear kernel (the n x n Gram never held)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class KnnGraph:
+    """The k largest off-diagonal entries of each row of K = X·Xᵀ.
+
+    idx[i]  = N(i), the k nearest neighbours of i (self excluded), sorted by index;
+    vals[i] = K[i, N(i)];
+    keys    = i·n + N(i) flattened: globally sorted, so membership of any (i, j) is a binary search.
+    """
+
+    n: int
+    k: int
+    idx: torch.Tensor   # (n, k) int64
+    vals: torch.Tensor  # (n, k) compute dtype
+    keys: torch.Tensor  # (n·k,) int64, ascending
+
+
+def _merge_topk(best_v, best_i, r0, v, i, k):
+    """Fold candidate (values, column indices) for rows r0.. into the running row-wise top-k."""
+    r1 = r0 + v.shape[0]
+    v = torch.cat([best_v[r0:r1], v], dim=1)
+    i = torch.cat([best_i[r0:r1], i], dim=1)
+    v, j = v.topk(k, dim=1)
+    best_v[r0:r1] = v
+    best_i[r0:r1] = i.gather(1, j)
+
+
+def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
+    """Row-wise top-k of K = x·xᵀ, diagonal excluded, computed one strip of rows at a time.
+
+    K is symmetric, so the strip for rows I only multiplies the columns from I onwards,
+    K[I, I ∪ later] (half the Gram FLOPs): its row-wise top-k serves the rows of I, and its
+    column-wise top-k over the later columns hands each later row j its best candidates among I
+    (K[j, I] = K[I, j]ᵀ). Memory is O(block·n + n·k): the n x n matrix is never formed.
+    """
+    n = x.shape[0]
+    if block is None:
+        block = 8192 if x.device.type == "cuda" else 2048
+    best_v = x.new_full((n, k), -math.inf)
+    best_i = torch.zeros((n, k), dtype=torch.long, device=x.device)
+    for r0 in range(0, n, block):
+        r1 = min(r0 + block, n)
+        g = x[r0:r1] @ x[r0:].T             # K[I, r0:]: (|I|, n − r0)
+        g.diagonal().fill_(-math.inf)        # N(i) excludes i
+        v, i = g.topk(min(k, g.shape[1]), dim=1)
+        _merge_topk(best_v, best_i, r0, v, i + r0, k)
+        if r1 < n:                           # later rows j receive K[j, I] = K[I, j]
+            v, i = g[:, r1 - r0:].topk(min(k, r1 - r0), dim=0)
+            _merge_topk(best_v, best_i, r1, v.T, i.T + r0, k)
+    idx, order = best_i.sort(dim=1)
+    vals = best_v.gather(1, order)
+    rows = torch.arange(n, device=x.device).unsqueeze(1)
+    return KnnGraph(n, k, idx, vals, (rows * n + idx).flatten())
+
+
+def _lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of each query key in the sorted ``keys`` and whether it is there."""
+    pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
+    return pos, keys[pos] == query
+
+
+# ---------------------------------------------------------------------------------------------
+#                       HSIC_u on kNN-masked kernels: the CKNNA similarity
+# ---------------------------------------------------------------------------------------------
+
+def _hsic_u_terms(n, trace, sum_x, sum_y, cross) -> float:
+    """HSIC_u of Song et al. 2012 (JMLR 13, eq. 5) from its four sums (X̃, Ỹ zero-diagonal):
+
+        HSIC_u = [ Σᵢⱼ X̃ᵢⱼỸⱼᵢ + (1ᵀX̃1)(1ᵀỸ1) / ((n−1)(n−2)) − 2 (1ᵀX̃)(Ỹ1) / (n−2) ] / (n(n−3))
+    """
+    return float((trace + sum_x * sum_y / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2))
+                 / (n * (n - 3)))
+
+
+@dataclass
+class _Intersection:
+    """M = N_a ∩ N_b row by row, stored on a's graph: ``inside[e]`` says entry e of a is in M."""
+
+    inside: torch.Tensor  # (n·k,) bool
+    pos_b: torch.Tensor   # (n·k,) where a's entry e sits in b's graph (valid where inside)
+
+
+def _intersect(a: KnnGraph, b: KnnGraph) -> _Intersection:
+    pos, inside = _lookup(b.keys, a.keys)
+    return _Intersection(inside, pos)
+
+
+def _masked_hsic(a: KnnGraph, b: KnnGraph, m: _Intersection) -> float:
+    """S(K, L) = HSIC_u(M∘K, M∘L), with M = N_K ∩ N_L (row-wise, not symmetrised), in O(n·k).
+
+    X = M∘K and Y = M∘L are non-zero only on M's entries (at most k per row, none on the
+    diagonal, so X̃ = X). The trace term pairs entry (i, j) of X with entry (j, i) of Y: it is
+    non-zero only when M holds both (i, j) and (j, i), which a binary search of the transposed key
+    j·n + i in both graphs finds. Y's transposed value is read from b's graph, not assumed equal to
+    L[i, j], so the sum is exactly Σᵢⱼ XᵢⱼYⱼᵢ even where floating-point K is not symmetric.
+    Sums accumulate in float64.
+    """
+    n = a.n
+    inside = m.inside
+    x = torch.where(inside, a.vals.flatten().double(), 0.0)             # X on a's entries
+    y = torch.where(inside, b.vals.flatten()[m.pos_b].double(), 0.0)    # Y on the same entries
+    rows = torch.arange(n, device=a.idx.device).repeat_interleave(a.k)
+    cols = a.idx.flatten()
+    t_key = cols * n + rows                                              # (j, i) for each (i, j)
+    _, t_in_a = _lookup(a.keys, t_key)
+    t_pos_b, t_in_b = _lookup(b.keys, t_key)
+    y_t = torch.where(t_in_a & t_in_b, b.vals.flatten()[t_pos_b].double(), 0.0)  # Y[j, i]
+    trace = (x * y_t).sum()
+    col_sum_x = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, cols, x)
+    row_sum_y = y.view(n, a.k).sum(dim=1)
+    return _hsic_u_terms(n, trace, x.sum(), y.sum(), col_sum_x @ row_sum_y)
+
+
+# ---------------------------------------------------------------------------------------------
+#                      CKA from feature cross-covariances (no n x n matrix)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Centred:
+    """What linear CKA needs from one (preprocessed) feature matrix.
+
+    Both HSIC estimators are unchanged by translating the features (a translation adds
+    aᵢ + aⱼ + c to Kᵢⱼ, which centring / U-centring removes), so the columns are centred once;
+    that also keeps float32 sums free of the large common offset of positive activations.
+    """
+
+    z: torch.Tensor    # (n, d) column-centred features
+    r: torch.Tensor    # (n,) float64: Kᵢᵢ = ‖zᵢ‖²
+    u: torch.Tensor    # (n,) float64: K̃1 = z(zᵀ1) − diag(K)
+    s: torch.Tensor    # ()  float64: 1ᵀK̃1
+
+
+def _centre(x: torch.Tensor) -> _Centred:
+    z = x.double()
+    z = z - z.mean(dim=0)
+    r = z.square().sum(dim=1)
+    u = z @ z.sum(dim=0) - r
+    return _Centred(z.to(x.dtype), r, u, u.sum())
+
+
+def _cross_frobenius(za: torch.Tensor, zb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """‖zaᵀ·zb‖²_F = Σᵢⱼ KᵢⱼLᵢⱼ, in chunks of za's columns so a raw-pixel width stays in memory."""
+    total = torch.zeros((), dtype=torch.float64, device=za.device)
+    for c0 in range(0, za.shape[1], chunk):
+        total += (za[:, c0:c0 + chunk].T @ zb).double().square().sum()
+    return total
+
+
+def _hsic_pair(a: _Centred, b: _Centred) -> tuple[float, float]:
+    """(biased, unbiased) HSIC of the linear kernels of a and b.
+
+    biased:   tr(KHLH) = ‖Zaᵀ Zb‖²_F for column-centred Z (Gretton et al. 2005; the 1/(n−1)² factor
+              cancels in CKA and is dropped);
+    unbiased: HSIC_u with Σ K̃ᵢⱼL̃ᵢⱼ = ‖Zaᵀ Zb‖²_F − Σᵢ KᵢᵢLᵢᵢ and (1ᵀK̃)(L̃1) = (K̃1)·(L̃1).
+    """
+    n = a.z.shape[0]
+    fro = _cross_frobenius(a.z, b.z)
+    hsic_u = _hsic_u_terms(n, fro - a.r @ b.r, a.s, b.s, a.u @ b.u)
+    return float(fro), hsic_u
+
+
+# ---------------------------------------------------------------------------------------------
+#                      One feature matrix, prepared once, compared many times
+# ---------------------------------------------------------------------------------------------
+
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown alignment metric(s) {unknown}; choose from {list(METRICS)}")
+    return tuple(metrics)
+
+
+def _check_shape(x_shape, k: int, metrics: Sequence[str], what: str) -> int:
+    if len(x_shape) != 2:
+        raise UserError(f"{what} must be a 2-D (images, dims) matrix, got shape {tuple(x_shape)}")
+    n = x_shape[0]
+    if any(m in ("cknna", "cka_unbiased") for m in metrics) and n < 4:
+        raise UserError(f"{what} has n={n} images; unbiased HSIC needs n >= 4")
+    if any(m in KNN_METRICS for m in metrics) and not 1 <= k <= n - 1:
+        raise UserError(f"k={k} nearest neighbours needs 1 <= k <= n-1, but {what} has n={n} images")
+    return n
+
+
+@dataclass
+class FeatureKernel:
+    """Everything the metrics need from one feature matrix: its kNN graph and S(K, K) for
+    CKNNA / mutual kNN, its centred features and HSIC(K, K) for CKA.
+
+    Build it once for the target encoder and reuse it against every block and noise level.
+    """
+
+    n: int
+    k: int
+    metrics: tuple[str, ...]
+    graph: KnnGraph | None = None
+    s_self: float | None = None          # S(K, K) = HSIC_u(N_K∘K, N_K∘K)
+    centred: _Centred | None = None
+    hsic_self: tuple[float, float] | None = None  # (biased, unbiased) HSIC(K, K)
+
+    @classmethod
+    def build(cls, feats, k: int = 10, metrics: Sequence[str] = METRICS, clamp: bool = True,
+              normalize: bool = True, device: torch.device | str | None = None,
+              block: int | None = None, what: str = "features") -> "FeatureKernel":
+        """Preprocess ``feats`` (n, d) and precompute the parts that ``metrics`` use."""
+        metrics = _check_metrics(metrics)
+        n = _check_shape(tuple(feats.shape), k, metrics, what)
+        x = prepare_features(feats, clamp=clamp, normalize=normalize, device=device)
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(f"{what} contain NaN or inf values (float16 overflow while capturing?)")
+        fk = cls(n, k, metrics)
+        if any(m in KNN_METRICS for m in metrics):
+            fk.graph = knn_graph(x, k, block)
+            g = fk.graph
+            fk.s_self = _masked_hsic(g, g, _intersect(g, g))
+        if any(m in CKA_METRICS for m in metrics):
+            fk.centred = _centre(x)
+            fk.hsic_self = _hsic_pair(fk.centred, fk.centred)
+        return fk
+
+
+def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] = METRICS
+                ) -> dict[str, float]:
+    """All requested metrics between two prepared matrices; K comes from ``a``, L from ``b``.
+
+    cknna        = S(K, L) / (√(S(K, K)·S(L, L)) + 1e-6)
+    cka          = tr(KHLH) / √(tr(KHKH)·tr(LHLH))
+    cka_unbiased = HSIC_u(K, L) / (√(HSIC_u(K, K)·HSIC_u(L, L)) + 1e-6)
+    mutual_knn   = (1/n) Σᵢ |N_K(i) ∩ N_L(i)| / k
+    CKNNA is very slightly asymmetric (the (1ᵀX̃)(Ỹ1) term); ``alignment`` puts the model in K and
+    the target encoder in L. The 1e-6 guards follow platonic-rep; they make CKNNA with k = n − 1
+    equal unbiased CKA exactly.
+    """
+    metrics = _check_metrics(metrics)
+    if a.n != b.n:
+        raise UserError(f"feature matrices disagree on the number of images ({a.n} vs {b.n}); "
+                        "both must hold the same images in the same order")
+    out: dict[str, float] = {}
+    if any(m in KNN_METRICS for m in metrics):
+        if a.graph is None or b.graph is None or a.k != b.k:
+            raise ValueError("both FeatureKernels need a kNN graph with the same k for "
+                             f"{[m for m in metrics if m in KNN_METRICS]}")
+        m_ab = _intersect(a.graph, b.graph)
+        if "cknna" in metrics:
+            s_ab = _masked_hsic(a.graph, b.graph, m_ab)
+            out["cknna"] = s_ab / (math.sqrt(a.s_self * b.s_self) + EPS)
+        if "mutual_knn" in metrics:
+            out["mutual_knn"] = float(m_ab.inside.sum()) / (a.n * a.k)
+    if any(m in CKA_METRICS for m in metrics):
+        if a.centred is None or b.centred is None:
+            raise ValueError("both FeatureKernels need their CKA part for "
+                             f"{[m for m in metrics if m in CKA_METRICS]}")
+        biased, unbiased = _hsic_pair(a.centred, b.centred)
+        if "cka" in metrics:
+            out["cka"] = biased / math.sqrt(a.hsic_self[0] * b.hsic_self[0])
+        if "cka_unbiased" in metrics:
+            out["cka_unbiased"] = unbiased / (math.sqrt(a.hsic_self[1] * b.hsic_self[1]) + EPS)
+    return {m: out[m] for m in metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   One-pair API
+# ---------------------------------------------------------------------------------------------
+
+def _one_pair(metric: str, feats_a, feats_b, k: int, clamp: bool, normalize: bool,
+              device) -> float:
+    device = torch.device(device) if device is not None else _default_device(feats_a)
+    if feats_a.shape[0] != feats_b.shape[0]:
+        raise UserError(f"feature matrices disagree on the number of images "
+                        f"({feats_a.shape[0]} vs {feats_b.shape[0]}); both must hold the same "
+                        "images in the same order")
+    kw = dict(k=k, metrics=(metric,), clamp=clamp, normalize=normalize, device=device)
+    a = FeatureKernel.build(feats_a, what="feats_a", **kw)
+    b = FeatureKernel.build(feats_b, what="feats_b", **kw)
+    return pair_scores(a, b, (metric,))[metric]
+
+
+def cknna(feats_a, feats_b, k: int = 10, clamp: bool = True, normalize: bool = True,
+          device: torch.device | str | None = None) -> float:
+    """CKNNA(k) of Huh et al. 2024 (platonic-rep ``cknna(topk=k, unbiased=True)``).
+
+    With M = N_K ∩ N_L (row-wise k nearest neighbours, self excluded) and S(X, Y) =
+    HSIC_u(M∘X, M∘Y):  CKNNA = S(K, L) / (√(S(K, K)·S(L, L)) + 1e-6), where S(K, K) masks with N_K
+    alone. With k = n − 1 it is unbiased linear CKA. O(n²·d) for the Gram, O(n·k log n) after.
+    """
+    return _one_pair("cknna", feats_a, feats_b, k, clamp, normalize, device)
+
+
+def cka(feats_a, feats_b, unbiased: bool = False, clamp: bool = True, normalize: bool = True,
+        device: torch.device | str | None = None) -> float:
+    """Linear CKA (Kornblith et al. 2019): tr(KHLH) / √(tr(KHKH)·tr(LHLH)), H = I − 11ᵀ/n;
+    ``unbiased=True`` replaces tr(KHLH) by HSIC_u (Song et al. 2012) and adds 1e-6 to the
+    denominator (platonic-rep's ``unbiased_cka``). O(n·d_a·d_b)."""
+    metric = "cka_unbiased" if unbiased else "cka"
+    return _one_pair(metric, feats_a, feats_b, 10, clamp, normalize, device)
+
+
+def mutual_knn(feats_a, feats_b, k: int = 10, clamp: bool = True, normalize: bool = True,
+               device: torch.device | str | None = None) -> float:
+    """Mutual kNN accuracy (Huh et al. 2024): (1/n) Σᵢ |N_A(i) ∩ N_B(i)| / k, self excluded."""
+    return _one_pair("mutual_knn", feats_a, feats_b, k, clamp, normalize, device)
+
+
+# ---------------------------------------------------------------------------------------------
+#                     Batched API: one target against a stack of sources
+# ---------------------------------------------------------------------------------------------
+
+def _leading(x) -> tuple[int, ...]:
+    if x.ndim < 2:
+        raise UserError(f"features must have shape (..., images, dims), got {tuple(x.shape)}")
+    return tuple(x.shape[:-2])
+
+
+def alignment(target, sources, metrics: Sequence[str] = METRICS, k: int = 10,
+              clamp: bool = True, normalize: bool = True,
+              device: torch.device | str | None = None, block: int | None = None
+              ) -> dict[str, np.ndarray]:
+    """Every metric between one target (n, d_t) and each (n, d) matrix of ``sources`` (..., n, d).
+
+    ``target`` may be a ``FeatureKernel`` built earlier (then its k / metrics must cover these);
+    ``sources`` may be a numpy array, a float16 ``np.memmap`` (the feature store's layout, e.g.
+    [n_t, n_blocks, n, d]) or a torch tensor. The target is prepared once; sources are prepared
+    one at a time, so memory is O(n·(d + k) + block²), never O(n²) or O(sources·n·d).
+    Returns {metric: array of shape sources.shape[:-2]} (float64). CKNNA puts each source in K
+    and the target in L.
+    """
+    metrics = _check_metrics(metrics)
+    if device is None:
+        device = _default_device(sources)
+    lead = _leading(sources)
+    if isinstance(target, FeatureKernel):
+        tgt = target
+        if (any(m in KNN_METRICS for m in metrics) and tgt.k != k) or \
+                not set(metrics) <= set(tgt.metrics):
+            raise ValueError(f"the prepared target has k={tgt.k}, metrics={tgt.metrics}; "
+                             f"asked for k={k}, metrics={metrics}")
+    else:
+        tgt = FeatureKernel.build(target, k, metrics, clamp, normalize, device, block, "target")
+    if sources.shape[-2] != tgt.n:
+        raise UserError(f"target has {tgt.n} images but sources have {sources.shape[-2]}; "
+                        "both must hold the same images in the same order")
+    out = {m: np.empty(lead, dtype=np.float64) for m in metrics}
+    for index in np.ndindex(*lead):
+        src = FeatureKernel.build(sources[index], k, metrics, clamp, normalize, device, block,
+                                  f"sources{list(index)}")
+        for m, v in pair_scores(src, tgt, metrics).items():
+            out[m][index] = v
+    return out
+
+
+def similarity_matrix(feats_a, feats_b=None, metric: str = "cknna", k: int = 10,
+                      clamp: bool = True, normalize: bool = True,
+                      device: torch.device | str | None = None, block: int | None = None
+                      ) -> np.ndarray:
+    """Block x block similarity: out[i, j] = metric(a_i, b_j) for a_i in feats_a, b_j in feats_b.
+
+    ``feats_a`` / ``feats_b``: an array (blocks, n, d) or a list of (n, d_i) matrices (widths may
+    differ, e.g. model vs encoder). ``feats_b=None`` compares feats_a with itself (one model's
+    blocks); CKA is symmetric there, so only the upper triangle is computed. Each block is
+    prepared once (kNN graph or centred features), so a CKNNA pair costs O(n·k log n).
+    """
+    (metric,) = _check_metrics((metric,))
+    device = torch.device(device) if device is not None else _default_device(feats_a[0])
+
+    def prepare(stack, name):
+        return [FeatureKernel.build(f, k, (metric,), clamp, normalize, device, block,
+                                    f"{name}[{i}]") for i, f in enumerate(stack)]
+
+    same = feats_b is None
+    ka = prepare(feats_a, "feats_a")
+    kb = ka if same else prepare(feats_b, "feats_b")
+    out = np.empty((len(ka), len(kb)))
+    for i, a in enumerate(ka):
+        for j, b in enumerate(kb):
+            if same and metric in CKA_METRICS and j < i:
+                out[i, j] = out[j, i]
+            else:
+                out[i, j] = pair_scores(a, b, (metric,))[metric]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   Bootstrap confidence intervals
+# ---------------------------------------------------------------------------------------------
+
+def _take(x, idx: np.ndarray):
+    """Rows ``idx`` of a numpy array, memmap or tensor (on the tensor's device)."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.from_numpy(idx).to(x.device)]
+    return np.asarray(x[idx])
+
+
+def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int = 200,
+                 seed: int = 0, level: float = 0.95, dedupe: bool = True
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric_fn(feats_a[idx], feats_b[idx])`` over images.
+
+    Each replicate draws n image indices with replacement (numpy generator seeded with ``seed``)
+    and applies the same rows to both sides, so the pairing of images is kept.
+    Duplicates: in a plain bootstrap about 63% of the rows have a copy, and copies are identical
+    rows, so Kᵢⱼ = Lᵢⱼ = 1 for them on both sides: they are each other's nearest neighbours and
+    a perfectly aligned off-diagonal pair. That pushes every metric here up (CKNNA by ~0.1–0.2 on
+    weakly aligned features, unbiased CKA by a few hundredths), and the interval can miss the
+    full-sample value. So by default (``dedupe=True``) each drawn image is kept once: a subsample
+    of about 0.63·n distinct images without self-matches (an m-out-of-n bootstrap). kNN metrics
+    depend somewhat on n (neighbourhoods of a sparser sample are wider), so compare intervals
+    computed with the same n and setting. ``dedupe=False`` gives the classic bootstrap.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = feats_a.shape[0]
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        if dedupe:
+            idx = np.unique(idx)
+        stats.append(metric_fn(_take(feats_a, idx), _take(feats_b, idx)))
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(np.asarray(stats), [alpha, 1.0 - alpha])
+    return float(low), float(high)

@@ -1,0 +1,292 @@
+"""Alignment metrics against references written here from the definitions (DESIGN.md §5).
+
+The references are deliberately naive: dense n x n masks, the centering matrix H, explicit loops.
+"""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from repa_probe import metrics
+from repa_probe.errors import UserError
+from repa_probe.metrics import alignment, bootstrap_ci, cka, cknna, mutual_knn, similarity_matrix
+
+
+# ----------------------------------------------------------------------------- references
+
+def ref_preprocess(x: np.ndarray, clamp: bool = True) -> torch.Tensor:
+    """platonic-rep preprocessing written with numpy: clip to the 95th percentile of |x|, unit rows."""
+    x = np.asarray(x, dtype=np.float64)
+    if clamp:
+        tau = np.quantile(np.abs(x), 0.95)
+        x = np.clip(x, -tau, tau)
+    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def ref_hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Song et al. 2012 eq. 5, literally: n x n matrices and an n x n x n product."""
+    n = K.shape[0]
+    Kt = K.clone().fill_diagonal_(0)
+    Lt = L.clone().fill_diagonal_(0)
+    return ((Kt * Lt.T).sum() + Kt.sum() * Lt.sum() / ((n - 1) * (n - 2))
+            - 2 * (Kt @ Lt).sum() / (n - 2)) / (n * (n - 3))
+
+
+def ref_knn_mask(K: torch.Tensor, k: int) -> torch.Tensor:
+    top = K.clone().fill_diagonal_(-math.inf).topk(k, dim=1).indices
+    return torch.zeros_like(K).scatter_(1, top, 1.0)
+
+
+def ref_cknna(A: torch.Tensor, B: torch.Tensor, k: int) -> tuple[float, float]:
+    """platonic-rep's cknna(topk=k, unbiased=True): all masks dense, HSIC by matmul. O(n³).
+
+    Returns (CKNNA, S(K, K))."""
+    K, L = A @ A.T, B @ B.T
+
+    def similarity(X, Y):
+        mask = ref_knn_mask(X, k) * ref_knn_mask(Y, k)
+        return ref_hsic_unbiased(mask * X, mask * Y)
+
+    s_kk = similarity(K, K)
+    value = similarity(K, L) / (torch.sqrt(s_kk * similarity(L, L)) + 1e-6)
+    return float(value), float(s_kk)
+
+
+def ref_cka_biased(A: torch.Tensor, B: torch.Tensor) -> float:
+    n = A.shape[0]
+    H = torch.eye(n, dtype=A.dtype) - 1.0 / n
+    K, L = A @ A.T, B @ B.T
+
+    def hsic(X, Y):
+        return torch.trace(X @ H @ Y @ H)
+
+    return float(hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L)))
+
+
+def ref_cka_unbiased(A: torch.Tensor, B: torch.Tensor) -> float:
+    K, L = A @ A.T, B @ B.T
+    return float(ref_hsic_unbiased(K, L)
+                 / (torch.sqrt(ref_hsic_unbiased(K, K) * ref_hsic_unbiased(L, L)) + 1e-6))
+
+
+def correlated_pair(n: int, d_a: int = 24, d_b: int = 40, seed: int = 0, dtype=np.float64):
+    """Two views of shared structure with positive, outlier-prone activations (like GELU outputs)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 8))
+    a = np.abs(z @ rng.normal(size=(8, d_a)) + 0.7 * rng.normal(size=(n, d_a))) ** 1.5
+    b = z @ rng.normal(size=(8, d_b)) + 0.9 * rng.normal(size=(n, d_b)) + 2.0
+    return a.astype(dtype), b.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- CKNNA
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10, 37])
+def test_cknna_matches_dense_platonic_rep_form(k):
+    a, b = correlated_pair(300)
+    expected, _ = ref_cknna(ref_preprocess(a), ref_preprocess(b), k)
+    assert cknna(a, b, k=k) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("block", [7, 64, 299])
+def test_cknna_is_independent_of_the_gram_block_size(block):
+    a, b = correlated_pair(300, seed=1)
+    expected, _ = ref_cknna(ref_preprocess(a), ref_preprocess(b), 10)
+    got = alignment(b, a[None], metrics=("cknna",), k=10, block=block)["cknna"][0]
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_cknna_matches_dense_form_in_float32():
+    a, b = correlated_pair(400, seed=2, dtype=np.float32)
+    expected, _ = ref_cknna(ref_preprocess(a), ref_preprocess(b), 10)
+    assert cknna(a, b, k=10) == pytest.approx(expected, abs=1e-5)
+
+
+def test_cknna_equals_unbiased_cka_when_k_is_n_minus_1():
+    a, b = correlated_pair(60, seed=3)
+    assert cknna(a, b, k=59) == pytest.approx(cka(a, b, unbiased=True), abs=1e-6)
+
+
+def test_cknna_of_features_with_themselves_is_one_up_to_the_epsilon():
+    a, _ = correlated_pair(300, seed=4)
+    _, s_kk = ref_cknna(ref_preprocess(a), ref_preprocess(a), 10)
+    # S(K,K) / (S(K,K) + 1e-6): the epsilon is absolute, so the shortfall from 1 is 1e-6 / S(K,K)
+    assert cknna(a, a, k=10) == pytest.approx(s_kk / (s_kk + 1e-6), abs=1e-9)
+    assert cknna(a, a, k=10) > 1 - 1e-3
+
+
+def test_cknna_is_invariant_to_rotation_and_isotropic_scaling():
+    a, b = correlated_pair(250, seed=5)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(b.shape[1], b.shape[1])))
+    base = cknna(a, b, k=10, clamp=False)
+    # clamping is per coordinate, hence not rotation invariant: rotations are tested without it
+    assert cknna(a, b @ q, k=10, clamp=False) == pytest.approx(base, abs=1e-9)
+    assert cknna(a @ np.linalg.qr(np.random.default_rng(1).normal(size=(24, 24)))[0], b, k=10,
+                 clamp=False) == pytest.approx(base, abs=1e-9)
+    # scaling: with and without the clamp (its threshold scales with the data)
+    assert cknna(7.5 * a, b, k=10) == pytest.approx(cknna(a, b, k=10), abs=1e-9)
+    assert cknna(a, 0.01 * b, k=10, clamp=False) == pytest.approx(base, abs=1e-9)
+
+
+def test_cknna_of_independent_gaussians_is_near_zero():
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(2000, 64)).astype(np.float32)
+    b = rng.normal(size=(2000, 64)).astype(np.float32)
+    assert abs(cknna(a, b, k=10)) < 0.05
+
+
+def hexagon(order):
+    """Six unit vectors at 60° steps; row i sits at angle 60°·order[i]."""
+    angles = np.deg2rad(60.0 * np.asarray(order, dtype=np.float64))
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def test_cknna_and_mutual_knn_on_a_hand_computed_six_point_example():
+    # K: rows on the hexagon in order 0..5, so N_K(i) = {i−1, i+1} with K = cos 60° = 1/2.
+    # L: rows 3 and 4 swapped on the hexagon, ring 0-1-2-4-3-5:
+    #   N_L = {1,5}, {0,2}, {1,4}, {4,5}, {2,3}, {3,0}
+    #   M = N_K ∩ N_L = {1,5}, {0,2}, {1}, {4}, {3}, {0}: 8 entries, all with their transpose.
+    # Every masked entry is 1/2, so S(X, Y) = HSIC_u(M/2, M/2) = HSIC_u(M, M)/4 with
+    #   HSIC_u(M, M) = [Σ MᵢⱼMⱼᵢ + (ΣM)²/(5·4) − 2·(1ᵀM)(M1)/4] / (6·3)
+    #                = [8 + 64/20 − 2·(2·2 + 2·2 + 1 + 1 + 1 + 1)/4] / 18 = 5.2 / 18.
+    # S(K, K): the ring R (12 entries, row and column sums 2): [12 + 144/20 − 2·24/4] / 18 = 0.4,
+    # so S(K, K) = S(L, L) = 0.1 and CKNNA = (1.3/18) / (0.1 + 1e-6).
+    a, b = hexagon([0, 1, 2, 3, 4, 5]), hexagon([0, 1, 2, 4, 3, 5])
+    assert cknna(a, b, k=2, clamp=False) == pytest.approx((1.3 / 18) / (0.1 + 1e-6), abs=1e-12)
+    # mutual kNN: |N_K(i) ∩ N_L(i)| = 2, 2, 1, 1, 1, 1 out of k = 2
+    assert mutual_knn(a, b, k=2, clamp=False) == pytest.approx(8 / 12)
+
+
+# ----------------------------------------------------------------------------- CKA, mutual kNN
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_cka_matches_centering_matrix_and_literal_hsic_u(clamp):
+    a, b = correlated_pair(200, seed=7)
+    pa, pb = ref_preprocess(a, clamp), ref_preprocess(b, clamp)
+    assert cka(a, b, clamp=clamp) == pytest.approx(ref_cka_biased(pa, pb), abs=1e-10)
+    assert cka(a, b, unbiased=True, clamp=clamp) == pytest.approx(ref_cka_unbiased(pa, pb),
+                                                                  abs=1e-10)
+
+
+def test_cka_in_float32_is_close_to_float64():
+    a, b = correlated_pair(500, seed=8)
+    assert cka(a.astype(np.float32), b.astype(np.float32), unbiased=True) == pytest.approx(
+        cka(a, b, unbiased=True), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_mutual_knn_matches_brute_force_set_intersection(k):
+    a, b = correlated_pair(150, seed=9)
+    pa, pb = ref_preprocess(a).numpy(), ref_preprocess(b).numpy()
+    total = 0
+    for i in range(len(pa)):
+        sim_a, sim_b = pa @ pa[i], pb @ pb[i]
+        sim_a[i] = sim_b[i] = -np.inf
+        total += len(set(np.argsort(-sim_a)[:k]) & set(np.argsort(-sim_b)[:k]))
+    assert mutual_knn(a, b, k=k) == pytest.approx(total / (len(pa) * k), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- batched API
+
+def test_alignment_of_a_float16_memmap_stack_equals_each_pair(tmp_path):
+    rng = np.random.default_rng(10)
+    n = 120
+    target = rng.normal(size=(n, 32)).astype(np.float32)
+    stack = np.lib.format.open_memmap(tmp_path / "feats.npy", mode="w+", dtype=np.float16,
+                                      shape=(2, 3, n, 16))
+    for t in range(2):
+        for blk in range(3):
+            mix = (t + 1) * 0.3 * blk
+            stack[t, blk] = (target[:, :16] * mix + rng.normal(size=(n, 16))).astype(np.float16)
+    stack.flush()
+    stack = np.load(tmp_path / "feats.npy", mmap_mode="r")
+    got = alignment(target, stack, k=5)
+    assert set(got) == {"cknna", "cka", "cka_unbiased", "mutual_knn"}
+    for t in range(2):
+        for blk in range(3):
+            src = np.asarray(stack[t, blk], dtype=np.float32)
+            assert got["cknna"][t, blk] == pytest.approx(cknna(src, target, k=5), abs=1e-9)
+            assert got["cka"][t, blk] == pytest.approx(cka(src, target), abs=1e-9)
+            assert got["cka_unbiased"][t, blk] == pytest.approx(
+                cka(src, target, unbiased=True), abs=1e-9)
+            assert got["mutual_knn"][t, blk] == pytest.approx(mutual_knn(src, target, k=5))
+    assert got["cka"].shape == (2, 3)
+
+
+def test_alignment_reuses_a_prepared_target_and_accepts_tensors():
+    a, b = correlated_pair(100, seed=11)
+    target = metrics.FeatureKernel.build(torch.from_numpy(b), k=4)
+    sources = torch.from_numpy(np.stack([a, a[:, ::-1].copy()]))
+    got = alignment(target, sources, k=4)
+    assert got["cknna"][1] == pytest.approx(cknna(a[:, ::-1], b, k=4), abs=1e-9)
+    with pytest.raises(ValueError, match="prepared target has k=4"):
+        alignment(target, sources, k=5)
+
+
+def test_similarity_matrix_equals_pairwise_metrics():
+    a, b = correlated_pair(90, seed=12)
+    blocks = [a, b, a + b[:, :24]]
+    for metric in ("cknna", "cka", "cka_unbiased", "mutual_knn"):
+        mat = similarity_matrix(blocks, metric=metric, k=6)
+        for i, x in enumerate(blocks):
+            for j, y in enumerate(blocks):
+                one = alignment(y, x[None], metrics=(metric,), k=6)[metric][0]
+                assert mat[i, j] == pytest.approx(one, abs=1e-9)
+    cross = similarity_matrix(blocks[:2], [b, b], metric="cka")
+    assert cross.shape == (2, 2) and cross[1, 0] == pytest.approx(1.0)
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_estimate():
+    a, b = correlated_pair(300, seed=13)
+    unbiased_cka = functools.partial(cka, unbiased=True)
+    low, high = bootstrap_ci(unbiased_cka, a, b, n_boot=30, seed=0)
+    assert low < unbiased_cka(a, b) < high
+    assert (low, high) == bootstrap_ci(unbiased_cka, a, b, n_boot=30, seed=0)
+    assert (low, high) != bootstrap_ci(unbiased_cka, a, b, n_boot=30, seed=1)
+
+
+def test_bootstrap_duplicates_inflate_cknna_unless_deduplicated():
+    a, b = correlated_pair(300, seed=13)
+    plain_low, _ = bootstrap_ci(cknna, a, b, n_boot=20, seed=0, dedupe=False)
+    dedup_low, dedup_high = bootstrap_ci(cknna, a, b, n_boot=20, seed=0)
+    assert plain_low > cknna(a, b) + 0.05   # copies are shared neighbours on both sides
+    assert dedup_high < plain_low
+    assert abs(dedup_low - cknna(a, b)) < 0.03
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_mismatched_image_counts_are_refused():
+    a, b = correlated_pair(50)
+    with pytest.raises(UserError, match=r"number of images \(50 vs 49\)"):
+        cknna(a, b[:49])
+    with pytest.raises(UserError, match="target has 50 images but sources have 49"):
+        alignment(a, b[None, :49])
+
+
+def test_k_must_be_below_the_number_of_images():
+    a, b = correlated_pair(10)
+    with pytest.raises(UserError, match=r"k=10 nearest neighbours needs 1 <= k <= n-1"):
+        cknna(a, b, k=10)
+    with pytest.raises(UserError, match=r"k=0"):
+        mutual_knn(a, b, k=0)
+
+
+def test_unbiased_hsic_needs_four_images():
+    a, b = correlated_pair(3)
+    with pytest.raises(UserError, match="unbiased HSIC needs n >= 4"):
+        cka(a, b, unbiased=True)
+    assert cka(a, b) == pytest.approx(ref_cka_biased(ref_preprocess(a), ref_preprocess(b)))
+
+
+def test_non_finite_features_and_unknown_metrics_are_refused():
+    a, b = correlated_pair(20)
+    a[3, 2] = np.nan
+    with pytest.raises(UserError, match="NaN or inf"):
+        cka(a, b)
+    with pytest.raises(UserError, match="unknown alignment metric"):
+        alignment(b, b[None], metrics=("cka", "svcca"))
+    with pytest.raises(UserError, match=r"2-D \(images, dims\)"):
+        alignment(b[None], b[None])

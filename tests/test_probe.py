@@ -1,0 +1,187 @@
+"""Linear probes against scikit-learn on real data (sklearn's bundled digits, 8x8 images)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from repa_probe.errors import UserError
+from repa_probe.probe import (ProbeConfig, fit_logistic, lbfgs, linear_probe, logits,
+                              standardize)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    tr, te = perm[:1200], perm[1200:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def np_standardize(train, test, eps=1e-6):
+    mean, var = train.mean(axis=0), train.var(axis=0)
+    return (train - mean) / np.sqrt(var + eps), (test - mean) / np.sqrt(var + eps)
+
+
+def np_objective(x, y, w, b, lam):
+    """(1/n) Σ CE + (λ/2)‖W‖², written with numpy in float64."""
+    z = x @ w + b
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(len(y)), y].mean() + 0.5 * lam * (w ** 2).sum()
+
+
+def test_probe_top1_is_within_one_point_of_sklearn_on_digits(digits):
+    x_tr, y_tr, x_te, y_te = digits
+    ours = linear_probe(x_tr, y_tr, x_te, y_te)
+    lam = float(ours["lambda"])
+    assert lam in ProbeConfig().lambdas
+    s_tr, s_te = np_standardize(x_tr, x_te)
+    clf = LogisticRegression(C=1.0 / (lam * len(y_tr)), max_iter=2000, tol=1e-6).fit(s_tr, y_tr)
+    sk_top1 = (clf.predict(s_te) == y_te).mean()
+    assert abs(float(ours["top1"]) - sk_top1) <= 0.01
+    assert float(ours["top1"]) > 0.95
+    assert set(ours) == {"top1", "train_top1", "val_top1", "lambda"}
+
+
+def test_sklearn_backend_runs_the_same_protocol(digits):
+    x_tr, y_tr, x_te, y_te = digits
+    ours = linear_probe(x_tr, y_tr, x_te, y_te)
+    ref = linear_probe(x_tr, y_tr, x_te, y_te, backend="sklearn")
+    assert ref["lambda"] == ours["lambda"]
+    assert abs(float(ref["val_top1"]) - float(ours["val_top1"])) <= 0.01
+    assert abs(float(ref["top1"]) - float(ours["top1"])) <= 0.01
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1e-1])
+def test_fixed_lambda_fit_reaches_sklearns_minimum(digits, lam):
+    x_tr, y_tr, _, _ = digits
+    s_tr, _ = np_standardize(x_tr, x_tr)
+    clf = LogisticRegression(C=1.0 / (lam * len(y_tr)), max_iter=5000, tol=1e-8).fit(s_tr, y_tr)
+    ref = np_objective(s_tr, y_tr, clf.coef_.T, clf.intercept_, lam)
+    # float64 and a tight tolerance: the same minimum; float32 (rounding-limited): close
+    for dtype, tol, rel in ((torch.float64, 1e-8, 1e-7), (torch.float32, 1e-5, 1e-3)):
+        theta = fit_logistic(torch.tensor(s_tr, dtype=dtype)[None], torch.from_numpy(y_tr),
+                             torch.tensor([[lam]]), num_classes=10, tol=tol)
+        theta = theta[0, 0].double().numpy()
+        assert np_objective(s_tr, y_tr, theta[:-1], theta[-1], lam) == pytest.approx(ref, rel=rel)
+
+
+def test_batched_probes_from_a_float16_memmap_equal_one_at_a_time(digits, tmp_path):
+    x_tr, y_tr, x_te, y_te = digits
+    rng = np.random.default_rng(1)
+    views = [x_tr, x_tr[:, ::-1] * 3.0 + 1.0, rng.normal(size=x_tr.shape),
+             x_tr + 4.0 * rng.normal(size=x_tr.shape)]
+    test_views = [x_te, x_te[:, ::-1] * 3.0 + 1.0, rng.normal(size=x_te.shape),
+                  x_te + 4.0 * rng.normal(size=x_te.shape)]
+    train = np.lib.format.open_memmap(tmp_path / "train.npy", mode="w+", dtype=np.float16,
+                                      shape=(2, 2) + x_tr.shape)
+    train[:] = np.stack(views).reshape(train.shape)
+    train.flush()
+    train = np.load(tmp_path / "train.npy", mmap_mode="r")
+    test = np.stack(test_views).reshape((2, 2) + x_te.shape).astype(np.float16)
+    batched = linear_probe(train, y_tr, test, y_te)
+    assert batched["top1"].shape == (2, 2)
+    for i in range(2):
+        for j in range(2):
+            one = linear_probe(np.asarray(train[i, j]), y_tr, test[i, j], y_te)
+            assert batched["lambda"][i, j] == one["lambda"]
+            assert batched["top1"][i, j] == pytest.approx(float(one["top1"]), abs=2 / len(y_te))
+    assert batched["top1"][1, 0] < 0.25 < batched["top1"][0, 0]  # noise features vs digits
+
+
+@pytest.mark.parametrize("width", [1, 3000])
+def test_probe_accepts_any_feature_width(width):
+    rng = np.random.default_rng(2)
+    y = np.arange(300) % 3
+    x = rng.normal(size=(300, width)) + y[:, None] * (2.0 if width == 1 else 0.2)
+    out = linear_probe(x[:200], y[:200], x[200:], y[200:], ProbeConfig(lambdas=(1e-3,)))
+    assert out["top1"].shape == () and float(out["top1"]) > 0.6
+    assert np.isnan(out["val_top1"])
+
+
+def test_top5_is_reported_only_with_more_than_ten_classes():
+    rng = np.random.default_rng(3)
+    y = np.arange(1200) % 12
+    means = rng.normal(size=(12, 16))
+    x = means[y] + 1.5 * rng.normal(size=(1200, 16))
+    out = linear_probe(x[:900], y[:900], x[900:], y[900:])
+    assert float(out["top5"]) > float(out["top1"]) > 1 / 12
+    ten = y < 10
+    assert "top5" not in linear_probe(x[:900][ten[:900]], y[:900][ten[:900]],
+                                      x[900:], y[900:] % 10)
+
+
+def test_test_labels_never_influence_lambda_selection(digits):
+    x_tr, y_tr, x_te, y_te = digits
+    shuffled = np.random.default_rng(4).permutation(y_te)
+    honest = linear_probe(x_tr, y_tr, x_te, y_te)
+    scrambled = linear_probe(x_tr, y_tr, x_te, shuffled)
+    assert honest["lambda"] == scrambled["lambda"]
+    assert honest["val_top1"] == scrambled["val_top1"]
+    assert float(scrambled["top1"]) < 0.2
+
+
+def test_labels_unseen_in_training_count_as_wrong():
+    x = np.array([[0.0], [0.1], [5.0], [5.1], [0.05], [5.05]])
+    y = np.array([0, 0, 1, 1, 0, 1])
+    out = linear_probe(x[:4], y[:4], x[4:], np.array([0, 7]), ProbeConfig(lambdas=(1e-3,)))
+    assert float(out["top1"]) == 0.5
+
+
+def test_standardize_is_batchnorm_without_affine():
+    x = torch.randn(500, 7) * torch.arange(1, 8) + 3.0
+    bn = torch.nn.BatchNorm1d(7, eps=1e-6, affine=False).train()
+    (ours,) = standardize(x[None], eps=1e-6)
+    torch.testing.assert_close(ours[0], bn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_lbfgs_solves_independent_quadratics_of_different_conditioning():
+    scales = torch.tensor([[1.0, 1.0, 1.0], [1.0, 10.0, 100.0], [1e-2, 1.0, 1e3]])
+    target = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0], [2.0, 2.0, 2.0]])
+
+    def fun(w):  # f_b(w) = ½ Σ s (w − t)²
+        r = w - target
+        return 0.5 * (scales * r * r).sum(dim=1).double(), scales * r
+
+    w = lbfgs(fun, torch.zeros(3, 3), max_iter=200, tol=1e-6)
+    torch.testing.assert_close(w, target, atol=1e-4, rtol=0)
+
+
+def test_fit_needs_few_passes_over_the_features_on_digits(digits, monkeypatch):
+    # one loss+gradient evaluation = two passes over the features; L-BFGS with its curvature
+    # pairs and the covariance preconditioner needs ~55 here (a scaled gradient method, ~115)
+    from repa_probe import probe
+    x_tr, y_tr, _, _ = digits
+    (s_tr,) = standardize(torch.tensor(x_tr, dtype=torch.float32)[None])
+    calls = []
+    real = probe._loss_and_grad
+    monkeypatch.setattr(probe, "_loss_and_grad", lambda *a: calls.append(1) or real(*a))
+    fit_logistic(s_tr, torch.from_numpy(y_tr), torch.tensor([[1e-3]]), 10, tol=1e-5)
+    assert len(calls) <= 80
+
+
+def test_logits_apply_each_lambdas_weights_to_its_probe():
+    x = torch.randn(2, 5, 3)
+    theta = torch.randn(2, 4, 4, 6)
+    got = logits(x, theta)
+    for b in range(2):
+        for g in range(4):
+            torch.testing.assert_close(got[b, :, g], x[b] @ theta[b, g, :3] + theta[b, g, 3])
+
+
+def test_bad_probe_inputs_are_refused(digits):
+    x_tr, y_tr, x_te, y_te = digits
+    with pytest.raises(UserError, match="1199 train labels for 1200 train images"):
+        linear_probe(x_tr, y_tr[:-1], x_te, y_te)
+    with pytest.raises(UserError, match="must agree on every dimension but the images"):
+        linear_probe(x_tr[None], y_tr, x_te, y_te)
+    with pytest.raises(UserError, match="at least 2 classes"):
+        linear_probe(x_tr, np.zeros_like(y_tr), x_te, y_te)
+    bad = x_tr.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(UserError, match="NaN or inf"):
+        linear_probe(bad, y_tr, x_te, y_te)
+    with pytest.raises(UserError, match="unknown probe backend"):
+        linear_probe(x_tr, y_tr, x_te, y_te, backend="svm")
