@@ -1,0 +1,324 @@
+"""Capture: every block's output, for every noise level, pooled per image on the fly.
+
+One forward pass per (batch, t) records all blocks through hooks:
+
+    block 0   the tokens entering block 1 (patch embedding + positions): a pre-hook on blocks[0]
+    block i   the output of block i (1-based, as in the REPA paper): a forward hook on blocks[i-1]
+    raw       the model input x_t average-pooled per p×p patch, flattened to C·(H/p)·(W/p): the baseline
+
+Pooling (per block, per image, in float32): ``mean`` over tokens → [D]; ``grid:G`` → the token grid
+average-pooled to G×G, flattened to [D·G·G] (channel-major); ``tokens`` → all tokens [T, D]. So memory
+stays O(batch × depth × width) for the pooled modes.
+
+Inputs follow the checkpoint's time convention (noise.Convention): x_t = model_input(x0, t, ε) and the
+t-embedder is fed timestep(t). The noise ε of image `id` at level t is `seeded_noise([id], salt=round(t·1e6))`:
+it depends on neither the batch, the rank, the t grid nor the checkpoint, so two checkpoints analysed
+with the same seed see exactly the same noisy inputs. The class label is the null class
+(``num_classes``) unless labels="true".
+
+`capture_blocks` works in memory (the trainer's analysis-while-training); `extract` fills the feature
+store (store.py) for analysis at scale, resumably and, under torchrun, split across ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from repa_probe.data import (ImageDataset, image_size_for, load_vae, model_mode, select_subset, to_model_space,
+                             list_images, vae_fingerprint)
+from repa_probe.errors import UserError
+from repa_probe.noise import Convention, seeded_noise
+from repa_probe.store import (Features, FeatureStore, ImageFeatures, fill, init_distributed, read_features,
+                              t_part)
+
+DEFAULT_TS = (0.0, 0.1, 0.25, 0.5, 0.75)
+AUTOCAST = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+#################################################################################
+#                                    Pooling                                    #
+#################################################################################
+
+def parse_pooling(pooling: str) -> tuple[str, int]:
+    """'mean' → ('mean', 0); 'tokens' → ('tokens', 0); 'grid:4' → ('grid', 4)."""
+    name, _, arg = pooling.partition(":")
+    if name in ("mean", "tokens") and not arg:
+        return name, 0
+    if name == "grid" and arg.isdigit() and int(arg) > 0:
+        return name, int(arg)
+    raise UserError(f"--pooling {pooling!r}: use 'mean', 'tokens' or 'grid:G' (e.g. grid:4)")
+
+
+def pool_tokens(h: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(N, T, D) tokens of a square grid → per-image features, float32 (see module docstring)."""
+    name, g = parse_pooling(pooling)
+    h = h.float()
+    if name == "mean":
+        return h.mean(dim=1)                                          # (N, D)
+    if name == "tokens":
+        return h                                                      # (N, T, D)
+    N, T, D = h.shape
+    side = int(round(T ** 0.5))
+    grid = h.transpose(1, 2).reshape(N, D, side, side)                # row-major tokens → (N, D, side, side)
+    return F.adaptive_avg_pool2d(grid, g).flatten(1)                  # (N, D·g·g)
+
+
+def raw_baseline(x_t: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The model input average-pooled per p×p patch: (N, C, H, W) → (N, C·(H/p)·(W/p)), float32."""
+    return F.avg_pool2d(x_t.float(), patch_size).flatten(1)
+
+
+#################################################################################
+#                                     Hooks                                     #
+#################################################################################
+
+class _StopForward(Exception):
+    """Raised by the hook of the last wanted block: nothing after it (later blocks, final layer) is needed."""
+
+
+class BlockCapture:
+    """Context manager: hooks on `model.blocks` that store pooled features of the wanted blocks.
+
+    blocks: indices in 0..depth (0 = tokens entering block 1), default all. After a forward pass,
+    `features[i]` holds block i's pooled output. Hooks are removed on exit, also after an error.
+    """
+
+    def __init__(self, model: torch.nn.Module, blocks: Sequence[int] | None = None, pooling: str = "mean",
+                 stop_early: bool = True):
+        depth = len(model.blocks)
+        self.model, self.pooling = model, pooling
+        self.blocks = list(range(depth + 1)) if blocks is None else [int(b) for b in blocks]
+        bad = [b for b in self.blocks if not 0 <= b <= depth]
+        if bad:
+            raise UserError(f"blocks {bad} out of range: this model has blocks 0..{depth} (0 = embedding)")
+        parse_pooling(pooling)
+        self.last = max(self.blocks) if stop_early else None
+        self.features: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def _record(self, index: int, h: torch.Tensor) -> None:
+        self.features[index] = pool_tokens(h, self.pooling)
+        if index == self.last:
+            raise _StopForward
+
+    def __enter__(self) -> "BlockCapture":
+        blocks = self.model.blocks
+        try:
+            if 0 in self.blocks:   # block 0: the first block's input x (its args are (x, c))
+                self.handles.append(blocks[0].register_forward_pre_hook(lambda m, args: self._record(0, args[0])))
+            for i in self.blocks:
+                if i > 0:
+                    self.handles.append(blocks[i - 1].register_forward_hook(
+                        lambda m, args, out, i=i: self._record(i, out)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return exc[0] is _StopForward   # the early stop is the normal end of a capture pass
+
+
+#################################################################################
+#                                 Capture passes                                #
+#################################################################################
+
+def noisy_input(convention: Convention, x0: torch.Tensor, ids: torch.Tensor, t: float,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, timestep) for canonical t: the seeded ε of each image id, mixed in the checkpoint's way."""
+    noise = seeded_noise(ids.cpu(), tuple(x0.shape[1:]), seed, salt=int(round(t * 1e6))).to(x0.device, x0.dtype)
+    t_vec = torch.full((len(x0),), float(t))   # on the CPU: the DiT step lookup tables live there
+    return convention.model_input(x0, t_vec, noise), convention.timestep(t_vec).to(x0.device)
+
+
+@torch.no_grad()
+def capture_batch(model, convention: Convention, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
+                  t: float, *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
+                  autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass at noise level t → (features [n_blocks, N, ...], raw [N, C·(H/p)·(W/p)]), float32.
+
+    x0 is the clean model-space input (pixels in [−1, 1] or scaled latents); labels None = null class.
+    The model runs in eval mode and is put back in its previous mode afterwards.
+    """
+    device = next(model.parameters()).device
+    x0, ids = x0.to(device).float(), ids.cpu()
+    x_t, timestep = noisy_input(convention, x0, ids, t, seed)
+    y = labels.to(device) if labels is not None else torch.full((len(x0),), model.config.num_classes, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with BlockCapture(model, blocks, pooling) as cap, \
+                torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            model(x_t, timestep, y)
+    finally:
+        model.train(was_training)
+    return torch.stack([cap.features[b] for b in cap.blocks]), raw_baseline(x_t, model.config.patch_size)
+
+
+def capture_blocks(model, convention: Convention, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
+                   ts: Sequence[float], *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
+                   autocast_dtype: torch.dtype | None = None, batch_size: int | None = None,
+                   out_device: str | torch.device = "cpu") -> torch.Tensor:
+    """In-memory features [n_t, n_blocks, N, D] (n_blocks = depth+1 by default; index 0 = block 0), float32.
+
+    For the trainer's analysis while training: same noise, hooks and pooling as `extract`, no store.
+    `blocks` picks and orders the blocks (0..depth); `batch_size` bounds the images per forward pass.
+    """
+    step = batch_size or len(x0)
+    per_t = []
+    for t in ts:
+        parts = [capture_batch(model, convention, x0[i:i + step], None if labels is None else labels[i:i + step],
+                               ids[i:i + step], t, seed=seed, blocks=blocks, pooling=pooling,
+                               autocast_dtype=autocast_dtype)[0].to(out_device)
+                 for i in range(0, len(x0), step)]
+        per_t.append(torch.cat(parts, dim=1))
+    return torch.stack(per_t)
+
+
+#################################################################################
+#                           Extraction into the store                           #
+#################################################################################
+
+@dataclass
+class CaptureConfig:
+    """What decides the captured numbers besides model and data (all of it goes into the cache key)."""
+    ts: tuple[float, ...] = DEFAULT_TS
+    seed: int = 0
+    pooling: str = "mean"
+    labels: str = "null"          # "null" (the CFG unconditional class) or "true"
+    precision: str = "fp32"       # autocast: "fp32" (off), "bf16" or "fp16"
+    dtype: str = "float32"        # storage: "float32" or "float16"
+
+    def __post_init__(self):
+        self.ts = tuple(float(t) for t in self.ts)
+        parse_pooling(self.pooling)
+        if any(not 0 <= t <= 1 for t in self.ts) or not self.ts:
+            raise UserError(f"--t {','.join(map(str, self.ts))}: noise levels must lie in [0, 1] (0 = clean data)")
+        if self.labels not in ("null", "true"):
+            raise UserError(f"--labels {self.labels!r}: use 'null' or 'true'")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"--precision {self.precision!r}: use fp32, bf16 or fp16")
+        if self.dtype not in ("float32", "float16"):
+            raise UserError(f"--store-dtype {self.dtype!r}: use float32 or float16")
+
+    def key(self) -> dict:
+        """The cache-key part of the settings (t is not in it: each t is its own part of the entry)."""
+        return {k: v for k, v in asdict(self).items() if k != "ts"}
+
+
+def model_fingerprint(ckpt) -> dict:
+    """What identifies a loaded checkpoint's function: its file hash, which weights, its time convention."""
+    p = ckpt.provenance
+    return {"sha256": p.sha256, "weights": p.weights, "convention": p.convention, "format": p.format}
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class _ArrayRows(Dataset):
+    """Rows of a cached .npy (e.g. latents), opened lazily so DataLoader workers map it themselves."""
+
+    def __init__(self, path: Path, labels: np.ndarray, ids: np.ndarray):
+        self.path, self.labels, self.ids, self._array = path, labels, ids, None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._array[i])), int(self.labels[i]), int(self.ids[i])
+
+
+def cached_latents(store: FeatureStore, dataset: ImageDataset, vae, *, batch_size: int = 64, num_workers: int = 0,
+                   quiet: bool = False) -> ImageFeatures:
+    """SD-VAE latents (posterior mean · 0.18215) [N, 4, H/8, W/8] of a data subset, computed once per
+    (VAE weights, data subset) and memory-mapped from the store afterwards."""
+    from repa_probe.store import cache_image_features
+
+    def encode(images):
+        return {"latents": to_model_space(images, "latents", vae)}
+
+    fingerprint = {"vae": vae_fingerprint(vae), "posterior": "mean", "scale": 0.18215}
+    return cache_image_features(store, "latents", fingerprint, dataset, encode, batch_size=batch_size,
+                                num_workers=num_workers, quiet=quiet)
+
+
+def make_dataset(root: str | os.PathLike, image_size: int, n: int | None = None, subset_seed: int = 0,
+                 skip_bad: bool = False) -> ImageDataset:
+    """The n-image, class-balanced, seeded subset of an ImageFolder tree, centre-cropped to image_size."""
+    _, labels, _ = list_images(root)
+    return ImageDataset(root, image_size, select_subset(labels, n, subset_seed), skip_bad=skip_bad)
+
+
+def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str | None = None,
+            vae: str | None = None, n: int | None = None, subset_seed: int = 0, skip_bad: bool = False,
+            batch_size: int = 64, num_workers: int = 0, device: str | torch.device | None = None,
+            cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> Features:
+    """Fill the feature store for (checkpoint, data, config) and return the features read from it.
+
+    checkpoint: a path or a LoadedCheckpoint. data: an ImageFolder path (then n / subset_seed / skip_bad pick
+    the subset) or an ImageDataset at the model's image size. mode: "pixels" | "latents" (default: the
+    checkpoint's). vae: the SD-VAE folder or hub name for latent models. Only chunks missing from the store
+    are computed (`Features.computed` counts them); under torchrun the batches are split across ranks.
+    """
+    from repa_probe.checkpoints import LoadedCheckpoint, load_checkpoint
+    config = config or CaptureConfig()
+    init_distributed()
+    device = torch.device(device) if device is not None else default_device()
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    mode = model_mode(ckpt, mode)
+    size = image_size_for(ckpt.config, mode)
+    dataset = data if isinstance(data, ImageDataset) else make_dataset(data, size, n, subset_seed, skip_bad)
+    if dataset.image_size != size:
+        raise UserError(f"the dataset is cropped to {dataset.image_size}px but this {mode} model needs {size}px")
+    store = FeatureStore(cache_dir)
+    model = ckpt.model.to(device).eval()
+
+    rows, vae_key = dataset, None
+    if mode == "latents":
+        autoencoder = load_vae(vae, device)
+        latents = cached_latents(store, dataset, autoencoder, batch_size=batch_size, num_workers=num_workers,
+                                 quiet=quiet)
+        rows = _ArrayRows(latents.path / "all" / "latents.npy", latents.labels, latents.ids)
+        vae_key = latents.fingerprint["vae"]
+        del autoencoder
+
+    fingerprint = {"model": model_fingerprint(ckpt), "data": dataset.fingerprint(), "mode": mode, "vae": vae_key,
+                   "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))"}
+    entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids, row_axes={"blocks": 1})
+    autocast_dtype, store_dtype = AUTOCAST[config.precision], np.dtype(config.dtype)
+    t_of = {t_part(t): t for t in config.ts}
+
+    def compute(x, labels, ids, part):
+        x0 = to_model_space(x, "pixels") if x.dtype == torch.uint8 else x.float()
+        feats, raw = capture_batch(model, ckpt.convention, x0, labels if config.labels == "true" else None, ids,
+                                   t_of[part], seed=config.seed, pooling=config.pooling,
+                                   autocast_dtype=autocast_dtype)
+        out = {"blocks": feats.transpose(0, 1).cpu().numpy(), "raw": raw.cpu().numpy()}   # rows first
+        out = {k: v.astype(store_dtype, copy=False) for k, v in out.items()}
+        if store_dtype == np.float16 and not all(np.isfinite(v).all() for v in out.values()):
+            raise UserError("features exceed the float16 range (±65504): use --store-dtype float32")
+        return out
+
+    computed = fill(entry, list(t_of), rows, compute, batch_size=batch_size, num_workers=num_workers,
+                    quiet=quiet, desc="capture")
+    features = read_features(entry, config.ts, computed)
+    features.manifest = {**features.manifest, "skipped_images": [str(p) for p in dataset.skipped]}
+    return features

@@ -1,0 +1,468 @@
+"""The feature store: per-image arrays on disk, computed once, resumable, never stale.
+
+Layout under the cache root (``--cache DIR``; default ``$XDG_CACHE_HOME/repa-probe`` or
+``~/.cache/repa-probe``)::
+
+    <root>/<kind>/<key>/                 one entry; key = hash of its full fingerprint
+        manifest.json                    fingerprint (plain data), n, per-part status and array shapes
+        labels.npy, ids.npy              [N] int64: class label and stable image id of each row
+        <part>/chunk-<first>-r<rank>.npz a finished batch: its row positions + rows of every array
+        <part>/<array>.npy               the merged array (np.lib.format, read as a memmap)
+
+kinds: ``blocks`` (model features; one part per noise level, ``t=0.25``, holding ``blocks``
+[n_blocks+1, N, D] and the raw-input baseline ``raw`` [N, d_raw]), ``latents`` (SD-VAE latents of a data
+subset, part ``all``) and ``encoder`` (target-encoder ``pooled`` [N, D] and optionally ``tokens``
+[N, T, D], part ``all``).
+
+Why it is safe to interrupt: every chunk is written to a temporary file and renamed into place
+(os.replace is atomic), so a chunk file is either whole or absent; on restart only rows that no chunk
+file covers are computed. When a part's chunks cover all N rows, rank 0 merges them into one .npy
+(again temp file + rename), marks the part complete in the manifest, then deletes the chunks.
+
+Why a hit is never stale: the key hashes everything that decides the numbers (checkpoint sha256, data
+subset and preprocessing, seed, pooling, label mode, precision, storage dtype, VAE or encoder weights);
+t is the part name. Adding a new t to an existing entry computes only that t.
+
+Under torchrun every rank computes a contiguous share of the pending batches and writes its own chunk
+files; rank 0 alone merges and writes the manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from repa_probe.data import make_loader
+
+MANIFEST = "manifest.json"
+STORE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/repa-probe``, else ``~/.cache/repa-probe``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "repa-probe"
+
+
+def digest(obj) -> str:
+    """Short sha256 of plain data, with keys sorted so equal dicts give equal keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def t_part(t: float) -> str:
+    """Part name of a noise level; t is rounded to 1e-6, the resolution of the noise salt."""
+    return f"t={round(float(t), 6):g}"
+
+
+#################################################################################
+#                            Process group (torchrun)                           #
+#################################################################################
+
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun with several processes (WORLD_SIZE > 1):
+    NCCL on GPUs, gloo on CPU. A plain single-process run never touches torch.distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sum_over_ranks(k: int) -> int:
+    if not dist.is_initialized():
+        return k
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([k], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+#################################################################################
+#                                 Atomic writes                                 #
+#################################################################################
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def write_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock: two processes updating one manifest must not lose each other's edit."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+#################################################################################
+#                                    Entries                                    #
+#################################################################################
+
+_CHUNK = re.compile(r"chunk-(\d+)-r(\d+)\.npz")
+
+
+class Entry:
+    """One cached result: N rows (images), split into parts (e.g. noise levels), each a set of arrays.
+
+    `row_axes` says where the image axis sits in each merged array (chunks always store rows first):
+    ``{"blocks": 1}`` stores [n_blocks+1, N, D] from chunks of [B, n_blocks+1, D].
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.n = int(self.manifest["n"])
+        self.row_axes: dict[str, int] = self.manifest.get("row_axes", {})
+
+    def part_dir(self, part: str) -> Path:
+        return self.path / part
+
+    def reload(self) -> None:
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+
+    def is_complete(self, part: str) -> bool:
+        return bool(self.manifest["parts"].get(part, {}).get("complete"))
+
+    def chunk_files(self, part: str) -> list[Path]:
+        d = self.part_dir(part)
+        return sorted(p for p in d.iterdir() if _CHUNK.fullmatch(p.name)) if d.is_dir() else []
+
+    def pending(self, part: str) -> np.ndarray:
+        """Row positions of `part` that no finished chunk holds yet (empty when the part is complete)."""
+        if self.is_complete(part):
+            return np.zeros(0, dtype=np.int64)
+        done = np.zeros(self.n, dtype=bool)
+        for f in self.chunk_files(part):
+            with np.load(f) as z:
+                done[z["positions"]] = True
+        return np.flatnonzero(~done)
+
+    def write_chunk(self, part: str, positions: np.ndarray, arrays: dict[str, np.ndarray]) -> Path:
+        """Save a finished batch (rows first in every array) atomically."""
+        d = self.part_dir(part)
+        d.mkdir(exist_ok=True)
+        path = d / f"chunk-{int(positions[0]):09d}-r{rank()}.npz"
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            np.savez(f, positions=np.asarray(positions, dtype=np.int64), **arrays)
+        os.replace(tmp, path)
+        return path
+
+    def merge(self, part: str) -> bool:
+        """Assemble a part's chunks into one .npy per array if they cover every row; → whether complete."""
+        if self.is_complete(part):
+            return True
+        files = self.chunk_files(part)
+        count = np.zeros(self.n, dtype=np.int64)
+        for f in files:
+            with np.load(f) as z:
+                np.add.at(count, z["positions"], 1)
+        if not files or (count == 0).any():
+            return False
+        if (count > 1).any():
+            raise RuntimeError(f"{self.part_dir(part)}: rows {np.flatnonzero(count > 1)[:5]} are in several chunks")
+        with np.load(files[0]) as z:
+            specs = {k: (z[k].shape[1:], z[k].dtype) for k in z.files if k != "positions"}
+        shapes = {}
+        for name, (row_shape, dtype) in specs.items():
+            axis = self.row_axes.get(name, 0)
+            shape = (*row_shape[:axis], self.n, *row_shape[axis:])
+            target = self.part_dir(part) / f"{name}.npy"
+            tmp = _tmp_name(target)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            for f in files:
+                with np.load(f) as z:
+                    index = (slice(None),) * axis + (_as_index(z["positions"]),)
+                    out[index] = np.moveaxis(z[name], 0, axis)
+            out.flush()
+            del out
+            os.replace(tmp, target)
+            shapes[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name, "row_axis": axis}
+        chunks = [{"first": int(m.group(1)), "rank": int(m.group(2))}
+                  for m in (_CHUNK.fullmatch(f.name) for f in files)]
+        with _locked(self.path / ".lock"):
+            self.reload()
+            self.manifest["parts"][part] = {"complete": True, "arrays": shapes, "chunks": len(files),
+                                            "ranks": sorted({c["rank"] for c in chunks}), "merged": time.time()}
+            write_json_atomic(self.path / MANIFEST, self.manifest)
+        for f in files:
+            f.unlink()
+        for stale in self.part_dir(part).glob(".chunk-*.tmp-*"):   # left by a killed writer
+            stale.unlink(missing_ok=True)
+        return True
+
+    def array(self, part: str, name: str) -> np.ndarray:
+        """A merged array, memory-mapped read-only."""
+        if not self.is_complete(part):
+            raise KeyError(f"{self.path}: part {part!r} is not complete")
+        return np.load(self.part_dir(part) / f"{name}.npy", mmap_mode="r")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.load(self.path / "labels.npy")
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.load(self.path / "ids.npy")
+
+
+def _as_index(positions: np.ndarray):
+    """A slice when the positions are consecutive (a fast strided copy), else the positions themselves."""
+    if len(positions) and positions[-1] - positions[0] + 1 == len(positions) and (np.diff(positions) == 1).all():
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+class FeatureStore:
+    """The cache root. `entry(kind, fingerprint, ...)` opens (rank 0 creates) the entry for a fingerprint."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+
+    def entry(self, kind: str, fingerprint: dict, labels: np.ndarray, ids: np.ndarray,
+              row_axes: dict[str, int] | None = None) -> Entry:
+        path = self.root / kind / digest(fingerprint)
+        if rank() == 0 and not (path / MANIFEST).exists():
+            path.mkdir(parents=True, exist_ok=True)
+            write_npy_atomic(path / "labels.npy", np.asarray(labels, dtype=np.int64))
+            write_npy_atomic(path / "ids.npy", np.asarray(ids, dtype=np.int64))
+            write_json_atomic(path / MANIFEST, {
+                "version": STORE_VERSION, "kind": kind, "fingerprint": fingerprint, "n": int(len(ids)),
+                "row_axes": row_axes or {}, "parts": {}, "created": time.time()})
+        barrier()
+        entry = Entry(path)
+        if json.loads(json.dumps(fingerprint, default=str)) != entry.manifest["fingerprint"]:
+            raise RuntimeError(f"{path}: the manifest's fingerprint differs from the requested one "
+                               f"(hash collision or edited manifest); delete the folder")
+        return entry
+
+
+#################################################################################
+#                       Filling an entry (resumable, sharded)                   #
+#################################################################################
+
+class _Rows(Dataset):
+    """`dataset` restricted to some row positions; items gain their position: (x, label, id, position)."""
+
+    def __init__(self, dataset: Dataset, positions: np.ndarray):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        position = int(self.positions[i])
+        return (*self.dataset[position], position)
+
+
+Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], dict[str, np.ndarray]]
+
+
+def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute, *, batch_size: int,
+         num_workers: int = 0, quiet: bool = False, desc: str = "") -> int:
+    """Compute every missing (batch, part) chunk of `entry` and merge complete parts; → chunks computed.
+
+    `dataset[position]` gives (x, label, id) for each row; `compute(x, labels, ids, part)` maps a batch to
+    rows-first arrays. Batches are cut from the pending rows in order, then dealt to ranks in contiguous
+    runs, so a batch holds the same images whatever the number of ranks or the interruption history
+    (features are bit-identical across 1 or N processes). Each image is loaded once for all its parts.
+    """
+    pending = {part: entry.pending(part) for part in parts}
+    barrier()   # every rank has listed the chunks before any rank writes new ones
+    todo = np.unique(np.concatenate([np.zeros(0, np.int64), *pending.values()]))
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    mine = np.array_split(np.arange(len(batches)), world_size())[rank()]
+    positions = np.concatenate([np.zeros(0, np.int64), *(batches[b] for b in mine)])
+    computed = 0
+    if len(positions):
+        total = sum(int(np.isin(positions, p).sum()) for p in pending.values())
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="img", desc=desc, disable=quiet or rank() != 0, dynamic_ncols=True)
+        for x, labels, ids, rows in make_loader(_Rows(dataset, positions), batch_size, num_workers):
+            rows = rows.numpy()
+            for part in parts:
+                take = np.isin(rows, pending[part])
+                if not take.any():
+                    continue
+                sel = torch.from_numpy(np.flatnonzero(take))
+                arrays = compute(x[sel], labels[sel], ids[sel], part) if not take.all() else \
+                    compute(x, labels, ids, part)
+                entry.write_chunk(part, rows[take], arrays)
+                computed += 1
+                bar.update(int(take.sum()))
+        bar.close()
+    barrier()
+    if rank() == 0:
+        for part in parts:
+            entry.merge(part)
+    barrier()
+    entry.reload()
+    return _sum_over_ranks(computed)
+
+
+#################################################################################
+#                                    Readers                                    #
+#################################################################################
+
+class Stacked:
+    """Per-t memmaps seen as one array [n_t, ...] without copying them.
+
+    Indexing with an integer first picks one memmap (``blocks[ti, b]`` reads only block b at t_i);
+    any other index, or np.asarray(stacked), stacks the selected parts into memory.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray]):
+        self.arrays = list(arrays)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.arrays), *self.arrays[0].shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.arrays[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return 1 + self.arrays[0].ndim
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if isinstance(first, (int, np.integer)):
+            return self.arrays[first][rest]
+        if first is Ellipsis:
+            return np.asarray(self)[key]
+        picked = range(len(self.arrays))[first] if isinstance(first, slice) else np.asarray(first).tolist()
+        return np.stack([self.arrays[i][rest] for i in picked])
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack(self.arrays)
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclass
+class Features:
+    """Model features of one (checkpoint, data subset, capture settings), as the metrics and probes read them.
+
+    blocks [n_t, n_blocks+1, N, D]   index 0 = tokens entering block 1; i = output of block i (1-based)
+                                      (D is g²·D for grid pooling; [.., N, T, D] for token pooling)
+    raw    [n_t, N, C·(H/p)·(W/p)]    the model input x_t average-pooled per p×p patch: the probe baseline
+    labels [N], ids [N]               class label and stable image id of each row
+    """
+    blocks: Stacked
+    raw: Stacked
+    labels: np.ndarray
+    ids: np.ndarray
+    ts: list[float]
+    path: Path
+    manifest: dict
+    computed: int = 0          # chunks (batch × t) computed by the call that returned this; 0 = all cached
+
+
+def read_features(entry: Entry, ts: Sequence[float], computed: int = 0) -> Features:
+    parts = [t_part(t) for t in ts]
+    missing = [p for p in parts if not entry.is_complete(p)]
+    if missing:
+        raise KeyError(f"{entry.path}: {', '.join(missing)} not extracted yet")
+    return Features(blocks=Stacked([entry.array(p, "blocks") for p in parts]),
+                    raw=Stacked([entry.array(p, "raw") for p in parts]),
+                    labels=entry.labels, ids=entry.ids, ts=[float(t) for t in ts], path=entry.path,
+                    manifest=entry.manifest, computed=computed)
+
+
+@dataclass
+class ImageFeatures:
+    """Per-image arrays of one part-less entry (latents, encoder features): name → memmap [N, ...]."""
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray
+    ids: np.ndarray
+    path: Path
+    fingerprint: dict = field(default_factory=dict)
+    computed: int = 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+
+def cache_image_features(store: FeatureStore, kind: str, fingerprint: dict, dataset: Dataset,
+                         fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], *, batch_size: int = 64,
+                         num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
+    """Cache `fn(images)` (uint8 [B, 3, H, W] → a dict of [B, ...] tensors) for every image of an
+    ImageDataset, once per (fingerprint, data subset). `fingerprint` must name everything that decides
+    fn's output (weights hash, preprocessing); the data subset's fingerprint is added here."""
+    key = {**fingerprint, "data": dataset.fingerprint()}
+    entry = store.entry(kind, key, dataset.labels, dataset.ids)
+
+    def compute(x, labels, ids, part):
+        out = fn(x)
+        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+
+    computed = fill(entry, ["all"], dataset, compute, batch_size=batch_size, num_workers=num_workers,
+                    quiet=quiet, desc=kind)
+    names = entry.manifest["parts"]["all"]["arrays"]
+    return ImageFeatures({k: entry.array("all", k) for k in names}, entry.labels, entry.ids, entry.path,
+                         key, computed)
+
+
+def encoder_features(store: FeatureStore, encoder, dataset: Dataset, grid: int, *, tokens: bool = False,
+                     batch_size: int = 64, num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
+    """Target-encoder features of a data subset, cached by (encoder.fingerprint(grid), data, grid):
+    ``pooled`` [N, D] (mean of patch tokens) and, with tokens=True, ``tokens`` [N, grid², D].
+
+    `encoder` is an `encoders.Encoder` (or anything with ``encode(images01, grid) -> (tokens, pooled)``
+    and ``fingerprint(grid) -> str``)."""
+    def fn(images):
+        tok, pooled = encoder.encode(images.float() / 255, grid)   # encoders take [0, 1]
+        return {"pooled": pooled, **({"tokens": tok} if tokens else {})}
+
+    fingerprint = {"encoder": encoder.fingerprint(grid), "grid": grid, "tokens": tokens}
+    return cache_image_features(store, "encoder", fingerprint, dataset, fn, batch_size=batch_size,
+                                num_workers=num_workers, quiet=quiet)
