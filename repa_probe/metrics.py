@@ -63,13 +63,16 @@ def _to_tensor(x, device: torch.device) -> torch.Tensor:
 def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """q-quantile of all entries of x with linear interpolation (numpy's default).
 
-    ``torch.quantile`` refuses inputs above 2**24 entries (50k images x 1152 dims is 57M), so the
-    two neighbouring order statistics come from ``kthvalue`` instead."""
+    ``torch.quantile`` refuses inputs above 2**24 entries (50k images x 1152 dims is 57M) and
+    sorts; here one selection (``kthvalue``) finds the lower order statistic and a masked min the
+    next one."""
     flat = x.flatten()
     h = q * (flat.numel() - 1)
-    lo, hi = math.floor(h), math.ceil(h)
+    lo = math.floor(h)
     v_lo = flat.kthvalue(lo + 1).values
-    v_hi = flat.kthvalue(hi + 1).values if hi != lo else v_lo
+    if h == lo or int((flat <= v_lo).sum()) > lo + 1:  # no gap, or v_lo repeats past rank lo+1
+        return v_lo
+    v_hi = flat.masked_fill(flat <= v_lo, math.inf).min()
     return v_lo + (h - lo) * (v_hi - v_lo)
 
 
@@ -134,7 +137,7 @@ def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
     """
     n = x.shape[0]
     if block is None:
-        block = 8192 if x.device.type == "cuda" else 2048
+        block = 8192 if x.device.type == "cuda" else 1024
     best_v = x.new_full((n, k), -math.inf)
     best_i = torch.zeros((n, k), dtype=torch.long, device=x.device)
     for r0 in range(0, n, block):
@@ -420,7 +423,7 @@ def alignment(target, sources, metrics: Sequence[str] = METRICS, k: int = 10,
     ``target`` may be a ``FeatureKernel`` built earlier (then its k / metrics must cover these);
     ``sources`` may be a numpy array, a float16 ``np.memmap`` (the feature store's layout, e.g.
     [n_t, n_blocks, n, d]) or a torch tensor. The target is prepared once; sources are prepared
-    one at a time, so memory is O(n·(d + k) + block²), never O(n²) or O(sources·n·d).
+    one at a time, so memory is O(n·(d + k + block)), never O(n²) or O(sources·n·d).
     Returns {metric: array of shape sources.shape[:-2]} (float64). CKNNA puts each source in K
     and the target in L.
     """
@@ -491,8 +494,8 @@ def _take(x, idx: np.ndarray):
 
 
 def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int = 200,
-                 seed: int = 0, level: float = 0.95, dedupe: bool = True
-                 ) -> tuple[float, float]:
+                 seed: int = 0, level: float = 0.95, dedupe: bool = True,
+                 around: float | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric_fn(feats_a[idx], feats_b[idx])`` over images.
 
     Each replicate draws n image indices with replacement (numpy generator seeded with ``seed``)
@@ -505,6 +508,9 @@ def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int 
     of about 0.63·n distinct images without self-matches (an m-out-of-n bootstrap). kNN metrics
     depend somewhat on n (neighbourhoods of a sparser sample are wider), so compare intervals
     computed with the same n and setting. ``dedupe=False`` gives the classic bootstrap.
+    ``around``: the full-sample value; the interval is then that value plus the quantiles of
+    (replicate − mean of replicates), i.e. the replicates' spread centred on the estimate, which
+    removes the subsample's shift in level and keeps the estimate inside its interval.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -516,6 +522,9 @@ def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int 
         if dedupe:
             idx = np.unique(idx)
         stats.append(metric_fn(_take(feats_a, idx), _take(feats_b, idx)))
+    stats = np.asarray(stats)
+    if around is not None:
+        stats = around + stats - stats.mean()
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(np.asarray(stats), [alpha, 1.0 - alpha])
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
     return float(low), float(high)

@@ -81,6 +81,19 @@ def correlated_pair(n: int, d_a: int = 24, d_b: int = 40, seed: int = 0, dtype=n
     return a.astype(dtype), b.astype(dtype)
 
 
+# ----------------------------------------------------------------------------- preprocessing
+
+def test_clamp_threshold_is_numpys_95th_percentile_even_with_ties():
+    rng = np.random.default_rng(14)
+    for x in (rng.normal(size=(301, 7)), np.round(rng.normal(size=(50, 9)), 1),
+              np.round(rng.normal(size=(40, 5)))):
+        got = metrics.prepare_features(x, clamp=True, normalize=False).numpy()
+        tau = np.quantile(np.abs(x), 0.95)
+        np.testing.assert_allclose(got, np.clip(x, -tau, tau), rtol=0, atol=1e-12)
+    unit = metrics.prepare_features(rng.normal(size=(10, 4)) * 100, clamp=False)
+    np.testing.assert_allclose(np.linalg.norm(unit.numpy(), axis=1), 1.0)
+
+
 # ----------------------------------------------------------------------------- CKNNA
 
 @pytest.mark.parametrize("k", [1, 2, 5, 10, 37])
