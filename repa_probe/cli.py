@@ -42,6 +42,138 @@ def cmd_extract(args: argparse.Namespace) -> None:
         print(f"features: {features.path}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import os
+    from repa_probe.train.trainer import TrainConfig, train
+    cfg = TrainConfig(
+        data=args.data, image_size=args.image_size, mode="latents" if args.latents else "pixels", vae=args.latents,
+        num_classes=args.num_classes, model=args.model, depth=args.depth, width=args.width, heads=args.heads,
+        qk_norm=args.qk_norm, encoders=args.encoder or [], encoder_random_init=args.encoder_random_init,
+        repa_depth=args.repa_depth, repa_coeff=args.repa_coeff, projector_dim=args.projector_dim,
+        weighting=args.weighting, cfg_prob=args.cfg_prob, batch=args.batch, steps=args.steps, lr=args.lr,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision,
+        tf32=args.tf32, compile=args.compile, seed=args.seed, num_workers=args.workers, device=args.device,
+        out=args.out, ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
+        export_repa=args.export_repa, progress=not args.quiet, analyze_every=args.analyze_every,
+        analyze_data=args.analyze_data, analyze_n=args.analyze_n, analyze_blocks=list(args.analyze_blocks),
+        analyze_t=list(args.analyze_t), analyze_k=args.analyze_k)
+    last = train(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"last checkpoint: {last}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from repa_probe.train.sampler import sample_checkpoint
+    images = sample_checkpoint(args.checkpoint, args.out, args.n, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
+                               sampler=args.sampler, steps=args.steps, seed=args.seed, class_label=args.class_label,
+                               vae=args.vae, weights=args.weights, convention=args.convention, device=args.device)
+    print(f"wrote {len(images)} samples to {args.out}")
+
+
+def cmd_export_repa(args: argparse.Namespace) -> None:
+    from repa_probe.train.trainer import export_repa
+    print(f"wrote {export_repa(args.checkpoint, args.out)} (REPA layout: model, ema, opt, args, steps)")
+
+
+def _interval(s: str) -> tuple[float, float]:
+    values = _floats(s)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 0,0.7; got {s!r}")
+    return values
+
+
+def _add_train_commands(sub) -> None:
+    """`train`, `sample` and `export-repa` (repa_probe/train/)."""
+    p = sub.add_parser("train", help="train a REPA (or vanilla, --repa-coeff 0) SiT; torchrun for several GPUs",
+                       description="Train a SiT with REPA's objective (or vanilla SiT with --repa-coeff 0: same data "
+                                   "order, t, noise and SiT init). Resumes automatically from --out's checkpoints.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="ImageFolder tree DIR/<class>/<image>")
+    g.add_argument("--image-size", type=int, default=32, help="image side after centre crop (default: 32)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--pixels", action="store_true", help="train on pixels in [-1, 1] (the default)")
+    m.add_argument("--latents", metavar="VAE", default=None, help="train on SD-VAE latents; VAE = local folder")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (default: 4)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="SiT-S/2", help="SiT-{S,B,L,XL}/{2,4,8} (default: SiT-S/2)")
+    g.add_argument("--depth", type=int, default=None, help="override the size's number of blocks")
+    g.add_argument("--width", type=int, default=None, help="override the size's hidden size")
+    g.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
+    g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys (REPA default: off)")
+    g = p.add_argument_group("REPA")
+    g.add_argument("--encoder", action="append", metavar="NAME[=WEIGHTS]",
+                   help="target encoder (repeat for several, one projector each), e.g. dinov2-vit-b=/w/dinov2.pth")
+    g.add_argument("--encoder-random-init", action="store_true", help="random target encoders (tests only)")
+    g.add_argument("--repa-depth", type=int, default=None,
+                   help="aligned block, 1-based (default: 4 for S/B, 8 for L/XL)")
+    g.add_argument("--repa-coeff", type=float, default=0.5,
+                   help="λ of the alignment loss; 0 = vanilla SiT (default 0.5)")
+    g.add_argument("--projector-dim", type=int, default=2048, help="projector MLP width (default: 2048, as REPA)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch", type=int, default=256, help="global batch size (default: 256)")
+    g.add_argument("--steps", type=int, default=400_000)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="tiny runs need less, e.g. 0.99")
+    g.add_argument("--cfg-prob", type=float, default=0.1, help="class-label dropout (default: 0.1)")
+    g.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t distribution")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast (default: bf16 on GPUs, fp32 on CPU)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when present, else cpu")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run folder (checkpoints/, log.jsonl, analysis.jsonl)")
+    g.add_argument("--ckpt-every", type=int, default=50_000)
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="resume from this checkpoint (default: the latest in --out/checkpoints, if any)")
+    g.add_argument("--export-repa", action="store_true", help="also write the final checkpoint in REPA's layout")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("analysis while training (EMA model)")
+    g.add_argument("--analyze-every", type=int, default=0, help="probe + CKNNA every M steps (default: never)")
+    g.add_argument("--analyze-data", default=None, help="held-out ImageFolder (default: --data)")
+    g.add_argument("--analyze-n", type=int, default=1000, help="held-out images (default: 1000)")
+    g.add_argument("--analyze-blocks", type=_ints, default=(),
+                   help="1-based blocks (default: REPA depth, middle, last)")
+    g.add_argument("--analyze-t", type=_floats, default=(0.0, 0.5), help="noise levels (default: 0,0.5)")
+    g.add_argument("--analyze-k", type=int, default=10, help="CKNNA neighbours (default: 10)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
+                       description="Euler ODE or Euler-Maruyama SDE sampling (REPA's samplers), classifier-free "
+                                   "guidance optionally restricted to a t interval; latent models decode via --vae.")
+    p.add_argument("checkpoint", help="path to a SiT/REPA checkpoint")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale; 1 = none (default: 1.5, as REPA)")
+    p.add_argument("--cfg-interval", type=_interval, default=(0.0, 1.0),
+                   help="LOW,HIGH: guide only for t in there (default 0,1)")
+    p.add_argument("--sampler", choices=["ode", "sde"], default="ode")
+    p.add_argument("--steps", type=int, default=None, help="default: 50 (ode), 250 (sde)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: random)")
+    p.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder (default: the run's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    add_checkpoint_options(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export-repa", help="write a training checkpoint in REPA's layout (model/ema/opt/args/steps)")
+    p.add_argument("checkpoint", help="a repa-probe training checkpoint (RUN_DIR/checkpoints/NNNNNNN.pt)")
+    p.add_argument("out", help="file to write")
+    p.set_defaults(func=cmd_export_repa)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,8,12; got {s!r}") from None
+
+
 def _floats(s: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in s.split(",") if v.strip())
@@ -104,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_checkpoint_options(p)
     p.set_defaults(func=cmd_extract)
+
+    _add_train_commands(sub)
     return parser
 
 

@@ -1,0 +1,171 @@
+"""Training throughput: the trainer's step against a plain reference step, measured in the same run.
+
+    python benchmarks/bench_train.py                      # CPU: a small pixel SiT, tiny random ViT teacher
+    python benchmarks/bench_train.py --models S/2,B/2,XL/2 --compile    # GPU: 256 tokens, DINOv2-B-sized teacher
+
+Both steps train the same SiT (same config, same init) with the REPA term on the same batch:
+
+- ours: `repa_probe.train.trainer` as `train()` runs it (draw_step_randomness, encoder_targets, train_step):
+  autocast (bf16 on GPUs, off on CPU), TF32, fused AdamW on GPUs (foreach on CPU), foreach EMA, the
+  vectorised float32 cosine; `--compile` adds a torch.compile variant.
+- reference: written below as a straightforward loop in the style of REPA's train.py/loss.py: eager fp32
+  (no TF32), torch.optim.AdamW with its defaults, the per-sample REPA loss loop, the per-parameter EMA.
+
+Only the step is timed (data on the device already; latent runs get random latents, as REPA trains on
+precomputed VAE moments). REPA's official numbers on one H100 (bf16, fused attention, no compile, with
+its data loader): SiT-XL/2 + DINOv2-B 290 img/s at batch 64, SiT-B/2 + DINOv2-B 1039 img/s at batch 128;
+the GPU table prints our img/s against them (meaningful on an H100 only).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+from repa_probe.encoders import load_encoder
+from repa_probe.models import model_config
+from repa_probe.train.trainer import (TrainConfig, autocast_for, draw_step_randomness, encoder_targets, init_model,
+                                      make_optimizer, train_step)
+
+REPA_OFFICIAL_H100 = {("B/2", 128): 1039.0, ("XL/2", 64): 290.0}   # img/s, DESIGN.md §7
+GPU_BATCH = {"S/2": 256, "B/2": 128, "L/2": 64, "XL/2": 64}
+
+
+def reference_step(model, ema, optimizer, encoders, images, x, labels, grid, num_classes):
+    """REPA-style fp32 step: encoders, t ~ U(0, 1), label drop, v-loss + 0.5·REPA, clip 1.0, AdamW, EMA."""
+    with torch.no_grad():
+        zs = [enc.encode(images.float() / 255, grid)[0] for enc in encoders]
+    n = x.shape[0]
+    t = torch.rand(n, device=x.device)
+    noise = torch.randn_like(x)
+    y = torch.where(torch.rand(n, device=x.device) < 0.1, num_classes, labels)
+    tt = t.view(-1, 1, 1, 1)
+    out, zs_tilde = model((1 - tt) * x + tt * noise, t, y, return_zs=True)
+    denoise = ((out - (noise - x)) ** 2).mean(dim=(1, 2, 3)).mean()
+    proj = 0.0
+    for z, z_tilde in zip(zs, zs_tilde):
+        for j in range(n):
+            proj = proj + (-(F.normalize(z[j], dim=-1) * F.normalize(z_tilde[j], dim=-1)).sum(dim=-1)).mean()
+    proj = proj / (len(zs) * n)
+    (denoise + 0.5 * proj).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
+
+
+def timed(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[str, float]]:
+    gpu = device.type == "cuda"
+    if gpu:   # REPA's setting: SD-VAE latents 4×32×32 of 256-px images, patch 2 → 256 tokens
+        overrides = dict(input_size=32, in_channels=4, num_classes=1000, projector_dim=2048)
+        image_px, encoder = 256, args.encoder or "dinov2-vit-b"
+    else:     # a small pixel SiT: 3×16×16, patch 2 → 64 tokens
+        overrides = dict(input_size=16, in_channels=3, num_classes=10, hidden_size=192, depth=6, num_heads=3,
+                         projector_dim=512, encoder_depth=2)
+        image_px, encoder = 16, args.encoder or "test_vit"
+    encoders = [load_encoder(encoder, random_init=True, device=device)]
+    config = model_config(f"SiT-{name}", z_dims=[e.embed_dim for e in encoders], **overrides)
+    grid = config.input_size // config.patch_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, image_px, image_px), generator=g, dtype=torch.uint8).to(device)
+    x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=g).to(device)
+    labels = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
+    base = init_model(config, seed=0).to(device).train()
+
+    def reference():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False      # plain fp32
+        model, ema = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+        return lambda: reference_step(model, ema, optimizer, encoders, images, x, labels, grid, config.num_classes)
+
+    def ours(compiled: bool):
+        def make():
+            cfg = TrainConfig(batch=batch, repa_coeff=0.5, precision="bf16" if gpu else "fp32")
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+            autocast = autocast_for(cfg.precision, device)
+            model, ema = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
+            optimizer = make_optimizer(model, cfg, device)
+            scaler = torch.amp.GradScaler(device.type, enabled=False)
+            net = torch.compile(model) if compiled else model
+            gen, counter = torch.Generator(device=device), iter(range(10 ** 9))
+
+            def step():   # what train() does per step, minus data loading and logging
+                t, noise, drop = draw_step_randomness(gen, 0, next(counter), batch, tuple(x.shape[1:]), "uniform",
+                                                      0.1)
+                y = torch.where(drop, config.num_classes, labels)
+                targets = encoder_targets(encoders, images, grid, autocast)
+                train_step(net, model, ema, optimizer, scaler, autocast, x, y, t, noise, targets, cfg)
+            return step
+        return make
+
+    variants = {"reference (fp32 eager)": reference, "ours": ours(False)}
+    if args.compile:
+        variants["ours + torch.compile"] = ours(True)
+    best = dict.fromkeys(variants, 0.0)
+    for _ in range(args.rounds):               # interleaved rounds, best of each: fair on a shared machine
+        for label, make in variants.items():
+            step = make()
+            warmup = args.warmup + (3 if "compile" in label else 0)
+            best[label] = max(best[label], batch / timed(step, warmup, args.steps, device))
+            del step
+            if gpu:
+                torch.cuda.empty_cache()
+    return list(best.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    parser.add_argument("--models", default=None, help="SiT sizes, e.g. S/2,B/2,XL/2 (default: S/2,B/2 on GPUs; "
+                                                       "a small custom S/2 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 32 on CPU; 256/128/64 for S/B/XL on GPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 10 on CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds, best of each (default: 3 on "
+                                                                 "CPU, 1 on GPU)")
+    parser.add_argument("--encoder", default=None, help="random-init teacher (default: dinov2-vit-b on GPU, "
+                                                        "test_vit on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    args.steps = args.steps or (20 if gpu else 10)
+    args.rounds = args.rounds or (1 if gpu else 3)
+    names = (args.models or ("S/2,B/2" if gpu else "S/2")).split(",")
+    what = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {what}; torch {torch.__version__}")
+    for name in names:
+        batch = args.batch or (GPU_BATCH.get(name, 64) if gpu else 32)
+        results = bench_one(name, batch, device, args)
+        ref = results[0][1]
+        size = f"SiT-{name}" + ("" if gpu else " (width 192, depth 6, 16×16 px, 64 tokens)")
+        print(f"\n{size}, batch {batch}, REPA term on ({args.encoder or ('DINOv2-B' if gpu else 'test_vit')}, random)")
+        for label, ips in results:
+            line = f"  {label:<24} {ips:9.1f} img/s   ×{ips / ref:.2f} vs reference"
+            official = REPA_OFFICIAL_H100.get((name, batch)) if gpu else None
+            if official and label != results[0][0]:
+                line += f"   ×{ips / official:.2f} vs REPA official ({official:.0f} img/s, H100)"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

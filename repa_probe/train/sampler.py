@@ -1,0 +1,186 @@
+"""Sampling a trained flow model: Euler ODE and Euler–Maruyama SDE, classifier-free guidance on an interval.
+
+Same semantics as REPA's samplers.py (canonical time, t = 1 noise → t = 0 data, linear path):
+
+- ODE (`euler_sampler`): t_i = linspace(1, 0, steps + 1); x ← x + (t_{i+1} − t_i)·v(x, t_i).
+- SDE (`euler_maruyama_sampler`): t_i = linspace(1, 0.04, steps), then 0. The reverse SDE with diffusion
+  g²(t) = 2t has drift d = v − ½·g²·s, with the score of the linear path recovered from the velocity,
+  s = −((1 − t)·v + x) / t. Every step but the last is x ← x + d·Δt + √(2t)·√|Δt|·z; the last step
+  (0.04 → 0) is the deterministic mean x + d·Δt.
+- CFG: v = v_∅ + w·(v_y − v_∅) (the null class is `num_classes`), applied only where
+  t_low ≤ t_i ≤ t_high; elsewhere the model is run once, conditionally. (REPA guides the drift d,
+  which is affine in v for fixed x, so guiding v is the same map.)
+
+The state is kept in float64 and the model is fed float32, as REPA does. Official SiT checkpoints
+(convention "sit") run time the other way: they are fed s = 1 − t and their velocity is negated.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from repa_probe.noise import Convention
+
+SAMPLERS = ("ode", "sde")
+DEFAULT_STEPS = {"ode": 50, "sde": 250}
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def guided_velocity(model: torch.nn.Module, convention: str | Convention, y: torch.Tensor, num_classes: int,
+                    cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
+    """v(x, t) in canonical time for labels y, with CFG scale `cfg` applied for t inside `cfg_interval`."""
+    conv = Convention(convention) if isinstance(convention, str) else convention
+    if conv.name == "dit":
+        raise ValueError("DiT checkpoints predict noise on a discrete VP schedule; the flow samplers need a "
+                         "velocity model (convention 'repa' or 'sit')")
+    sign = -1.0 if conv.name == "sit" else 1.0
+    dtype = next(model.parameters()).dtype
+    y_null = torch.full_like(y, num_classes)
+    low, high = cfg_interval
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        guided = cfg > 1.0 and low <= t <= high
+        x_in, y_in = (torch.cat([x, x]), torch.cat([y, y_null])) if guided else (x, y)
+        time = conv.timestep(torch.full((x_in.shape[0],), t, dtype=torch.float64)).to(x.device, dtype)
+        v = sign * model(x_in.to(dtype), time, y_in).to(torch.float64)
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cfg * (v_cond - v_uncond)
+        return v
+
+    return velocity
+
+
+def euler_ode(velocity: VelocityFn, x1: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """Integrate dx/dt = v from t = 1 to 0 with `steps` Euler steps (float64 state)."""
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    x = x1.to(torch.float64)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t_cur) * velocity(x, t_cur)
+    return x
+
+
+def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250,
+                   generator: torch.Generator | None = None, t_last: float = 0.04) -> torch.Tensor:
+    """Reverse SDE with g² = 2t from t = 1 to t_last in steps − 1 noisy steps, then one mean step to 0."""
+    if steps < 2:
+        raise ValueError("the SDE sampler needs at least 2 steps (the last one is deterministic)")
+    ts = torch.cat([torch.linspace(1, t_last, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    ts = ts.tolist()
+    x = x1.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t_cur
+        v = velocity(x, t_cur)
+        score = -((1 - t_cur) * v + x) / t_cur
+        drift = v - t_cur * score                                   # v − ½·g²·s with g² = 2t
+        x = x + drift * dt
+        if i < steps - 1:
+            z = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            x = x + math.sqrt(2 * t_cur) * math.sqrt(abs(dt)) * z
+    return x
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, convention: str | Convention = "repa", n: int = 16, *,
+           labels: torch.Tensor | int | None = None, sampler: str = "ode", steps: int | None = None,
+           cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+           generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Draw n samples x₀ in the model's space (pixels in [−1, 1] or scaled VAE latents): (n, C, H, W) float32.
+
+    labels: a tensor of n class indices, one class for all, or None (drawn uniformly from `generator`).
+    The starting noise and labels come from `generator` (a CPU torch.Generator), so a seed gives the same
+    samples on any device. steps defaults to 50 (ODE) or 250 (SDE).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    model.eval()
+    c = model.config
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    x1 = torch.randn((n, c.in_channels, c.input_size, c.input_size), generator=generator)
+    if labels is None:
+        labels = torch.randint(0, c.num_classes, (n,), generator=generator)
+    elif isinstance(labels, int):
+        labels = torch.full((n,), labels)
+    if not (0 <= int(labels.min()) and int(labels.max()) <= c.num_classes):
+        raise ValueError(f"class labels must lie in [0, {c.num_classes}] ({c.num_classes} = unconditional)")
+    velocity = guided_velocity(model, convention, labels.to(device), c.num_classes, cfg, cfg_interval)
+    steps = steps or DEFAULT_STEPS[sampler]
+    if sampler == "ode":
+        x0 = euler_ode(velocity, x1.to(device), steps)
+    else:
+        x0 = euler_maruyama(velocity, x1.to(device), steps, generator)
+    return x0.float()
+
+
+def image_grid(images01: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] → one uint8 (rows·(H + p) + p, nrow·(W + p) + p, 3) array, black gutters;
+    nrow defaults to round(√N) columns, as REPA's array2grid (torchvision's make_grid layout)."""
+    n, _, h, w = images01.shape
+    ncol = nrow or max(1, round(math.sqrt(n)))
+    nrows = math.ceil(n / ncol)
+    grid = torch.zeros(3, nrows * (h + padding) + padding, ncol * (w + padding) + padding)
+    for i, img in enumerate(images01.float().clamp(0, 1).cpu()):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top:top + h, left:left + w] = img
+    return grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_grid(images01: torch.Tensor, path: str, nrow: int | None = None) -> None:
+    """Write `image_grid(images01)` as a PNG."""
+    Image.fromarray(image_grid(images01, nrow)).save(path, format="PNG")
+
+
+def sample_checkpoint(checkpoint: str, out: str, n: int = 64, *, cfg: float = 1.5,
+                      cfg_interval: tuple[float, float] = (0.0, 1.0), sampler: str = "ode", steps: int | None = None,
+                      seed: int = 0, class_label: int | None = None, vae: str | None = None,
+                      weights: str = "ema", convention: str | None = None, device: str | None = None,
+                      batch_size: int = 64) -> torch.Tensor:
+    """`repa-probe sample`: load a checkpoint, draw n samples, decode latents through the VAE, write a PNG grid.
+
+    Returns the images in [0, 1], (n, 3, H, W). Defaults are REPA's generate.py (ODE, 50 steps, CFG 1.5).
+    """
+    from repa_probe.checkpoints import load_checkpoint
+    from repa_probe.data import LATENT_SCALE, load_vae, model_mode
+    from repa_probe.errors import UserError
+
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".png":
+        raise UserError(f"--out '{out}' must be a .png file")
+    if not out_path.parent.is_dir() or not os.access(out_path.parent, os.W_OK):
+        raise UserError(f"--out '{out}': folder '{out_path.parent}' does not exist or is not writable")
+    if n <= 0:
+        raise UserError(f"--n {n} must be positive")
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if not 0 <= cfg_interval[0] <= cfg_interval[1] <= 1:
+        raise UserError(f"--cfg-interval {cfg_interval}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = load_checkpoint(checkpoint, convention=convention, weights=weights, device=dev)
+    if ckpt.provenance.convention == "dit":
+        raise UserError(f"'{checkpoint}' is a DiT (discrete VP, noise-prediction) model: the flow samplers need a "
+                        f"velocity model (SiT or REPA)")
+    num_classes = ckpt.config.num_classes
+    if class_label is not None and not 0 <= class_label <= num_classes:
+        raise UserError(f"--class-label {class_label}: use 0..{num_classes - 1} ({num_classes} = unconditional)")
+    mode = model_mode(ckpt)
+    autoencoder = load_vae(vae or ckpt.meta.get("vae"), dev) if mode == "latents" else None
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, n, batch_size):
+        x0 = sample(ckpt.model, ckpt.convention, min(batch_size, n - start), labels=class_label, sampler=sampler,
+                    steps=steps, cfg=cfg, cfg_interval=cfg_interval, generator=generator, device=dev)
+        if autoencoder is not None:
+            with torch.no_grad():
+                x0 = autoencoder.decode(x0.to(dev) / LATENT_SCALE).sample.float()
+        images.append(((x0 + 1) / 2).clamp(0, 1).cpu())
+    images = torch.cat(images)
+    save_grid(images, str(out_path))
+    return images

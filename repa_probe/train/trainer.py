@@ -1,0 +1,712 @@
+"""The REPA / vanilla SiT trainer: one straight loop, single process or DDP under torchrun.
+
+    repa-probe train --model SiT-B/2 --data DIR --image-size 256 --latents VAE --encoder dinov2-vit-b=W \
+        --repa-depth 4 --repa-coeff 0.5 --batch 256 --steps N --ckpt-every K --out RUN_DIR
+    torchrun --nproc_per_node=8 -m repa_probe train ...        (NCCL on GPUs, gloo on CPU)
+
+Objective and defaults are REPA's (train.py, loss.py of sihyun-yu/REPA): linear path, v-prediction,
+uniform t, class dropout 0.1, AdamW(1e-4, (0.9, 0.999), wd 0, eps 1e-8), grad-norm clip 1.0, EMA 0.9999
+every step, λ = 0.5. Labels are dropped once, here. (REPA's model also drops labels inside its
+LabelEmbedder in train mode, and with its --legacy flag train.py drops them a second time, an effective
+p = 1 − 0.9² = 0.19; our model is a pure function of its inputs and this is not replicated.)
+
+Controlled experiments. Every random choice comes from its own stream, a generator seeded by
+(seed, stream name, step): `data` (a permutation per epoch), `t`, `noise`, `drop` (label dropout),
+`posterior` (latent mode: the VAE posterior sample, per step and rank). t, ε and the drop mask are drawn
+for the whole global batch and each rank takes its slice, so sample i of a step gets the same draws with
+1 or N processes (in latent mode the posterior sample is the exception: it is drawn per rank). The SiT
+is initialised from `seed` alone and the REPA projectors from their own stream, so `--repa-coeff 0`
+(vanilla: no projectors, no encoder term) and `--repa-coeff 0.5` start from the same SiT weights and see
+the same images, labels, t and noise at every step.
+
+Files in RUN_DIR (only rank 0 writes):
+    checkpoints/{step:07d}.pt  our checkpoint format (checkpoints.save_checkpoint, loads with
+                               torch.load(weights_only=True)): config, ema, model, optimizer, scaler, step,
+                               rng {torch_cpu, torch_cuda: generator state tensors}, data_position
+                               {epoch, batch_in_epoch, samples_seen}; meta keys: convention ("repa"), step,
+                               encoders, encoder_specs, encoder_random_init, repa_coeff, repa_depth, data, mode
+                               ("pixels"/"latents"), image_size, num_classes, classes, vae, world_size,
+                               model_name, train_config (the whole TrainConfig as plain data).
+    log.jsonl                  one object per line. {"event": "start", step, world_size, n_images, params,
+                               sit_init_sha256, ...} at every (re)start, then {"event": "train", step,
+                               loss, loss_denoise, loss_repa, grad_norm (mean over the interval, before
+                               clipping), img_per_s (global), lr, epoch, elapsed_s, inputs_sha256 (hash of
+                               this step's global batch: image ids, t, ε, dropped-label mask)}.
+    analysis.jsonl             tidy rows {step, block, t, metric, encoder, value, weights: "ema", n}: metric
+                               "cknna" (k = --analyze-k, per encoder) or "probe_top1" (encoder null); block
+                               is 1-based (the output of block b). `repa-probe trajectory RUN_DIR` reads it.
+    config.json                the TrainConfig of the latest (re)start.
+    repa-export/{step:07d}.pt  with --export-repa: the final checkpoint in REPA's layout (export_repa).
+
+Exact resume: the data order, t, ε and drop mask are functions of the step, so restoring model, EMA,
+optimizer, scaler, RNG states and the step continues bit for bit (on CPU). `--resume` is automatic
+when RUN_DIR/checkpoints holds a checkpoint; log rows past the resumed step are dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import Sampler
+from tqdm.auto import tqdm
+
+from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
+from repa_probe.errors import UserError
+from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
+from repa_probe.noise import Convention
+from repa_probe.train.loss import WEIGHTINGS, sample_t, training_loss
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; defaults are REPA's where REPA has one. Plain data: it goes into checkpoints."""
+    # data
+    data: str = ""                       # ImageFolder root DIR/<class>/<image>
+    image_size: int = 32
+    mode: str = "pixels"                 # "pixels" (images in [-1, 1]) or "latents" (SD-VAE · 0.18215)
+    vae: str | None = None               # latent mode: local AutoencoderKL folder (or hub name)
+    num_classes: int | None = None       # None: the number of class folders
+    # model
+    model: str = "SiT-S/2"
+    depth: int | None = None             # overrides of the named size (CIFAR-scale experiments)
+    width: int | None = None
+    heads: int | None = None
+    qk_norm: bool = False
+    # REPA
+    encoders: list[str] = field(default_factory=list)   # "NAME" or "NAME=WEIGHTS", one projector each
+    encoder_random_init: bool = False    # tests only: random target encoders
+    repa_depth: int | None = None        # 1-based block whose output is aligned; None: REPA's for the size
+    repa_coeff: float = 0.5              # λ; 0 = vanilla SiT (encoders, if given, serve the analysis only)
+    projector_dim: int = 2048            # hidden width of the projector MLPs (REPA: 2048)
+    # objective
+    weighting: str = "uniform"           # t ~ U(0, 1), or "lognormal"
+    cfg_prob: float = 0.1                # class-label dropout (null class = num_classes)
+    # optimisation
+    batch: int = 256                     # global batch, split across ranks
+    steps: int = 400_000
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "auto"              # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32"
+    tf32: bool = True
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 4
+    device: str | None = None            # None: cuda:LOCAL_RANK if available, else cpu
+    # output
+    out: str = "runs/run"
+    ckpt_every: int = 50_000
+    log_every: int = 100
+    resume: str | None = None            # None: the latest checkpoint in out/checkpoints, if any
+    export_repa: bool = False
+    progress: bool = True
+    # analysis while training (on the EMA model)
+    analyze_every: int = 0               # 0 = never
+    analyze_data: str | None = None      # held-out ImageFolder; default: --data
+    analyze_n: int = 1000                # images, class-balanced; half fit the probe, half score it
+    analyze_blocks: list[int] = field(default_factory=list)   # 1-based; default: REPA depth, middle, last
+    analyze_t: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    analyze_k: int = 10
+    analyze_batch: int = 128
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Settings a resumed run must share with the checkpoint (the rest, e.g. steps or logging, may change).
+RESUME_MUST_MATCH = ("data", "image_size", "mode", "num_classes", "model", "depth", "width", "heads", "qk_norm",
+                     "encoders", "encoder_random_init", "repa_depth", "repa_coeff", "projector_dim", "weighting",
+                     "cfg_prob", "batch", "lr", "beta1", "beta2", "weight_decay", "adam_eps", "grad_clip", "ema_decay",
+                     "precision", "seed")
+
+
+#################################################################################
+#                     Random streams, data order, initialisation                #
+#################################################################################
+
+def stream_seed(seed: int, stream: str, *keys: int) -> int:
+    """A 63-bit seed for one named random stream at given keys (step, epoch, ...): independent streams."""
+    text = "/".join([str(seed), stream, *map(str, keys)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def draw_step_randomness(generator: torch.Generator, seed: int, step: int, n: int, shape: tuple[int, ...],
+                         weighting: str, cfg_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t [n], ε [n, *shape], drop [n] bool) for the whole global batch of 0-based step `step`.
+
+    Each comes from its own stream reseeded at this step, on the generator's device.
+    """
+    device = generator.device
+    generator.manual_seed(stream_seed(seed, "t", step))
+    t = sample_t(n, generator, weighting, device)
+    generator.manual_seed(stream_seed(seed, "noise", step))
+    noise = torch.randn((n, *shape), generator=generator, device=device)
+    generator.manual_seed(stream_seed(seed, "drop", step))
+    drop = torch.rand(n, generator=generator, device=device) < cfg_prob
+    return t, noise, drop
+
+
+class ResumableShardSampler(Sampler[int]):
+    """Indices of this rank's share of each global batch, from a given step on, across epochs.
+
+    Epoch e is a permutation of the dataset drawn from stream (seed, "data", e); global batch b of the
+    run is slice [j·B, (j + 1)·B) of epoch b // (n // B)'s permutation, j = b mod (n // B) (the last
+    partial batch of an epoch is dropped, as REPA's drop_last). Rank r of W takes the r-th of W equal
+    parts. The position is a function of the step alone, so a resumed run continues exactly; the
+    DataLoader batches the stream with batch_size = B / W.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 start_step: int, total_steps: int):
+        if n < global_batch:
+            raise UserError(f"--batch {global_batch} is larger than the {n} training images")
+        self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
+        self.local_batch = global_batch // world_size
+        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
+        self.batches_per_epoch = n // global_batch
+        self._epoch, self._perm = -1, None
+
+    def position(self, step: int) -> dict:
+        """Where global batch `step` (0-based) sits: {epoch, batch_in_epoch, samples_seen}."""
+        epoch, j = divmod(step, self.batches_per_epoch)
+        return {"epoch": epoch, "batch_in_epoch": j, "samples_seen": step * self.global_batch}
+
+    def global_batch_indices(self, step: int) -> torch.Tensor:
+        pos = self.position(step)
+        if pos["epoch"] != self._epoch:
+            g = torch.Generator().manual_seed(stream_seed(self.seed, "data", pos["epoch"]))
+            self._epoch, self._perm = pos["epoch"], torch.randperm(self.n, generator=g)
+        j = pos["batch_in_epoch"]
+        return self._perm[j * self.global_batch:(j + 1) * self.global_batch]
+
+    def __iter__(self):
+        r0 = self.rank * self.local_batch
+        for step in range(self.start_step, self.total_steps):
+            yield from self.global_batch_indices(step)[r0:r0 + self.local_batch].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.local_batch
+
+
+def init_model(config: ModelConfig, seed: int) -> SiT:
+    """A SiT whose own weights depend on `seed` alone, with REPA projectors drawn from a separate stream.
+
+    The vanilla SiT (no projectors) is built from torch.manual_seed(seed); the projectors (Xavier-uniform
+    weights, zero biases, as REPA's initialize_weights) then come from stream (seed, "projectors"). So
+    the same seed gives the same SiT with or without REPA, whatever the encoders. The global RNG is left
+    as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiT(dataclasses.replace(config, z_dims=[]))
+        g = torch.Generator().manual_seed(stream_seed(seed, "projectors"))
+        projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z)
+                                    for z in config.z_dims])
+    for module in projectors.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight, generator=g)
+            nn.init.zeros_(module.bias)
+    model.projectors = projectors              # same slot as SiT(config) would fill: identical key order
+    model.config = config
+    return model
+
+
+def sit_sha256(model: SiT) -> str:
+    """Hash of the SiT's own weights (projectors excluded): equal for a vanilla/REPA pair at init."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("projectors."):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model, every parameter (as REPA's update_ema)."""
+    ema_params = list(ema.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+#################################################################################
+#                              Setup helpers                                    #
+#################################################################################
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> DistInfo:
+    """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) → a process group; else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+    return DistInfo(rank, world, local, dev)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"--precision {precision!r}: use auto, bf16, fp16 or fp32")
+    return precision
+
+
+def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) -> ModelConfig:
+    """The SiT's ModelConfig from the run's settings (named size, overrides, data mode)."""
+    if not cfg.model.startswith("SiT-"):
+        raise UserError(f"--model {cfg.model!r}: the trainer trains SiT models (SiT-S/2, SiT-B/2, SiT-L/2, "
+                        f"SiT-XL/2, patch 2/4/8)")
+    latent = cfg.mode == "latents"
+    overrides = dict(input_size=cfg.image_size // 8 if latent else cfg.image_size, in_channels=4 if latent else 3,
+                     num_classes=num_classes, qk_norm=cfg.qk_norm, z_dims=z_dims,
+                     projector_dim=cfg.projector_dim)
+    for key, value in (("depth", cfg.depth), ("hidden_size", cfg.width), ("num_heads", cfg.heads),
+                       ("encoder_depth", cfg.repa_depth)):
+        if value is not None:
+            overrides[key] = value
+    try:
+        config = model_config(cfg.model, **overrides)
+    except ValueError as e:
+        raise UserError(f"--model: {e}") from None
+    if config.hidden_size % config.num_heads:
+        raise UserError(f"--width {config.hidden_size} is not divisible by --heads {config.num_heads}")
+    if config.input_size % config.patch_size:
+        raise UserError(f"the model input ({config.input_size}px) is not divisible by patch {config.patch_size}")
+    if z_dims and not 1 <= config.encoder_depth <= config.depth:
+        raise UserError(f"--repa-depth {config.encoder_depth} must lie in 1..{config.depth} (the model's depth)")
+    return config
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Bad settings → one UserError line naming the flag, before anything heavy is loaded."""
+    if not cfg.data:
+        raise UserError("--data DIR is required (an ImageFolder tree DIR/<class>/<image>)")
+    if not Path(cfg.data).is_dir():
+        raise UserError(f"--data '{cfg.data}' is not a folder: expected an ImageFolder tree DIR/<class>/<image>")
+    if cfg.mode not in ("pixels", "latents"):
+        raise UserError(f"mode {cfg.mode!r}: use --pixels or --latents VAE")
+    if cfg.mode == "latents" and (cfg.image_size % 8 or not cfg.vae):
+        raise UserError("--latents needs a VAE (--latents VAE_DIR) and an --image-size divisible by 8")
+    if cfg.weighting not in WEIGHTINGS:
+        raise UserError(f"--weighting {cfg.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    if cfg.repa_coeff < 0:
+        raise UserError(f"--repa-coeff {cfg.repa_coeff} must be ≥ 0 (0 = vanilla SiT)")
+    if cfg.repa_coeff > 0 and not cfg.encoders:
+        raise UserError("--repa-coeff > 0 needs at least one --encoder NAME[=WEIGHTS] (or --repa-coeff 0 for "
+                        "vanilla SiT)")
+    build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else [])   # bad --model, sizes or --repa-depth
+    if not 0 <= cfg.cfg_prob < 1:
+        raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1)")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise UserError(f"--ema-decay {cfg.ema_decay} must lie in [0, 1]")
+    for flag, value in (("--batch", cfg.batch), ("--steps", cfg.steps), ("--ckpt-every", cfg.ckpt_every),
+                        ("--log-every", cfg.log_every)):
+        if value <= 0:
+            raise UserError(f"{flag} {value} must be positive")
+    if cfg.analyze_data and not Path(cfg.analyze_data).is_dir():
+        raise UserError(f"--analyze-data '{cfg.analyze_data}' is not a folder")
+    if os.environ.get("RANK", "0") != "0":                     # only rank 0 writes
+        return
+    out = Path(cfg.out)
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out '{out}' is not writable ({e.strerror or e})") from None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """RUN_DIR/checkpoints/{step:07d}.pt with the highest step, or None."""
+    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.pt") if p.stem.isdigit()]
+    return max(ckpts, key=lambda p: int(p.stem)) if ckpts else None
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop rows past `last_step` (written by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(rows):
+        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path` (no half-written file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _batch_sha256(ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for x in (ids.long(), t.float(), noise.float(), drop.to(torch.uint8)):
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+#################################################################################
+#                          Analysis while training                              #
+#################################################################################
+
+class TrainingAnalysis:
+    """Probe + CKNNA of the EMA model on a fixed held-out subset, with the `analyze` stage's own code
+    (capture.capture_blocks, metrics.alignment, probe.linear_probe); rows go to RUN_DIR/analysis.jsonl.
+
+    Images, their model-space inputs, labels and the encoders' pooled features (and kNN kernels) are
+    computed once; each call captures the chosen blocks at the chosen t (null label, seeded noise) and
+    scores them. The subset is split in two halves (seeded, class-stratified by construction of the
+    subset): the probe is fitted on the first and scored on the second; CKNNA uses all images.
+    """
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, encoders: list, vae, device: torch.device):
+        from repa_probe.data import ImageDataset, list_images, select_subset, to_model_space
+        from repa_probe.metrics import FeatureKernel
+
+        root = cfg.analyze_data or cfg.data
+        _, labels, _ = list_images(root)
+        n = min(cfg.analyze_n, len(labels))
+        dataset = ImageDataset(root, cfg.image_size, indices=select_subset(labels, n, cfg.seed))
+        images, self.labels, self.ids = (torch.stack([dataset[i][0] for i in range(len(dataset))]),
+                                         torch.as_tensor(dataset.labels), torch.as_tensor(dataset.ids))
+        self.x0 = torch.cat([to_model_space(images[i:i + cfg.analyze_batch].to(device), cfg.mode, vae).cpu()
+                             for i in range(0, len(images), cfg.analyze_batch)])
+        grid = model_cfg.input_size // model_cfg.patch_size
+        self.kernels = {}
+        for enc in encoders:
+            pooled = torch.cat([enc.encode(images[i:i + cfg.analyze_batch].to(device).float() / 255, grid)[1].cpu()
+                                for i in range(0, len(images), cfg.analyze_batch)])
+            self.kernels[enc.name] = FeatureKernel.build(pooled, k=cfg.analyze_k, metrics=("cknna",), device=device)
+        perm = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "probe")))
+        self.fit_idx, self.test_idx = perm[: len(perm) // 2].sort().values, perm[len(perm) // 2:].sort().values
+        depth = model_cfg.depth
+        default = [model_cfg.encoder_depth or max(1, depth // 3), (depth + 1) // 2, depth]
+        self.blocks = sorted({int(b) for b in (cfg.analyze_blocks or default)})
+        if not all(1 <= b <= depth for b in self.blocks):
+            raise UserError(f"--analyze-blocks {self.blocks}: blocks are 1-based, 1..{depth}")
+        self.ts, self.cfg, self.device = [float(t) for t in cfg.analyze_t], cfg, device
+        self.path = Path(cfg.out) / "analysis.jsonl"
+
+    @torch.no_grad()
+    def __call__(self, ema: SiT, step: int) -> list[dict]:
+        from repa_probe.capture import capture_blocks
+        from repa_probe.metrics import alignment
+        from repa_probe.probe import linear_probe
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            feats = capture_blocks(ema, Convention("repa"), self.x0, None, self.ids, self.ts, seed=self.cfg.seed,
+                                   blocks=self.blocks, pooling="mean", batch_size=self.cfg.analyze_batch,
+                                   out_device=self.device)                 # (n_t, n_blocks, N, D), null label
+        n = len(self.ids)
+        rows = []
+
+        def add(metric: str, encoder: str | None, values) -> None:
+            for i, t in enumerate(self.ts):
+                for j, block in enumerate(self.blocks):
+                    rows.append({"step": step, "block": block, "t": t, "metric": metric, "encoder": encoder,
+                                 "value": float(values[i, j]), "weights": "ema", "n": n})
+
+        probe = linear_probe(feats[..., self.fit_idx, :], self.labels[self.fit_idx].numpy(),
+                             feats[..., self.test_idx, :], self.labels[self.test_idx].numpy(), device=self.device)
+        add("probe_top1", None, probe["top1"])
+        for name, kernel in self.kernels.items():
+            add("cknna", name, alignment(kernel, feats, metrics=("cknna",), k=self.cfg.analyze_k)["cknna"])
+        _append_jsonl(self.path, rows)
+        return rows
+
+
+#################################################################################
+#                                  Training                                     #
+#################################################################################
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the last checkpoint's path. Works under torchrun."""
+    check_config(cfg)
+    from repa_probe.data import ImageDataset, load_vae, make_loader, to_model_space
+    from repa_probe.encoders import load_encoder
+
+    d = setup_distributed(cfg.device)
+    if cfg.batch % d.world_size:
+        raise UserError(f"--batch {cfg.batch} does not split over {d.world_size} processes")
+    device, out = d.device, Path(cfg.out)
+    precision = resolve_precision(cfg.precision, device)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+    # Data, VAE, encoders, model
+    dataset = ImageDataset(cfg.data, cfg.image_size)
+    num_classes = cfg.num_classes or len(dataset.classes)
+    if int(dataset.labels.max()) >= num_classes:
+        raise UserError(f"--num-classes {num_classes} is smaller than the {len(dataset.classes)} class folders")
+    vae = load_vae(cfg.vae, device) if cfg.mode == "latents" else None
+    repa = cfg.repa_coeff > 0
+    encoders = [load_encoder(spec, random_init=cfg.encoder_random_init, device=device) for spec in cfg.encoders] \
+        if (repa or cfg.analyze_every) else []
+    model_cfg = build_model_config(cfg, num_classes, [e.embed_dim for e in encoders] if repa else [])
+    grid = model_cfg.input_size // model_cfg.patch_size
+    model = init_model(model_cfg, cfg.seed)
+    init_sha = sit_sha256(model)
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # Resume
+    start_step = 0
+    resume_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(out)
+    if resume_from is not None:
+        start_step = _restore(resume_from, cfg, model, ema, optimizer, scaler)
+    if d.main:
+        for name in ("log.jsonl", "analysis.jsonl"):
+            _truncate_jsonl(out / name, start_step)
+        _atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.world_size > 1 else model
+    net = torch.compile(ddp) if cfg.compile else ddp
+    sampler = ResumableShardSampler(len(dataset), cfg.batch, d.rank, d.world_size, cfg.seed, start_step, cfg.steps)
+    loader = make_loader(dataset, sampler.local_batch, cfg.num_workers, sampler=sampler)
+    gen = torch.Generator(device=device)
+    shape = (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
+    autocast = autocast_for(precision, device)
+    analysis = TrainingAnalysis(cfg, model_cfg, encoders, vae, device) \
+        if (d.main and cfg.analyze_every) else None
+    meta = dict(convention="repa", encoders=[e.name for e in encoders] if repa else [],
+                encoder_specs=list(cfg.encoders) if repa else [], encoder_random_init=cfg.encoder_random_init,
+                repa_coeff=cfg.repa_coeff, repa_depth=model_cfg.encoder_depth if repa else None,
+                data=os.path.realpath(cfg.data), mode=cfg.mode, image_size=cfg.image_size, num_classes=num_classes,
+                classes=list(dataset.classes), vae=cfg.vae, world_size=d.world_size, model_name=cfg.model,
+                train_config=cfg.to_dict())
+    if d.main:
+        _append_jsonl(out / "log.jsonl", [{
+            "event": "start", "step": start_step, "world_size": d.world_size, "device": str(device),
+            "precision": precision, "n_images": len(dataset), "num_classes": num_classes,
+            "model": size_name(model_cfg), "params": sum(p.numel() for p in model.parameters()),
+            "sit_init_sha256": init_sha, "resumed_from": str(resume_from) if resume_from else None}])
+        if analysis is not None and start_step == 0:
+            analysis(ema, 0)
+
+    def save(step: int) -> Path:
+        path = out / "checkpoints" / f"{step:07d}.pt"
+        if d.main:
+            rng = {"torch_cpu": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(path, model_cfg, ema.state_dict(), model=model.state_dict(), meta={**meta, "step": step},
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, rng=rng,
+                            data_position=sampler.position(step))
+        return path
+
+    # Loop
+    last = latest_checkpoint(out) if start_step else None
+    progress = tqdm(total=cfg.steps, initial=start_step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
+                    desc="train")
+    sums, n_sum, t_mark = torch.zeros(3, device=device), 0, time.perf_counter()
+    batches = iter(loader)
+    for step in range(start_step + 1, cfg.steps + 1):
+        images, labels, _ = next(batches)
+        b = step - 1                                                   # 0-based index of this batch
+        t_all, noise_all, drop_all = draw_step_randomness(gen, cfg.seed, b, cfg.batch, shape, cfg.weighting,
+                                                          cfg.cfg_prob)
+        r0 = d.rank * sampler.local_batch
+        part = slice(r0, r0 + sampler.local_batch)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        posterior = torch.Generator().manual_seed(stream_seed(cfg.seed, "posterior", b, d.rank)) if vae else None
+        x = to_model_space(images, cfg.mode, vae, generator=posterior)
+        y = torch.where(drop_all[part], num_classes, labels)
+        targets = encoder_targets(encoders, images, grid, autocast) if repa else []
+        sums += train_step(net, model, ema, optimizer, scaler, autocast, x, y, t_all[part], noise_all[part],
+                           targets, cfg)
+        n_sum += 1
+        progress.update(1)
+        if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.steps:
+            if d.world_size > 1:
+                dist.all_reduce(sums)
+                sums /= d.world_size
+            denoise_m, align_m, gn = (sums / n_sum).tolist()
+            elapsed = time.perf_counter() - t_mark
+            if d.main:
+                row = {"event": "train", "step": step, "loss": denoise_m + cfg.repa_coeff * align_m,
+                       "loss_denoise": denoise_m, "loss_repa": align_m, "grad_norm": gn,
+                       "img_per_s": n_sum * cfg.batch / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"],
+                       "epoch": sampler.position(b)["epoch"], "elapsed_s": elapsed,
+                       "inputs_sha256": _batch_sha256(sampler.global_batch_indices(b), t_all, noise_all, drop_all)}
+                _append_jsonl(out / "log.jsonl", [row])
+                progress.set_postfix(loss=f"{row['loss']:.4f}", repa=f"{align_m:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            sums.zero_()
+            n_sum, t_mark = 0, time.perf_counter()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            last = save(step)
+        if analysis is not None and step % cfg.analyze_every == 0:
+            analysis(ema, step)
+    progress.close()
+
+    if last is None:                                                   # nothing to do: already at --steps
+        last = latest_checkpoint(out)
+    if d.main and cfg.export_repa and last is not None:
+        export_repa(last, out / "repa-export" / last.name)
+    if d.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+@torch.no_grad()
+def encoder_targets(encoders: list, images_uint8: torch.Tensor, grid: int, autocast) -> list[torch.Tensor]:
+    """Each frozen encoder's patch tokens (N, grid², D_e), float32, for uint8 images (any size: REPA's raw
+    images in latent mode, the training images themselves in pixel mode); encoders run under `autocast`."""
+    images01 = images_uint8.float() / 255
+    with autocast:
+        return [enc.encode(images01, grid)[0] for enc in encoders]
+
+
+def train_step(net: nn.Module, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               autocast, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+               targets: list[torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """One update: loss under autocast, backward (scaled for fp16), clip, AdamW, EMA.
+
+    `net` is what runs the forward (the model, or its DDP / compiled wrapper); `y` holds the dropped labels.
+    Returns [L_denoise, L_repa, grad norm before clipping] as one detached tensor (no host sync).
+    """
+    with autocast:
+        loss, denoise, align = training_loss(net, x, y, t, noise, targets, cfg.repa_coeff)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    update_ema(ema, model, cfg.ema_decay)
+    return torch.stack([denoise.detach(), align.detach(), grad_norm.detach().float()])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over every parameter, as REPA (the frozen pos_embed never has a gradient, so it is never
+    stepped, and the state's parameter indices match REPA's). The fused kernel (CUDA and CPU) is the
+    fastest: on CPU 2× the per-tensor loop and 4× foreach."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
+
+
+def autocast_for(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of a resolved precision ("bf16", "fp16" or "fp32" = off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=precision != "fp32")
+
+
+def _restore(path: Path, cfg: TrainConfig, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler) -> int:
+    """Load a training checkpoint of ours into model, EMA, optimizer, scaler and RNGs; → its step."""
+    obj = read_checkpoint(path)
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT_TAG and "optimizer" in obj):
+        raise UserError(f"--resume '{path}' is not a repa-probe training checkpoint (no optimizer state)")
+    saved, mine = dict(obj["meta"].get("train_config", {})), cfg.to_dict()
+    for d in (saved, mine):                       # the same folder, however it was spelled
+        d["data"] = os.path.realpath(d["data"]) if d.get("data") else d.get("data")
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != mine[k]]
+    if diff:
+        raise UserError(f"cannot resume from '{path}': settings differ ({'; '.join(diff[:3])}); use the same "
+                        f"flags or a new --out")
+    model.load_state_dict(obj["model"])
+    ema.load_state_dict(obj["ema"])
+    optimizer.load_state_dict(obj["optimizer"])
+    scaler.load_state_dict(obj.get("scaler") or {})
+    rng = obj.get("rng", {})
+    if "torch_cpu" in rng:
+        torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    return int(obj["step"])
+
+
+#################################################################################
+#                              Export to REPA's layout                          #
+#################################################################################
+
+def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a training checkpoint of ours in REPA's layout {model, ema, opt, args, steps}.
+
+    `args` is an argparse.Namespace with REPA's train.py argument names (model, encoder_depth, enc_type,
+    proj_coeff, ...), plus `hidden_size`, `depth`, `num_heads`, `mode` that REPA does not have. `model` is
+    REPA's size name ("SiT-B/2"); a custom size gets a description that REPA's SiT_models will refuse
+    rather than silently build the wrong network. `load_checkpoint` reads the file back as "repa-train".
+    """
+    obj = read_checkpoint(src)
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT_TAG and "model" in obj and "optimizer" in obj):
+        raise UserError(f"'{src}' is not a repa-probe training checkpoint (needs model and optimizer state)")
+    meta, config = obj["meta"], ModelConfig.from_dict(obj["config"])
+    tc = meta.get("train_config", {})
+    args = argparse.Namespace(
+        output_dir=str(Path(src).resolve().parents[1].parent), exp_name=Path(src).resolve().parents[1].name,
+        logging_dir="logs", report_to="none", sampling_steps=10000, resume_step=0,
+        model=size_name(config), num_classes=config.num_classes,
+        encoder_depth=config.encoder_depth, fused_attn=True, qk_norm=config.qk_norm,
+        data_dir=meta.get("data"), resolution=meta.get("image_size"), batch_size=tc.get("batch"),
+        allow_tf32=tc.get("tf32", True), mixed_precision={"fp32": "no"}.get(tc.get("precision"), tc.get("precision")),
+        epochs=1400, max_train_steps=tc.get("steps"), checkpointing_steps=tc.get("ckpt_every"),
+        gradient_accumulation_steps=1, learning_rate=tc.get("lr"), adam_beta1=tc.get("beta1"),
+        adam_beta2=tc.get("beta2"), adam_weight_decay=tc.get("weight_decay"), adam_epsilon=tc.get("adam_eps"),
+        max_grad_norm=tc.get("grad_clip"), seed=tc.get("seed"), num_workers=tc.get("num_workers"),
+        path_type="linear", prediction="v", cfg_prob=tc.get("cfg_prob"),
+        enc_type=",".join(meta.get("encoders") or []) or "None", proj_coeff=meta.get("repa_coeff"),
+        weighting=tc.get("weighting"), legacy=False,
+        hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads, mode=meta.get("mode"))
+    repa = {"model": obj["model"], "ema": obj["ema"], "opt": obj["optimizer"], "args": args, "steps": obj["step"]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, lambda tmp: torch.save(repa, tmp))
+    return out
+
+
+__all__ = ["TrainConfig", "train", "train_step", "encoder_targets", "make_optimizer", "autocast_for", "export_repa",
+           "init_model", "draw_step_randomness", "stream_seed", "ResumableShardSampler", "TrainingAnalysis",
+           "update_ema", "latest_checkpoint", "sit_sha256"]
