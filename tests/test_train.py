@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import REPO, run_cli
 from repa_probe.checkpoints import load_checkpoint, read_checkpoint
@@ -280,3 +281,21 @@ def test_train_rejects_bad_settings_before_loading_anything(flags, needle, cifar
     assert main(["train", *tiny_flags(cifar_dir / "test", tmp_path / "o", **{"--steps": 1, **flags})]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_latent_mode_trains_on_vae_latents_and_samples_decode(cifar_dir, tmp_path):
+    """--latents VAE (a tiny random 8×-downsampling AutoencoderKL): 32-px images → 4×4×4 latents, the teacher
+    sees the raw images at the SiT's 2×2 token grid, and `sample` decodes through the run's VAE."""
+    from test_data import save_tiny_vae
+    vae = save_tiny_vae(tmp_path / "vae")
+    run = tmp_path / "run"
+    last = train(tiny_config(cifar_dir / "test", run, 0.5, mode="latents", vae=str(vae), image_size=32, steps=3,
+                             log_every=1))
+    ckpt = load_checkpoint(last)
+    assert (ckpt.config.in_channels, ckpt.config.input_size) == (4, 4) and ckpt.meta["mode"] == "latents"
+    assert all(r["loss_repa"] < 0 for r in log_rows(run))
+    out = tmp_path / "grid.png"
+    result = run_cli("sample", last, "--n", 4, "--steps", 2, "--out", out, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as im:
+        assert im.size == (2 + 2 * 34, 2 + 2 * 34)                  # 2×2 decoded 32-px images + gutters
