@@ -296,6 +296,7 @@ class FeatureKernel:
     n: int
     k: int
     metrics: tuple[str, ...]
+    preprocessing: tuple[bool, bool] = (True, True)  # (clamp, normalize) it was built with
     graph: KnnGraph | None = None
     s_self: float | None = None          # S(K, K) = HSIC_u(N_K∘K, N_K∘K)
     centred: _Centred | None = None
@@ -311,7 +312,7 @@ class FeatureKernel:
         x = prepare_features(feats, clamp=clamp, normalize=normalize, device=device)
         if not bool(torch.isfinite(x).all()):
             raise UserError(f"{what} contain NaN or inf values (float16 overflow while capturing?)")
-        fk = cls(n, k, metrics)
+        fk = cls(n, k, metrics, (clamp, normalize))
         if any(m in KNN_METRICS for m in metrics):
             fk.graph = knn_graph(x, k, block)
             g = fk.graph
@@ -434,9 +435,10 @@ def alignment(target, sources, metrics: Sequence[str] = METRICS, k: int = 10,
     if isinstance(target, FeatureKernel):
         tgt = target
         if (any(m in KNN_METRICS for m in metrics) and tgt.k != k) or \
-                not set(metrics) <= set(tgt.metrics):
-            raise ValueError(f"the prepared target has k={tgt.k}, metrics={tgt.metrics}; "
-                             f"asked for k={k}, metrics={metrics}")
+                not set(metrics) <= set(tgt.metrics) or tgt.preprocessing != (clamp, normalize):
+            raise ValueError(f"the prepared target has k={tgt.k}, metrics={tgt.metrics}, "
+                             f"(clamp, normalize)={tgt.preprocessing}; asked for k={k}, "
+                             f"metrics={metrics}, (clamp, normalize)={(clamp, normalize)}")
     else:
         tgt = FeatureKernel.build(target, k, metrics, clamp, normalize, device, block, "target")
     if sources.shape[-2] != tgt.n:

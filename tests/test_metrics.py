@@ -236,6 +236,8 @@ def test_alignment_reuses_a_prepared_target_and_accepts_tensors():
     assert got["cknna"][1] == pytest.approx(cknna(a[:, ::-1], b, k=4), abs=1e-9)
     with pytest.raises(ValueError, match="prepared target has k=4"):
         alignment(target, sources, k=5)
+    with pytest.raises(ValueError, match=r"\(clamp, normalize\)=\(True, True\); asked"):
+        alignment(target, sources, k=4, clamp=False)
 
 
 def test_similarity_matrix_equals_pairwise_metrics():
