@@ -6,13 +6,14 @@
 Both steps train the same SiT (same config, same init) with the REPA term on the same batch:
 
 - ours: `repa_probe.train.trainer` as `train()` runs it (draw_step_randomness, encoder_targets, train_step):
-  autocast (bf16 on GPUs, off on CPU), TF32, fused AdamW on GPUs (foreach on CPU), foreach EMA, the
-  vectorised float32 cosine; `--compile` adds a torch.compile variant.
+  autocast (bf16 on GPUs, off on CPU), TF32, fused AdamW, foreach EMA, the vectorised float32 cosine;
+  `--compile` adds a torch.compile variant.
 - reference: written below as a straightforward loop in the style of REPA's train.py/loss.py: eager fp32
   (no TF32), torch.optim.AdamW with its defaults, the per-sample REPA loss loop, the per-parameter EMA.
 
 Only the step is timed (data on the device already; latent runs get random latents, as REPA trains on
-precomputed VAE moments). REPA's official numbers on one H100 (bf16, fused attention, no compile, with
+precomputed VAE moments). On CPU the variants alternate step by step and the median step time counts,
+so a shared machine's load hits both alike; on GPU each runs a synchronised block of steps. REPA's official numbers on one H100 (bf16, fused attention, no compile, with
 its data loader): SiT-XL/2 + DINOv2-B 290 img/s at batch 64, SiT-B/2 + DINOv2-B 1039 img/s at batch 128;
 the GPU table prints our img/s against them (meaningful on an H100 only).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -120,16 +122,24 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
     variants = {"reference (fp32 eager)": reference, "ours": ours(False)}
     if args.compile:
         variants["ours + torch.compile"] = ours(True)
-    best = dict.fromkeys(variants, 0.0)
-    for _ in range(args.rounds):               # interleaved rounds, best of each: fair on a shared machine
+    if gpu:   # one variant at a time (XL/2 states do not fit thrice), a synchronised block of steps each
+        out = []
         for label, make in variants.items():
             step = make()
-            warmup = args.warmup + (3 if "compile" in label else 0)
-            best[label] = max(best[label], batch / timed(step, warmup, args.steps, device))
+            out.append((label, batch / timed(step, args.warmup + (3 if "compile" in label else 0), args.steps,
+                                             device)))
             del step
-            if gpu:
-                torch.cuda.empty_cache()
-    return list(best.items())
+            torch.cuda.empty_cache()
+        return out
+    steps = {label: make() for label, make in variants.items()}   # CPU: alternate single steps, take medians,
+    for label, step in steps.items():                               # so a shared machine's load hits all alike
+        for _ in range(args.warmup + (3 if "compile" in label else 0)):
+            step()
+    times = {label: [] for label in steps}
+    for _ in range(args.steps):
+        for label, step in steps.items():
+            times[label].append(timed(step, 0, 1, device))
+    return [(label, batch / statistics.median(ts)) for label, ts in times.items()]
 
 
 def main() -> None:
@@ -138,18 +148,15 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="SiT sizes, e.g. S/2,B/2,XL/2 (default: S/2,B/2 on GPUs; "
                                                        "a small custom S/2 on CPU)")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CPU; 256/128/64 for S/B/XL on GPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 10 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 15 on CPU)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds, best of each (default: 3 on "
-                                                                 "CPU, 1 on GPU)")
     parser.add_argument("--encoder", default=None, help="random-init teacher (default: dinov2-vit-b on GPU, "
                                                         "test_vit on CPU)")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    args.steps = args.steps or (20 if gpu else 10)
-    args.rounds = args.rounds or (1 if gpu else 3)
+    args.steps = args.steps or (20 if gpu else 15)
     names = (args.models or ("S/2,B/2" if gpu else "S/2")).split(",")
     what = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {what}; torch {torch.__version__}")
