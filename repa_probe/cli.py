@@ -22,8 +22,11 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from repa_probe.checkpoints import load_checkpoint
     from repa_probe.store import rank, shutdown_distributed
     start = time.perf_counter()
+    from repa_probe.capture import default_device
+    device = args.device or str(default_device())
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     config = CaptureConfig(ts=args.t, seed=args.seed, pooling=args.pooling, labels=args.labels,
-                           precision=args.precision, dtype=args.store_dtype)
+                           precision=precision, dtype=args.store_dtype)
     ckpt = load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights)
     try:
         features = extract(ckpt, args.data, config, mode=args.mode, vae=args.vae, n=args.n,
@@ -73,6 +76,120 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_export_repa(args: argparse.Namespace) -> None:
     from repa_probe.train.trainer import export_repa
     print(f"wrote {export_repa(args.checkpoint, args.out)} (REPA layout: model, ema, opt, args, steps)")
+
+
+def _analyze_config(args: argparse.Namespace, data: str):
+    from repa_probe.analyze import AnalyzeConfig
+    encoders = [e for spec in (args.encoder or []) for e in spec.split(",") if e]
+    return AnalyzeConfig(
+        data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
+        probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
+        probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
+        bootstrap=args.bootstrap, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
+        precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+        cache=args.cache, mode=args.mode, vae=args.vae, skip_bad_images=args.skip_bad_images,
+        convention=args.convention, weights=args.weights, quiet=args.quiet)
+
+
+def _report_done(out) -> None:
+    import json
+    from pathlib import Path
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    for line in summary.get("notes", []) + summary.get("headline", [])[:8]:
+        print(line)
+    print(f"report: {Path(out) / 'report.pdf'}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from repa_probe.analyze import analyze
+    _report_done(analyze(args.checkpoint, _analyze_config(args, args.data), args.out))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from repa_probe.analyze import compare
+    if len(args.checkpoints) < 2:
+        raise UserError("compare needs at least two checkpoints: repa-probe compare A.pt B.pt [C.pt ...]")
+    _report_done(compare(args.checkpoints, _analyze_config(args, args.data), args.out))
+
+
+def cmd_trajectory(args: argparse.Namespace) -> None:
+    from repa_probe.analyze import trajectory
+    out = trajectory(args.sources, _analyze_config(args, args.data), args.out, source=args.source)
+    print(f"report: {out / 'report.pdf'}")
+
+
+def cmd_encoders(args: argparse.Namespace) -> None:
+    from repa_probe.encoders import encoders_table
+    rows = encoders_table(grid=args.grid)
+    cols = ["name", "timm_arch", "input_size", "grid", "dim", "weights"]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+
+
+def _add_analysis_commands(sub) -> None:
+    """`analyze`, `compare`, `trajectory` (repa_probe/analyze.py) and `encoders`."""
+    def common(p, data_required=True):
+        g = p.add_argument_group("data and encoders")
+        g.add_argument("--data", required=data_required, default=None,
+                       help="ImageFolder tree DIR/<class>/<image> for alignment (e.g. ImageNet val, cifar10/test)")
+        g.add_argument("--n", "--num-images", dest="n", type=int, default=None,
+                       help="images: a class-balanced seeded subset (default: 10000 on a GPU, 500 on the CPU)")
+        g.add_argument("--encoder", action="append", metavar="NAME[=WEIGHTS]",
+                       help="target encoder(s) for CKNNA, e.g. dinov2-vit-b=/w/dinov2_vitb14_pretrain.pth; repeat or "
+                            "comma-separate for several; see `repa-probe encoders`. Without one, only probes run")
+        g.add_argument("--encoder-random-init", action="store_true",
+                       help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
+        g = p.add_argument_group("linear probe")
+        g.add_argument("--probe-train", default=None, help="labelled ImageFolder to fit probes on (with --probe-test); "
+                                                           "default: 4/5 of the --data images")
+        g.add_argument("--probe-test", default=None, help="held-out labelled ImageFolder to score probes on "
+                                                          "(default: the other 1/5 of --data)")
+        g.add_argument("--probe-n-train", type=int, default=None, help="probe training images (default: --n)")
+        g.add_argument("--probe-n-test", type=int, default=None, help="probe test images (default: --n / 2)")
+        g.add_argument("--no-probe", action="store_true", help="skip the linear probes (unlabelled data)")
+        g = p.add_argument_group("metrics")
+        g.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["cknna"],
+                       help="alignment metrics: cknna, cka, cka_unbiased, mutual_knn (default: cknna)")
+        g.add_argument("--k", type=int, default=10, help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
+        g.add_argument("--bootstrap", type=int, default=20,
+                       help="bootstrap replicates for alignment intervals, 0 = none (default: 20)")
+        g.add_argument("--no-baselines", action="store_true", help="skip the untrained-model and raw-input baselines")
+        g = p.add_argument_group("capture")
+        add_capture_options(g, precision_default="auto")
+        add_checkpoint_options(g)
+        p.add_argument("--out", required=True, help="report folder: results.csv, summary.json, figures/, report.pdf")
+
+    p = sub.add_parser("analyze", help="probe + CKNNA at every block × t of one checkpoint; PDF report",
+                       description="For every block and noise level of one checkpoint: linear-probe accuracy and "
+                                   "alignment (CKNNA) with target encoders, the peak block and the drop after it, "
+                                   "against untrained-model and raw-input baselines. Writes results.csv (tidy), "
+                                   "summary.json, figures/ and report.pdf into --out; page 1 has the answer.")
+    p.add_argument("checkpoint", help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe checkpoint")
+    common(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compare", help="overlay several checkpoints (same images, same noise), deltas B − A",
+                       description="Analyse every checkpoint on the same images with the same seeded noise and write "
+                                   "one report overlaying them, with per block × t deltas against the first.")
+    p.add_argument("checkpoints", nargs="+", help="A.pt B.pt [C.pt ...]; deltas are taken against A")
+    common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("trajectory", help="metrics over training steps (REPA Fig. 2b), one curve per block group",
+                       description="Metrics of a series of checkpoints over training steps. Each source is a run "
+                                   "folder or a glob of checkpoints; a run folder with analysis.jsonl (from "
+                                   "`train --analyze-every`) is read directly unless --source checkpoints.")
+    p.add_argument("sources", nargs="+", help="RUN_DIR or 'runs/x/checkpoints/*.pt' (one line style per source)")
+    p.add_argument("--source", choices=["auto", "log", "checkpoints"], default="auto",
+                   help="auto: a run's analysis.jsonl when present, else its checkpoints (default: auto)")
+    common(p, data_required=False)
+    p.set_defaults(func=cmd_trajectory)
+
+    p = sub.add_parser("encoders", help="list the known target encoders and whether their weights are found locally")
+    p.add_argument("--grid", type=int, default=16, help="token grid to size the inputs for (default: 16)")
+    p.set_defaults(func=cmd_encoders)
 
 
 def _interval(s: str) -> tuple[float, float]:
@@ -181,6 +298,29 @@ def _floats(s: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.1,0.5; got {s!r}") from None
 
 
+def add_capture_options(p: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
+    """Options shared by every command that runs checkpoints over images (extract, analyze, ...)."""
+    p.add_argument("--t", type=_floats, default=(0.0, 0.1, 0.25, 0.5, 0.75),
+                   help="noise levels, 0 = clean data, 1 = pure noise (default: 0,0.1,0.25,0.5,0.75)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; equal seeds give equal noisy inputs to every "
+                                                       "checkpoint (default: 0)")
+    p.add_argument("--labels", choices=["null", "true"], default="null",
+                   help="class label fed to the model: the null (unconditional) class or the true one (default: null)")
+    p.add_argument("--mode", choices=["pixels", "latents"], default=None,
+                   help="model input space (default: from the checkpoint; 4 input channels = SD-VAE latents)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse",
+                   help="latent models: local AutoencoderKL folder, or a hub name where the hub is reachable")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=precision_default,
+                   help=f"autocast; auto = bf16 on GPUs, fp32 on the CPU (default: {precision_default})")
+    p.add_argument("--cache", default=None, help="feature store folder (default: $XDG_CACHE_HOME/repa-probe or "
+                                                 "~/.cache/repa-probe)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files and report them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convention", choices=["sit", "dit", "repa"], default=None,
                    help="time convention of the checkpoint (default: detected; official SiT and DiT files "
@@ -213,30 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images to use: a class-balanced seeded subset (default: all); under torchrun spell it "
                         "--num-images (torchrun's own parser rejects the abbreviation --n)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset choice (default: 0)")
-    p.add_argument("--t", type=_floats, default=(0.0, 0.1, 0.25, 0.5, 0.75),
-                   help="noise levels, 0 = clean data, 1 = pure noise (default: 0,0.1,0.25,0.5,0.75)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; equal seeds give equal noisy inputs to every "
-                                                       "checkpoint (default: 0)")
+    add_capture_options(p)
     p.add_argument("--pooling", default="mean", help="per-image pooling of tokens: mean, tokens or grid:G (default: mean)")
-    p.add_argument("--labels", choices=["null", "true"], default="null",
-                   help="class label fed to the model: the null (unconditional) class or the true one (default: null)")
-    p.add_argument("--mode", choices=["pixels", "latents"], default=None,
-                   help="model input space (default: from the checkpoint; 4 input channels = SD-VAE latents)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse",
-                   help="latent models: local AutoencoderKL folder, or a hub name where the hub is reachable")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast (default: fp32)")
     p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the stored features (default: float32)")
-    p.add_argument("--cache", default=None, help="feature store folder (default: $XDG_CACHE_HOME/repa-probe or "
-                                                 "~/.cache/repa-probe)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files and report them")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_checkpoint_options(p)
     p.set_defaults(func=cmd_extract)
 
+    _add_analysis_commands(sub)
     _add_train_commands(sub)
     return parser
 

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from repa_probe.report.summary import BASELINE_PREFIX, is_baseline, metric_label  # noqa: E402
 
@@ -45,48 +46,65 @@ def _scale(metric: str) -> float:
     return 100.0 if metric.startswith("probe") else 1.0
 
 
-def text_page(title: str, blocks: list[tuple[str, list[tuple[str, str]] | list[str] | str]]) -> plt.Figure:
-    """A page of text: a title, then sections of (key, value) rows, bullet lines or paragraphs."""
-    fig = plt.figure(figsize=PAGE)
-    fig.text(0.04, 0.95, title, fontsize=16, weight="bold", va="top")
-    y = 0.89
-    for heading, body in blocks:
-        fig.text(0.04, y, heading, fontsize=11, weight="bold", va="top")
-        y -= 0.032
+def _text_lines(fig, y: float, sections) -> float:
+    """Draw titled sections of (key, value) rows, bullet lines or paragraphs from height y down."""
+    for heading, body in sections:
+        fig.text(0.04, y, heading, fontsize=10.5, weight="bold", va="top")
+        y -= 0.03
         if isinstance(body, str):
-            body = textwrap.wrap(body, 150)
+            body = textwrap.wrap(body, 170)
         for line in body:
             if isinstance(line, tuple):
                 key, value = line
-                fig.text(0.06, y, key, fontsize=8.5, va="top", family="monospace")
-                fig.text(0.27, y, textwrap.shorten(str(value), 140), fontsize=8.5, va="top", family="monospace",
-                         color="firebrick" if "RANDOM" in str(value) or "ASSUMED" in str(value) else "black")
+                warn = "RANDOM" in str(value) or "ASSUMED" in str(value) or key.strip() == "WARNING"
+                fig.text(0.05, y, key, fontsize=7.5, va="top", family="monospace")
+                fig.text(0.22, y, textwrap.shorten(str(value), 150), fontsize=7.5, va="top", family="monospace",
+                         color="firebrick" if warn else "black")
             else:
-                fig.text(0.06, y, line, fontsize=8.5, va="top", family="monospace",
+                fig.text(0.05, y, textwrap.shorten(line, 190), fontsize=7.5, va="top", family="monospace",
                          color="firebrick" if line.startswith("!") else "black")
-            y -= 0.024
-        y -= 0.012
-    return fig
+            y -= 0.021
+        y -= 0.01
+    return y
 
 
-def table_page(title: str, table: pd.DataFrame, note: str = "") -> plt.Figure:
-    """A page holding a table (the summary), as text cells."""
-    fig = plt.figure(figsize=PAGE)
-    fig.text(0.04, 0.95, title, fontsize=14, weight="bold", va="top")
-    if note:
-        fig.text(0.04, 0.905, note, fontsize=8.5, va="top", wrap=True)
-    ax = fig.add_axes([0.03, 0.03, 0.94, 0.83])
+def _table(fig, rect, table: pd.DataFrame) -> None:
+    ax = fig.add_axes(rect)
     ax.axis("off")
     tbl = ax.table(cellText=table.astype(str).values, colLabels=list(table.columns), loc="upper center",
                    cellLoc="center", colLoc="center")
     tbl.auto_set_font_size(False)
-    tbl.set_fontsize(7.5 if len(table) < 25 else 6.5)
-    tbl.scale(1, 1.25)
+    tbl.set_fontsize(7)
+    tbl.auto_set_column_width(list(range(table.shape[1])))
+    tbl.scale(1, 1.15)
     for (row, _), cell in tbl.get_celld().items():
         if row == 0:
             cell.set_text_props(weight="bold")
             cell.set_facecolor("#e8e8e8")
-    return fig
+        elif str(table.iloc[row - 1].get("peaks then drops", "")) == "yes":
+            cell.set_facecolor("#fdebd0")
+
+
+def summary_pages(title: str, sections, table: pd.DataFrame, table_title: str, note: str = "",
+                  rows_per_page: int = 34) -> list[plt.Figure]:
+    """Page 1: title, text sections (provenance, headline) and as much of the summary table as fits;
+    the rest of the table continues on further pages."""
+    fig = plt.figure(figsize=PAGE)
+    fig.text(0.04, 0.965, title, fontsize=15, weight="bold", va="top")
+    y = _text_lines(fig, 0.91, sections)
+    fig.text(0.04, y, table_title, fontsize=10.5, weight="bold", va="top")
+    if note:
+        fig.text(0.04, y - 0.026, textwrap.shorten(note, 230), fontsize=7, va="top", style="italic")
+    room = max(0, int((y - 0.09) / 0.0235) - 1)     # table rows that fit under the text
+    figs, first = [fig], table.iloc[:room]
+    if len(first):
+        _table(fig, [0.03, 0.02, 0.94, y - 0.075], first)
+    for start in range(room, len(table), rows_per_page):
+        page = plt.figure(figsize=PAGE)
+        page.text(0.04, 0.965, f"{table_title} (continued)", fontsize=12, weight="bold", va="top")
+        _table(page, [0.03, 0.02, 0.94, 0.9], table.iloc[start:start + rows_per_page])
+        figs.append(page)
+    return figs
 
 
 def heatmaps(results: pd.DataFrame, checkpoint: str, title: str) -> list[plt.Figure]:
@@ -135,6 +153,7 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.
         ax.set_title(f"t = {t:g}", fontsize=10)
         ax.set_xlabel("block")
         ax.set_ylabel(metric_label(metric))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
@@ -154,6 +173,7 @@ def curves_over_t(results: pd.DataFrame, checkpoint: str, metrics: list[tuple[st
             ax.plot(c["block"], c["value"] * _scale(metric), marker="o", ms=3, color=colours[t], label=f"t = {t:g}")
         ax.set_xlabel("block")
         ax.set_ylabel(metric_label(metric))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric_label(metric) + (f" vs {encoder}" if encoder else ""), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

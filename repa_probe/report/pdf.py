@@ -21,15 +21,17 @@ from repa_probe.errors import UserError
 
 
 def check_writable(out: str | os.PathLike) -> Path:
-    """Fail early (before any compute) if the report folder cannot be created or written."""
+    """Fail early (before any compute) if the report folder cannot be created or written: try it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder: choose another path")
     parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out '{out}' is not writable (no write permission on '{parent}'): choose another folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".repa-probe-write-test-", dir=parent))
+    except OSError as e:
+        raise UserError(f"--out '{out}' is not writable ({e.strerror} in '{parent}'): choose another folder") from None
     return out
 
 
@@ -44,8 +46,11 @@ def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
     figures: (name, figure) in page order; page 1 should be the provenance + summary page.
     """
     out = check_writable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"--out '{out}': cannot write the report ({e.strerror})") from None
     try:
         results.to_csv(tmp / "results.csv", index=False)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")

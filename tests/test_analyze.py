@@ -1,0 +1,138 @@
+"""`repa-probe analyze / compare / trajectory` end to end: real subprocesses, real CIFAR-10 images,
+tiny checkpoints, a real (randomly initialised, explicitly flagged) timm encoder."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pypdf import PdfReader
+
+from conftest import randomize_, run_cli, tiny_config
+from repa_probe.checkpoints import save_checkpoint
+from repa_probe.models import SiT
+
+ENCODER = "vit_tiny_patch16_224"     # built by timm; random weights behind --encoder-random-init
+TS = "0,0.5"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, cifar_dir):
+    """Three tiny checkpoints of one 'run' (steps 10, 20, 30) and a shared feature cache."""
+    d = tmp_path_factory.mktemp("analyze")
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    for i, step in enumerate((10, 20, 30)):
+        model = randomize_(SiT(cfg), seed=i, std=0.05 * (i + 1))
+        save_checkpoint(d / "run" / "checkpoints" / f"{step:07d}.pt", cfg, model.state_dict(),
+                        meta={"step": step, "mode": "pixels", "convention": "repa"})
+    return d
+
+
+def common(workdir, cifar_dir, *extra):
+    return ["--data", cifar_dir / "test", "--n", "40", "--t", TS, "--encoder", ENCODER, "--encoder-random-init",
+            "--bootstrap", "3", "--cache", workdir / "cache", "--quiet", *extra]
+
+
+def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, cifar_dir):
+    out = workdir / "report_a"
+    r = run_cli("analyze", workdir / "run/checkpoints/0000010.pt", *common(workdir, cifar_dir), "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "report:" in r.stdout
+    res = pd.read_csv(out / "results.csv")
+    assert list(res.columns) == ["checkpoint", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high"]
+    model = res[res["checkpoint"] == "0000010"]
+    depth = tiny_config().depth
+    # every block 0..depth × every t × every metric
+    for metric in ("cknna", "probe_top1"):
+        rows = model[model["metric"] == metric]
+        assert sorted(set(zip(rows["block"], rows["t"]))) == [(b, t) for b in range(depth + 1) for t in (0.0, 0.5)]
+        assert rows["value"].notna().all()
+    assert (model.loc[model["metric"] == "cknna", "encoder"] == ENCODER).all()
+    # baselines present: raw input (block −1) and the untrained model at every block
+    assert set(res.loc[res["checkpoint"] == "baseline:raw-input", "block"]) == {-1}
+    untrained = res[(res["checkpoint"] == "baseline:untrained") & (res["metric"] == "cknna")]
+    assert len(untrained) == (depth + 1) * 2
+    # adaLN-Zero: an untrained model's blocks are the identity, so its curve is flat
+    for _, g in untrained.groupby("t"):
+        assert np.ptp(g["value"].to_numpy()) < 1e-6
+
+    summary = json.loads((out / "summary.json").read_text())
+    peaks = summary["peaks"]
+    assert len(peaks) == 4  # (cknna, probe_top1) × 2 t for the one checkpoint
+    for p in peaks:
+        curve = model[(model["metric"] == p["metric"]) & (model["t"] == p["t"]) & (model["block"] >= 1)]
+        curve = curve.sort_values("block")
+        assert p["best_block"] == int(curve["block"].iloc[int(np.argmax(curve["value"].to_numpy()))])
+        assert p["best_value"] == pytest.approx(curve["value"].max())
+        assert p["last_value"] == pytest.approx(curve["value"].iloc[-1])
+    assert summary["config"]["encoder_random_init"] is True
+    assert "no GPU" not in " ".join(summary["notes"])  # --n was given
+
+    pdf = PdfReader(out / "report.pdf")
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert len(pdf.pages) == len(pngs) >= 6
+    page1 = pdf.pages[0].extract_text()
+    assert "RANDOM WEIGHTS" in page1 and "0000010" in page1 and "Where each curve peaks" in page1
+    assert not list(workdir.glob(".report_a.partial-*"))
+
+
+def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
+    out = workdir / "report_ab"
+    r = run_cli("compare", workdir / "run/checkpoints/0000010.pt", workdir / "run/checkpoints/0000030.pt",
+                *common(workdir, cifar_dir), "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = pd.read_csv(out / "results.csv")
+    assert {"0000010", "0000030"} <= set(res["checkpoint"])
+    summary = json.loads((out / "summary.json").read_text())
+    comp = pd.read_csv(out / "compare.csv")
+    a = res[res["checkpoint"] == "0000010"].set_index(["metric", "t", "block"])["value"]
+    b = res[res["checkpoint"] == "0000030"].set_index(["metric", "t", "block"])["value"]
+    for row in summary["compare"]:
+        delta = (b - a).xs((row["metric"], row["t"]), level=["metric", "t"])
+        delta = delta[delta.index >= 1]
+        assert row["max_delta"] == pytest.approx(delta.max())
+        assert row["mean_delta"] == pytest.approx(delta.mean())
+    assert len(comp) == len(summary["compare"]) == 4
+    assert len(PdfReader(out / "report.pdf").pages) == len(list((out / "figures").glob("*.png")))
+
+
+def test_trajectory_over_a_run_folder(workdir, cifar_dir):
+    out = workdir / "report_traj"
+    r = run_cli("trajectory", workdir / "run", *common(workdir, cifar_dir), "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = pd.read_csv(out / "results.csv")
+    assert sorted(res["step"].unique()) == [10, 20, 30]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups"] == [[1], [2], [3]]
+    t0 = [row for row in summary["trend"] if row["metric"] == "cknna" and row["t"] == 0 and row["blocks"] == "3–3"]
+    first = res[(res["step"] == 10) & (res["metric"] == "cknna") & (res["t"] == 0) & (res["block"] == 3)]["value"]
+    assert t0[0]["first"] == pytest.approx(float(first.iloc[0]))
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not an image folder", "unknown encoder", "unwritable out"])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_report(workdir, cifar_dir, tmp_path, case):
+    ckpt, data, encoder, out = workdir / "run/checkpoints/0000010.pt", cifar_dir / "test", ENCODER, tmp_path / "rep"
+    expect = {"missing checkpoint": "does not exist", "not an image folder": "--data",
+              "unknown encoder": "unknown encoder 'dinov3-vit-b'", "unwritable out": "--out"}[case]
+    if case == "missing checkpoint":
+        ckpt = tmp_path / "nope.pt"
+    elif case == "not an image folder":
+        data = tmp_path / "texts"
+        (data / "a").mkdir(parents=True)
+        (data / "a" / "notes.txt").write_text("not an image")
+    elif case == "unknown encoder":
+        encoder = "dinov3-vit-b"
+    else:
+        (tmp_path / "file").write_text("a file, not a folder")
+        out = tmp_path / "file" / "rep"
+    r = run_cli("analyze", ckpt, "--data", data, "--n", "40", "--encoder", encoder, "--encoder-random-init",
+                "--cache", tmp_path / "cache", "--quiet", "--out", out)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repa-probe: error:") and expect in lines[0], r.stderr
+    assert not (tmp_path / "rep").exists()
+    assert not list(tmp_path.glob(".rep*"))
