@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -194,8 +195,8 @@ def _unpack(path: Path, obj: object, weights: str):
         hints = {"args": {k: v for k, v in args.items() if _plain(v)}}
         if "encoder_depth" in args:
             hints["encoder_depth"] = int(args["encoder_depth"])
-        if "qk_norm" in args:
-            hints["qk_norm"] = bool(args["qk_norm"])
+        if "num_heads" in args:   # not in REPA's own args; our export-repa writes it for custom sizes
+            hints["num_heads"] = int(args["num_heads"])
         return "repa-train", sd, chosen, hints, {}, obj.get("steps")
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not obj:
@@ -285,6 +286,8 @@ def config_from_state_dict(sd: dict, path: str | os.PathLike = "<state dict>", h
     qk_norm = "blocks.0.attn.q_norm.weight" in sd
     if qk_norm:
         heads = hidden // sd["blocks.0.attn.q_norm.weight"].shape[0]
+    elif "num_heads" in hints:
+        heads = hints["num_heads"]
     else:
         heads = next((h for d, n, h in SIZES.values() if (d, n) == (hidden, depth)), max(1, hidden // 64))
     out_rows = sd["final_layer.linear.weight"].shape[0] if "final_layer.linear.weight" in sd else patch * patch * in_ch
@@ -337,6 +340,21 @@ def build_model(config: ModelConfig, sd: dict, path: str | os.PathLike = "<state
 #                                 Our own format                                #
 #################################################################################
 
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path` (os.replace is atomic),
+    so readers and resumed runs only ever see a whole file; the temporary file is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def save_checkpoint(path: str | os.PathLike, config: ModelConfig, ema: dict, *, model: dict | None = None,
                     meta: dict | None = None, **extra) -> Path:
     """Write our format atomically (temp file in the same folder, then rename).
@@ -350,22 +368,16 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig, ema: dict, *, 
     meta = dict(meta or {})
     meta.setdefault("convention", "repa")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp,
-                      metadata={"format": FORMAT_TAG, "version": str(FORMAT_VERSION),
-                                "config": json.dumps(config.to_dict()), "meta": json.dumps(meta)})
-        else:
-            obj = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "config": config.to_dict(), "meta": meta,
-                   "ema": ema, **({"model": model} if model is not None else {}), **extra}
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        tensors = {k: v.detach().contiguous().cpu() for k, v in ema.items()}
+        metadata = {"format": FORMAT_TAG, "version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict()),
+                    "meta": json.dumps(meta)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        obj = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "config": config.to_dict(), "meta": meta,
+               "ema": ema, **({"model": model} if model is not None else {}), **extra}
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 

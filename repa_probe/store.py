@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from repa_probe.checkpoints import atomic_write
 from repa_probe.data import make_loader
 
 MANIFEST = "manifest.json"
@@ -110,21 +111,15 @@ def _sum_over_ranks(k: int) -> int:
 #                                 Atomic writes                                 #
 #################################################################################
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True, default=str)))
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def save(tmp):
+        with open(tmp, "wb") as f:   # a file object: np.save would append .npy to a name
+            np.save(f, array)
+    atomic_write(path, save)
 
 
 @contextlib.contextmanager
@@ -186,11 +181,11 @@ class Entry:
         d = self.part_dir(part)
         d.mkdir(exist_ok=True)
         path = d / f"chunk-{int(positions[0]):09d}-r{rank()}.npz"
-        tmp = _tmp_name(path)
-        with open(tmp, "wb") as f:
-            np.savez(f, positions=np.asarray(positions, dtype=np.int64), **arrays)
-        os.replace(tmp, path)
-        return path
+        def save(tmp):
+            with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to a name
+                np.savez(f, positions=np.asarray(positions, dtype=np.int64), **arrays)
+
+        return atomic_write(path, save)
 
     def merge(self, part: str) -> bool:
         """Assemble a part's chunks into one .npy per array if they cover every row; → whether complete."""
@@ -211,16 +206,15 @@ class Entry:
         for name, (row_shape, dtype) in specs.items():
             axis = self.row_axes.get(name, 0)
             shape = (*row_shape[:axis], self.n, *row_shape[axis:])
-            target = self.part_dir(part) / f"{name}.npy"
-            tmp = _tmp_name(target)
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            for f in files:
-                with np.load(f) as z:
-                    index = (slice(None),) * axis + (_as_index(z["positions"]),)
-                    out[index] = np.moveaxis(z[name], 0, axis)
-            out.flush()
-            del out
-            os.replace(tmp, target)
+
+            def assemble(tmp, name=name, axis=axis, shape=shape, dtype=dtype):
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                for f in files:
+                    with np.load(f) as z:
+                        out[(slice(None),) * axis + (_as_index(z["positions"]),)] = np.moveaxis(z[name], 0, axis)
+                out.flush()
+
+            atomic_write(self.part_dir(part) / f"{name}.npy", assemble)
             shapes[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name, "row_axis": axis}
         chunks = [{"first": int(m.group(1)), "rank": int(m.group(2))}
                   for m in (_CHUNK.fullmatch(f.name) for f in files)]
@@ -231,7 +225,7 @@ class Entry:
             write_json_atomic(self.path / MANIFEST, self.manifest)
         for f in files:
             f.unlink()
-        for stale in self.part_dir(part).glob(".chunk-*.tmp-*"):   # left by a killed writer
+        for stale in self.part_dir(part).glob(".chunk-*.tmp"):   # left by a killed writer
             stale.unlink(missing_ok=True)
         return True
 

@@ -109,6 +109,17 @@ def test_repa_training_dict_loads_ema_by_default(tmp_path, name, legacy):
     torch.testing.assert_close(outputs(raw.model, cfg), outputs(model, cfg), rtol=0, atol=1e-6)
 
 
+def test_repa_args_num_heads_wins_over_the_width_rule(tmp_path):
+    """Without qk-norm the heads are invisible in the shapes; our export writes args.num_heads."""
+    cfg = tiny_config(qk_norm=False, num_heads=2, hidden_size=96, z_dims=[32], encoder_depth=1)
+    _, ema, ckpt = repa_training_dict(cfg)
+    ckpt["args"].num_heads = 2
+    torch.save(ckpt, tmp_path / "custom.pt")
+    ck = load_checkpoint(tmp_path / "custom.pt")
+    assert ck.config.num_heads == 2 and ck.config == cfg
+    torch.testing.assert_close(outputs(ck.model, cfg), outputs(ema, cfg), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_own_format_round_trips_config_and_meta(tmp_path, name, suffix):

@@ -51,7 +51,7 @@ def test_chunks_in_any_order_and_a_half_written_file_are_handled(tmp_path):
     odd, even = np.arange(1, N, 2), np.arange(0, N, 2)
     a, b = chunk(odd, 0), chunk(even, 1)
     entry.write_chunk("t=0", odd, a)
-    (entry.part_dir("t=0") / ".chunk-000000000-r0.npz.tmp-999").write_bytes(b"killed mid-write")
+    (entry.part_dir("t=0") / ".chunk-000000000-r0.npz.k1ll3d.tmp").write_bytes(b"killed mid-write")
     assert np.array_equal(entry.pending("t=0"), even)                 # the temp file counts for nothing
     entry.write_chunk("t=0", even, b)
     assert entry.merge("t=0")

@@ -62,7 +62,7 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
+from repa_probe.checkpoints import FORMAT_TAG, atomic_write, read_checkpoint, save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
 from repa_probe.noise import Convention
@@ -364,20 +364,8 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path` (no half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -703,7 +691,7 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     repa = {"model": obj["model"], "ema": obj["ema"], "opt": obj["optimizer"], "args": args, "steps": obj["step"]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda tmp: torch.save(repa, tmp))
+    atomic_write(out, lambda tmp: torch.save(repa, tmp))
     return out
 
 

@@ -1,0 +1,111 @@
+"""End-to-end `analyze` wall time, split into stages, against the bare forward passes it cannot avoid.
+
+    python benchmarks/bench_analyze.py                       # CPU: SiT-S/2 (pixels, 256 tokens), 500 CIFAR images
+    python benchmarks/bench_analyze.py --model SiT-XL/2 --n 10000 --encoder dinov2-vit-l --device cuda
+
+The model gets random weights (the cost does not depend on them) and pixel input 3×32×32 with patch 2,
+i.e. 256 tokens: the same compute per image as a latent SiT on 256-px ImageNet (4×32×32 latents), without
+the one-off VAE encoding. The encoder is randomly initialised (--encoder-random-init) at its real size.
+
+Printed: per stage (data+forwards, encoders, probes, metrics, report) seconds and share of the total, and
+the baseline — the same number of forward passes (n images × t values, plus the probe sets and the untrained
+baseline) with no hooks, no store, no metrics — measured in the same run; the ratio total / baseline is the
+overhead of everything that is not a forward pass. Target (issue 6): XL/2-sized, 10,000 images, 5 t, a
+ViT-L encoder, probes + CKNNA at every block × t in ≤ 5 minutes on one H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from repa_probe.analyze import AnalyzeConfig, compare  # noqa: E402
+from repa_probe.capture import default_device  # noqa: E402
+from repa_probe.checkpoints import save_checkpoint  # noqa: E402
+from repa_probe.models import SiT, model_config  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def bare_forwards(model: SiT, n_images: int, batch: int, device, dtype) -> float:
+    """Seconds for n_images forward passes with random inputs: the floor any analysis pays."""
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    t = torch.rand(batch, device=device)
+    y = torch.full((batch,), cfg.num_classes, device=device)
+    model = model.to(device).eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(x, t, y)                                   # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(max(1, n_images // batch)):
+            model(x, t, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="SiT-S/2")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--t", default="0,0.1,0.25,0.5,0.75")
+    p.add_argument("--encoder", default="vit_small_patch16_224", help="encoder name (random weights)")
+    p.add_argument("--data", default=str(SHARED / "test"), help="alignment images (ImageFolder)")
+    p.add_argument("--probe-train", default=str(SHARED / "train"))
+    p.add_argument("--probe-test", default=str(SHARED / "test"))
+    p.add_argument("--bootstrap", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--keep", default=None, help="keep the report and cache in this folder")
+    args = p.parse_args()
+
+    device = torch.device(args.device) if args.device else default_device()
+    ts = tuple(float(t) for t in args.t.split(","))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_analyze-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(args.model, in_channels=3, input_size=32, num_classes=10)
+    torch.manual_seed(0)
+    model = SiT(cfg)
+    ckpt = save_checkpoint(work / "model.pt", cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
+
+    config = AnalyzeConfig(data=args.data, n=args.n, ts=ts, encoders=[args.encoder], encoder_random_init=True,
+                           probe_train=args.probe_train, probe_test=args.probe_test, bootstrap=args.bootstrap,
+                           batch_size=args.batch_size, num_workers=args.workers, device=str(device),
+                           cache=str(work / "cache"), quiet=True)
+    start = time.perf_counter()
+    out = compare([str(ckpt)], config, str(work / "report"))
+    total = time.perf_counter() - start
+    timings = json.loads((out / "summary.json").read_text())["timings_s"]
+    precision = config.resolved().precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # forwards the analysis ran: alignment set + probe train (n) + probe test (n/2), trained and untrained, × t
+    n_forwards = 2 * len(ts) * (args.n + args.n + max(args.n // 2, 20))
+    base = bare_forwards(model, n_forwards, args.batch_size, device, dtype)
+
+    print(f"{args.model} (width {cfg.hidden_size}, {cfg.depth} blocks, 256 tokens), n = {args.n}, t = {args.t}, "
+          f"encoder {args.encoder} (random), {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
+          f" precision {precision}, threads {torch.get_num_threads()}")
+    print(f"{'stage':<16}{'seconds':>10}{'share':>8}")
+    for stage in ("data+forwards", "encoders", "probes", "metrics", "report"):
+        print(f"{stage:<16}{timings.get(stage, 0):>10.1f}{timings.get(stage, 0) / total:>8.0%}")
+    print(f"{'total':<16}{total:>10.1f}")
+    print(f"baseline: {n_forwards} bare forward passes, no hooks/store/metrics: {base:.1f} s")
+    print(f"ratio total / bare forwards = {total / base:.2f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
