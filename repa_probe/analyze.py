@@ -79,6 +79,7 @@ class AnalyzeConfig:
     convention: str | None = None
     weights: str = "ema"
     quiet: bool = False
+    samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
     notes: list[str] = field(default_factory=list)
 
     def resolved(self) -> "AnalyzeConfig":
@@ -318,12 +319,16 @@ def tidy(analysed: list[Analysed]) -> pd.DataFrame:
 
 
 def unique_names(paths: list[str]) -> list[str]:
-    """Short distinct labels for checkpoints: file stems, prefixed by their folder when stems repeat."""
-    stems = [Path(p).stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    names = [f"{Path(p).parent.name}/{Path(p).stem}" for p in paths]
-    return names if len(set(names)) == len(names) else [f"{i + 1}:{s}" for i, s in enumerate(stems)]
+    """Short distinct labels for checkpoints: file stems; when they repeat, the run folder (the folder
+    holding checkpoints/, or the file's folder), then run/stem, then numbered stems."""
+    def run_of(p: Path) -> str:
+        return p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
+
+    paths = [Path(p) for p in paths]
+    for names in ([p.stem for p in paths], [run_of(p) for p in paths], [f"{run_of(p)}/{p.stem}" for p in paths]):
+        if len(set(names)) == len(names) and all(names):
+            return names
+    return [f"{i + 1}:{p.stem}" for i, p in enumerate(paths)]
 
 
 def provenance_rows(a: Analysed, cfg: AnalyzeConfig) -> list[tuple[str, str]]:
@@ -413,6 +418,20 @@ def _figures(results: pd.DataFrame, analysed: list[Analysed], title: str) -> lis
     return figs
 
 
+def sample_page(a: Analysed, cfg: AnalyzeConfig):
+    """A grid of cfg.samples samples (Euler ODE, 50 steps, random classes, no guidance, seeded)."""
+    import tempfile
+    import matplotlib.image as mpimg
+    from repa_probe.train.sampler import sample_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "grid.png"
+        sample_checkpoint(a.ckpt.provenance.path, str(png), cfg.samples, cfg=1.0, seed=cfg.seed, vae=cfg.vae,
+                          weights=cfg.weights, convention=cfg.convention, device=cfg.device)
+        grid = mpimg.imread(png)
+    return F.image_grid(grid, f"{a.name}: {cfg.samples} samples (Euler ODE, 50 steps, random classes, no guidance, "
+                              f"seed {cfg.seed})")
+
+
 def _summary_dict(cfg: AnalyzeConfig, analysed, results, peaks, timings, title, extra=None) -> dict:
     return {"title": title, "config": asdict(cfg), "notes": cfg.notes,
             "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in analysed},
@@ -484,6 +503,8 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
                 figs.append((f"cross similarity {m.name}", F.similarity_matrix(
                     sim, f"linear CKA at t = 0: {models[0].name} block (rows) × {m.name} block (columns)",
                     xlabel=f"{m.name} block", ylabel=f"{models[0].name} block")))
+    for a in models if cfg.samples else []:
+        figs.append((f"samples {a.name}", sample_page(a, cfg)))
     timings["report"] = time.perf_counter() - report_start
     timings["total"] = time.perf_counter() - start
     summary = _summary_dict(cfg, analysed, results, peaks, timings, title, extra)

@@ -88,7 +88,7 @@ def _analyze_config(args: argparse.Namespace, data: str):
         bootstrap=args.bootstrap, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
         cache=args.cache, mode=args.mode, vae=args.vae, skip_bad_images=args.skip_bad_images,
-        convention=args.convention, weights=args.weights, quiet=args.quiet)
+        convention=args.convention, weights=args.weights, quiet=args.quiet, samples=args.samples)
 
 
 def _report_done(out) -> None:
@@ -128,6 +128,12 @@ def cmd_encoders(args: argparse.Namespace) -> None:
         print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from repa_probe.demo import DemoConfig, run_demo
+    _report_done(run_demo(DemoConfig(data=args.data, out=args.out, steps=args.steps, n=args.n, device=args.device,
+                                     quiet=args.quiet)))
+
+
 def _add_analysis_commands(sub) -> None:
     """`analyze`, `compare`, `trajectory` (repa_probe/analyze.py) and `encoders`."""
     def common(p, data_required=True):
@@ -156,6 +162,8 @@ def _add_analysis_commands(sub) -> None:
         g.add_argument("--bootstrap", type=int, default=20,
                        help="bootstrap replicates for alignment intervals, 0 = none (default: 20)")
         g.add_argument("--no-baselines", action="store_true", help="skip the untrained-model and raw-input baselines")
+        g.add_argument("--samples", type=int, default=0,
+                       help="add a page with this many samples per checkpoint (Euler ODE, 50 steps; default: 0)")
         g = p.add_argument_group("capture")
         add_capture_options(g, precision_default="auto")
         add_checkpoint_options(g)
@@ -186,6 +194,19 @@ def _add_analysis_commands(sub) -> None:
                    help="auto: a run's analysis.jsonl when present, else its checkpoints (default: auto)")
     common(p, data_required=False)
     p.set_defaults(func=cmd_trajectory)
+
+    p = sub.add_parser("demo", help="train tiny vanilla + REPA SiTs on CIFAR-10 (CPU, ~10 min), compare them",
+                       description="The README's demo: trains a tiny vanilla SiT and the same SiT with REPA "
+                                   "(bundled CIFAR-10 SimCLR teacher) on CIFAR-10 pixels, analyses both and writes "
+                                   "a compare report (OUT/report/report.pdf).")
+    p.add_argument("--data", default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
+                                                "$REPA_PROBE_DATA or ../shared/data/cifar10)")
+    p.add_argument("--out", default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
+    p.add_argument("--steps", type=int, default=500, help="training steps per model (default: 500)")
+    p.add_argument("--n", type=int, default=500, help="analysis images (default: 500)")
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("encoders", help="list the known target encoders and whether their weights are found locally")
     p.add_argument("--grid", type=int, default=16, help="token grid to size the inputs for (default: 16)")

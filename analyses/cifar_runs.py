@@ -1,0 +1,82 @@
+"""The controlled vanilla / REPA pair on CIFAR-10 pixels that experiments 1–3 analyse.
+
+Both runs share everything (SiT init, data order, t, noise, label dropout; see train/trainer.py) except the
+REPA term: λ = 0.5 at block depth/3 against the bundled SimCLR teacher `cifar-ssl-resnet`. Each run logs
+probe + CKNNA on 1,000 held-out cifar10/test images at every block every `analyze_every` steps
+(RUN/analysis.jsonl, for the trajectory) and keeps a checkpoint every `ckpt_every` steps.
+
+    python analyses/cifar_runs.py --preset cpu     # both runs side by side, one core each
+    python analyses/cifar_runs.py --preset gpu     # one after the other on the GPU
+
+Runs resume where they stopped (the trainer continues from RUN/checkpoints), so a finished pair costs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10"))
+
+PRESETS = {
+    # 2 CPU cores, ~1 h (measured 49 img/s per core with REPA): 12 blocks of width 128, patch 4
+    # (8×8 = 64 tokens, the teacher's own grid), 2,500 steps of 64 images (3.2 epochs).
+    "cpu": dict(model="SiT-S/4", width=128, depth=12, heads=2, batch=64, steps=2500, lr=3e-4, ema=0.999,
+                ckpt_every=500, analyze_every=250, repa_depth=4, projector_dim=512, threads=1, parallel=True),
+    # One H100, a few minutes per run: DESIGN.md §6's reference model, 12 blocks of width 384, patch 2 (256 tokens).
+    "gpu": dict(model="SiT-S/2", width=384, depth=12, heads=6, batch=256, steps=6000, lr=2e-4, ema=0.9995,
+                ckpt_every=1000, analyze_every=1000, repa_depth=4, projector_dim=2048, threads=0, parallel=False),
+}
+
+
+def train_args(p: dict, name: str, coeff: float, out: Path) -> list[str]:
+    depth = p["depth"]
+    return [sys.executable, "-m", "repa_probe", "train", "--data", str(DATA / "train"), "--image-size", "32",
+            "--model", p["model"], "--width", str(p["width"]), "--depth", str(depth), "--heads", str(p["heads"]),
+            "--encoder", "cifar-ssl-resnet", "--repa-depth", str(p["repa_depth"]), "--repa-coeff", str(coeff),
+            "--projector-dim", str(p["projector_dim"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
+            "--lr", str(p["lr"]), "--ema-decay", str(p["ema"]), "--ckpt-every", str(p["ckpt_every"]),
+            "--log-every", "50", "--workers", "1", "--seed", "0", "--out", str(out / name), "--quiet",
+            "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(DATA / "test"), "--analyze-n", "1000",
+            "--analyze-blocks", ",".join(str(b) for b in range(1, depth + 1)), "--analyze-t", "0,0.25,0.5"]
+
+
+def ensure_runs(preset: str, out: Path | None = None) -> dict[str, Path]:
+    """Train (or finish) the vanilla and REPA runs of a preset; → {name: run folder}."""
+    p = PRESETS[preset]
+    out = out or REPO / "runs" / f"cifar_{preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"vanilla": 0.0, "repa": 0.5}
+    env = dict(os.environ)
+    if p["threads"]:
+        env["OMP_NUM_THREADS"] = str(p["threads"])
+    start = time.perf_counter()
+    procs = {}
+    for name, coeff in runs.items():
+        log = open(out / f"{name}.train.log", "a")
+        procs[name] = subprocess.Popen(train_args(p, name, coeff, out), cwd=REPO, env=env, stdout=log, stderr=log)
+        if not p["parallel"]:
+            procs[name].wait()
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"{name} training failed: see {out / f'{name}.train.log'}")
+    wall = time.perf_counter() - start
+    (out / "runs.json").write_text(json.dumps({"preset": preset, "settings": p, "wall_s_last_call": round(wall)},
+                                              indent=2) + "\n")
+    return {name: out / name for name in runs}
+
+
+def final_checkpoint(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("*.pt"))[-1]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    a = ap.parse_args()
+    print(ensure_runs(a.preset))
