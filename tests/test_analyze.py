@@ -50,6 +50,9 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
         assert sorted(set(zip(rows["block"], rows["t"]))) == [(b, t) for b in range(depth + 1) for t in (0.0, 0.5)]
         assert rows["value"].notna().all()
     assert (model.loc[model["metric"] == "cknna", "encoder"] == ENCODER).all()
+    # every interval is a real interval around its value (bootstrap for CKNNA, Wilson for the probe)
+    assert (model["ci_low"] <= model["value"] + 1e-12).all() and (model["value"] <= model["ci_high"] + 1e-12).all()
+    assert (model["ci_high"] - model["ci_low"] > 0).all()
     # baselines present: raw input (block −1) and the untrained model at every block
     assert set(res.loc[res["checkpoint"] == "baseline:raw-input", "block"]) == {-1}
     untrained = res[(res["checkpoint"] == "baseline:untrained") & (res["metric"] == "cknna")]
