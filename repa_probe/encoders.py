@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repa_probe import teacher as cifar_teacher
 from repa_probe.errors import UserError
 
 #################################################################################
@@ -174,6 +175,7 @@ class EncoderSpec:
     patch_size: int | None = None
     embed_dim: int | None = None
     weights_url: str = ""                # the official file's address, for the "needs weights" error
+    bundled: Path | None = None          # weights shipped inside the package, used when no file is given or found
 
 
 _FAIR = "https://dl.fbaipublicfiles.com"
@@ -221,6 +223,12 @@ ENCODERS: dict[str, EncoderSpec] = {
     "siglip-so400m": EncoderSpec(SIGLIP, "vit_so400m_patch14_siglip_224.webli"),
     "siglip2-vit-b": EncoderSpec(SIGLIP, "vit_base_patch16_siglip_256.v2_webli"),
     "siglip2-so400m": EncoderSpec(SIGLIP, "vit_so400m_patch14_siglip_224.v2_webli"),
+    # Our CIFAR-10 SimCLR ResNet (repa_probe/teacher.py; card: repa_probe/assets/cifar_ssl_resnet.md). Its 8×8
+    # map is resampled to the grid; patch size 2 means 32 px images for a 16×16 grid. Weights ship with the package.
+    "cifar-ssl-resnet": EncoderSpec(
+        Family("cifar-ssl", cifar_teacher.CIFAR_MEAN, cifar_teacher.CIFAR_STD), builder=cifar_teacher.build_untrained,
+        tokens=cifar_teacher.tokens_for_registry, patch_size=2, embed_dim=cifar_teacher.TeacherConfig().embed_dim,
+        bundled=cifar_teacher.weights_path()),
 }
 
 # REPA's own spelling of the register variants (its encoder type contains "reg").
@@ -536,7 +544,7 @@ def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: b
     name, entry = get_encoder_spec(name)
     if random_init and path is not None:
         raise UserError(f"--encoder {spec}: a weight file and --encoder-random-init exclude each other")
-    path = None if random_init else path or find_weights(name, entry)
+    path = None if random_init else path or find_weights(name, entry) or entry.bundled
     if random_init:
         model, sha, source = _build(entry, on_meta=False), None, "random"
     elif path is not None:
