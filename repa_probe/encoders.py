@@ -607,7 +607,7 @@ def encoders_table(grid: int = 16) -> list[dict[str, Any]]:
     rows = []
     for name, spec in ENCODERS.items():
         patch, dim = _shape_info(spec)
-        found = find_weights(name, spec)
+        found = find_weights(name, spec) or (spec.bundled if spec.bundled and spec.bundled.is_file() else None)
         rows.append({
             "name": name, "family": spec.family.name, "timm_arch": spec.arch or "(custom)",
             "patch_size": patch, "input_size": grid * patch, "grid": f"{grid}x{grid}", "dim": dim,
