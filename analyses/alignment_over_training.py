@@ -3,18 +3,11 @@ block, logged on 1,000 held-out images every few hundred steps of both runs, one
 
     python analyses/alignment_over_training.py --preset cpu   # → reports/alignment_over_training/
 """
-from __future__ import annotations
-
-import argparse
-
-from cifar_runs import REPO, ensure_runs
-from repa_probe.analyze import AnalyzeConfig, trajectory
+from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args
+from repa_probe.analyze import trajectory
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
-    a = ap.parse_args()
+    a = experiment_args(__doc__)
     runs = ensure_runs(a.preset)
-    out = trajectory([str(runs["vanilla"]), str(runs["repa"])], AnalyzeConfig(data="", quiet=True),
-                     str(REPO / "reports" / "alignment_over_training"), source="log")
-    print(out)
+    print(trajectory([str(runs["vanilla"]), str(runs["repa"])], analysis_config(a.preset, a.n),
+                     str(REPO / "reports" / "alignment_over_training"), source="log"))

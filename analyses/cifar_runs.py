@@ -27,7 +27,7 @@ PRESETS = {
     # 2 CPU cores, ~1 h (measured 49 img/s per core with REPA): 12 blocks of width 128, patch 4
     # (8×8 = 64 tokens, the teacher's own grid), 2,500 steps of 64 images (3.2 epochs).
     "cpu": dict(model="SiT-S/4", width=128, depth=12, heads=2, batch=64, steps=2500, lr=3e-4, ema=0.999,
-                ckpt_every=500, analyze_every=250, repa_depth=4, projector_dim=512, threads=1, parallel=True),
+                ckpt_every=500, analyze_every=250, repa_depth=4, projector_dim=256, threads=1, parallel=True),
     # One H100, a few minutes per run: DESIGN.md §6's reference model, 12 blocks of width 384, patch 2 (256 tokens).
     "gpu": dict(model="SiT-S/2", width=384, depth=12, heads=6, batch=256, steps=6000, lr=2e-4, ema=0.9995,
                 ckpt_every=1000, analyze_every=1000, repa_depth=4, projector_dim=2048, threads=0, parallel=False),
@@ -73,6 +73,25 @@ def ensure_runs(preset: str, out: Path | None = None) -> dict[str, Path]:
 
 def final_checkpoint(run: Path) -> Path:
     return sorted((run / "checkpoints").glob("*.pt"))[-1]
+
+
+def experiment_args(doc: str) -> argparse.Namespace:
+    """--preset and --n, shared by the experiment scripts."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument("--n", type=int, default=None, help="images (default: 2000 on cpu, 10000 on gpu)")
+    a = ap.parse_args()
+    a.n = a.n or (2000 if a.preset == "cpu" else 10_000)
+    return a
+
+
+def analysis_config(preset: str, n: int, **extra):
+    """The experiments' analysis: n cifar10/test images against the teacher; probe fitted on n train images."""
+    from repa_probe.analyze import AnalyzeConfig
+    return AnalyzeConfig(data=str(DATA / "test"), n=n, encoders=["cifar-ssl-resnet"], probe_train=str(DATA / "train"),
+                         probe_test=str(DATA / "test"), probe_n_train=n, probe_n_test=n, bootstrap=50,
+                         cache=str(REPO / "runs" / "cache"), quiet=True,
+                         notes=[f"preset {preset}: the controlled run pair of analyses/cifar_runs.py"], **extra)
 
 
 if __name__ == "__main__":

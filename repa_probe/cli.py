@@ -202,7 +202,7 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--data", default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
                                                 "$REPA_PROBE_DATA or ../shared/data/cifar10)")
     p.add_argument("--out", default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
-    p.add_argument("--steps", type=int, default=500, help="training steps per model (default: 500)")
+    p.add_argument("--steps", type=int, default=700, help="training steps per model (default: 700)")
     p.add_argument("--n", type=int, default=500, help="analysis images (default: 500)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

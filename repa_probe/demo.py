@@ -26,7 +26,7 @@ TEACHER = "cifar-ssl-resnet"
 class DemoConfig:
     data: str | None = None        # CIFAR-10 ImageFolder root with train/ and test/
     out: str = "repa-probe-demo"
-    steps: int = 500
+    steps: int = 700
     batch: int = 64
     lr: float = 3e-4               # above REPA's 1e-4: a few hundred steps must show learning
     width: int = 128
@@ -72,7 +72,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         runs[name] = train(TrainConfig(
             data=str(root / "train"), image_size=32, mode="pixels", model=f"SiT-S/{cfg.patch}", depth=cfg.depth,
             width=cfg.width, heads=cfg.heads, encoders=[TEACHER], repa_depth=cfg.repa_depth, repa_coeff=coeff,
-            projector_dim=4 * cfg.width, batch=cfg.batch, steps=cfg.steps, lr=cfg.lr, ema_decay=0.99,
+            projector_dim=2 * cfg.width, batch=cfg.batch, steps=cfg.steps, lr=cfg.lr, ema_decay=0.99,
             seed=cfg.seed, num_workers=0, device=cfg.device, out=str(out / "runs" / name), ckpt_every=cfg.steps,
             log_every=max(1, cfg.steps // 10), progress=not cfg.quiet))
         print(f"[demo] {name}: {time.perf_counter() - t0:.0f} s → {runs[name]}", flush=True)

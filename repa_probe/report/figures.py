@@ -107,26 +107,36 @@ def summary_pages(title: str, sections, table: pd.DataFrame, table_title: str, n
     return figs
 
 
-def heatmaps(results: pd.DataFrame, checkpoint: str, title: str) -> list[plt.Figure]:
-    """Block × t heatmaps, one panel per metric × encoder, for one checkpoint."""
-    rows = results[(results["checkpoint"] == checkpoint) & (results["block"] >= 0)]
-    panels = sorted(rows.groupby(["metric", "encoder"]).groups)
+def _block_t_heatmaps(df: pd.DataFrame, value: str, title: str, diverging: bool = False) -> list[plt.Figure]:
+    """Block × t heatmap panels of column `value`, one per metric × encoder, four to a page."""
+    panels = sorted(df.groupby(["metric", "encoder"]).groups)
     figs = []
     for start in range(0, len(panels), 4):
         chunk = panels[start:start + 4]
         fig, axes = _panel_grid(len(chunk), max_cols=2)
         for ax, (metric, encoder) in zip(axes, chunk):
-            g = rows[(rows["metric"] == metric) & (rows["encoder"] == encoder)]
-            grid = g.pivot_table(index="t", columns="block", values="value") * _scale(metric)
-            sns.heatmap(grid, ax=ax, cmap="mako", annot=grid.shape[1] <= 16, fmt=".1f" if _scale(metric) > 1 else ".2f",
-                        annot_kws={"fontsize": 6}, cbar_kws={"label": metric_label(metric)})
+            g = df[(df["metric"] == metric) & (df["encoder"] == encoder)]
+            grid = g.pivot_table(index="t", columns="block", values=value) * _scale(metric)
+            colours = dict(cmap="mako")
+            if diverging:
+                lim = float(np.nanmax(np.abs(grid.values))) or 1.0
+                colours = dict(cmap="vlag", center=0, vmin=-lim, vmax=lim)
+            sns.heatmap(grid, ax=ax, annot=grid.shape[1] <= 16, fmt=".1f" if _scale(metric) > 1 else ".2f",
+                        annot_kws={"fontsize": 6},
+                        cbar_kws={"label": ("Δ " if diverging else "") + metric_label(metric)}, **colours)
             ax.set_xlabel("block (0 = patch embedding)")
             ax.set_ylabel("noise level t (0 = data, 1 = noise)")
-            ax.set_title(f"{metric_label(metric)}" + (f" vs {encoder}" if encoder else ""), fontsize=10)
-        fig.suptitle(f"{title}: {checkpoint}", fontsize=12)
+            ax.set_title(metric_label(metric) + (f" vs {encoder}" if encoder else ""), fontsize=10)
+        fig.suptitle(title, fontsize=12)
         fig.tight_layout()
         figs.append(fig)
     return figs
+
+
+def heatmaps(results: pd.DataFrame, checkpoint: str, title: str) -> list[plt.Figure]:
+    """Block × t heatmaps, one panel per metric × encoder, for one checkpoint."""
+    rows = results[(results["checkpoint"] == checkpoint) & (results["block"] >= 0)]
+    return _block_t_heatmaps(rows, "value", f"{title}: {checkpoint}")
 
 
 def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.Figure:
@@ -197,25 +207,7 @@ def similarity_matrix(matrix: np.ndarray, title: str, xlabel: str = "block", yla
 
 def delta_heatmaps(delta: pd.DataFrame, a: str, b: str) -> list[plt.Figure]:
     """(B − A) per block × t, one panel per metric × encoder, diverging colours centred on 0."""
-    panels = sorted(delta.groupby(["metric", "encoder"]).groups)
-    figs = []
-    for start in range(0, len(panels), 4):
-        chunk = panels[start:start + 4]
-        fig, axes = _panel_grid(len(chunk), max_cols=2)
-        for ax, (metric, encoder) in zip(axes, chunk):
-            g = delta[(delta["metric"] == metric) & (delta["encoder"] == encoder)]
-            grid = g.pivot_table(index="t", columns="block", values="delta") * _scale(metric)
-            lim = float(np.nanmax(np.abs(grid.values))) or 1.0
-            sns.heatmap(grid, ax=ax, cmap="vlag", center=0, vmin=-lim, vmax=lim, annot=grid.shape[1] <= 16,
-                        fmt=".1f" if _scale(metric) > 1 else ".2f", annot_kws={"fontsize": 6},
-                        cbar_kws={"label": f"Δ {metric_label(metric)}"})
-            ax.set_xlabel("block")
-            ax.set_ylabel("noise level t")
-            ax.set_title(f"{metric_label(metric)}" + (f" vs {encoder}" if encoder else "") + f": {b} − {a}",
-                         fontsize=10)
-        fig.tight_layout()
-        figs.append(fig)
-    return figs
+    return _block_t_heatmaps(delta, "delta", f"{b} − {a}", diverging=True)
 
 
 def trajectory(traj: pd.DataFrame, metric: str, encoder: str, title: str, groups: list[list[int]]) -> plt.Figure:
