@@ -470,13 +470,16 @@ class Encoder(nn.Module):
         return (x - mean) / std  # in fp32 whatever the model's dtype
 
     @torch.no_grad()
-    def encode(self, images01: Tensor, grid: int) -> tuple[Tensor, Tensor]:
-        """Patch tokens [N, grid², D] and their mean [N, D], both float32, for images in [0, 1]."""
+    def encode(self, images01: Tensor, grid: int, check_range: bool = True) -> tuple[Tensor, Tensor]:
+        """Patch tokens [N, grid², D] and their mean [N, D], both float32, for images in [0, 1].
+
+        check_range=False skips the [0, 1] check, which waits for the GPU (the trainer's hot loop)."""
         if images01.ndim != 4 or images01.shape[1] != 3:
             raise ValueError(f"encode expects images [N, 3, H, W]; got {tuple(images01.shape)}")
-        lo, hi = images01.min().item(), images01.max().item()
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"encode expects images in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]")
+        if check_range:
+            lo, hi = torch.stack(torch.aminmax(images01.float())).tolist()   # one device sync
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(f"encode expects images in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]")
         self.model.eval()
         param = next(self.model.parameters())
         x = self.preprocess(images01.to(param.device), grid).to(param.dtype)

@@ -407,3 +407,12 @@ def test_registered_custom_encoder_builds_loads_and_encodes(tmp_path, monkeypatc
     assert tokens.shape == (2, 64, 8)
     torch.testing.assert_close(tokens, expected.detach())
     assert next(r for r in E.encoders_table() if r["name"] == "cifar-ssl-tiny")["timm_arch"] == "(custom)"
+
+
+def test_encode_refuses_images_outside_0_1_unless_the_hot_loop_skips_the_check():
+    enc = E.load_encoder("cifar-ssl-resnet")
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"images in \[0, 1\]"):
+        enc.encode(images * 255, grid=8)
+    tokens, pooled = enc.encode(images * 255, grid=8, check_range=False)   # the trainer's images are checked once
+    assert tokens.shape == (2, 64, enc.embed_dim) and torch.isfinite(pooled).all()

@@ -594,7 +594,7 @@ def encoder_targets(encoders: list, images_uint8: torch.Tensor, grid: int, autoc
     images in latent mode, the training images themselves in pixel mode); encoders run under `autocast`."""
     images01 = images_uint8.float() / 255
     with autocast:
-        return [enc.encode(images01, grid)[0] for enc in encoders]
+        return [enc.encode(images01, grid, check_range=False)[0] for enc in encoders]
 
 
 def train_step(net: nn.Module, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
