@@ -414,5 +414,5 @@ def test_encode_refuses_images_outside_0_1_unless_the_hot_loop_skips_the_check()
     images = torch.rand(2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"images in \[0, 1\]"):
         enc.encode(images * 255, grid=8)
-    tokens, pooled = enc.encode(images * 255, grid=8, check_range=False)   # the trainer's images are checked once
+    tokens, pooled = enc.encode(images * 255, grid=8, check_range=False)   # the trainer: images from uint8, always in range
     assert tokens.shape == (2, 64, enc.embed_dim) and torch.isfinite(pooled).all()
