@@ -313,9 +313,13 @@ def untrained_like(ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
 #################################################################################
 
 def tidy(analysed: list[Analysed]) -> pd.DataFrame:
+    """The tidy table, checkpoints in the order analysed (so colours and legends follow the command line)."""
     rows = [r for a in analysed for r in a.rows]
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
-    return df.sort_values(["checkpoint", "metric", "encoder", "t", "block"], kind="stable").reset_index(drop=True)
+    order = {name: i for i, name in enumerate(dict.fromkeys(df["checkpoint"]))}
+    df = df.assign(_order=df["checkpoint"].map(order))
+    df = df.sort_values(["_order", "metric", "encoder", "t", "block"], kind="stable")
+    return df.drop(columns="_order").reset_index(drop=True)
 
 
 def unique_names(paths: list[str]) -> list[str]:

@@ -196,7 +196,9 @@ def similarity_matrix(matrix: np.ndarray, title: str, xlabel: str = "block", yla
                       metric: str = "CKA") -> plt.Figure:
     """Layer × layer (or model A block × model B block) similarity heatmap."""
     fig, ax = plt.subplots(figsize=(PAGE[1] * 1.1, PAGE[1]))
-    sns.heatmap(matrix, ax=ax, cmap="rocket", vmin=0, vmax=1, square=True, cbar_kws={"label": metric})
+    # the colour range follows the data: mean-pooled blocks of one residual stream are often all above 0.9
+    sns.heatmap(matrix, ax=ax, cmap="rocket", vmin=float(np.floor(np.nanmin(matrix) * 20) / 20), vmax=1,
+                square=True, cbar_kws={"label": metric})
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
