@@ -177,8 +177,11 @@ class Analyzer:
             train.ids, train.labels = align.ids[~held], align.labels[~held]
             test.ids, test.labels = align.ids[held], align.labels[held]
         if len(np.unique(train.labels)) < 2:
-            raise UserError(f"the probe needs at least 2 classes, but '{train.root}' has one class folder: "
-                            f"pass --no-probe or --probe-train/--probe-test with labelled folders")
+            note = (f"no probe: '{train.root}' has no class labels (one class); pass --probe-train/--probe-test "
+                    f"with labelled ImageFolder trees to get one")
+            if note not in c.notes:
+                c.notes.append(note)
+            return align, None, None
         return align, train, test
 
     def features(self, ckpt: LoadedCheckpoint, dataset, blocks_only: bool = False):

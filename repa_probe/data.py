@@ -44,23 +44,28 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
     """(paths, labels, classes) of an ImageFolder tree ``root/<class>/<image>``.
 
     Order is torchvision's ImageFolder order: class folders sorted by name (label = rank in that order),
-    files sorted within each. The position of a file in this list is its stable image id.
+    files sorted within each. The position of a file in this list is its stable image id. A folder of
+    images without class subfolders is one unlabelled class "." (alignment runs, probes need labels).
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"--data '{root}' is not a folder: expected an ImageFolder tree DIR/<class>/<image>")
+        raise UserError(f"'{root}' is not a folder: expected an ImageFolder tree DIR/<class>/<image>")
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.iterdir()
+                      if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS and not f.name.startswith("."))
+
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"--data '{root}' has no class subfolders: expected an ImageFolder tree "
-                        f"DIR/<class>/<image> (e.g. cifar10/test/airplane/0000.jpg)")
+    if not classes and images_in(root):
+        classes = ["."]
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(f for f in (root / name).iterdir()
-                       if f.suffix.lower() in IMG_EXTENSIONS and not f.name.startswith("."))
+        files = images_in(root / name)
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise UserError(f"--data '{root}': its class folders hold no images ({', '.join(IMG_EXTENSIONS)})")
+        raise UserError(f"'{root}' holds no images ({', '.join(IMG_EXTENSIONS)}): expected an ImageFolder "
+                        f"tree DIR/<class>/<image> (e.g. cifar10/test/airplane/0000.jpg) or a folder of images")
     return paths, labels, classes
 
 

@@ -139,3 +139,22 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_report(workdir, cifar_dir, t
     assert len(lines) == 1 and lines[0].startswith("repa-probe: error:") and expect in lines[0], r.stderr
     assert not (tmp_path / "rep").exists()
     assert not list(tmp_path.glob(".rep*"))
+
+
+def test_unlabelled_images_still_get_cknna_and_no_encoder_still_gets_probes(workdir, cifar_dir, tmp_path):
+    import shutil
+    flat = tmp_path / "generated"
+    flat.mkdir()
+    for f in sorted((cifar_dir / "test" / "cat").iterdir())[:30]:
+        shutil.copy(f, flat / f.name)
+    ckpt = workdir / "run/checkpoints/0000010.pt"
+    fast = ["--t", "0", "--bootstrap", "0", "--no-baselines", "--cache", workdir / "cache", "--quiet"]
+    r = run_cli("analyze", ckpt, "--data", flat, "--n", "30", "--encoder", ENCODER, "--encoder-random-init", *fast,
+                "--out", tmp_path / "unlabelled")
+    assert r.returncode == 0, r.stderr
+    res = pd.read_csv(tmp_path / "unlabelled" / "results.csv")
+    assert set(res["metric"]) == {"cknna"}
+    assert any("no probe" in note for note in json.loads((tmp_path / "unlabelled" / "summary.json").read_text())["notes"])
+    r = run_cli("analyze", ckpt, "--data", cifar_dir / "test", "--n", "40", *fast, "--out", tmp_path / "no_encoder")
+    assert r.returncode == 0, r.stderr
+    assert set(pd.read_csv(tmp_path / "no_encoder" / "results.csv")["metric"]) == {"probe_top1"}

@@ -127,12 +127,19 @@ def test_unreadable_file_is_a_user_error_naming_it_or_is_skipped_and_counted(tmp
     assert len(torch.cat([x for x, _, _ in make_loader(skipping, batch_size=4)])) == 5
 
 
-def test_folder_without_class_subfolders_is_a_clear_error(tmp_path, cifar_dir):
+def test_flat_folder_is_one_unlabelled_class_and_an_empty_one_a_clear_error(tmp_path, cifar_dir):
     flat = tmp_path / "flat"
     flat.mkdir()
-    shutil.copy(cifar_dir / "test" / "cat" / "0000.jpg", flat / "0000.jpg")
-    with pytest.raises(UserError, match="no class subfolders"):
-        list_images(flat)
+    for name in ("0001.jpg", "0000.jpg"):
+        shutil.copy(cifar_dir / "test" / "cat" / name, flat / name)
+    (flat / "notes.txt").write_text("not an image")
+    paths, labels, classes = list_images(flat)
+    assert [p.name for p in paths] == ["0000.jpg", "0001.jpg"] and labels == [0, 0] and classes == ["."]
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "a" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="holds no images"):
+        list_images(empty)
     with pytest.raises(UserError, match="not a folder"):
         ImageDataset(tmp_path / "missing", 32)
 
