@@ -8,7 +8,7 @@ For each checkpoint, on the same images and the same seeded noise:
              on held-out probe-test images, with a 95% Wilson interval on the test accuracy;
   baselines  the same numbers for the raw input x_t (average-pooled per patch) and for the untrained
              model of the same architecture and initialisation (adaLN-Zero makes every untrained block
-             the identity, so its curve is flat: a measured check of the claim, not an assumption).
+             the identity: blocks 0 and 1 are captured, checked equal, and block 0 stands for all).
 Everything heavy goes through the feature store, so re-running with another metric, encoder or
 checkpoint recomputes only what is new.
 
@@ -17,6 +17,7 @@ report/summary.py for the columns and the baseline naming.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import math
@@ -184,13 +185,24 @@ class Analyzer:
             return align, None, None
         return align, train, test
 
-    def features(self, ckpt: LoadedCheckpoint, dataset, blocks_only: bool = False):
+    def features(self, ckpt: LoadedCheckpoint, dataset, blocks: tuple[int, ...] | None = None):
         start = time.perf_counter()
-        feats = extract(ckpt, dataset, self.cfg.capture(), mode=self.cfg.mode, vae=self.cfg.vae,
+        capture = dataclasses.replace(self.cfg.capture(), blocks=blocks)
+        feats = extract(ckpt, dataset, capture, mode=self.cfg.mode, vae=self.cfg.vae,
                         batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers, device=self.device,
                         cache_dir=self.cfg.cache, quiet=self.cfg.quiet)
         self.timings["data+forwards"] += time.perf_counter() - start
         return feats
+
+    def untrained_features(self, untrained: LoadedCheckpoint, dataset):
+        """Block 0 of the untrained model, as [n_t, 1, N, D]. adaLN-Zero makes every untrained block the
+        identity, so blocks 1..depth equal block 0: we capture blocks 0 and 1 (the pass stops there),
+        check that they are equal, and let block 0 stand for all of them."""
+        feats = self.features(untrained, dataset, blocks=(0, 1))
+        b = np.asarray(feats.blocks)
+        if not np.array_equal(b[:, 0], b[:, 1]):
+            raise RuntimeError("an untrained SiT block changed its input: adaLN-Zero initialisation is broken")
+        return dataclasses.replace(feats, blocks=b[:, :1])
 
     def target(self, encoder, dataset, grid: int):
         """Pooled encoder features of `dataset` and their prepared kernel (once per encoder × subset)."""
@@ -274,12 +286,12 @@ class Analyzer:
             self._untrained_done.add(arch)
             base_rows = self.alignment_rows(RAW, feats, True, align, grid)
             untrained = untrained_like(ckpt, self.cfg.seed)
-            u = self.features(untrained, align)
-            base_rows += self.alignment_rows(UNTRAINED, u, False, align, grid)
+            u_rows = self.alignment_rows(UNTRAINED, self.untrained_features(untrained, align), False, align, grid)
             if train is not None:
                 base_rows += self.probe_rows(RAW, f_tr, f_te, raw=True)
-                base_rows += self.probe_rows(UNTRAINED, self.features(untrained, train),
-                                             self.features(untrained, test), raw=False)
+                u_rows += self.probe_rows(UNTRAINED, self.untrained_features(untrained, train),
+                                          self.untrained_features(untrained, test), raw=False)
+            base_rows += [dict(r, block=b) for r in u_rows for b in range(ckpt.config.depth + 1)]
             out.append(Analysed(UNTRAINED if len(self._untrained_done) == 1 else f"{UNTRAINED} ({arch})",
                                 untrained, base_rows))
         return out

@@ -201,9 +201,13 @@ class CaptureConfig:
     labels: str = "null"          # "null" (the CFG unconditional class) or "true"
     precision: str = "fp32"       # autocast: "fp32" (off), "bf16" or "fp16"
     dtype: str = "float32"        # storage: "float32" or "float16"
+    blocks: tuple[int, ...] | None = None   # which blocks (0..depth) to keep; None = all. The pass stops
+                                            # after the last one, so (0, 1) costs about one block
 
     def __post_init__(self):
         self.ts = tuple(float(t) for t in self.ts)
+        if self.blocks is not None:
+            self.blocks = tuple(int(b) for b in self.blocks)
         parse_pooling(self.pooling)
         if any(not 0 <= t <= 1 for t in self.ts) or not self.ts:
             raise UserError(f"--t {','.join(map(str, self.ts))}: noise levels must lie in [0, 1] (0 = clean data)")
@@ -309,7 +313,7 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
     def compute(x, labels, ids, part):
         x0 = to_model_space(x, "pixels") if x.dtype == torch.uint8 else x.float()
         feats, raw = capture_batch(model, ckpt.convention, x0, labels if config.labels == "true" else None, ids,
-                                   t_of[part], seed=config.seed, pooling=config.pooling,
+                                   t_of[part], seed=config.seed, pooling=config.pooling, blocks=config.blocks,
                                    autocast_dtype=autocast_dtype)
         out = {"blocks": feats.transpose(0, 1).cpu().numpy(), "raw": raw.cpu().numpy()}   # rows first
         out = {k: v.astype(store_dtype, copy=False) for k, v in out.items()}
