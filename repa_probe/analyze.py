@@ -21,8 +21,6 @@ import dataclasses
 import glob
 import hashlib
 import math
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 from repa_probe import metrics as M
 from repa_probe.capture import DEFAULT_TS, CaptureConfig, default_device, extract, make_dataset
 from repa_probe.checkpoints import LoadedCheckpoint, Provenance, load_checkpoint
-from repa_probe.data import image_size_for, list_images, model_mode
+from repa_probe.data import ImageDataset, image_size_for, list_images, model_mode
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, size_name
 from repa_probe.probe import ProbeConfig, linear_probe
@@ -130,7 +128,6 @@ class Analysed:
     ckpt: LoadedCheckpoint
     rows: list[dict]
     block_feats_t0: np.ndarray | None = None
-    timings: dict = field(default_factory=dict)
 
 
 class Analyzer:
@@ -170,13 +167,9 @@ class Analyzer:
             test = make_dataset(c.probe_test, size, c.probe_n_test or max(c.n // 2, 20), c.seed + 1,
                                 c.skip_bad_images)
         else:  # split the alignment images: every 5th (class-balanced order) is held out for testing
-            ids = align.ids
-            held = np.zeros(len(ids), dtype=bool)
-            held[::5] = True
-            train = make_dataset(c.data, size, None, c.seed, c.skip_bad_images)
-            test = make_dataset(c.data, size, None, c.seed, c.skip_bad_images)
-            train.ids, train.labels = align.ids[~held], align.labels[~held]
-            test.ids, test.labels = align.ids[held], align.labels[held]
+            held = np.arange(len(align.ids)) % 5 == 0
+            train = ImageDataset(c.data, size, indices=align.ids[~held])
+            test = ImageDataset(c.data, size, indices=align.ids[held])
         if len(np.unique(train.labels)) < 2:
             note = (f"no probe: '{train.root}' has no class labels (one class); pass --probe-train/--probe-test "
                     f"with labelled ImageFolder trees to get one")

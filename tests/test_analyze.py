@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from pypdf import PdfReader
 
 from conftest import randomize_, run_cli, tiny_config
