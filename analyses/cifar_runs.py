@@ -71,10 +71,6 @@ def ensure_runs(preset: str, out: Path | None = None) -> dict[str, Path]:
     return {name: out / name for name in runs}
 
 
-def final_checkpoint(run: Path) -> Path:
-    return sorted((run / "checkpoints").glob("*.pt"))[-1]
-
-
 def experiment_args(doc: str) -> argparse.Namespace:
     """--preset and --n, shared by the experiment scripts."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,11 +4,11 @@ held-out images and noise, with sample grids of both.
 
     python analyses/repa_vs_vanilla.py --preset cpu       # → reports/repa_vs_vanilla/
 """
-from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args, final_checkpoint
+from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args
 from repa_probe.analyze import compare
 
 if __name__ == "__main__":
     a = experiment_args(__doc__)
     runs = ensure_runs(a.preset)
-    print(compare([str(final_checkpoint(runs["vanilla"])), str(final_checkpoint(runs["repa"]))],
+    print(compare([str(runs["vanilla"]), str(runs["repa"])],
                   analysis_config(a.preset, a.n, samples=64), str(REPO / "reports" / "repa_vs_vanilla")))

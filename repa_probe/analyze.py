@@ -38,8 +38,8 @@ from repa_probe.models import SiT, size_name
 from repa_probe.probe import ProbeConfig, linear_probe
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import check_writable, write_report
-from repa_probe.report.summary import (BASELINE_PREFIX, COLUMNS, compare_summary, deltas, metric_label,
-                                       peak_summary, wilson_interval)
+from repa_probe.report.summary import (BASELINE_PREFIX, COLUMNS, compare_summary, deltas, display_scale,
+                                       metric_label, peak_summary, wilson_interval)
 from repa_probe.store import FeatureStore, encoder_features
 
 UNTRAINED = f"{BASELINE_PREFIX}untrained"
@@ -197,6 +197,19 @@ class Analyzer:
             raise RuntimeError("an untrained SiT block changed its input: adaLN-Zero initialisation is broken")
         return dataclasses.replace(feats, blocks=b[:, :1])
 
+    def probe_sets(self, feats, train, test, capture):
+        """Features of the probe's train and test images: rows of the alignment features `feats` when the
+        probe splits those images (no second pass over them), else `capture(dataset)` for each set."""
+        if self.cfg.probe_train:
+            return capture(train), capture(test)
+        row = {image_id: i for i, image_id in enumerate(feats.ids)}
+
+        def rows(dataset):
+            idx = np.array([row[i] for i in dataset.ids])
+            return dataclasses.replace(feats, blocks=np.asarray(feats.blocks)[:, :, idx],
+                                       raw=np.asarray(feats.raw)[:, idx], labels=feats.labels[idx], ids=feats.ids[idx])
+        return rows(train), rows(test)
+
     def target(self, encoder, dataset, grid: int):
         """Pooled encoder features of `dataset` and their prepared kernel (once per encoder × subset)."""
         key = (encoder.fingerprint(grid), dataset.fingerprint())
@@ -271,7 +284,7 @@ class Analyzer:
         feats = self.features(ckpt, align)
         rows = self.alignment_rows(name, feats, False, align, grid)
         if train is not None:
-            f_tr, f_te = self.features(ckpt, train), self.features(ckpt, test)
+            f_tr, f_te = self.probe_sets(feats, train, test, lambda d: self.features(ckpt, d))
             rows += self.probe_rows(name, f_tr, f_te, raw=False)
         out.append(Analysed(name, ckpt, rows, np.asarray(feats.blocks[0])))
         arch = _arch_key(ckpt)
@@ -279,11 +292,12 @@ class Analyzer:
             self._untrained_done.add(arch)
             base_rows = self.alignment_rows(RAW, feats, True, align, grid)
             untrained = untrained_like(ckpt, self.cfg.seed)
-            u_rows = self.alignment_rows(UNTRAINED, self.untrained_features(untrained, align), False, align, grid)
+            u_feats = self.untrained_features(untrained, align)
+            u_rows = self.alignment_rows(UNTRAINED, u_feats, False, align, grid)
             if train is not None:
                 base_rows += self.probe_rows(RAW, f_tr, f_te, raw=True)
-                u_rows += self.probe_rows(UNTRAINED, self.untrained_features(untrained, train),
-                                          self.untrained_features(untrained, test), raw=False)
+                u_rows += self.probe_rows(UNTRAINED, *self.probe_sets(
+                    u_feats, train, test, lambda d: self.untrained_features(untrained, d)), raw=False)
             base_rows += [dict(r, block=b) for r in u_rows for b in range(ckpt.config.depth + 1)]
             out.append(Analysed(UNTRAINED if len(self._untrained_done) == 1 else f"{UNTRAINED} ({arch})",
                                 untrained, base_rows))
@@ -331,13 +345,15 @@ def tidy(analysed: list[Analysed]) -> pd.DataFrame:
 
 
 def unique_names(paths: list[str]) -> list[str]:
-    """Short distinct labels for checkpoints: file stems; when they repeat, the run folder (the folder
-    holding checkpoints/, or the file's folder), then run/stem, then numbered stems."""
+    """Short distinct labels for checkpoints: file stems (run/stem for a training run's RUN/checkpoints/
+    0002500.pt, whose stem alone says nothing); when they repeat, the run folder (the folder holding
+    checkpoints/, or the file's folder), then run/stem, then numbered stems."""
     def run_of(p: Path) -> str:
         return p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
 
     paths = [Path(p) for p in paths]
-    for names in ([p.stem for p in paths], [run_of(p) for p in paths], [f"{run_of(p)}/{p.stem}" for p in paths]):
+    stems = [f"{run_of(p)}/{p.stem}" if p.parent.name == "checkpoints" else p.stem for p in paths]
+    for names in (stems, [run_of(p) for p in paths], [f"{run_of(p)}/{p.stem}" for p in paths]):
         if len(set(names)) == len(names) and all(names):
             return names
     return [f"{i + 1}:{p.stem}" for i, p in enumerate(paths)]
@@ -372,7 +388,7 @@ def headline(peaks: pd.DataFrame) -> list[str]:
         return lines
     for (ckpt, metric, encoder), g in peaks.groupby(["checkpoint", "metric", "encoder"], sort=False):
         r = g.sort_values("t").iloc[0]
-        s = 100 if metric.startswith("probe") else 1
+        s = display_scale(metric)
         unit = " points" if s == 100 else ""
         verdict = "peaks then drops (beyond the 95% intervals)" if r.peaks_then_drops else \
             ("drop within the intervals" if r.drop_abs > 0 else "no drop after the peak")
@@ -387,7 +403,7 @@ def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"": ["no curves"]})
     rows = []
     for r in peaks.itertuples():
-        s = 100 if r.metric.startswith("probe") else 1
+        s = display_scale(r.metric)
         rows.append({"checkpoint": r.checkpoint, "metric": metric_label(r.metric), "encoder": r.encoder or "-",
                      "t": f"{r.t:g}", "best block": r.best_block,
                      "best": f"{r.best_value * s:.3g} [{r.best_ci_low * s:.3g}, {r.best_ci_high * s:.3g}]",
@@ -402,7 +418,7 @@ def baseline_lines(results: pd.DataFrame) -> list[str]:
     for name in (RAW, UNTRAINED):
         b = results[(results["checkpoint"] == name) & (results["t"] == results["t"].min())]
         for (metric, encoder), g in b.groupby(["metric", "encoder"]):
-            s = 100 if metric.startswith("probe") else 1
+            s = display_scale(metric)
             v = g["value"].to_numpy() * s
             span = f"{v.min():.3g}" if np.ptp(v) < 1e-9 * max(1, abs(v).max()) else f"{v.min():.3g}–{v.max():.3g}"
             lines.append(f"{name.removeprefix(BASELINE_PREFIX)}: {metric_label(metric)}"
@@ -467,7 +483,7 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
     start = time.perf_counter()
     analyzer = Analyzer(config)
     cfg = analyzer.cfg
-    loaded = [load_checkpoint(p, convention=cfg.convention, weights=cfg.weights) for p in checkpoints]
+    loaded = [load_checkpoint(latest_in_run(p), convention=cfg.convention, weights=cfg.weights) for p in checkpoints]
     names = unique_names(checkpoints)
     analysed = []
     for ckpt, name in zip(loaded, names):
@@ -485,7 +501,7 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
         extra["compare"] = comp.to_dict(orient="records")
         compare_tables["compare"] = comp
         for r in comp.itertuples():
-            s = 100 if r.metric.startswith("probe") else 1
+            s = display_scale(r.metric)
             if r.t == comp["t"].min():
                 compare_lines.append(
                     f"{r.b} − {r.a}: {metric_label(r.metric)}{' vs ' + r.encoder if r.encoder else ''} at t={r.t:g}: "
@@ -536,6 +552,17 @@ def find_checkpoints(pattern: str) -> list[Path]:
     return files
 
 
+def latest_in_run(arg: str) -> str:
+    """A checkpoint file as is; a training run folder → its checkpoint with the highest step."""
+    if not Path(arg).is_dir():
+        return arg
+    files = find_checkpoints(arg)
+    if not files:
+        raise UserError(f"'{arg}' is a folder without checkpoints: pass a .pt/.safetensors file or a training "
+                        "run folder (RUN/checkpoints/*.pt)")
+    return str(max(files, key=lambda f: (f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0, f.name)))
+
+
 def block_groups(depth: int, n_groups: int = 4) -> list[list[int]]:
     """Blocks 1..depth in n_groups contiguous groups (e.g. 12 blocks → 1–3, 4–6, 7–9, 10–12)."""
     edges = np.linspace(0, depth, min(n_groups, depth) + 1).round().astype(int)
@@ -579,7 +606,10 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
                     continue
                 frames.append(pd.DataFrame(a.rows).assign(run=run, step=ckpt.provenance.step))
                 provenance[a.name] = ckpt.provenance.to_dict()
-    traj = pd.concat(frames, ignore_index=True).sort_values(["run", "step", "metric", "t", "block"])
+    # a training log carries no intervals: its ci_low / ci_high columns stay empty
+    traj = pd.concat(frames, ignore_index=True).reindex(columns=["run", "step", *COLUMNS])
+    rank = {run: i for i, run in enumerate(dict.fromkeys(f["run"].iloc[0] for f in frames))}  # command-line order
+    traj = traj.sort_values(["run", "step", "metric", "t", "block"], key=lambda c: c.map(rank) if c.name == "run" else c)
     traj = traj[traj["block"] >= 1]
     groups = block_groups(depth)
     figs = []
@@ -591,18 +621,24 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
     cfg = analyzer.cfg if analyzer else config
     title = "repa-probe trajectory: " + ", ".join(dict.fromkeys(traj["run"]))
     lines = [f"{r.run}: {metric_label(r.metric)}{' vs ' + r.encoder if r.encoder else ''}, t={r.t:g}, blocks "
-             f"{r.blocks}: {r.first:.3g} at step {r.first_step:,} → {r.last:.3g} at step {r.last_step:,} "
+             f"{r.blocks}: {r.first * display_scale(r.metric):.3g} at step {r.first_step:,} → "
+             f"{r.last * display_scale(r.metric):.3g} at step {r.last_step:,} "
              f"({'rises' if r.last > r.first else 'falls' if r.last < r.first else 'flat'})"
              for r in trend.itertuples() if r.t == trend["t"].min()]
+
+    def shown(col: str) -> list[str]:
+        return [f"{v * display_scale(m):.3g}" for v, m in zip(trend[col], trend["metric"])]
+
     pages = F.summary_pages(title, [("Sources", [(k, v.get("path", "")) for k, v in provenance.items()][:12]),
                                     ("Trend (first → last step, mean over the block group)", lines[:14])],
-                            trend.assign(first=trend["first"].round(4), last=trend["last"].round(4)),
+                            trend.assign(metric=trend["metric"].map(metric_label), first=shown("first"),
+                                         last=shown("last")),
                             "Per run, metric, t and block group")
     figs = [(f"summary {i + 1}", p) for i, p in enumerate(pages)] + figs
     summary = {"title": title, "sources": sources, "source": source, "groups": groups,
                "trend": trend.to_dict(orient="records"), "provenance": provenance,
                "config": asdict(cfg), "timings_s": {"total": round(time.perf_counter() - start, 2)}}
-    return write_report(out, traj[["run", "step", *COLUMNS]], summary, figs)
+    return write_report(out, traj, summary, figs)
 
 
 def trajectory_summary(traj: pd.DataFrame, groups: list[list[int]]) -> pd.DataFrame:

@@ -174,14 +174,16 @@ def _add_analysis_commands(sub) -> None:
                                    "alignment (CKNNA) with target encoders, the peak block and the drop after it, "
                                    "against untrained-model and raw-input baselines. Writes results.csv (tidy), "
                                    "summary.json, figures/ and report.pdf into --out; page 1 has the answer.")
-    p.add_argument("checkpoint", help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe checkpoint")
+    p.add_argument("checkpoint", help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe checkpoint, "
+                                      "or a training run folder (its latest checkpoint)")
     common(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compare", help="overlay several checkpoints (same images, same noise), deltas B − A",
                        description="Analyse every checkpoint on the same images with the same seeded noise and write "
                                    "one report overlaying them, with per block × t deltas against the first.")
-    p.add_argument("checkpoints", nargs="+", help="A.pt B.pt [C.pt ...]; deltas are taken against A")
+    p.add_argument("checkpoints", nargs="+", help="A.pt B.pt [C.pt ...] (or run folders: their latest "
+                                                     "checkpoints); deltas are taken against A")
     common(p)
     p.set_defaults(func=cmd_compare)
 

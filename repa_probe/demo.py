@@ -77,7 +77,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             log_every=max(1, cfg.steps // 10), progress=not cfg.quiet))
         print(f"[demo] {name}: {time.perf_counter() - t0:.0f} s → {runs[name]}", flush=True)
     print(f"[demo] analysing both on {cfg.n} cifar10/test images (probe: {cfg.n} train images)", flush=True)
-    report = compare([str(runs["vanilla"]), str(runs["repa"])],
+    report = compare([str(out / "runs" / name) for name in runs],         # run folders: named vanilla, repa
                      AnalyzeConfig(data=str(root / "test"), n=cfg.n, encoders=[TEACHER],
                                    probe_train=str(root / "train"), probe_test=str(root / "test"),
                                    probe_n_train=cfg.n, probe_n_test=cfg.n, seed=cfg.seed, device=cfg.device,

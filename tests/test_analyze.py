@@ -41,7 +41,7 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert "report:" in r.stdout
     res = pd.read_csv(out / "results.csv")
     assert list(res.columns) == ["checkpoint", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high"]
-    model = res[res["checkpoint"] == "0000010"]
+    model = res[res["checkpoint"] == "run/0000010"]
     depth = tiny_config().depth
     # every block 0..depth × every t × every metric
     for metric in ("cknna", "probe_top1"):
@@ -76,21 +76,23 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     pngs = sorted((out / "figures").glob("*.png"))
     assert len(pdf.pages) == len(pngs) >= 6
     page1 = pdf.pages[0].extract_text()
-    assert "RANDOM WEIGHTS" in page1 and "0000010" in page1 and "Where each curve peaks" in page1
+    assert "RANDOM WEIGHTS" in page1 and "run/0000010" in page1 and "Where each curve peaks" in page1
     assert not list(workdir.glob(".report_a.partial-*"))
 
 
 def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
     out = workdir / "report_ab"
-    r = run_cli("compare", workdir / "run/checkpoints/0000010.pt", workdir / "run/checkpoints/0000030.pt",
+    # a run folder stands for its latest checkpoint (step 30) and is named after the run
+    r = run_cli("compare", workdir / "run/checkpoints/0000010.pt", workdir / "run",
                 *common(workdir, cifar_dir), "--out", out)
     assert r.returncode == 0, r.stderr
     res = pd.read_csv(out / "results.csv")
-    assert {"0000010", "0000030"} <= set(res["checkpoint"])
+    assert {"run/0000010", "run"} <= set(res["checkpoint"])
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"]["run"]["step"] == 30
     comp = pd.read_csv(out / "compare.csv")
-    a = res[res["checkpoint"] == "0000010"].set_index(["metric", "t", "block"])["value"]
-    b = res[res["checkpoint"] == "0000030"].set_index(["metric", "t", "block"])["value"]
+    a = res[res["checkpoint"] == "run/0000010"].set_index(["metric", "t", "block"])["value"]
+    b = res[res["checkpoint"] == "run"].set_index(["metric", "t", "block"])["value"]
     for row in summary["compare"]:
         delta = (b - a).xs((row["metric"], row["t"]), level=["metric", "t"])
         delta = delta[delta.index >= 1]
@@ -115,13 +117,18 @@ def test_trajectory_over_a_run_folder(workdir, cifar_dir):
 
 # --------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "not an image folder", "unknown encoder", "unwritable out"])
+@pytest.mark.parametrize("case", ["missing checkpoint", "folder without checkpoints", "not an image folder",
+                                  "unknown encoder", "unwritable out"])
 def test_bad_input_is_one_line_exit_2_and_leaves_no_report(workdir, cifar_dir, tmp_path, case):
     ckpt, data, encoder, out = workdir / "run/checkpoints/0000010.pt", cifar_dir / "test", ENCODER, tmp_path / "rep"
-    expect = {"missing checkpoint": "does not exist", "not an image folder": "--data",
+    expect = {"missing checkpoint": "does not exist", "folder without checkpoints": "folder without checkpoints",
+              "not an image folder": "--data",
               "unknown encoder": "unknown encoder 'dinov3-vit-b'", "unwritable out": "--out"}[case]
     if case == "missing checkpoint":
         ckpt = tmp_path / "nope.pt"
+    elif case == "folder without checkpoints":
+        ckpt = tmp_path / "empty_run"
+        ckpt.mkdir()
     elif case == "not an image folder":
         data = tmp_path / "texts"
         (data / "a").mkdir(parents=True)
@@ -154,6 +161,9 @@ def test_unlabelled_images_still_get_cknna_and_no_encoder_still_gets_probes(work
     res = pd.read_csv(tmp_path / "unlabelled" / "results.csv")
     assert set(res["metric"]) == {"cknna"}
     assert any("no probe" in note for note in json.loads((tmp_path / "unlabelled" / "summary.json").read_text())["notes"])
+    fast[fast.index("--cache") + 1] = tmp_path / "cache"
     r = run_cli("analyze", ckpt, "--data", cifar_dir / "test", "--n", "40", *fast, "--out", tmp_path / "no_encoder")
     assert r.returncode == 0, r.stderr
     assert set(pd.read_csv(tmp_path / "no_encoder" / "results.csv")["metric"]) == {"probe_top1"}
+    # the probe splits the 40 images: their features are read once, not captured again per split
+    assert len(list((tmp_path / "cache" / "blocks").iterdir())) == 1

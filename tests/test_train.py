@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pypdf import PdfReader
 
 from conftest import REPO, run_cli
 from repa_probe.checkpoints import load_checkpoint, read_checkpoint
@@ -253,6 +255,15 @@ def test_analysis_while_training_writes_tidy_rows(cifar_dir, tmp_path):
     assert all(-1 <= r["value"] <= 1 for r in rows)
     at_init = {r["value"] for r in rows if r["step"] == 0 and r["metric"] == "probe_top1" and r["t"] == 0.0}
     assert len(at_init) == 1                          # adaLN-Zero: every block of the untrained net is the same
+
+    # the trajectory report reads that log as it is (no intervals in it), probe shown in percent
+    r = run_cli("trajectory", run, "--source", "log", "--data", cifar_dir / "test", "--out", tmp_path / "traj")
+    assert r.returncode == 0, r.stderr
+    res = pd.read_csv(tmp_path / "traj" / "results.csv")
+    assert len(res) == len(rows) and res["ci_low"].isna().all() and set(res["step"]) == {0, 4}
+    page1 = PdfReader(tmp_path / "traj" / "report.pdf").pages[0].extract_text()
+    probe0 = next(r["value"] for r in rows if r["step"] == 0 and r["metric"] == "probe_top1" and r["t"] == 0.0)
+    assert f"{100 * probe0:.3g} at step 0" in page1
 
 
 @pytest.mark.parametrize("case", ["missing data", "unknown model", "unwritable out"])

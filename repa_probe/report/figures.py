@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from repa_probe.report.summary import BASELINE_PREFIX, is_baseline, metric_label  # noqa: E402
+from repa_probe.report.summary import BASELINE_PREFIX, display_scale, is_baseline, metric_label  # noqa: E402
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 
@@ -40,10 +40,6 @@ def _panel_grid(n: int, max_cols: int = 3):
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes.flat
-
-
-def _scale(metric: str) -> float:
-    return 100.0 if metric.startswith("probe") else 1.0
 
 
 def _text_lines(fig, y: float, sections) -> float:
@@ -107,6 +103,12 @@ def summary_pages(title: str, sections, table: pd.DataFrame, table_title: str, n
     return figs
 
 
+def _annotation_format(values: np.ndarray) -> str:
+    """Enough decimals for two significant digits of the largest |value| (CKNNA deltas are ~0.01), at least one."""
+    top = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    return f".{max(1, 1 - math.floor(math.log10(top))) if top > 0 else 1}f"
+
+
 def _block_t_heatmaps(df: pd.DataFrame, value: str, title: str, diverging: bool = False) -> list[plt.Figure]:
     """Block × t heatmap panels of column `value`, one per metric × encoder, four to a page."""
     panels = sorted(df.groupby(["metric", "encoder"]).groups)
@@ -116,13 +118,12 @@ def _block_t_heatmaps(df: pd.DataFrame, value: str, title: str, diverging: bool 
         fig, axes = _panel_grid(len(chunk), max_cols=2)
         for ax, (metric, encoder) in zip(axes, chunk):
             g = df[(df["metric"] == metric) & (df["encoder"] == encoder)]
-            grid = g.pivot_table(index="t", columns="block", values=value) * _scale(metric)
+            grid = g.pivot_table(index="t", columns="block", values=value) * display_scale(metric)
             colours = dict(cmap="mako")
             if diverging:
                 lim = float(np.nanmax(np.abs(grid.values))) or 1.0
                 colours = dict(cmap="vlag", center=0, vmin=-lim, vmax=lim)
-            sns.heatmap(grid, ax=ax, annot=grid.shape[1] <= 16, fmt=".1f" if _scale(metric) > 1 else ".2f",
-                        annot_kws={"fontsize": 6},
+            sns.heatmap(grid, ax=ax, annot=grid.shape[1] <= 16, fmt=_annotation_format(grid.values), annot_kws={"fontsize": 6},
                         cbar_kws={"label": ("Δ " if diverging else "") + metric_label(metric)}, **colours)
             ax.set_xlabel("block (0 = patch embedding)")
             ax.set_ylabel("noise level t (0 = data, 1 = noise)")
@@ -145,7 +146,7 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.
     ts = sorted(rows["t"].unique())
     models = [c for c in dict.fromkeys(rows["checkpoint"]) if not is_baseline(c)]
     colours = checkpoint_colours(models)
-    s = _scale(metric)
+    s = display_scale(metric)
     fig, axes = _panel_grid(len(ts))
     for ax, t in zip(axes, ts):
         at = rows[rows["t"] == t]
@@ -180,7 +181,7 @@ def curves_over_t(results: pd.DataFrame, checkpoint: str, metrics: list[tuple[st
         g = rows[(rows["metric"] == metric) & (rows["encoder"] == encoder) & (rows["block"] >= 0)]
         for t, c in g.groupby("t"):
             c = c.sort_values("block")
-            ax.plot(c["block"], c["value"] * _scale(metric), marker="o", ms=3, color=colours[t], label=f"t = {t:g}")
+            ax.plot(c["block"], c["value"] * display_scale(metric), marker="o", ms=3, color=colours[t], label=f"t = {t:g}")
         ax.set_xlabel("block")
         ax.set_ylabel(metric_label(metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -227,7 +228,7 @@ def trajectory(traj: pd.DataFrame, metric: str, encoder: str, title: str, groups
             for gi, group in enumerate(groups):
                 c = rr[rr["block"].isin(group)].groupby("step")["value"].mean()
                 label = f"blocks {group[0]}–{group[-1]}" + (f" ({run})" if at["run"].nunique() > 1 else "")
-                ax.plot(c.index, c.values * _scale(metric), ls=styles[r % 4], marker="o", ms=2.5,
+                ax.plot(c.index, c.values * display_scale(metric), ls=styles[r % 4], marker="o", ms=2.5,
                         color=palette[gi], label=label)
         ax.set_title(f"t = {t:g}", fontsize=10)
         ax.set_xlabel("training step")

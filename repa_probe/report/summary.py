@@ -32,6 +32,11 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
+def display_scale(metric: str) -> float:
+    """Values are stored as fractions; probe accuracies are shown in percent (the labels say so)."""
+    return 100.0 if metric.startswith("probe") else 1.0
+
+
 def is_baseline(name: str) -> bool:
     return str(name).startswith(BASELINE_PREFIX)
 
