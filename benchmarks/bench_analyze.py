@@ -11,8 +11,8 @@ Printed: per stage (data+forwards, encoders, probes, metrics, report) seconds an
 the baseline — the model's forward passes the analysis cannot avoid (n images × t values, plus the probe sets
 when --probe-train/--probe-test name other images; by default the probe splits the n images) with no hooks,
 no store, no metrics — measured in the same run; the ratio total / baseline is the overhead of everything
-else, the untrained-model baseline's passes (blocks 0–1 only) included. Target (issue 6): XL/2-sized, 10,000 images, 5 t, a
-ViT-L encoder, probes + CKNNA at every block × t in ≤ 5 minutes on one H100.
+else, the untrained-model baseline's passes (blocks 0–1 only) included. Target (issue 6): XL/2-sized,
+10,000 images, 5 t, a ViT-L encoder, probes + CKNNA at every block × t in ≤ 5 minutes on one H100.
 """
 from __future__ import annotations
 

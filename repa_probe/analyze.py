@@ -203,11 +203,12 @@ class Analyzer:
         if self.cfg.probe_train:
             return capture(train), capture(test)
         row = {image_id: i for i, image_id in enumerate(feats.ids)}
+        blocks, raw = np.asarray(feats.blocks), np.asarray(feats.raw)   # read from the store once for both sets
 
         def rows(dataset):
             idx = np.array([row[i] for i in dataset.ids])
-            return dataclasses.replace(feats, blocks=np.asarray(feats.blocks)[:, :, idx],
-                                       raw=np.asarray(feats.raw)[:, idx], labels=feats.labels[idx], ids=feats.ids[idx])
+            return dataclasses.replace(feats, blocks=blocks[:, :, idx], raw=raw[:, idx], labels=feats.labels[idx],
+                                       ids=feats.ids[idx])
         return rows(train), rows(test)
 
     def target(self, encoder, dataset, grid: int):
@@ -338,10 +339,13 @@ def tidy(analysed: list[Analysed]) -> pd.DataFrame:
     """The tidy table, checkpoints in the order analysed (so colours and legends follow the command line)."""
     rows = [r for a in analysed for r in a.rows]
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
-    order = {name: i for i, name in enumerate(dict.fromkeys(df["checkpoint"]))}
-    df = df.assign(_order=df["checkpoint"].map(order))
-    df = df.sort_values(["_order", "metric", "encoder", "t", "block"], kind="stable")
-    return df.drop(columns="_order").reset_index(drop=True)
+    return in_given_order(df, "checkpoint", ["metric", "encoder", "t", "block"]).reset_index(drop=True)
+
+
+def in_given_order(df: pd.DataFrame, first: str, then: list[str]) -> pd.DataFrame:
+    """Sorted by column `first` in order of first appearance (the command line's), then by `then`."""
+    rank = {v: i for i, v in enumerate(dict.fromkeys(df[first]))}
+    return df.sort_values([first, *then], key=lambda c: c.map(rank) if c.name == first else c, kind="stable")
 
 
 def unique_names(paths: list[str]) -> list[str]:
@@ -608,8 +612,7 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
                 provenance[a.name] = ckpt.provenance.to_dict()
     # a training log carries no intervals: its ci_low / ci_high columns stay empty
     traj = pd.concat(frames, ignore_index=True).reindex(columns=["run", "step", *COLUMNS])
-    rank = {run: i for i, run in enumerate(dict.fromkeys(f["run"].iloc[0] for f in frames))}  # command-line order
-    traj = traj.sort_values(["run", "step", "metric", "t", "block"], key=lambda c: c.map(rank) if c.name == "run" else c)
+    traj = in_given_order(traj, "run", ["step", "metric", "t", "block"])
     traj = traj[traj["block"] >= 1]
     groups = block_groups(depth)
     figs = []

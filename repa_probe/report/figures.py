@@ -123,8 +123,8 @@ def _block_t_heatmaps(df: pd.DataFrame, value: str, title: str, diverging: bool 
             if diverging:
                 lim = float(np.nanmax(np.abs(grid.values))) or 1.0
                 colours = dict(cmap="vlag", center=0, vmin=-lim, vmax=lim)
-            sns.heatmap(grid, ax=ax, annot=grid.shape[1] <= 16, fmt=_annotation_format(grid.values), annot_kws={"fontsize": 6},
-                        cbar_kws={"label": ("Δ " if diverging else "") + metric_label(metric)}, **colours)
+            sns.heatmap(grid, ax=ax, annot=grid.shape[1] <= 16, fmt=_annotation_format(grid.values),
+                        annot_kws={"fontsize": 6}, cbar_kws={"label": ("Δ " if diverging else "") + metric_label(metric)}, **colours)
             ax.set_xlabel("block (0 = patch embedding)")
             ax.set_ylabel("noise level t (0 = data, 1 = noise)")
             ax.set_title(metric_label(metric) + (f" vs {encoder}" if encoder else ""), fontsize=10)
@@ -181,7 +181,8 @@ def curves_over_t(results: pd.DataFrame, checkpoint: str, metrics: list[tuple[st
         g = rows[(rows["metric"] == metric) & (rows["encoder"] == encoder) & (rows["block"] >= 0)]
         for t, c in g.groupby("t"):
             c = c.sort_values("block")
-            ax.plot(c["block"], c["value"] * display_scale(metric), marker="o", ms=3, color=colours[t], label=f"t = {t:g}")
+            ax.plot(c["block"], c["value"] * display_scale(metric), marker="o", ms=3, color=colours[t],
+                    label=f"t = {t:g}")
         ax.set_xlabel("block")
         ax.set_ylabel(metric_label(metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
