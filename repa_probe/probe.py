@@ -13,9 +13,12 @@ the held-out test images, which take no part in fitting or selection.
 
 Every probe of a feature store (e.g. [n_t, n_blocks, n, d]) is fitted in one pass: the leading
 dimensions are flattened into a batch, the λ grid into a second batch dimension, and all of them
-are optimised together by a batched L-BFGS (each problem keeps its own curvature pairs and step
-size) whose loss and gradient are two ``torch.bmm`` calls, preconditioned by the features'
-covariance (~25 loss evaluations instead of ~200 on CIFAR-like features). GPU when present.
+are optimised together by a batched L-BFGS (each problem keeps its own curvature pairs and
+converges on its own) preconditioned by the features' covariance. Class scores are linear in the
+weights, so an iteration makes exactly two passes over the features (the scores of the new
+direction, the gradient at the new point) and the step is searched exactly, per class and with
+the intercepts free, from scores alone: on 10,000 CIFAR-like 768-dim features that takes ~17
+iterations where scikit-learn's lbfgs takes ~180. GPU when present.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class ProbeConfig:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # L2 grid; one value skips the validation split
     val_fraction: float = 0.2      # share of training images held out to choose λ
     seed: int = 0                  # seeds the validation split
-    max_iter: int = 1000           # L-BFGS iterations (each is one loss+gradient evaluation)
+    max_iter: int = 1000           # L-BFGS iterations (each is two passes over the features)
     tol: float = 1e-4              # stop when max |gradient| ≤ tol (sklearn's lbfgs criterion)
     history: int = 10              # L-BFGS memory
     bn_eps: float = 1e-6           # BatchNorm eps, as MAE's probe
@@ -81,14 +84,15 @@ def logits(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return _class_scores(x, theta).permute(0, 3, 1, 2)
 
 
-def _loss_and_grad(x, y, lam, theta):
-    """f = (1/n) Σᵢ CEᵢ + (λ/2)‖W‖², ∇_W f = Xᵀ(P − Y)/n + λW, ∇_b f = 1ᵀ(P − Y)/n.
+def _loss_and_grad(x, y, lam, theta, scores):
+    """f = (1/n) Σᵢ CEᵢ + (λ/2)‖W‖², ∇_W f = Xᵀ(P − Y)/n + λW, ∇_b f = 1ᵀ(P − Y)/n at theta,
+    whose class scores (B, G, c, n) are ``scores``; one pass over the features (for ∇_W).
 
     x (B, n, d); y (n,) class indices; lam (B, G); theta (B, G, d+1, c). Returns f (B, G) in
-    float64 (line searches compare losses that differ in the 7th digit) and the gradient."""
+    float64 (steps compare losses that differ in the 7th digit) and the gradient."""
     B, n, d = x.shape
     G, c = theta.shape[1], theta.shape[-1]
-    log_p = _class_scores(x, theta).log_softmax(dim=2)           # (B, G, c, n)
+    log_p = scores.log_softmax(dim=2)                             # (B, G, c, n)
     y_idx = y.view(1, 1, 1, n).expand(B, G, 1, n)
     ce = -log_p.gather(2, y_idx).squeeze(2)                       # (B, G, n)
     w = theta[:, :, :d]
@@ -117,63 +121,84 @@ def _two_loop(g, S, Y, rho, gamma, order, precond):
     return -r
 
 
-def lbfgs(fun, theta0: torch.Tensor, max_iter: int = 1000, tol: float = 1e-4,
-          history: int = 10, max_ls: int = 25, precond=None) -> torch.Tensor:
-    """Minimise B independent smooth convex problems at once. theta0 (B, D); fun(theta) returns
-    (f (B,), grad (B, D)).
+SPLIT_MAX_CLASSES = 32  # up to this many classes the step is searched per class, with intercepts
 
-    Each problem has its own step (Armijo backtracking from 1) and curvature pairs, so an easy
-    problem is not slowed by a hard one; a converged problem (max |grad| ≤ tol, or no relative
-    decrease above 1e-12, or a failed line search) is frozen while the others go on.
+
+def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 10):
+    """Minimise f(θ + α∘Δ + δ) over per-class multipliers α ∈ Rᶜ of the L-BFGS direction Δ and
+    intercept shifts δ ∈ Rᶜ, without another pass over the features.
+
+    Class scores are linear in θ, so those of θ + α∘Δ + δ are S + α∘Z + δ, with Z = ``z`` the
+    scores of Δ (one pass, already made): each trial costs O(n·c). Newton's method on the 2c
+    numbers (gradient and Hessian of the softmax loss restricted to that subspace, with halving
+    when a step does not decrease f) starts from α = δ = 0 and usually ends within 3–5 steps.
+    Scaling each class's part of the step separately and re-centring the intercepts exactly
+    makes up for what the data-only preconditioner gets wrong once the probabilities move away
+    from 1/c; it halves the number of passes on CIFAR-like features. Above SPLIT_MAX_CLASSES
+    classes (a 2c x 2c system per problem would cost too much) it is an exact line search, one α.
+    Returns α, δ (B, G, c), zero for inactive problems.
     """
-    theta = theta0.clone()
-    B = theta.shape[0]
-    f, g = fun(theta)
-    S = theta.new_zeros((history,) + theta.shape)
-    Y = theta.new_zeros((history,) + theta.shape)
-    rho = theta.new_zeros(history, B)
-    if precond is None:
-        gamma = (1.0 / g.abs().sum(dim=1)).clamp(max=1.0)  # torch.optim.LBFGS's first step
-    else:
-        gamma = torch.ones_like(g[:, 0])
-
-    order: list[int] = []
-    active = g.abs().amax(dim=1) > tol
-    for it in range(max_iter):
-        if not bool(active.any()):
+    B, G, c, n = scores.shape
+    d = theta.shape[2] - 1
+    split = c <= SPLIT_MAX_CLASSES
+    f64 = torch.float64
+    w, dw = theta[:, :, :d].double(), direction[:, :, :d].double()
+    w_dot, d_sq = (w * dw).sum(dim=2), (dw * dw).sum(dim=2)        # (B, G, c)
+    reg0 = 0.5 * lam * w.square().sum(dim=(2, 3))
+    lam3 = lam.unsqueeze(-1)
+    y_idx = y.view(1, 1, 1, n).expand(B, G, 1, n)
+    minus_one = -torch.ones_like(y_idx, dtype=scores.dtype)
+    alpha = torch.zeros(B, G, c, dtype=f64, device=scores.device)
+    delta = torch.zeros_like(alpha)
+    best_a, best_d = alpha, delta
+    best_phi = phi0 = None
+    done = ~active
+    for _ in range(max_newton):  # every problem on its own: a batch gives what one alone gives
+        s = scores + alpha.to(scores.dtype).unsqueeze(-1) * z + delta.to(scores.dtype).unsqueeze(-1)
+        log_p = s.log_softmax(dim=2)
+        phi = (-log_p.gather(2, y_idx).squeeze(2)).double().mean(dim=-1) + reg0 + \
+            (lam3 * (alpha * w_dot + 0.5 * alpha.square() * d_sq)).sum(dim=-1)
+        if phi0 is None:
+            phi0 = best_phi = phi
+        better = (phi <= best_phi) & ~done
+        b3 = better.unsqueeze(-1)
+        best_a, best_d = torch.where(b3, alpha, best_a), torch.where(b3, delta, best_d)
+        best_phi = torch.where(better, phi, best_phi)
+        p = log_p.exp()
+        q = p.clone().scatter_add_(2, y_idx, minus_one)           # P − Y
+        pz = p * z
+        g_a = (q * z).sum(-1, dtype=f64) / n + lam3 * (w_dot + alpha * d_sq)
+        h_aa = (pz * z).sum(-1, dtype=f64) / n + lam3 * d_sq        # diagonal parts
+        if split:
+            g_d = q.sum(-1, dtype=f64) / n
+            m = torch.cat([pz, p], dim=2).view(B * G, 2 * c, n)
+            hess = -torch.bmm(m, m.transpose(1, 2)).double().view(B, G, 2 * c, 2 * c) / n
+            diag = torch.cat([h_aa, p.sum(-1, dtype=f64) / n], dim=-1)
+            hess += torch.diag_embed(diag)
+            cross = torch.diag_embed(pz.sum(-1, dtype=f64) / n)      # ∂²/∂αₐ∂δₐ
+            hess[..., :c, c:] += cross
+            hess[..., c:, :c] += cross
+            grad = torch.cat([g_a, g_d], dim=-1)
+            # adding one constant to every intercept changes nothing: a tiny ridge fixes it
+            ridge = 1e-9 * diag.amax(dim=-1, keepdim=True).clamp(min=1e-30)
+            newton = torch.linalg.solve(hess + torch.diag_embed(ridge.expand_as(diag)), grad)
+            new_a, new_d = alpha - newton[..., :c], delta - newton[..., c:]
+        else:
+            grad = g_a.sum(-1, keepdim=True)
+            hess = h_aa.sum(-1) - pz.sum(dim=2).double().square().sum(-1) / n
+            newton = grad / hess.clamp(min=1e-30).unsqueeze(-1)
+            new_a, new_d = alpha - newton, delta
+        # done when Newton promises < 1% of what this search has gained (or nothing at all)
+        decrement = (grad * newton).sum(-1)
+        done |= better & (decrement <= torch.maximum(1e-2 * (phi0 - best_phi),
+                                                     1e-10 * best_phi.abs().clamp(min=1.0)))
+        if bool(done.all()):
             break
-        d = _two_loop(g, S, Y, rho, gamma, order, precond)
-        gd = (g * d).sum(dim=1)
-        uphill = gd >= 0  # cannot happen with exact curvature pairs; rounding guard
-        d = torch.where(uphill.unsqueeze(1), -g, d)
-        gd = torch.where(uphill, -(g * g).sum(dim=1), gd)
-        step = active.to(theta.dtype)
-        for _ in range(max_ls):
-            theta_new = theta + step.unsqueeze(1) * d
-            f_new, g_new = fun(theta_new)
-            ok = (f_new <= f + 1e-4 * step.double() * gd.double()) | ~active
-            if bool(ok.all()):
-                break
-            step = torch.where(ok, step, 0.5 * step)
-        accept = active & ok
-        s, y = theta_new - theta, g_new - g
-        sy = (s * y).sum(dim=1)
-        yy = (y * (y if precond is None else precond(y))).sum(dim=1)  # yᵀMy
-        keep = accept & (sy > 1e-10 * yy)
-        slot = it % history
-        S[slot] = torch.where(keep.unsqueeze(1), s, 0.0)
-        Y[slot] = torch.where(keep.unsqueeze(1), y, 0.0)
-        rho[slot] = torch.where(keep, 1.0 / sy.clamp(min=1e-30), 0.0)
-        gamma = torch.where(keep, sy / yy.clamp(min=1e-30), gamma)
-        if slot in order:
-            order.remove(slot)
-        order.append(slot)
-        decrease = (f - f_new) / torch.maximum(f.abs(), f_new.abs()).clamp(min=1.0)
-        theta = torch.where(accept.unsqueeze(1), theta_new, theta)
-        g = torch.where(accept.unsqueeze(1), g_new, g)
-        f = torch.where(accept, f_new, f)
-        active = accept & (g.abs().amax(dim=1) > tol) & (decrease > 1e-12)
-    return theta
+        # a point that did not decrease f is halved back towards the best one
+        alpha = torch.where(b3, new_a, 0.5 * (alpha + best_a))
+        delta = torch.where(b3, new_d, 0.5 * (delta + best_d))
+    on = active.view(B, G, 1)
+    return torch.where(on, best_a, 0.0), torch.where(on, best_d, 0.0)
 
 
 def _preconditioner(x: torch.Tensor, lam: torch.Tensor, num_classes: int, rows: int = 4096):
@@ -212,22 +237,68 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_cl
     """Fit B·G softmax regressions: features x (B, n, d) (standardised), labels y (n,) in
     [0, num_classes), L2 weights lambdas (B, G). Returns theta (B, G, d+1, num_classes).
 
-    L-BFGS is preconditioned with the feature covariance when d ≤ min(n, max_precond_dim) (a
-    d x d eigendecomposition per probe); wider features (raw pixels, or more dimensions than
-    images) use the plain scaled identity."""
+    Batched L-BFGS: every problem keeps its own curvature pairs and converges on its own
+    (max |gradient| ≤ tol, sklearn's lbfgs criterion; or no relative decrease above 1e-12), and
+    is frozen while the others go on. An iteration makes two passes over the features: the
+    scores of the new direction (then ``_step_search`` finds the step from them alone) and the
+    gradient at the new point. Scores are carried forward (S ← S + α∘Z + δ), so at the end they
+    are recomputed from theta and convergence is checked once more on the exact values.
+    L-BFGS is preconditioned with the feature covariance when d ≤ min(n, max_precond_dim);
+    wider features (raw pixels, or more dimensions than images) use a scaled identity."""
     B, n, d = x.shape
-    G = lambdas.shape[1]
+    G, c = lambdas.shape[1], num_classes
     lam = lambdas.to(device=x.device, dtype=torch.float64)
-    shape = (B, G, d + 1, num_classes)
-    theta0 = x.new_zeros(shape) if init is None else init.to(x)
-    precond = _preconditioner(x, lam, num_classes) if d <= min(n, max_precond_dim) else None
-
-    def fun(flat):
-        f, g = _loss_and_grad(x, y, lam, flat.view(shape))
-        return f.reshape(B * G), g.reshape(B * G, -1)
-
-    return lbfgs(fun, theta0.reshape(B * G, -1), max_iter, tol, history,
-                 precond=precond).view(shape)
+    shape = (B, G, d + 1, c)
+    theta = x.new_zeros(shape) if init is None else init.to(x).expand(shape).clone()
+    precond = _preconditioner(x, lam, c) if d <= min(n, max_precond_dim) else None
+    scores = _class_scores(x, theta) if init is not None else x.new_zeros(B, G, c, n)
+    f, g = _loss_and_grad(x, y, lam, theta, scores)
+    flat = (B * G, -1)
+    S = x.new_zeros((history, B * G, (d + 1) * c))
+    Y = torch.zeros_like(S)
+    rho = x.new_zeros(history, B * G)
+    gamma = x.new_ones(B * G) if precond is not None else \
+        (1.0 / g.reshape(flat).abs().sum(dim=1)).clamp(max=1.0)   # torch.optim.LBFGS's first step
+    order: list[int] = []
+    stalled = torch.zeros(B, G, dtype=torch.bool, device=x.device)
+    active = g.abs().amax(dim=(2, 3)) > tol
+    exact = True
+    for it in range(max_iter):
+        if not bool(active.any()):
+            if exact:
+                break
+            scores = _class_scores(x, theta)           # drop the drift of S ← S + α∘Z + δ
+            f, g = _loss_and_grad(x, y, lam, theta, scores)
+            active = ~stalled & (g.abs().amax(dim=(2, 3)) > tol)
+            exact = True
+            continue
+        direction = _two_loop(g.reshape(flat), S, Y, rho, gamma, order, precond).view(shape)
+        direction = torch.where(active[..., None, None], direction, 0.0)
+        z = _class_scores(x, direction)
+        alpha, delta = _step_search(scores, z, y, lam, theta, direction, active)
+        step = direction * alpha.to(x.dtype).unsqueeze(2)
+        step[:, :, d] += delta.to(x.dtype)
+        theta = theta + step
+        scores = scores + alpha.to(x.dtype).unsqueeze(-1) * z + delta.to(x.dtype).unsqueeze(-1)
+        exact = False
+        f_new, g_new = _loss_and_grad(x, y, lam, theta, scores)
+        s, yv = step.reshape(flat), (g_new - g).reshape(flat)
+        sy = (s * yv).sum(dim=1)
+        yy = (yv * (yv if precond is None else precond(yv))).sum(dim=1)  # yᵀMy
+        keep = active.reshape(-1) & (sy > 1e-10 * yy)
+        slot = it % history
+        S[slot] = torch.where(keep.unsqueeze(1), s, 0.0)
+        Y[slot] = torch.where(keep.unsqueeze(1), yv, 0.0)
+        rho[slot] = torch.where(keep, 1.0 / sy.clamp(min=1e-30), 0.0)
+        gamma = torch.where(keep, sy / yy.clamp(min=1e-30), gamma)
+        if slot in order:
+            order.remove(slot)
+        order.append(slot)
+        decrease = (f - f_new) / torch.maximum(f.abs(), f_new.abs()).clamp(min=1.0)
+        stalled |= active & (decrease <= 1e-12)
+        f, g = f_new, g_new
+        active = ~stalled & (g.abs().amax(dim=(2, 3)) > tol)
+    return theta
 
 
 def _topk_correct(scores: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:

@@ -94,6 +94,20 @@ def test_clamp_threshold_is_numpys_95th_percentile_even_with_ties():
     np.testing.assert_allclose(np.linalg.norm(unit.numpy(), axis=1), 1.0)
 
 
+def test_sampled_quantile_is_exact_with_ties_and_when_the_bracket_misses():
+    """Above 4·sample entries the order statistics come from a sampled bracket; a 4-entry sample
+    misses it most of the time and must fall back to the same exact answer."""
+    rng = np.random.default_rng(15)
+    cases = (np.abs(rng.standard_t(3, size=(700, 300))),        # heavy tail, like activations
+             np.round(rng.normal(size=(400, 250)), 1),           # heavy ties at the quantile
+             np.concatenate([np.zeros(90_000), rng.normal(size=10_000)]))  # q inside a tie
+    for x in cases:
+        for q in (0.5, 0.95, 0.999):
+            for sample in (2**14, 4):
+                got = float(metrics._quantile(torch.from_numpy(x), q, sample=sample))
+                assert got == pytest.approx(np.quantile(x, q), rel=0, abs=1e-12), (q, sample)
+
+
 # ----------------------------------------------------------------------------- CKNNA
 
 @pytest.mark.parametrize("k", [1, 2, 5, 10, 37])
