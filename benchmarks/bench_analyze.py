@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--keep", default=None, help="keep the report and cache in this folder")
+    p.add_argument("--progress", action="store_true", help="show analyze's progress bars (stderr)")
     args = p.parse_args()
 
     device = torch.device(args.device) if args.device else default_device()
@@ -84,7 +85,7 @@ def main() -> None:
     config = AnalyzeConfig(data=args.data, n=args.n, ts=ts, encoders=[args.encoder], encoder_random_init=True,
                            probe_train=args.probe_train, probe_test=args.probe_test, bootstrap=args.bootstrap,
                            batch_size=args.batch_size, num_workers=args.workers, device=str(device),
-                           cache=str(work / "cache"), quiet=True)
+                           cache=str(work / "cache"), quiet=not args.progress)
     start = time.perf_counter()
     out = compare([str(ckpt)], config, str(work / "report"))
     total = time.perf_counter() - start

@@ -27,12 +27,12 @@ from repa_probe.probe import ProbeConfig, fit_logistic, linear_probe, logits, st
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
 
 
-def load_cifar(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+def load_cifar(split: str, per_class: int, root: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
     """(images, 3072) float32 pixels in [0, 1] and labels, the first ``per_class`` of each class."""
-    classes = sorted(p.name for p in (DATA / split).iterdir())
+    classes = sorted(p.name for p in (root / split).iterdir())
     images, labels = [], []
     for c, name in enumerate(classes):
-        for f in sorted((DATA / split / name).iterdir())[:per_class]:
+        for f in sorted((root / split / name).iterdir())[:per_class]:
             images.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).ravel())
             labels.append(c)
     return np.stack(images) / 255.0, np.array(labels)
@@ -54,8 +54,8 @@ def best_time(fn, repeat: int):
 
 def main(args):
     t0 = time.perf_counter()
-    x_tr, y_tr = load_cifar("train", args.n_train // 10)
-    x_te, y_te = load_cifar("test", args.n_test // 10)
+    x_tr, y_tr = load_cifar("train", args.n_train // 10, Path(args.data))
+    x_te, y_te = load_cifar("test", args.n_test // 10, Path(args.data))
     f_tr, f_te = random_features(x_tr, args.dim), random_features(x_te, args.dim)
     print(f"data: {f_tr.shape} train, {f_te.shape} test, loaded in {time.perf_counter() - t0:.1f} s;"
           f" device={args.device} threads={torch.get_num_threads()}")
@@ -106,6 +106,7 @@ def main(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=str(DATA), help="CIFAR-10 ImageFolder root (train/, test/)")
     p.add_argument("--n-train", type=int, default=10_000)
     p.add_argument("--n-test", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=768)
