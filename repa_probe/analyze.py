@@ -248,16 +248,12 @@ class Analyzer:
         return rows
 
     def _bootstrap(self, src, target: np.ndarray, scores: dict) -> dict:
-        """95% bootstrap intervals over images (metrics.bootstrap_ci: duplicates dropped, spread centred
-        on the full-sample value) for every source matrix and metric."""
-        out: dict[str, dict] = {m: {} for m in scores}
-        for index in np.ndindex(*src.shape[:-2]):
-            a = np.asarray(src[index[0]][index[1:]]) if len(index) > 1 else np.asarray(src[index[0]])
-            for metric in scores:
-                out[metric][index] = M.bootstrap_ci(_pair_fn(metric, self.cfg.k, self.device), a, target,
-                                                    n_boot=self.cfg.bootstrap, seed=self.cfg.seed,
-                                                    around=float(scores[metric][index]))
-        return out
+        """95% bootstrap intervals over images (metrics.bootstrap_alignment: duplicates dropped, spread
+        centred on the full-sample value) for every source matrix and metric: {metric: {index: (lo, hi)}}."""
+        ci = M.bootstrap_alignment(target, src, tuple(scores), k=self.cfg.k, n_boot=self.cfg.bootstrap,
+                                   seed=self.cfg.seed, around=scores, device=self.device,
+                                   desc=None if self.cfg.quiet else "bootstrap")
+        return {m: {index: tuple(v[index]) for index in np.ndindex(v.shape[:-1])} for m, v in ci.items()}
 
     def probe_rows(self, name: str, train, test, raw: bool) -> list[dict]:
         start = time.perf_counter()
@@ -303,14 +299,6 @@ class Analyzer:
             out.append(Analysed(UNTRAINED if len(self._untrained_done) == 1 else f"{UNTRAINED} ({arch})",
                                 untrained, base_rows))
         return out
-
-
-def _pair_fn(metric: str, k: int, device):
-    if metric == "cknna":
-        return lambda a, b: M.cknna(a, b, k=k, device=device)
-    if metric == "mutual_knn":
-        return lambda a, b: M.mutual_knn(a, b, k=k, device=device)
-    return lambda a, b: M.cka(a, b, unbiased=metric == "cka_unbiased", device=device)
 
 
 def _arch_key(ckpt: LoadedCheckpoint) -> str:

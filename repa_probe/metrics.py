@@ -517,6 +517,24 @@ def _take(x, idx: np.ndarray):
     return np.asarray(x[idx])
 
 
+def _replicates(n: int, n_boot: int, seed: int, dedupe: bool) -> list[np.ndarray]:
+    """The image indices of each bootstrap replicate (see ``bootstrap_ci``)."""
+    rng = np.random.default_rng(seed)
+    draws = (rng.integers(0, n, size=n) for _ in range(n_boot))
+    return [np.unique(idx) if dedupe else idx for idx in draws]
+
+
+def _interval(stats: np.ndarray, level: float, around) -> np.ndarray:
+    """Percentile interval over the first axis of ``stats`` (replicates), optionally centred on
+    ``around``; returns (..., 2) = (low, high)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if around is not None:
+        stats = np.asarray(around) + stats - stats.mean(axis=0)
+    alpha = (1.0 - level) / 2.0
+    return np.moveaxis(np.quantile(stats, [alpha, 1.0 - alpha], axis=0), 0, -1)
+
+
 def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int = 200,
                  seed: int = 0, level: float = 0.95, dedupe: bool = True,
                  around: float | None = None) -> tuple[float, float]:
@@ -536,19 +554,42 @@ def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int 
     (replicate − mean of replicates), i.e. the replicates' spread centred on the estimate, which
     removes the subsample's shift in level and keeps the estimate inside its interval.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n = feats_a.shape[0]
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        if dedupe:
-            idx = np.unique(idx)
-        stats.append(metric_fn(_take(feats_a, idx), _take(feats_b, idx)))
-    stats = np.asarray(stats)
-    if around is not None:
-        stats = around + stats - stats.mean()
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    reps = _replicates(feats_a.shape[0], n_boot, seed, dedupe)
+    stats = np.asarray([metric_fn(_take(feats_a, idx), _take(feats_b, idx)) for idx in reps])
+    low, high = _interval(stats, level, around)
     return float(low), float(high)
+
+
+def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k: int = 10,
+                        n_boot: int = 20, seed: int = 0, level: float = 0.95, dedupe: bool = True,
+                        around: dict[str, np.ndarray] | None = None, clamp: bool = True,
+                        normalize: bool = True, device: torch.device | str | None = None,
+                        desc: str | None = None) -> dict[str, np.ndarray]:
+    """``bootstrap_ci`` of every metric for every source (..., n, d) against one target (n, d_t),
+    sharing the work: every source uses the same replicates (same seed), so the target's kernel
+    of each replicate is built once, and each source goes to the device once and gets one kernel
+    per replicate for all metrics (``bootstrap_ci`` with one metric_fn per pair builds both sides
+    of every pair anew). ``around``: {metric: full-sample values, shape sources.shape[:-2]}.
+    Returns {metric: (..., 2) array of (low, high)}, equal to ``bootstrap_ci`` pair by pair.
+    ``desc``: show a progress bar over the sources with this label.
+    """
+    from tqdm.auto import tqdm
+    metrics = _check_metrics(metrics)
+    if device is None:
+        device = _default_device(sources)
+    lead = _leading(sources)
+    reps = _replicates(sources.shape[-2], n_boot, seed, dedupe)
+    kw = dict(k=k, metrics=metrics, clamp=clamp, normalize=normalize, device=device)
+    tgt = _to_tensor(target, torch.device(device))
+    targets = [FeatureKernel.build(tgt[torch.from_numpy(idx).to(tgt.device)], what="target", **kw)
+               for idx in reps]
+    stats = {m: np.empty((n_boot,) + lead) for m in metrics}
+    for index in tqdm(list(np.ndindex(*lead)), desc=desc, disable=desc is None, unit="matrix",
+                      dynamic_ncols=True):
+        src = _to_tensor(sources[index], torch.device(device))
+        for r, idx in enumerate(reps):
+            a = FeatureKernel.build(src[torch.from_numpy(idx).to(src.device)],
+                                    what=f"sources{list(index)}", **kw)
+            for m, v in pair_scores(a, targets[r], metrics).items():
+                stats[m][(r,) + index] = v
+    return {m: _interval(stats[m], level, None if around is None else around[m]) for m in metrics}

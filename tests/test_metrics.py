@@ -285,6 +285,25 @@ def test_bootstrap_duplicates_inflate_cknna_unless_deduplicated():
     assert abs(dedup_low - cknna(a, b)) < 0.03
 
 
+def test_batched_bootstrap_equals_bootstrap_ci_pair_by_pair():
+    a, b = correlated_pair(120, seed=16)
+    rng = np.random.default_rng(17)
+    sources = np.stack([a, a + rng.normal(size=a.shape), rng.normal(size=a.shape)])
+    sources = sources.reshape(3, 1, 120, -1).astype(np.float16)   # the feature store's dtype
+    target = b.astype(np.float32)
+    pair_fns = {"cknna": functools.partial(cknna, k=5), "mutual_knn": functools.partial(mutual_knn, k=5),
+                "cka_unbiased": functools.partial(cka, unbiased=True)}
+    around = alignment(target, sources, metrics=tuple(pair_fns), k=5)
+    got = metrics.bootstrap_alignment(target, sources, tuple(pair_fns), k=5, n_boot=7, seed=3,
+                                      around=around)
+    for m, fn in pair_fns.items():
+        assert got[m].shape == (3, 1, 2)
+        for i in range(3):
+            want = bootstrap_ci(fn, sources[i, 0], target, n_boot=7, seed=3, around=around[m][i, 0])
+            assert tuple(got[m][i, 0]) == pytest.approx(want, abs=1e-12)
+            assert got[m][i, 0, 0] <= around[m][i, 0] <= got[m][i, 0, 1]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_mismatched_image_counts_are_refused():
