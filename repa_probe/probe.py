@@ -45,7 +45,7 @@ class ProbeConfig:
     tol: float = 1e-4              # stop when max |gradient| ≤ tol (sklearn's lbfgs criterion)
     history: int = 10              # L-BFGS memory
     bn_eps: float = 1e-6           # BatchNorm eps, as MAE's probe
-    max_batch_bytes: int = 2**30   # feature bytes (float32) per pass; more probes go in more passes
+    max_batch_bytes: int = 2**30   # working memory per pass (features + scores); more probes, more passes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +447,10 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     y_te = torch.from_numpy(y_te).to(device)
     fit_idx_t, val_idx_t = (torch.from_numpy(i).to(device) for i in (fit_idx, val_idx))
     run = _probe_torch if backend == "torch" else _probe_sklearn
-    per_pass = max(1, cfg.max_batch_bytes // (4 * (n_tr + n_te) * d))
+    # per probe: its float32 features, and about ten (λ, class, image) score arrays while fitting
+    # (scores, the direction's scores, softmax temporaries); with 1000 classes the scores dominate
+    per_probe = 4 * ((n_tr + n_te) * d + 10 * max(len(cfg.lambdas), 1) * c * n_tr)
+    per_pass = max(1, cfg.max_batch_bytes // per_probe)
     parts = []
     for p0 in range(0, n_probes, per_pass):
         p1 = min(p0 + per_pass, n_probes)

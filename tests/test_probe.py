@@ -149,6 +149,17 @@ def test_fit_needs_few_passes_over_the_features_on_digits(digits, monkeypatch):
     assert len(calls) <= 80
 
 
+def test_probes_split_into_passes_give_the_same_results(digits):
+    """A tight memory budget fits one probe per pass (scores count: 10 classes x 5 λ x n images)."""
+    x_tr, y_tr, x_te, y_te = digits
+    feats_tr = np.stack([x_tr, x_tr[:, ::-1], np.sqrt(x_tr)])
+    feats_te = np.stack([x_te, x_te[:, ::-1], np.sqrt(x_te)])
+    together = linear_probe(feats_tr, y_tr, feats_te, y_te)
+    one_by_one = linear_probe(feats_tr, y_tr, feats_te, y_te, ProbeConfig(max_batch_bytes=1))
+    for key in ("top1", "lambda", "val_top1"):
+        np.testing.assert_array_equal(together[key], one_by_one[key])
+
+
 @pytest.mark.parametrize("classes", [10, 40])  # per-class search, and one α above 32 classes
 def test_step_search_finds_the_minimum_along_its_subspace(classes):
     """The step comes from scores alone; check it against autograd on the objective itself."""
