@@ -67,6 +67,22 @@ def test_fixed_lambda_fit_reaches_sklearns_minimum(digits, lam):
         assert np_objective(s_tr, y_tr, theta[:-1], theta[-1], lam) == pytest.approx(ref, rel=rel)
 
 
+def test_many_class_fit_reaches_sklearns_minimum():
+    """Above SPLIT_MAX_CLASSES the step search is a line search; the minimum must not change."""
+    from repa_probe import probe
+    rng = np.random.default_rng(3)
+    classes = probe.SPLIT_MAX_CLASSES + 8
+    centres = rng.normal(size=(classes, 16))
+    y = rng.integers(classes, size=800)
+    x, _ = np_standardize(centres[y] + 1.5 * rng.normal(size=(800, 16)), np.zeros((1, 16)))
+    lam = 1e-2
+    clf = LogisticRegression(C=1.0 / (lam * len(y)), max_iter=5000, tol=1e-10).fit(x, y)
+    ref = np_objective(x, y, clf.coef_.T, clf.intercept_, lam)
+    theta = fit_logistic(torch.tensor(x)[None], torch.from_numpy(y), torch.tensor([[lam]]),
+                         num_classes=classes, tol=1e-8)[0, 0].numpy()
+    assert np_objective(x, y, theta[:-1], theta[-1], lam) == pytest.approx(ref, rel=1e-7)
+
+
 def test_batched_probes_from_a_float16_memmap_equal_one_at_a_time(digits, tmp_path):
     x_tr, y_tr, x_te, y_te = digits
     rng = np.random.default_rng(1)
