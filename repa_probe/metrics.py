@@ -20,6 +20,7 @@ noise level: build one ``FeatureKernel`` for it and pass it to ``alignment`` for
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -34,6 +35,22 @@ METRICS = ("cknna", "cka", "cka_unbiased", "mutual_knn")
 KNN_METRICS = ("cknna", "mutual_knn")
 CKA_METRICS = ("cka", "cka_unbiased")
 EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """float32 matrix products in full precision inside (no TF32 or bf16 passes on GPUs).
+
+    The trainer turns TF32 on for speed, and analysis while training runs in the same process; a
+    TF32 Gram matrix (10-bit mantissa) would move near-tied nearest neighbours and the probe's
+    gradients. Every metric and probe computation runs under this (also usable as a decorator);
+    the previous setting is restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +166,7 @@ def _merge_topk(best_v, best_i, r0, v, i, k):
     best_i[r0:r1] = i.gather(1, j)
 
 
+@exact_float32()
 def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
     """Row-wise top-k of K = x·xᵀ, diagonal excluded, computed one strip of rows at a time.
 
@@ -254,6 +272,7 @@ class _Centred:
     s: torch.Tensor    # ()  float64: 1ᵀK̃1
 
 
+@exact_float32()
 def _centre(x: torch.Tensor) -> _Centred:
     z = x.double()
     z = z - z.mean(dim=0)
@@ -262,6 +281,7 @@ def _centre(x: torch.Tensor) -> _Centred:
     return _Centred(z.to(x.dtype), r, u, u.sum())
 
 
+@exact_float32()
 def _cross_frobenius(za: torch.Tensor, zb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """‖zaᵀ·zb‖²_F = Σᵢⱼ KᵢⱼLᵢⱼ, in chunks of za's columns so a raw-pixel width stays in memory."""
     total = torch.zeros((), dtype=torch.float64, device=za.device)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .metrics import exact_float32
 
 DEFAULT_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -232,6 +233,7 @@ def _preconditioner(x: torch.Tensor, lam: torch.Tensor, num_classes: int, rows: 
     return precond
 
 
+@exact_float32()
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_classes: int,
                  max_iter: int = 1000, tol: float = 1e-4, history: int = 10,
                  init: torch.Tensor | None = None, max_precond_dim: int = 4096) -> torch.Tensor:
@@ -355,6 +357,7 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+@exact_float32()
 def _probe_torch(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx):
     """Search λ (if more than one) and refit, for a batch of probes. Returns per-probe arrays."""
     B = x_tr.shape[0]

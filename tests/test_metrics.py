@@ -304,6 +304,32 @@ def test_batched_bootstrap_equals_bootstrap_ci_pair_by_pair():
             assert got[m][i, 0, 0] <= around[m][i, 0] <= got[m][i, 0, 1]
 
 
+def test_metrics_and_probes_run_in_full_float32_even_when_tf32_is_on(monkeypatch):
+    """The trainer turns TF32 on; its analysis while training must still get exact products."""
+    from repa_probe.probe import linear_probe
+    seen = []
+
+    def spy(real):  # note the setting at every float32 product (float64 ones never use TF32)
+        def call(x, *args, **kw):
+            if x.dtype == torch.float32:
+                seen.append(torch.get_float32_matmul_precision())
+            return real(x, *args, **kw)
+        return call
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy(torch.Tensor.__matmul__))
+    monkeypatch.setattr(torch, "bmm", spy(torch.bmm))
+    a, b = correlated_pair(60, seed=18, dtype=np.float32)   # float64 never uses TF32
+    torch.set_float32_matmul_precision("high")
+    try:
+        cknna(a, b, k=5)
+        cka(a, b)
+        linear_probe(a[:40], np.arange(40) % 3, a[40:], np.arange(20) % 3)
+        assert torch.get_float32_matmul_precision() == "high"   # restored
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert len(seen) > 10 and set(seen) == {"highest"}
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_mismatched_image_counts_are_refused():
