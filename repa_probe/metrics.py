@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exac
 
 
 @contextlib.contextmanager
-def exact_float32():
+def exact_float32() -> Iterator[None]:
     """float32 matrix products in full precision inside (no TF32 or bf16 passes on GPUs).
 
     The trainer turns TF32 on for speed, and analysis while training runs in the same process; a
