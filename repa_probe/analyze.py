@@ -236,24 +236,20 @@ class Analyzer:
             start = time.perf_counter()
             src = feats.raw if raw else feats.blocks
             scores = M.alignment(kernel, src, self.cfg.alignment_metrics, k=self.cfg.k, device=self.device)
-            cis = self._bootstrap(src, target, scores) if self.cfg.bootstrap and not raw else {}
+            cis = {}                                  # 95% bootstrap intervals {metric: (..., 2)}
+            if self.cfg.bootstrap and not raw:
+                cis = M.bootstrap_alignment(target, src, tuple(scores), k=self.cfg.k, n_boot=self.cfg.bootstrap,
+                                            seed=self.cfg.seed, around=scores, device=self.device,
+                                            desc=None if self.cfg.quiet else "bootstrap")
             self.timings["metrics"] += time.perf_counter() - start
             for metric, values in scores.items():
                 for index in np.ndindex(values.shape):
                     ti = index[0]
                     block = -1 if raw else index[1]
-                    lo, hi = cis.get(metric, {}).get(index, (math.nan, math.nan))
+                    lo, hi = cis[metric][index] if metric in cis else (math.nan, math.nan)
                     rows.append(dict(checkpoint=name, block=block, t=feats.ts[ti], metric=metric,
                                      encoder=enc.name, value=float(values[index]), ci_low=lo, ci_high=hi))
         return rows
-
-    def _bootstrap(self, src, target: np.ndarray, scores: dict) -> dict:
-        """95% bootstrap intervals over images (metrics.bootstrap_alignment: duplicates dropped, spread
-        centred on the full-sample value) for every source matrix and metric: {metric: {index: (lo, hi)}}."""
-        ci = M.bootstrap_alignment(target, src, tuple(scores), k=self.cfg.k, n_boot=self.cfg.bootstrap,
-                                   seed=self.cfg.seed, around=scores, device=self.device,
-                                   desc=None if self.cfg.quiet else "bootstrap")
-        return {m: {index: tuple(v[index]) for index in np.ndindex(v.shape[:-1])} for m, v in ci.items()}
 
     def probe_rows(self, name: str, train, test, raw: bool) -> list[dict]:
         start = time.perf_counter()

@@ -598,18 +598,18 @@ def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k:
     if device is None:
         device = _default_device(sources)
     lead = _leading(sources)
-    reps = _replicates(sources.shape[-2], n_boot, seed, dedupe)
+    device = torch.device(device)
+    reps = [torch.from_numpy(idx).to(device)
+            for idx in _replicates(sources.shape[-2], n_boot, seed, dedupe)]   # on the device once
     kw = dict(k=k, metrics=metrics, clamp=clamp, normalize=normalize, device=device)
-    tgt = _to_tensor(target, torch.device(device))
-    targets = [FeatureKernel.build(tgt[torch.from_numpy(idx).to(tgt.device)], what="target", **kw)
-               for idx in reps]
+    tgt = _to_tensor(target, device)
+    targets = [FeatureKernel.build(tgt[idx], what="target", **kw) for idx in reps]
     stats = {m: np.empty((n_boot,) + lead) for m in metrics}
     for index in tqdm(list(np.ndindex(*lead)), desc=desc, disable=desc is None, unit="matrix",
                       dynamic_ncols=True):
-        src = _to_tensor(sources[index], torch.device(device))
+        src = _to_tensor(sources[index], device)
         for r, idx in enumerate(reps):
-            a = FeatureKernel.build(src[torch.from_numpy(idx).to(src.device)],
-                                    what=f"sources{list(index)}", **kw)
+            a = FeatureKernel.build(src[idx], what=f"sources{list(index)}", **kw)
             for m, v in pair_scores(a, targets[r], metrics).items():
                 stats[m][(r,) + index] = v
     return {m: _interval(stats[m], level, None if around is None else around[m]) for m in metrics}
