@@ -83,7 +83,7 @@ def experiment_args(doc: str) -> argparse.Namespace:
 
 def analysis_config(preset: str, n: int, **extra):
     """The experiments' analysis: n cifar10/test images against the teacher; probe fitted on n train images."""
-    from repa_probe.analyze import AnalyzeConfig
+    from repa_probe.pipeline import AnalyzeConfig
     return AnalyzeConfig(data=str(DATA / "test"), n=n, encoders=["cifar-ssl-resnet"], probe_train=str(DATA / "train"),
                          probe_test=str(DATA / "test"), probe_n_train=n, probe_n_test=n, bootstrap=50,
                          cache=str(REPO / "runs" / "cache"), quiet=True,

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from repa_probe.capture import AUTOCAST, BlockCapture, capture_batch, noisy_input
+from repa_probe.capture import BlockCapture, capture_batch, noisy_input
+from repa_probe.families.sit import as_checkpoint
 from repa_probe.models import SiT, model_config
-from repa_probe.noise import Convention
+from repa_probe.runtime import AUTOCAST_DTYPES
 
 
 def timed(fn, device: torch.device) -> tuple[float, float]:
@@ -40,7 +41,8 @@ def main(args: argparse.Namespace) -> None:
         for name, p in model.named_parameters():   # random weights: adaLN-Zero gates would be zero otherwise
             if name != "pos_embed":
                 p.normal_(0, 0.02)
-    convention, dtype = Convention("repa"), AUTOCAST[args.precision]
+    ckpt = as_checkpoint(model, "repa")
+    convention, dtype = ckpt.convention, AUTOCAST_DTYPES[args.precision]
     x0 = torch.randn(args.batch_size, 4, 32, 32, device=device)
     ids = torch.arange(args.batch_size)
     x_t, timestep = noisy_input(convention, x0, ids, args.t, seed=0)
@@ -53,12 +55,12 @@ def main(args: argparse.Namespace) -> None:
 
     @torch.no_grad()
     def hooks_only():
-        with BlockCapture(model, stop_early=False), \
+        with BlockCapture(ckpt, stop_early=False), \
                 torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             model(x_t, timestep, y)
 
     def capture():
-        capture_batch(model, convention, x0, None, ids, args.t, seed=0, autocast_dtype=dtype)
+        capture_batch(ckpt, x0, None, ids, args.t, seed=0, autocast_dtype=dtype)
 
     for fn in (forward, hooks_only, capture):   # warm-up
         fn()

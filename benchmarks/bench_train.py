@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from repa_probe.encoders import load_encoder
 from repa_probe.models import model_config
-from repa_probe.train.trainer import (TrainConfig, autocast_for, draw_step_randomness, encoder_targets, init_model,
+from repa_probe.runtime import autocast as autocast_for
+from repa_probe.train.trainer import (TrainConfig, draw_step_randomness, encoder_targets, init_model,
                                       make_optimizer, train_step)
 
 REPA_OFFICIAL_H100 = {("B/2", 128): 1039.0, ("XL/2", 64): 290.0}   # img/s, DESIGN.md §7

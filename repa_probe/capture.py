@@ -1,8 +1,10 @@
 """Capture: every block's output, for every noise level, pooled per image on the fly.
 
-One forward pass per (batch, t) records all blocks through hooks:
+One forward pass per (batch, t) records all blocks through hooks on the blocks its model family lists
+(families/): the family also says how to call the model and where the image tokens are in a block's
+input and output (tuples, extra text or register tokens), so capture works the same for every family:
 
-    block 0   the tokens entering block 1 (patch embedding + positions): a pre-hook on blocks[0]
+    block 0   the image tokens entering block 1 (patch embedding + positions): a pre-hook on blocks[0]
     block i   the output of block i (1-based, as in the REPA paper): a forward hook on blocks[i-1]
     raw       the model input x_t average-pooled per p×p patch, flattened to C·(H/p)·(W/p): the baseline
 
@@ -10,11 +12,11 @@ Pooling (per block, per image, in float32): ``mean`` over tokens → [D]; ``grid
 average-pooled to G×G, flattened to [D·G·G] (channel-major); ``tokens`` → all tokens [T, D]. So memory
 stays O(batch × depth × width) for the pooled modes.
 
-Inputs follow the checkpoint's time convention (noise.Convention): x_t = model_input(x0, t, ε) and the
+Inputs follow the checkpoint's time convention (noise.py): x_t = model_input(x0, t, ε) and the
 t-embedder is fed timestep(t). The noise ε of image `id` at level t is `seeded_noise([id], salt=round(t·1e6))`:
 it depends on neither the batch, the rank, the t grid nor the checkpoint, so two checkpoints analysed
 with the same seed see exactly the same noisy inputs. The class label is the null class
-(``num_classes``) unless labels="true".
+(``num_classes``) unless labels="true"; families without labels get None.
 
 `capture_blocks` works in memory (the trainer's analysis-while-training); `extract` fills the feature
 store (store.py) for analysis at scale, resumably and, under torchrun, split across ranks.
@@ -31,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from repa_probe.data import (ImageDataset, image_size_for, load_vae, model_mode, select_subset, to_model_space,
-                             list_images, vae_fingerprint)
+from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.data import ImageDataset, list_images, load_vae, select_subset, to_model_space, vae_fingerprint
 from repa_probe.errors import UserError
+from repa_probe.families import InputSpace, load_checkpoint
 from repa_probe.noise import Convention, seeded_noise
-from repa_probe.store import (Features, FeatureStore, ImageFeatures, fill, init_distributed, read_features,
-                              t_part)
+from repa_probe.runtime import AUTOCAST_DTYPES, init_distributed, resolve_device
+from repa_probe.store import Features, FeatureStore, ImageFeatures, fill, read_features, t_part
 
 DEFAULT_TS = (0.0, 0.1, 0.25, 0.5, 0.75)
-AUTOCAST = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 #################################################################################
@@ -84,16 +86,17 @@ class _StopForward(Exception):
 
 
 class BlockCapture:
-    """Context manager: hooks on `model.blocks` that store pooled features of the wanted blocks.
+    """Context manager: hooks on a loaded model's blocks that store pooled features of the wanted blocks.
 
     blocks: indices in 0..depth (0 = tokens entering block 1), default all. After a forward pass,
     `features[i]` holds block i's pooled output. Hooks are removed on exit, also after an error.
     """
 
-    def __init__(self, model: torch.nn.Module, blocks: Sequence[int] | None = None, pooling: str = "mean",
+    def __init__(self, ckpt: LoadedCheckpoint, blocks: Sequence[int] | None = None, pooling: str = "mean",
                  stop_early: bool = True):
-        depth = len(model.blocks)
-        self.model, self.pooling = model, pooling
+        self.family, self.modules = ckpt.family, list(ckpt.family.blocks(ckpt.model))
+        depth = len(self.modules)
+        self.pooling = pooling
         self.blocks = list(range(depth + 1)) if blocks is None else [int(b) for b in blocks]
         bad = [b for b in self.blocks if not 0 <= b <= depth]
         if bad:
@@ -109,14 +112,15 @@ class BlockCapture:
             raise _StopForward
 
     def __enter__(self) -> "BlockCapture":
-        blocks = self.model.blocks
+        family, modules = self.family, self.modules
         try:
-            if 0 in self.blocks:   # block 0: the first block's input x (its args are (x, c))
-                self.handles.append(blocks[0].register_forward_pre_hook(lambda m, args: self._record(0, args[0])))
+            if 0 in self.blocks:   # block 0: the image tokens entering the first block
+                self.handles.append(modules[0].register_forward_pre_hook(
+                    lambda m, args, kwargs: self._record(0, family.input_tokens(args, kwargs)), with_kwargs=True))
             for i in self.blocks:
                 if i > 0:
-                    self.handles.append(blocks[i - 1].register_forward_hook(
-                        lambda m, args, out, i=i: self._record(i, out)))
+                    self.handles.append(modules[i - 1].register_forward_hook(
+                        lambda m, args, out, i=i: self._record(i, family.block_tokens(out))))
         except BaseException:
             self.remove()
             raise
@@ -145,7 +149,7 @@ def noisy_input(convention: Convention, x0: torch.Tensor, ids: torch.Tensor, t: 
 
 
 @torch.no_grad()
-def capture_batch(model, convention: Convention, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
+def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
                   t: float, *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
                   autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass at noise level t → (features [n_blocks, N, ...], raw [N, C·(H/p)·(W/p)]), float32.
@@ -153,34 +157,36 @@ def capture_batch(model, convention: Convention, x0: torch.Tensor, labels: torch
     x0 is the clean model-space input (pixels in [−1, 1] or scaled latents); labels None = null class.
     The model runs in eval mode and is put back in its previous mode afterwards.
     """
+    model, anatomy = ckpt.model, ckpt.anatomy
     device = next(model.parameters()).device
     x0, ids = x0.to(device).float(), ids.cpu()
-    x_t, timestep = noisy_input(convention, x0, ids, t, seed)
-    y = labels.to(device) if labels is not None else torch.full((len(x0),), model.config.num_classes, device=device)
+    x_t, timestep = noisy_input(ckpt.convention, x0, ids, t, seed)
+    y = None if anatomy.num_classes is None else \
+        labels.to(device) if labels is not None else torch.full((len(x0),), anatomy.num_classes, device=device)
     was_training = model.training
     model.eval()
     try:
-        with BlockCapture(model, blocks, pooling) as cap, \
+        with BlockCapture(ckpt, blocks, pooling) as cap, \
                 torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            model(x_t, timestep, y)
+            ckpt.family.forward(model, x_t, timestep, y)
     finally:
         model.train(was_training)
-    return torch.stack([cap.features[b] for b in cap.blocks]), raw_baseline(x_t, model.config.patch_size)
+    return torch.stack([cap.features[b] for b in cap.blocks]), raw_baseline(x_t, anatomy.patch_size)
 
 
-def capture_blocks(model, convention: Convention, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
+def capture_blocks(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
                    ts: Sequence[float], *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
                    autocast_dtype: torch.dtype | None = None, batch_size: int | None = None,
                    out_device: str | torch.device = "cpu") -> torch.Tensor:
     """In-memory features [n_t, n_blocks, N, D] (n_blocks = depth+1 by default; index 0 = block 0), float32.
 
-    For the trainer's analysis while training: same noise, hooks and pooling as `extract`, no store.
+    Same noise, hooks and pooling as `extract`, no store (for models that change, such as a trainer's EMA).
     `blocks` picks and orders the blocks (0..depth); `batch_size` bounds the images per forward pass.
     """
     step = batch_size or len(x0)
     per_t = []
     for t in ts:
-        parts = [capture_batch(model, convention, x0[i:i + step], None if labels is None else labels[i:i + step],
+        parts = [capture_batch(ckpt, x0[i:i + step], None if labels is None else labels[i:i + step],
                                ids[i:i + step], t, seed=seed, blocks=blocks, pooling=pooling,
                                autocast_dtype=autocast_dtype)[0].to(out_device)
                  for i in range(0, len(x0), step)]
@@ -229,10 +235,15 @@ def model_fingerprint(ckpt) -> dict:
     return {"sha256": p.sha256, "weights": p.weights, "convention": p.convention, "format": p.format}
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def input_space(ckpt: LoadedCheckpoint, mode: str | None = None) -> InputSpace:
+    """The model's input space (its family says), checked against a --mode the user gave."""
+    space = ckpt.anatomy.input
+    if mode is not None and mode not in ("pixels", "latents"):
+        raise UserError(f"--mode {mode!r}: use 'pixels' or 'latents'")
+    if mode is not None and mode != space.kind:
+        raise UserError(f"--mode {mode}: the model takes {space.channels}-channel {space.kind} "
+                        f"({space.channels}×{space.size}²); use --mode {space.kind} or leave --mode out")
+    return space
 
 
 class _ArrayRows(Dataset):
@@ -250,16 +261,18 @@ class _ArrayRows(Dataset):
         return torch.from_numpy(np.array(self._array[i])), int(self.labels[i]), int(self.ids[i])
 
 
-def cached_latents(store: FeatureStore, dataset: ImageDataset, vae, *, batch_size: int = 64, num_workers: int = 0,
-                   quiet: bool = False) -> ImageFeatures:
-    """SD-VAE latents (posterior mean · 0.18215) [N, 4, H/8, W/8] of a data subset, computed once per
-    (VAE weights, data subset) and memory-mapped from the store afterwards."""
+def cached_latents(store: FeatureStore, dataset: ImageDataset, vae, space: InputSpace, *, batch_size: int = 64,
+                   num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
+    """VAE latents (posterior mean, scaled as `space` says) [N, C, H/f, W/f] of a data subset, computed once
+    per (VAE weights, scaling, data subset) and memory-mapped from the store afterwards."""
     from repa_probe.store import cache_image_features
 
     def encode(images):
-        return {"latents": to_model_space(images, "latents", vae)}
+        return {"latents": to_model_space(images, "latents", vae, scale=space.scale, shift=space.shift)}
 
-    fingerprint = {"vae": vae_fingerprint(vae), "posterior": "mean", "scale": 0.18215}
+    fingerprint = {"vae": vae_fingerprint(vae), "posterior": "mean", "scale": space.scale}
+    if space.shift:
+        fingerprint["shift"] = space.shift
     return cache_image_features(store, "latents", fingerprint, dataset, encode, batch_size=batch_size,
                                 num_workers=num_workers, quiet=quiet)
 
@@ -279,26 +292,25 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
 
     checkpoint: a path or a LoadedCheckpoint. data: an ImageFolder path (then n / subset_seed / skip_bad pick
     the subset) or an ImageDataset at the model's image size. mode: "pixels" | "latents" (default: the
-    checkpoint's). vae: the SD-VAE folder or hub name for latent models. Only chunks missing from the store
+    checkpoint's). vae: the VAE folder or hub name for latent models (default: the family's). Only chunks missing from the store
     are computed (`Features.computed` counts them); under torchrun the batches are split across ranks.
     """
-    from repa_probe.checkpoints import LoadedCheckpoint, load_checkpoint
     config = config or CaptureConfig()
-    init_distributed()
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
+    init_distributed(device)
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
-    mode = model_mode(ckpt, mode)
-    size = image_size_for(ckpt.config, mode)
+    space = input_space(ckpt, mode)
+    mode, size = space.kind, space.image_size
     dataset = data if isinstance(data, ImageDataset) else make_dataset(data, size, n, subset_seed, skip_bad)
     if dataset.image_size != size:
         raise UserError(f"the dataset is cropped to {dataset.image_size}px but this {mode} model needs {size}px")
     store = FeatureStore(cache_dir)
-    model = ckpt.model.to(device).eval()
+    ckpt.model.to(device).eval()
 
     rows, vae_key = dataset, None
     if mode == "latents":
-        autoencoder = load_vae(vae, device)
-        latents = cached_latents(store, dataset, autoencoder, batch_size=batch_size, num_workers=num_workers,
+        autoencoder = load_vae(vae or space.vae, device)
+        latents = cached_latents(store, dataset, autoencoder, space, batch_size=batch_size, num_workers=num_workers,
                                  quiet=quiet)
         rows = _ArrayRows(latents.path / "all" / "latents.npy", latents.labels, latents.ids)
         vae_key = latents.fingerprint["vae"]
@@ -307,12 +319,12 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
     fingerprint = {"model": model_fingerprint(ckpt), "data": dataset.fingerprint(), "mode": mode, "vae": vae_key,
                    "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))"}
     entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids, row_axes={"blocks": 1})
-    autocast_dtype, store_dtype = AUTOCAST[config.precision], np.dtype(config.dtype)
+    autocast_dtype, store_dtype = AUTOCAST_DTYPES[config.precision], np.dtype(config.dtype)
     t_of = {t_part(t): t for t in config.ts}
 
     def compute(x, labels, ids, part):
         x0 = to_model_space(x, "pixels") if x.dtype == torch.uint8 else x.float()
-        feats, raw = capture_batch(model, ckpt.convention, x0, labels if config.labels == "true" else None, ids,
+        feats, raw = capture_batch(ckpt, x0, labels if config.labels == "true" else None, ids,
                                    t_of[part], seed=config.seed, pooling=config.pooling, blocks=config.blocks,
                                    autocast_dtype=autocast_dtype)
         out = {"blocks": feats.transpose(0, 1).cpu().numpy(), "raw": raw.cpu().numpy()}   # rows first

@@ -6,11 +6,14 @@ import argparse
 import sys
 
 from repa_probe.errors import UserError
+from repa_probe.metrics import METRICS
+from repa_probe.noise import CONVENTIONS
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from repa_probe.checkpoints import load_checkpoint, summary_rows
-    rows = summary_rows(load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights))
+    from repa_probe.families import inspect_rows, load_checkpoint
+    rows = inspect_rows(load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights,
+                                        heads=args.heads))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -19,19 +22,17 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     import time
     from repa_probe.capture import CaptureConfig, extract
-    from repa_probe.checkpoints import load_checkpoint
-    from repa_probe.store import rank, shutdown_distributed
+    from repa_probe.families import load_checkpoint
+    from repa_probe.runtime import rank, resolve_device, resolve_precision, shutdown_distributed
     start = time.perf_counter()
-    from repa_probe.capture import default_device
-    device = args.device or str(default_device())
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    device = resolve_device(args.device)
     config = CaptureConfig(ts=args.t, seed=args.seed, pooling=args.pooling, labels=args.labels,
-                           precision=precision, dtype=args.store_dtype)
-    ckpt = load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights)
+                           precision=resolve_precision(args.precision, device), dtype=args.store_dtype)
+    ckpt = load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights, heads=args.heads)
     try:
         features = extract(ckpt, args.data, config, mode=args.mode, vae=args.vae, n=args.n,
                            subset_seed=args.subset_seed, skip_bad=args.skip_bad_images, batch_size=args.batch_size,
-                           num_workers=args.workers, device=args.device, cache_dir=args.cache, quiet=args.quiet)
+                           num_workers=args.workers, device=device, cache_dir=args.cache, quiet=args.quiet)
         main_process = rank() == 0   # under torchrun only rank 0 reports
     finally:
         shutdown_distributed()
@@ -59,17 +60,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         out=args.out, ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
         export_repa=args.export_repa, progress=not args.quiet, analyze_every=args.analyze_every,
         analyze_data=args.analyze_data, analyze_n=args.analyze_n, analyze_blocks=list(args.analyze_blocks),
-        analyze_t=list(args.analyze_t), analyze_k=args.analyze_k)
+        analyze_t=list(args.analyze_t), analyze_k=args.analyze_k, analyze_metrics=list(args.analyze_metrics))
     last = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"last checkpoint: {last}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from repa_probe.train.sampler import sample_checkpoint
+    from repa_probe.sampler import sample_checkpoint
     images = sample_checkpoint(args.checkpoint, args.out, args.n, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
                                sampler=args.sampler, steps=args.steps, seed=args.seed, class_label=args.class_label,
-                               vae=args.vae, weights=args.weights, convention=args.convention, device=args.device)
+                               vae=args.vae, weights=args.weights, convention=args.convention, heads=args.heads,
+                               device=args.device)
     print(f"wrote {len(images)} samples to {args.out}")
 
 
@@ -79,7 +81,7 @@ def cmd_export_repa(args: argparse.Namespace) -> None:
 
 
 def _analyze_config(args: argparse.Namespace, data: str):
-    from repa_probe.analyze import AnalyzeConfig
+    from repa_probe.pipeline import AnalyzeConfig
     encoders = [e for spec in (args.encoder or []) for e in spec.split(",") if e]
     return AnalyzeConfig(
         data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
@@ -88,7 +90,7 @@ def _analyze_config(args: argparse.Namespace, data: str):
         bootstrap=args.bootstrap, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
         cache=args.cache, mode=args.mode, vae=args.vae, skip_bad_images=args.skip_bad_images,
-        convention=args.convention, weights=args.weights, quiet=args.quiet, samples=args.samples)
+        convention=args.convention, weights=args.weights, heads=args.heads, quiet=args.quiet, samples=args.samples)
 
 
 def _report_done(out) -> None:
@@ -156,8 +158,8 @@ def _add_analysis_commands(sub) -> None:
         g.add_argument("--probe-n-test", type=int, default=None, help="probe test images (default: --n / 2)")
         g.add_argument("--no-probe", action="store_true", help="skip the linear probes (unlabelled data)")
         g = p.add_argument_group("metrics")
-        g.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["cknna"],
-                       help="alignment metrics: cknna, cka, cka_unbiased, mutual_knn (default: cknna)")
+        g.add_argument("--metrics", type=_names, default=["cknna"],
+                       help=f"alignment metrics: {', '.join(METRICS)} (default: cknna)")
         g.add_argument("--k", type=int, default=10, help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
         g.add_argument("--bootstrap", type=int, default=20,
                        help="bootstrap replicates for alignment intervals, 0 = none (default: 20)")
@@ -281,6 +283,8 @@ def _add_train_commands(sub) -> None:
                    help="1-based blocks (default: REPA depth, middle, last)")
     g.add_argument("--analyze-t", type=_floats, default=(0.0, 0.5), help="noise levels (default: 0,0.5)")
     g.add_argument("--analyze-k", type=int, default=10, help="CKNNA neighbours (default: 10)")
+    g.add_argument("--analyze-metrics", type=_names, default=["cknna"],
+                   help=f"alignment metrics: {', '.join(METRICS)} (default: cknna)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
@@ -305,6 +309,10 @@ def _add_train_commands(sub) -> None:
     p.add_argument("checkpoint", help="a repa-probe training checkpoint (RUN_DIR/checkpoints/NNNNNNN.pt)")
     p.add_argument("out", help="file to write")
     p.set_defaults(func=cmd_export_repa)
+
+
+def _names(s: str) -> list[str]:
+    return [m for m in s.split(",") if m]
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -345,11 +353,14 @@ def add_capture_options(p: argparse.ArgumentParser, precision_default: str = "fp
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--convention", choices=["sit", "dit", "repa"], default=None,
+    p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
                    help="time convention of the checkpoint (default: detected; official SiT and DiT files "
                         "are told apart by their released file names, otherwise it is assumed and reported)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="which weights of a training checkpoint to use (default: ema)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads, for a custom-width checkpoint whose weights cannot tell (no qk-norm, "
+                        "none recorded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from repa_probe.plugins import load_plugins
+    try:
+        load_plugins()
+    except UserError as e:
+        print(f"repa-probe: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -8,8 +8,9 @@ The stages, in order:
     make_loader                a DataLoader (worker count configurable) whose errors stay one line
     to_model_space             uint8 → pixels in [−1, 1], or SD-VAE latents (posterior mean · 0.18215)
 
-Mode (DESIGN.md §7): latent models (in_channels 4) see SD-VAE latents of 8·input_size images; pixel
-models (in_channels 3) see the image itself at input_size, scaled to [−1, 1].
+Which of the two a model sees is its family's business (families/, `InputSpace`): SiT/DiT latent models
+(4 input channels) see SD-VAE latents of 8·input_size images; pixel models (3 channels) see the image
+itself at input_size, scaled to [−1, 1].
 
 Latents use the posterior **mean** by default: analysis wants one deterministic input per image. REPA's
 trainer instead *samples* the posterior (mean + σ·ε) at every step; `to_model_space(..., generator=g)`
@@ -216,30 +217,14 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle
 #                             Pixels and VAE latents                            #
 #################################################################################
 
-def image_size_for(config, mode: str) -> int:
-    """Image side fed to preprocessing: input_size for pixel models, 8·input_size for latent ones."""
-    return config.input_size * (VAE_DOWNSAMPLE if mode == "latents" else 1)
-
-
-def model_mode(ckpt, override: str | None = None) -> str:
-    """'pixels' or 'latents': the override, else our checkpoint's meta["mode"], else by input channels."""
-    mode = override or (ckpt.meta or {}).get("mode") or ("pixels" if ckpt.config.in_channels == 3 else "latents")
-    if mode not in ("pixels", "latents"):
-        raise UserError(f"--mode {mode!r}: use 'pixels' or 'latents'")
-    expected = 3 if mode == "pixels" else 4
-    if ckpt.config.in_channels != expected:
-        raise UserError(f"--mode {mode}: the model takes {ckpt.config.in_channels} input channels, but {mode} "
-                        f"have {expected}; use --mode {'latents' if mode == 'pixels' else 'pixels'}")
-    return mode
-
-
-def to_model_space(images_uint8: torch.Tensor, mode: str, vae=None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def to_model_space(images_uint8: torch.Tensor, mode: str, vae=None, generator: torch.Generator | None = None,
+                   scale: float = LATENT_SCALE, shift: float = 0.0) -> torch.Tensor:
     """uint8 [N, 3, H, W] → what the model was trained on.
 
     pixels:  x = images / 127.5 − 1 ∈ [−1, 1]                                  (N, 3, H, W), float32
-    latents: x = 0.18215 · μ_φ(images / 127.5 − 1), the SD-VAE posterior mean   (N, 4, H/8, W/8), float32
-             (with `generator`: 0.18215 · (μ + σ·ε), a seeded posterior sample, as REPA trains)
+    latents: x = scale · (μ_φ(images / 127.5 − 1) − shift), the VAE posterior mean (N, C, H/f, W/f), float32
+             (SD-VAE: scale 0.18215, shift 0; with `generator`: μ + σ·ε, a seeded posterior sample, as REPA
+             trains)
     """
     x = images_uint8.float() / 127.5 - 1
     if mode == "pixels":
@@ -255,7 +240,8 @@ def to_model_space(images_uint8: torch.Tensor, mode: str, vae=None,
         if generator is not None:
             eps = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device, z.dtype)
             z = z + posterior.std * eps
-    return z.float() * LATENT_SCALE
+    z = z.float()
+    return (z - shift) * scale if shift else z * scale
 
 
 def load_vae(path_or_name: str | os.PathLike | None, device: str | torch.device = "cpu"):

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +31,6 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-METRICS = ("cknna", "cka", "cka_unbiased", "mutual_knn")
-KNN_METRICS = ("cknna", "mutual_knn")
-CKA_METRICS = ("cka", "cka_unbiased")
 EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
 
 
@@ -304,10 +301,108 @@ def _hsic_pair(a: _Centred, b: _Centred) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+#                   The registry of alignment metrics (one entry per measure)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    """An alignment measure between two feature matrices of the same images.
+
+    ``part`` names what the measure needs of each (preprocessed) matrix; ``prepare(x, k)`` computes it,
+    once per matrix, and measures that name the same part share it (CKNNA and mutual kNN share the kNN
+    graph). ``score(a, b, shared)`` compares the parts of a source ``a`` and a target ``b``; ``shared`` is a
+    dict that lives for one pair, for intermediate results two measures have in common. A new measure is
+    one file that calls ``register_metric`` (docs/metrics.md); analyze, compare and the trainer's analysis
+    then offer it under its name.
+    """
+
+    name: str
+    label: str                                   # how reports name it
+    part: str
+    prepare: Callable[[torch.Tensor, int], Any]
+    score: Callable[[Any, Any, dict], float]
+    uses_k: bool = False                         # depends on the number of neighbours k
+    min_n: int = 2                               # fewest images it is defined for
+    symmetric: bool = False                      # score(a, b) == score(b, a) exactly
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
+    if metric.name in METRICS and not overwrite:
+        raise ValueError(f"alignment metric {metric.name!r} is already registered")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def _shared(shared: dict, key: str, compute: Callable[[], Any]) -> Any:
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
+
+
+@dataclass
+class _KnnPart:
+    graph: KnnGraph
+    s_self: float      # S(K, K) = HSIC_u(N_K∘K, N_K∘K)
+
+
+def _knn_part(x: torch.Tensor, k: int) -> _KnnPart:
+    g = knn_graph(x, k)
+    return _KnnPart(g, _masked_hsic(g, g, _intersect(g, g)))
+
+
+@dataclass
+class _CentredPart:
+    centred: _Centred
+    hsic_self: tuple[float, float]   # (biased, unbiased) HSIC(K, K)
+
+
+def _centred_part(x: torch.Tensor, k: int) -> _CentredPart:
+    c = _centre(x)
+    return _CentredPart(c, _hsic_pair(c, c))
+
+
+def _cknna(a: _KnnPart, b: _KnnPart, shared: dict) -> float:
+    """S(K, L) / (√(S(K, K)·S(L, L)) + 1e-6); S(X, Y) = HSIC_u(M∘X, M∘Y), M = N_K ∩ N_L row-wise."""
+    m = _shared(shared, "intersection", lambda: _intersect(a.graph, b.graph))
+    return _masked_hsic(a.graph, b.graph, m) / (math.sqrt(a.s_self * b.s_self) + EPS)
+
+
+def _mutual_knn(a: _KnnPart, b: _KnnPart, shared: dict) -> float:
+    """(1/n) Σᵢ |N_K(i) ∩ N_L(i)| / k."""
+    m = _shared(shared, "intersection", lambda: _intersect(a.graph, b.graph))
+    return float(m.inside.sum()) / (a.graph.n * a.graph.k)
+
+
+def _cka(a: _CentredPart, b: _CentredPart, shared: dict) -> float:
+    """tr(KHLH) / √(tr(KHKH)·tr(LHLH))."""
+    biased, _ = _shared(shared, "hsic", lambda: _hsic_pair(a.centred, b.centred))
+    return biased / math.sqrt(a.hsic_self[0] * b.hsic_self[0])
+
+
+def _cka_unbiased(a: _CentredPart, b: _CentredPart, shared: dict) -> float:
+    """HSIC_u(K, L) / (√(HSIC_u(K, K)·HSIC_u(L, L)) + 1e-6)."""
+    _, unbiased = _shared(shared, "hsic", lambda: _hsic_pair(a.centred, b.centred))
+    return unbiased / (math.sqrt(a.hsic_self[1] * b.hsic_self[1]) + EPS)
+
+
+register_metric(Metric("cknna", "CKNNA", "knn", _knn_part, _cknna, uses_k=True, min_n=4))
+register_metric(Metric("cka", "CKA (biased)", "centred", _centred_part, _cka, symmetric=True))
+register_metric(Metric("cka_unbiased", "CKA (unbiased)", "centred", _centred_part, _cka_unbiased, min_n=4,
+                       symmetric=True))
+register_metric(Metric("mutual_knn", "mutual k-NN", "knn", _knn_part, _mutual_knn, uses_k=True, symmetric=True))
+
+
+# ---------------------------------------------------------------------------------------------
 #                      One feature matrix, prepared once, compared many times
 # ---------------------------------------------------------------------------------------------
 
-def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+def _check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
+    """The named metrics (all registered ones for None), each checked to exist."""
+    if metrics is None:
+        return tuple(METRICS)
     if isinstance(metrics, str):
         metrics = (metrics,)
     unknown = [m for m in metrics if m not in METRICS]
@@ -320,17 +415,17 @@ def _check_shape(x_shape, k: int, metrics: Sequence[str], what: str) -> int:
     if len(x_shape) != 2:
         raise UserError(f"{what} must be a 2-D (images, dims) matrix, got shape {tuple(x_shape)}")
     n = x_shape[0]
-    if any(m in ("cknna", "cka_unbiased") for m in metrics) and n < 4:
-        raise UserError(f"{what} has n={n} images; unbiased HSIC needs n >= 4")
-    if any(m in KNN_METRICS for m in metrics) and not 1 <= k <= n - 1:
+    need = max(METRICS[m].min_n for m in metrics)
+    if n < need:
+        raise UserError(f"{what} has n={n} images; {', '.join(metrics)} needs n >= {need}")
+    if any(METRICS[m].uses_k for m in metrics) and not 1 <= k <= n - 1:
         raise UserError(f"k={k} nearest neighbours needs 1 <= k <= n-1, but {what} has n={n} images")
     return n
 
 
 @dataclass
 class FeatureKernel:
-    """Everything the metrics need from one feature matrix: its kNN graph and S(K, K) for
-    CKNNA / mutual kNN, its centred features and HSIC(K, K) for CKA.
+    """Everything the requested metrics need from one feature matrix (its prepared parts, by name).
 
     Build it once for the target encoder and reuse it against every block and noise level.
     """
@@ -339,33 +434,27 @@ class FeatureKernel:
     k: int
     metrics: tuple[str, ...]
     preprocessing: tuple[bool, bool] = (True, True)  # (clamp, normalize) it was built with
-    graph: KnnGraph | None = None
-    s_self: float | None = None          # S(K, K) = HSIC_u(N_K∘K, N_K∘K)
-    centred: _Centred | None = None
-    hsic_self: tuple[float, float] | None = None  # (biased, unbiased) HSIC(K, K)
+    parts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, feats, k: int = 10, metrics: Sequence[str] = METRICS, clamp: bool = True,
+    def build(cls, feats, k: int = 10, metrics: Sequence[str] | None = None, clamp: bool = True,
               normalize: bool = True, device: torch.device | str | None = None,
               block: int | None = None, what: str = "features") -> "FeatureKernel":
-        """Preprocess ``feats`` (n, d) and precompute the parts that ``metrics`` use."""
+        """Preprocess ``feats`` (n, d) and prepare the parts that ``metrics`` use."""
         metrics = _check_metrics(metrics)
         n = _check_shape(tuple(feats.shape), k, metrics, what)
         x = prepare_features(feats, clamp=clamp, normalize=normalize, device=device)
         if not bool(torch.isfinite(x).all()):
             raise UserError(f"{what} contain NaN or inf values (float16 overflow while capturing?)")
         fk = cls(n, k, metrics, (clamp, normalize))
-        if any(m in KNN_METRICS for m in metrics):
-            fk.graph = knn_graph(x, k, block)
-            g = fk.graph
-            fk.s_self = _masked_hsic(g, g, _intersect(g, g))
-        if any(m in CKA_METRICS for m in metrics):
-            fk.centred = _centre(x)
-            fk.hsic_self = _hsic_pair(fk.centred, fk.centred)
+        for m in metrics:
+            part = METRICS[m].part
+            if part not in fk.parts:
+                fk.parts[part] = METRICS[m].prepare(x, k)
         return fk
 
 
-def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] = METRICS
+def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] | None = None
                 ) -> dict[str, float]:
     """All requested metrics between two prepared matrices; K comes from ``a``, L from ``b``.
 
@@ -381,27 +470,16 @@ def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] = MET
     if a.n != b.n:
         raise UserError(f"feature matrices disagree on the number of images ({a.n} vs {b.n}); "
                         "both must hold the same images in the same order")
-    out: dict[str, float] = {}
-    if any(m in KNN_METRICS for m in metrics):
-        if a.graph is None or b.graph is None or a.k != b.k:
-            raise ValueError("both FeatureKernels need a kNN graph with the same k for "
-                             f"{[m for m in metrics if m in KNN_METRICS]}")
-        m_ab = _intersect(a.graph, b.graph)
-        if "cknna" in metrics:
-            s_ab = _masked_hsic(a.graph, b.graph, m_ab)
-            out["cknna"] = s_ab / (math.sqrt(a.s_self * b.s_self) + EPS)
-        if "mutual_knn" in metrics:
-            out["mutual_knn"] = float(m_ab.inside.sum()) / (a.n * a.k)
-    if any(m in CKA_METRICS for m in metrics):
-        if a.centred is None or b.centred is None:
-            raise ValueError("both FeatureKernels need their CKA part for "
-                             f"{[m for m in metrics if m in CKA_METRICS]}")
-        biased, unbiased = _hsic_pair(a.centred, b.centred)
-        if "cka" in metrics:
-            out["cka"] = biased / math.sqrt(a.hsic_self[0] * b.hsic_self[0])
-        if "cka_unbiased" in metrics:
-            out["cka_unbiased"] = unbiased / (math.sqrt(a.hsic_self[1] * b.hsic_self[1]) + EPS)
-    return {m: out[m] for m in metrics}
+    if any(METRICS[m].uses_k for m in metrics) and a.k != b.k:
+        raise ValueError(f"both FeatureKernels need the same k for {[m for m in metrics if METRICS[m].uses_k]}")
+    shared: dict = {}
+    out = {}
+    for m in metrics:
+        part = METRICS[m].part
+        if part not in a.parts or part not in b.parts:
+            raise ValueError(f"both FeatureKernels need their '{part}' part for {m}")
+        out[m] = METRICS[m].score(a.parts[part], b.parts[part], shared)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +535,7 @@ def _leading(x) -> tuple[int, ...]:
     return tuple(x.shape[:-2])
 
 
-def alignment(target, sources, metrics: Sequence[str] = METRICS, k: int = 10,
+def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10,
               clamp: bool = True, normalize: bool = True,
               device: torch.device | str | None = None, block: int | None = None
               ) -> dict[str, np.ndarray]:
@@ -476,7 +554,7 @@ def alignment(target, sources, metrics: Sequence[str] = METRICS, k: int = 10,
     lead = _leading(sources)
     if isinstance(target, FeatureKernel):
         tgt = target
-        if (any(m in KNN_METRICS for m in metrics) and tgt.k != k) or \
+        if (any(METRICS[m].uses_k for m in metrics) and tgt.k != k) or \
                 not set(metrics) <= set(tgt.metrics) or tgt.preprocessing != (clamp, normalize):
             raise ValueError(f"the prepared target has k={tgt.k}, metrics={tgt.metrics}, "
                              f"(clamp, normalize)={tgt.preprocessing}; asked for k={k}, "
@@ -519,7 +597,7 @@ def similarity_matrix(feats_a, feats_b=None, metric: str = "cknna", k: int = 10,
     out = np.empty((len(ka), len(kb)))
     for i, a in enumerate(ka):
         for j, b in enumerate(kb):
-            if same and metric in CKA_METRICS and j < i:
+            if same and METRICS[metric].symmetric and j < i:
                 out[i, j] = out[j, i]
             else:
                 out[i, j] = pair_scores(a, b, (metric,))[metric]
@@ -584,13 +662,14 @@ def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k:
                         n_boot: int = 20, seed: int = 0, level: float = 0.95, dedupe: bool = True,
                         around: dict[str, np.ndarray] | None = None, clamp: bool = True,
                         normalize: bool = True, device: torch.device | str | None = None,
-                        desc: str | None = None) -> dict[str, np.ndarray]:
+                        desc: str | None = None, replicates: bool = False):
     """``bootstrap_ci`` of every metric for every source (..., n, d) against one target (n, d_t),
     sharing the work: every source uses the same replicates (same seed), so the target's kernel
     of each replicate is built once, and each source goes to the device once and gets one kernel
     per replicate for all metrics (``bootstrap_ci`` with one metric_fn per pair builds both sides
     of every pair anew). ``around``: {metric: full-sample values, shape sources.shape[:-2]}.
-    Returns {metric: (..., 2) array of (low, high)}, equal to ``bootstrap_ci`` pair by pair.
+    Returns {metric: (..., 2) array of (low, high)}, equal to ``bootstrap_ci`` pair by pair, and with
+    ``replicates=True`` also {metric: (n_boot, ...) the metric on each replicate}.
     ``desc``: show a progress bar over the sources with this label.
     """
     from tqdm.auto import tqdm
@@ -612,4 +691,5 @@ def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k:
             a = FeatureKernel.build(src[idx], what=f"sources{list(index)}", **kw)
             for m, v in pair_scores(a, targets[r], metrics).items():
                 stats[m][(r,) + index] = v
-    return {m: _interval(stats[m], level, None if around is None else around[m]) for m in metrics}
+    intervals = {m: _interval(stats[m], level, None if around is None else around[m]) for m in metrics}
+    return (intervals, stats) if replicates else intervals

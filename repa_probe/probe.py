@@ -304,10 +304,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_cl
     return theta
 
 
+def _topk_hits(scores: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether each image's label is among its k best scores: scores (..., n, c), y (n,) → (..., n) bool."""
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return (top == y.unsqueeze(-1)).any(dim=-1)
+
+
 def _topk_correct(scores: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     """Fraction of images whose label is among the k best scores: scores (..., n, c), y (n,)."""
-    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
-    return (top == y.unsqueeze(-1)).any(dim=-1).double().mean(dim=-1)
+    return _topk_hits(scores, y, k).double().mean(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +382,8 @@ def _probe_torch(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx):
     lam = grid[best].unsqueeze(1)
     theta = fit_logistic(x_tr, y_tr, lam, init=init, **fit)
     test_scores = logits(x_te, theta)[:, :, 0]
-    out = {"top1": _topk_correct(test_scores, y_te, 1)}
+    hits = _topk_hits(test_scores, y_te, 1)
+    out = {"top1": hits.double().mean(dim=-1), "hits": hits}
     if c > 10:
         out["top5"] = _topk_correct(test_scores, y_te, 5)
     out["train_top1"] = _topk_correct(logits(x_tr, theta)[:, :, 0], y_tr, 1)
@@ -414,6 +420,7 @@ def _probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx
             row = {"val_top1": accs[best], "lambda": cfg.lambdas[best]}
         clf = fit(xt, yt, row["lambda"])
         row["top1"] = top_k(clf, xe, ye, 1)
+        row["hits"] = clf.predict(xe) == ye
         if c > 10:
             row["top5"] = top_k(clf, xe, ye, 5)
         row["train_top1"] = top_k(clf, xt, yt, 1)
@@ -430,7 +437,8 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     or tensors with the same leading dimensions (e.g. [n_t, n_blocks]); labels (n_train,),
     (n_test,) shared by all probes. Any width d works (raw pixels, an untrained model, an encoder).
     Returns {"top1", ["top5"], "train_top1", "val_top1", "lambda"}: arrays of shape [...] (the
-    leading dimensions); val_top1 is the selection accuracy (nan with a single λ).
+    leading dimensions); val_top1 is the selection accuracy (nan with a single λ); and "hits" [..., n_test]
+    (bool: test image i classified right, top-1), for paired and resampled intervals.
     backend="sklearn" runs the same protocol with scikit-learn, for cross-checking.
     """
     cfg = config or ProbeConfig()
@@ -465,4 +473,4 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
         x_tr, x_te = standardize(x_tr, x_te, eps=cfg.bn_eps)
         idx = (fit_idx_t, val_idx_t) if backend == "torch" else (fit_idx, val_idx)
         parts.append(run(x_tr, y_tr, x_te, y_te, c, cfg, *idx))
-    return {k: np.concatenate([p[k] for p in parts]).reshape(lead) for k in parts[0]}
+    return {k: np.concatenate([p[k] for p in parts]).reshape(lead + parts[0][k].shape[1:]) for k in parts[0]}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -41,11 +40,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from repa_probe.checkpoints import atomic_write
 from repa_probe.data import make_loader
+from repa_probe.runtime import (atomic_write, barrier, digest, rank, sum_over_ranks, world_size,
+                                write_json_atomic)
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -57,62 +56,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "repa-probe"
 
 
-def digest(obj) -> str:
-    """Short sha256 of plain data, with keys sorted so equal dicts give equal keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def t_part(t: float) -> str:
     """Part name of a noise level; t is rounded to 1e-6, the resolution of the noise salt."""
     return f"t={round(float(t), 6):g}"
-
-
-#################################################################################
-#                            Process group (torchrun)                           #
-#################################################################################
-
-def init_distributed() -> None:
-    """Join the process group when launched by torchrun with several processes (WORLD_SIZE > 1):
-    NCCL on GPUs, gloo on CPU. A plain single-process run never touches torch.distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _sum_over_ranks(k: int) -> int:
-    if not dist.is_initialized():
-        return k
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([k], dtype=torch.int64, device=device)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
-#################################################################################
-#                                 Atomic writes                                 #
-#################################################################################
-
-def write_json_atomic(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True, default=str)))
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -335,7 +281,7 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
             entry.merge(part)
     barrier()
     entry.reload()
-    return _sum_over_ranks(computed)
+    return sum_over_ranks(computed)
 
 
 #################################################################################

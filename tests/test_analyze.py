@@ -40,7 +40,8 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert r.returncode == 0, r.stderr
     assert "report:" in r.stdout
     res = pd.read_csv(out / "results.csv")
-    assert list(res.columns) == ["checkpoint", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high"]
+    assert list(res.columns) == ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low",
+                                 "ci_high"]
     model = res[res["checkpoint"] == "run/0000010"]
     depth = tiny_config().depth
     # every block 0..depth × every t × every metric
@@ -53,8 +54,8 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert (model["ci_low"] <= model["value"] + 1e-12).all() and (model["value"] <= model["ci_high"] + 1e-12).all()
     assert (model["ci_high"] - model["ci_low"] > 0).all()
     # baselines present: raw input (block −1) and the untrained model at every block
-    assert set(res.loc[res["checkpoint"] == "baseline:raw-input", "block"]) == {-1}
-    untrained = res[(res["checkpoint"] == "baseline:untrained") & (res["metric"] == "cknna")]
+    assert set(res.loc[res["kind"] == "raw-input", "block"]) == {-1}
+    untrained = res[(res["kind"] == "untrained") & (res["metric"] == "cknna")]
     assert len(untrained) == (depth + 1) * 2
     # adaLN-Zero: an untrained model's blocks are the identity, so its curve is flat
     for _, g in untrained.groupby("t"):

@@ -16,11 +16,13 @@ import torch
 
 from conftest import REPO, randomize_, run_cli, tiny_config
 from repa_probe.capture import CaptureConfig, capture_blocks, extract, make_dataset
-from repa_probe.checkpoints import load_checkpoint, save_checkpoint
+from repa_probe.checkpoints import save_checkpoint
+from repa_probe.families import load_checkpoint
+from repa_probe.families.sit import as_checkpoint
 from repa_probe.data import load_vae, to_model_space
 from repa_probe.errors import UserError
 from repa_probe.models import SiT
-from repa_probe.noise import Convention, seeded_noise
+from repa_probe.noise import get_convention, seeded_noise
 from repa_probe.store import Entry
 from test_data import needs_diffusers, save_tiny_vae, small_tree
 
@@ -55,9 +57,9 @@ def input_recorder(model):
 @pytest.mark.parametrize("convention", ["repa", "dit"])
 def test_hooks_equal_a_hand_written_forward_loop_bit_for_bit(convention):
     model = randomize_(SiT(tiny_config())).eval()
-    conv = Convention(convention)
+    conv = get_convention(convention)
     x0, ids = torch.randn(5, 3, 16, 16), torch.tensor([3, 9, 4, 100, 7])
-    captured = {p: capture_blocks(model, conv, x0, None, ids, [0.0, 0.6], seed=4, pooling=p)
+    captured = {p: capture_blocks(as_checkpoint(model, conv.name), x0, None, ids, [0.0, 0.6], seed=4, pooling=p)
                 for p in ("mean", "tokens", "grid:2")}
     assert captured["mean"].shape == (2, 4, 5, 64)               # [t, block 0..3, image, dim]
     assert captured["tokens"].shape == (2, 4, 5, 64, 64)
@@ -69,23 +71,23 @@ def test_hooks_equal_a_hand_written_forward_loop_bit_for_bit(convention):
             assert torch.equal(captured["tokens"][ti, b], h)
             quadrants = h.reshape(5, 2, 4, 2, 4, 64).mean(dim=(2, 4))        # (N, 2, 2, D): 4×4 tokens each
             torch.testing.assert_close(captured["grid:2"][ti, b], quadrants.permute(0, 3, 1, 2).flatten(1))
-    picked = capture_blocks(model, conv, x0, None, ids, [0.6], seed=4, blocks=[3, 0])
+    picked = capture_blocks(as_checkpoint(model, conv.name), x0, None, ids, [0.6], seed=4, blocks=[3, 0])
     assert torch.equal(picked[0], captured["mean"][1, [3, 0]])
 
 
 def test_same_seed_gives_identical_features_and_every_checkpoint_the_same_noisy_inputs():
     a, b = (randomize_(SiT(tiny_config()), seed=s).eval() for s in (0, 1))
-    conv = Convention("repa")
+    conv = get_convention("repa")
     x0, ids = torch.randn(6, 3, 16, 16), torch.arange(10, 16)
     seen_a, ha = input_recorder(a)
     seen_b, hb = input_recorder(b)
-    fa = capture_blocks(a, conv, x0, None, ids, [0.5], seed=7)
-    fb = capture_blocks(b, conv, x0, None, ids, [0.5], seed=7, batch_size=4)   # other batching too
+    fa = capture_blocks(as_checkpoint(a, conv.name), x0, None, ids, [0.5], seed=7)
+    fb = capture_blocks(as_checkpoint(b, conv.name), x0, None, ids, [0.5], seed=7, batch_size=4)   # other batching too
     ha.remove(), hb.remove()
     assert torch.equal(seen_a[0], torch.cat(seen_b))                 # the same x_t, whatever the batches
     assert not torch.equal(fa, fb)                                    # but other weights, other features
-    assert torch.equal(fa, capture_blocks(a, conv, x0, None, ids, [0.5], seed=7))
-    assert not torch.equal(fa, capture_blocks(a, conv, x0, None, ids, [0.5], seed=8))
+    assert torch.equal(fa, capture_blocks(as_checkpoint(a, conv.name), x0, None, ids, [0.5], seed=7))
+    assert not torch.equal(fa, capture_blocks(as_checkpoint(a, conv.name), x0, None, ids, [0.5], seed=8))
     x_t, _ = hand_forward(a, conv, x0, ids, 0.5, seed=7)
     assert torch.equal(seen_a[0], x_t)
 
@@ -98,7 +100,7 @@ def test_hooks_are_removed_and_mode_restored_after_an_exception_mid_capture():
 
     mine = model.blocks[1].register_forward_hook(explode)
     with pytest.raises(RuntimeError, match="boom"):
-        capture_blocks(model, Convention("repa"), torch.randn(2, 3, 16, 16), None, torch.arange(2), [0.5], seed=0)
+        capture_blocks(as_checkpoint(model, "repa"), torch.randn(2, 3, 16, 16), None, torch.arange(2), [0.5], seed=0)
     assert model.training
     assert len(model.blocks[0]._forward_pre_hooks) == 0
     assert [len(b._forward_hooks) for b in model.blocks] == [0, 1, 0]   # only our own hook is left
@@ -116,7 +118,7 @@ def test_real_cifar_images_flow_end_to_end_into_the_store(tmp_path, cifar_dir):
     dataset = make_dataset(cifar_dir / "test", 32, n=20)
     assert np.array_equal(entry.ids, dataset.ids) and np.array_equal(entry.labels, dataset.labels)
     x0 = to_model_space(torch.stack([dataset[i][0] for i in range(20)]), "pixels")
-    expected = capture_blocks(ckpt.model, ckpt.convention, x0, None, torch.from_numpy(dataset.ids), [0.0, 0.5],
+    expected = capture_blocks(ckpt, x0, None, torch.from_numpy(dataset.ids), [0.0, 0.5],
                               seed=0, batch_size=8)
     for ti, part in enumerate(["t=0", "t=0.5"]):
         blocks = entry.array(part, "blocks")
@@ -131,7 +133,7 @@ def test_raw_baseline_is_the_model_input_pooled_per_patch(tmp_path, cifar_dir):
     seen, handle = input_recorder(ckpt.model)
     dataset = make_dataset(cifar_dir / "test", 32, n=4)
     x0 = to_model_space(torch.stack([dataset[i][0] for i in range(4)]), "pixels")
-    capture_blocks(ckpt.model, ckpt.convention, x0, None, torch.from_numpy(dataset.ids), [0.5], seed=0)
+    capture_blocks(ckpt, x0, None, torch.from_numpy(dataset.ids), [0.5], seed=0)
     handle.remove()
     patches = seen[0].reshape(4, 3, 16, 2, 16, 2).mean(dim=(3, 5)).flatten(1)   # (N, C·16·16)
     torch.testing.assert_close(torch.from_numpy(np.array(features.raw[0])), patches)
@@ -254,7 +256,7 @@ def test_latent_model_captures_from_cached_vae_latents(tmp_path, cifar_dir):
     dataset = make_dataset(cifar_dir / "test", 64, n=6)                # latent models see 8·input_size pixels
     images = torch.stack([dataset[i][0] for i in range(6)])
     torch.testing.assert_close(latents, to_model_space(images, "latents", load_vae(vae_dir)), rtol=1e-5, atol=1e-6)
-    expected = capture_blocks(ckpt.model, ckpt.convention, latents, None, torch.from_numpy(dataset.ids), [0.25],
+    expected = capture_blocks(ckpt, latents, None, torch.from_numpy(dataset.ids), [0.25],
                               seed=0, batch_size=4)
     torch.testing.assert_close(torch.from_numpy(np.asarray(features.blocks)), expected)
     stamp = latents_file.stat().st_mtime_ns

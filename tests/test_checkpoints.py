@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from conftest import randomize_, run_cli, tiny_config
-from repa_probe.checkpoints import load_checkpoint, save_checkpoint
+from repa_probe.checkpoints import save_checkpoint
+from repa_probe.families import load_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, model_config
 
@@ -138,17 +139,17 @@ def test_official_file_names_set_the_convention(tmp_path):
     _, _, sd = official_sd(tiny_config(qk_norm=False, num_heads=1))
     for fname, conv in [("DiT-XL-2-256x256.pt", "dit"), ("SiT-XL-2-256x256.pt", "sit")]:
         torch.save(sd, tmp_path / fname)
-        prov = load_checkpoint(tmp_path / fname).provenance
+        prov = load_checkpoint(tmp_path / fname, heads=1).provenance
         assert (prov.convention, prov.convention_source) == (conv, "file name")
     torch.save(sd, tmp_path / "renamed.pt")
-    prov = load_checkpoint(tmp_path / "renamed.pt").provenance
+    prov = load_checkpoint(tmp_path / "renamed.pt", heads=1).provenance
     assert prov.convention_source == "assumed"
     assert any("ASSUMED" in w for w in prov.warnings)
 
 
 def test_heads_inferred_from_standard_size_table_for_xl():
     """XL has 16 heads of width 72: not width/64. Inference must use the size table."""
-    from repa_probe.checkpoints import config_from_state_dict
+    from repa_probe.families.sit import config_from_state_dict
     with torch.device("meta"):
         sd = SiT(model_config("DiT-XL/2")).state_dict()
     cfg = config_from_state_dict(sd)
@@ -203,8 +204,9 @@ def test_random_bytes_give_clear_error(tmp_path):
 def test_resnet_state_dict_is_named_as_not_a_dit(tmp_path):
     path = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(UserError, match=r"not a DiT/SiT state dict: missing key 'x_embedder.proj.weight'; "
-                                        r"its first key is 'conv1.weight' with shape \[64, 3, 7, 7\]"):
+    with pytest.raises(UserError, match=r"not a DiT/SiT state dict or any model family repa-probe knows \(sit\): "
+                                        r"missing key 'x_embedder.proj.weight'; its first key is 'conv1.weight' "
+                                        r"with shape \[64, 3, 7, 7\]"):
         load_checkpoint(path)
 
 

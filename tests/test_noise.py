@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from repa_probe.noise import Convention, dit_step_for_t, interpolate, seeded_noise
+from repa_probe.errors import UserError
+from repa_probe.noise import dit_step_for_t, get_convention, interpolate, seeded_noise
 
 T = [0.0, 0.25, 0.5, 1.0]
 
@@ -38,7 +39,7 @@ def xe():
 
 def test_repa_convention_feeds_t_and_the_linear_interpolant(xe):
     x, e = xe
-    conv, t = Convention("repa"), torch.tensor(T)
+    conv, t = get_convention("repa"), torch.tensor(T)
     assert conv.timestep(t).tolist() == T
     expected = torch.stack([(1 - ti) * x[i] + ti * e[i] for i, ti in enumerate(T)])
     torch.testing.assert_close(conv.model_input(x, t, e), expected, rtol=0, atol=0)
@@ -47,14 +48,14 @@ def test_repa_convention_feeds_t_and_the_linear_interpolant(xe):
 
 def test_sit_convention_feeds_one_minus_t_with_the_same_input(xe):
     x, e = xe
-    conv, t = Convention("sit"), torch.tensor(T)
+    conv, t = get_convention("sit"), torch.tensor(T)
     assert conv.timestep(t).tolist() == [1.0, 0.75, 0.5, 0.0]
-    torch.testing.assert_close(conv.model_input(x, t, e), Convention("repa").model_input(x, t, e), rtol=0, atol=0)
+    torch.testing.assert_close(conv.model_input(x, t, e), get_convention("repa").model_input(x, t, e), rtol=0, atol=0)
 
 
 def test_dit_convention_matches_snr_by_hand(xe):
     x, e = xe
-    conv, t = Convention("dit"), torch.tensor(T)
+    conv, t = get_convention("dit"), torch.tensor(T)
     ks = [hand_dit_step(ti) for ti in T]
     assert ks[0] == 0 and ks[-1] == 999 and 0 < ks[1] < ks[2] < 999
     assert conv.timestep(t).tolist() == [float(k) for k in ks]
@@ -73,8 +74,8 @@ def test_dit_step_is_monotone_in_t():
 
 
 def test_unknown_convention_is_rejected():
-    with pytest.raises(ValueError, match="unknown time convention 'edm'"):
-        Convention("edm")
+    with pytest.raises(UserError, match="'edm': not a known time convention"):
+        get_convention("edm")
 
 
 def test_seeded_noise_depends_on_image_id_not_on_batching():

@@ -41,7 +41,8 @@ def test_probe_top1_is_within_one_point_of_sklearn_on_digits(digits):
     sk_top1 = (clf.predict(s_te) == y_te).mean()
     assert abs(float(ours["top1"]) - sk_top1) <= 0.01
     assert float(ours["top1"]) > 0.95
-    assert set(ours) == {"top1", "train_top1", "val_top1", "lambda"}
+    assert set(ours) == {"top1", "train_top1", "val_top1", "lambda", "hits"}
+    assert ours["hits"].shape == y_te.shape and ours["hits"].mean() == pytest.approx(float(ours["top1"]))
 
 
 def test_sklearn_backend_runs_the_same_protocol(digits):

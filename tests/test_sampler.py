@@ -10,7 +10,9 @@ from conftest import randomize_, run_cli, tiny_config
 from test_train import ONE_THREAD, one_thread  # noqa: F401 - autouse: tiny tensors, one thread
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.models import SiT
-from repa_probe.train.sampler import euler_maruyama, euler_ode, guided_velocity, image_grid, sample
+from repa_probe.errors import UserError
+from repa_probe.families.sit import as_checkpoint
+from repa_probe.sampler import euler_maruyama, euler_ode, guided_velocity, image_grid, sample
 
 
 class ClassVelocity(nn.Module):
@@ -33,7 +35,8 @@ class ClassVelocity(nn.Module):
 def test_ode_with_one_step_is_x1_minus_the_velocity_at_t1():
     model = ClassVelocity(a=0.5)
     g = torch.Generator().manual_seed(7)
-    x0 = sample(model, "repa", 4, labels=torch.tensor([0, 1, 2, 0]), steps=1, cfg=1.0, generator=g)
+    x0 = sample(as_checkpoint(model, "repa"), 4, labels=torch.tensor([0, 1, 2, 0]), steps=1, cfg=1.0,
+                generator=g)
     g = torch.Generator().manual_seed(7)
     x1 = torch.randn(4, 3, 4, 4, generator=g)
     expected = x1 - (0.5 * x1 + 2 * model.c[torch.tensor([0, 1, 2, 0])])          # Δt = −1, τ = 1
@@ -45,7 +48,7 @@ def test_ode_steps_follow_the_linspace_grid():
     model = ClassVelocity(a=0.0)
     x1 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([1, 2])
-    out = euler_ode(guided_velocity(model, "repa", y, 3), x1, steps=4)
+    out = euler_ode(guided_velocity(as_checkpoint(model, "repa"), y), x1, steps=4)
     # v = (1 + t)·c_y at t = 1, .75, .5, .25, each for Δt = −1/4
     assert torch.allclose(out.float(), x1 - 0.25 * (2 + 1.75 + 1.5 + 1.25) * model.c[y], atol=1e-6)
     assert out.dtype == torch.float64                                                 # REPA's float64 state
@@ -57,7 +60,8 @@ def test_cfg_is_applied_only_inside_the_interval_with_inclusive_ends():
     y, w = torch.tensor([0, 2]), 3.0
     c_y, c_null = model.c[y], model.c[3]
     guided = c_null + w * (c_y - c_null)
-    out = euler_ode(guided_velocity(model, "repa", y, 3, cfg=w, cfg_interval=(0.5, 0.75)), x1, steps=4)
+    out = euler_ode(guided_velocity(as_checkpoint(model, "repa"), y, cfg=w, cfg_interval=(0.5, 0.75)), x1,
+                    steps=4)
     # t = 1 (unguided), 0.75 and 0.5 (guided: the ends count), 0.25 (unguided)
     expected = -0.25 * (2 * c_y + 1.75 * guided + 1.5 * guided + 1.25 * c_y)
     assert torch.allclose(out.float(), expected, atol=1e-5)
@@ -68,7 +72,7 @@ def test_sde_last_step_is_deterministic_and_noise_comes_from_the_generator():
     model = ClassVelocity(a=0.0)
     x1 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)).double()
     y = torch.tensor([0, 1])
-    velocity = guided_velocity(model, "repa", y, 3)
+    velocity = guided_velocity(as_checkpoint(model, "repa"), y)
     out = euler_maruyama(velocity, x1, steps=2, generator=torch.Generator().manual_seed(11))
     z = torch.randn(x1.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     c = model.c[y].double()
@@ -86,18 +90,19 @@ def test_sit_convention_is_fed_reversed_time_and_its_velocity_negated():
     model = ClassVelocity(a=0.0)
     x1 = torch.zeros(1, 3, 4, 4)
     y = torch.tensor([1])
-    out = euler_ode(guided_velocity(model, "sit", y, 3), x1, steps=1)
+    out = euler_ode(guided_velocity(as_checkpoint(model, "sit"), y), x1, steps=1)
     assert model.fed_times == [0.0]                                # s = 1 − t at t = 1
     assert torch.allclose(out.float(), model.c[1:2], atol=1e-6)   # x0 = x1 − (−c)
-    with pytest.raises(ValueError, match="DiT"):
-        guided_velocity(model, "dit", y, 3)
+    with pytest.raises(UserError, match="not a flow model"):
+        guided_velocity(as_checkpoint(model, "dit"), y)
 
 
 def test_sample_on_a_real_sit_is_seeded_and_shaped():
     model = randomize_(SiT(tiny_config()), seed=2).eval()
-    a = sample(model, "repa", 3, sampler="sde", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(5))
-    b = sample(model, "repa", 3, sampler="sde", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(5))
-    c = sample(model, "repa", 3, sampler="sde", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(6))
+    ckpt = as_checkpoint(model, "repa")
+    a = sample(ckpt, 3, sampler="sde", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(5))
+    b = sample(ckpt, 3, sampler="sde", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(5))
+    c = sample(ckpt, 3, sampler="sde", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(6))
     assert a.shape == (3, 3, 16, 16) and a.dtype == torch.float32 and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
 

@@ -7,14 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from repa_probe.report.summary import COLUMNS, compare_summary, deltas, peak_summary, wilson_interval
+from repa_probe.pipeline import COLUMNS, wilson_interval
+from repa_probe.report.summary import compare_summary, deltas, peak_summary
 
 
-def table(ckpt, metric, t, values, ci=None, encoder=""):
+def table(ckpt, metric, t, values, ci=None, encoder="", kind="model"):
     rows = []
     for block, v in enumerate(values):
         lo, hi = (v - ci, v + ci) if ci is not None else (math.nan, math.nan)
-        rows.append(dict(checkpoint=ckpt, block=block, t=t, metric=metric, encoder=encoder, value=v,
+        rows.append(dict(checkpoint=ckpt, kind=kind, block=block, t=t, metric=metric, encoder=encoder, value=v,
                          ci_low=lo, ci_high=hi))
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -47,7 +48,7 @@ def test_baselines_are_not_summarised_and_curves_are_split_by_t_metric_encoder()
         table("m", "probe_top1", 0.0, [0, 1, 2, 1]),
         table("m", "probe_top1", 0.5, [0, 3, 2, 1]),
         table("m", "cknna", 0.0, [0, 1, 2, 3], encoder="dino"),
-        table("baseline:untrained", "probe_top1", 0.0, [5, 5, 5, 5]),
+        table("untrained", "probe_top1", 0.0, [5, 5, 5, 5], kind="untrained"),
     ])
     s = peak_summary(res)
     assert len(s) == 3 and set(s["checkpoint"]) == {"m"}

@@ -19,7 +19,8 @@ from PIL import Image
 from pypdf import PdfReader
 
 from conftest import REPO, run_cli
-from repa_probe.checkpoints import load_checkpoint, read_checkpoint
+from repa_probe.checkpoints import read_checkpoint
+from repa_probe.families import load_checkpoint
 from repa_probe.data import ImageDataset
 from repa_probe.encoders import load_encoder
 from repa_probe.models import ModelConfig
@@ -264,6 +265,19 @@ def test_analysis_while_training_writes_tidy_rows(cifar_dir, tmp_path):
     page1 = PdfReader(tmp_path / "traj" / "report.pdf").pages[0].extract_text()
     probe0 = next(r["value"] for r in rows if r["step"] == 0 and r["metric"] == "probe_top1" and r["t"] == 0.0)
     assert f"{100 * probe0:.3g} at step 0" in page1
+
+    # the log's numbers are analyze's: the same images, split, noise, measures and code
+    r = run_cli("analyze", run / "checkpoints" / "0000004.pt", "--data", cifar_dir / "test", "--n", 60, "--t", "0,0.5",
+                "--encoder", ENCODER, "--encoder-random-init", "--bootstrap", 0, "--no-baselines", "--seed", 0,
+                "--cache", tmp_path / "cache", "--quiet", "--out", tmp_path / "analyze", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    full = pd.read_csv(tmp_path / "analyze" / "results.csv").fillna({"encoder": ""})
+    full = full.set_index(["block", "t", "metric", "encoder"])["value"]
+    logged = [row for row in rows if row["step"] == 4]
+    for row in logged:
+        assert full[(row["block"], row["t"], row["metric"], row["encoder"] or "")] == pytest.approx(row["value"],
+                                                                                                   abs=1e-6)
+    assert len({row["value"] for row in logged if row["metric"] == "cknna"}) > 1     # not a constant by accident
 
 
 @pytest.mark.parametrize("case", ["missing data", "unknown model", "unwritable out"])

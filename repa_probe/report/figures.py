@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from repa_probe.report.summary import BASELINE_PREFIX, display_scale, is_baseline, metric_label  # noqa: E402
+from repa_probe.pipeline import display_scale, metric_label  # noqa: E402
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 
@@ -144,7 +144,7 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.
     """Metric vs block, one panel per t, one line (with CI band) per checkpoint; baselines in grey."""
     rows = results[(results["metric"] == metric) & (results["encoder"] == encoder)]
     ts = sorted(rows["t"].unique())
-    models = [c for c in dict.fromkeys(rows["checkpoint"]) if not is_baseline(c)]
+    models = list(dict.fromkeys(rows.loc[rows["kind"] == "model", "checkpoint"]))
     colours = checkpoint_colours(models)
     s = display_scale(metric)
     fig, axes = _panel_grid(len(ts))
@@ -155,10 +155,11 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.
             ax.plot(c["block"], c["value"] * s, marker="o", ms=3, color=colours[name], label=name)
             if c["ci_low"].notna().any():
                 ax.fill_between(c["block"], c["ci_low"] * s, c["ci_high"] * s, color=colours[name], alpha=0.2, lw=0)
-        untrained = at[at["checkpoint"] == f"{BASELINE_PREFIX}untrained"].sort_values("block")
-        if len(untrained):
-            ax.plot(untrained["block"], untrained["value"] * s, ls="--", color="grey", label="untrained model")
-        raw = at[at["checkpoint"] == f"{BASELINE_PREFIX}raw-input"]
+        untrained = at[at["kind"] == "untrained"]
+        for i, (name, u) in enumerate(untrained.groupby("checkpoint", sort=False)):
+            u = u.sort_values("block")
+            ax.plot(u["block"], u["value"] * s, ls="--", color="grey", label=name if i else "untrained model")
+        raw = at[at["kind"] == "raw-input"]
         if len(raw):
             ax.axhline(raw["value"].iloc[0] * s, ls=":", color="grey", label="raw input")
         ax.set_title(f"t = {t:g}", fontsize=10)

@@ -1,13 +1,14 @@
 """What a reader wants first: where each curve peaks, how much it drops after, and where B beats A.
 
-Input is the tidy results table (one row per checkpoint × block × t × metric × encoder):
+Input is the tidy results table (pipeline.Results.table(): one row per checkpoint × block × t × metric ×
+encoder):
 
-    checkpoint  block  t     metric      encoder        value   ci_low  ci_high
-    sit-b2      7      0.25  cknna       dinov2-vit-b   0.412   0.398   0.427
+    checkpoint  kind   block  t     metric  encoder        value   ci_low  ci_high
+    sit-b2      model  7      0.25  cknna   dinov2-vit-b   0.412   0.398   0.427
 
 Blocks are numbered as in the paper: 0 = the tokens entering block 1 (patch + position embedding),
-i = output of block i. Baseline rows use checkpoint names starting with "baseline:" ("baseline:untrained",
-"baseline:raw-input"); the raw input has block −1. Probe metrics have an empty encoder.
+i = output of block i. `kind` says what a row measures: "model", or a baseline ("untrained", "raw-input";
+the raw input has block −1). Probe metrics have an empty encoder.
 """
 from __future__ import annotations
 
@@ -16,29 +17,7 @@ import math
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["checkpoint", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high"]
-BASELINE_PREFIX = "baseline:"
-METRIC_LABELS = {
-    "probe_top1": "linear probe top-1 (%)",
-    "probe_top5": "linear probe top-5 (%)",
-    "cknna": "CKNNA",
-    "cka": "CKA (biased)",
-    "cka_unbiased": "CKA (unbiased)",
-    "mutual_knn": "mutual k-NN",
-}
-
-
-def metric_label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
-
-
-def display_scale(metric: str) -> float:
-    """Values are stored as fractions; probe accuracies are shown in percent (the labels say so)."""
-    return 100.0 if metric.startswith("probe") else 1.0
-
-
-def is_baseline(name: str) -> bool:
-    return str(name).startswith(BASELINE_PREFIX)
+from repa_probe.pipeline import COLUMNS
 
 
 def validate(results: pd.DataFrame) -> pd.DataFrame:
@@ -48,6 +27,7 @@ def validate(results: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"results table lacks columns {missing}")
     out = results[COLUMNS].copy()
     out["block"] = out["block"].astype(int)
+    out["kind"] = out["kind"].astype(str)
     out["encoder"] = out["encoder"].fillna("").astype(str)
     for c in ("t", "value", "ci_low", "ci_high"):
         out[c] = out[c].astype(float)
@@ -56,7 +36,7 @@ def validate(results: pd.DataFrame) -> pd.DataFrame:
 
 def _curves(results: pd.DataFrame):
     """Yield ((checkpoint, metric, encoder, t), curve) for every non-baseline curve over blocks ≥ 1."""
-    rows = results[~results["checkpoint"].map(is_baseline) & (results["block"] >= 1)]
+    rows = results[(results["kind"] == "model") & (results["block"] >= 1)]
     for key, curve in rows.groupby(["checkpoint", "metric", "encoder", "t"], sort=True):
         yield key, curve.sort_values("block")
 
@@ -113,13 +93,3 @@ def deltas(results: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     A = res[res["checkpoint"] == a].set_index(key)["value"]
     B = res[res["checkpoint"] == b].set_index(key)["value"]
     return (B - A).dropna().rename("delta").reset_index()
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (used for probe accuracy on n held-out images)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half

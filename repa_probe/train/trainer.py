@@ -53,7 +53,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -62,10 +61,11 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from repa_probe.checkpoints import FORMAT_TAG, atomic_write, read_checkpoint, save_checkpoint
+from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
-from repa_probe.noise import Convention
+from repa_probe.runtime import (atomic_write, autocast, init_distributed, latest_checkpoint, local_rank, rank,
+                                resolve_device, resolve_precision, state_dict_sha256, world_size, write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, training_loss
 
 
@@ -123,7 +123,8 @@ class TrainConfig:
     analyze_blocks: list[int] = field(default_factory=list)   # 1-based; default: REPA depth, middle, last
     analyze_t: list[float] = field(default_factory=lambda: [0.0, 0.5])
     analyze_k: int = 10
-    analyze_batch: int = 128
+    analyze_metrics: list[str] = field(default_factory=lambda: ["cknna"])
+    analyze_batch: int = 64
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -229,12 +230,7 @@ def init_model(config: ModelConfig, seed: int) -> SiT:
 
 def sit_sha256(model: SiT) -> str:
     """Hash of the SiT's own weights (projectors excluded): equal for a vanilla/REPA pair at init."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("projectors."):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_dict_sha256(model.state_dict(), skip=lambda name: name.startswith("projectors."))
 
 
 @torch.no_grad()
@@ -263,24 +259,11 @@ class DistInfo:
 
 def setup_distributed(device: str | None) -> DistInfo:
     """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) → a process group; else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
-    return DistInfo(rank, world, local, dev)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise UserError(f"--precision {precision!r}: use auto, bf16, fp16 or fp32")
-    return precision
+    init_distributed(dev)
+    return DistInfo(rank(), world_size(), local_rank(), dev)
 
 
 def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) -> ModelConfig:
@@ -348,12 +331,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--out '{out}' is not writable ({e.strerror or e})") from None
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """RUN_DIR/checkpoints/{step:07d}.pt with the highest step, or None."""
-    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("*.pt") if p.stem.isdigit()]
-    return max(ckpts, key=lambda p: int(p.stem)) if ckpts else None
-
-
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop rows past `last_step` (written by a run that died after its last checkpoint)."""
     if not path.exists():
@@ -361,11 +338,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(rows):
-        _atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -386,67 +359,34 @@ def _batch_sha256(ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, drop:
 #################################################################################
 
 class TrainingAnalysis:
-    """Probe + CKNNA of the EMA model on a fixed held-out subset, with the `analyze` stage's own code
-    (capture.capture_blocks, metrics.alignment, probe.linear_probe); rows go to RUN_DIR/analysis.jsonl.
-
-    Images, their model-space inputs, labels and the encoders' pooled features (and kNN kernels) are
-    computed once; each call captures the chosen blocks at the chosen t (null label, seeded noise) and
-    scores them. The subset is split in two halves (seeded, class-stratified by construction of the
-    subset): the probe is fitted on the first and scored on the second; CKNNA uses all images.
-    """
+    """Probe + alignment of the EMA model every `analyze_every` steps, computed by the analysis pipeline itself:
+    the same images, probe split, seeded noise, measures and code as `repa-probe analyze CKPT --data D --n N
+    --t T --metrics M --k K --seed S` (restricted to the chosen blocks, without bootstrap or baselines), in
+    memory. Rows go to RUN_DIR/analysis.jsonl; tests/test_train.py checks that they equal analyze's."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, encoders: list, vae, device: torch.device):
-        from repa_probe.data import ImageDataset, list_images, select_subset, to_model_space
-        from repa_probe.metrics import FeatureKernel
-
-        root = cfg.analyze_data or cfg.data
-        _, labels, _ = list_images(root)
-        n = min(cfg.analyze_n, len(labels))
-        dataset = ImageDataset(root, cfg.image_size, indices=select_subset(labels, n, cfg.seed))
-        images, self.labels, self.ids = (torch.stack([dataset[i][0] for i in range(len(dataset))]),
-                                         torch.as_tensor(dataset.labels), torch.as_tensor(dataset.ids))
-        self.x0 = torch.cat([to_model_space(images[i:i + cfg.analyze_batch].to(device), cfg.mode, vae).cpu()
-                             for i in range(0, len(images), cfg.analyze_batch)])
-        grid = model_cfg.input_size // model_cfg.patch_size
-        self.kernels = {}
-        for enc in encoders:
-            pooled = torch.cat([enc.encode(images[i:i + cfg.analyze_batch].to(device).float() / 255, grid)[1].cpu()
-                                for i in range(0, len(images), cfg.analyze_batch)])
-            self.kernels[enc.name] = FeatureKernel.build(pooled, k=cfg.analyze_k, metrics=("cknna",), device=device)
-        perm = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "probe")))
-        self.fit_idx, self.test_idx = perm[: len(perm) // 2].sort().values, perm[len(perm) // 2:].sort().values
+        from repa_probe.pipeline import AnalyzeConfig, MemorySource, Pipeline
         depth = model_cfg.depth
         default = [model_cfg.encoder_depth or max(1, depth // 3), (depth + 1) // 2, depth]
         self.blocks = sorted({int(b) for b in (cfg.analyze_blocks or default)})
         if not all(1 <= b <= depth for b in self.blocks):
             raise UserError(f"--analyze-blocks {self.blocks}: blocks are 1-based, 1..{depth}")
-        self.ts, self.cfg, self.device = [float(t) for t in cfg.analyze_t], cfg, device
+        config = AnalyzeConfig(
+            data=cfg.analyze_data or cfg.data, n=cfg.analyze_n, ts=tuple(cfg.analyze_t), encoders=[],
+            alignment_metrics=tuple(cfg.analyze_metrics), k=cfg.analyze_k, bootstrap=0, baselines=False,
+            blocks=tuple(self.blocks), seed=cfg.seed, batch_size=cfg.analyze_batch, device=str(device), quiet=True)
+        self.pipeline = Pipeline(config, source=lambda c: MemorySource(c, vae), encoders=encoders)
+        self.meta, self.device = {"mode": cfg.mode, "vae": cfg.vae}, device
         self.path = Path(cfg.out) / "analysis.jsonl"
 
     @torch.no_grad()
     def __call__(self, ema: SiT, step: int) -> list[dict]:
-        from repa_probe.capture import capture_blocks
-        from repa_probe.metrics import alignment
-        from repa_probe.probe import linear_probe
-
+        from repa_probe.families.sit import as_checkpoint
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            feats = capture_blocks(ema, Convention("repa"), self.x0, None, self.ids, self.ts, seed=self.cfg.seed,
-                                   blocks=self.blocks, pooling="mean", batch_size=self.cfg.analyze_batch,
-                                   out_device=self.device)                 # (n_t, n_blocks, N, D), null label
-        n = len(self.ids)
-        rows = []
-
-        def add(metric: str, encoder: str | None, values) -> None:
-            for i, t in enumerate(self.ts):
-                for j, block in enumerate(self.blocks):
-                    rows.append({"step": step, "block": block, "t": t, "metric": metric, "encoder": encoder,
-                                 "value": float(values[i, j]), "weights": "ema", "n": n})
-
-        probe = linear_probe(feats[..., self.fit_idx, :], self.labels[self.fit_idx].numpy(),
-                             feats[..., self.test_idx, :], self.labels[self.test_idx].numpy(), device=self.device)
-        add("probe_top1", None, probe["top1"])
-        for name, kernel in self.kernels.items():
-            add("cknna", name, alignment(kernel, feats, metrics=("cknna",), k=self.cfg.analyze_k)["cknna"])
+            (model,) = self.pipeline.analyse(as_checkpoint(ema, "repa", self.meta), f"step {step}")
+        n = self.pipeline.cfg.n
+        rows = [{"step": step, "block": r["block"], "t": r["t"], "metric": r["metric"], "encoder": r["encoder"] or None,
+                 "value": r["value"], "weights": "ema", "n": n} for c in model.curves for r in c.rows()]
         _append_jsonl(self.path, rows)
         return rows
 
@@ -495,7 +435,7 @@ def train(cfg: TrainConfig) -> Path:
     if d.main:
         for name in ("log.jsonl", "analysis.jsonl"):
             _truncate_jsonl(out / name, start_step)
-        _atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if d.world_size > 1 else model
@@ -504,7 +444,7 @@ def train(cfg: TrainConfig) -> Path:
     loader = make_loader(dataset, sampler.local_batch, cfg.num_workers, sampler=sampler)
     gen = torch.Generator(device=device)
     shape = (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
-    autocast = autocast_for(precision, device)
+    amp = autocast(precision, device)
     analysis = TrainingAnalysis(cfg, model_cfg, encoders, vae, device) \
         if (d.main and cfg.analyze_every) else None
     meta = dict(convention="repa", encoders=[e.name for e in encoders] if repa else [],
@@ -551,8 +491,8 @@ def train(cfg: TrainConfig) -> Path:
         posterior = torch.Generator().manual_seed(stream_seed(cfg.seed, "posterior", b, d.rank)) if vae else None
         x = to_model_space(images, cfg.mode, vae, generator=posterior)
         y = torch.where(drop_all[part], num_classes, labels)
-        targets = encoder_targets(encoders, images, grid, autocast) if repa else []
-        sums += train_step(net, model, ema, optimizer, scaler, autocast, x, y, t_all[part], noise_all[part],
+        targets = encoder_targets(encoders, images, grid, amp) if repa else []
+        sums += train_step(net, model, ema, optimizer, scaler, amp, x, y, t_all[part], noise_all[part],
                            targets, cfg)
         n_sum += 1
         progress.update(1)
@@ -625,12 +565,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
                              weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
 
 
-def autocast_for(precision: str, device: torch.device) -> torch.autocast:
-    """The autocast context of a resolved precision ("bf16", "fp16" or "fp32" = off)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                          enabled=precision != "fp32")
-
-
 def _restore(path: Path, cfg: TrainConfig, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler) -> int:
     """Load a training checkpoint of ours into model, EMA, optimizer, scaler and RNGs; → its step."""
@@ -695,6 +629,6 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["TrainConfig", "train", "train_step", "encoder_targets", "make_optimizer", "autocast_for", "export_repa",
+__all__ = ["TrainConfig", "train", "train_step", "encoder_targets", "make_optimizer", "export_repa",
            "init_model", "draw_step_randomness", "stream_seed", "ResumableShardSampler", "TrainingAnalysis",
            "update_ema", "latest_checkpoint", "sit_sha256"]

@@ -11,8 +11,9 @@ Same semantics as REPA's samplers.py (canonical time, t = 1 noise → t = 0 data
   t_low ≤ t_i ≤ t_high; elsewhere the model is run once, conditionally. (REPA guides the drift d,
   which is affine in v for fixed x, so guiding v is the same map.)
 
-The state is kept in float64 and the model is fed float32, as REPA does. Official SiT checkpoints
-(convention "sit") run time the other way: they are fed s = 1 − t and their velocity is negated.
+The state is kept in float64 and the model is fed float32, as REPA does. The model is run through its
+family (families/) and its output turned into the canonical velocity by its time convention (noise.py):
+official SiT checkpoints, for instance, are fed s = 1 − t and their velocity is negated.
 """
 from __future__ import annotations
 
@@ -25,30 +26,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repa_probe.noise import Convention
+from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.errors import UserError
 
 SAMPLERS = ("ode", "sde")
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def guided_velocity(model: torch.nn.Module, convention: str | Convention, y: torch.Tensor, num_classes: int,
-                    cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
+def guided_velocity(ckpt: LoadedCheckpoint, y: torch.Tensor, cfg: float = 1.0,
+                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
     """v(x, t) in canonical time for labels y, with CFG scale `cfg` applied for t inside `cfg_interval`."""
-    conv = Convention(convention) if isinstance(convention, str) else convention
-    if conv.name == "dit":
-        raise ValueError("DiT checkpoints predict noise on a discrete VP schedule; the flow samplers need a "
-                         "velocity model (convention 'repa' or 'sit')")
-    sign = -1.0 if conv.name == "sit" else 1.0
+    conv, model, family = ckpt.convention, ckpt.model, ckpt.family
+    if conv.velocity is None:
+        raise UserError(f"the '{conv.name}' time convention ({conv.description}) is not a flow model: the samplers "
+                        f"need a velocity model (convention 'repa' or 'sit')")
     dtype = next(model.parameters()).dtype
-    y_null = torch.full_like(y, num_classes)
+    y_null = torch.full_like(y, ckpt.anatomy.num_classes)
     low, high = cfg_interval
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         guided = cfg > 1.0 and low <= t <= high
         x_in, y_in = (torch.cat([x, x]), torch.cat([y, y_null])) if guided else (x, y)
-        time = conv.timestep(torch.full((x_in.shape[0],), t, dtype=torch.float64)).to(x.device, dtype)
-        v = sign * model(x_in.to(dtype), time, y_in).to(torch.float64)
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.float64)
+        out = family.forward(model, x_in.to(dtype), conv.timestep(t_in).to(x.device, dtype), y_in)
+        v = conv.velocity(out.to(torch.float64), x_in, t_in.to(x.device))
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
@@ -87,9 +89,8 @@ def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250,
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, convention: str | Convention = "repa", n: int = 16, *,
-           labels: torch.Tensor | int | None = None, sampler: str = "ode", steps: int | None = None,
-           cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+def sample(ckpt: LoadedCheckpoint, n: int = 16, *, labels: torch.Tensor | int | None = None, sampler: str = "ode",
+           steps: int | None = None, cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
            generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Draw n samples x₀ in the model's space (pixels in [−1, 1] or scaled VAE latents): (n, C, H, W) float32.
 
@@ -99,18 +100,18 @@ def sample(model: torch.nn.Module, convention: str | Convention = "repa", n: int
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    model.eval()
-    c = model.config
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ckpt.model.eval()
+    space, num_classes = ckpt.anatomy.input, ckpt.anatomy.num_classes
+    device = torch.device(device) if device is not None else next(ckpt.model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    x1 = torch.randn((n, c.in_channels, c.input_size, c.input_size), generator=generator)
+    x1 = torch.randn((n, space.channels, space.size, space.size), generator=generator)
     if labels is None:
-        labels = torch.randint(0, c.num_classes, (n,), generator=generator)
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
     elif isinstance(labels, int):
         labels = torch.full((n,), labels)
-    if not (0 <= int(labels.min()) and int(labels.max()) <= c.num_classes):
-        raise ValueError(f"class labels must lie in [0, {c.num_classes}] ({c.num_classes} = unconditional)")
-    velocity = guided_velocity(model, convention, labels.to(device), c.num_classes, cfg, cfg_interval)
+    if not (0 <= int(labels.min()) and int(labels.max()) <= num_classes):
+        raise ValueError(f"class labels must lie in [0, {num_classes}] ({num_classes} = unconditional)")
+    velocity = guided_velocity(ckpt, labels.to(device), cfg, cfg_interval)
     steps = steps or DEFAULT_STEPS[sampler]
     if sampler == "ode":
         x0 = euler_ode(velocity, x1.to(device), steps)
@@ -138,18 +139,36 @@ def save_grid(images01: torch.Tensor, path: str, nrow: int | None = None) -> Non
     Image.fromarray(image_grid(images01, nrow)).save(path, format="PNG")
 
 
+def sample_images(ckpt: LoadedCheckpoint, n: int, *, vae: str | None = None, seed: int = 0, batch_size: int = 64,
+                  **kwargs) -> torch.Tensor:
+    """n samples of a loaded checkpoint as images in [0, 1], (n, 3, H, W); latents decode through the VAE
+    (`vae`, else the one its family names). kwargs go to `sample` (cfg, sampler, steps, ...)."""
+    from repa_probe.data import load_vae
+    space = ckpt.anatomy.input
+    device = next(ckpt.model.parameters()).device
+    autoencoder = load_vae(vae or space.vae, device) if space.kind == "latents" else None
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, n, batch_size):
+        x0 = sample(ckpt, min(batch_size, n - start), generator=generator, device=device, **kwargs)
+        if autoencoder is not None:
+            with torch.no_grad():
+                x0 = autoencoder.decode(x0.to(device) / space.scale + space.shift).sample.float()
+        images.append(((x0 + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(images)
+
+
 def sample_checkpoint(checkpoint: str, out: str, n: int = 64, *, cfg: float = 1.5,
                       cfg_interval: tuple[float, float] = (0.0, 1.0), sampler: str = "ode", steps: int | None = None,
                       seed: int = 0, class_label: int | None = None, vae: str | None = None,
-                      weights: str = "ema", convention: str | None = None, device: str | None = None,
-                      batch_size: int = 64) -> torch.Tensor:
+                      weights: str = "ema", convention: str | None = None, heads: int | None = None,
+                      device: str | None = None) -> torch.Tensor:
     """`repa-probe sample`: load a checkpoint, draw n samples, decode latents through the VAE, write a PNG grid.
 
     Returns the images in [0, 1], (n, 3, H, W). Defaults are REPA's generate.py (ODE, 50 steps, CFG 1.5).
     """
-    from repa_probe.checkpoints import load_checkpoint
-    from repa_probe.data import LATENT_SCALE, load_vae, model_mode
-    from repa_probe.errors import UserError
+    from repa_probe.families import load_checkpoint
+    from repa_probe.runtime import resolve_device
 
     out_path = Path(out)
     if out_path.suffix.lower() != ".png":
@@ -158,29 +177,21 @@ def sample_checkpoint(checkpoint: str, out: str, n: int = 64, *, cfg: float = 1.
         raise UserError(f"--out '{out}': folder '{out_path.parent}' does not exist or is not writable")
     if n <= 0:
         raise UserError(f"--n {n} must be positive")
+    if steps is not None and steps < (2 if sampler == "sde" else 1):
+        raise UserError(f"--steps {steps}: the {sampler} sampler needs at least {2 if sampler == 'sde' else 1}")
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if not 0 <= cfg_interval[0] <= cfg_interval[1] <= 1:
         raise UserError(f"--cfg-interval {cfg_interval}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = load_checkpoint(checkpoint, convention=convention, weights=weights, device=dev)
-    if ckpt.provenance.convention == "dit":
-        raise UserError(f"'{checkpoint}' is a DiT (discrete VP, noise-prediction) model: the flow samplers need a "
-                        f"velocity model (SiT or REPA)")
-    num_classes = ckpt.config.num_classes
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, convention=convention, weights=weights, device=dev, heads=heads)
+    if ckpt.convention.velocity is None:
+        raise UserError(f"'{checkpoint}' is a {ckpt.convention.display} model ({ckpt.convention.description}): the "
+                        f"flow samplers need a velocity model (SiT or REPA)")
+    num_classes = ckpt.anatomy.num_classes
     if class_label is not None and not 0 <= class_label <= num_classes:
         raise UserError(f"--class-label {class_label}: use 0..{num_classes - 1} ({num_classes} = unconditional)")
-    mode = model_mode(ckpt)
-    autoencoder = load_vae(vae or ckpt.meta.get("vae"), dev) if mode == "latents" else None
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, n, batch_size):
-        x0 = sample(ckpt.model, ckpt.convention, min(batch_size, n - start), labels=class_label, sampler=sampler,
-                    steps=steps, cfg=cfg, cfg_interval=cfg_interval, generator=generator, device=dev)
-        if autoencoder is not None:
-            with torch.no_grad():
-                x0 = autoencoder.decode(x0.to(dev) / LATENT_SCALE).sample.float()
-        images.append(((x0 + 1) / 2).clamp(0, 1).cpu())
-    images = torch.cat(images)
+    images = sample_images(ckpt, n, vae=vae, seed=seed, labels=class_label, sampler=sampler, steps=steps, cfg=cfg,
+                           cfg_interval=cfg_interval)
     save_grid(images, str(out_path))
     return images

@@ -1,0 +1,81 @@
+"""Model families: every kind of diffusion transformer repa-probe can load, run and analyse.
+
+`load_checkpoint(path)` reads a file safely (checkpoints.read_checkpoint) and hands it to the first
+registered family that recognises it. Capture, analysis and sampling speak only the protocol of
+`families.base.ModelFamily`, through the `LoadedCheckpoint` it returns (its `family` and `anatomy`).
+
+    sit.py     SiT / DiT / REPA checkpoints (official releases, REPA's training dicts, ours)
+
+A new family is one file defining a ModelFamily subclass and calling `register_family` (docs/families.md).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from repa_probe.checkpoints import LoadedCheckpoint, read_checkpoint
+from repa_probe.errors import UserError
+from repa_probe.families import sit
+from repa_probe.families.base import FAMILIES, Anatomy, InputSpace, ModelFamily, register_family
+from repa_probe.noise import get_convention
+
+__all__ = ["FAMILIES", "Anatomy", "InputSpace", "ModelFamily", "register_family", "load_checkpoint", "sit",
+           "inspect_rows", "detect_family"]
+
+
+def detect_family(obj: object, path: Path) -> ModelFamily:
+    """The first registered family that recognises the checkpoint object read from `path`."""
+    if not isinstance(obj, dict):
+        raise UserError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    if not obj:
+        raise UserError(f"'{path}' is an empty state dict")
+    for family in FAMILIES.values():
+        if family.recognise(obj, path):
+            return family
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        first = next(iter(tensors))
+        raise UserError(f"'{path}' is not a DiT/SiT state dict or any model family repa-probe knows "
+                        f"({', '.join(FAMILIES)}): missing key 'x_embedder.proj.weight'; its first key is '{first}' "
+                        f"with shape {list(tensors[first].shape)}")
+    raise UserError(f"'{path}' is a dict but not a checkpoint: expected tensors, or 'model'/'ema' entries "
+                    f"(found keys {sorted(map(str, obj))[:5]})")
+
+
+def load_checkpoint(path: str | os.PathLike, convention: str | None = None, weights: str = "ema",
+                    device: str | torch.device = "cpu", heads: int | None = None) -> LoadedCheckpoint:
+    """Load any supported checkpoint → model (eval mode) + config + provenance + family + anatomy.
+
+    convention: a registered time convention ("sit", "dit", "repa") overriding detection (official SiT and
+    DiT files have identical keys and shapes, so for them it comes from this flag, else from the official
+    file name, else it is assumed and the assumption is recorded in provenance.warnings).
+    weights: "ema" (default, where the file has both) or "model". heads: the attention heads, where the
+    weights cannot tell (a custom width without qk-norm).
+    """
+    if convention is not None:
+        get_convention(convention)
+    if weights not in ("ema", "model"):
+        raise UserError(f"--weights {weights!r} must be 'ema' or 'model'")
+    path = Path(path)
+    obj = read_checkpoint(path)
+    family = detect_family(obj, path)
+    return family.load(obj, path, convention=convention, weights=weights, device=device, heads=heads)
+
+
+def inspect_rows(ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
+    """What `repa-probe inspect` prints: (field, value) rows."""
+    p, a = ckpt.provenance, ckpt.anatomy
+    n_params = sum(t.numel() for t in ckpt.model.parameters())
+    rows = [("file", p.path), ("format", p.format), ("family", p.family or ckpt.family.name), ("weights", p.weights)]
+    rows += ckpt.family.describe_rows(ckpt)
+    rows += [("parameters", f"{n_params:,} ({n_params / 1e6:.1f}M)"),
+             ("input space", f"{a.input.kind}, {a.input.channels}×{a.input.size}² "
+                             f"({a.input.image_size}px images{', VAE ' + str(a.input.vae) if a.input.vae else ''})"),
+             ("time convention", f"{p.convention} ({p.convention_source}): {ckpt.convention.describe()}"),
+             ("encoders", ", ".join(p.encoders) or "-"),
+             ("training step", "-" if p.step is None else f"{p.step:,}"),
+             ("sha256", p.sha256[:16])]
+    rows += [("WARNING", w) for w in p.warnings]
+    return rows

@@ -1,0 +1,110 @@
+"""The model-family protocol: what capture, analysis and sampling need to know about a diffusion transformer.
+
+A family (SiT/DiT/REPA in ``sit.py``; a new one is one file and a `register_family` call) says how to
+  recognise   a checkpoint object that belongs to it (read with weights-only loading),
+  load        it into an nn.Module with its provenance and time convention,
+  describe    its anatomy: blocks, token grid, patch size, input space, classes, REPA's aligned block,
+  run         it: the list of blocks to hook, a forward call with (x_t, timestep, label), and how to read the
+              image tokens out of a block's input and output (tuples, text or register tokens),
+  initialise  an untrained model of the same architecture (a baseline in every report).
+docs/families.md walks through adding one.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from repa_probe.checkpoints import LoadedCheckpoint
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """What the model is fed: pixels in [−1, 1], or VAE latents z = scale·(μ − shift) of images
+    `downsample` times larger than the latent grid."""
+    kind: str = "pixels"             # "pixels" or "latents"
+    channels: int = 3
+    size: int = 32                   # spatial side of the model input
+    downsample: int = 1              # image side / input side (8 for SD-VAE)
+    scale: float = 1.0
+    shift: float = 0.0
+    vae: str | None = None           # latents: the VAE a user would pass to --vae (folder or hub name)
+
+    @property
+    def image_size(self) -> int:
+        return self.size * self.downsample
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """A loaded model as the pipeline sees it; plain data (goes into reports)."""
+    name: str                        # "SiT-XL/2", or a description of a custom size
+    depth: int                       # blocks; block 0 = tokens entering block 1, i = output of block i
+    width: int
+    grid: int                        # image tokens per side (square grids)
+    patch_size: int                  # input units per token side
+    input: InputSpace
+    num_classes: int | None          # label-conditioned with a null class `num_classes`; None = no labels
+    aligned_block: int | None = None  # REPA: the block whose output the projectors read (1-based)
+    untrained_identity: bool = False  # an untrained model's blocks are the identity (adaLN-Zero)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ModelFamily(ABC):
+    """Base class of a model family: implement the abstract methods, override what else differs."""
+    name = ""
+    description = ""
+
+    @abstractmethod
+    def recognise(self, obj: dict, path: Path) -> bool:
+        """Whether the (safely read) checkpoint object `obj` belongs to this family."""
+
+    @abstractmethod
+    def load(self, obj: dict, path: Path, *, convention: str | None, weights: str,
+             device: str | torch.device = "cpu") -> LoadedCheckpoint:
+        """The model (eval mode) with its provenance; bad contents are one UserError naming the file."""
+
+    @abstractmethod
+    def anatomy(self, model: nn.Module, meta: dict) -> Anatomy:
+        """What the pipeline needs to know about a loaded model (see Anatomy)."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.blocks
+
+    def forward(self, model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor,
+                labels: torch.Tensor | None) -> Any:
+        return model(x_t, timestep, labels)
+
+    def input_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Block 0: the image tokens entering the first block, from its call's arguments."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    def block_tokens(self, output: Any) -> torch.Tensor:
+        """The image tokens (N, T, D) in a block's output."""
+        return output
+
+    @abstractmethod
+    def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
+        """A freshly initialised model of the same architecture and time convention."""
+
+    def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
+        """Family-specific rows for `repa-probe inspect`."""
+        return []
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily, *, overwrite: bool = False) -> ModelFamily:
+    """Add a family to the registry; checkpoints are offered to families in registration order."""
+    if family.name in FAMILIES and not overwrite:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family

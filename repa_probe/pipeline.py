@@ -1,0 +1,457 @@
+"""The analysis pipeline: checkpoints + images → per block × t measures with intervals → a Results object.
+
+For each checkpoint, on the same images and the same seeded noise (docs/analysis.md):
+  alignment  every registered alignment metric asked for (CKNNA by default; metrics.py) between every
+             block's mean-pooled features at every t and each target encoder's pooled patch tokens,
+             with bootstrap intervals over images;
+  probe      a linear probe per block × t (probe.py), fitted on the probe-train images and scored on
+             held-out probe-test images, with a 95% Wilson interval on the test accuracy;
+  baselines  the same numbers for the raw input x_t (average-pooled per patch) and for the untrained
+             model of the same architecture and initialisation (with adaLN-Zero every untrained block
+             is the identity: blocks 0 and 1 are captured, checked equal, and block 0 stands for all).
+Features come from the feature store (`extract`: re-running with another metric, encoder or checkpoint
+recomputes only what is new) or, for a model that changes under our feet (the trainer's EMA), straight
+from memory with the same capture code. Report composition is report/compose.py's business.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from repa_probe import metrics as M
+from repa_probe.capture import DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space, make_dataset
+from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.data import ImageDataset, list_images, to_model_space
+from repa_probe.errors import UserError
+from repa_probe.probe import ProbeConfig, linear_probe
+from repa_probe.runtime import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from repa_probe.store import Features, FeatureStore, encoder_features
+
+CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
+PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
+KINDS = ("model", "untrained", "raw-input")
+COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high"]
+
+
+def metric_label(metric: str) -> str:
+    """How reports name a metric: the registry's label, or the probe's."""
+    return M.METRICS[metric].label if metric in M.METRICS else PROBE_METRICS.get(metric, metric)
+
+
+def display_scale(metric: str) -> float:
+    """Values are stored as fractions; probe accuracies are shown in percent (the labels say so)."""
+    return 100.0 if metric.startswith("probe") else 1.0
+
+
+@dataclass
+class AnalyzeConfig:
+    """Every knob of an analysis; plain data, recorded in summary.json."""
+    data: str                                   # ImageFolder tree for alignment (and probes, if no probe dirs)
+    n: int | None = None                        # images (default: 10,000 on a GPU, 500 on the CPU)
+    ts: tuple[float, ...] = DEFAULT_TS
+    encoders: list[str] = field(default_factory=list)   # NAME[=WEIGHTS]
+    encoder_random_init: bool = False
+    probe_train: str | None = None              # ImageFolder trees for the probe; default: split --data
+    probe_test: str | None = None
+    probe_n_train: int | None = None            # default: n
+    probe_n_test: int | None = None             # default: n // 2
+    probe: bool = True
+    alignment_metrics: tuple[str, ...] = ("cknna",)
+    k: int = 10
+    bootstrap: int = 20                         # bootstrap replicates for alignment intervals (0 = none)
+    baselines: bool = True
+    blocks: tuple[int, ...] | None = None       # blocks to analyse (0..depth); None = all
+    seed: int = 0                               # noise seed and subset seed
+    labels: str = "null"
+    precision: str = "auto"                     # autocast: auto = bf16 on GPUs, fp32 on the CPU
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str | None = None
+    cache: str | None = None
+    mode: str | None = None
+    vae: str | None = None
+    skip_bad_images: bool = False
+    convention: str | None = None
+    weights: str = "ema"
+    heads: int | None = None
+    quiet: bool = False
+    samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
+    notes: list[str] = field(default_factory=list)
+
+    def resolved(self) -> "AnalyzeConfig":
+        """Fill the device-dependent defaults and check the flags (before any compute)."""
+        cfg = AnalyzeConfig(**{**asdict(self), "notes": list(self.notes)})
+        device = resolve_device(cfg.device)
+        cfg.device = str(device)
+        if cfg.n is None:
+            cfg.n = GPU_DEFAULT_N if device.type == "cuda" else CPU_DEFAULT_N
+            if device.type != "cuda":
+                cfg.notes.append(f"no GPU: analysed n = {cfg.n} images (pass --n for more)")
+        cfg.precision = resolve_precision(cfg.precision, device)
+        if (cfg.probe_train is None) != (cfg.probe_test is None):
+            raise UserError("--probe-train and --probe-test go together: give both, or neither to split --data")
+        for m in cfg.alignment_metrics:
+            if m not in M.METRICS:
+                raise UserError(f"--metrics {m!r}: choose from {', '.join(M.METRICS)}")
+        if cfg.n is not None and cfg.n <= cfg.k + 3:
+            raise UserError(f"--n {cfg.n} is too small for k = {cfg.k} nearest neighbours (need n > k + 3)")
+        cfg.ts = tuple(float(t) for t in cfg.ts)
+        for path, flag in [(cfg.data, "--data"), (cfg.probe_train, "--probe-train"), (cfg.probe_test, "--probe-test")]:
+            if path is not None:
+                _check_image_folder(path, flag)
+        return cfg
+
+    def capture(self) -> CaptureConfig:
+        return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
+                             blocks=self.blocks)
+
+
+def _check_image_folder(path: str, flag: str) -> None:
+    try:
+        list_images(path)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
+#################################################################################
+#                                   Results                                     #
+#################################################################################
+
+@dataclass
+class Curves:
+    """One measure of one model (or baseline) over blocks × t.
+
+    value [T, B] for blocks `blocks` (block −1 = the raw input); ci [T, B, 2] (95%) or None; replicates
+    [R, T, B] the measure on each bootstrap resample of the images (the same resamples for every checkpoint
+    of one analysis, so differences between checkpoints or blocks are paired), or None."""
+    checkpoint: str
+    kind: str
+    metric: str
+    encoder: str
+    ts: list[float]
+    blocks: list[int]
+    value: np.ndarray
+    ci: np.ndarray | None = None
+    replicates: np.ndarray | None = None
+
+    def rows(self) -> list[dict]:
+        out = []
+        for ti, t in enumerate(self.ts):
+            for bi, block in enumerate(self.blocks):
+                lo, hi = self.ci[ti, bi] if self.ci is not None else (math.nan, math.nan)
+                out.append(dict(checkpoint=self.checkpoint, kind=self.kind, block=block, t=t, metric=self.metric,
+                                encoder=self.encoder, value=float(self.value[ti, bi]), ci_low=float(lo),
+                                ci_high=float(hi)))
+        return out
+
+
+@dataclass
+class Analysed:
+    """What one checkpoint (or baseline) contributes: its name, kind, loaded checkpoint and curves, plus the
+    t = 0 block features for the block × block similarity figures."""
+    name: str
+    kind: str
+    ckpt: LoadedCheckpoint
+    curves: list[Curves]
+    block_feats_t0: np.ndarray | None = None
+
+
+@dataclass
+class Results:
+    """Everything an analysis produced, in command-line order (baselines after their model)."""
+    config: AnalyzeConfig
+    analysed: list[Analysed]
+    encoders: list
+    timings: dict[str, float]
+
+    @property
+    def models(self) -> list[Analysed]:
+        return [a for a in self.analysed if a.kind == "model"]
+
+    def table(self) -> pd.DataFrame:
+        """The tidy table: one row per checkpoint × block × t × metric × encoder (results.csv)."""
+        rows = [r for a in self.analysed for c in a.curves for r in c.rows()]
+        df = pd.DataFrame.from_records(rows, columns=COLUMNS)
+        return in_given_order(df, "checkpoint", ["metric", "encoder", "t", "block"]).reset_index(drop=True)
+
+    def curves(self, checkpoint: str, metric: str, encoder: str = "") -> Curves:
+        for a in self.analysed:
+            for c in a.curves:
+                if (c.checkpoint, c.metric, c.encoder) == (checkpoint, metric, encoder):
+                    return c
+        raise KeyError((checkpoint, metric, encoder))
+
+
+def in_given_order(df: pd.DataFrame, first: str, then: list[str]) -> pd.DataFrame:
+    """Sorted by column `first` in order of first appearance (the command line's), then by `then`."""
+    rank = {v: i for i, v in enumerate(dict.fromkeys(df[first]))}
+    return df.sort_values([first, *then], key=lambda c: c.map(rank) if c.name == first else c, kind="stable")
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (used for probe accuracy on n held-out images)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+#################################################################################
+#                               Feature sources                                 #
+#################################################################################
+
+class StoreSource:
+    """Features and encoder outputs through the feature store: computed once, reused by later analyses."""
+
+    def __init__(self, cfg: AnalyzeConfig):
+        self.cfg, self.store = cfg, FeatureStore(cfg.cache)
+
+    def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None) -> Features:
+        cfg = self.cfg
+        capture = dataclasses.replace(cfg.capture(), blocks=blocks if blocks is not None else cfg.blocks)
+        return extract(ckpt, dataset, capture, mode=cfg.mode, vae=cfg.vae, batch_size=cfg.batch_size,
+                       num_workers=cfg.num_workers, device=cfg.device, cache_dir=cfg.cache, quiet=cfg.quiet)
+
+    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, pooled encoder features [N, D])."""
+        pooled = encoder_features(self.store, encoder, dataset, grid, batch_size=self.cfg.batch_size,
+                                  num_workers=self.cfg.num_workers, quiet=self.cfg.quiet)
+        return pooled.ids, np.asarray(pooled["pooled"])
+
+
+class MemorySource:
+    """The same capture and encoders, in memory: for a model that changes under our feet (a trainer's EMA).
+    Images and their model-space inputs are decoded once per dataset; no raw-input baseline."""
+
+    def __init__(self, cfg: AnalyzeConfig, vae=None):
+        self.cfg, self.vae, self.inputs = cfg, vae, {}
+
+    def _images(self, dataset: ImageDataset) -> torch.Tensor:
+        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+    def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None) -> Features:
+        cfg, device = self.cfg, next(ckpt.model.parameters()).device
+        key = dataset.fingerprint()
+        if key not in self.inputs:
+            space, images = input_space(ckpt, cfg.mode), self._images(dataset)
+            self.inputs[key] = torch.cat([
+                to_model_space(images[i:i + cfg.batch_size].to(device), space.kind, self.vae, scale=space.scale,
+                               shift=space.shift).cpu() for i in range(0, len(images), cfg.batch_size)])
+        labels = torch.as_tensor(dataset.labels) if cfg.labels == "true" else None
+        chosen = blocks if blocks is not None else cfg.blocks
+        feats = capture_blocks(ckpt, self.inputs[key], labels, torch.as_tensor(dataset.ids), cfg.ts, seed=cfg.seed,
+                               blocks=chosen, autocast_dtype=AUTOCAST_DTYPES[cfg.precision],
+                               batch_size=cfg.batch_size)
+        return Features(blocks=feats.numpy(), raw=None, labels=np.asarray(dataset.labels),
+                        ids=np.asarray(dataset.ids), ts=list(cfg.ts), path=None,
+                        manifest={"blocks": None if chosen is None else list(chosen)})
+
+    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray]:
+        images, b = self._images(dataset), self.cfg.batch_size
+        device = next(encoder.parameters()).device
+        pooled = torch.cat([encoder.encode(images[i:i + b].to(device).float() / 255, grid)[1].cpu()
+                            for i in range(0, len(images), b)])
+        return np.asarray(dataset.ids), pooled.numpy()
+
+
+#################################################################################
+#                                 The pipeline                                  #
+#################################################################################
+
+class Pipeline:
+    """Holds what is shared across checkpoints: the encoders, their kernels, the store, the datasets.
+
+    Analysing several checkpoints with one Pipeline encodes the images once per encoder and builds each
+    encoder's kernel once. `source` gives the features (default: the store); `encoders` may be given
+    already loaded (the trainer's)."""
+
+    def __init__(self, config: AnalyzeConfig, source=None, encoders: list | None = None):
+        self.cfg = config.resolved()
+        self.device = torch.device(self.cfg.device)
+        self.source = source(self.cfg) if source is not None else StoreSource(self.cfg)
+        self.encoders = encoders if encoders is not None else self._load_encoders()
+        self._targets: dict[tuple, tuple[np.ndarray, np.ndarray, M.FeatureKernel]] = {}
+        self.timings: dict[str, float] = {"data+forwards": 0.0, "encoders": 0.0, "probes": 0.0, "metrics": 0.0}
+        self._untrained_done: set[str] = set()
+
+    def _load_encoders(self):
+        from repa_probe.encoders import load_encoder
+        return [load_encoder(spec, random_init=self.cfg.encoder_random_init, device=self.device)
+                for spec in self.cfg.encoders]
+
+    # ------------------------------------------------------------------ data
+    def datasets(self, ckpt: LoadedCheckpoint):
+        """(alignment set, probe train set, probe test set) at this model's image size."""
+        size = input_space(ckpt, self.cfg.mode).image_size
+        c = self.cfg
+        align = make_dataset(c.data, size, c.n, c.seed, c.skip_bad_images)
+        if not c.probe:
+            return align, None, None
+        if c.probe_train:
+            train = make_dataset(c.probe_train, size, c.probe_n_train or c.n, c.seed, c.skip_bad_images)
+            test = make_dataset(c.probe_test, size, c.probe_n_test or max(c.n // 2, 20), c.seed + 1,
+                                c.skip_bad_images)
+        else:  # split the alignment images: every 5th (class-balanced order) is held out for testing
+            held = np.arange(len(align.ids)) % 5 == 0
+            train = ImageDataset(c.data, size, indices=align.ids[~held])
+            test = ImageDataset(c.data, size, indices=align.ids[held])
+        if len(np.unique(train.labels)) < 2:
+            note = (f"no probe: '{train.root}' has no class labels (one class); pass --probe-train/--probe-test "
+                    f"with labelled ImageFolder trees to get one")
+            if note not in c.notes:
+                c.notes.append(note)
+            return align, None, None
+        return align, train, test
+
+    def features(self, ckpt: LoadedCheckpoint, dataset, blocks: tuple[int, ...] | None = None) -> Features:
+        start = time.perf_counter()
+        feats = self.source.features(ckpt, dataset, blocks)
+        self.timings["data+forwards"] += time.perf_counter() - start
+        return feats
+
+    def untrained_features(self, untrained: LoadedCheckpoint, dataset) -> Features:
+        """Block 0 of the untrained model, as [n_t, 1, N, D], when its family initialises every block as the
+        identity (adaLN-Zero): blocks 0 and 1 are captured (the pass stops there), checked equal, and block 0
+        stands for all of them. Otherwise every block is captured."""
+        if not untrained.anatomy.untrained_identity:
+            return self.features(untrained, dataset)
+        feats = self.features(untrained, dataset, blocks=(0, 1))
+        b = np.asarray(feats.blocks)
+        if not np.array_equal(b[:, 0], b[:, 1]):
+            raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
+        return dataclasses.replace(feats, blocks=b[:, :1])
+
+    def probe_sets(self, feats: Features, train, test, capture) -> tuple[Features, Features]:
+        """Features of the probe's train and test images: rows of the alignment features `feats` when the
+        probe splits those images (no second pass over them), else `capture(dataset)` for each set."""
+        if self.cfg.probe_train:
+            return capture(train), capture(test)
+        row = {image_id: i for i, image_id in enumerate(feats.ids)}
+        blocks = np.asarray(feats.blocks)                        # read from the store once for both sets
+        raw = None if feats.raw is None else np.asarray(feats.raw)
+
+        def rows(dataset):
+            idx = np.array([row[i] for i in dataset.ids])
+            return dataclasses.replace(feats, blocks=blocks[:, :, idx], raw=None if raw is None else raw[:, idx],
+                                       labels=feats.labels[idx], ids=feats.ids[idx])
+        return rows(train), rows(test)
+
+    def target(self, encoder, dataset, grid: int):
+        """(image ids, pooled encoder features, prepared kernel) of `dataset` (once per encoder × subset)."""
+        key = (encoder.fingerprint(grid), dataset.fingerprint())
+        if key not in self._targets:
+            start = time.perf_counter()
+            ids, pooled = self.source.encoded(encoder, dataset, grid)
+            self.timings["encoders"] += time.perf_counter() - start
+            start = time.perf_counter()
+            kernel = M.FeatureKernel.build(pooled, self.cfg.k, self.cfg.alignment_metrics, device=self.device,
+                                           what=f"encoder {encoder.name}")
+            self.timings["metrics"] += time.perf_counter() - start
+            self._targets[key] = (ids, pooled, kernel)
+        return self._targets[key]
+
+    # ------------------------------------------------------------------ numbers
+    def alignment_curves(self, name: str, kind: str, src, ids, blocks: list[int], ts: list[float], dataset,
+                         grid: int, bootstrap: bool) -> list[Curves]:
+        """Every alignment metric × encoder for sources src [T, B, N, D]."""
+        out = []
+        for enc in self.encoders:
+            enc_ids, target, kernel = self.target(enc, dataset, grid)
+            if not np.array_equal(enc_ids, ids):
+                raise RuntimeError("encoder and model features hold different images")  # a bug, not user input
+            start = time.perf_counter()
+            scores = M.alignment(kernel, src, self.cfg.alignment_metrics, k=self.cfg.k, device=self.device)
+            cis, reps = {}, {}
+            if self.cfg.bootstrap and bootstrap:
+                cis, reps = M.bootstrap_alignment(target, src, tuple(scores), k=self.cfg.k, n_boot=self.cfg.bootstrap,
+                                                  seed=self.cfg.seed, around=scores, device=self.device,
+                                                  desc=None if self.cfg.quiet else "bootstrap", replicates=True)
+            self.timings["metrics"] += time.perf_counter() - start
+            for metric, values in scores.items():
+                out.append(Curves(name, kind, metric, enc.name, ts, blocks, values, cis.get(metric),
+                                  reps.get(metric)))
+        return out
+
+    def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
+                     blocks: list[int], ts: list[float]) -> list[Curves]:
+        start = time.perf_counter()
+        res = linear_probe(train_src, train_labels, test_src, test_labels, ProbeConfig(seed=self.cfg.seed),
+                           device=self.device)
+        self.timings["probes"] += time.perf_counter() - start
+        n_test = len(test_labels)
+        out = []
+        for metric in ("top1", "top5"):
+            if metric not in res:
+                continue
+            acc = np.asarray(res[metric], dtype=np.float64)
+            ci = np.array([wilson_interval(round(a * n_test), n_test) for a in acc.ravel()]).reshape(acc.shape + (2,))
+            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci))
+        return out
+
+    def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:
+        """All numbers for one checkpoint, plus (once per architecture) the untrained and raw baselines."""
+        align, train, test = self.datasets(ckpt)
+        feats = self.features(ckpt, align)
+        blocks = list(self.cfg.blocks) if self.cfg.blocks is not None else list(range(ckpt.anatomy.depth + 1))
+        curves = self.alignment_curves(name, "model", feats.blocks, feats.ids, blocks, feats.ts, align,
+                                       ckpt.anatomy.grid, True)
+        probe_feats = None
+        if train is not None:
+            probe_feats = self.probe_sets(feats, train, test, lambda d: self.features(ckpt, d))
+            f_tr, f_te = probe_feats
+            curves += self.probe_curves(name, "model", f_tr.blocks, f_tr.labels, f_te.blocks, f_te.labels,
+                                        blocks, feats.ts)
+        out = [Analysed(name, "model", ckpt, curves, np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None)]
+        arch = _arch_key(ckpt)
+        if self.cfg.baselines and arch not in self._untrained_done:
+            self._untrained_done.add(arch)
+            out += self.baselines(ckpt, arch, feats, align, train, test, probe_feats)
+        return out
+
+    def baselines(self, ckpt, arch, feats, align, train, test, probe_feats) -> list[Analysed]:
+        """The raw input x_t and the untrained model of the same architecture, on the same images and noise."""
+        grid, depth = ckpt.anatomy.grid, ckpt.anatomy.depth
+        suffix = "" if len(self._untrained_done) == 1 else f" ({arch})"
+        raw_src = np.asarray(feats.raw)[:, None]                                 # [T, 1, N, d_raw]
+        raw = self.alignment_curves(f"raw input{suffix}", "raw-input", raw_src, feats.ids, [-1], feats.ts,
+                                    align, grid, False)
+        untrained = ckpt.family.untrained(ckpt, self.cfg.seed)
+        u_feats = self.untrained_features(untrained, align)
+        u_name = f"untrained{suffix}"
+        u_blocks = [0] if u_feats.blocks.shape[1] == 1 else list(range(u_feats.blocks.shape[1]))
+        u = self.alignment_curves(u_name, "untrained", u_feats.blocks, u_feats.ids, u_blocks, feats.ts, align, grid,
+                                  True)
+        if train is not None:
+            f_tr, f_te = probe_feats
+            raw += self.probe_curves(f"raw input{suffix}", "raw-input", np.asarray(f_tr.raw)[:, None], f_tr.labels,
+                                     np.asarray(f_te.raw)[:, None], f_te.labels, [-1], feats.ts)
+            ut_tr, ut_te = self.probe_sets(u_feats, train, test, lambda d: self.untrained_features(untrained, d))
+            u += self.probe_curves(u_name, "untrained", ut_tr.blocks, ut_tr.labels, ut_te.blocks, ut_te.labels,
+                                   u_blocks, feats.ts)
+        if u_blocks == [0]:                                  # block 0 stands for every block
+            u = [dataclasses.replace(c, blocks=list(range(depth + 1)), **{
+                k: None if getattr(c, k) is None else np.repeat(getattr(c, k), depth + 1, axis=-1 if k == "replicates"
+                                                               else 1) for k in ("value", "ci", "replicates")}) for c in u]
+        return [Analysed(f"raw input{suffix}", "raw-input", ckpt, raw), Analysed(u_name, "untrained", untrained, u)]
+
+
+def _arch_key(ckpt: LoadedCheckpoint) -> str:
+    a = ckpt.anatomy
+    return f"{a.name}, {a.input.channels}×{a.input.size}²"
+
+
+def run(checkpoints: Sequence[LoadedCheckpoint], names: Sequence[str], config: AnalyzeConfig,
+        pipeline: Pipeline | None = None) -> Results:
+    """Analyse loaded checkpoints (same images, same noise) → Results."""
+    pipeline = pipeline or Pipeline(config)
+    analysed = [a for ckpt, name in zip(checkpoints, names) for a in pipeline.analyse(ckpt, name)]
+    return Results(pipeline.cfg, analysed, pipeline.encoders, dict(pipeline.timings))
