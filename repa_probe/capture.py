@@ -6,7 +6,9 @@ input and output (tuples, extra text or register tokens), so capture works the s
 
     block 0   the image tokens entering block 1 (patch embedding + positions): a pre-hook on blocks[0]
     block i   the output of block i (1-based, as in the REPA paper): a forward hook on blocks[i-1]
-    raw       the model input x_t average-pooled per p×p patch, flattened to C·(H/p)·(W/p): the baseline
+    raw       the model input x_t as baselines: `raw_pooled`, its p×p patches (C·p·p values each, what the patch
+              embedding sees) mean-pooled over the grid exactly as the blocks are; and `raw`, the thumbnail
+              x_t average-pooled per patch, C·(H/p)·(W/p), which keeps the spatial layout the pooled blocks lose
 
 Pooling (per block, per image, in float32): ``mean`` over tokens → [D]; ``grid:G`` → the token grid
 average-pooled to G×G, flattened to [D·G·G] (channel-major); ``tokens`` → all tokens [T, D]. So memory
@@ -42,6 +44,7 @@ from repa_probe.runtime import AUTOCAST_DTYPES, init_distributed, resolve_device
 from repa_probe.store import Features, FeatureStore, ImageFeatures, fill, read_features, t_part
 
 DEFAULT_TS = (0.0, 0.1, 0.25, 0.5, 0.75)
+RAW_VERSION = "raw thumbnail + raw_pooled patches"   # in the cache key: older entries lack raw_pooled
 
 
 #################################################################################
@@ -72,9 +75,13 @@ def pool_tokens(h: torch.Tensor, pooling: str) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid, g).flatten(1)                  # (N, D·g·g)
 
 
-def raw_baseline(x_t: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The model input average-pooled per p×p patch: (N, C, H, W) → (N, C·(H/p)·(W/p)), float32."""
-    return F.avg_pool2d(x_t.float(), patch_size).flatten(1)
+def raw_baselines(x_t: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """The model input as baselines, float32 (see the module docstring):
+    raw_pooled (N, C·p·p): the mean over the grid of the p×p patches, pooled like the blocks;
+    raw (N, C·(H/p)·(W/p)): the thumbnail, x_t average-pooled per p×p patch."""
+    x = x_t.float()
+    return {"raw_pooled": F.pixel_unshuffle(x, patch_size).mean(dim=(2, 3)),
+            "raw": F.avg_pool2d(x, patch_size).flatten(1)}
 
 
 #################################################################################
@@ -151,8 +158,8 @@ def noisy_input(convention: Convention, x0: torch.Tensor, ids: torch.Tensor, t: 
 @torch.no_grad()
 def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
                   t: float, *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
-                  autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass at noise level t → (features [n_blocks, N, ...], raw [N, C·(H/p)·(W/p)]), float32.
+                  autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass at noise level t → (features [n_blocks, N, ...], raw baselines {name: [N, d]}), float32.
 
     x0 is the clean model-space input (pixels in [−1, 1] or scaled latents); labels None = null class.
     The model runs in eval mode and is put back in its previous mode afterwards.
@@ -171,7 +178,7 @@ def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor
             ckpt.family.forward(model, x_t, timestep, y)
     finally:
         model.train(was_training)
-    return torch.stack([cap.features[b] for b in cap.blocks]), raw_baseline(x_t, anatomy.patch_size)
+    return torch.stack([cap.features[b] for b in cap.blocks]), raw_baselines(x_t, anatomy.patch_size)
 
 
 def capture_blocks(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
@@ -317,7 +324,7 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
         del autoencoder
 
     fingerprint = {"model": model_fingerprint(ckpt), "data": dataset.fingerprint(), "mode": mode, "vae": vae_key,
-                   "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))"}
+                   "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))", "raw": RAW_VERSION}
     entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids, row_axes={"blocks": 1})
     autocast_dtype, store_dtype = AUTOCAST_DTYPES[config.precision], np.dtype(config.dtype)
     t_of = {t_part(t): t for t in config.ts}
@@ -327,7 +334,7 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
         feats, raw = capture_batch(ckpt, x0, labels if config.labels == "true" else None, ids,
                                    t_of[part], seed=config.seed, pooling=config.pooling, blocks=config.blocks,
                                    autocast_dtype=autocast_dtype)
-        out = {"blocks": feats.transpose(0, 1).cpu().numpy(), "raw": raw.cpu().numpy()}   # rows first
+        out = {"blocks": feats.transpose(0, 1).cpu().numpy(), **{k: v.cpu().numpy() for k, v in raw.items()}}
         out = {k: v.astype(store_dtype, copy=False) for k, v in out.items()}
         if store_dtype == np.float16 and not all(np.isfinite(v).all() for v in out.values()):
             raise UserError("features exceed the float16 range (±65504): use --store-dtype float32")

@@ -87,7 +87,7 @@ def _analyze_config(args: argparse.Namespace, data: str):
         data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
         probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
         probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
-        bootstrap=args.bootstrap, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
+        bootstrap=args.bootstrap, null=args.null, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
         cache=args.cache, mode=args.mode, vae=args.vae, skip_bad_images=args.skip_bad_images,
         convention=args.convention, weights=args.weights, heads=args.heads, quiet=args.quiet, samples=args.samples)
@@ -163,6 +163,8 @@ def _add_analysis_commands(sub) -> None:
         g.add_argument("--k", type=int, default=10, help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
         g.add_argument("--bootstrap", type=int, default=20,
                        help="bootstrap replicates for alignment intervals, 0 = none (default: 20)")
+        g.add_argument("--null", type=int, default=20,
+                       help="permutation draws for the alignment null (images shuffled), 0 = none (default: 20)")
         g.add_argument("--no-baselines", action="store_true", help="skip the untrained-model and raw-input baselines")
         g.add_argument("--samples", type=int, default=0,
                        help="add a page with this many samples per checkpoint (Euler ODE, 50 steps; default: 0)")
@@ -204,7 +206,7 @@ def _add_analysis_commands(sub) -> None:
                                    "(bundled CIFAR-10 SimCLR teacher) on CIFAR-10 pixels, analyses both and writes "
                                    "a compare report (OUT/report/report.pdf).")
     p.add_argument("--data", default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
-                                                "$REPA_PROBE_DATA or ../shared/data/cifar10)")
+                                                "$REPA_PROBE_DATA, or shared/data/cifar10 beside the project)")
     p.add_argument("--out", default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
     p.add_argument("--steps", type=int, default=700, help="training steps per model (default: 700)")
     p.add_argument("--n", type=int, default=500, help="analysis images (default: 500)")

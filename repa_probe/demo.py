@@ -42,7 +42,7 @@ class DemoConfig:
 
 
 def find_cifar(data: str | None) -> Path:
-    """--data, else $REPA_PROBE_DATA, else the bundled ../shared/data/cifar10 beside the project."""
+    """--data, else $REPA_PROBE_DATA, else shared/data/cifar10 in the folder that holds the project."""
     candidates = [data] if data else [os.environ.get("REPA_PROBE_DATA"),
                                        str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"),
                                        str(Path.cwd().parent / "shared" / "data" / "cifar10")]
@@ -50,7 +50,7 @@ def find_cifar(data: str | None) -> Path:
         root = Path(c)
         if (root / "train").is_dir() and (root / "test").is_dir():
             return root
-    where = data or "../shared/data/cifar10 (or $REPA_PROBE_DATA)"
+    where = data or "shared/data/cifar10 beside the project (or $REPA_PROBE_DATA)"
     raise UserError(f"--data: no CIFAR-10 ImageFolder with train/ and test/ at {where}: pass --data DIR")
 
 

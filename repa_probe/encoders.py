@@ -1,4 +1,4 @@
-"""Target encoders: the pretrained vision transformers whose patch tokens REPA aligns to (DESIGN.md §4).
+"""Target encoders: the pretrained vision transformers whose patch tokens REPA aligns to (docs/encoders.md).
 
 An encoder is named the way REPA names it, ``type-arch-size`` (``dinov2-vit-b``, ``mae-vit-l``,
 ``jepa-vit-h``, ``mocov3-vit-b``, ``clip-vit-L``, ...), or by any timm model name. Every registry entry

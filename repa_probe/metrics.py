@@ -1,4 +1,4 @@
-"""Representation alignment between a model's features and a target encoder's (DESIGN.md §5).
+"""Representation alignment between a model's features and a target encoder's (docs/metrics.md).
 
 Every metric compares two feature matrices A (n x d_a) and B (n x d_b) for the same n images, in
 the same order, through their linear kernels K = A·Aᵀ and L = B·Bᵀ:
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import stats
 from .errors import UserError
 
 EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
@@ -121,7 +122,7 @@ def prepare_features(feats, clamp: bool = True, normalize: bool = True, q: float
     normalize: x_i ← x_i / ‖x_i‖₂, so that K_ij = cos(x_i, x_j).
     Clamping is per coordinate, so it is not rotation invariant; it is scale invariant.
     (platonic-rep takes the quantile over a whole model's stack of layers at once and picks the
-    order statistic without interpolation; DESIGN.md §5 asks for one matrix at a time.)
+    order statistic without interpolation; docs/metrics.md takes one matrix at a time.)
     """
     device = torch.device(device) if device is not None else _default_device(feats)
     x = _to_tensor(feats, device)
@@ -537,8 +538,8 @@ def _leading(x) -> tuple[int, ...]:
 
 def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10,
               clamp: bool = True, normalize: bool = True,
-              device: torch.device | str | None = None, block: int | None = None
-              ) -> dict[str, np.ndarray]:
+              device: torch.device | str | None = None, block: int | None = None,
+              rows: np.ndarray | None = None, null_targets: Sequence["FeatureKernel"] | None = None):
     """Every metric between one target (n, d_t) and each (n, d) matrix of ``sources`` (..., n, d).
 
     ``target`` may be a ``FeatureKernel`` built earlier (then its k / metrics must cover these);
@@ -546,7 +547,9 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
     [n_t, n_blocks, n, d]) or a torch tensor. The target is prepared once; sources are prepared
     one at a time, so memory is O(n·(d + k + block)), never O(n²) or O(sources·n·d).
     Returns {metric: array of shape sources.shape[:-2]} (float64). CKNNA puts each source in K
-    and the target in L.
+    and the target in L. ``rows``: only these images of every source (the target must hold just them).
+    ``null_targets`` (see ``permuted_targets``): each source is also scored against each of them, with
+    its kernel built once, and ({metric: values}, {metric: [n_null, ...] null values}) is returned.
     """
     metrics = _check_metrics(metrics)
     if device is None:
@@ -561,16 +564,34 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
                              f"metrics={metrics}, (clamp, normalize)={(clamp, normalize)}")
     else:
         tgt = FeatureKernel.build(target, k, metrics, clamp, normalize, device, block, "target")
-    if sources.shape[-2] != tgt.n:
-        raise UserError(f"target has {tgt.n} images but sources have {sources.shape[-2]}; "
+    n = sources.shape[-2] if rows is None else len(rows)
+    if n != tgt.n:
+        raise UserError(f"target has {tgt.n} images but sources have {n}; "
                         "both must hold the same images in the same order")
+    nulls = list(null_targets or [])
     out = {m: np.empty(lead, dtype=np.float64) for m in metrics}
+    null = {m: np.empty((len(nulls),) + lead, dtype=np.float64) for m in metrics}
     for index in np.ndindex(*lead):
-        src = FeatureKernel.build(sources[index], k, metrics, clamp, normalize, device, block,
-                                  f"sources{list(index)}")
+        feats = sources[index] if rows is None else take_rows(sources[index], rows)
+        src = FeatureKernel.build(feats, k, metrics, clamp, normalize, device, block, f"sources{list(index)}")
         for m, v in pair_scores(src, tgt, metrics).items():
             out[m][index] = v
-    return out
+        for p, permuted in enumerate(nulls):
+            for m, v in pair_scores(src, permuted, metrics).items():
+                null[m][(p,) + index] = v
+    return (out, null) if null_targets is not None else out
+
+
+def permuted_targets(target, draws: int, seed: int, k: int = 10, metrics: Sequence[str] | None = None,
+                     clamp: bool = True, normalize: bool = True,
+                     device: torch.device | str | None = None) -> list["FeatureKernel"]:
+    """The permutation null (docs/statistics.md): `draws` kernels of the target (n, d_t) with its rows
+    shuffled by seeded permutations, so each image is paired with another image's target features.
+    The same (n, seed) gives the same permutations for every checkpoint."""
+    x = np.asarray(target)
+    rng = np.random.default_rng([seed, 104729])
+    return [FeatureKernel.build(x[rng.permutation(len(x))], k, metrics, clamp, normalize, device,
+                                what=f"permuted target {p}") for p in range(draws)]
 
 
 def similarity_matrix(feats_a, feats_b=None, metric: str = "cknna", k: int = 10,
@@ -608,7 +629,7 @@ def similarity_matrix(feats_a, feats_b=None, metric: str = "cknna", k: int = 10,
 #                                   Bootstrap confidence intervals
 # ---------------------------------------------------------------------------------------------
 
-def _take(x, idx: np.ndarray):
+def take_rows(x, idx: np.ndarray):
     """Rows ``idx`` of a numpy array, memmap or tensor (on the tensor's device)."""
     if isinstance(x, torch.Tensor):
         return x[torch.from_numpy(idx).to(x.device)]
@@ -617,44 +638,46 @@ def _take(x, idx: np.ndarray):
 
 def _replicates(n: int, n_boot: int, seed: int, dedupe: bool) -> list[np.ndarray]:
     """The image indices of each bootstrap replicate (see ``bootstrap_ci``)."""
-    rng = np.random.default_rng(seed)
-    draws = (rng.integers(0, n, size=n) for _ in range(n_boot))
-    return [np.unique(idx) if dedupe else idx for idx in draws]
+    return stats.subsamples(n, n_boot, seed) if dedupe else list(stats.resamples(n, n_boot, seed))
 
 
-def _interval(stats: np.ndarray, level: float, around) -> np.ndarray:
-    """Percentile interval over the first axis of ``stats`` (replicates), optionally centred on
-    ``around``; returns (..., 2) = (low, high)."""
+def _interval(reps: np.ndarray, level: float, around, n: int, draws: list[np.ndarray], dedupe: bool) -> np.ndarray:
+    """The interval over the first axis of the replicate values ``reps`` → (..., 2) = (low, high):
+    subsamples (dedupe): centred on ``around`` with the spread rescaled to n images (stats.py); classic
+    replicates: centred on ``around`` if given, else the plain percentile interval."""
+    if dedupe:
+        return stats.centred_interval(around, reps, stats.subsample_scale([len(d) for d in draws], n), level)
+    if around is not None:
+        return stats.centred_interval(around, reps, None, level)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    if around is not None:
-        stats = np.asarray(around) + stats - stats.mean(axis=0)
     alpha = (1.0 - level) / 2.0
-    return np.moveaxis(np.quantile(stats, [alpha, 1.0 - alpha], axis=0), 0, -1)
+    return np.moveaxis(np.quantile(reps, [alpha, 1.0 - alpha], axis=0), 0, -1)
 
 
 def bootstrap_ci(metric_fn: Callable[..., float], feats_a, feats_b, n_boot: int = 200,
                  seed: int = 0, level: float = 0.95, dedupe: bool = True,
                  around: float | None = None) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric_fn(feats_a[idx], feats_b[idx])`` over images.
+    """Bootstrap interval of ``metric_fn(feats_a, feats_b)`` over images (docs/statistics.md).
 
     Each replicate draws n image indices with replacement (numpy generator seeded with ``seed``)
     and applies the same rows to both sides, so the pairing of images is kept.
     Duplicates: in a plain bootstrap about 63% of the rows have a copy, and copies are identical
     rows, so Kᵢⱼ = Lᵢⱼ = 1 for them on both sides: they are each other's nearest neighbours and
     a perfectly aligned off-diagonal pair. That pushes every metric here up (CKNNA by ~0.1–0.2 on
-    weakly aligned features, unbiased CKA by a few hundredths), and the interval can miss the
-    full-sample value. So by default (``dedupe=True``) each drawn image is kept once: a subsample
-    of about 0.63·n distinct images without self-matches (an m-out-of-n bootstrap). kNN metrics
-    depend somewhat on n (neighbourhoods of a sparser sample are wider), so compare intervals
-    computed with the same n and setting. ``dedupe=False`` gives the classic bootstrap.
-    ``around``: the full-sample value; the interval is then that value plus the quantiles of
-    (replicate − mean of replicates), i.e. the replicates' spread centred on the estimate, which
-    removes the subsample's shift in level and keeps the estimate inside its interval.
+    weakly aligned features, unbiased CKA by a few hundredths). So by default (``dedupe=True``) each
+    drawn image is kept once: a subsample of m ≈ 0.63·n distinct images. The interval is then the
+    full-sample value (``around``, computed if not given) plus the quantiles of √(m/(n − m))·(replicate −
+    mean of replicates): the subsample's spread rescaled to n images and centred on the estimate, which
+    also removes the shift in level that a kNN metric has at m images. ``dedupe=False`` gives the classic
+    bootstrap (percentile interval, or centred on ``around``).
     """
-    reps = _replicates(feats_a.shape[0], n_boot, seed, dedupe)
-    stats = np.asarray([metric_fn(_take(feats_a, idx), _take(feats_b, idx)) for idx in reps])
-    low, high = _interval(stats, level, around)
+    n = feats_a.shape[0]
+    if dedupe and around is None:
+        around = metric_fn(feats_a, feats_b)
+    draws = _replicates(n, n_boot, seed, dedupe)
+    reps = np.asarray([metric_fn(take_rows(feats_a, idx), take_rows(feats_b, idx)) for idx in draws])
+    low, high = _interval(reps, level, around, n, draws, dedupe)
     return float(low), float(high)
 
 
@@ -678,18 +701,22 @@ def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k:
         device = _default_device(sources)
     lead = _leading(sources)
     device = torch.device(device)
-    reps = [torch.from_numpy(idx).to(device)
-            for idx in _replicates(sources.shape[-2], n_boot, seed, dedupe)]   # on the device once
+    draws = _replicates(sources.shape[-2], n_boot, seed, dedupe)
+    rows = [torch.from_numpy(idx).to(device) for idx in draws]   # on the device once
     kw = dict(k=k, metrics=metrics, clamp=clamp, normalize=normalize, device=device)
     tgt = _to_tensor(target, device)
-    targets = [FeatureKernel.build(tgt[idx], what="target", **kw) for idx in reps]
-    stats = {m: np.empty((n_boot,) + lead) for m in metrics}
+    targets = [FeatureKernel.build(tgt[idx], what="target", **kw) for idx in rows]
+    reps = {m: np.empty((n_boot,) + lead) for m in metrics}
     for index in tqdm(list(np.ndindex(*lead)), desc=desc, disable=desc is None, unit="matrix",
                       dynamic_ncols=True):
         src = _to_tensor(sources[index], device)
-        for r, idx in enumerate(reps):
+        for r, idx in enumerate(rows):
             a = FeatureKernel.build(src[idx], what=f"sources{list(index)}", **kw)
             for m, v in pair_scores(a, targets[r], metrics).items():
-                stats[m][(r,) + index] = v
-    intervals = {m: _interval(stats[m], level, None if around is None else around[m]) for m in metrics}
-    return (intervals, stats) if replicates else intervals
+                reps[m][(r,) + index] = v
+    if dedupe and around is None:
+        around = alignment(target, sources, metrics, k, clamp, normalize, device)
+    n = sources.shape[-2]
+    intervals = {m: _interval(reps[m], level, None if around is None else around[m], n, draws, dedupe)
+                 for m in metrics}
+    return (intervals, reps) if replicates else intervals

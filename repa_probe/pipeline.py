@@ -2,13 +2,16 @@
 
 For each checkpoint, on the same images and the same seeded noise (docs/analysis.md):
   alignment  every registered alignment metric asked for (CKNNA by default; metrics.py) between every
-             block's mean-pooled features at every t and each target encoder's pooled patch tokens,
-             with bootstrap intervals over images;
+             block's mean-pooled features at every t and each target encoder's pooled patch tokens, with
+             bootstrap intervals over images and a permutation null (the same features, images shuffled);
   probe      a linear probe per block × t (probe.py), fitted on the probe-train images and scored on
-             held-out probe-test images, with a 95% Wilson interval on the test accuracy;
-  baselines  the same numbers for the raw input x_t (average-pooled per patch) and for the untrained
-             model of the same architecture and initialisation (with adaLN-Zero every untrained block
-             is the identity: blocks 0 and 1 are captured, checked equal, and block 0 stands for all).
+             held-out probe-test images (Wilson intervals; per-image hits kept for paired statistics);
+  peak/drop  the peak block chosen on half the images and the drop after it measured, with a paired
+             interval, on the other half (stats.py, docs/statistics.md);
+  baselines  the same numbers for the raw input x_t (its patches mean-pooled like the blocks, and the
+             spatial thumbnail) and for the untrained model of the same architecture and initialisation
+             (with adaLN-Zero every untrained block is the identity: blocks 0 and 1 are captured, checked
+             equal, and block 0 stands for all).
 Features come from the feature store (`extract`: re-running with another metric, encoder or checkpoint
 recomputes only what is new) or, for a model that changes under our feet (the trainer's EMA), straight
 from memory with the same capture code. Report composition is report/compose.py's business.
@@ -26,6 +29,7 @@ import pandas as pd
 import torch
 
 from repa_probe import metrics as M
+from repa_probe import stats
 from repa_probe.capture import DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space, make_dataset
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.data import ImageDataset, list_images, to_model_space
@@ -36,8 +40,13 @@ from repa_probe.store import Features, FeatureStore, encoder_features
 
 CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
 PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
-KINDS = ("model", "untrained", "raw-input")
-COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high"]
+KINDS = {"model": "the checkpoint", "untrained": "the same architecture at initialisation",
+         "raw-input": "the noisy input x_t, its patches mean-pooled over the grid like the blocks",
+         "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)"}
+COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
+           "null_mean", "null_high"]
+PROBE_RESAMPLES = 1000           # bootstrap resamples of the probe's test images (means: cheap)
+DROP_RESAMPLES = 100             # at least this many for the held-out drop (two sources per t)
 
 
 def metric_label(metric: str) -> str:
@@ -66,6 +75,7 @@ class AnalyzeConfig:
     alignment_metrics: tuple[str, ...] = ("cknna",)
     k: int = 10
     bootstrap: int = 20                         # bootstrap replicates for alignment intervals (0 = none)
+    null: int = 20                              # permutation draws for the alignment null (0 = none)
     baselines: bool = True
     blocks: tuple[int, ...] | None = None       # blocks to analyse (0..depth); None = all
     seed: int = 0                               # noise seed and subset seed
@@ -125,12 +135,26 @@ def _check_image_folder(path: str, flag: str) -> None:
 #################################################################################
 
 @dataclass
+class HeldOut:
+    """The selection-aware drop after the peak, per t: the peak block chosen on half A of the images (seeded,
+    class-balanced), the drop (that block − the last block) measured on the other half B, and its paired 95%
+    interval over resamples of B (docs/statistics.md)."""
+    peak: list[int]                 # the block chosen on half A, per t
+    drop: np.ndarray                # [T]
+    ci: np.ndarray                  # [T, 2]
+    n_select: int                   # images in half A
+    n_measure: int                  # images in half B
+
+
+@dataclass
 class Curves:
     """One measure of one model (or baseline) over blocks × t.
 
-    value [T, B] for blocks `blocks` (block −1 = the raw input); ci [T, B, 2] (95%) or None; replicates
-    [R, T, B] the measure on each bootstrap resample of the images (the same resamples for every checkpoint
-    of one analysis, so differences between checkpoints or blocks are paired), or None."""
+    value [T, B] for blocks `blocks` (block −1 = the raw input); ci [T, B, 2] (95%) or None. For paired
+    statistics: alignment curves keep `replicates` [R, T, B], the metric on each bootstrap subsample of the
+    images, with `scale` [R] (stats.subsample_scale), and `null` [P, T, B], the metric with the images
+    shuffled; probe curves keep `hits` [T, B, n_test], whether each test image was classified right. Every
+    checkpoint of one analysis sees the same images and the same replicates, so differences are paired."""
     checkpoint: str
     kind: str
     metric: str
@@ -140,16 +164,29 @@ class Curves:
     value: np.ndarray
     ci: np.ndarray | None = None
     replicates: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    hits: np.ndarray | None = None
+    null: np.ndarray | None = None
+    held_out: HeldOut | None = None
+
+    def paired_replicates(self, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """([R, T, B] replicate values, [R] scale or None) from the same images for every checkpoint."""
+        if self.hits is not None:
+            return stats.hit_replicates(self.hits, stats.resamples(self.hits.shape[-1], PROBE_RESAMPLES, seed)), None
+        return self.replicates, self.scale
 
     def rows(self) -> list[dict]:
-        out = []
-        for ti, t in enumerate(self.ts):
-            for bi, block in enumerate(self.blocks):
-                lo, hi = self.ci[ti, bi] if self.ci is not None else (math.nan, math.nan)
-                out.append(dict(checkpoint=self.checkpoint, kind=self.kind, block=block, t=t, metric=self.metric,
-                                encoder=self.encoder, value=float(self.value[ti, bi]), ci_low=float(lo),
-                                ci_high=float(hi)))
-        return out
+        nan3 = np.full((3,) + self.value.shape, np.nan)
+        alpha = (1 - stats.LEVEL) / 2
+        null = np.stack([np.quantile(self.null, alpha, axis=0), self.null.mean(axis=0),
+                         np.quantile(self.null, 1 - alpha, axis=0)]) if self.null is not None and len(self.null) \
+            else nan3
+        ci = self.ci if self.ci is not None else np.full(self.value.shape + (2,), np.nan)
+        return [dict(checkpoint=self.checkpoint, kind=self.kind, block=block, t=t, metric=self.metric,
+                     encoder=self.encoder, value=float(self.value[ti, bi]), ci_low=float(ci[ti, bi, 0]),
+                     ci_high=float(ci[ti, bi, 1]), null_low=float(null[0, ti, bi]), null_mean=float(null[1, ti, bi]),
+                     null_high=float(null[2, ti, bi]))
+                for ti, t in enumerate(self.ts) for bi, block in enumerate(self.blocks)]
 
 
 @dataclass
@@ -337,52 +374,91 @@ class Pipeline:
             return capture(train), capture(test)
         row = {image_id: i for i, image_id in enumerate(feats.ids)}
         blocks = np.asarray(feats.blocks)                        # read from the store once for both sets
-        raw = None if feats.raw is None else np.asarray(feats.raw)
+        raws = {k: np.asarray(getattr(feats, k)) for k in ("raw", "raw_pooled") if getattr(feats, k) is not None}
 
         def rows(dataset):
             idx = np.array([row[i] for i in dataset.ids])
-            return dataclasses.replace(feats, blocks=blocks[:, :, idx], raw=None if raw is None else raw[:, idx],
-                                       labels=feats.labels[idx], ids=feats.ids[idx])
+            return dataclasses.replace(feats, blocks=blocks[:, :, idx], labels=feats.labels[idx], ids=feats.ids[idx],
+                                       **{k: v[:, idx] for k, v in raws.items()})
         return rows(train), rows(test)
 
     def target(self, encoder, dataset, grid: int):
-        """(image ids, pooled encoder features, prepared kernel) of `dataset` (once per encoder × subset)."""
+        """(image ids, pooled encoder features, prepared kernel, permuted kernels for the null) of `dataset`,
+        once per encoder × subset."""
         key = (encoder.fingerprint(grid), dataset.fingerprint())
         if key not in self._targets:
             start = time.perf_counter()
             ids, pooled = self.source.encoded(encoder, dataset, grid)
             self.timings["encoders"] += time.perf_counter() - start
             start = time.perf_counter()
-            kernel = M.FeatureKernel.build(pooled, self.cfg.k, self.cfg.alignment_metrics, device=self.device,
-                                           what=f"encoder {encoder.name}")
+            kw = dict(k=self.cfg.k, metrics=self.cfg.alignment_metrics, device=self.device)
+            kernel = M.FeatureKernel.build(pooled, what=f"encoder {encoder.name}", **kw)
+            nulls = M.permuted_targets(pooled, self.cfg.null, self.cfg.seed, **kw)
             self.timings["metrics"] += time.perf_counter() - start
-            self._targets[key] = (ids, pooled, kernel)
+            self._targets[key] = (ids, pooled, kernel, nulls)
         return self._targets[key]
 
     # ------------------------------------------------------------------ numbers
     def alignment_curves(self, name: str, kind: str, src, ids, blocks: list[int], ts: list[float], dataset,
-                         grid: int, bootstrap: bool) -> list[Curves]:
-        """Every alignment metric × encoder for sources src [T, B, N, D]."""
-        out = []
+                         grid: int, bootstrap: bool, held_out: bool = False) -> list[Curves]:
+        """Every alignment metric × encoder for sources src [T, B, N, D]: values, the permutation null,
+        bootstrap intervals and replicates (if `bootstrap`), the held-out drop (if `held_out`)."""
+        cfg, out = self.cfg, []
         for enc in self.encoders:
-            enc_ids, target, kernel = self.target(enc, dataset, grid)
+            enc_ids, target, kernel, nulls = self.target(enc, dataset, grid)
             if not np.array_equal(enc_ids, ids):
                 raise RuntimeError("encoder and model features hold different images")  # a bug, not user input
             start = time.perf_counter()
-            scores = M.alignment(kernel, src, self.cfg.alignment_metrics, k=self.cfg.k, device=self.device)
-            cis, reps = {}, {}
-            if self.cfg.bootstrap and bootstrap:
-                cis, reps = M.bootstrap_alignment(target, src, tuple(scores), k=self.cfg.k, n_boot=self.cfg.bootstrap,
-                                                  seed=self.cfg.seed, around=scores, device=self.device,
-                                                  desc=None if self.cfg.quiet else "bootstrap", replicates=True)
+            scores, null = M.alignment(kernel, src, cfg.alignment_metrics, k=cfg.k, device=self.device,
+                                       null_targets=nulls)
+            cis, reps, scale = {}, {}, None
+            if cfg.bootstrap and bootstrap:
+                cis, reps = M.bootstrap_alignment(target, src, tuple(scores), k=cfg.k, n_boot=cfg.bootstrap,
+                                                  seed=cfg.seed, around=scores, device=self.device,
+                                                  desc=None if cfg.quiet else "bootstrap", replicates=True)
+                scale = stats.subsample_scale([len(d) for d in stats.subsamples(len(ids), cfg.bootstrap, cfg.seed)],
+                                              len(ids))
+            drops = self.held_out_alignment(src, blocks, target, scores, dataset.labels) if held_out else {}
             self.timings["metrics"] += time.perf_counter() - start
             for metric, values in scores.items():
-                out.append(Curves(name, kind, metric, enc.name, ts, blocks, values, cis.get(metric),
-                                  reps.get(metric)))
+                out.append(Curves(name, kind, metric, enc.name, ts, blocks, values, cis.get(metric), reps.get(metric),
+                                  scale, null=null[metric], held_out=drops.get(metric)))
+        return out
+
+    def held_out_alignment(self, src, blocks: list[int], target: np.ndarray, scores: dict,
+                           labels: np.ndarray) -> dict[str, HeldOut]:
+        """Per metric: the peak block on half A of the images, the drop after it on half B (paired interval
+        over DROP_RESAMPLES subsamples of B)."""
+        cfg, metrics = self.cfg, tuple(scores)
+        half_a, half_b = stats.halves(labels, cfg.seed)
+        n_boot = max(cfg.bootstrap, DROP_RESAMPLES)
+        draws = stats.subsamples(len(half_b), n_boot, cfg.seed)
+        if min(len(d) for d in draws) <= cfg.k + 3:
+            note = (f"no held-out drop for alignment: half of the {len(labels)} images is too few for k = {cfg.k} "
+                    f"neighbours in its bootstrap subsamples (pass a larger --n)")
+            if note not in cfg.notes:
+                cfg.notes.append(note)
+            return {}
+        kw = dict(k=cfg.k, device=self.device)
+        on_a = M.alignment(M.FeatureKernel.build(target[half_a], cfg.k, metrics, device=self.device), src, metrics,
+                           rows=half_a, **kw)
+        scale = stats.subsample_scale([len(d) for d in draws], len(half_b))
+        out = {}
+        for m in metrics:
+            peaks = stats.argmax_blocks(on_a[m], blocks)                                  # [T]
+            pairs = np.stack([np.stack([M.take_rows(src[ti, p], half_b), M.take_rows(src[ti, -1], half_b)])
+                              for ti, p in enumerate(peaks)])                            # [T, 2, n_b, D]
+            on_b = M.alignment(target[half_b], pairs, (m,), **kw)[m]
+            _, reps = M.bootstrap_alignment(target[half_b], pairs, (m,), n_boot=n_boot, seed=cfg.seed,
+                                            around={m: on_b}, replicates=True, **kw)
+            drop = on_b[:, 0] - on_b[:, 1]
+            out[m] = HeldOut([blocks[p] for p in peaks], drop,
+                             stats.centred_interval(drop, reps[m][..., 0] - reps[m][..., 1], scale),
+                             len(half_a), len(half_b))
         return out
 
     def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
-                     blocks: list[int], ts: list[float]) -> list[Curves]:
+                     blocks: list[int], ts: list[float], held_out: bool = False) -> list[Curves]:
         start = time.perf_counter()
         res = linear_probe(train_src, train_labels, test_src, test_labels, ProbeConfig(seed=self.cfg.seed),
                            device=self.device)
@@ -394,7 +470,9 @@ class Pipeline:
                 continue
             acc = np.asarray(res[metric], dtype=np.float64)
             ci = np.array([wilson_interval(round(a * n_test), n_test) for a in acc.ravel()]).reshape(acc.shape + (2,))
-            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci))
+            hits = res["hits"] if metric == "top1" else None
+            drop = held_out_hits(hits, blocks, test_labels, self.cfg.seed) if held_out and hits is not None else None
+            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci, hits=hits, held_out=drop))
         return out
 
     def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:
@@ -402,14 +480,15 @@ class Pipeline:
         align, train, test = self.datasets(ckpt)
         feats = self.features(ckpt, align)
         blocks = list(self.cfg.blocks) if self.cfg.blocks is not None else list(range(ckpt.anatomy.depth + 1))
+        held_out = max(blocks) >= 2 and self.cfg.bootstrap > 0
         curves = self.alignment_curves(name, "model", feats.blocks, feats.ids, blocks, feats.ts, align,
-                                       ckpt.anatomy.grid, True)
+                                       ckpt.anatomy.grid, True, held_out)
         probe_feats = None
         if train is not None:
             probe_feats = self.probe_sets(feats, train, test, lambda d: self.features(ckpt, d))
             f_tr, f_te = probe_feats
             curves += self.probe_curves(name, "model", f_tr.blocks, f_tr.labels, f_te.blocks, f_te.labels,
-                                        blocks, feats.ts)
+                                        blocks, feats.ts, held_out)
         out = [Analysed(name, "model", ckpt, curves, np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None)]
         arch = _arch_key(ckpt)
         if self.cfg.baselines and arch not in self._untrained_done:
@@ -418,12 +497,21 @@ class Pipeline:
         return out
 
     def baselines(self, ckpt, arch, feats, align, train, test, probe_feats) -> list[Analysed]:
-        """The raw input x_t and the untrained model of the same architecture, on the same images and noise."""
+        """The raw input x_t (pooled like the blocks, and as a thumbnail) and the untrained model of the same
+        architecture, on the same images and noise."""
         grid, depth = ckpt.anatomy.grid, ckpt.anatomy.depth
         suffix = "" if len(self._untrained_done) == 1 else f" ({arch})"
-        raw_src = np.asarray(feats.raw)[:, None]                                 # [T, 1, N, d_raw]
-        raw = self.alignment_curves(f"raw input{suffix}", "raw-input", raw_src, feats.ids, [-1], feats.ts,
-                                    align, grid, False)
+        out = []
+        for kind, field_name in (("raw-input", "raw_pooled"), ("raw-thumbnail", "raw")):
+            label = kind.replace("-", " ") + suffix
+            curves = self.alignment_curves(label, kind, np.asarray(getattr(feats, field_name))[:, None], feats.ids,
+                                           [-1], feats.ts, align, grid, True)
+            if train is not None:
+                f_tr, f_te = probe_feats
+                curves += self.probe_curves(label, kind, np.asarray(getattr(f_tr, field_name))[:, None], f_tr.labels,
+                                            np.asarray(getattr(f_te, field_name))[:, None], f_te.labels, [-1],
+                                            feats.ts)
+            out.append(Analysed(label, kind, ckpt, curves))
         untrained = ckpt.family.untrained(ckpt, self.cfg.seed)
         u_feats = self.untrained_features(untrained, align)
         u_name = f"untrained{suffix}"
@@ -431,17 +519,32 @@ class Pipeline:
         u = self.alignment_curves(u_name, "untrained", u_feats.blocks, u_feats.ids, u_blocks, feats.ts, align, grid,
                                   True)
         if train is not None:
-            f_tr, f_te = probe_feats
-            raw += self.probe_curves(f"raw input{suffix}", "raw-input", np.asarray(f_tr.raw)[:, None], f_tr.labels,
-                                     np.asarray(f_te.raw)[:, None], f_te.labels, [-1], feats.ts)
             ut_tr, ut_te = self.probe_sets(u_feats, train, test, lambda d: self.untrained_features(untrained, d))
             u += self.probe_curves(u_name, "untrained", ut_tr.blocks, ut_tr.labels, ut_te.blocks, ut_te.labels,
                                    u_blocks, feats.ts)
         if u_blocks == [0]:                                  # block 0 stands for every block
-            u = [dataclasses.replace(c, blocks=list(range(depth + 1)), **{
-                k: None if getattr(c, k) is None else np.repeat(getattr(c, k), depth + 1, axis=-1 if k == "replicates"
-                                                               else 1) for k in ("value", "ci", "replicates")}) for c in u]
-        return [Analysed(f"raw input{suffix}", "raw-input", ckpt, raw), Analysed(u_name, "untrained", untrained, u)]
+            u = [_repeat_block(c, depth + 1) for c in u]
+        return out + [Analysed(u_name, "untrained", untrained, u)]
+
+
+def held_out_hits(hits: np.ndarray, blocks: list[int], labels: np.ndarray, seed: int) -> HeldOut:
+    """The held-out drop of a probe from its per-image hits [T, B, n]: the peak on half A of the test images
+    (class-balanced), the drop on half B with an interval over PROBE_RESAMPLES resamples of B."""
+    half_a, half_b = stats.halves(labels, seed)
+    peaks = stats.argmax_blocks(hits[..., half_a].mean(axis=-1), blocks)                # [T]
+    t = np.arange(len(peaks))
+    diff = hits[t, peaks][:, half_b].astype(np.float64) - hits[t, -1][:, half_b]          # [T, n_b]
+    reps = stats.hit_replicates(diff, stats.resamples(len(half_b), PROBE_RESAMPLES, seed))
+    drop = diff.mean(axis=-1)
+    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, reps), len(half_a), len(half_b))
+
+
+def _repeat_block(c: Curves, n: int) -> Curves:
+    """A curve measured at block 0 alone, standing for blocks 0..n−1 (an untrained adaLN-Zero model)."""
+    def rep(x, axis):
+        return None if x is None else np.repeat(x, n, axis=axis)
+    return dataclasses.replace(c, blocks=list(range(n)), value=rep(c.value, 1), ci=rep(c.ci, 1),
+                               replicates=rep(c.replicates, 2), hits=rep(c.hits, 1), null=rep(c.null, 2))
 
 
 def _arch_key(ckpt: LoadedCheckpoint) -> str:

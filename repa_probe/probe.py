@@ -1,4 +1,4 @@
-"""Linear probes on frozen features (DESIGN.md §6): many multinomial logistic regressions at once.
+"""Linear probes on frozen features (docs/probe.md): many multinomial logistic regressions at once.
 
 A probe is the linear classifier of MAE (He et al. 2021, arXiv 2111.06377, §A.2) and REPA
 (arXiv 2410.06940): features are standardised with the training images' mean and variance (a

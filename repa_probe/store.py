@@ -334,17 +334,19 @@ class Features:
 
     blocks [n_t, n_blocks+1, N, D]   index 0 = tokens entering block 1; i = output of block i (1-based)
                                       (D is g²·D for grid pooling; [.., N, T, D] for token pooling)
-    raw    [n_t, N, C·(H/p)·(W/p)]    the model input x_t average-pooled per p×p patch: the probe baseline
+    raw    [n_t, N, C·(H/p)·(W/p)]    the model input x_t average-pooled per p×p patch (the thumbnail baseline)
+    raw_pooled [n_t, N, C·p·p]        x_t's p×p patches mean-pooled over the grid, as the blocks are (baseline)
     labels [N], ids [N]               class label and stable image id of each row
     """
     blocks: Stacked
-    raw: Stacked
+    raw: Stacked | None
     labels: np.ndarray
     ids: np.ndarray
     ts: list[float]
     path: Path
     manifest: dict
     computed: int = 0          # chunks (batch × t) computed by the call that returned this; 0 = all cached
+    raw_pooled: Stacked | None = None
 
 
 def read_features(entry: Entry, ts: Sequence[float], computed: int = 0) -> Features:
@@ -354,6 +356,7 @@ def read_features(entry: Entry, ts: Sequence[float], computed: int = 0) -> Featu
         raise KeyError(f"{entry.path}: {', '.join(missing)} not extracted yet")
     return Features(blocks=Stacked([entry.array(p, "blocks") for p in parts]),
                     raw=Stacked([entry.array(p, "raw") for p in parts]),
+                    raw_pooled=Stacked([entry.array(p, "raw_pooled") for p in parts]),
                     labels=entry.labels, ids=entry.ids, ts=[float(t) for t in ts], path=entry.path,
                     manifest=entry.manifest, computed=computed)
 

@@ -30,7 +30,7 @@ def workdir(tmp_path_factory, cifar_dir):
 
 
 def common(workdir, cifar_dir, *extra):
-    return ["--data", cifar_dir / "test", "--n", "40", "--t", TS, "--encoder", ENCODER, "--encoder-random-init",
+    return ["--data", cifar_dir / "test", "--n", "60", "--t", TS, "--encoder", ENCODER, "--encoder-random-init",
             "--bootstrap", "3", "--cache", workdir / "cache", "--quiet", *extra]
 
 
@@ -41,7 +41,7 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert "report:" in r.stdout
     res = pd.read_csv(out / "results.csv")
     assert list(res.columns) == ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low",
-                                 "ci_high"]
+                                 "ci_high", "null_low", "null_mean", "null_high"]
     model = res[res["checkpoint"] == "run/0000010"]
     depth = tiny_config().depth
     # every block 0..depth × every t × every metric
@@ -53,8 +53,14 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     # every interval is a real interval around its value (bootstrap for CKNNA, Wilson for the probe)
     assert (model["ci_low"] <= model["value"] + 1e-12).all() and (model["value"] <= model["ci_high"] + 1e-12).all()
     assert (model["ci_high"] - model["ci_low"] > 0).all()
-    # baselines present: raw input (block −1) and the untrained model at every block
-    assert set(res.loc[res["kind"] == "raw-input", "block"]) == {-1}
+    # CKNNA has its permutation null beside it; the probe has none
+    cknna_rows = model[model["metric"] == "cknna"]
+    assert cknna_rows["null_high"].notna().all() and (cknna_rows["null_low"] <= cknna_rows["null_high"]).all()
+    assert model.loc[model["metric"] == "probe_top1", "null_high"].isna().all()
+    # baselines present: the raw input pooled like the blocks and as a thumbnail (block −1), the untrained
+    # model at every block
+    assert set(res.loc[res["kind"].isin(["raw-input", "raw-thumbnail"]), "block"]) == {-1}
+    assert set(res["kind"]) == {"model", "untrained", "raw-input", "raw-thumbnail"}
     untrained = res[(res["kind"] == "untrained") & (res["metric"] == "cknna")]
     assert len(untrained) == (depth + 1) * 2
     # adaLN-Zero: an untrained model's blocks are the identity, so its curve is flat
@@ -70,14 +76,20 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
         assert p["best_block"] == int(curve["block"].iloc[int(np.argmax(curve["value"].to_numpy()))])
         assert p["best_value"] == pytest.approx(curve["value"].max())
         assert p["last_value"] == pytest.approx(curve["value"].iloc[-1])
+        assert 0 <= p["best_frequency"] <= 1 and p["selected_block"] in range(1, depth + 1)
+        assert p["drop_ci_low"] <= p["drop_after"] <= p["drop_ci_high"]
+        assert p["peaks_then_drops"] == (p["selected_block"] != depth and p["drop_ci_low"] > 0)
+        assert p["n_select"] + p["n_measure"] == (60 if p["metric"] == "cknna" else 12)
     assert summary["config"]["encoder_random_init"] is True
     assert "no GPU" not in " ".join(summary["notes"])  # --n was given
+    assert summary["overview"][0].startswith("Peak and drop.") and summary["overview"][-1].startswith("Baselines")
 
     pdf = PdfReader(out / "report.pdf")
     pngs = sorted((out / "figures").glob("*.png"))
-    assert len(pdf.pages) == len(pngs) >= 6
-    page1 = pdf.pages[0].extract_text()
-    assert "RANDOM WEIGHTS" in page1 and "run/0000010" in page1 and "Where each curve peaks" in page1
+    assert len(pdf.pages) == len(pngs) >= 7
+    page1, page2 = (pdf.pages[i].extract_text() for i in (0, 1))
+    assert "Peak and drop" in page1 and "Baselines" in page1 and "run/0000010" in page1
+    assert "RANDOM WEIGHTS" in page2 and "Where each curve peaks" in page2
     assert not list(workdir.glob(".report_a.partial-*"))
 
 
@@ -100,6 +112,18 @@ def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
         assert row["max_delta"] == pytest.approx(delta.max())
         assert row["mean_delta"] == pytest.approx(delta.mean())
     assert len(comp) == len(summary["compare"]) == 4
+    # per-block deltas with paired intervals, strictly narrower than the marginal rule's (B's low end above
+    # A's high end, i.e. a difference interval as wide as both intervals together): the same images, noise
+    # and replicates for both checkpoints
+    deltas = pd.read_csv(out / "deltas.csv")
+    marginal = res.set_index(["checkpoint", "metric", "t", "block"])
+    paired = deltas[deltas["metric"] == "cknna"]
+    assert len(paired) == 2 * (tiny_config().depth + 1)
+    for r in paired.itertuples():
+        wa = marginal.loc[("run/0000010", "cknna", r.t, r.block)]
+        wb = marginal.loc[("run", "cknna", r.t, r.block)]
+        assert r.ci_low <= r.delta <= r.ci_high
+        assert r.ci_high - r.ci_low < (wa.ci_high - wa.ci_low) + (wb.ci_high - wb.ci_low)
     assert len(PdfReader(out / "report.pdf").pages) == len(list((out / "figures").glob("*.png")))
 
 

@@ -1,4 +1,4 @@
-"""Alignment metrics against references written here from the definitions (DESIGN.md §5).
+"""Alignment metrics against references written here from the definitions (docs/metrics.md).
 
 The references are deliberately naive: dense n x n masks, the centering matrix H, explicit loops.
 """
@@ -350,7 +350,7 @@ def test_k_must_be_below_the_number_of_images():
 
 def test_unbiased_hsic_needs_four_images():
     a, b = correlated_pair(3)
-    with pytest.raises(UserError, match="unbiased HSIC needs n >= 4"):
+    with pytest.raises(UserError, match="n=3 images; cka_unbiased needs n >= 4"):
         cka(a, b, unbiased=True)
     assert cka(a, b) == pytest.approx(ref_cka_biased(ref_preprocess(a), ref_preprocess(b)))
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import importlib
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-import toy_family
-import toy_measure  # noqa: F401 - registers "rv"
 from conftest import REPO, randomize_, run_cli, tiny_config
 from repa_probe import metrics
 from repa_probe.capture import capture_blocks
@@ -19,6 +20,18 @@ from repa_probe.checkpoints import save_checkpoint
 from repa_probe.families import load_checkpoint
 from repa_probe.models import SiT
 from repa_probe.noise import seeded_noise
+
+@pytest.fixture(scope="module")
+def toy_family():
+    """Import the two plug-in files (they register a family, a convention and a metric) for this module's
+    tests, and take the registrations back after: other tests see the built-in registries only."""
+    from repa_probe.families.base import FAMILIES
+    from repa_probe.noise import CONVENTIONS
+    family, _ = importlib.import_module("toy_family"), importlib.import_module("toy_measure")
+    yield family
+    FAMILIES.pop("toy-vit"), CONVENTIONS.pop("toy-cosine"), metrics.METRICS.pop("rv")
+    sys.modules.pop("toy_family"), sys.modules.pop("toy_measure")
+
 
 PLUGINS = {"REPA_PROBE_PLUGINS": f"{REPO / 'tests' / 'toy_family.py'},{REPO / 'tests' / 'toy_measure.py'}",
            "OMP_NUM_THREADS": "1"}
@@ -30,7 +43,7 @@ def common(tmp_path, cifar_dir):
             "--metrics", "cknna,rv", "--bootstrap", 3, "--cache", tmp_path / "cache", "--quiet"]
 
 
-def test_toy_family_hooks_equal_its_own_forward_written_out(tmp_path):
+def test_toy_family_hooks_equal_its_own_forward_written_out(tmp_path, toy_family):
     ckpt = load_checkpoint(toy_family.save_toy(tmp_path / "toy.pt", seed=1))
     assert ckpt.family.name == "toy-vit" and ckpt.convention.name == "toy-cosine"
     x0, ids, t = torch.rand(5, 3, 16, 16) * 2 - 1, torch.tensor([4, 8, 15, 16, 23]), 0.4
@@ -49,7 +62,7 @@ def test_toy_family_hooks_equal_its_own_forward_written_out(tmp_path):
     torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=1e-6)
 
 
-def test_analyze_and_compare_run_a_new_family_and_a_new_measure_given_as_plug_ins(tmp_path, cifar_dir):
+def test_analyze_and_compare_run_a_new_family_and_a_new_measure_given_as_plug_ins(tmp_path, cifar_dir, toy_family):
     toy = toy_family.save_toy(tmp_path / "toy.pt", seed=1)
     sit = SiT(tiny_config(z_dims=[], encoder_depth=0))
     sit_path = save_checkpoint(tmp_path / "sit.pt", sit.config, randomize_(sit).state_dict(), meta={"mode": "pixels"})
@@ -79,7 +92,7 @@ def test_plug_ins_reach_the_command_line_choices_and_a_broken_one_is_one_line(tm
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "plug-in" in r.stderr and "nope" in r.stderr
 
 
-def test_the_toy_measure_has_its_known_answers():
+def test_the_toy_measure_has_its_known_answers(toy_family):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 6, generator=g), torch.randn(50, 4, generator=g)
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
@@ -91,7 +104,7 @@ def test_the_toy_measure_has_its_known_answers():
     assert rv["a"] == pytest.approx(float(direct))
 
 
-def test_the_trainers_analysis_offers_the_new_measure(cifar_dir, tmp_path):
+def test_the_trainers_analysis_offers_the_new_measure(cifar_dir, tmp_path, toy_family):
     from test_train import tiny_config as train_config
     from repa_probe.train.trainer import train
     run = tmp_path / "run"

@@ -1,77 +1,94 @@
-"""Peak detection and comparison summaries on hand-built tidy tables with known answers."""
+"""Peak, drop and comparison summaries on hand-built curves with known answers."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import pandas as pd
 import pytest
 
-from repa_probe.pipeline import COLUMNS, wilson_interval
-from repa_probe.report.summary import compare_summary, deltas, peak_summary
+from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, wilson_interval
+from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 
 
-def table(ckpt, metric, t, values, ci=None, encoder="", kind="model"):
-    rows = []
-    for block, v in enumerate(values):
-        lo, hi = (v - ci, v + ci) if ci is not None else (math.nan, math.nan)
-        rows.append(dict(checkpoint=ckpt, kind=kind, block=block, t=t, metric=metric, encoder=encoder, value=v,
-                         ci_low=lo, ci_high=hi))
-    return pd.DataFrame(rows, columns=COLUMNS)
+def curve(name, metric, values, replicates=None, held_out=None, kind="model", encoder="", null=None):
+    values = np.asarray(values, dtype=float)[None]                       # one t
+    ci = np.stack([values - 0.01, values + 0.01], axis=-1)
+    return Curves(name, kind, metric, encoder, [0.0], list(range(values.shape[1])), values, ci,
+                  None if replicates is None else np.asarray(replicates, dtype=float)[:, None], None, null=null,
+                  held_out=held_out)
 
 
-def test_peak_is_the_argmax_over_blocks_and_drop_is_measured_to_the_last_block():
-    #            block: 0     1     2     3     4     5
-    res = table("m", "probe_top1", 0.0, [0.9, 0.41, 0.50, 0.577, 0.56, 0.50], ci=0.01)
-    s = peak_summary(res).iloc[0]
+def results(*analysed) -> Results:
+    return Results(AnalyzeConfig(data="unused"), list(analysed), [], {})
+
+
+def test_peak_is_the_argmax_over_blocks_and_its_frequency_comes_from_the_replicates():
+    #         block: 0    1     2     3      4     5
+    values = [0.9, 0.41, 0.50, 0.577, 0.56, 0.50]
+    reps = [values, [0.9, 0.41, 0.58, 0.577, 0.56, 0.50], [0.9, 0.41, 0.50, 0.577, 0.60, 0.50], values]
+    ho = HeldOut([3], np.array([0.07]), np.array([[0.03, 0.11]]), 50, 50)
+    s = peak_summary(results(Analysed("m", "model", None, [curve("m", "cknna", values, reps, ho)]))).iloc[0]
     assert s["best_block"] == 3 and s["best_value"] == pytest.approx(0.577)   # block 0 is not a candidate
-    assert s["last_block"] == 5 and s["last_value"] == pytest.approx(0.50)
-    assert s["drop_abs"] == pytest.approx(0.077) and s["drop_rel"] == pytest.approx(0.077 / 0.577)
-    assert s["peaks_then_drops"] and s["ci"]
+    assert s["best_frequency"] == pytest.approx(0.5)
+    assert s["last_block"] == 5 and s["drop_all"] == pytest.approx(0.077)
+    assert s["selected_block"] == 3 and s["drop_after"] == pytest.approx(0.07) and s["peaks_then_drops"]
 
 
-def test_drop_inside_the_confidence_interval_is_not_called_a_drop():
-    res = table("m", "cknna", 0.25, [0.1, 0.2, 0.30, 0.295], ci=0.02, encoder="dino")
-    s = peak_summary(res).iloc[0]
-    assert s["best_block"] == 2 and s["drop_abs"] == pytest.approx(0.005)
-    assert not s["peaks_then_drops"]
+@pytest.mark.parametrize("ci, selected, verdict", [((-0.01, 0.05), 3, False), ((0.01, 0.05), 5, False),
+                                                    ((0.01, 0.05), 3, True)])
+def test_a_drop_is_claimed_only_when_its_held_out_interval_is_above_zero_after_a_peak_before_the_end(
+        ci, selected, verdict):
+    ho = HeldOut([selected], np.array([0.02]), np.array([ci]), 50, 50)
+    s = peak_summary(results(Analysed("m", "model", None, [curve("m", "probe_top1", [0, .1, .2, .3, .25, .2],
+                                                                 held_out=ho)]))).iloc[0]
+    assert s["peaks_then_drops"] == verdict
 
 
-def test_monotone_curve_peaks_at_the_last_block_without_a_drop():
-    res = table("m", "cknna", 0.5, [0.0, 0.1, 0.2, 0.3], ci=0.001, encoder="dino")
-    s = peak_summary(res).iloc[0]
-    assert s["best_block"] == 3 and s["drop_abs"] == 0 and not s["peaks_then_drops"]
-
-
-def test_baselines_are_not_summarised_and_curves_are_split_by_t_metric_encoder():
-    res = pd.concat([
-        table("m", "probe_top1", 0.0, [0, 1, 2, 1]),
-        table("m", "probe_top1", 0.5, [0, 3, 2, 1]),
-        table("m", "cknna", 0.0, [0, 1, 2, 3], encoder="dino"),
-        table("untrained", "probe_top1", 0.0, [5, 5, 5, 5], kind="untrained"),
-    ])
+def test_baselines_are_not_summarised_and_blocks_above_the_null_are_counted():
+    null = np.zeros((20, 1, 4))
+    null[:, 0, 2] = 0.5                            # block 2's null reaches above its interval
+    res = results(Analysed("m", "model", None, [curve("m", "cknna", [0, .3, .3, .3], null=null, encoder="e")]),
+                  Analysed("untrained", "untrained", None, [curve("untrained", "cknna", [.5] * 4, kind="untrained",
+                                                                  encoder="e")]))
     s = peak_summary(res)
-    assert len(s) == 3 and set(s["checkpoint"]) == {"m"}
-    got = {(r.metric, r.t): r.best_block for r in s.itertuples()}
-    assert got == {("probe_top1", 0.0): 2, ("probe_top1", 0.5): 1, ("cknna", 0.0): 3}
-    assert not s["ci"].any()  # no intervals given: the flag says so
+    assert len(s) == 1 and s["checkpoint"].iloc[0] == "m"
+    assert (s["blocks_above_null"].iloc[0], s["blocks_with_null"].iloc[0]) == (2, 3)
 
 
-def test_compare_reports_where_b_beats_a():
-    a = table("vanilla", "cknna", 0.0, [0.1, 0.2, 0.3, 0.3, 0.2], ci=0.01, encoder="dino")
-    b = table("repa", "cknna", 0.0, [0.1, 0.5, 0.45, 0.31, 0.2], ci=0.01, encoder="dino")
-    s = compare_summary(pd.concat([a, b]), "vanilla", "repa").iloc[0]
-    assert s["max_delta_block"] == 1 and s["max_delta"] == pytest.approx(0.3)
-    assert s["mean_delta"] == pytest.approx(np.mean([0.3, 0.15, 0.01, 0.0]))
-    assert s["b_better_blocks"] == [1, 2]  # block 3's gain (0.01) is inside the intervals
-    d = deltas(pd.concat([a, b]), "vanilla", "repa")
-    assert d.set_index("block")["delta"].round(6).to_dict() == {0: 0.0, 1: 0.3, 2: 0.15, 3: 0.01, 4: 0.0}
+def test_paired_deltas_take_the_difference_replicate_by_replicate():
+    """B's replicates move with A's (the same images): their difference is nearly constant, so the paired
+    interval is narrow although each curve's own replicates spread widely."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(scale=0.1, size=(200, 1))
+    a_reps = 0.3 + shared + np.zeros((1, 5))
+    b_reps = a_reps + np.array([0, 0.1, 0.05, 0.0, -0.04]) + rng.normal(scale=0.002, size=(200, 5))
+    a = curve("vanilla", "cknna", a_reps.mean(0), a_reps, encoder="e")
+    b = curve("repa", "cknna", b_reps.mean(0), b_reps, encoder="e")
+    res = results(Analysed("vanilla", "model", None, [a]), Analysed("repa", "model", None, [b]))
+    d = paired_deltas(res, "vanilla", "repa").set_index("block")
+    assert d.loc[1, "delta"] == pytest.approx(0.1, abs=0.002)
+    assert (d["ci_high"] - d["ci_low"]).max() < 0.02          # a marginal interval is ≈ 0.4 wide
+    c = compare_summary(res, "vanilla", "repa", aligned_block=2).iloc[0]
+    assert c["b_better_blocks"] == [1, 2] and c["b_worse_blocks"] == [4] and c["max_delta_block"] == 1
+    assert c["aligned_delta"] == pytest.approx(0.05, abs=0.002) and c["aligned_ci_low"] > 0
+
+
+def test_probe_deltas_are_paired_over_the_same_test_images():
+    hits_a = np.zeros((1, 3, 400), dtype=bool)
+    hits_a[..., :200] = True
+    hits_b = hits_a.copy()
+    hits_b[0, 2, 200:240] = True                   # B gets 40 more images right at block 2, the others alike
+    ca = Curves("a", "model", "probe_top1", "", [0.0], [0, 1, 2], hits_a.mean(-1), hits=hits_a)
+    cb = Curves("b", "model", "probe_top1", "", [0.0], [0, 1, 2], hits_b.mean(-1), hits=hits_b)
+    d = paired_deltas(results(Analysed("a", "model", None, [ca]), Analysed("b", "model", None, [cb])), "a", "b")
+    d = d.set_index("block")
+    assert d.loc[2, "delta"] == pytest.approx(0.1) and d.loc[2, "ci_low"] > 0.06
+    assert d.loc[1, "ci_low"] == d.loc[1, "ci_high"] == 0.0  # identical hits: no difference in any resample
+
+
+def test_block_ranges_read_like_a_sentence():
+    assert block_ranges([4, 5, 6, 9]) == "4–6, 9" and block_ranges([]) == "none" and block_ranges([2]) == "2"
 
 
 def test_wilson_interval_matches_the_textbook_value():
     lo, hi = wilson_interval(50, 100)
-    # Wilson 95% for p̂ = 0.5, n = 100: 0.5 ± 1.96·√(0.25/100 + 1.96²/40000)/(1 + 1.96²/100)
-    z = 1.959964
-    half = z * math.sqrt(0.25 / 100 + z * z / 40000) / (1 + z * z / 100)
-    assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half))
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)

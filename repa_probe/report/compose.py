@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from repa_probe import metrics as M
-from repa_probe.pipeline import Analysed, Results, display_scale, metric_label
+from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
-from repa_probe.report.summary import compare_summary, deltas, peak_summary
+from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
+from repa_probe.stats import fmt_interval
 
 FigureBuilder = Callable[[Results, pd.DataFrame], list]
 FIGURES: list[FigureBuilder] = []
@@ -33,9 +34,15 @@ def _panels(table: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(table[table["kind"] == "model"].groupby(["metric", "encoder"]).groups)
 
 
+def aligned_blocks(results: Results) -> dict[str, int]:
+    """{model name: REPA's aligned block} for the models that have one."""
+    return {a.name: a.ckpt.anatomy.aligned_block for a in results.models if a.ckpt.anatomy.aligned_block}
+
+
 @register_figure
 def curve_pages(results: Results, table: pd.DataFrame) -> list:
-    return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block"))
+    return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block",
+                                                    aligned_blocks(results)))
             for metric, encoder in _panels(table)]
 
 
@@ -62,7 +69,7 @@ def delta_pages(results: Results, table: pd.DataFrame) -> list:
     models = results.models
     figs = []
     for m in models[1:]:
-        figs += [(f"deltas {m.name}", fig) for fig in F.delta_heatmaps(deltas(table, models[0].name, m.name),
+        figs += [(f"deltas {m.name}", fig) for fig in F.delta_heatmaps(paired_deltas(results, models[0].name, m.name),
                                                                          models[0].name, m.name)]
         if models[0].block_feats_t0 is not None and m.block_feats_t0 is not None:
             sim = M.similarity_matrix(models[0].block_feats_t0, m.block_feats_t0, metric="cka")
@@ -111,21 +118,44 @@ def encoder_rows(results: Results) -> list[tuple[str, str]]:
     return rows or [("(none)", "no --encoder given: alignment not measured, probes only")]
 
 
+def _what(metric: str, encoder: str) -> str:
+    return f"{metric_label(metric).removesuffix(' (%)')}{' vs ' + encoder if encoder else ''}"
+
+
+def _unit(metric: str) -> str:
+    return " points" if display_scale(metric) == 100 else ""
+
+
+def _value(metric: str, v: float) -> str:
+    return f"{v * 100:.1f}%" if display_scale(metric) == 100 else f"{v:.3g}"
+
+
 def headline(peaks: pd.DataFrame) -> list[str]:
-    """One line per metric × encoder at the lowest t: the sentence a reader wants first."""
+    """One line per checkpoint × metric × encoder at the lowest t: peak, its certainty, the drop after it."""
     lines = []
     if peaks.empty:
         return lines
     for (ckpt, metric, encoder), g in peaks.groupby(["checkpoint", "metric", "encoder"], sort=False):
         r = g.sort_values("t").iloc[0]
-        s = display_scale(metric)
-        unit = " points" if s == 100 else ""
-        verdict = "peaks then drops (beyond the 95% intervals)" if r.peaks_then_drops else \
-            ("drop within the intervals" if r.drop_abs > 0 else "no drop after the peak")
-        lines.append(f"{ckpt}: {metric_label(metric)}{' vs ' + encoder if encoder else ''} at t={r.t:g} peaks at "
-                     f"block {r.best_block} ({r.best_value * s:.3g}), last block {r.last_block}: "
-                     f"{r.last_value * s:.3g}; drop {r.drop_abs * s:.2g}{unit} — {verdict}")
+        lines.append(f"{ckpt}: {_what(metric, encoder)} (t = {r.t:g}) " + _peak_phrase(r))
     return lines
+
+
+def _peak_phrase(r) -> str:
+    s = display_scale(r.metric)
+    freq = f" (the best block in {100 * r.best_frequency:.0f}% of bootstrap replicates)" \
+        if r.best_frequency == r.best_frequency else ""
+    phrase = f"peaks at block {r.best_block}, {_value(r.metric, r.best_value)}{freq}; "
+    if r.selected_block is None or r.drop_after != r.drop_after:
+        return phrase + f"last block {r.last_block}: {_value(r.metric, r.last_value)} (no held-out drop: too few " \
+                        f"blocks or no bootstrap)"
+    if r.selected_block == r.last_block:
+        return phrase + f"on the selection half the best block is the last ({r.last_block}): no drop after the peak"
+    verdict = "it peaks, then drops" if r.peaks_then_drops else \
+        ("it rises after the peak" if r.drop_ci_high < 0 else "no drop beyond the interval")
+    return phrase + (f"from block {r.selected_block} (the peak on {r.n_select} selection images) to block "
+                     f"{r.last_block} it falls by {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}"
+                     f"{_unit(r.metric)} on the other {r.n_measure} images (paired 95%) — {verdict}")
 
 
 def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
@@ -135,17 +165,20 @@ def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
     for r in peaks.itertuples():
         s = display_scale(r.metric)
         rows.append({"checkpoint": r.checkpoint, "metric": metric_label(r.metric), "encoder": r.encoder or "-",
-                     "t": f"{r.t:g}", "best block": r.best_block,
-                     "best": f"{r.best_value * s:.3g} [{r.best_ci_low * s:.3g}, {r.best_ci_high * s:.3g}]",
+                     "t": f"{r.t:g}", "best block": f"{r.best_block}" + (f" ({100 * r.best_frequency:.0f}%)"
+                                                                       if r.best_frequency == r.best_frequency else ""),
+                     "best [95%]": f"{r.best_value * s:.3g} [{r.best_ci_low * s:.3g}, {r.best_ci_high * s:.3g}]",
                      "last block": r.last_block, "last": f"{r.last_value * s:.3g}",
-                     "drop": f"{r.drop_abs * s:.2g} ({100 * r.drop_rel:.1f}%)" if r.drop_abs > 0 else "0",
-                     "peaks then drops": "yes" if r.peaks_then_drops else "no"})
+                     "held-out drop [paired 95%]": "-" if r.drop_after != r.drop_after else
+                     f"block {r.selected_block}: {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}",
+                     "peaks then drops": "yes" if r.peaks_then_drops else "no",
+                     "above null": f"{r.blocks_above_null}/{r.blocks_with_null}" if r.blocks_with_null else "-"})
     return pd.DataFrame(rows)
 
 
 def baseline_lines(table: pd.DataFrame) -> list[str]:
     lines = []
-    for kind in ("raw-input", "untrained"):
+    for kind in ("untrained", "raw-input", "raw-thumbnail"):
         b = table[(table["kind"] == kind) & (table["t"] == table["t"].min())]
         for (name, metric, encoder), g in b.groupby(["checkpoint", "metric", "encoder"], sort=False):
             s = display_scale(metric)
@@ -157,15 +190,41 @@ def baseline_lines(table: pd.DataFrame) -> list[str]:
 
 
 def compare_lines(comp: pd.DataFrame) -> list[str]:
+    """Per checkpoint pair × metric at the lowest t: B − A at the aligned block, and where B is better/worse."""
     lines = []
-    for r in comp.itertuples():
+    for r in comp[comp["t"] == comp["t"].min()].itertuples():
         s = display_scale(r.metric)
-        if r.t == comp["t"].min():
-            lines.append(f"{r.b} − {r.a}: {metric_label(r.metric)}{' vs ' + r.encoder if r.encoder else ''} at "
-                         f"t={r.t:g}: largest gain {r.max_delta * s:+.3g} at block {r.max_delta_block}, mean "
-                         f"{r.mean_delta * s:+.3g}; {r.b} better beyond the intervals at blocks "
-                         f"{r.b_better_blocks or 'none'}")
+        at = "" if r.aligned_delta != r.aligned_delta else \
+            f"at the aligned block {r.aligned_block}: {fmt_interval(r.aligned_delta, r.aligned_ci_low, r.aligned_ci_high, s)}{_unit(r.metric)} (paired); "
+        lines.append(f"{r.b} − {r.a}, {_what(r.metric, r.encoder)} (t = {r.t:g}): {at}{r.b} better at blocks "
+                     f"{block_ranges(r.b_better_blocks)}, worse at {block_ranges(r.b_worse_blocks)} (paired 95% "
+                     f"intervals, block by block); largest gain {r.max_delta * s:+.3g}{_unit(r.metric)} at block "
+                     f"{r.max_delta_block}")
     return lines
+
+
+def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame,
+                       t: float) -> list[str]:
+    """The three plain sentences of page 1: peak and drop; B − A; what the baselines say."""
+    at = peaks[peaks["t"] == t]
+    first = [f"{r.checkpoint}: {_what(r.metric, r.encoder)} " + _peak_phrase(r) for r in at.itertuples()]
+    out = ["Peak and drop. " + "; ".join(first) + "." if first else "Peak and drop: no curves."]
+    if comp is not None and len(comp):
+        out.append("Compared. " + "; ".join(compare_lines(comp[comp["t"] == t])) + ".")
+    base = []
+    for (metric, encoder), g in table[(table["t"] == t) & (table["kind"] != "model")].groupby(["metric", "encoder"]):
+        best = at[(at["metric"] == metric) & (at["encoder"] == encoder)]
+        parts = [f"{kind.replace('-', ' ')} {_value(metric, h['value'].max())}"
+                 for kind, h in g.groupby("kind", sort=False)]
+        top = best["best_value"].max() if len(best) else float("nan")
+        beaten = [kind.replace("-", " ") for kind, h in g.groupby("kind", sort=False) if h["value"].max() >= top]
+        nulls = "" if not len(best) or not best["blocks_with_null"].max() else \
+            f"; the blocks clear the permutation null at {best['blocks_above_null'].min()}–" \
+            f"{best['blocks_above_null'].max()} of {best['blocks_with_null'].max()} blocks"
+        base.append(f"{_what(metric, encoder)}: {', '.join(parts)}; the best block ({_value(metric, top)}) " +
+                    (f"is matched or beaten by the {', '.join(beaten)}" if beaten else "beats every baseline") + nulls)
+    out.append(f"Baselines (t = {t:g}). " + "; ".join(base) + ".")
+    return out
 
 
 #################################################################################
@@ -177,34 +236,55 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
     import time
     start = time.perf_counter()
     cfg, table = results.config, results.table()
-    peaks = peak_summary(table)
+    peaks = peak_summary(results)
     models = results.models
     title = f"repa-probe {'analysis' if len(models) == 1 else 'comparison'}: " + " vs ".join(a.name for a in models)
-    extra, tables, comp_lines = {}, {}, []
+    aligned = aligned_blocks(results)
+    extra, tables, comp = {}, {}, None
     if len(models) > 1:
-        comp = pd.concat([compare_summary(table, models[0].name, m.name) for m in models[1:]], ignore_index=True)
+        ref = models[0].name
+        comp = pd.concat([compare_summary(results, ref, m.name, aligned.get(m.name, aligned.get(ref)))
+                          for m in models[1:]], ignore_index=True)
         extra["compare"] = comp.to_dict(orient="records")
         tables["compare"] = comp
-        comp_lines = compare_lines(comp)
-    page1 = [("Checkpoints", [row for a in models for row in provenance_rows(a)]),
+        tables["deltas"] = pd.concat([paired_deltas(results, ref, m.name) for m in models[1:]], ignore_index=True)
+    t0 = min(cfg.ts)
+    panels = _page1_panels(table)
+    sentences = overview_sentences(results, peaks, comp, table, t0)
+    figs = [("overview", F.overview_page(title, sentences, table, panels, t0, aligned))]
+    page2 = [("Checkpoints", [row for a in models for row in provenance_rows(a)]),
              ("Data", [("alignment images", f"{cfg.data} (n = {cfg.n}, class-balanced, seed {cfg.seed})"),
                        ("probe", f"train {cfg.probe_train or cfg.data + ' (4/5 of the n images)'}; "
                                  f"test {cfg.probe_test or cfg.data + ' (the other 1/5)'}" if cfg.probe else "off"),
                        ("noise levels t", ", ".join(f"{t:g}" for t in cfg.ts) + "  (0 = clean data, 1 = pure noise; "
-                                                                             "seeded noise, null class label)")]),
-             ("Encoders", encoder_rows(results)),
-             ("Headline", [f"! {n}" for n in cfg.notes] + headline(peaks) + comp_lines + baseline_lines(table))]
-    pages = F.summary_pages(title, page1, summary_table(peaks), "Where each curve peaks, and the drop after it",
-                            "best = block with the highest value (block 0, the embedding, is not a candidate) "
-                            "[95% interval]; drop = best − last block; 'peaks then drops' = the best block's "
-                            "interval lies above the last block's (shaded rows).")
-    figs = [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
+                                                                             "seeded noise, null class label)"),
+                       ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
+                                      f"draws (null), paired across blocks and checkpoints")] +
+                      [(f"baseline: {k.replace('-', ' ')}", v) for k, v in KINDS.items() if k != "model"]),
+             ("Encoders", encoder_rows(results))] + ([("Notes", [f"! {n}" for n in cfg.notes])] if cfg.notes else [])
+    pages = F.summary_pages(title, page2, summary_table(peaks), "Where each curve peaks, and the drop after it",
+                            "best block = highest value on all images (block 0 is not a candidate), with the share of "
+                            "bootstrap replicates where it is best; held-out drop = that block − the last block on "
+                            "half the images, the block chosen on the other half; 'peaks then drops' = its paired "
+                            "interval is above 0 (shaded); above null = blocks whose interval clears the permutation "
+                            "null's 97.5% level.")
+    figs += [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
     for builder in FIGURES:
         figs += builder(results, table)
     timings = {**results.timings, **(timings or {}), "report": time.perf_counter() - start}
-    summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes,
+    summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes, "overview": sentences,
                "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
+               "aligned_blocks": aligned, "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model"},
                "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
                "baselines": baseline_lines(table), "headline": headline(peaks),
                "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}
     return write_report(out, table, summary, figs, tables)
+
+
+def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """The first alignment metric of each encoder, then the probe's top-1 (at most three panels)."""
+    panels = _panels(table)
+    align = list(dict.fromkeys((m, e) for m, e in panels if e))
+    first = [next(p for p in align if p[1] == enc) for enc in dict.fromkeys(e for _, e in align)]
+    probe = [p for p in panels if p[0] == "probe_top1"]
+    return (first[:2] + probe)[:3] or panels[:1]

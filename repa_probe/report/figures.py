@@ -89,8 +89,9 @@ def summary_pages(title: str, sections, table: pd.DataFrame, table_title: str, n
     fig.text(0.04, 0.965, title, fontsize=15, weight="bold", va="top")
     y = _text_lines(fig, 0.91, sections)
     fig.text(0.04, y, table_title, fontsize=10.5, weight="bold", va="top")
-    if note:
-        fig.text(0.04, y - 0.026, textwrap.shorten(note, 230), fontsize=7, va="top", style="italic")
+    for line in textwrap.wrap(note, 210):
+        fig.text(0.04, y - 0.026, line, fontsize=7, va="top", style="italic")
+        y -= 0.018
     room = max(0, int((y - 0.09) / 0.0235) - 1)     # table rows that fit under the text
     figs, first = [fig], table.iloc[:room]
     if len(first):
@@ -140,36 +141,75 @@ def heatmaps(results: pd.DataFrame, checkpoint: str, title: str) -> list[plt.Fig
     return _block_t_heatmaps(rows, "value", f"{title}: {checkpoint}")
 
 
-def curves(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.Figure:
+BASELINE_STYLE = {"untrained": dict(ls="--", color="grey", label="untrained model"),
+                  "raw-input": dict(ls=":", color="grey", label="raw input (patches, pooled like the blocks)"),
+                  "raw-thumbnail": dict(ls="-.", color="silver", label="raw input thumbnail (spatial)")}
+
+
+def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dict[str, int], legend: bool = True):
+    """One panel: metric vs block at one t; models with 95% bands, the permutation null as a grey band,
+    baselines in grey, REPA's aligned block(s) as vertical lines."""
+    s = display_scale(metric)
+    for name, colour in colours.items():
+        c = rows[(rows["checkpoint"] == name) & (rows["block"] >= 0)].sort_values("block")
+        ax.plot(c["block"], c["value"] * s, marker="o", ms=3, color=colour, label=name)
+        if c["ci_low"].notna().any():
+            ax.fill_between(c["block"], c["ci_low"] * s, c["ci_high"] * s, color=colour, alpha=0.2, lw=0)
+        if c["null_high"].notna().any():
+            ax.fill_between(c["block"], c["null_low"] * s, c["null_high"] * s, color="black", alpha=0.08, lw=0,
+                            label="permutation null (95%)" if name == next(iter(colours)) else None)
+    for kind, style in BASELINE_STYLE.items():
+        b = rows[rows["kind"] == kind].sort_values("block")
+        for i, (name, g) in enumerate(b.groupby("checkpoint", sort=False)):
+            kw = dict(style, label=style["label"] if i == 0 else name)
+            if (g["block"] >= 0).any():
+                ax.plot(g["block"], g["value"] * s, **kw)
+            else:
+                ax.axhline(g["value"].iloc[0] * s, **kw)
+    for i, (name, block) in enumerate(aligned.items()):
+        ax.axvline(block, color=colours.get(name, "black"), ls=(0, (1, 3)), lw=1.2,
+                   label=f"aligned block {block} ({name})")
+    ax.set_xlabel("block (0 = patch embedding)")
+    ax.set_ylabel(metric_label(metric))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=6.5, loc="best")
+
+
+def curves(results: pd.DataFrame, metric: str, encoder: str, title: str,
+           aligned: dict[str, int] | None = None) -> plt.Figure:
     """Metric vs block, one panel per t, one line (with CI band) per checkpoint; baselines in grey."""
     rows = results[(results["metric"] == metric) & (results["encoder"] == encoder)]
     ts = sorted(rows["t"].unique())
-    models = list(dict.fromkeys(rows.loc[rows["kind"] == "model", "checkpoint"]))
-    colours = checkpoint_colours(models)
-    s = display_scale(metric)
+    colours = checkpoint_colours(list(dict.fromkeys(rows.loc[rows["kind"] == "model", "checkpoint"])))
     fig, axes = _panel_grid(len(ts))
-    for ax, t in zip(axes, ts):
-        at = rows[rows["t"] == t]
-        for name in models:
-            c = at[(at["checkpoint"] == name) & (at["block"] >= 0)].sort_values("block")
-            ax.plot(c["block"], c["value"] * s, marker="o", ms=3, color=colours[name], label=name)
-            if c["ci_low"].notna().any():
-                ax.fill_between(c["block"], c["ci_low"] * s, c["ci_high"] * s, color=colours[name], alpha=0.2, lw=0)
-        untrained = at[at["kind"] == "untrained"]
-        for i, (name, u) in enumerate(untrained.groupby("checkpoint", sort=False)):
-            u = u.sort_values("block")
-            ax.plot(u["block"], u["value"] * s, ls="--", color="grey", label=name if i else "untrained model")
-        raw = at[at["kind"] == "raw-input"]
-        if len(raw):
-            ax.axhline(raw["value"].iloc[0] * s, ls=":", color="grey", label="raw input")
+    for i, (ax, t) in enumerate(zip(axes, ts)):
+        curve_panel(ax, rows[rows["t"] == t], metric, colours, aligned or {}, legend=i == 0)
         ax.set_title(f"t = {t:g}", fontsize=10)
-        ax.set_xlabel("block")
-        ax.set_ylabel(metric_label(metric))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
     fig.tight_layout()
+    return fig
+
+
+def overview_page(title: str, sentences: list[str], results: pd.DataFrame, panels: list[tuple[str, str]], t: float,
+                  aligned: dict[str, int]) -> plt.Figure:
+    """Page 1: the title, the curves over blocks at one t (one panel per metric), three plain sentences."""
+    fig = plt.figure(figsize=PAGE)
+    fig.text(0.04, 0.965, title, fontsize=15, weight="bold", va="top")
+    colours = checkpoint_colours(list(dict.fromkeys(results.loc[results["kind"] == "model", "checkpoint"])))
+    n = max(1, len(panels))
+    for i, (metric, encoder) in enumerate(panels):
+        ax = fig.add_axes([0.06 + i * 0.92 / n, 0.47, 0.92 / n - 0.07, 0.42])
+        rows = results[(results["metric"] == metric) & (results["encoder"] == encoder) & (results["t"] == t)]
+        curve_panel(ax, rows, metric, colours, aligned, legend=i == 0)
+        ax.set_title(f"{metric_label(metric)}{' vs ' + encoder if encoder else ''}, t = {t:g}", fontsize=10)
+    y = 0.37
+    for sentence in sentences:
+        for line in textwrap.wrap(sentence, 185):
+            fig.text(0.04, y, line, fontsize=8, va="top")
+            y -= 0.024
+        y -= 0.01
     return fig
 
 

@@ -1,14 +1,15 @@
-"""What a reader wants first: where each curve peaks, how much it drops after, and where B beats A.
+"""What a reader wants first: where each curve peaks, whether it drops after, and where B beats A — each
+claim resting on an interval that fits the design (docs/statistics.md):
 
-Input is the tidy results table (pipeline.Results.table(): one row per checkpoint × block × t × metric ×
-encoder):
-
-    checkpoint  kind   block  t     metric  encoder        value   ci_low  ci_high
-    sit-b2      model  7      0.25  cknna   dinov2-vit-b   0.412   0.398   0.427
-
-Blocks are numbered as in the paper: 0 = the tokens entering block 1 (patch + position embedding),
-i = output of block i. `kind` says what a row measures: "model", or a baseline ("untrained", "raw-input";
-the raw input has block −1). Probe metrics have an empty encoder.
+  peak      the block with the highest value on all images, and how often it is the best across bootstrap
+            replicates (a measure of how sure the peak's location is);
+  drop      the drop after the peak, selection-aware: the peak chosen on half the images, the drop (peak −
+            last block) measured on the other half with a paired interval; "peaks then drops" when that
+            interval lies above 0;
+  null      for alignment metrics, the 97.5% level of the permutation null (images shuffled) at each block;
+  B − A     per block × t, a paired interval (the same images, noise and replicates for both checkpoints);
+            the aligned block (pre-specified by the REPA checkpoint, so no selection) gets its own line.
+Blocks are numbered as in the paper: 0 = the tokens entering block 1, i = the output of block i.
 """
 from __future__ import annotations
 
@@ -17,79 +18,107 @@ import math
 import numpy as np
 import pandas as pd
 
-from repa_probe.pipeline import COLUMNS
+from repa_probe import stats
+from repa_probe.pipeline import Curves, Results
 
 
-def validate(results: pd.DataFrame) -> pd.DataFrame:
-    """Check the tidy layout and return it with canonical dtypes."""
-    missing = [c for c in COLUMNS if c not in results.columns]
-    if missing:
-        raise ValueError(f"results table lacks columns {missing}")
-    out = results[COLUMNS].copy()
-    out["block"] = out["block"].astype(int)
-    out["kind"] = out["kind"].astype(str)
-    out["encoder"] = out["encoder"].fillna("").astype(str)
-    for c in ("t", "value", "ci_low", "ci_high"):
-        out[c] = out[c].astype(float)
-    return out
+def _model_curves(results: Results):
+    for a in results.models:
+        for c in a.curves:
+            if any(b >= 1 for b in c.blocks):
+                yield a, c
 
 
-def _curves(results: pd.DataFrame):
-    """Yield ((checkpoint, metric, encoder, t), curve) for every non-baseline curve over blocks ≥ 1."""
-    rows = results[(results["kind"] == "model") & (results["block"] >= 1)]
-    for key, curve in rows.groupby(["checkpoint", "metric", "encoder", "t"], sort=True):
-        yield key, curve.sort_values("block")
+def _above_null(c: Curves, ti: int) -> tuple[int, int]:
+    """(blocks ≥ 1 whose lower interval end is above the null's 97.5% level, blocks ≥ 1 with a null)."""
+    if c.null is None or not len(c.null) or c.ci is None:
+        return 0, 0
+    high = np.quantile(c.null[:, ti], 1 - (1 - stats.LEVEL) / 2, axis=0)
+    eligible = np.array([b >= 1 for b in c.blocks])
+    return int(((c.ci[ti, :, 0] > high) & eligible).sum()), int(eligible.sum())
 
 
-def peak_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Per checkpoint × metric × encoder × t: best block, its value, the last block's value, the drop
-    after the peak (absolute: best − last; relative: (best − last)/|best|), and whether the curve
-    "peaks then drops": the best block is not the last and the drop exceeds the confidence intervals
-    (best's ci_low > last's ci_high). Without intervals it is only "drop > 0" and `ci` is False.
-    Ties go to the earliest block. Block 0 (the embedding) is not a candidate."""
+def peak_summary(results: Results) -> pd.DataFrame:
+    """One row per model × metric × encoder × t: best block (all images) with its value, interval and
+    bootstrap frequency; last block; the full-sample drop best − last; the held-out (selection-aware) drop
+    with its paired interval and the block chosen for it; the verdict; and how many blocks beat the null."""
     records = []
-    for (ckpt, metric, encoder, t), curve in _curves(validate(results)):
-        values = curve["value"].to_numpy()
-        best = int(np.argmax(values))                   # argmax returns the first maximum
-        b, last = curve.iloc[best], curve.iloc[-1]
-        has_ci = not (math.isnan(b["ci_low"]) or math.isnan(last["ci_high"]))
-        drop = float(b["value"] - last["value"])
-        separated = b["ci_low"] > last["ci_high"] if has_ci else drop > 0
+    for a, c in _model_curves(results):
+        reps, scale = c.paired_replicates(results.config.seed)
+        if reps is not None and scale is not None:      # subsamples: their spread, at n images, around the value
+            reps = c.value + scale[:, None, None] * (reps - reps.mean(axis=0))
+        for ti, t in enumerate(c.ts):
+            best = int(stats.argmax_blocks(c.value[ti], c.blocks))
+            lo, hi = c.ci[ti, best] if c.ci is not None else (math.nan, math.nan)
+            freq = stats.peak_frequency(reps[:, ti], c.blocks, best) if reps is not None else math.nan
+            ho = c.held_out
+            drop, (d_lo, d_hi) = (float(ho.drop[ti]), ho.ci[ti]) if ho is not None else (math.nan, (math.nan,) * 2)
+            above, with_null = _above_null(c, ti)
+            records.append(dict(
+                checkpoint=c.checkpoint, metric=c.metric, encoder=c.encoder, t=float(t),
+                best_block=c.blocks[best], best_value=float(c.value[ti, best]), best_ci_low=float(lo),
+                best_ci_high=float(hi), best_frequency=freq, last_block=c.blocks[-1],
+                last_value=float(c.value[ti, -1]), drop_all=float(c.value[ti, best] - c.value[ti, -1]),
+                selected_block=ho.peak[ti] if ho is not None else None, drop_after=drop, drop_ci_low=float(d_lo),
+                drop_ci_high=float(d_hi), n_select=ho.n_select if ho else 0, n_measure=ho.n_measure if ho else 0,
+                peaks_then_drops=bool(ho is not None and ho.peak[ti] != c.blocks[-1] and d_lo > 0),
+                blocks_above_null=above, blocks_with_null=with_null))
+    return pd.DataFrame.from_records(records)
+
+
+def paired_deltas(results: Results, a: str, b: str) -> pd.DataFrame:
+    """B − A per metric × encoder × t × block (blocks both have), with the paired 95% interval."""
+    seed, records = results.config.seed, []
+    curves_a = {(c.metric, c.encoder): c for x in results.models if x.name == a for c in x.curves}
+    for x in results.models:
+        if x.name != b:
+            continue
+        for cb in x.curves:
+            ca = curves_a.get((cb.metric, cb.encoder))
+            if ca is None or list(ca.ts) != list(cb.ts):
+                continue
+            common = [blk for blk in cb.blocks if blk in ca.blocks]
+            ia, ib = [ca.blocks.index(blk) for blk in common], [cb.blocks.index(blk) for blk in common]
+            delta = cb.value[:, ib] - ca.value[:, ia]
+            (ra, scale), (rb, _) = ca.paired_replicates(seed), cb.paired_replicates(seed)
+            paired = ra is not None and rb is not None and ra.shape == rb.shape
+            ci = stats.centred_interval(delta, rb[..., ib] - ra[..., ia], scale) if paired else None
+            for ti, t in enumerate(cb.ts):
+                for j, blk in enumerate(common):
+                    lo, hi = ci[ti, j] if ci is not None else (math.nan, math.nan)
+                    records.append(dict(a=a, b=b, metric=cb.metric, encoder=cb.encoder, t=float(t), block=blk,
+                                        a_value=float(ca.value[ti, ia[j]]), b_value=float(cb.value[ti, ib[j]]),
+                                        delta=float(delta[ti, j]), ci_low=float(lo), ci_high=float(hi)))
+    return pd.DataFrame.from_records(records, columns=["a", "b", "metric", "encoder", "t", "block", "a_value",
+                                                       "b_value", "delta", "ci_low", "ci_high"])
+
+
+def compare_summary(results: Results, a: str, b: str, aligned_block: int | None = None) -> pd.DataFrame:
+    """Per metric × encoder × t: the largest and mean B − A over blocks ≥ 1, the blocks where B is better or
+    worse (paired interval above or below 0, block by block), and B − A at the aligned block."""
+    d = paired_deltas(results, a, b)
+    records = []
+    for (metric, encoder, t), g in d[d["block"] >= 1].groupby(["metric", "encoder", "t"], sort=True):
+        i = int(np.argmax(g["delta"].to_numpy()))
+        at = g[g["block"] == aligned_block]
         records.append(dict(
-            checkpoint=ckpt, metric=metric, encoder=encoder, t=float(t),
-            best_block=int(b["block"]), best_value=float(b["value"]),
-            best_ci_low=float(b["ci_low"]), best_ci_high=float(b["ci_high"]),
-            last_block=int(last["block"]), last_value=float(last["value"]),
-            drop_abs=drop, drop_rel=drop / abs(b["value"]) if b["value"] else float("nan"),
-            peaks_then_drops=bool(int(b["block"]) < int(last["block"]) and separated), ci=has_ci))
+            a=a, b=b, metric=metric, encoder=encoder, t=float(t), max_delta_block=int(g["block"].iloc[i]),
+            max_delta=float(g["delta"].iloc[i]), mean_delta=float(g["delta"].mean()),
+            b_better_blocks=g.loc[g["ci_low"] > 0, "block"].astype(int).tolist(),
+            b_worse_blocks=g.loc[g["ci_high"] < 0, "block"].astype(int).tolist(),
+            aligned_block=aligned_block, aligned_delta=float(at["delta"].iloc[0]) if len(at) else math.nan,
+            aligned_ci_low=float(at["ci_low"].iloc[0]) if len(at) else math.nan,
+            aligned_ci_high=float(at["ci_high"].iloc[0]) if len(at) else math.nan))
     return pd.DataFrame.from_records(records)
 
 
-def compare_summary(results: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """Where checkpoint B beats A: per metric × encoder × t, the block with the largest B − A, that
-    delta, the mean delta over blocks ≥ 1, and the blocks where B's ci_low > A's ci_high."""
-    res = validate(results)
-    A = res[res["checkpoint"] == a].set_index(["metric", "encoder", "t", "block"])["value"]
-    B = res[res["checkpoint"] == b].set_index(["metric", "encoder", "t", "block"])["value"]
-    lo_b = res[res["checkpoint"] == b].set_index(["metric", "encoder", "t", "block"])["ci_low"]
-    hi_a = res[res["checkpoint"] == a].set_index(["metric", "encoder", "t", "block"])["ci_high"]
-    both = pd.DataFrame({"a": A, "b": B, "lo_b": lo_b, "hi_a": hi_a}).dropna(subset=["a", "b"]).reset_index()
-    both = both[both["block"] >= 1]
-    records = []
-    for (metric, encoder, t), g in both.groupby(["metric", "encoder", "t"], sort=True):
-        delta = (g["b"] - g["a"]).to_numpy()
-        i = int(np.argmax(delta))
-        wins = g.loc[g["lo_b"] > g["hi_a"], "block"].astype(int).tolist()
-        records.append(dict(a=a, b=b, metric=metric, encoder=encoder, t=float(t),
-                            max_delta_block=int(g["block"].iloc[i]), max_delta=float(delta[i]),
-                            mean_delta=float(delta.mean()), b_better_blocks=wins))
-    return pd.DataFrame.from_records(records)
-
-
-def deltas(results: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """B − A per metric × encoder × t × block (the compare report's heatmaps)."""
-    res = validate(results)
-    key = ["metric", "encoder", "t", "block"]
-    A = res[res["checkpoint"] == a].set_index(key)["value"]
-    B = res[res["checkpoint"] == b].set_index(key)["value"]
-    return (B - A).dropna().rename("delta").reset_index()
+def block_ranges(blocks: list[int]) -> str:
+    """[4, 5, 6, 9] → '4–6, 9'; [] → 'none'."""
+    if not blocks:
+        return "none"
+    parts, start = [], blocks[0]
+    for prev, cur in zip(blocks, blocks[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+            start = cur
+    return ", ".join(parts)

@@ -450,7 +450,7 @@ def train(cfg: TrainConfig) -> Path:
     meta = dict(convention="repa", encoders=[e.name for e in encoders] if repa else [],
                 encoder_specs=list(cfg.encoders) if repa else [], encoder_random_init=cfg.encoder_random_init,
                 repa_coeff=cfg.repa_coeff, repa_depth=model_cfg.encoder_depth if repa else None,
-                data=os.path.realpath(cfg.data), mode=cfg.mode, image_size=cfg.image_size, num_classes=num_classes,
+                data=cfg.data, mode=cfg.mode, image_size=cfg.image_size, num_classes=num_classes,
                 classes=list(dataset.classes), vae=cfg.vae, world_size=d.world_size, model_name=cfg.model,
                 train_config=cfg.to_dict())
     if d.main:

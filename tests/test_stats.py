@@ -1,0 +1,152 @@
+"""The statistics behind the reports' claims, against known answers over repeated seeds (docs/statistics.md):
+intervals cover at roughly their nominal rate, the selection-aware drop finds a planted peak and covers the
+planted drop, and a flat curve is almost never called a drop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from repa_probe import stats
+from repa_probe.metrics import alignment, bootstrap_ci, cknna, permuted_targets
+from repa_probe.pipeline import held_out_hits
+
+
+def correlated(n: int, rng: np.random.Generator, shared: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two views of one 6-d latent, each with its own noise (a model block and an encoder)."""
+    z = rng.normal(size=(n, 6))
+    a = z @ rng.normal(size=(6, 16)) * shared + rng.normal(size=(n, 16))
+    b = z @ rng.normal(size=(6, 12)) + rng.normal(size=(n, 12))
+    return a, b
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hundreds of tiny problems: one thread each (two contend on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_subsample_intervals_of_cknna_cover_its_sampling_distribution_at_the_nominal_rate():
+    """The interval estimates the spread of CKNNA over new samples of n images: 150 seeds, each with its own
+    images, cover the mean of CKNNA over 200 fresh samples about 95% of the time. Without the √(m/(n − m))
+    rescaling of the subsamples' spread (the same replicates) the intervals are 24% too narrow."""
+    n, k, n_boot = 200, 10, 40
+    weights = np.random.default_rng(0)
+    wa, wb = weights.normal(size=(6, 16)), weights.normal(size=(6, 12))
+
+    def draw(rng):
+        z = rng.normal(size=(n, 6))
+        return (z @ wa + rng.normal(size=(n, 16))).astype(np.float32), (z @ wb + rng.normal(size=(n, 12))).astype(
+            np.float32)
+
+    truth = np.mean([cknna(*draw(np.random.default_rng(1000 + s)), k=k) for s in range(200)])
+    covered = {"rescaled": [], "not rescaled": []}
+    for seed in range(150):
+        a, b = draw(np.random.default_rng(seed))
+        subs = stats.subsamples(n, n_boot, seed)
+        reps = np.array([cknna(a[rows], b[rows], k=k) for rows in subs])
+        value = cknna(a, b, k=k)
+        for name, scale in (("rescaled", stats.subsample_scale([len(r) for r in subs], n)), ("not rescaled", None)):
+            lo, hi = stats.centred_interval(value, reps, scale)
+            covered[name].append(lo <= truth <= hi)
+        if seed < 3:   # the library's interval is this one
+            assert bootstrap_ci(lambda x, y: cknna(x, y, k=k), a, b, n_boot=n_boot, seed=seed) == pytest.approx(
+                tuple(stats.centred_interval(value, reps, stats.subsample_scale([len(r) for r in subs], n))))
+    assert 0.89 <= np.mean(covered["rescaled"]) <= 0.99
+    assert np.mean(covered["not rescaled"]) < np.mean(covered["rescaled"]) - 0.04
+
+
+def planted_hits(p: list[float], n: int, rng: np.random.Generator, noise: float = 0.7) -> np.ndarray:
+    """Per-image hits [1, B, n] of blocks with accuracies p (exactly, in expectation): image i is right at
+    block b when z_i + e_bi > c_b, with a difficulty z_i shared by all blocks and noise e_bi of its own."""
+    z = rng.normal(size=n)
+    e = rng.normal(scale=noise, size=(len(p), n))
+    c = -norm.ppf(p) * np.sqrt(1 + noise ** 2)
+    return (z + e > c[:, None])[None]
+
+
+@pytest.mark.parametrize("planted", ["peak at block 3", "flat"])
+def test_the_held_out_drop_finds_a_planted_peak_covers_the_drop_and_rarely_claims_one_on_a_flat_curve(planted):
+    p = [0.30, 0.45, 0.55, 0.63, 0.60, 0.59, 0.57] if planted != "flat" else [0.5] * 7
+    blocks = list(range(len(p)))
+    found, covered, claimed = [], [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        hits = planted_hits(p, 1200, rng)
+        labels = rng.integers(0, 10, size=1200)
+        ho = held_out_hits(hits, blocks, labels, seed)
+        lo, hi = ho.ci[0]
+        truth = p[ho.peak[0]] - p[-1]
+        found.append(ho.peak[0] == 3)
+        covered.append(lo <= truth <= hi)
+        claimed.append(ho.peak[0] != blocks[-1] and lo > 0)
+    assert 0.91 <= np.mean(covered) <= 0.99
+    if planted == "flat":
+        assert np.mean(claimed) <= 0.06
+    else:
+        assert np.mean(found) >= 0.8 and np.mean(claimed) >= 0.7
+
+
+def test_paired_differences_are_narrower_than_the_sum_of_marginal_half_widths():
+    """Two blocks scored on the same images: their difference varies far less than the blocks do."""
+    rng = np.random.default_rng(3)
+    hits = planted_hits([0.60, 0.58], 2000, rng)[0]
+    idx = stats.resamples(2000, 500, 0)
+    reps = stats.hit_replicates(hits, idx)                                        # [R, 2]
+    marginal = stats.centred_interval(hits.mean(-1), reps)
+    paired = stats.centred_interval(hits[0].mean() - hits[1].mean(), reps[:, 0] - reps[:, 1])
+    assert np.diff(paired)[0] < 0.6 * np.diff(marginal, axis=-1).sum()        # the rule: drop > hw_1 + hw_2
+
+
+def test_hit_replicates_equal_the_means_of_the_resampled_rows():
+    rng = np.random.default_rng(1)
+    hits = rng.random((2, 3, 50)) < 0.4
+    idx = stats.resamples(50, 7, 2)
+    want = np.stack([hits[..., rows].mean(-1) for rows in idx])
+    np.testing.assert_allclose(stats.hit_replicates(hits, idx), want, atol=1e-12)
+
+
+def test_halves_are_class_balanced_disjoint_and_seeded():
+    labels = np.repeat(np.arange(5), [10, 11, 7, 8, 9])
+    a, b = stats.halves(labels, 0)
+    assert len(np.intersect1d(a, b)) == 0 and len(a) + len(b) == len(labels)
+    assert all(abs((labels[a] == c).sum() - (labels[b] == c).sum()) <= 1 for c in range(5))
+    assert abs(len(a) - len(b)) <= 1
+    assert np.array_equal(stats.halves(labels, 0)[0], a) and not np.array_equal(stats.halves(labels, 1)[0], a)
+
+
+def test_the_permutation_null_is_the_alignment_of_unrelated_images_and_real_alignment_clears_it():
+    rng = np.random.default_rng(5)
+    a, b = correlated(300, rng)
+    kernels = permuted_targets(b, 20, 0, k=10, metrics=("cknna", "cka"))
+    values, null = alignment(b, a[None], ("cknna", "cka"), k=10, null_targets=kernels)
+    assert values["cknna"][0] > null["cknna"].max()
+    assert stats.permutation_p(values["cknna"][0], null["cknna"][:, 0]) == pytest.approx(1 / 21)
+    # unrelated features align by chance at the null's level, not at 0 (k of n neighbours shared by chance;
+    # biased CKA has a positive bias): the null is what shows a reader the floor
+    unrelated = [cknna(rng.normal(size=a.shape).astype(np.float32), b, k=10) for _ in range(10)]
+    assert null["cknna"].mean() > 0.005 and abs(null["cknna"].mean() - np.mean(unrelated)) < 0.01
+    assert null["cka"].mean() > 0.01
+    independent = rng.normal(size=a.shape)
+    v, n = alignment(b, independent[None], ("cknna",), k=10, null_targets=kernels)
+    assert stats.permutation_p(v["cknna"][0], n["cknna"][:, 0]) > 0.05
+
+
+def test_peak_frequency_and_argmax_skip_the_embedding_and_raw_input():
+    values = np.array([[0.9, 0.1, 0.5, 0.4]])
+    assert stats.argmax_blocks(values, [0, 1, 2, 3])[0] == 2
+    reps = np.array([[0.9, 0.1, 0.5, 0.4], [0.9, 0.6, 0.5, 0.4], [0.9, 0.1, 0.2, 0.4], [0.9, 0.1, 0.5, 0.1]])
+    assert stats.peak_frequency(reps, [0, 1, 2, 3], 2) == 0.5
+
+
+def test_centred_interval_rescales_the_spread_and_keeps_the_estimate_inside():
+    reps = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    lo, hi = stats.centred_interval(10.0, reps, level=0.5)
+    lo2, hi2 = stats.centred_interval(10.0, reps, scale=np.full(5, 2.0), level=0.5)
+    assert (lo, hi) == pytest.approx((9.0, 11.0)) and (lo2, hi2) == pytest.approx((8.0, 12.0))
+    assert stats.subsample_scale(632, 1000) == pytest.approx(np.sqrt(632 / 368))
+    assert torch.is_tensor(torch.as_tensor(lo))
