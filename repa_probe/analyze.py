@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from repa_probe import stats
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
 from repa_probe.pipeline import COLUMNS, AnalyzeConfig, Pipeline, display_scale, in_given_order, metric_label
@@ -22,6 +23,7 @@ from repa_probe.report import compose
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import check_writable, write_report
 from repa_probe.runtime import find_checkpoints, latest_in_run
+from repa_probe.stats import fmt_interval
 
 ANALYSIS_LOG = "analysis.jsonl"   # the trainer's analysis-while-training rows (train/trainer.py)
 
@@ -75,7 +77,7 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
     if source not in ("auto", "log", "checkpoints"):
         raise UserError(f"--source {source!r}: use auto, log or checkpoints")
     start = time.perf_counter()
-    frames, provenance, pipeline, depth = [], {}, None, 1
+    frames, provenance, pipeline, depth, curves = [], {}, None, 1, {}
     for src in sources:
         run = Path(src).name if Path(src).is_dir() else src
         log = Path(src) / ANALYSIS_LOG
@@ -105,6 +107,7 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
                     continue
                 rows = [r for c in a.curves for r in c.rows()]
                 frames.append(pd.DataFrame(rows).assign(run=run, step=ckpt.provenance.step))
+                curves[(run, ckpt.provenance.step)] = a.curves
                 provenance[a.name] = ckpt.provenance.to_dict()
     # a training log carries no intervals: its ci_low / ci_high columns stay empty
     traj = pd.concat(frames, ignore_index=True).reindex(columns=["run", "step", *COLUMNS])
@@ -116,23 +119,27 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
         figs.append((f"trajectory {metric} {encoder}",
                      F.trajectory(traj.fillna({"encoder": ""}), metric, encoder,
                                   f"{metric_label(metric)} over training", groups)))
-    trend = trajectory_summary(traj.fillna({"encoder": ""}), groups)
     cfg = pipeline.cfg if pipeline else config
+    trend = trajectory_summary(traj.fillna({"encoder": ""}), groups, curves, cfg.seed)
     title = "repa-probe trajectory: " + ", ".join(dict.fromkeys(traj["run"]))
     lines = [f"{r.run}: {metric_label(r.metric)}{' vs ' + r.encoder if r.encoder else ''}, t={r.t:g}, blocks "
              f"{r.blocks}: {r.first * display_scale(r.metric):.3g} at step {r.first_step:,} → "
-             f"{r.last * display_scale(r.metric):.3g} at step {r.last_step:,} "
-             f"({'rises' if r.last > r.first else 'falls' if r.last < r.first else 'flat'})"
+             f"{r.last * display_scale(r.metric):.3g} at step {r.last_step:,}"
+             + ("" if r.change_ci_low != r.change_ci_low else
+                f", change {fmt_interval(r.change, r.change_ci_low, r.change_ci_high, display_scale(r.metric))} "
+                f"(paired 95%)") + f" — {trend_word(r)}"
              for r in trend.itertuples() if r.t == trend["t"].min()]
 
-    def shown(col: str) -> list[str]:
-        return [f"{v * display_scale(m):.3g}" for v, m in zip(trend[col], trend["metric"])]
-
+    table = pd.DataFrame([{
+        "run": r.run, "metric": metric_label(r.metric), "encoder": r.encoder or "-", "t": f"{r.t:g}",
+        "blocks": r.blocks, "first step": r.first_step, "first": f"{r.first * display_scale(r.metric):.3g}",
+        "last step": r.last_step, "last": f"{r.last * display_scale(r.metric):.3g}",
+        "change [paired 95%]": "-" if r.change_ci_low != r.change_ci_low else
+        fmt_interval(r.change, r.change_ci_low, r.change_ci_high, display_scale(r.metric)),
+        "trend": trend_word(r).split(" (")[0]} for r in trend.itertuples()])
     pages = F.summary_pages(title, [("Sources", [(k, v.get("path", "")) for k, v in provenance.items()][:12]),
                                     ("Trend (first → last step, mean over the block group)", lines[:14])],
-                            trend.assign(metric=trend["metric"].map(metric_label), first=shown("first"),
-                                         last=shown("last")),
-                            "Per run, metric, t and block group")
+                            table, "Per run, metric, t and block group")
     figs = [(f"summary {i + 1}", p) for i, p in enumerate(pages)] + figs
     summary = {"title": title, "sources": sources, "source": source, "groups": groups,
                "trend": trend.to_dict(orient="records"), "provenance": provenance,
@@ -140,14 +147,48 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
     return write_report(out, traj, summary, figs)
 
 
-def trajectory_summary(traj: pd.DataFrame, groups: list[list[int]]) -> pd.DataFrame:
-    """First and last step's value per run × metric × encoder × t × block group (group mean)."""
+def trajectory_summary(traj: pd.DataFrame, groups: list[list[int]], curves: dict | None = None,
+                       seed: int = 0) -> pd.DataFrame:
+    """First and last step's value per run × metric × encoder × t × block group (group mean), and, where the
+    checkpoints were analysed here (`curves`: {(run, step): [Curves]}), the paired 95% interval of last −
+    first: both steps saw the same images, noise and replicates, so the change is taken replicate by
+    replicate. A training log holds values only: its change gets no interval."""
     rows = []
     for (run, metric, encoder, t), g in traj.groupby(["run", "metric", "encoder", "t"], sort=False):
         for group in groups:
             c = g[g["block"].isin(group)].groupby("step")["value"].mean()
-            if len(c):
-                rows.append(dict(run=run, metric=metric, encoder=encoder, t=float(t),
-                                 blocks=f"{group[0]}–{group[-1]}", first_step=int(c.index[0]), first=float(c.iloc[0]),
-                                 last_step=int(c.index[-1]), last=float(c.iloc[-1])))
+            if not len(c):
+                continue
+            first, last = int(c.index[0]), int(c.index[-1])
+            lo, hi = _change_interval(curves or {}, run, first, last, metric, encoder, t, group, seed)
+            rows.append(dict(run=run, metric=metric, encoder=encoder, t=float(t), blocks=f"{group[0]}–{group[-1]}",
+                             first_step=first, first=float(c.iloc[0]), last_step=last, last=float(c.iloc[-1]),
+                             change=float(c.iloc[-1] - c.iloc[0]), change_ci_low=lo, change_ci_high=hi))
     return pd.DataFrame(rows)
+
+
+def _change_interval(curves: dict, run: str, first: int, last: int, metric: str, encoder: str, t: float,
+                     group: list[int], seed: int) -> tuple[float, float]:
+    def pick(step):
+        found = [c for c in curves.get((run, step), []) if (c.metric, c.encoder or "") == (metric, encoder)]
+        return found[0] if found else None
+
+    a, b = pick(first), pick(last)
+    if a is None or b is None or first == last:
+        return float("nan"), float("nan")
+    (ra, scale), (rb, _) = a.paired_replicates(seed), b.paired_replicates(seed)
+    if ra is None or rb is None or ra.shape != rb.shape:
+        return float("nan"), float("nan")
+    ti, cols = a.ts.index(t), [a.blocks.index(blk) for blk in group]
+    change = b.value[ti, cols].mean() - a.value[ti, cols].mean()
+    lo, hi = stats.centred_interval(change, rb[:, ti, cols].mean(-1) - ra[:, ti, cols].mean(-1), scale)
+    return float(lo), float(hi)
+
+
+def trend_word(r) -> str:
+    """'rises' / 'falls' when the paired interval of the change excludes 0, else 'no change beyond the interval';
+    without an interval, only which way the values moved."""
+    if r.change_ci_low == r.change_ci_low:
+        return "rises" if r.change_ci_low > 0 else "falls" if r.change_ci_high < 0 else "no change beyond the interval"
+    return ("higher" if r.change > 0 else "lower" if r.change < 0 else "unchanged") + " at the last step (values " \
+                                                                                        "only, no interval)"

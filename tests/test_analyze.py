@@ -138,6 +138,8 @@ def test_trajectory_over_a_run_folder(workdir, cifar_dir):
     t0 = [row for row in summary["trend"] if row["metric"] == "cknna" and row["t"] == 0 and row["blocks"] == "3–3"]
     first = res[(res["step"] == 10) & (res["metric"] == "cknna") & (res["t"] == 0) & (res["block"] == 3)]["value"]
     assert t0[0]["first"] == pytest.approx(float(first.iloc[0]))
+    # the change from the first to the last step has a paired interval (the same images and replicates)
+    assert all(r["change_ci_low"] <= r["change"] <= r["change_ci_high"] for r in summary["trend"])
 
 
 # --------------------------------------------------------------------------- bad input
