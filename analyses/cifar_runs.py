@@ -28,7 +28,7 @@ PRESETS = {
     # (8×8 = 64 tokens, the teacher's own grid), 2,500 steps of 64 images (3.2 epochs).
     "cpu": dict(model="SiT-S/4", width=128, depth=12, heads=2, batch=64, steps=2500, lr=3e-4, ema=0.999,
                 ckpt_every=500, analyze_every=250, repa_depth=4, projector_dim=256, threads=1, parallel=True),
-    # One H100, a few minutes per run: DESIGN.md §6's reference model, 12 blocks of width 384, patch 2 (256 tokens).
+    # One H100, a few minutes per run: the reference run of docs/probe.md, 12 blocks of width 384, patch 2 (256 tokens).
     "gpu": dict(model="SiT-S/2", width=384, depth=12, heads=6, batch=256, steps=6000, lr=2e-4, ema=0.9995,
                 ckpt_every=1000, analyze_every=1000, repa_depth=4, projector_dim=2048, threads=0, parallel=False),
 }

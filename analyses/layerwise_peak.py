@@ -3,7 +3,7 @@ peak across blocks and noise levels, and how much they fall after the peak (with
 
     python analyses/layerwise_peak.py --preset cpu        # → reports/layerwise_peak/
 
-Reference (DESIGN.md §6, H100, 220 s of training, 12-block width-384 SiT/2, 10k/10k images): t = 0 probe
+Reference (docs/probe.md, H100, 220 s of training, 12-block width-384 SiT/2, 10k/10k images): t = 0 probe
 41% at block 1 → 57.7% at block 10 → 57.0% at block 12; untrained 27% everywhere.
 """
 from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args

@@ -33,7 +33,7 @@ from repa_probe.runtime import autocast as autocast_for
 from repa_probe.train.trainer import (TrainConfig, draw_step_randomness, encoder_targets, init_model,
                                       make_optimizer, train_step)
 
-REPA_OFFICIAL_H100 = {("B/2", 128): 1039.0, ("XL/2", 64): 290.0}   # img/s, DESIGN.md §7
+REPA_OFFICIAL_H100 = {("B/2", 128): 1039.0, ("XL/2", 64): 290.0}   # img/s, REPA's README (bf16, fused attention, no compile)
 GPU_BATCH = {"S/2": 256, "B/2": 128, "L/2": 64, "XL/2": 64}
 
 

@@ -52,10 +52,13 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
     """`repa-probe compare A B [C ...]`: the same images and noise for all; deltas are (B − A) etc."""
     check_writable(out)
     start = time.perf_counter()
+    paths = [latest_in_run(p) for p in checkpoints]          # a missing file fails here, before any loading
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"checkpoint '{p}' does not exist: check the path")
     pipeline = Pipeline(config)
     cfg = pipeline.cfg
-    loaded = [load_checkpoint(latest_in_run(p), convention=cfg.convention, weights=cfg.weights, heads=cfg.heads)
-              for p in checkpoints]
+    loaded = [load_checkpoint(p, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads) for p in paths]
     results = run_pipeline(loaded, unique_names(checkpoints), cfg, pipeline)
     return compose.write(results, out, {"total": time.perf_counter() - start})
 

@@ -299,7 +299,8 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
 
     checkpoint: a path or a LoadedCheckpoint. data: an ImageFolder path (then n / subset_seed / skip_bad pick
     the subset) or an ImageDataset at the model's image size. mode: "pixels" | "latents" (default: the
-    checkpoint's). vae: the VAE folder or hub name for latent models (default: the family's). Only chunks missing from the store
+    checkpoint's). vae: the VAE folder or hub name for latent models (default: the family's). Only chunks
+    missing from the store
     are computed (`Features.computed` counts them); under torchrun the batches are split across ranks.
     """
     config = config or CaptureConfig()
@@ -312,6 +313,7 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
     if dataset.image_size != size:
         raise UserError(f"the dataset is cropped to {dataset.image_size}px but this {mode} model needs {size}px")
     store = FeatureStore(cache_dir)
+    store.check_writable()
     ckpt.model.to(device).eval()
 
     rows, vae_key = dataset, None

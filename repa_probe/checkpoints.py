@@ -101,6 +101,12 @@ def read_checkpoint(path: str | os.PathLike) -> object:
 def _read_torch(path: Path) -> object:
     if zipfile.is_zipfile(path):
         _check_zip(path)
+    return safe_torch_load(path, f"checkpoint '{path}'")
+
+
+def safe_torch_load(path: Path, what: str) -> object:
+    """torch.load(weights_only=True), allowing argparse.Namespace as well, with every failure one UserError
+    that starts with `what` (e.g. "checkpoint 'x.pt'") and names what a refused pickle would have imported."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # "Detected pickle protocol N" on garbage input
@@ -109,18 +115,18 @@ def _read_torch(path: Path) -> object:
         blocked = re.search(r"GLOBAL (\S+)", str(e))
         if blocked:
             raise UserError(
-                f"refused to load '{path}': its pickle would import '{blocked.group(1)}', which is not plain "
-                f"tensor data (repa-probe loads checkpoints with torch.load(weights_only=True) only); if you "
-                f"trust the file, re-save just its state dict with torch.save(sd, new_path)") from None
-        raise UserError(f"'{path}' is not a PyTorch checkpoint (its bytes are not a readable pickle)") from None
+                f"refused to load {what}: its pickle would import '{blocked.group(1)}', which is not plain tensor "
+                f"data (repa-probe loads weights with torch.load(weights_only=True) only); if you trust the file, "
+                f"re-save just its state dict with torch.save(sd, new_path)") from None
+        raise UserError(f"{what} is not a PyTorch file (its bytes are not a readable pickle)") from None
     except RuntimeError as e:
         if "zip archive" in str(e) or "central directory" in str(e):
-            raise UserError(f"checkpoint '{path}' is truncated or corrupt (not a complete torch zip archive): "
-                            f"download or copy it again") from None
-        raise UserError(f"could not read checkpoint '{path}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"{what} is truncated or corrupt (not a complete torch zip archive): download or copy it "
+                            f"again") from None
+        raise UserError(f"could not read {what}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # garbage bytes trip the unpickler in many ways (EOFError, IndexError, KeyError, ...)
-        raise UserError(f"checkpoint '{path}' is truncated or corrupt, or not a PyTorch checkpoint "
-                        f"({type(e).__name__}): download or copy it again") from None
+        raise UserError(f"{what} is truncated or corrupt, or not a PyTorch file ({type(e).__name__}): download "
+                        f"or copy it again") from None
 
 
 def _check_zip(path: Path) -> None:

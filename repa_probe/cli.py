@@ -3,6 +3,8 @@ notebook can call too. Bad input ends with one line, `repa-probe: error: ...`, a
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from repa_probe.errors import UserError
@@ -140,9 +142,9 @@ def _add_analysis_commands(sub) -> None:
     """`analyze`, `compare`, `trajectory` (repa_probe/analyze.py) and `encoders`."""
     def common(p, data_required=True):
         g = p.add_argument_group("data and encoders")
-        g.add_argument("--data", required=data_required, default=None,
+        g.add_argument("--data", type=path, required=data_required, default=None,
                        help="ImageFolder tree DIR/<class>/<image> for alignment (e.g. ImageNet val, cifar10/test)")
-        g.add_argument("--n", "--num-images", dest="n", type=int, default=None,
+        g.add_argument("--n", "--num-images", dest="n", type=positive_int, default=None,
                        help="images: a class-balanced seeded subset (default: 10000 on a GPU, 500 on the CPU)")
         g.add_argument("--encoder", action="append", metavar="NAME[=WEIGHTS]",
                        help="target encoder(s) for CKNNA, e.g. dinov2-vit-b=/w/dinov2_vitb14_pretrain.pth; repeat or "
@@ -150,35 +152,36 @@ def _add_analysis_commands(sub) -> None:
         g.add_argument("--encoder-random-init", action="store_true",
                        help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
         g = p.add_argument_group("linear probe")
-        g.add_argument("--probe-train", default=None, help="labelled ImageFolder to fit probes on (with --probe-test); "
+        g.add_argument("--probe-train", type=path, default=None, help="labelled ImageFolder to fit probes on (with --probe-test); "
                                                            "default: 4/5 of the --data images")
-        g.add_argument("--probe-test", default=None, help="held-out labelled ImageFolder to score probes on "
+        g.add_argument("--probe-test", type=path, default=None, help="held-out labelled ImageFolder to score probes on "
                                                           "(default: the other 1/5 of --data)")
-        g.add_argument("--probe-n-train", type=int, default=None, help="probe training images (default: --n)")
-        g.add_argument("--probe-n-test", type=int, default=None, help="probe test images (default: --n / 2)")
+        g.add_argument("--probe-n-train", type=positive_int, default=None, help="probe training images (default: --n)")
+        g.add_argument("--probe-n-test", type=positive_int, default=None, help="probe test images (default: --n / 2)")
         g.add_argument("--no-probe", action="store_true", help="skip the linear probes (unlabelled data)")
         g = p.add_argument_group("metrics")
         g.add_argument("--metrics", type=_names, default=["cknna"],
                        help=f"alignment metrics: {', '.join(METRICS)} (default: cknna)")
-        g.add_argument("--k", type=int, default=10, help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
-        g.add_argument("--bootstrap", type=int, default=20,
+        g.add_argument("--k", type=positive_int, default=10,
+                       help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
+        g.add_argument("--bootstrap", type=count(0, 10_000), default=20,
                        help="bootstrap replicates for alignment intervals, 0 = none (default: 20)")
-        g.add_argument("--null", type=int, default=20,
+        g.add_argument("--null", type=count(0, 10_000), default=20,
                        help="permutation draws for the alignment null (images shuffled), 0 = none (default: 20)")
         g.add_argument("--no-baselines", action="store_true", help="skip the untrained-model and raw-input baselines")
-        g.add_argument("--samples", type=int, default=0,
+        g.add_argument("--samples", type=count(0, 100_000), default=0,
                        help="add a page with this many samples per checkpoint (Euler ODE, 50 steps; default: 0)")
         g = p.add_argument_group("capture")
         add_capture_options(g, precision_default="auto")
         add_checkpoint_options(g)
-        p.add_argument("--out", required=True, help="report folder: results.csv, summary.json, figures/, report.pdf")
+        p.add_argument("--out", type=path, required=True, help="report folder: results.csv, summary.json, figures/, report.pdf")
 
     p = sub.add_parser("analyze", help="probe + CKNNA at every block × t of one checkpoint; PDF report",
                        description="For every block and noise level of one checkpoint: linear-probe accuracy and "
                                    "alignment (CKNNA) with target encoders, the peak block and the drop after it, "
                                    "against untrained-model and raw-input baselines. Writes results.csv (tidy), "
                                    "summary.json, figures/ and report.pdf into --out; page 1 has the answer.")
-    p.add_argument("checkpoint", help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe checkpoint, "
+    p.add_argument("checkpoint", type=path, help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe checkpoint, "
                                       "or a training run folder (its latest checkpoint)")
     common(p)
     p.set_defaults(func=cmd_analyze)
@@ -186,7 +189,7 @@ def _add_analysis_commands(sub) -> None:
     p = sub.add_parser("compare", help="overlay several checkpoints (same images, same noise), deltas B − A",
                        description="Analyse every checkpoint on the same images with the same seeded noise and write "
                                    "one report overlaying them, with per block × t deltas against the first.")
-    p.add_argument("checkpoints", nargs="+", help="A.pt B.pt [C.pt ...] (or run folders: their latest "
+    p.add_argument("checkpoints", type=path, nargs="+", help="A.pt B.pt [C.pt ...] (or run folders: their latest "
                                                      "checkpoints); deltas are taken against A")
     common(p)
     p.set_defaults(func=cmd_compare)
@@ -195,7 +198,7 @@ def _add_analysis_commands(sub) -> None:
                        description="Metrics of a series of checkpoints over training steps. Each source is a run "
                                    "folder or a glob of checkpoints; a run folder with analysis.jsonl (from "
                                    "`train --analyze-every`) is read directly unless --source checkpoints.")
-    p.add_argument("sources", nargs="+", help="RUN_DIR or 'runs/x/checkpoints/*.pt' (one line style per source)")
+    p.add_argument("sources", type=path, nargs="+", help="RUN_DIR or 'runs/x/checkpoints/*.pt' (one line style per source)")
     p.add_argument("--source", choices=["auto", "log", "checkpoints"], default="auto",
                    help="auto: a run's analysis.jsonl when present, else its checkpoints (default: auto)")
     common(p, data_required=False)
@@ -205,25 +208,96 @@ def _add_analysis_commands(sub) -> None:
                        description="The README's demo: trains a tiny vanilla SiT and the same SiT with REPA "
                                    "(bundled CIFAR-10 SimCLR teacher) on CIFAR-10 pixels, analyses both and writes "
                                    "a compare report (OUT/report/report.pdf).")
-    p.add_argument("--data", default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
+    p.add_argument("--data", type=path, default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
                                                 "$REPA_PROBE_DATA, or shared/data/cifar10 beside the project)")
-    p.add_argument("--out", default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
-    p.add_argument("--steps", type=int, default=700, help="training steps per model (default: 700)")
-    p.add_argument("--n", type=int, default=500, help="analysis images (default: 500)")
+    p.add_argument("--out", type=path, default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
+    p.add_argument("--steps", type=count(1, 10_000_000), default=700, help="training steps per model (default: 700)")
+    p.add_argument("--n", type=positive_int, default=500, help="analysis images (default: 500)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("encoders", help="list the known target encoders and whether their weights are found locally")
-    p.add_argument("--grid", type=int, default=16, help="token grid to size the inputs for (default: 16)")
+    p.add_argument("--grid", type=grid, default=16, help="token grid to size the inputs for (default: 16)")
     p.set_defaults(func=cmd_encoders)
 
 
-def _interval(s: str) -> tuple[float, float]:
-    values = _floats(s)
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 0,0.7; got {s!r}")
+#################################################################################
+#          Flag values: checked while parsing, before anything is loaded          #
+#################################################################################
+
+def _number(kind, test, what: str):
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not (math.isfinite(v) and test(v)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer ≥ 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a finite number ≥ 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def count(low: int, high: int, what: str = "a count"):
+    """An integer in low..high: the upper end refuses values no run could finish (10^20 replicates, blocks)."""
+    return _number(int, lambda v: low <= v <= high, f"{what} in {low:,}..{high:,}")
+
+
+def path(s: str) -> str:
+    """A file or folder name: not empty (an empty name would mean the current folder)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return s
+
+
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
+workers = _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"a number of worker processes in 0..{MAX_WORKERS} "
+                                                        f"(4 per CPU core)")
+grid = _number(int, lambda v: 0 < v <= 1024, "a token grid side in 1..1024")
+
+
+def noise_levels(s: str) -> tuple[float, ...]:
+    """'0,0.25,0.5' → distinct noise levels in [0, 1]."""
+    values = tuple(fraction(v) for v in s.split(",") if v.strip())
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct noise levels in [0, 1] such as 0,0.25,0.5; got {s!r}")
     return values
+
+
+def _interval(s: str) -> tuple[float, float]:
+    values = tuple(fraction(v) for v in s.split(",") if v.strip())
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in [0, 1] such as 0,0.7; got {s!r}")
+    return values
+
+
+def _blocks(s: str) -> tuple[int, ...]:
+    values = tuple(positive_int(v) for v in s.split(",") if v.strip())
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct block numbers such as 4,8,12; got {s!r}")
+    return values
+
+
+def _names(s: str) -> list[str]:
+    names = [m.strip() for m in s.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names; got {s!r}")
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`repa-probe CMD: error: ...`, exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_train_commands(sub) -> None:
@@ -232,36 +306,38 @@ def _add_train_commands(sub) -> None:
                        description="Train a SiT with REPA's objective (or vanilla SiT with --repa-coeff 0: same data "
                                    "order, t, noise and SiT init). Resumes automatically from --out's checkpoints.")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="ImageFolder tree DIR/<class>/<image>")
-    g.add_argument("--image-size", type=int, default=32, help="image side after centre crop (default: 32)")
+    g.add_argument("--data", type=path, required=True, help="ImageFolder tree DIR/<class>/<image>")
+    g.add_argument("--image-size", type=count(1, 8192), default=32, help="image side after centre crop (default: 32)")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--pixels", action="store_true", help="train on pixels in [-1, 1] (the default)")
-    m.add_argument("--latents", metavar="VAE", default=None, help="train on SD-VAE latents; VAE = local folder")
-    g.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (default: 4)")
+    m.add_argument("--latents", type=path, metavar="VAE", default=None, help="train on SD-VAE latents; VAE = local folder")
+    g.add_argument("--num-classes", type=count(1, 10_000_000), default=None,
+                   help="default: the number of class folders")
+    g.add_argument("--workers", type=workers, default=4, help="DataLoader workers per process (default: 4)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="SiT-S/2", help="SiT-{S,B,L,XL}/{2,4,8} (default: SiT-S/2)")
-    g.add_argument("--depth", type=int, default=None, help="override the size's number of blocks")
-    g.add_argument("--width", type=int, default=None, help="override the size's hidden size")
-    g.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
+    g.add_argument("--depth", type=count(1, 1024), default=None, help="override the size's number of blocks")
+    g.add_argument("--width", type=count(1, 65_536), default=None, help="override the size's hidden size")
+    g.add_argument("--heads", type=count(1, 65_536), default=None, help="override the size's attention heads")
     g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys (REPA default: off)")
     g = p.add_argument_group("REPA")
     g.add_argument("--encoder", action="append", metavar="NAME[=WEIGHTS]",
                    help="target encoder (repeat for several, one projector each), e.g. dinov2-vit-b=/w/dinov2.pth")
     g.add_argument("--encoder-random-init", action="store_true", help="random target encoders (tests only)")
-    g.add_argument("--repa-depth", type=int, default=None,
+    g.add_argument("--repa-depth", type=positive_int, default=None,
                    help="aligned block, 1-based (default: 4 for S/B, 8 for L/XL)")
-    g.add_argument("--repa-coeff", type=float, default=0.5,
+    g.add_argument("--repa-coeff", type=nonneg_float, default=0.5,
                    help="λ of the alignment loss; 0 = vanilla SiT (default 0.5)")
-    g.add_argument("--projector-dim", type=int, default=2048, help="projector MLP width (default: 2048, as REPA)")
+    g.add_argument("--projector-dim", type=count(1, 65_536), default=2048,
+                   help="projector MLP width (default: 2048, as REPA)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch", type=int, default=256, help="global batch size (default: 256)")
-    g.add_argument("--steps", type=int, default=400_000)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="tiny runs need less, e.g. 0.99")
-    g.add_argument("--cfg-prob", type=float, default=0.1, help="class-label dropout (default: 0.1)")
+    g.add_argument("--batch", type=count(1, 1 << 20), default=256, help="global batch size (default: 256)")
+    g.add_argument("--steps", type=positive_int, default=400_000)
+    g.add_argument("--lr", type=positive_float, default=1e-4)
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    g.add_argument("--grad-clip", type=positive_float, default=1.0)
+    g.add_argument("--ema-decay", type=fraction, default=0.9999, help="tiny runs need less, e.g. 0.99")
+    g.add_argument("--cfg-prob", type=fraction, default=0.1, help="class-label dropout (default: 0.1)")
     g.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t distribution")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast (default: bf16 on GPUs, fp32 on CPU)")
@@ -270,21 +346,21 @@ def _add_train_commands(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when present, else cpu")
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="run folder (checkpoints/, log.jsonl, analysis.jsonl)")
-    g.add_argument("--ckpt-every", type=int, default=50_000)
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--resume", default=None, metavar="CKPT",
+    g.add_argument("--out", type=path, required=True, help="run folder (checkpoints/, log.jsonl, analysis.jsonl)")
+    g.add_argument("--ckpt-every", type=positive_int, default=50_000)
+    g.add_argument("--log-every", type=positive_int, default=100)
+    g.add_argument("--resume", type=path, default=None, metavar="CKPT",
                    help="resume from this checkpoint (default: the latest in --out/checkpoints, if any)")
     g.add_argument("--export-repa", action="store_true", help="also write the final checkpoint in REPA's layout")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("analysis while training (EMA model)")
-    g.add_argument("--analyze-every", type=int, default=0, help="probe + CKNNA every M steps (default: never)")
-    g.add_argument("--analyze-data", default=None, help="held-out ImageFolder (default: --data)")
-    g.add_argument("--analyze-n", type=int, default=1000, help="held-out images (default: 1000)")
-    g.add_argument("--analyze-blocks", type=_ints, default=(),
+    g.add_argument("--analyze-every", type=nonneg_int, default=0, help="probe + CKNNA every M steps (default: never)")
+    g.add_argument("--analyze-data", type=path, default=None, help="held-out ImageFolder (default: --data)")
+    g.add_argument("--analyze-n", type=positive_int, default=1000, help="held-out images (default: 1000)")
+    g.add_argument("--analyze-blocks", type=_blocks, default=(),
                    help="1-based blocks (default: REPA depth, middle, last)")
-    g.add_argument("--analyze-t", type=_floats, default=(0.0, 0.5), help="noise levels (default: 0,0.5)")
-    g.add_argument("--analyze-k", type=int, default=10, help="CKNNA neighbours (default: 10)")
+    g.add_argument("--analyze-t", type=noise_levels, default=(0.0, 0.5), help="noise levels (default: 0,0.5)")
+    g.add_argument("--analyze-k", type=positive_int, default=10, help="CKNNA neighbours (default: 10)")
     g.add_argument("--analyze-metrics", type=_names, default=["cknna"],
                    help=f"alignment metrics: {', '.join(METRICS)} (default: cknna)")
     p.set_defaults(func=cmd_train)
@@ -292,48 +368,30 @@ def _add_train_commands(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
                        description="Euler ODE or Euler-Maruyama SDE sampling (REPA's samplers), classifier-free "
                                    "guidance optionally restricted to a t interval; latent models decode via --vae.")
-    p.add_argument("checkpoint", help="path to a SiT/REPA checkpoint")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale; 1 = none (default: 1.5, as REPA)")
+    p.add_argument("checkpoint", type=path, help="path to a SiT/REPA checkpoint")
+    p.add_argument("--n", type=count(1, 100_000), default=64, help="number of samples (default: 64)")
+    p.add_argument("--cfg", type=nonneg_float, default=1.5, help="guidance scale; 1 = none (default: 1.5, as REPA)")
     p.add_argument("--cfg-interval", type=_interval, default=(0.0, 1.0),
                    help="LOW,HIGH: guide only for t in there (default 0,1)")
     p.add_argument("--sampler", choices=["ode", "sde"], default="ode")
-    p.add_argument("--steps", type=int, default=None, help="default: 50 (ode), 250 (sde)")
+    p.add_argument("--steps", type=count(1, 100_000), default=None, help="default: 50 (ode), 250 (sde)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: random)")
-    p.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder (default: the run's)")
+    p.add_argument("--class-label", type=nonneg_int, default=None, help="one class for all samples (default: random)")
+    p.add_argument("--vae", type=path, default=None, help="latent models: AutoencoderKL folder (default: the run's)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", type=path, required=True, help="PNG file to write")
     add_checkpoint_options(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export-repa", help="write a training checkpoint in REPA's layout (model/ema/opt/args/steps)")
-    p.add_argument("checkpoint", help="a repa-probe training checkpoint (RUN_DIR/checkpoints/NNNNNNN.pt)")
-    p.add_argument("out", help="file to write")
+    p.add_argument("checkpoint", type=path, help="a repa-probe training checkpoint (RUN_DIR/checkpoints/NNNNNNN.pt)")
+    p.add_argument("out", type=path, help="file to write")
     p.set_defaults(func=cmd_export_repa)
-
-
-def _names(s: str) -> list[str]:
-    return [m for m in s.split(",") if m]
-
-
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,8,12; got {s!r}") from None
-
-
-def _floats(s: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.1,0.5; got {s!r}") from None
 
 
 def add_capture_options(p: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
     """Options shared by every command that runs checkpoints over images (extract, analyze, ...)."""
-    p.add_argument("--t", type=_floats, default=(0.0, 0.1, 0.25, 0.5, 0.75),
+    p.add_argument("--t", type=noise_levels, default=(0.0, 0.1, 0.25, 0.5, 0.75),
                    help="noise levels, 0 = clean data, 1 = pure noise (default: 0,0.1,0.25,0.5,0.75)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; equal seeds give equal noisy inputs to every "
                                                        "checkpoint (default: 0)")
@@ -341,14 +399,14 @@ def add_capture_options(p: argparse.ArgumentParser, precision_default: str = "fp
                    help="class label fed to the model: the null (unconditional) class or the true one (default: null)")
     p.add_argument("--mode", choices=["pixels", "latents"], default=None,
                    help="model input space (default: from the checkpoint; 4 input channels = SD-VAE latents)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse",
+    p.add_argument("--vae", type=path, default="stabilityai/sd-vae-ft-mse",
                    help="latent models: local AutoencoderKL folder, or a hub name where the hub is reachable")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--batch-size", type=count(1, 1 << 20), default=64)
+    p.add_argument("--workers", type=workers, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=precision_default,
                    help=f"autocast; auto = bf16 on GPUs, fp32 on the CPU (default: {precision_default})")
-    p.add_argument("--cache", default=None, help="feature store folder (default: $XDG_CACHE_HOME/repa-probe or "
+    p.add_argument("--cache", type=path, default=None, help="feature store folder (default: $XDG_CACHE_HOME/repa-probe or "
                                                  "~/.cache/repa-probe)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files and report them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -360,13 +418,13 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
                         "are told apart by their released file names, otherwise it is assumed and reported)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="which weights of a training checkpoint to use (default: ema)")
-    p.add_argument("--heads", type=int, default=None,
+    p.add_argument("--heads", type=positive_int, default=None,
                    help="attention heads, for a custom-width checkpoint whose weights cannot tell (no qk-norm, "
                         "none recorded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="repa-probe",
         description="Look inside diffusion transformers (SiT/DiT/REPA): per-block, per-noise-level linear "
                     "probes and CKNNA alignment with a self-supervised encoder.")
@@ -375,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a checkpoint's format, architecture, time convention, REPA setup",
                        description="Load a checkpoint (official DiT/SiT, REPA last.pt or training dict, or "
                                    "repa-probe's own) and print what it is.")
-    p.add_argument("checkpoint", help="path to a .pt or .safetensors checkpoint")
+    p.add_argument("checkpoint", type=path, help="path to a .pt or .safetensors checkpoint")
     add_checkpoint_options(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -383,14 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a checkpoint over a data subset at each noise level t, pool every block's "
                                    "output per image and store it (resumable; torchrun splits the images across "
                                    "ranks). Prints where the features are.")
-    p.add_argument("checkpoint", help="path to a .pt or .safetensors checkpoint")
-    p.add_argument("--data", required=True, help="ImageFolder tree DIR/<class>/<image> (e.g. ImageNet val)")
-    p.add_argument("--num-images", "--n", dest="n", type=int, default=None,
+    p.add_argument("checkpoint", type=path, help="path to a .pt or .safetensors checkpoint")
+    p.add_argument("--data", type=path, required=True, help="ImageFolder tree DIR/<class>/<image> (e.g. ImageNet val)")
+    p.add_argument("--num-images", "--n", dest="n", type=positive_int, default=None,
                    help="images to use: a class-balanced seeded subset (default: all); under torchrun spell it "
                         "--num-images (torchrun's own parser rejects the abbreviation --n)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset choice (default: 0)")
     add_capture_options(p)
-    p.add_argument("--pooling", default="mean", help="per-image pooling of tokens: mean, tokens or grid:G (default: mean)")
+    p.add_argument("--pooling", default="mean",
+                   help="per-image pooling of tokens: mean, tokens or grid:G (default: mean)")
     p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the stored features (default: float32)")
     add_checkpoint_options(p)

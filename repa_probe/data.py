@@ -204,9 +204,14 @@ class _OneLineErrors(DataLoader):
             yield batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = False, seed: int = 0,
-                sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
-    """Batches of (images, labels, ids); shuffling is seeded; `sampler` (e.g. DistributedSampler) wins."""
+def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0, shuffle: bool = False, seed: int = 0,
+                sampler: Sampler | None = None, drop_last: bool = False,
+                batch_sampler: Sampler | None = None) -> DataLoader:
+    """Batches of (images, labels, ids); shuffling is seeded; `sampler` (e.g. DistributedSampler) wins;
+    `batch_sampler` yields whole batches of indices instead."""
+    if batch_sampler is not None:
+        return _OneLineErrors(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                              pin_memory=torch.cuda.is_available())
     generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
     return _OneLineErrors(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           num_workers=num_workers, generator=generator, drop_last=drop_last,

@@ -12,6 +12,7 @@ shows up first as alignment at and around the aligned block. Real-scale runs are
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -54,6 +55,22 @@ def find_cifar(data: str | None) -> Path:
     raise UserError(f"--data: no CIFAR-10 ImageFolder with train/ and test/ at {where}: pass --data DIR")
 
 
+def check_earlier_run(plan, out: Path) -> None:
+    """A demo folder that already holds runs is reused only if they were trained exactly as asked now (a
+    finished one costs nothing, an interrupted one resumes); otherwise say so, before any work."""
+    from repa_probe.train.trainer import RESUME_MUST_MATCH
+    saved = Path(plan.out) / "config.json"
+    if not saved.is_file():
+        return
+    before, now = json.loads(saved.read_text()), plan.to_dict()
+    before["data"], now["data"] = os.path.realpath(before.get("data") or ""), os.path.realpath(now["data"])
+    differ = [k for k in (*RESUME_MUST_MATCH, "steps") if before.get(k) != now[k]]
+    if differ:
+        shown = ", ".join(f"{k} {before.get(k)!r} (now {now[k]!r})" for k in differ[:3])
+        raise UserError(f"--out '{out}' holds a demo trained with other settings ({shown}): pass another --out, or "
+                        f"remove '{out / 'runs'}' to retrain")
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Train vanilla + REPA, compare them, return the report folder."""
     from repa_probe.analyze import compare
@@ -65,17 +82,21 @@ def run_demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out)
     check_writable(out)
     start = time.perf_counter()
+    plans = {name: TrainConfig(
+        data=str(root / "train"), image_size=32, mode="pixels", model=f"SiT-S/{cfg.patch}", depth=cfg.depth,
+        width=cfg.width, heads=cfg.heads, encoders=[TEACHER], repa_depth=cfg.repa_depth, repa_coeff=coeff,
+        projector_dim=2 * cfg.width, batch=cfg.batch, steps=cfg.steps, lr=cfg.lr, ema_decay=0.99,
+        seed=cfg.seed, num_workers=0, device=cfg.device, out=str(out / "runs" / name), ckpt_every=cfg.steps,
+        log_every=max(1, cfg.steps // 10), progress=not cfg.quiet)
+        for name, coeff in (("vanilla", 0.0), ("repa", cfg.repa_coeff))}
+    for plan in plans.values():
+        check_earlier_run(plan, out)
     runs = {}
-    for name, coeff in (("vanilla", 0.0), ("repa", cfg.repa_coeff)):
+    for name, plan in plans.items():
         t0 = time.perf_counter()
         print(f"[demo] training {name} SiT ({cfg.depth} blocks × {cfg.width}, patch {cfg.patch}, {cfg.steps} steps of "
-              f"{cfg.batch}; REPA λ = {coeff} at block {cfg.repa_depth} vs {TEACHER})", flush=True)
-        runs[name] = train(TrainConfig(
-            data=str(root / "train"), image_size=32, mode="pixels", model=f"SiT-S/{cfg.patch}", depth=cfg.depth,
-            width=cfg.width, heads=cfg.heads, encoders=[TEACHER], repa_depth=cfg.repa_depth, repa_coeff=coeff,
-            projector_dim=2 * cfg.width, batch=cfg.batch, steps=cfg.steps, lr=cfg.lr, ema_decay=0.99,
-            seed=cfg.seed, num_workers=0, device=cfg.device, out=str(out / "runs" / name), ckpt_every=cfg.steps,
-            log_every=max(1, cfg.steps // 10), progress=not cfg.quiet))
+              f"{cfg.batch}; REPA λ = {plan.repa_coeff} at block {cfg.repa_depth} vs {TEACHER})", flush=True)
+        runs[name] = train(plan)
         print(f"[demo] {name}: {time.perf_counter() - t0:.0f} s → {runs[name]}", flush=True)
     print(f"[demo] analysing both on {cfg.n} cifar10/test images (probe: {cfg.n} train images)", flush=True)
     report = compare([str(out / "runs" / name) for name in runs],         # run folders: named vanilla, repa

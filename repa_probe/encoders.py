@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repa_probe import teacher as cifar_teacher
+from repa_probe.checkpoints import safe_torch_load
 from repa_probe.errors import UserError
 
 #################################################################################
@@ -346,14 +347,7 @@ def read_weights(path: Path) -> Mapping[str, Any]:
             f"encoder weights {path}: a TorchScript archive (like OpenAI's CLIP .pt); repa-probe reads plain "
             "state dicts only: convert it once, if you trust the file, with python -c \"import torch; "
             f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), '{path.with_suffix('.pth')}')\"")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            raise UserError(f"encoder weights {path}: refused, the file is a pickle that would run code or build "
-                            f"objects other than tensors ({_first_line(e)[:160]})") from None
-        raise UserError(f"encoder weights {path}: cannot read it ({type(e).__name__}: {_first_line(e)[:160]}); "
-                        "is the file complete and a .pth/.safetensors weight file?") from None
+    obj = safe_torch_load(path, f"encoder weights '{path}'")
     if not isinstance(obj, Mapping):
         raise UserError(f"encoder weights {path}: holds a {type(obj).__name__}, not a state dict")
     return obj

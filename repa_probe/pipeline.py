@@ -105,6 +105,15 @@ class AnalyzeConfig:
             if device.type != "cuda":
                 cfg.notes.append(f"no GPU: analysed n = {cfg.n} images (pass --n for more)")
         cfg.precision = resolve_precision(cfg.precision, device)
+        for flag, value, least in (("--n", cfg.n, 1), ("--probe-n-train", cfg.probe_n_train, 1),
+                                   ("--probe-n-test", cfg.probe_n_test, 1), ("--k", cfg.k, 1),
+                                   ("--bootstrap", cfg.bootstrap, 0), ("--null", cfg.null, 0),
+                                   ("--samples", cfg.samples, 0), ("--batch-size", cfg.batch_size, 1),
+                                   ("--workers", cfg.num_workers, 0), ("--heads", cfg.heads, 1)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise UserError(f"{flag} {value!r} must be an integer ≥ {least}")
+        if not cfg.ts or any(not 0 <= t <= 1 for t in cfg.ts) or len(set(cfg.ts)) != len(cfg.ts):
+            raise UserError(f"--t {','.join(map(str, cfg.ts))}: distinct noise levels in [0, 1] (0 = clean data)")
         if (cfg.probe_train is None) != (cfg.probe_test is None):
             raise UserError("--probe-train and --probe-test go together: give both, or neither to split --data")
         for m in cfg.alignment_metrics:
@@ -118,12 +127,21 @@ class AnalyzeConfig:
                 _check_image_folder(path, flag)
         return cfg
 
+    def check_measurable(self, encoders: bool) -> None:
+        """Something to measure: an encoder (alignment), or labelled images (the probe)."""
+        if not encoders and not (self.probe and len(list_images(self.probe_train or self.data)[2]) > 1):
+            why = "--no-probe" if not self.probe else f"'{self.probe_train or self.data}' has no class folders"
+            raise UserError(f"nothing to measure: no --encoder for alignment, and {why} for the probe; pass "
+                            f"--encoder NAME (e.g. dinov2-vit-b) or labelled images")
+
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
                              blocks=self.blocks)
 
 
 def _check_image_folder(path: str, flag: str) -> None:
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: name an ImageFolder tree DIR/<class>/<image>")
     try:
         list_images(path)
     except UserError as e:
@@ -207,6 +225,8 @@ class Results:
     analysed: list[Analysed]
     encoders: list
     timings: dict[str, float]
+    images: dict[str, int] = field(default_factory=dict)   # images each set really held (after skipping)
+    computed_chunks: int = 0                                # cache chunks this analysis computed itself
 
     @property
     def models(self) -> list[Analysed]:
@@ -251,17 +271,22 @@ class StoreSource:
 
     def __init__(self, cfg: AnalyzeConfig):
         self.cfg, self.store = cfg, FeatureStore(cfg.cache)
+        self.store.check_writable()
+        self.computed = 0                     # chunks this process computed (the rest came from the cache)
 
     def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None) -> Features:
         cfg = self.cfg
         capture = dataclasses.replace(cfg.capture(), blocks=blocks if blocks is not None else cfg.blocks)
-        return extract(ckpt, dataset, capture, mode=cfg.mode, vae=cfg.vae, batch_size=cfg.batch_size,
-                       num_workers=cfg.num_workers, device=cfg.device, cache_dir=cfg.cache, quiet=cfg.quiet)
+        feats = extract(ckpt, dataset, capture, mode=cfg.mode, vae=cfg.vae, batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, device=cfg.device, cache_dir=cfg.cache, quiet=cfg.quiet)
+        self.computed += feats.computed
+        return feats
 
     def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray]:
         """(image ids, pooled encoder features [N, D])."""
         pooled = encoder_features(self.store, encoder, dataset, grid, batch_size=self.cfg.batch_size,
                                   num_workers=self.cfg.num_workers, quiet=self.cfg.quiet)
+        self.computed += pooled.computed
         return pooled.ids, np.asarray(pooled["pooled"])
 
 
@@ -313,11 +338,13 @@ class Pipeline:
 
     def __init__(self, config: AnalyzeConfig, source=None, encoders: list | None = None):
         self.cfg = config.resolved()
+        self.cfg.check_measurable(bool(encoders or self.cfg.encoders))
         self.device = torch.device(self.cfg.device)
         self.source = source(self.cfg) if source is not None else StoreSource(self.cfg)
         self.encoders = encoders if encoders is not None else self._load_encoders()
         self._targets: dict[tuple, tuple[np.ndarray, np.ndarray, M.FeatureKernel]] = {}
         self.timings: dict[str, float] = {"data+forwards": 0.0, "encoders": 0.0, "probes": 0.0, "metrics": 0.0}
+        self.images: dict[str, int] = {}
         self._untrained_done: set[str] = set()
 
     def _load_encoders(self):
@@ -332,7 +359,7 @@ class Pipeline:
         c = self.cfg
         align = make_dataset(c.data, size, c.n, c.seed, c.skip_bad_images)
         if not c.probe:
-            return align, None, None
+            return self._counted(align, None, None)
         if c.probe_train:
             train = make_dataset(c.probe_train, size, c.probe_n_train or c.n, c.seed, c.skip_bad_images)
             test = make_dataset(c.probe_test, size, c.probe_n_test or max(c.n // 2, 20), c.seed + 1,
@@ -346,7 +373,18 @@ class Pipeline:
                     f"with labelled ImageFolder trees to get one")
             if note not in c.notes:
                 c.notes.append(note)
-            return align, None, None
+            return self._counted(align, None, None)
+        return self._counted(align, train, test)
+
+    def _counted(self, align, train, test):
+        """Record how many images each set really holds, and every unreadable file that was skipped."""
+        for name, d in (("alignment", align), ("probe train", train), ("probe test", test)):
+            if d is not None:
+                self.images[name] = len(d)
+                for path in d.skipped:
+                    note = f"skipped unreadable image (--skip-bad-images): {path}"
+                    if note not in self.cfg.notes:
+                        self.cfg.notes.append(note)
         return align, train, test
 
     def features(self, ckpt: LoadedCheckpoint, dataset, blocks: tuple[int, ...] | None = None) -> Features:
@@ -557,4 +595,5 @@ def run(checkpoints: Sequence[LoadedCheckpoint], names: Sequence[str], config: A
     """Analyse loaded checkpoints (same images, same noise) → Results."""
     pipeline = pipeline or Pipeline(config)
     analysed = [a for ckpt, name in zip(checkpoints, names) for a in pipeline.analyse(ckpt, name)]
-    return Results(pipeline.cfg, analysed, pipeline.encoders, dict(pipeline.timings))
+    return Results(pipeline.cfg, analysed, pipeline.encoders, dict(pipeline.timings), dict(pipeline.images),
+                   getattr(pipeline.source, "computed", 0))

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -116,15 +117,49 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()     # what open() would give a new file: shared caches stay shared
-TMP_PATTERN = re.compile(r"\.(.+)\.[A-Za-z0-9_]+\.tmp")   # atomic_write's temporary files: .NAME.XXXX.tmp
+HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())   # as it appears in temporary names
+# atomic_write's temporary files: .NAME.HOST-PID.XXXX.tmp (whose process can be asked whether it still lives)
+TMP_PATTERN = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # someone else's process: alive
+        return True
+    return True
+
+
+def owned_by_dead_process(name: str) -> bool:
+    """A temporary name of ours (.NAME.HOST-PID.XXXX.tmp, .OUT.partial-HOST-PID-XXXX) whose writer on this
+    host has died: safe to remove. Another host's or a live process's files are never touched."""
+    m = TMP_PATTERN.fullmatch(name) or PARTIAL_PATTERN.fullmatch(name)
+    return bool(m) and m.group("host") == HOST and not pid_alive(int(m.group("pid")))
+
+
+PARTIAL_PATTERN = re.compile(r"\.(?P<name>.+)\.partial-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def tmp_prefix(name: str) -> str:
+    """The prefix of a temporary file name for `name` that says which process wrote it."""
+    return f".{name}.{HOST}-{os.getpid()}."
+
+
+def partial_prefix(name: str) -> str:
+    """The prefix of a temporary folder for report `name` that says which process wrote it."""
+    return f".{name}.partial-{HOST}-{os.getpid()}-"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """write(tmp) into a temporary file beside `path`, then rename it over `path` (os.replace is atomic),
-    so readers and resumed runs only ever see a whole file; the temporary file is removed on failure.
-    The file gets the permissions of the umask, as a plain open() would."""
+    so readers and resumed runs only ever see a whole file; the temporary file is removed on failure (and,
+    after a kill -9, by the next process: remove_stale_tmp). The file gets the permissions of the umask, as
+    a plain open() would."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -144,22 +179,21 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
-def remove_stale_tmp(folder: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
-    """Remove atomic_write's temporary files (.NAME.XXXX.tmp) in `folder` left by killed writers, only those
-    whose last change is older than `older_than_s` seconds (a live writer keeps touching its file)."""
-    import time
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and partial folders in `folder` whose writing process on this host has
+    died (left by kill -9); → what was removed."""
+    import shutil
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    now = time.time()
     for f in folder.iterdir():
-        try:
-            if TMP_PATTERN.fullmatch(f.name) and f.is_file() and now - f.stat().st_mtime >= older_than_s:
-                f.unlink()
+        if owned_by_dead_process(f.name):
+            try:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
                 removed.append(f)
-        except FileNotFoundError:     # another process cleaned it first
-            pass
+            except FileNotFoundError:      # another process cleaned it first
+                pass
     return removed
 
 

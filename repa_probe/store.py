@@ -25,6 +25,13 @@ t is the part name. Adding a new t to an existing entry computes only that t.
 
 Under torchrun every rank computes a contiguous share of the pending batches and writes its own chunk
 files; rank 0 alone merges and writes the manifest.
+
+A cache may be shared by several processes at once (users, GPUs, a notebook and a shell): each batch is
+claimed before it is computed (a claim file created exclusively, naming its host and process; a claim whose
+process has died, or that is older than CLAIM_TIMEOUT_S, is taken over), so every process computes only
+what nobody else is computing, then waits for the others' batches; creating an entry and merging a part
+happen under the entry's file lock (released by the kernel if its holder is killed). Temporary files and
+chunks left by a killed process are removed by the next one.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +48,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from repa_probe.data import make_loader
-from repa_probe.runtime import (atomic_write, barrier, digest, rank, sum_over_ranks, world_size,
-                                write_json_atomic)
+from repa_probe.errors import UserError
+from repa_probe.runtime import (atomic_write, barrier, digest, pid_alive, rank, remove_stale_tmp, sum_over_ranks,
+                                world_size, write_json_atomic)
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
+CLAIM_TIMEOUT_S = 1800.0      # a claim this old without its chunk is abandoned (another host's crashed run)
+POLL_S = 0.2
 
 
 def default_cache_dir() -> Path:
@@ -71,7 +82,12 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive advisory lock: two processes updating one manifest must not lose each other's edit."""
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise UserError(f"--cache: cannot write in '{path.parent}' ({e.strerror}): use a writable --cache folder") \
+            from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -114,13 +130,24 @@ class Entry:
 
     def pending(self, part: str) -> np.ndarray:
         """Row positions of `part` that no finished chunk holds yet (empty when the part is complete)."""
+        while True:
+            if self.is_complete(part):
+                return np.zeros(0, dtype=np.int64)
+            done = np.zeros(self.n, dtype=bool)
+            try:
+                for f in self.chunk_files(part):
+                    with np.load(f) as z:
+                        done[z["positions"]] = True
+                return np.flatnonzero(~done)
+            except FileNotFoundError:       # another process merged the part and removed its chunks
+                self.reload()
+
+    def done(self, part: str, first: int) -> bool:
+        """Whether the batch starting at row `first` is already in the store for `part` (cheap: no reads)."""
         if self.is_complete(part):
-            return np.zeros(0, dtype=np.int64)
-        done = np.zeros(self.n, dtype=bool)
-        for f in self.chunk_files(part):
-            with np.load(f) as z:
-                done[z["positions"]] = True
-        return np.flatnonzero(~done)
+            return True
+        d = self.part_dir(part)
+        return d.is_dir() and any(d.glob(f"chunk-{first:09d}-r*.npz"))
 
     def write_chunk(self, part: str, positions: np.ndarray, arrays: dict[str, np.ndarray]) -> Path:
         """Save a finished batch (rows first in every array) atomically."""
@@ -134,46 +161,86 @@ class Entry:
         return atomic_write(path, save)
 
     def merge(self, part: str) -> bool:
-        """Assemble a part's chunks into one .npy per array if they cover every row; → whether complete."""
-        if self.is_complete(part):
-            return True
-        files = self.chunk_files(part)
-        count = np.zeros(self.n, dtype=np.int64)
-        for f in files:
-            with np.load(f) as z:
-                np.add.at(count, z["positions"], 1)
-        if not files or (count == 0).any():
-            return False
-        if (count > 1).any():
-            raise RuntimeError(f"{self.part_dir(part)}: rows {np.flatnonzero(count > 1)[:5]} are in several chunks")
-        with np.load(files[0]) as z:
-            specs = {k: (z[k].shape[1:], z[k].dtype) for k in z.files if k != "positions"}
-        shapes = {}
-        for name, (row_shape, dtype) in specs.items():
-            axis = self.row_axes.get(name, 0)
-            shape = (*row_shape[:axis], self.n, *row_shape[axis:])
-
-            def assemble(tmp, name=name, axis=axis, shape=shape, dtype=dtype):
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-                for f in files:
-                    with np.load(f) as z:
-                        out[(slice(None),) * axis + (_as_index(z["positions"]),)] = np.moveaxis(z[name], 0, axis)
-                out.flush()
-
-            atomic_write(self.part_dir(part) / f"{name}.npy", assemble)
-            shapes[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name, "row_axis": axis}
-        chunks = [{"first": int(m.group(1)), "rank": int(m.group(2))}
-                  for m in (_CHUNK.fullmatch(f.name) for f in files)]
+        """Assemble a part's chunks into one .npy per array if they cover every row; → whether complete.
+        Under the entry's lock, so concurrent processes merge once. Chunks that overlap (two processes with
+        different batch sizes) hold the same rows computed the same way; any one of them serves."""
         with _locked(self.path / ".lock"):
             self.reload()
+            if self.is_complete(part):
+                self.clean(part)
+                return True
+            files = self.chunk_files(part)
+            covered = np.zeros(self.n, dtype=bool)
+            for f in files:
+                with np.load(f) as z:
+                    covered[z["positions"]] = True
+            if not files or not covered.all():
+                return False
+            with np.load(files[0]) as z:
+                specs = {k: (z[k].shape[1:], z[k].dtype) for k in z.files if k != "positions"}
+            shapes = {}
+            for name, (row_shape, dtype) in specs.items():
+                axis = self.row_axes.get(name, 0)
+                shape = (*row_shape[:axis], self.n, *row_shape[axis:])
+
+                def assemble(tmp, name=name, axis=axis, shape=shape, dtype=dtype):
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                    for f in files:
+                        with np.load(f) as z:
+                            out[(slice(None),) * axis + (_as_index(z["positions"]),)] = np.moveaxis(z[name], 0, axis)
+                    out.flush()
+
+                atomic_write(self.part_dir(part) / f"{name}.npy", assemble)
+                shapes[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name, "row_axis": axis}
+            chunks = [{"first": int(m.group(1)), "rank": int(m.group(2))}
+                      for m in (_CHUNK.fullmatch(f.name) for f in files)]
             self.manifest["parts"][part] = {"complete": True, "arrays": shapes, "chunks": len(files),
                                             "ranks": sorted({c["rank"] for c in chunks}), "merged": time.time()}
             write_json_atomic(self.path / MANIFEST, self.manifest)
-        for f in files:
-            f.unlink()
-        for stale in self.part_dir(part).glob(".chunk-*.tmp"):   # left by a killed writer
-            stale.unlink(missing_ok=True)
+            self.clean(part)
         return True
+
+    def clean(self, part: str) -> None:
+        """Remove what a complete part no longer needs: its chunks, and temporary files of dead writers."""
+        for f in self.chunk_files(part):
+            f.unlink(missing_ok=True)
+        remove_stale_tmp(self.part_dir(part))
+
+    # ----------------------------------------------------------------- claims
+    def claim(self, first: int) -> bool:
+        """Claim the batch starting at row `first` for this process (exclusive create); → whether we hold it.
+        A claim whose process is gone, or older than CLAIM_TIMEOUT_S, is taken over."""
+        path = self.path / "claims" / f"batch-{first:09d}"
+        path.parent.mkdir(exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                if not self._abandoned(path):
+                    return False
+                try:                                   # one process wins the rename of an abandoned claim
+                    os.rename(path, path.with_name(f".{path.name}.{os.getpid()}.abandoned"))
+                    os.unlink(path.with_name(f".{path.name}.{os.getpid()}.abandoned"))
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return True
+        return False
+
+    def release(self, first: int) -> None:
+        (self.path / "claims" / f"batch-{first:09d}").unlink(missing_ok=True)
+
+    def _abandoned(self, path: Path) -> bool:
+        try:
+            host, pid = path.read_text().split()
+            age = time.time() - path.stat().st_mtime
+        except (FileNotFoundError, ValueError):
+            return False                               # released, or being written this instant
+        if host == socket.gethostname():
+            return not pid_alive(int(pid))
+        return age > CLAIM_TIMEOUT_S
 
     def array(self, part: str, name: str) -> np.ndarray:
         """A merged array, memory-mapped read-only."""
@@ -203,16 +270,33 @@ class FeatureStore:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).expanduser() if root else default_cache_dir()
 
+    def check_writable(self) -> None:
+        """Fail before any work if the cache cannot be written: one line naming --cache."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f".write-test-{os.getpid()}", "w"):
+                pass
+            os.unlink(self.root / f".write-test-{os.getpid()}")
+        except OSError as e:
+            raise UserError(f"--cache '{self.root}' is not writable ({e.strerror}): pass a writable --cache "
+                            f"folder") from None
+
     def entry(self, kind: str, fingerprint: dict, labels: np.ndarray, ids: np.ndarray,
               row_axes: dict[str, int] | None = None) -> Entry:
         path = self.root / kind / digest(fingerprint)
         if rank() == 0 and not (path / MANIFEST).exists():
-            path.mkdir(parents=True, exist_ok=True)
-            write_npy_atomic(path / "labels.npy", np.asarray(labels, dtype=np.int64))
-            write_npy_atomic(path / "ids.npy", np.asarray(ids, dtype=np.int64))
-            write_json_atomic(path / MANIFEST, {
-                "version": STORE_VERSION, "kind": kind, "fingerprint": fingerprint, "n": int(len(ids)),
-                "row_axes": row_axes or {}, "parts": {}, "created": time.time()})
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--cache '{self.root}': cannot create '{path}' ({e.strerror}); pass a writable "
+                                f"--cache folder") from None
+            with _locked(path / ".lock"):               # another process may be creating it this instant
+                if not (path / MANIFEST).exists():
+                    write_npy_atomic(path / "labels.npy", np.asarray(labels, dtype=np.int64))
+                    write_npy_atomic(path / "ids.npy", np.asarray(ids, dtype=np.int64))
+                    write_json_atomic(path / MANIFEST, {
+                        "version": STORE_VERSION, "kind": kind, "fingerprint": fingerprint, "n": int(len(ids)),
+                        "row_axes": row_axes or {}, "parts": {}, "created": time.time()})
         barrier()
         entry = Entry(path)
         if json.loads(json.dumps(fingerprint, default=str)) != entry.manifest["fingerprint"]:
@@ -226,20 +310,43 @@ class FeatureStore:
 #################################################################################
 
 class _Rows(Dataset):
-    """`dataset` restricted to some row positions; items gain their position: (x, label, id, position)."""
+    """`dataset` indexed by row position; items gain their position: (x, label, id, position)."""
 
-    def __init__(self, dataset: Dataset, positions: np.ndarray):
-        self.dataset, self.positions = dataset, positions
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        position = int(self.positions[i])
+    def __getitem__(self, position: int):
         return (*self.dataset[position], position)
 
 
 Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], dict[str, np.ndarray]]
+
+
+class _ClaimedBatches(Sampler):
+    """Batches of row positions (a fixed grid of `batch_size` rows), yielded only once this process holds
+    their claim and some part still lacks them (another process may have computed them since we listed);
+    the DataLoader loads just those. Remembers what it claimed, to release the claims."""
+
+    def __init__(self, entry: Entry, batches: list[np.ndarray], parts: Sequence[str]):
+        self.entry, self.batches, self.parts, self.claimed = entry, batches, parts, []
+
+    def __iter__(self):
+        for rows in self.batches:
+            first = int(rows[0])
+            if not self.entry.claim(first):
+                continue
+            self.claimed.append(first)
+            self.entry.reload()
+            if all(self.entry.done(part, first) for part in self.parts):
+                self.entry.release(first)
+                continue
+            yield rows.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute, *, batch_size: int,
@@ -247,34 +354,50 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
     """Compute every missing (batch, part) chunk of `entry` and merge complete parts; → chunks computed.
 
     `dataset[position]` gives (x, label, id) for each row; `compute(x, labels, ids, part)` maps a batch to
-    rows-first arrays. Batches are cut from the pending rows in order, then dealt to ranks in contiguous
-    runs, so a batch holds the same images whatever the number of ranks or the interruption history
-    (features are bit-identical across 1 or N processes). Each image is loaded once for all its parts.
+    rows-first arrays. Batches are a fixed grid of row positions, dealt to ranks in contiguous runs, so a
+    batch holds the same images whatever the number of ranks or the interruption history (features are
+    bit-identical across 1 or N processes). Each image is loaded once for all its parts. Every batch is
+    claimed first (see the module docstring): with other processes filling the same entry, each computes
+    only unclaimed batches, then waits for the rest.
     """
-    pending = {part: entry.pending(part) for part in parts}
+    grid = [np.arange(s, min(s + batch_size, entry.n)) for s in range(0, entry.n, batch_size)]
+
+    def todo() -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        pending = {part: entry.pending(part) for part in parts}
+        rows = np.unique(np.concatenate([np.zeros(0, np.int64), *pending.values()]))
+        return pending, [b for b in grid if np.isin(b, rows).any()]
+
+    pending, batches = todo()
     barrier()   # every rank has listed the chunks before any rank writes new ones
-    todo = np.unique(np.concatenate([np.zeros(0, np.int64), *pending.values()]))
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    mine = np.array_split(np.arange(len(batches)), world_size())[rank()]
-    positions = np.concatenate([np.zeros(0, np.int64), *(batches[b] for b in mine)])
+    mine = [batches[i] for i in np.array_split(np.arange(len(batches)), world_size())[rank()]]
     computed = 0
-    if len(positions):
-        total = sum(int(np.isin(positions, p).sum()) for p in pending.values())
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, unit="img", desc=desc, disable=quiet or rank() != 0, dynamic_ncols=True)
-        for x, labels, ids, rows in make_loader(_Rows(dataset, positions), batch_size, num_workers):
-            rows = rows.numpy()
-            for part in parts:
-                take = np.isin(rows, pending[part])
-                if not take.any():
-                    continue
-                sel = torch.from_numpy(np.flatnonzero(take))
-                arrays = compute(x[sel], labels[sel], ids[sel], part) if not take.all() else \
-                    compute(x, labels, ids, part)
-                entry.write_chunk(part, rows[take], arrays)
-                computed += 1
-                bar.update(int(take.sum()))
-        bar.close()
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc=desc, disable=quiet or rank() != 0 or not mine,
+               dynamic_ncols=True)
+    while mine:
+        sampler = _ClaimedBatches(entry, mine, parts)
+        try:
+            for x, labels, ids, rows in make_loader(_Rows(dataset), num_workers=num_workers, batch_sampler=sampler):
+                rows = rows.numpy()
+                for part in parts:
+                    take = np.isin(rows, pending[part])
+                    if take.any() and not entry.done(part, int(rows[0])):
+                        sel = torch.from_numpy(np.flatnonzero(take))
+                        arrays = compute(x, labels, ids, part) if take.all() else \
+                            compute(x[sel], labels[sel], ids[sel], part)
+                        entry.write_chunk(part, rows[take], arrays)
+                        computed += 1
+                bar.update(len(rows))
+                entry.release(int(rows[0]))
+        finally:
+            for first in sampler.claimed:
+                entry.release(first)
+        pending, left = todo()           # what others held: wait for it, or take it over if they died
+        share = {int(b[0]) for b in mine}
+        mine = left if world_size() == 1 else [b for b in left if int(b[0]) in share]
+        if mine and not sampler.claimed:
+            time.sleep(POLL_S)
+    bar.close()
     barrier()
     if rank() == 0:
         for part in parts:

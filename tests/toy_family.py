@@ -67,9 +67,9 @@ class ToyFamily(ModelFamily):
     def load(self, obj, path, *, convention, weights, device="cpu", heads=None) -> LoadedCheckpoint:
         model = TinyViT(**obj["toy_vit"])
         model.load_state_dict(obj["state_dict"])
-        prov = Provenance(path=str(path), format="toy-vit", weights="state_dict",
-                          convention=convention or "toy-cosine", convention_source="flag" if convention else "checkpoint",
-                          sha256=file_sha256(path), family=self.name)
+        prov = Provenance(path=str(path), format="toy-vit", weights="state_dict", convention=convention or "toy-cosine",
+                          convention_source="flag" if convention else "checkpoint", sha256=file_sha256(path),
+                          family=self.name)
         return LoadedCheckpoint(model=model.to(device).eval(), config=obj["toy_vit"], provenance=prov, meta={},
                                 family=self)
 

@@ -61,7 +61,12 @@ def load_checkpoint(path: str | os.PathLike, convention: str | None = None, weig
     path = Path(path)
     obj = read_checkpoint(path)
     family = detect_family(obj, path)
-    return family.load(obj, path, convention=convention, weights=weights, device=device, heads=heads)
+    ckpt = family.load(obj, path, convention=convention, weights=weights, device=device, heads=heads)
+    for name, p in ckpt.model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise UserError(f"checkpoint '{path}' has NaN or infinite weights ('{name}', {ckpt.provenance.weights} "
+                            f"weights): the run diverged or the file is damaged; use an earlier checkpoint")
+    return ckpt
 
 
 def inspect_rows(ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:

@@ -153,7 +153,7 @@ def _peak_phrase(r) -> str:
         return phrase + f"on the selection half the best block is the last ({r.last_block}): no drop after the peak"
     verdict = "it peaks, then drops" if r.peaks_then_drops else \
         ("it rises after the peak" if r.drop_ci_high < 0 else "no drop beyond the interval")
-    return phrase + (f"from block {r.selected_block} (the peak on {r.n_select} selection images) to block "
+    return phrase + (f"from block {int(r.selected_block)} (the peak on {r.n_select} selection images) to block "
                      f"{r.last_block} it falls by {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}"
                      f"{_unit(r.metric)} on the other {r.n_measure} images (paired 95%) — {verdict}")
 
@@ -170,7 +170,7 @@ def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
                      "best [95%]": f"{r.best_value * s:.3g} [{r.best_ci_low * s:.3g}, {r.best_ci_high * s:.3g}]",
                      "last block": r.last_block, "last": f"{r.last_value * s:.3g}",
                      "held-out drop [paired 95%]": "-" if r.drop_after != r.drop_after else
-                     f"block {r.selected_block}: {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}",
+                     f"block {int(r.selected_block)}: {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}",
                      "peaks then drops": "yes" if r.peaks_then_drops else "no",
                      "above null": f"{r.blocks_above_null}/{r.blocks_with_null}" if r.blocks_with_null else "-"})
     return pd.DataFrame(rows)
@@ -194,8 +194,9 @@ def compare_lines(comp: pd.DataFrame) -> list[str]:
     lines = []
     for r in comp[comp["t"] == comp["t"].min()].itertuples():
         s = display_scale(r.metric)
-        at = "" if r.aligned_delta != r.aligned_delta else \
-            f"at the aligned block {r.aligned_block}: {fmt_interval(r.aligned_delta, r.aligned_ci_low, r.aligned_ci_high, s)}{_unit(r.metric)} (paired); "
+        at = "" if r.aligned_delta != r.aligned_delta else (
+            f"at the aligned block {r.aligned_block}: "
+            f"{fmt_interval(r.aligned_delta, r.aligned_ci_low, r.aligned_ci_high, s)}{_unit(r.metric)} (paired); ")
         lines.append(f"{r.b} − {r.a}, {_what(r.metric, r.encoder)} (t = {r.t:g}): {at}{r.b} better at blocks "
                      f"{block_ranges(r.b_better_blocks)}, worse at {block_ranges(r.b_worse_blocks)} (paired 95% "
                      f"intervals, block by block); largest gain {r.max_delta * s:+.3g}{_unit(r.metric)} at block "
@@ -248,14 +249,17 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
         extra["compare"] = comp.to_dict(orient="records")
         tables["compare"] = comp
         tables["deltas"] = pd.concat([paired_deltas(results, ref, m.name) for m in models[1:]], ignore_index=True)
-    t0 = min(cfg.ts)
+    t0, n = min(cfg.ts), results.images
     panels = _page1_panels(table)
     sentences = overview_sentences(results, peaks, comp, table, t0)
     figs = [("overview", F.overview_page(title, sentences, table, panels, t0, aligned))]
     page2 = [("Checkpoints", [row for a in models for row in provenance_rows(a)]),
-             ("Data", [("alignment images", f"{cfg.data} (n = {cfg.n}, class-balanced, seed {cfg.seed})"),
-                       ("probe", f"train {cfg.probe_train or cfg.data + ' (4/5 of the n images)'}; "
-                                 f"test {cfg.probe_test or cfg.data + ' (the other 1/5)'}" if cfg.probe else "off"),
+             ("Data", [("alignment images", f"{cfg.data} (n = {n.get('alignment', cfg.n)}, class-balanced, seed "
+                                            f"{cfg.seed})"),
+                       ("probe", f"train {cfg.probe_train or cfg.data + ' (4/5 of the n images)'} "
+                                 f"(n = {n.get('probe train', '-')}); "
+                                 f"test {cfg.probe_test or cfg.data + ' (the other 1/5)'} "
+                                 f"(n = {n.get('probe test', '-')})" if "probe train" in n else "off"),
                        ("noise levels t", ", ".join(f"{t:g}" for t in cfg.ts) + "  (0 = clean data, 1 = pure noise; "
                                                                              "seeded noise, null class label)"),
                        ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
@@ -275,6 +279,7 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
     summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes, "overview": sentences,
                "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
                "aligned_blocks": aligned, "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model"},
+               "images": n, "cache": {"chunks_computed": results.computed_chunks},
                "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
                "baselines": baseline_lines(table), "headline": headline(peaks),
                "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}

@@ -18,10 +18,13 @@ import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 
 from repa_probe.errors import UserError
+from repa_probe.runtime import partial_prefix, remove_stale_tmp
 
 
 def check_writable(out: str | os.PathLike) -> Path:
     """Fail early (before any compute) if the report folder cannot be created or written: try it."""
+    if not str(out).strip():
+        raise UserError("--out is empty: name the report folder")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder: choose another path")
@@ -48,7 +51,8 @@ def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
     out = check_writable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        remove_stale_tmp(out.parent)                     # partial reports of killed runs
+        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out.name), dir=out.parent))
     except OSError as e:
         raise UserError(f"--out '{out}': cannot write the report ({e.strerror})") from None
     try:

@@ -49,6 +49,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -64,8 +65,9 @@ from tqdm.auto import tqdm
 from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
-from repa_probe.runtime import (atomic_write, autocast, init_distributed, latest_checkpoint, local_rank, rank,
-                                resolve_device, resolve_precision, state_dict_sha256, world_size, write_text_atomic)
+from repa_probe.runtime import (atomic_write, autocast, checkpoint_step, init_distributed, latest_checkpoint,
+                                local_rank, rank, remove_stale_tmp, resolve_device, resolve_precision,
+                                state_dict_sha256, world_size, write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, training_loss
 
 
@@ -300,6 +302,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--data '{cfg.data}' is not a folder: expected an ImageFolder tree DIR/<class>/<image>")
     if cfg.mode not in ("pixels", "latents"):
         raise UserError(f"mode {cfg.mode!r}: use --pixels or --latents VAE")
+    resolve_device(cfg.device)                                  # a GPU asked for where there is none
     if cfg.mode == "latents" and (cfg.image_size % 8 or not cfg.vae):
         raise UserError("--latents needs a VAE (--latents VAE_DIR) and an --image-size divisible by 8")
     if cfg.weighting not in WEIGHTINGS:
@@ -309,17 +312,34 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.repa_coeff > 0 and not cfg.encoders:
         raise UserError("--repa-coeff > 0 needs at least one --encoder NAME[=WEIGHTS] (or --repa-coeff 0 for "
                         "vanilla SiT)")
-    build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else [])   # bad --model, sizes or --repa-depth
     if not 0 <= cfg.cfg_prob < 1:
         raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1)")
     if not 0 <= cfg.ema_decay <= 1:
         raise UserError(f"--ema-decay {cfg.ema_decay} must lie in [0, 1]")
     for flag, value in (("--batch", cfg.batch), ("--steps", cfg.steps), ("--ckpt-every", cfg.ckpt_every),
-                        ("--log-every", cfg.log_every)):
-        if value <= 0:
+                        ("--log-every", cfg.log_every), ("--image-size", cfg.image_size), ("--depth", cfg.depth),
+                        ("--width", cfg.width), ("--heads", cfg.heads), ("--projector-dim", cfg.projector_dim),
+                        ("--analyze-n", cfg.analyze_n), ("--analyze-k", cfg.analyze_k)):
+        if value is not None and value <= 0:
             raise UserError(f"{flag} {value} must be positive")
+    for flag, value, low in (("--lr", cfg.lr, 0.0), ("--weight-decay", cfg.weight_decay, -1e-300),
+                             ("--grad-clip", cfg.grad_clip, 0.0), ("--repa-coeff", cfg.repa_coeff, -1e-300)):
+        if not math.isfinite(value) or value <= low:
+            raise UserError(f"{flag} {value} must be a finite number {'≥' if low < 0 else '>'} 0")
+    if cfg.analyze_every < 0:
+        raise UserError(f"--analyze-every {cfg.analyze_every} must be ≥ 0 (0 = never)")
+    if any(not 0 <= t <= 1 for t in cfg.analyze_t) or len(set(cfg.analyze_t)) != len(cfg.analyze_t):
+        raise UserError(f"--analyze-t {cfg.analyze_t}: distinct noise levels in [0, 1]")
+    build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else [])   # bad --model, sizes or --repa-depth
     if cfg.analyze_data and not Path(cfg.analyze_data).is_dir():
         raise UserError(f"--analyze-data '{cfg.analyze_data}' is not a folder")
+    latest = latest_checkpoint(cfg.out)
+    if cfg.resume is None and latest is not None and checkpoint_step(latest) > cfg.steps:
+        raise UserError(f"--out '{cfg.out}' already holds step {checkpoint_step(latest):,}, beyond --steps "
+                        f"{cfg.steps:,}: pass a larger --steps, --resume an earlier checkpoint to branch from it, "
+                        f"or a new --out")
+    if cfg.resume is not None and not Path(cfg.resume).is_file():
+        raise UserError(f"--resume '{cfg.resume}' is not a file: pass a checkpoint RUN/checkpoints/NNNNNNN.pt")
     if os.environ.get("RANK", "0") != "0":                     # only rank 0 writes
         return
     out = Path(cfg.out)
@@ -329,6 +349,22 @@ def check_config(cfg: TrainConfig) -> None:
             pass
     except OSError as e:
         raise UserError(f"--out '{out}' is not writable ({e.strerror or e})") from None
+    remove_stale_tmp(out / "checkpoints")                      # half-written checkpoints of a killed run
+    remove_stale_tmp(out)
+
+
+def supersede_later_checkpoints(out: Path, step: int) -> Path | None:
+    """Branching from step `step` (an explicit --resume): the run's checkpoints after it belong to the old
+    branch. They are moved, not deleted, into checkpoints/superseded-<step>-<time>/, so the next automatic
+    resume continues this branch; → that folder, or None when there were none."""
+    later = [p for p in (out / "checkpoints").glob("*.pt") if (checkpoint_step(p) or 0) > step]
+    if not later:
+        return None
+    folder = out / "checkpoints" / f"superseded-{step:07d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir()
+    for p in later:
+        os.replace(p, folder / p.name)
+    return folder
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -432,6 +468,12 @@ def train(cfg: TrainConfig) -> Path:
     resume_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(out)
     if resume_from is not None:
         start_step = _restore(resume_from, cfg, model, ema, optimizer, scaler)
+        if start_step > cfg.steps:
+            raise UserError(f"--resume '{resume_from}' is at step {start_step:,}, beyond --steps {cfg.steps:,}")
+    if d.main and cfg.resume:
+        moved = supersede_later_checkpoints(out, start_step)
+        if moved is not None:
+            print(f"resuming from step {start_step:,}: the run's later checkpoints moved to {moved}", flush=True)
     if d.main:
         for name in ("log.jsonl", "analysis.jsonl"):
             _truncate_jsonl(out / name, start_step)
@@ -624,8 +666,11 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
         hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads, mode=meta.get("mode"))
     repa = {"model": obj["model"], "ema": obj["ema"], "opt": obj["optimizer"], "args": args, "steps": obj["step"]}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: torch.save(repa, tmp))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: torch.save(repa, tmp))
+    except OSError as e:
+        raise UserError(f"cannot write '{out}' ({e.strerror}): choose a writable folder") from None
     return out
 
 
