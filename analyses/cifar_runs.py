@@ -21,13 +21,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10"))
+# as a user would type it, relative to where the script runs (reports record paths as given)
+DATA = Path(os.path.relpath(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")))
 
 PRESETS = {
     # 2 CPU cores, ~1 h (measured 49 img/s per core with REPA): 12 blocks of width 128, patch 4
     # (8×8 = 64 tokens, the teacher's own grid), 2,500 steps of 64 images (3.2 epochs).
     "cpu": dict(model="SiT-S/4", width=128, depth=12, heads=2, batch=64, steps=2500, lr=3e-4, ema=0.999,
                 ckpt_every=500, analyze_every=250, repa_depth=4, projector_dim=256, threads=1, parallel=True),
+    # 2 CPU cores, ~1.5–2.5 h side by side (issue 13 §2): 28 blocks, narrow enough to train several epochs (width 64,
+    # 2 heads, 67 img/s per core measured with REPA), patch 4 (64 tokens), 5,000 steps of 64 images (6.4 epochs),
+    # REPA at block 8 as REPA does for depth 28. A checkpoint every 500 steps: the training-length knob.
+    "deep": dict(model="SiT-S/4", width=64, depth=28, heads=2, batch=64, steps=5000, lr=3e-4, ema=0.999,
+                 ckpt_every=500, analyze_every=0, repa_depth=8, projector_dim=128, threads=1, parallel=True),
     # One H100, a few minutes per run: the reference run of docs/probe.md, 12 blocks of width 384, patch 2 (256 tokens).
     "gpu": dict(model="SiT-S/2", width=384, depth=12, heads=6, batch=256, steps=6000, lr=2e-4, ema=0.9995,
                 ckpt_every=1000, analyze_every=1000, repa_depth=4, projector_dim=2048, threads=0, parallel=False),
@@ -41,9 +47,10 @@ def train_args(p: dict, name: str, coeff: float, out: Path) -> list[str]:
             "--encoder", "cifar-ssl-resnet", "--repa-depth", str(p["repa_depth"]), "--repa-coeff", str(coeff),
             "--projector-dim", str(p["projector_dim"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
             "--lr", str(p["lr"]), "--ema-decay", str(p["ema"]), "--ckpt-every", str(p["ckpt_every"]),
-            "--log-every", "50", "--workers", "1", "--seed", "0", "--out", str(out / name), "--quiet",
+            "--log-every", "50", "--workers", "1", "--seed", "0", "--out", str(out / name), "--quiet"] + ([
             "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(DATA / "test"), "--analyze-n", "1000",
             "--analyze-blocks", ",".join(str(b) for b in range(1, depth + 1)), "--analyze-t", "0,0.25,0.5"]
+            if p["analyze_every"] else [])
 
 
 def ensure_runs(preset: str, out: Path | None = None) -> dict[str, Path]:
@@ -71,12 +78,16 @@ def ensure_runs(preset: str, out: Path | None = None) -> dict[str, Path]:
     return {name: out / name for name in runs}
 
 
-def experiment_args(doc: str) -> argparse.Namespace:
-    """--preset and --n, shared by the experiment scripts."""
+def experiment_parser(doc: str) -> argparse.ArgumentParser:
+    """--preset and --n, shared by the experiment scripts (which may add arguments of their own)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    ap.add_argument("--n", type=int, default=None, help="images (default: 2000 on cpu, 10000 on gpu)")
-    a = ap.parse_args()
+    ap.add_argument("--n", type=int, default=None, help="images (default: 2000 on cpu, 10000 on deep and gpu)")
+    return ap
+
+
+def experiment_args(doc: str, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    a = (parser or experiment_parser(doc)).parse_args()
     a.n = a.n or (2000 if a.preset == "cpu" else 10_000)
     return a
 
@@ -86,7 +97,7 @@ def analysis_config(preset: str, n: int, **extra):
     from repa_probe.pipeline import AnalyzeConfig
     return AnalyzeConfig(data=str(DATA / "test"), n=n, encoders=["cifar-ssl-resnet"], probe_train=str(DATA / "train"),
                          probe_test=str(DATA / "test"), probe_n_train=n, probe_n_test=n, bootstrap=50,
-                         cache=str(REPO / "runs" / "cache"), quiet=True,
+                         cache=os.path.relpath(REPO / "runs" / "cache"), quiet=True,
                          notes=[f"preset {preset}: the controlled run pair of analyses/cifar_runs.py"], **extra)
 
 

@@ -71,8 +71,8 @@ def main(args: argparse.Namespace) -> None:
     else:
         model = load_teacher(args.weights)
         cfg = model.config
-    x_tr, y_tr = load_split(args.data, "train")
-    x_te, y_te = load_split(args.data, "test")
+    x_tr, y_tr = load_split(args.data, "train", args.limit_per_class)
+    x_te, y_te = load_split(args.data, "test", args.limit_per_class)
     data = {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
     results = {"teacher": evaluate(model, data, "teacher")}
     if args.baseline:
@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also probe the untrained network")
     p.add_argument("--baseline-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--limit-per-class", type=int, help="the first N images of each class (smoke tests)")
     return p.parse_args(argv)
 
 

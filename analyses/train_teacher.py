@@ -75,7 +75,7 @@ def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float], g: tor
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), [n, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -94,9 +94,9 @@ def color_jitter(x: Tensor, g: torch.Generator, strength: tuple[float, float, fl
     b, c, s, hue = strength
 
     def factor(k: float) -> Tensor:
-        return torch.empty(n, 1, 1, 1).uniform_(1 - k, 1 + k, generator=g)
+        return torch.empty(n, 1, 1, 1).uniform_(1 - k, 1 + k, generator=g).to(x.device)
 
-    on = (torch.rand(n, 1, 1, 1, generator=g) < p).float()
+    on = (torch.rand(n, 1, 1, 1, generator=g) < p).float().to(x.device)
     fb, fc, fs = factor(b), factor(c), factor(s)
     angle = torch.empty(n).uniform_(-hue, hue, generator=g) * 2 * math.pi
     y = (x * fb).clamp(0, 1)
@@ -109,13 +109,13 @@ def color_jitter(x: Tensor, g: torch.Generator, strength: tuple[float, float, fl
     rot = torch.zeros(n, 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    m = torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq            # (N, 3, 3) per-image colour matrix
+    m = (torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq).to(x.device)   # (N, 3, 3) per-image colour matrix
     y = torch.einsum("nij,njhw->nihw", m, y).clamp(0, 1)
     return on * y + (1 - on) * x
 
 
 def random_grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
-    on = (torch.rand(x.shape[0], 1, 1, 1, generator=g) < p).float()
+    on = (torch.rand(x.shape[0], 1, 1, 1, generator=g) < p).float().to(x.device)
     return on * _gray(x).expand_as(x) + (1 - on) * x
 
 
@@ -136,7 +136,7 @@ def nt_xent(z: Tensor, temperature: float) -> Tensor:
     sim = z @ z.T / temperature
     sim.fill_diagonal_(float("-inf"))          # a view is not its own negative
     b = z.shape[0] // 2
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
     return F.cross_entropy(sim, target)
 
 
@@ -165,7 +165,8 @@ def knn_accuracy(train: Tensor, y_train: Tensor, test: Tensor, y_test: Tensor, k
     """Cosine k-NN top-1 with similarity-weighted votes (the usual SSL monitor, Wu et al. 2018)."""
     train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
     sim, idx = (test @ train.T).topk(k, dim=1)
-    votes = torch.zeros(len(test), int(y_train.max()) + 1).scatter_add_(1, y_train[idx], (sim / 0.07).exp())
+    votes = torch.zeros(len(test), int(y_train.max()) + 1, device=test.device).scatter_add_(
+        1, y_train[idx], (sim / 0.07).exp())
     return float((votes.argmax(dim=1) == y_test).float().mean())
 
 
@@ -179,15 +180,17 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
     t_load = time.time()
+    device = torch.device(args.device)
     images, _ = load_split(args.data, "train", args.limit_per_class)  # labels are never used for training
     mon = min(500, args.limit_per_class or 500)                       # monitor only: 5k/1k kNN
-    mon_tr, mon_ytr = load_split(args.data, "train", limit_per_class=mon)
-    mon_te, mon_yte = load_split(args.data, "test", limit_per_class=mon // 5)
+    mon_tr, mon_ytr = (t.to(device) for t in load_split(args.data, "train", limit_per_class=mon))
+    mon_te, mon_yte = (t.to(device) for t in load_split(args.data, "test", limit_per_class=mon // 5))
+    images = images.to(device)
     print(f"decoded {len(images)} training images in {time.time() - t_load:.0f}s", flush=True)
 
     torch.manual_seed(args.seed)
     cfg = TeacherConfig(stem=args.stem, widths=tuple(args.widths), depths=tuple(args.depths), expand=args.expand)
-    model = CifarResNet(cfg, with_head=True).to(memory_format=torch.channels_last)
+    model = CifarResNet(cfg, with_head=True).to(device, memory_format=torch.channels_last)
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
     # No weight decay on BatchNorm parameters and biases, as usual for SimCLR-style training.
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -198,7 +201,7 @@ def main(args: argparse.Namespace) -> None:
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     start_epoch, log, elapsed = 0, [], 0.0
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         start_epoch, log, elapsed = ck["epoch"], ck["log"], ck["elapsed"]
@@ -216,9 +219,9 @@ def main(args: argparse.Namespace) -> None:
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, args.lr)
-            batch = images[order[i * args.batch_size:(i + 1) * args.batch_size]]
+            batch = images[order[i * args.batch_size:(i + 1) * args.batch_size].to(device)]
             views = torch.cat([simclr_view(batch, args.res, (args.min_scale, 1.0), g) for _ in range(2)])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 _, z = model(views)
             loss = nt_xent(z, args.temperature)
             opt.zero_grad(set_to_none=True)
@@ -234,7 +237,8 @@ def main(args: argparse.Namespace) -> None:
         log.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "knn_5k_1k": knn,
                     "epoch_s": time.time() - t0})
         print(json.dumps(log[-1]), f"total {elapsed / 60:.1f} min", flush=True)
-        ck = {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "log": log,
+        ck = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
+              "epoch": epoch + 1, "log": log,
               "elapsed": elapsed, "args": vars(args) | {"data": str(args.data), "out": str(args.out)},
               "n_params": n_params}
         torch.save(ck, out / "tmp.pt")
@@ -265,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest on a CPU shared with other jobs")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the augmentations' random numbers are drawn on the "
+                                                  "CPU either way, so a run's views do not depend on the device)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--limit-per-class", type=int, help="train on the first N images of each class (smoke tests)")
     return p.parse_args(argv)

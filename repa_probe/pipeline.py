@@ -498,8 +498,8 @@ class Pipeline:
     def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
                      blocks: list[int], ts: list[float], held_out: bool = False) -> list[Curves]:
         start = time.perf_counter()
-        res = linear_probe(train_src, train_labels, test_src, test_labels, ProbeConfig(seed=self.cfg.seed),
-                           device=self.device)
+        res = linear_probe(np.asarray(train_src), train_labels, np.asarray(test_src), test_labels,
+                           ProbeConfig(seed=self.cfg.seed), device=self.device)
         self.timings["probes"] += time.perf_counter() - start
         n_test = len(test_labels)
         out = []
