@@ -362,7 +362,7 @@ class Pipeline:
             return self._counted(align, None, None)
         if c.probe_train:
             train = make_dataset(c.probe_train, size, c.probe_n_train or c.n, c.seed, c.skip_bad_images)
-            test = make_dataset(c.probe_test, size, c.probe_n_test or max(c.n // 2, 20), c.seed + 1,
+            test = make_dataset(c.probe_test, size, c.probe_n_test or max(c.n // 2, 20), c.seed,
                                 c.skip_bad_images)
         else:  # split the alignment images: every 5th (class-balanced order) is held out for testing
             held = np.arange(len(align.ids)) % 5 == 0

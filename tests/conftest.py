@@ -37,6 +37,18 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return model
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny models on a shared 2-core machine: threads only contend
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of many tiny problems (use: pytestmark = usefixtures("one_thread"))."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `repa-probe` command in a subprocess."""
     return subprocess.run([sys.executable, "-m", "repa_probe", *map(str, args)], capture_output=True, text=True,

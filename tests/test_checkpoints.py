@@ -197,7 +197,7 @@ def test_random_bytes_give_clear_error(tmp_path):
     path = tmp_path / "noise.pt"
     for seed in range(40):  # garbage trips the unpickler in many different ways; each must read clearly
         path.write_bytes(random.Random(seed).randbytes(4096))
-        with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+        with pytest.raises(UserError, match="not a PyTorch file"):
             load_checkpoint(path)
 
 
@@ -248,7 +248,7 @@ def test_cli_inspect_prints_each_format(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (None, "does not exist"),
     (b"", "is empty"),
-    (b"\x00" * 64 + b"not a pickle at all", "not a PyTorch checkpoint"),
+    (b"\x00" * 64 + b"not a pickle at all", "not a PyTorch file"),
 ])
 def test_cli_bad_checkpoint_is_one_line_and_exit_2(tmp_path, content, message):
     path = tmp_path / "x.pt"

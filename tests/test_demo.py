@@ -17,7 +17,8 @@ def test_demo_trains_both_models_and_writes_a_compare_report(tmp_path, cifar_dir
     for run in ("vanilla", "repa"):
         assert (out / "runs" / run / "checkpoints" / "0000006.pt").is_file()
     res = pd.read_csv(out / "report" / "results.csv")
-    assert {"vanilla", "repa"} <= set(res["checkpoint"]) and {"model", "untrained", "raw-input"} == set(res["kind"])
+    assert {"vanilla", "repa"} <= set(res["checkpoint"])
+    assert set(res["kind"]) == {"model", "untrained", "raw-input", "raw-thumbnail"}
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["checkpoints"]["repa"]["repa_coeff"] == 0.5 and summary["checkpoints"]["vanilla"]["repa_coeff"] == 0
     assert {row["metric"] for row in summary["compare"]} == {"cknna", "probe_top1"}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from pypdf import PdfReader
 
-from conftest import REPO, randomize_, run_cli, tiny_config
+from conftest import ONE_THREAD, REPO, randomize_, run_cli, tiny_config
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
@@ -24,7 +24,6 @@ from repa_probe.models import SiT
 from repa_probe.runtime import atomic_write
 
 ENCODER = "test_vit"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def one_error_line(r: subprocess.CompletedProcess, needle: str) -> None:

@@ -6,13 +6,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import randomize_, run_cli, tiny_config
-from test_train import ONE_THREAD, one_thread  # noqa: F401 - autouse: tiny tensors, one thread
+from conftest import ONE_THREAD, randomize_, run_cli, tiny_config
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.models import SiT
 from repa_probe.errors import UserError
 from repa_probe.families.sit import as_checkpoint
 from repa_probe.sampler import euler_maruyama, euler_ode, guided_velocity, image_grid, sample
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny tensors
 
 
 class ClassVelocity(nn.Module):

@@ -21,13 +21,7 @@ def correlated(n: int, rng: np.random.Generator, shared: float = 1.0) -> tuple[n
     return a, b
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny problems: one thread each (two contend on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # hundreds of tiny problems
 
 
 def test_subsample_intervals_of_cknna_cover_its_sampling_distribution_at_the_nominal_rate():

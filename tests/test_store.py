@@ -2,6 +2,8 @@
 reader, and encoder features cached once per encoder and data subset."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import timm
 import torch
 
 from repa_probe.capture import make_dataset
+from repa_probe.runtime import HOST
 from repa_probe.store import (Entry, FeatureStore, Stacked, cache_image_features, default_cache_dir, digest,
                               encoder_features, read_features)
 
@@ -24,7 +27,8 @@ def make_entry(tmp_path: Path, fingerprint=None) -> Entry:
 def chunk(positions, seed):
     rng = np.random.default_rng(seed)
     return {"blocks": rng.standard_normal((len(positions), L, D)).astype(np.float32),
-            "raw": rng.standard_normal((len(positions), 4)).astype(np.float32)}
+            "raw": rng.standard_normal((len(positions), 4)).astype(np.float32),
+            "raw_pooled": rng.standard_normal((len(positions), 3)).astype(np.float32)}
 
 
 def test_chunks_merge_into_memmaps_with_the_image_axis_where_asked(tmp_path):
@@ -51,7 +55,9 @@ def test_chunks_in_any_order_and_a_half_written_file_are_handled(tmp_path):
     odd, even = np.arange(1, N, 2), np.arange(0, N, 2)
     a, b = chunk(odd, 0), chunk(even, 1)
     entry.write_chunk("t=0", odd, a)
-    (entry.part_dir("t=0") / ".chunk-000000000-r0.npz.k1ll3d.tmp").write_bytes(b"killed mid-write")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                       # a writer killed mid-write: its pid is gone
+    (entry.part_dir("t=0") / f".chunk-000000000-r0.npz.{HOST}-{dead.pid}.k1ll3d.tmp").write_bytes(b"killed")
     assert np.array_equal(entry.pending("t=0"), even)                 # the temp file counts for nothing
     entry.write_chunk("t=0", even, b)
     assert entry.merge("t=0")
@@ -61,12 +67,15 @@ def test_chunks_in_any_order_and_a_half_written_file_are_handled(tmp_path):
     assert not list(entry.part_dir("t=0").glob(".chunk*"))
 
 
-def test_overlapping_chunks_are_refused(tmp_path):
+def test_overlapping_chunks_of_two_processes_merge_into_one_array(tmp_path):
+    """Two processes with other batch sizes may both write rows 3–4; those rows are computed the same way by
+    both (here: the same values), and the merged array holds every row once."""
     entry = make_entry(tmp_path)
-    entry.write_chunk("t=0", np.arange(0, 5), chunk(range(5), 0))
-    entry.write_chunk("t=0", np.arange(3, N), chunk(range(3, N), 1))
-    with pytest.raises(RuntimeError, match="several chunks"):
-        entry.merge("t=0")
+    values = chunk(range(N), 0)
+    entry.write_chunk("t=0", np.arange(0, 5), {k: v[:5] for k, v in values.items()})
+    entry.write_chunk("t=0", np.arange(3, N), {k: v[3:] for k, v in values.items()})
+    assert entry.merge("t=0")
+    assert np.array_equal(entry.array("t=0", "raw"), values["raw"]) and not entry.chunk_files("t=0")
 
 
 def test_entry_key_covers_every_fingerprint_field_in_any_order(tmp_path):
@@ -86,6 +95,7 @@ def test_reader_gives_t_block_image_dim_from_per_t_memmaps(tmp_path):
     features = read_features(entry, [0.0, 0.25])
     expected = np.stack([parts[p]["blocks"].transpose(1, 0, 2) for p in ["t=0", "t=0.25"]])
     assert features.blocks.shape == (2, L, N, D) and features.raw.shape == (2, N, 4)
+    assert features.raw_pooled.shape == (2, N, 3)
     assert np.array_equal(np.asarray(features.blocks), expected)
     assert np.array_equal(features.blocks[1, 2], expected[1, 2])
     assert np.array_equal(features.blocks[:, 2], expected[:, 2])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pypdf import PdfReader
 
-from conftest import REPO, run_cli
+from conftest import ONE_THREAD, REPO, run_cli
 from repa_probe.checkpoints import read_checkpoint
 from repa_probe.families import load_checkpoint
 from repa_probe.data import ImageDataset
@@ -30,15 +30,7 @@ from repa_probe.train.trainer import (ResumableShardSampler, TrainConfig, draw_s
 
 STEPS = 30
 ENCODER = "test_vit"   # timm's 6-block width-64 ViT/16, random weights (explicitly flagged)
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny models on a shared 2-core machine: threads only contend
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_flags(data: Path, out: Path, **overrides) -> list[str]:

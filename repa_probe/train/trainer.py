@@ -431,21 +431,56 @@ class TrainingAnalysis:
 #                                  Training                                     #
 #################################################################################
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns the last checkpoint's path. Works under torchrun."""
-    check_config(cfg)
-    from repa_probe.data import ImageDataset, load_vae, make_loader, to_model_space
+@dataclass
+class Run:
+    """Everything one training run holds: settings, process, data, the SiT, its EMA and optimizer state."""
+    cfg: TrainConfig
+    dist: DistInfo
+    precision: str
+    dataset: object
+    num_classes: int
+    vae: object
+    encoders: list
+    model_cfg: ModelConfig
+    model: SiT
+    ema: SiT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    meta: dict
+    init_sha: str = ""                  # of the SiT's own weights at initialisation (equal for a vanilla/REPA pair)
+    start_step: int = 0
+    resumed_from: Path | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def save(self, step: int, sampler: ResumableShardSampler) -> Path:
+        """Checkpoint `step` (rank 0 writes): weights, optimizer, scaler, RNG states, data position."""
+        path = self.out / "checkpoints" / f"{step:07d}.pt"
+        if self.dist.main:
+            device = self.dist.device
+            rng = {"torch_cpu": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(path, self.model_cfg, self.ema.state_dict(), model=self.model.state_dict(),
+                            meta={**self.meta, "step": step}, optimizer=self.optimizer.state_dict(),
+                            scaler=self.scaler.state_dict(), step=step, rng=rng, data_position=sampler.position(step))
+        return path
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, data, VAE, encoders, the SiT (seeded), EMA, optimizer; then the resume, if any."""
+    from repa_probe.data import ImageDataset, load_vae
     from repa_probe.encoders import load_encoder
 
     d = setup_distributed(cfg.device)
     if cfg.batch % d.world_size:
         raise UserError(f"--batch {cfg.batch} does not split over {d.world_size} processes")
-    device, out = d.device, Path(cfg.out)
+    device = d.device
     precision = resolve_precision(cfg.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
-
-    # Data, VAE, encoders, model
     dataset = ImageDataset(cfg.data, cfg.image_size)
     num_classes = cfg.num_classes or len(dataset.classes)
     if int(dataset.labels.max()) >= num_classes:
@@ -455,67 +490,63 @@ def train(cfg: TrainConfig) -> Path:
     encoders = [load_encoder(spec, random_init=cfg.encoder_random_init, device=device) for spec in cfg.encoders] \
         if (repa or cfg.analyze_every) else []
     model_cfg = build_model_config(cfg, num_classes, [e.embed_dim for e in encoders] if repa else [])
-    grid = model_cfg.input_size // model_cfg.patch_size
     model = init_model(model_cfg, cfg.seed)
-    init_sha = sit_sha256(model)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # Resume
-    start_step = 0
-    resume_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(out)
-    if resume_from is not None:
-        start_step = _restore(resume_from, cfg, model, ema, optimizer, scaler)
-        if start_step > cfg.steps:
-            raise UserError(f"--resume '{resume_from}' is at step {start_step:,}, beyond --steps {cfg.steps:,}")
-    if d.main and cfg.resume:
-        moved = supersede_later_checkpoints(out, start_step)
-        if moved is not None:
-            print(f"resuming from step {start_step:,}: the run's later checkpoints moved to {moved}", flush=True)
-    if d.main:
-        for name in ("log.jsonl", "analysis.jsonl"):
-            _truncate_jsonl(out / name, start_step)
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if d.world_size > 1 else model
-    net = torch.compile(ddp) if cfg.compile else ddp
-    sampler = ResumableShardSampler(len(dataset), cfg.batch, d.rank, d.world_size, cfg.seed, start_step, cfg.steps)
-    loader = make_loader(dataset, sampler.local_batch, cfg.num_workers, sampler=sampler)
-    gen = torch.Generator(device=device)
-    shape = (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
-    amp = autocast(precision, device)
-    analysis = TrainingAnalysis(cfg, model_cfg, encoders, vae, device) \
-        if (d.main and cfg.analyze_every) else None
     meta = dict(convention="repa", encoders=[e.name for e in encoders] if repa else [],
                 encoder_specs=list(cfg.encoders) if repa else [], encoder_random_init=cfg.encoder_random_init,
                 repa_coeff=cfg.repa_coeff, repa_depth=model_cfg.encoder_depth if repa else None,
                 data=cfg.data, mode=cfg.mode, image_size=cfg.image_size, num_classes=num_classes,
                 classes=list(dataset.classes), vae=cfg.vae, world_size=d.world_size, model_name=cfg.model,
                 train_config=cfg.to_dict())
+    run = Run(cfg, d, precision, dataset, num_classes, vae, encoders, model_cfg, model, ema,
+              make_optimizer(model, cfg, device), torch.amp.GradScaler(device.type, enabled=precision == "fp16"), meta,
+              sit_sha256(model))
+    run.resumed_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(run.out)
+    if run.resumed_from is not None:
+        run.start_step = _restore(run.resumed_from, cfg, model, ema, run.optimizer, run.scaler)
+        if run.start_step > cfg.steps:
+            raise UserError(f"--resume '{run.resumed_from}' is at step {run.start_step:,}, beyond --steps "
+                            f"{cfg.steps:,}")
+    if d.main and cfg.resume:
+        moved = supersede_later_checkpoints(run.out, run.start_step)
+        if moved is not None:
+            print(f"resuming from step {run.start_step:,}: the run's later checkpoints moved to {moved}", flush=True)
+    if d.main:
+        for name in ("log.jsonl", "analysis.jsonl"):
+            _truncate_jsonl(run.out / name, run.start_step)
+        write_text_atomic(run.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return run
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the last checkpoint's path. Works under torchrun."""
+    check_config(cfg)
+    from repa_probe.data import make_loader, to_model_space
+
+    run = setup(cfg)
+    d, device, out, model, ema = run.dist, run.dist.device, run.out, run.model, run.ema
+    repa, start_step = cfg.repa_coeff > 0, run.start_step
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.world_size > 1 else model
+    net = torch.compile(ddp) if cfg.compile else ddp
+    sampler = ResumableShardSampler(len(run.dataset), cfg.batch, d.rank, d.world_size, cfg.seed, start_step, cfg.steps)
+    loader = make_loader(run.dataset, sampler.local_batch, cfg.num_workers, sampler=sampler)
+    gen = torch.Generator(device=device)
+    shape = (run.model_cfg.in_channels, run.model_cfg.input_size, run.model_cfg.input_size)
+    grid = run.model_cfg.input_size // run.model_cfg.patch_size
+    amp = autocast(run.precision, device)
+    analysis = TrainingAnalysis(cfg, run.model_cfg, run.encoders, run.vae, device) \
+        if (d.main and cfg.analyze_every) else None
     if d.main:
         _append_jsonl(out / "log.jsonl", [{
             "event": "start", "step": start_step, "world_size": d.world_size, "device": str(device),
-            "precision": precision, "n_images": len(dataset), "num_classes": num_classes,
-            "model": size_name(model_cfg), "params": sum(p.numel() for p in model.parameters()),
-            "sit_init_sha256": init_sha, "resumed_from": str(resume_from) if resume_from else None}])
+            "precision": run.precision, "n_images": len(run.dataset), "num_classes": run.num_classes,
+            "model": size_name(run.model_cfg), "params": sum(p.numel() for p in model.parameters()),
+            "sit_init_sha256": run.init_sha, "resumed_from": str(run.resumed_from) if run.resumed_from else None}])
         if analysis is not None and start_step == 0:
             analysis(ema, 0)
 
-    def save(step: int) -> Path:
-        path = out / "checkpoints" / f"{step:07d}.pt"
-        if d.main:
-            rng = {"torch_cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["torch_cuda"] = torch.cuda.get_rng_state(device)
-            save_checkpoint(path, model_cfg, ema.state_dict(), model=model.state_dict(), meta={**meta, "step": step},
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, rng=rng,
-                            data_position=sampler.position(step))
-        return path
-
-    # Loop
     last = latest_checkpoint(out) if start_step else None
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
                     desc="train")
@@ -530,32 +561,25 @@ def train(cfg: TrainConfig) -> Path:
         part = slice(r0, r0 + sampler.local_batch)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        posterior = torch.Generator().manual_seed(stream_seed(cfg.seed, "posterior", b, d.rank)) if vae else None
-        x = to_model_space(images, cfg.mode, vae, generator=posterior)
-        y = torch.where(drop_all[part], num_classes, labels)
-        targets = encoder_targets(encoders, images, grid, amp) if repa else []
-        sums += train_step(net, model, ema, optimizer, scaler, amp, x, y, t_all[part], noise_all[part],
+        posterior = torch.Generator().manual_seed(stream_seed(cfg.seed, "posterior", b, d.rank)) if run.vae else None
+        x = to_model_space(images, cfg.mode, run.vae, generator=posterior)
+        y = torch.where(drop_all[part], run.num_classes, labels)
+        targets = encoder_targets(run.encoders, images, grid, amp) if repa else []
+        sums += train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
                            targets, cfg)
         n_sum += 1
         progress.update(1)
         if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.steps:
-            if d.world_size > 1:
-                dist.all_reduce(sums)
-                sums /= d.world_size
-            denoise_m, align_m, gn = (sums / n_sum).tolist()
-            elapsed = time.perf_counter() - t_mark
-            if d.main:
-                row = {"event": "train", "step": step, "loss": denoise_m + cfg.repa_coeff * align_m,
-                       "loss_denoise": denoise_m, "loss_repa": align_m, "grad_norm": gn,
-                       "img_per_s": n_sum * cfg.batch / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"],
-                       "epoch": sampler.position(b)["epoch"], "elapsed_s": elapsed,
-                       "inputs_sha256": _batch_sha256(sampler.global_batch_indices(b), t_all, noise_all, drop_all)}
-                _append_jsonl(out / "log.jsonl", [row])
-                progress.set_postfix(loss=f"{row['loss']:.4f}", repa=f"{align_m:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            row = _log_row(run, step, sums, n_sum, time.perf_counter() - t_mark,
+                           _batch_sha256(sampler.global_batch_indices(b), t_all, noise_all, drop_all),
+                           sampler.position(b)["epoch"])
+            if row is not None:
+                progress.set_postfix(loss=f"{row['loss']:.4f}", repa=f"{row['loss_repa']:.4f}",
+                                     img_s=f"{row['img_per_s']:.0f}")
             sums.zero_()
             n_sum, t_mark = 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            last = save(step)
+            last = run.save(step, sampler)
         if analysis is not None and step % cfg.analyze_every == 0:
             analysis(ema, step)
     progress.close()
@@ -568,6 +592,23 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def _log_row(run: Run, step: int, sums: torch.Tensor, n: int, elapsed: float, inputs_sha: str,
+             epoch: int) -> dict | None:
+    """Average the interval's [L_denoise, L_repa, grad norm] over steps (and ranks); rank 0 logs the row."""
+    if run.dist.world_size > 1:
+        dist.all_reduce(sums)
+        sums /= run.dist.world_size
+    denoise, align, grad_norm = (sums / n).tolist()
+    if not run.dist.main:
+        return None
+    cfg = run.cfg
+    row = {"event": "train", "step": step, "loss": denoise + cfg.repa_coeff * align, "loss_denoise": denoise,
+           "loss_repa": align, "grad_norm": grad_norm, "img_per_s": n * cfg.batch / max(elapsed, 1e-9),
+           "lr": run.optimizer.param_groups[0]["lr"], "epoch": epoch, "elapsed_s": elapsed, "inputs_sha256": inputs_sha}
+    _append_jsonl(run.out / "log.jsonl", [row])
+    return row
 
 
 @torch.no_grad()
