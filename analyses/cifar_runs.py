@@ -95,10 +95,11 @@ def experiment_args(doc: str, parser: argparse.ArgumentParser | None = None) -> 
 def analysis_config(preset: str, n: int, **extra):
     """The experiments' analysis: n cifar10/test images against the teacher; probe fitted on n train images."""
     from repa_probe.pipeline import AnalyzeConfig
-    return AnalyzeConfig(data=str(DATA / "test"), n=n, encoders=["cifar-ssl-resnet"], probe_train=str(DATA / "train"),
-                         probe_test=str(DATA / "test"), probe_n_train=n, probe_n_test=n, bootstrap=50,
-                         cache=os.path.relpath(REPO / "runs" / "cache"), quiet=True,
-                         notes=[f"preset {preset}: the controlled run pair of analyses/cifar_runs.py"], **extra)
+    settings = dict(data=str(DATA / "test"), n=n, encoders=["cifar-ssl-resnet"], probe_train=str(DATA / "train"),
+                    probe_test=str(DATA / "test"), probe_n_train=n, probe_n_test=n, bootstrap=50,
+                    cache=os.path.relpath(REPO / "runs" / "cache"), quiet=True,
+                    notes=[f"preset {preset}: the controlled run pair of analyses/cifar_runs.py"])
+    return AnalyzeConfig(**{**settings, **extra})
 
 
 if __name__ == "__main__":

@@ -467,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"repa-probe: error: {e}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:                      # --help (0) or a bad flag (2, its one line already printed)
+        return int(e.code or 0)
     try:
         args.func(args)
     except UserError as e:

@@ -49,10 +49,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real `repa-probe` command in a subprocess."""
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the real `repa-probe` command in a subprocess (from `cwd`, the repository by default)."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "repa_probe", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+                          timeout=timeout, cwd=cwd, env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
 
 
 @pytest.fixture(scope="session")

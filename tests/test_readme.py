@@ -41,3 +41,45 @@ def test_readme_set_up_commands_match_ci():
                  "python -m pytest -q"):
         assert step.replace(" -q", "") in test_cmd and step in ci
     assert "torch==2.14.1 torchvision==0.29.1" in demo_cmd
+
+
+def readme_examples() -> list[list[str]]:
+    """The `repa-probe ...` commands of the README's "Analysing real checkpoints" block, as argv lists."""
+    import shlex
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Analysing real checkpoints", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    joined = block.replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith("repa-probe ")]
+
+
+def test_every_readme_example_parses_and_the_runnable_ones_run(tmp_path, cifar_dir):
+    """The ImageNet examples need the official files: their flags must parse. The examples on one's own runs
+    (compare, trajectory) run for real on two tiny runs, with the README's flags plus speed settings."""
+    import numpy as np
+    from conftest import randomize_, run_cli, tiny_config
+    from repa_probe.checkpoints import save_checkpoint
+    from repa_probe.models import SiT
+
+    examples = readme_examples()
+    assert {argv[0] for argv in examples} >= {"analyze", "compare", "trajectory"}
+    for argv in examples:
+        build_parser().parse_args(argv)
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    for r, run in enumerate(("vanilla", "repa")):
+        for step in (5, 10):
+            model = randomize_(SiT(cfg), seed=10 * r + step)
+            save_checkpoint(tmp_path / "runs" / run / "checkpoints" / f"{step:07d}.pt", cfg, model.state_dict(),
+                            meta={"step": step, "mode": "pixels"})
+    fast = ["--n", "40", "--t", "0", "--bootstrap", "2", "--null", "2", "--quiet", "--cache", str(tmp_path / "c")]
+    ran = 0
+    for argv in examples:
+        if not any(a.startswith("runs/") for a in argv):
+            continue
+        argv = [str(cifar_dir / "test") if a == "cifar10/test" else a for a in argv]
+        r = run_cli(*argv, *fast, env={"OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+        assert r.returncode == 0, (argv, r.stderr[-2000:])
+        out = tmp_path / argv[argv.index("--out") + 1]
+        assert (out / "report.pdf").is_file() and np.isfinite(
+            __import__("pandas").read_csv(out / "results.csv")["value"]).all()
+        ran += 1
+    assert ran == 2
