@@ -105,19 +105,19 @@ def _report_done(out) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from repa_probe.analyze import analyze
+    from repa_probe.commands import analyze
     _report_done(analyze(args.checkpoint, _analyze_config(args, args.data), args.out))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from repa_probe.analyze import compare
+    from repa_probe.commands import compare
     if len(args.checkpoints) < 2:
         raise UserError("compare needs at least two checkpoints: repa-probe compare A.pt B.pt [C.pt ...]")
     _report_done(compare(args.checkpoints, _analyze_config(args, args.data), args.out))
 
 
 def cmd_trajectory(args: argparse.Namespace) -> None:
-    from repa_probe.analyze import trajectory
+    from repa_probe.commands import trajectory
     out = trajectory(args.sources, _analyze_config(args, args.data), args.out, source=args.source)
     print(f"report: {out / 'report.pdf'}")
 
@@ -132,6 +132,21 @@ def cmd_encoders(args: argparse.Namespace) -> None:
         print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
 
 
+def cmd_families(args: argparse.Namespace) -> None:
+    """What this installation can analyse: model families, time conventions, alignment metrics (plug-ins included)."""
+    from repa_probe.families import FAMILIES
+    from repa_probe.metrics import METRICS
+    from repa_probe.noise import CONVENTIONS
+    sections = [("model families (checkpoint files)", [(f.name, f.description) for f in FAMILIES.values()]),
+                ("any nn.Module", [("module", "repa_probe.analyze(model, blocks=..., call=..., convention=...)")]),
+                ("time conventions (--convention)", [(c.name, c.description) for c in CONVENTIONS.values()]),
+                ("alignment metrics (--metrics)", [(m.name, m.label) for m in METRICS.values()])]
+    for title, rows in sections:
+        print(title)
+        for name, what in rows:
+            print(f"  {name:<12} {what}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from repa_probe.demo import DemoConfig, run_demo
     _report_done(run_demo(DemoConfig(data=args.data, out=args.out, steps=args.steps, n=args.n, device=args.device,
@@ -139,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _add_analysis_commands(sub) -> None:
-    """`analyze`, `compare`, `trajectory` (repa_probe/analyze.py) and `encoders`."""
+    """`analyze`, `compare`, `trajectory` (repa_probe/commands.py) and `encoders`."""
     def common(p, data_required=True):
         g = p.add_argument_group("data and encoders")
         g.add_argument("--data", type=path, required=data_required, default=None,
@@ -216,6 +231,11 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("families", help="list the model families, time conventions and metrics this installation has",
+                       description="What can be analysed: registered model families (with plug-ins), time "
+                                   "conventions and alignment metrics.")
+    p.set_defaults(func=cmd_families)
 
     p = sub.add_parser("encoders", help="list the known target encoders and whether their weights are found locally")
     p.add_argument("--grid", type=grid, default=16, help="token grid to size the inputs for (default: 16)")

@@ -73,7 +73,7 @@ def check_earlier_run(plan, out: Path) -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Train vanilla + REPA, compare them, return the report folder."""
-    from repa_probe.analyze import compare
+    from repa_probe.commands import compare
     from repa_probe.pipeline import AnalyzeConfig
     from repa_probe.report.pdf import check_writable
     from repa_probe.train.trainer import TrainConfig, train

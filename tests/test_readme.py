@@ -83,3 +83,29 @@ def test_every_readme_example_parses_and_the_runnable_ones_run(tmp_path, cifar_d
             __import__("pandas").read_csv(out / "results.csv")["value"]).all()
         ran += 1
     assert ran == 2
+
+
+def test_readme_notebook_example_runs(tmp_path, cifar_dir, monkeypatch):
+    """The README's Python block, executed as written in a folder holding runs/vanilla, runs/repa (tiny) and
+    cifar10/ (the shared data), with n=500 lowered to 40 images and few resamples for the suite's time."""
+    from conftest import randomize_, tiny_config
+    from repa_probe.checkpoints import save_checkpoint
+    from repa_probe.models import SiT
+
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("## In a notebook", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert code.count("n=500") == 2
+    code = code.replace("n=500", "n=40, bootstrap=2, null=2, k=5, quiet=True")
+    cfg = tiny_config(input_size=32, patch_size=4, z_dims=[], encoder_depth=0)
+    for seed, run in enumerate(("vanilla", "repa")):
+        save_checkpoint(tmp_path / "runs" / run / "checkpoints" / "0000010.pt", cfg,
+                        randomize_(SiT(cfg), seed=seed).state_dict(), meta={"step": 10, "mode": "pixels"})
+    (tmp_path / "cifar10").symlink_to(cifar_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    a, b = scope["a"], scope["b"]
+    assert [m.name for m in a.results.models] == ["vanilla", "repa"] and len(a.summary["overview"]) == 3
+    assert len(scope["curves"]) == 2 * 4 and (tmp_path / "out" / "notebook" / "report.pdf").is_file()
+    assert set(b.table.query("kind == 'model'")["block"]) == set(range(7)) and (tmp_path / "cache" / "repa-probe").is_dir()

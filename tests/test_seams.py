@@ -88,6 +88,9 @@ def test_analyze_and_compare_run_a_new_family_and_a_new_measure_given_as_plug_in
 def test_plug_ins_reach_the_command_line_choices_and_a_broken_one_is_one_line(tmp_path):
     r = run_cli("analyze", "--help", env=PLUGINS)
     assert "toy-cosine" in r.stdout and "rv" in r.stdout
+    listed = run_cli("families", env=PLUGINS)
+    assert listed.returncode == 0 and "toy-vit" in listed.stdout and "toy-cosine" in listed.stdout
+    assert "toy-vit" not in run_cli("families").stdout and "cknna" in run_cli("families").stdout
     bad = tmp_path / "broken.py"
     bad.write_text("raise RuntimeError('nope')\n")
     r = run_cli("inspect", "x.pt", env={"REPA_PROBE_PLUGINS": str(bad)})

@@ -232,10 +232,9 @@ def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame
 #                                 The report                                    #
 #################################################################################
 
-def write(results: Results, out: str | Path, timings: dict[str, float] | None = None) -> Path:
-    """results.csv, summary.json, figures/ and report.pdf (page 1 = the answer) in `out`."""
-    import time
-    start = time.perf_counter()
+def summarise(results: Results, timings: dict[str, float] | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """summary.json's content (page-1 sentences, peaks with held-out drops, compare deltas, provenance) and the
+    extra tables (compare, deltas), without drawing anything."""
     cfg, table = results.config, results.table()
     peaks = peak_summary(results)
     models = results.models
@@ -249,10 +248,27 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
         extra["compare"] = comp.to_dict(orient="records")
         tables["compare"] = comp
         tables["deltas"] = pd.concat([paired_deltas(results, ref, m.name) for m in models[1:]], ignore_index=True)
-    t0, n = min(cfg.ts), results.images
-    panels = _page1_panels(table)
-    sentences = overview_sentences(results, peaks, comp, table, t0)
-    figs = [("overview", F.overview_page(title, sentences, table, panels, t0, aligned))]
+    timings = {**results.timings, **(timings or {})}
+    summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes,
+               "overview": overview_sentences(results, peaks, comp, table, min(cfg.ts)),
+               "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
+               "aligned_blocks": aligned, "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model"},
+               "images": results.images, "cache": {"chunks_computed": results.computed_chunks},
+               "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
+               "baselines": baseline_lines(table), "headline": headline(peaks),
+               "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}
+    return summary, tables
+
+
+def write(results: Results, out: str | Path, timings: dict[str, float] | None = None) -> Path:
+    """results.csv, summary.json, figures/ and report.pdf (page 1 = the answer) in `out`."""
+    import time
+    start = time.perf_counter()
+    summary, tables = summarise(results, timings)
+    cfg, table, models = results.config, results.table(), results.models
+    title, aligned, n = summary["title"], summary["aligned_blocks"], summary["images"]
+    t0 = min(cfg.ts)
+    figs = [("overview", F.overview_page(title, summary["overview"], table, _page1_panels(table), t0, aligned))]
     page2 = [("Checkpoints", [row for a in models for row in provenance_rows(a)]),
              ("Data", [("alignment images", f"{cfg.data} (n = {n.get('alignment', cfg.n)}, class-balanced, seed "
                                             f"{cfg.seed})"),
@@ -266,7 +282,8 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
                                       f"draws (null), paired across blocks and checkpoints")] +
                       [(f"baseline: {k.replace('-', ' ')}", v) for k, v in KINDS.items() if k != "model"]),
              ("Encoders", encoder_rows(results))] + ([("Notes", [f"! {n}" for n in cfg.notes])] if cfg.notes else [])
-    pages = F.summary_pages(title, page2, summary_table(peaks), "Where each curve peaks, and the drop after it",
+    pages = F.summary_pages(title, page2, summary_table(pd.DataFrame(summary["peaks"])),
+                            "Where each curve peaks, and the drop after it",
                             "best block = highest value on all images (block 0 is not a candidate), with the share of "
                             "bootstrap replicates where it is best; held-out drop = that block − the last block on "
                             "half the images, the block chosen on the other half; 'peaks then drops' = its paired "
@@ -275,14 +292,7 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
     figs += [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
     for builder in FIGURES:
         figs += builder(results, table)
-    timings = {**results.timings, **(timings or {}), "report": time.perf_counter() - start}
-    summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes, "overview": sentences,
-               "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
-               "aligned_blocks": aligned, "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model"},
-               "images": n, "cache": {"chunks_computed": results.computed_chunks},
-               "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
-               "baselines": baseline_lines(table), "headline": headline(peaks),
-               "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}
+    summary["timings_s"]["report"] = round(time.perf_counter() - start, 2)
     return write_report(out, table, summary, figs, tables)
 
 
