@@ -4,7 +4,7 @@ block, logged on 1,000 held-out images every few hundred steps of both runs, one
     python analyses/alignment_over_training.py --preset cpu   # → reports/alignment_over_training/
 """
 from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args
-from repa_probe.analyze import trajectory
+from repa_probe.commands import trajectory
 
 if __name__ == "__main__":
     a = experiment_args(__doc__)

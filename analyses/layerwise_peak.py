@@ -7,7 +7,7 @@ Reference (docs/probe.md, H100, 220 s of training, 12-block width-384 SiT/2, 10k
 41% at block 1 → 57.7% at block 10 → 57.0% at block 12; untrained 27% everywhere.
 """
 from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args
-from repa_probe.analyze import analyze
+from repa_probe.commands import analyze
 
 if __name__ == "__main__":
     a = experiment_args(__doc__)

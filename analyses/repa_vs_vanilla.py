@@ -5,7 +5,7 @@ held-out images and noise, with sample grids of both.
     python analyses/repa_vs_vanilla.py --preset cpu       # → reports/repa_vs_vanilla/
 """
 from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args
-from repa_probe.analyze import compare
+from repa_probe.commands import compare
 
 if __name__ == "__main__":
     a = experiment_args(__doc__)

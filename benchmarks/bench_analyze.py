@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from repa_probe.analyze import AnalyzeConfig, compare  # noqa: E402
+from repa_probe.commands import AnalyzeConfig, compare  # noqa: E402
 from repa_probe.capture import default_device  # noqa: E402
 from repa_probe.checkpoints import save_checkpoint  # noqa: E402
 from repa_probe.models import SiT, model_config  # noqa: E402
