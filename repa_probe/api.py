@@ -23,13 +23,12 @@ import pandas as pd
 from torch import nn
 
 from repa_probe.checkpoints import LoadedCheckpoint
-from repa_probe.commands import unique_names
+from repa_probe.commands import resolve_checkpoint, unique_names
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
 from repa_probe.pipeline import AnalyzeConfig, Pipeline, Results, run
 from repa_probe.report import compose
-from repa_probe.runtime import latest_in_run
 
 MODULE_KEYS = ("blocks", "call", "convention", "image_size", "channels", "grid", "num_classes", "stream",
                "image_tokens", "aligned_block")
@@ -62,9 +61,7 @@ def _load(model: Any, cfg: AnalyzeConfig, describe: dict, index: int) -> tuple[L
         ckpt = describe_module(model, **describe)
         return ckpt, describe.get("name") or f"{type(model).__name__}" + (f"-{index + 1}" if index else "")
     if isinstance(model, (str, os.PathLike)):
-        path = latest_in_run(str(model))
-        if not Path(path).is_file():
-            raise UserError(f"checkpoint '{path}' does not exist: check the path")
+        path = resolve_checkpoint(str(model), cfg.download)
         return load_checkpoint(path, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads), str(model)
     raise UserError(f"cannot analyse a {type(model).__name__}: pass a checkpoint path, a run folder, a loaded "
                     f"checkpoint or an nn.Module (with blocks=, call=, convention=, image_size=)")

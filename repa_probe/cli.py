@@ -87,6 +87,7 @@ def _analyze_config(args: argparse.Namespace, data: str):
     encoders = [e for spec in (args.encoder or []) for e in spec.split(",") if e]
     return AnalyzeConfig(
         data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
+        download=args.download,
         probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
         probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
         bootstrap=args.bootstrap, null=args.null, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
@@ -166,6 +167,10 @@ def _add_analysis_commands(sub) -> None:
                             "comma-separate for several; see `repa-probe encoders`. Without one, only probes run")
         g.add_argument("--encoder-random-init", action="store_true",
                        help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
+        g.add_argument("--download", action="store_true",
+                       help="fetch what is missing: official DiT/SiT/REPA checkpoints named by file name "
+                            "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt) and encoder weights, into "
+                            "~/.cache/repa-probe (checksummed, resumable); without it nothing touches the network")
         g = p.add_argument_group("linear probe")
         g.add_argument("--probe-train", type=path, default=None, help="labelled ImageFolder to fit probes on (with --probe-test); "
                                                            "default: 4/5 of the --data images")

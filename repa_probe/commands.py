@@ -43,6 +43,20 @@ def unique_names(paths: list[str]) -> list[str]:
     return [f"{i + 1}:{p.stem}" for i, p in enumerate(paths)]
 
 
+def resolve_checkpoint(arg: str, download: bool = False) -> str:
+    """A checkpoint file, a run folder's latest checkpoint, or an official checkpoint by file name (from the
+    download cache; fetched there with download=True)."""
+    from repa_probe.download import CHECKPOINTS, cache_root, official_checkpoint
+    path = latest_in_run(arg)
+    if Path(path).is_file():
+        return path
+    name = Path(arg).name
+    if name in CHECKPOINTS and (download or (cache_root() / "checkpoints" / name).is_file()):
+        return str(official_checkpoint(name))
+    hint = f" (an official checkpoint: add --download to fetch it)" if name in CHECKPOINTS else ": check the path"
+    raise UserError(f"checkpoint '{path}' does not exist{hint}")
+
+
 def analyze(checkpoint: str, config: AnalyzeConfig, out: str) -> Path:
     """`repa-probe analyze`: one checkpoint → results.csv, summary.json, figures, report.pdf in `out`."""
     return compare([checkpoint], config, out)
@@ -52,10 +66,7 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
     """`repa-probe compare A B [C ...]`: the same images and noise for all; deltas are (B − A) etc."""
     check_writable(out)
     start = time.perf_counter()
-    paths = [latest_in_run(p) for p in checkpoints]          # a missing file fails here, before any loading
-    for p in paths:
-        if not Path(p).is_file():
-            raise UserError(f"checkpoint '{p}' does not exist: check the path")
+    paths = [resolve_checkpoint(p, config.download) for p in checkpoints]   # missing files fail before loading
     pipeline = Pipeline(config)
     cfg = pipeline.cfg
     loaded = [load_checkpoint(p, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads) for p in paths]

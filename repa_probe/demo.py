@@ -43,7 +43,8 @@ class DemoConfig:
 
 
 def find_cifar(data: str | None) -> Path:
-    """--data, else $REPA_PROBE_DATA, else shared/data/cifar10 in the folder that holds the project."""
+    """--data, else $REPA_PROBE_DATA, else shared/data/cifar10 in the folder that holds the project, else
+    CIFAR-10 downloaded (checksummed) and converted once into the cache."""
     candidates = [data] if data else [os.environ.get("REPA_PROBE_DATA"),
                                        str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"),
                                        str(Path.cwd().parent / "shared" / "data" / "cifar10")]
@@ -51,8 +52,12 @@ def find_cifar(data: str | None) -> Path:
         root = Path(c)
         if (root / "train").is_dir() and (root / "test").is_dir():
             return root
-    where = data or "shared/data/cifar10 beside the project (or $REPA_PROBE_DATA)"
-    raise UserError(f"--data: no CIFAR-10 ImageFolder with train/ and test/ at {where}: pass --data DIR")
+    if data:
+        raise UserError(f"--data: no CIFAR-10 ImageFolder with train/ and test/ at {data}: pass --data DIR")
+    from repa_probe.download import cifar10
+    print("[demo] no CIFAR-10 found beside the project: downloading it once (pass --data DIR to use your copy)",
+          flush=True)
+    return cifar10()
 
 
 def check_earlier_run(plan, out: Path) -> None:

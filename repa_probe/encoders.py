@@ -549,6 +549,11 @@ def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: b
         model = _build(entry, on_meta=entry.builder is None)
         load_weights_into(model, sd, entry, str(path))
         sha, source = file_sha256(path), "file"
+    elif pretrained_download and entry.weights_url:      # the official file, into the weights folder
+        from repa_probe.download import Remote, fetch
+        fname = entry.weights_url.rsplit("/", 1)[-1]
+        path = fetch(Remote(entry.weights_url, fname, f"{name} weights"), weights_dirs()[0])
+        return load_encoder(f"{name}={path}", device=device, dtype=dtype)
     elif pretrained_download:
         model, source = _download(name, entry), "timm-download"
         sha = _state_dict_sha256(model.state_dict())

@@ -67,6 +67,7 @@ class AnalyzeConfig:
     ts: tuple[float, ...] = DEFAULT_TS
     encoders: list[str] = field(default_factory=list)   # NAME[=WEIGHTS]
     encoder_random_init: bool = False
+    download: bool = False                      # fetch missing official checkpoints / encoder weights (download.py)
     probe_train: str | None = None              # ImageFolder trees for the probe; default: split --data
     probe_test: str | None = None
     probe_n_train: int | None = None            # default: n
@@ -349,7 +350,8 @@ class Pipeline:
 
     def _load_encoders(self):
         from repa_probe.encoders import load_encoder
-        return [load_encoder(spec, random_init=self.cfg.encoder_random_init, device=self.device)
+        return [load_encoder(spec, random_init=self.cfg.encoder_random_init, pretrained_download=self.cfg.download,
+                             device=self.device)
                 for spec in self.cfg.encoders]
 
     # ------------------------------------------------------------------ data
