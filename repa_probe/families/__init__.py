@@ -4,7 +4,9 @@
 registered family that recognises it. Capture, analysis and sampling speak only the protocol of
 `families.base.ModelFamily`, through the `LoadedCheckpoint` it returns (its `family` and `anatomy`).
 
-    sit.py     SiT / DiT / REPA checkpoints (official releases, REPA's training dicts, ours)
+    sit.py        SiT / DiT / REPA checkpoints (official releases, REPA's training dicts, ours)
+    diffusers.py  diffusers model folders (DiTTransformer2DModel, SD3Transformer2DModel)
+    module.py     any nn.Module described in Python (repa_probe.analyze), not registered
 
 A new family is one file defining a ModelFamily subclass and calling `register_family` (docs/families.md).
 """
@@ -17,9 +19,11 @@ import torch
 
 from repa_probe.checkpoints import LoadedCheckpoint, read_checkpoint
 from repa_probe.errors import UserError
-from repa_probe.families import sit
+from repa_probe.families import sit  # noqa: I001 (registration order: SiT/DiT files first)
+from repa_probe.families import diffusers
 from repa_probe.families.base import FAMILIES, Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.noise import get_convention
+from repa_probe.runtime import latest_in_run
 
 __all__ = ["FAMILIES", "Anatomy", "InputSpace", "ModelFamily", "register_family", "load_checkpoint", "sit",
            "inspect_rows", "detect_family"]
@@ -58,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike, convention: str | None = None, weig
         get_convention(convention)
     if weights not in ("ema", "model"):
         raise UserError(f"--weights {weights!r} must be 'ema' or 'model'")
-    path = Path(path)
+    path = Path(latest_in_run(path))               # a run folder or a diffusers model folder: its weights file
     obj = read_checkpoint(path)
     family = detect_family(obj, path)
     ckpt = family.load(obj, path, convention=convention, weights=weights, device=device, heads=heads)

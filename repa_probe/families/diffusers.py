@@ -1,0 +1,157 @@
+"""diffusers transformers: a diffusers model folder (config.json + diffusion_pytorch_model.safetensors).
+
+Built on diffusers' own classes (the `latent` extra); the weights are read by our safe reader, never by
+pickle. Each supported class is one `Spec` below: how to call it, which blocks carry the image tokens, its
+input space and its time convention.
+
+    DiTTransformer2DModel   the diffusers layout of DiT (facebookresearch/DiT): DiT's discrete-VP convention,
+                            class labels with the null class 1000, SD-VAE latents
+    SD3Transformer2DModel   Stable Diffusion 3's MMDiT: joint blocks return (text, image) streams, the image
+                            stream is captured; rectified flow fed 1000·t; text conditioning is zeros (no
+                            prompt), which every report states
+
+A diffusers folder passed where a checkpoint goes (analyze, compare, inspect) is read through its
+safetensors file; `repa-probe families` lists the classes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from repa_probe.checkpoints import LoadedCheckpoint, Provenance
+from repa_probe.errors import UserError
+from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
+from repa_probe.noise import Convention, _linear, register_convention
+from repa_probe.runtime import file_sha256, state_dict_sha256
+
+# SD3 and Flux: x_t = (1 − σ)·x + σ·ε fed timestep 1000·σ; canonical t is σ (the schedule's shift only
+# decides which σ a sampler visits, not how a σ is fed)
+register_convention(Convention("flow1000", "rectified flow", "fed 1000·t (0 = data, 1 = noise; SD3, Flux)",
+                               _linear, lambda t: 1000 * t, velocity=lambda out, x, t: out))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one diffusers class needs: its call, its input space and convention, and what a report says."""
+    convention: str
+    call: Callable[[nn.Module, dict, torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
+    labels: Callable[[dict], int | None] = lambda config: None
+    latent_scale: float = 0.18215
+    latent_shift: float = 0.0
+    vae: str | None = "stabilityai/sd-vae-ft-ema"
+    stream: int | None = None               # which element of a block's tuple output is the image stream
+    note: str = ""
+
+
+def _dit_call(model, config, x_t, timestep, labels):
+    return model(x_t, timestep=timestep, class_labels=labels, return_dict=False)
+
+
+def _sd3_call(model, config, x_t, timestep, labels):
+    n = len(x_t)
+    text = x_t.new_zeros(n, 1, config["joint_attention_dim"])
+    pooled = x_t.new_zeros(n, config["pooled_projection_dim"])
+    return model(x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep, return_dict=False)
+
+
+SPECS = {
+    "DiTTransformer2DModel": Spec("dit", _dit_call, labels=lambda c: c.get("num_embeds_ada_norm") or 1000),
+    "SD3Transformer2DModel": Spec("flow1000", _sd3_call, latent_scale=1.5305, latent_shift=0.0609,
+                                  vae="stabilityai/stable-diffusion-3-medium-diffusers (subfolder vae)", stream=1,
+                                  note="no prompt: text conditioning is zeros (one token), pooled projection zeros"),
+}
+
+
+def diffusers_config(path: Path) -> dict | None:
+    """The config.json beside a weights file (or in a folder), when it names a diffusers class."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "_class_name" in config else None
+
+
+def _class(name: str) -> type:
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError("diffusers models need the diffusers package: pip install 'repa-probe[latent]'") from None
+    return getattr(diffusers, name)
+
+
+class DiffusersFamily(ModelFamily):
+    name = "diffusers"
+    description = "diffusers transformers: " + ", ".join(SPECS)
+
+    def recognise(self, obj: dict, path: Path) -> bool:
+        config = diffusers_config(path)
+        if config is None:
+            return False
+        if config["_class_name"] not in SPECS:
+            raise UserError(f"'{path}': diffusers class {config['_class_name']} is not supported yet (supported: "
+                            f"{', '.join(SPECS)}); describe it in Python with repa_probe.analyze(model, blocks=...)")
+        return True
+
+    def load(self, obj, path, *, convention, weights, device="cpu", heads=None) -> LoadedCheckpoint:
+        config = diffusers_config(path)
+        spec = SPECS[config["_class_name"]]
+        model = self._build(config)
+        missing, unexpected = model.load_state_dict(obj, strict=False)
+        missing = [k for k in missing if not k.endswith("pos_embed")]        # buffers diffusers recomputes
+        if missing or unexpected:
+            raise UserError(f"'{path}' does not fit {config['_class_name']}({Path(path).parent / 'config.json'}): "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        warnings = [spec.note] if spec.note else []
+        prov = Provenance(path=str(path), format=f"diffusers {config['_class_name']}", weights="state_dict",
+                          convention=convention or spec.convention,
+                          convention_source="flag" if convention else "checkpoint", sha256=file_sha256(path),
+                          warnings=warnings, family=self.name)
+        return LoadedCheckpoint(model=model.to(device).eval(), config=config, provenance=prov, meta={}, family=self)
+
+    def _build(self, config: dict) -> nn.Module:
+        cls = _class(config["_class_name"])
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+    def _spec(self, model: nn.Module) -> Spec:
+        return SPECS[type(model).__name__]
+
+    def anatomy(self, model: nn.Module, meta: dict) -> Anatomy:
+        c, spec = model.config, self._spec(model)
+        width = c.num_attention_heads * c.attention_head_dim
+        return Anatomy(name=f"{type(model).__name__} ({c.num_layers} blocks, width {width})", depth=c.num_layers,
+                       width=width, grid=c.sample_size // c.patch_size, patch_size=c.patch_size,
+                       input=InputSpace("latents", c.in_channels, c.sample_size, 8, spec.latent_scale,
+                                        spec.latent_shift, spec.vae),
+                       num_classes=spec.labels(dict(c)))
+
+    def blocks(self, model: nn.Module):
+        return model.transformer_blocks
+
+    def forward(self, model, x_t, timestep, labels):
+        return self._spec(model).call(model, dict(model.config), x_t, timestep, labels)
+
+    def block_tokens(self, output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output[1]     # SD3: (text, image)
+
+    def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
+        """diffusers' own initialisation of the same config, seeded."""
+        torch.manual_seed(seed)
+        model = self._build(ckpt.config).eval()
+        prov = Provenance(path="<untrained>", format=ckpt.provenance.format, weights="init",
+                          convention=ckpt.provenance.convention, convention_source=ckpt.provenance.convention_source,
+                          sha256=state_dict_sha256(model.state_dict(), ordered=True), family=self.name)
+        return LoadedCheckpoint(model=model.to(next(ckpt.model.parameters()).device), config=ckpt.config,
+                                provenance=prov, meta={}, family=self, anatomy=ckpt.anatomy)
+
+    def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
+        c = ckpt.anatomy
+        return [("architecture", f"{c.name}, patch {c.patch_size} on {c.input.channels}×{c.input.size}² latents")]
+
+
+register_family(DiffusersFamily())
