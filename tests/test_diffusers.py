@@ -136,3 +136,58 @@ def test_cross_family_compare_through_the_command_line(tmp_path, cifar_dir):
     import json
     fams = {c["family"] for c in json.loads((tmp_path / "r" / "summary.json").read_text())["checkpoints"].values()}
     assert {"sit", "diffusers"} <= fams
+
+
+def _hooked_image_stream(model, blocks, run) -> torch.Tensor:
+    """[depth, N, D]: each block's image tokens averaged, recorded by our own hooks around diffusers' forward."""
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(out if torch.is_tensor(out) else out[1]))
+             for b in blocks]
+    with torch.no_grad():
+        run()
+    for h in hooks:
+        h.remove()
+    return torch.stack([s.mean(1) for s in seen])
+
+
+def test_pixart_blocks_and_zero_prompt(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    model = randomize_(PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                out_channels=8, num_layers=2, cross_attention_dim=16, sample_size=8,
+                                                caption_channels=12, norm_num_groups=4), seed=4).eval()
+    save_diffusers_folder(model, tmp_path / "pixart")
+    ckpt = load_checkpoint(tmp_path / "pixart")
+    assert ckpt.provenance.convention == "dit" and ckpt.anatomy.num_classes is None and ckpt.anatomy.grid == 4
+    x0, ids = torch.randn(3, 4, 8, 8), torch.arange(3)
+    got = capture_blocks(ckpt, x0, None, ids, [0.5], seed=0)[0]
+    x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.5, 0)
+    cond = {"resolution": torch.tensor([[64.0, 64.0]] * 3), "aspect_ratio": torch.ones(3, 1)}
+    want = _hooked_image_stream(model, model.transformer_blocks, lambda: model(
+        x_t, encoder_hidden_states=torch.zeros(3, 1, 12), timestep=timestep, added_cond_kwargs=cond))
+    torch.testing.assert_close(got[1:], want, rtol=0, atol=0)
+
+
+def test_flux_double_then_single_blocks_numbered_through(tmp_path):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    model = randomize_(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                              pooled_projection_dim=6, axes_dims_rope=(2, 2, 4)), seed=5).eval()
+    save_diffusers_folder(model, tmp_path / "flux")
+    ckpt = load_checkpoint(tmp_path / "flux")
+    a = ckpt.anatomy
+    assert (a.depth, a.input.channels, a.input.size, a.grid, a.width) == (4, 4, 32, 16, 16)
+    x0, ids = torch.randn(2, 4, 32, 32), torch.arange(2)
+    got = capture_blocks(ckpt, x0, None, ids, [0.25], seed=0)[0]
+    x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.25, 0)
+    assert np.allclose(timestep.numpy(), 0.25)                       # the model multiplies by 1000 itself
+    packed = x_t.reshape(2, 4, 16, 2, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 256, 16)
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    want = _hooked_image_stream(model, [*model.transformer_blocks, *model.single_transformer_blocks], lambda: model(
+        packed, encoder_hidden_states=torch.zeros(2, 1, 12), pooled_projections=torch.zeros(2, 6), timestep=timestep,
+        img_ids=img_ids, txt_ids=torch.zeros(1, 3)))
+    torch.testing.assert_close(got[1:], want, rtol=0, atol=0)
+    with torch.no_grad():                                            # block 0: the packed latents, embedded
+        torch.testing.assert_close(got[0], model.x_embedder(packed).mean(1), rtol=0, atol=0)

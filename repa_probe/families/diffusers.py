@@ -6,9 +6,14 @@ input space and its time convention.
 
     DiTTransformer2DModel   the diffusers layout of DiT (facebookresearch/DiT): DiT's discrete-VP convention,
                             class labels with the null class 1000, SD-VAE latents
+    PixArtTransformer2DModel PixArt-α/Σ: DiT blocks with cross-attention to text; discrete VP (DiT's schedule)
     SD3Transformer2DModel   Stable Diffusion 3's MMDiT: joint blocks return (text, image) streams, the image
-                            stream is captured; rectified flow fed 1000·t; text conditioning is zeros (no
-                            prompt), which every report states
+                            stream is captured; rectified flow fed 1000·t
+    FluxTransformer2DModel  Flux: double-stream then single-stream blocks, numbered through; 2×2-packed
+                            16-channel latents; rectified flow fed t (the model scales it by 1000)
+
+Text-conditioned models get no prompt: zero text embeddings (one token) and pooled projections, which every
+report states.
 
 A diffusers folder passed where a checkpoint goes (analyze, compare, inspect) is read through its
 safetensors file; `repa-probe families` lists the classes.
@@ -35,17 +40,31 @@ register_convention(Convention("flow1000", "rectified flow", "fed 1000·t (0 = d
                                _linear, lambda t: 1000 * t, velocity=lambda out, x, t: out))
 
 
+NO_PROMPT = "no prompt: text conditioning is zero embeddings (one token), pooled projections zero"
+FLUX_LATENT_SIZE = 32                      # Flux has no native size: analysed at 256-px images (16×16 tokens)
+
+
+def _standard_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.transformer_blocks)
+
+
+def _standard_geometry(c: dict) -> tuple[int, int, int]:
+    """(latent channels, latent side, patch) of the model input."""
+    return c["in_channels"], c["sample_size"], c["patch_size"]
+
+
 @dataclass(frozen=True)
 class Spec:
-    """What one diffusers class needs: its call, its input space and convention, and what a report says."""
+    """What one diffusers class needs: its call, blocks, input space and convention, and what a report says."""
     convention: str
     call: Callable[[nn.Module, dict, torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
     labels: Callable[[dict], int | None] = lambda config: None
     latent_scale: float = 0.18215
     latent_shift: float = 0.0
     vae: str | None = "stabilityai/sd-vae-ft-ema"
-    stream: int | None = None               # which element of a block's tuple output is the image stream
     note: str = ""
+    blocks: Callable[[nn.Module], list[nn.Module]] = _standard_blocks
+    geometry: Callable[[dict], tuple[int, int, int]] = _standard_geometry
 
 
 def _dit_call(model, config, x_t, timestep, labels):
@@ -59,11 +78,35 @@ def _sd3_call(model, config, x_t, timestep, labels):
     return model(x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep, return_dict=False)
 
 
+def _pixart_call(model, config, x_t, timestep, labels):
+    n, side = len(x_t), x_t.shape[-1] * 8
+    text = x_t.new_zeros(n, 1, config["caption_channels"])
+    cond = {"resolution": x_t.new_tensor([[side, side]]).expand(n, 2), "aspect_ratio": x_t.new_ones(n, 1)}
+    return model(x_t, encoder_hidden_states=text, timestep=timestep, added_cond_kwargs=cond, return_dict=False)
+
+
+def _flux_call(model, config, x_t, timestep, labels):
+    n, c, h, w = x_t.shape
+    packed = x_t.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x_t)
+    guidance = x_t.new_full((n,), 3.5) if config.get("guidance_embeds") else None
+    return model(packed, encoder_hidden_states=x_t.new_zeros(n, 1, config["joint_attention_dim"]),
+                 pooled_projections=x_t.new_zeros(n, config["pooled_projection_dim"]), timestep=timestep,
+                 img_ids=img_ids, txt_ids=x_t.new_zeros(1, 3), guidance=guidance, return_dict=False)
+
+
 SPECS = {
     "DiTTransformer2DModel": Spec("dit", _dit_call, labels=lambda c: c.get("num_embeds_ada_norm") or 1000),
+    "PixArtTransformer2DModel": Spec("dit", _pixart_call, note=NO_PROMPT),
     "SD3Transformer2DModel": Spec("flow1000", _sd3_call, latent_scale=1.5305, latent_shift=0.0609,
-                                  vae="stabilityai/stable-diffusion-3-medium-diffusers (subfolder vae)", stream=1,
-                                  note="no prompt: text conditioning is zeros (one token), pooled projection zeros"),
+                                  vae="stabilityai/stable-diffusion-3-medium-diffusers (subfolder vae)",
+                                  note=NO_PROMPT),
+    "FluxTransformer2DModel": Spec("repa", _flux_call, latent_scale=0.3611, latent_shift=0.1159,
+                                   vae="black-forest-labs/FLUX.1-dev (subfolder vae)",
+                                   note=NO_PROMPT + f"; guidance 3.5 where embedded; {FLUX_LATENT_SIZE * 8}-px images",
+                                   blocks=lambda m: [*m.transformer_blocks, *m.single_transformer_blocks],
+                                   geometry=lambda c: (c["in_channels"] // 4, FLUX_LATENT_SIZE, 2)),
 }
 
 
@@ -122,22 +165,22 @@ class DiffusersFamily(ModelFamily):
         return SPECS[type(model).__name__]
 
     def anatomy(self, model: nn.Module, meta: dict) -> Anatomy:
-        c, spec = model.config, self._spec(model)
-        width = c.num_attention_heads * c.attention_head_dim
-        return Anatomy(name=f"{type(model).__name__} ({c.num_layers} blocks, width {width})", depth=c.num_layers,
-                       width=width, grid=c.sample_size // c.patch_size, patch_size=c.patch_size,
-                       input=InputSpace("latents", c.in_channels, c.sample_size, 8, spec.latent_scale,
-                                        spec.latent_shift, spec.vae),
-                       num_classes=spec.labels(dict(c)))
+        c, spec = dict(model.config), self._spec(model)
+        width, depth = c["num_attention_heads"] * c["attention_head_dim"], len(spec.blocks(model))
+        channels, size, patch = spec.geometry(c)
+        return Anatomy(name=f"{type(model).__name__} ({depth} blocks, width {width})", depth=depth, width=width,
+                       grid=size // patch, patch_size=patch,
+                       input=InputSpace("latents", channels, size, 8, spec.latent_scale, spec.latent_shift, spec.vae),
+                       num_classes=spec.labels(c))
 
     def blocks(self, model: nn.Module):
-        return model.transformer_blocks
+        return self._spec(model).blocks(model)
 
     def forward(self, model, x_t, timestep, labels):
         return self._spec(model).call(model, dict(model.config), x_t, timestep, labels)
 
     def block_tokens(self, output: Any) -> torch.Tensor:
-        return output if isinstance(output, torch.Tensor) else output[1]     # SD3: (text, image)
+        return output if isinstance(output, torch.Tensor) else output[1]     # SD3, Flux: (text, image)
 
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """diffusers' own initialisation of the same config, seeded."""
