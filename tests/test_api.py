@@ -25,7 +25,8 @@ class JointBlock(nn.Module):
         self.img, self.txt = nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(self, hidden_states, encoder_hidden_states):
-        return self.txt(encoder_hidden_states), torch.tanh(self.img(hidden_states)) + encoder_hidden_states.mean(1, True)
+        image = torch.tanh(self.img(hidden_states)) + encoder_hidden_states.mean(1, True)
+        return self.txt(encoder_hidden_states), image
 
 
 class ToyMMDiT(nn.Module):
@@ -62,8 +63,8 @@ def hand_pooled(model: nn.Module, blocks: list[nn.Module], x: torch.Tensor, time
                 pick) -> torch.Tensor:
     """[depth + 1, N, D]: the image tokens entering block 1 and leaving every block, averaged over tokens."""
     seen = []
-    handles = [blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append(pick(a[0] if a else kw["hidden_states"])),
-                                                   with_kwargs=True)]
+    handles = [blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(pick(a[0] if a else kw["hidden_states"])), with_kwargs=True)]
     handles += [b.register_forward_hook(lambda m, a, out: seen.append(pick(out))) for b in blocks]
     with torch.no_grad():
         call(model, x, timestep, None)
@@ -118,8 +119,9 @@ def test_a_module_and_its_checkpoint_file_give_identical_numbers(tmp_path, cifar
     common = dict(data=str(cifar_dir / "test"), encoders=["cifar-ssl-resnet"], ts=[0, 0.5], cache=str(tmp_path / "c"),
                   **FAST)
     from_file = repa_probe.analyze(str(path), **common)
-    in_memory = repa_probe.analyze(model, blocks="blocks", convention=from_file.results.models[0].ckpt.provenance.convention,
-                                   image_size=16, num_classes=10, name="notebook", **common)
+    convention = from_file.results.models[0].ckpt.provenance.convention
+    in_memory = repa_probe.analyze(model, blocks="blocks", convention=convention, image_size=16, num_classes=10,
+                                   name="notebook", **common)
     a, b = from_file.table, in_memory.table
     for kind in ("model", "raw-input"):
         x, y = a[a["kind"] == kind], b[b["kind"] == kind]
@@ -128,7 +130,7 @@ def test_a_module_and_its_checkpoint_file_give_identical_numbers(tmp_path, cifar
     assert set(a["metric"]) == {"cknna", "probe_top1"}
 
     both = repa_probe.analyze([str(path), model], blocks="blocks", image_size=16, num_classes=10, name="notebook",
-                              convention=from_file.results.models[0].ckpt.provenance.convention, **common)
+                              convention=convention, **common)
     deltas = pd_deltas(both)
     assert len(deltas) and np.allclose(deltas["delta"], 0) and list(both.summary["compare"][0].values())[:2] == \
         ["sit", "notebook"]

@@ -25,7 +25,7 @@ from repa_probe.families.base import FAMILIES, Anatomy, InputSpace, ModelFamily,
 from repa_probe.noise import get_convention
 from repa_probe.runtime import latest_in_run
 
-__all__ = ["FAMILIES", "Anatomy", "InputSpace", "ModelFamily", "register_family", "load_checkpoint", "sit",
+__all__ = ["FAMILIES", "Anatomy", "InputSpace", "ModelFamily", "register_family", "load_checkpoint", "sit", "diffusers",
            "inspect_rows", "detect_family"]
 
 

@@ -73,7 +73,8 @@ class ModuleFamily(ModelFamily):
         for part in self.block_spec.split("."):
             if not hasattr(found, part):
                 raise UserError(f"blocks={self.block_spec!r}: {type(model).__name__} has no attribute path "
-                                f"'{self.block_spec}' (its children: {', '.join(n for n, _ in model.named_children())})")
+                                f"'{self.block_spec}' (its children: "
+                                f"{', '.join(n for n, _ in model.named_children())})")
             found = getattr(found, part)
         if not isinstance(found, (nn.ModuleList, nn.Sequential, list, tuple)) or not len(found):
             raise UserError(f"blocks={self.block_spec!r} is a {type(found).__name__}, not a non-empty list of blocks")
