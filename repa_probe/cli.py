@@ -56,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         num_classes=args.num_classes, model=args.model, depth=args.depth, width=args.width, heads=args.heads,
         qk_norm=args.qk_norm, encoders=args.encoder or [], encoder_random_init=args.encoder_random_init,
         repa_depth=args.repa_depth, repa_coeff=args.repa_coeff, projector_dim=args.projector_dim,
+        projector=args.projector, projector_kernel=args.projector_kernel, spatial_norm=args.spatial_norm,
+        zscore_alpha=args.zscore_alpha,
         weighting=args.weighting, cfg_prob=args.cfg_prob, batch=args.batch, steps=args.steps, lr=args.lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision,
         tf32=args.tf32, compile=args.compile, seed=args.seed, num_workers=args.workers, device=args.device,
@@ -355,6 +357,12 @@ def _add_train_commands(sub) -> None:
                    help="λ of the alignment loss; 0 = vanilla SiT (default 0.5)")
     g.add_argument("--projector-dim", type=count(1, 65_536), default=2048,
                    help="projector MLP width (default: 2048, as REPA)")
+    g.add_argument("--projector", choices=["mlp", "conv"], default="mlp",
+                   help="mlp (REPA, default) or conv (iREPA: one k×k convolution over the token grid)")
+    g.add_argument("--projector-kernel", type=count(1, 15), default=3, help="conv projector kernel (default: 3)")
+    g.add_argument("--spatial-norm", choices=["none", "zscore"], default="none",
+                   help="iREPA: z-score each target channel over the image's tokens, z ← (z − α·mean)/(std + 1e-6)")
+    g.add_argument("--zscore-alpha", type=nonneg_float, default=0.6, help="α of --spatial-norm zscore (default 0.6)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=count(1, 1 << 20), default=256, help="global batch size (default: 256)")
     g.add_argument("--steps", type=positive_int, default=400_000)

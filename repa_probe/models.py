@@ -40,6 +40,8 @@ class ModelConfig:
     z_dims: list[int] = field(default_factory=list)  # one REPA projector per target encoder
     projector_dim: int = 2048
     encoder_depth: int = 0        # REPA: projectors read the output of this block (1-based); 0 = none
+    projector: str = "mlp"        # "mlp" (REPA) or "conv" (iREPA: one k×k convolution over the token grid)
+    projector_kernel: int = 3
 
     @property
     def num_patches(self) -> int:
@@ -194,8 +196,29 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA's projector h_φ: Linear D→2048, SiLU, Linear 2048→2048, SiLU, Linear 2048→z_dim."""
+class ConvProjector(nn.Module):
+    """iREPA's projector (Singh et al. 2025): one k×k convolution over the token grid, D → z_dim, padded so
+    the grid keeps its size; a token's projection sees its neighbours, which carries spatial structure."""
+
+    def __init__(self, hidden_size: int, z_dim: int, kernel: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden_size, z_dim, kernel, padding=kernel // 2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        N, T, D = h.shape
+        side = int(round(T ** 0.5))
+        grid = h.transpose(1, 2).reshape(N, D, side, side)
+        return self.conv(grid).flatten(2).transpose(1, 2)           # (N, T, z_dim)
+
+
+def build_projector(hidden_size: int, projector_dim: int, z_dim: int, kind: str = "mlp",
+                    kernel: int = 3) -> nn.Module:
+    """REPA's projector h_φ: Linear D→2048, SiLU, Linear 2048→2048, SiLU, Linear 2048→z_dim (tokens one by
+    one); or iREPA's ConvProjector (kind="conv")."""
+    if kind == "conv":
+        return ConvProjector(hidden_size, z_dim, kernel)
+    if kind != "mlp":
+        raise ValueError(f"unknown projector {kind!r}: use 'mlp' or 'conv'")
     return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, z_dim))
@@ -221,7 +244,8 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList(
             [SiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)])
         self.projectors = nn.ModuleList(
-            [build_projector(D, config.projector_dim, z) for z in config.z_dims])
+            [build_projector(D, config.projector_dim, z, config.projector, config.projector_kernel)
+             for z in config.z_dims])
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.initialize_weights()
 
@@ -268,7 +292,8 @@ class SiT(nn.Module):
             h = block(h, c)                                           # (N, T, D)
             if return_zs and i + 1 == self.config.encoder_depth:
                 N, T, D = h.shape
-                zs = [projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
+                zs = [projector(h) if isinstance(projector, ConvProjector) else
+                      projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
         out = self.unpatchify(self.final_layer(h, c))                 # (N, out_channels, H, W)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]                   # drop the variance half

@@ -76,8 +76,9 @@ def runs(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = cifar_dir / "test"
     paths = {}
-    for name, coeff in (("vanilla", 0.0), ("repa", 0.5)):
-        paths[name] = train(tiny_config(data, root / name, coeff))
+    for name, coeff, extra in (("vanilla", 0.0, {}), ("repa", 0.5, {}),
+                               ("irepa", 0.5, dict(projector="conv", spatial_norm="zscore"))):
+        paths[name] = train(tiny_config(data, root / name, coeff, **extra))
     return {name: path.parents[1] for name, path in paths.items()} | {"data": data}
 
 
@@ -100,18 +101,25 @@ def test_tiny_vanilla_and_repa_runs_train_and_checkpoints_load(runs):
 
 
 def test_vanilla_and_repa_runs_see_identical_inputs_and_sit_init(runs):
-    vanilla, repa = log_rows(runs["vanilla"]), log_rows(runs["repa"])
-    assert [r["inputs_sha256"] for r in vanilla] == [r["inputs_sha256"] for r in repa]   # ids, t, ε, label drop
-    init = {name: log_rows(runs[name], "start")[0]["sit_init_sha256"] for name in ("vanilla", "repa")}
-    assert init["vanilla"] == init["repa"]
+    vanilla, repa, irepa = (log_rows(runs[name]) for name in ("vanilla", "repa", "irepa"))
+    assert [r["inputs_sha256"] for r in vanilla] == [r["inputs_sha256"] for r in repa] == \
+        [r["inputs_sha256"] for r in irepa]                                            # ids, t, ε, label drop
+    init = {name: log_rows(runs[name], "start")[0]["sit_init_sha256"] for name in ("vanilla", "repa", "irepa")}
+    assert init["vanilla"] == init["repa"] == init["irepa"]
+    assert irepa[-1]["loss_repa"] < irepa[0]["loss_repa"] - 0.2
+    conv = load_checkpoint(runs["irepa"] / "checkpoints" / f"{STEPS:07d}.pt")
+    assert (conv.config.projector, conv.config.projector_kernel, conv.config.z_dims) == ("conv", 3, [64])
     config = ModelConfig.from_dict(read_checkpoint(runs["repa"] / "checkpoints" / f"{STEPS:07d}.pt")["config"])
     assert sit_sha256(init_model(config, seed=0)) == init["repa"]      # recomputed from scratch
     assert sit_sha256(init_model(config, seed=1)) != init["repa"]
 
 
-def test_first_logged_loss_equals_hand_computation_on_the_first_batch(runs):
-    """Step 1's logged loss is the initial model's loss on batch 1: recompute it here from the images."""
-    path = runs["repa"] / "checkpoints" / f"{STEPS:07d}.pt"
+@pytest.mark.parametrize("name", ["repa", "irepa"])
+def test_first_logged_loss_equals_hand_computation_on_the_first_batch(runs, name):
+    """Step 1's logged loss is the initial model's loss on batch 1: recompute it here from the images. For
+    iREPA the projection is a 3×3 convolution of block 1's tokens laid out on their 8×8 grid, and the
+    teacher's tokens are z-scored over each image's tokens with α = 0.6 (iREPA's spatial normalisation)."""
+    path = runs[name] / "checkpoints" / f"{STEPS:07d}.pt"
     config = ModelConfig.from_dict(read_checkpoint(path)["config"])
     dataset = ImageDataset(runs["data"], 16)
     ids = ResumableShardSampler(len(dataset), 16, 0, 1, seed=0, start_step=0, total_steps=1).global_batch_indices(0)
@@ -126,12 +134,20 @@ def test_first_logged_loss_equals_hand_computation_on_the_first_batch(runs):
     with torch.no_grad():
         x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
         out, (z,) = model(x_t, t, y, return_zs=True)
+        if name == "irepa":
+            assert config.projector == "conv" and config.projector_kernel == 3
+            h, c = model.embed(x_t, t, y)
+            grid = model.blocks[0](h, c).reshape(16, 8, 8, 64).permute(0, 3, 1, 2)      # row-major token grid
+            conv = model.projectors[0].conv
+            z_hand = F.conv2d(grid, conv.weight, conv.bias, padding=1).permute(0, 2, 3, 1).reshape(16, 64, -1)
+            torch.testing.assert_close(z, z_hand, rtol=1e-5, atol=1e-6)
+            tokens = (tokens - 0.6 * tokens.mean(1, keepdim=True)) / (tokens.std(1, keepdim=True) + 1e-6)
         mse = ((out - (noise - x)) ** 2).mean()
         cos = (z * tokens).sum(-1) / (z.norm(dim=-1) * tokens.norm(dim=-1))
         expected = mse - 0.5 * cos.mean()
         loss, denoise, align = training_loss(model, x, y, t, noise, [tokens], 0.5)
     assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(align, -cos.mean(), atol=1e-6)
-    first = log_rows(runs["repa"])[0]
+    first = log_rows(runs[name])[0]
     assert first["step"] == 1
     assert first["loss"] == pytest.approx(expected.item(), abs=1e-5)
     assert first["loss_denoise"] == pytest.approx(mse.item(), abs=1e-5)
@@ -292,6 +308,7 @@ def test_train_bad_input_is_one_line_exit_2(case, cifar_dir, tmp_path):
     ({"--repa-coeff": 0, "--width": 60, "--heads": 7}, "--heads"),
     ({"--repa-coeff": 0, "--model": "DiT-S/2"}, "SiT"),
     ({"--repa-coeff": 0, "--batch": 0}, "--batch"),
+    ({"--repa-coeff": 0, "--projector": "conv", "--projector-kernel": 2}, "--projector-kernel 2 must be odd"),
 ])
 def test_train_rejects_bad_settings_before_loading_anything(flags, needle, cifar_dir, tmp_path, capsys):
     from repa_probe.cli import main

@@ -102,7 +102,9 @@ class SiTFamily(ModelFamily):
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         c = ckpt.config
-        proj = ", ".join(f"{c.hidden_size}→{c.projector_dim}→{z}" for z in c.z_dims) or "none"
+        proj = ", ".join(f"{c.hidden_size}→{c.projector_dim}→{z}" if c.projector == "mlp" else
+                         f"conv {c.projector_kernel}×{c.projector_kernel} {c.hidden_size}→{z} (iREPA)"
+                         for z in c.z_dims) or "none"
         return [("architecture", size_name(c, "DiT" if ckpt.provenance.convention == "dit" else "SiT")),
                 ("width / depth / heads", f"{c.hidden_size} / {c.depth} / {c.num_heads}"),
                 ("input", f"{c.in_channels}×{c.input_size}×{c.input_size}, patch {c.patch_size} → "
@@ -229,10 +231,15 @@ def config_from_state_dict(sd: dict, path: str | Path = "<state dict>", hints: d
     qk_norm = "blocks.0.attn.q_norm.weight" in sd
     heads = _heads(sd, hidden, depth, qk_norm, hints, path)
     out_rows = sd["final_layer.linear.weight"].shape[0] if "final_layer.linear.weight" in sd else patch * patch * in_ch
-    z_dims, proj_dim, k = [], 2048, 0
-    while f"projectors.{k}.4.weight" in sd:
-        z_dims.append(int(sd[f"projectors.{k}.4.weight"].shape[0]))
-        proj_dim = int(sd[f"projectors.{k}.0.weight"].shape[0])
+    z_dims, proj_dim, k, kind, kernel = [], 2048, 0, "mlp", 3
+    while f"projectors.{k}.4.weight" in sd or f"projectors.{k}.conv.weight" in sd:
+        if f"projectors.{k}.conv.weight" in sd:                  # iREPA's convolution (z, D, k, k)
+            w = sd[f"projectors.{k}.conv.weight"]
+            z_dims.append(int(w.shape[0]))
+            kind, kernel = "conv", int(w.shape[-1])
+        else:
+            z_dims.append(int(sd[f"projectors.{k}.4.weight"].shape[0]))
+            proj_dim = int(sd[f"projectors.{k}.0.weight"].shape[0])
         k += 1
     enc_depth = hints.get("encoder_depth")
     if enc_depth is None and z_dims:
@@ -245,7 +252,8 @@ def config_from_state_dict(sd: dict, path: str | Path = "<state dict>", hints: d
                        depth=depth, num_heads=heads, mlp_ratio=mlp_hidden / hidden,
                        num_classes=(table.shape[0] - 1) if table is not None else 1000,
                        learn_sigma=out_rows == 2 * patch * patch * in_ch, qk_norm=qk_norm,
-                       z_dims=z_dims, projector_dim=proj_dim, encoder_depth=int(enc_depth or 0))
+                       z_dims=z_dims, projector_dim=proj_dim, encoder_depth=int(enc_depth or 0), projector=kind,
+                       projector_kernel=kernel)
 
 
 def _heads(sd: dict, hidden: int, depth: int, qk_norm: bool, hints: dict, path) -> int:

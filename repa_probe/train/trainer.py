@@ -68,7 +68,7 @@ from repa_probe.models import SiT, ModelConfig, build_projector, model_config, s
 from repa_probe.runtime import (atomic_write, autocast, checkpoint_step, init_distributed, latest_checkpoint,
                                 local_rank, rank, remove_stale_tmp, resolve_device, resolve_precision,
                                 state_dict_sha256, world_size, write_text_atomic)
-from repa_probe.train.loss import WEIGHTINGS, sample_t, training_loss
+from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
 
 
 @dataclass
@@ -92,6 +92,10 @@ class TrainConfig:
     repa_depth: int | None = None        # 1-based block whose output is aligned; None: REPA's for the size
     repa_coeff: float = 0.5              # λ; 0 = vanilla SiT (encoders, if given, serve the analysis only)
     projector_dim: int = 2048            # hidden width of the projector MLPs (REPA: 2048)
+    projector: str = "mlp"               # "mlp" (REPA) or "conv" (iREPA: a k×k convolution over the grid)
+    projector_kernel: int = 3
+    spatial_norm: str = "none"           # "zscore" (iREPA): target tokens z ← (z − α·mean_T z) / (std_T z + ε)
+    zscore_alpha: float = 0.6
     # objective
     weighting: str = "uniform"           # t ~ U(0, 1), or "lognormal"
     cfg_prob: float = 0.1                # class-label dropout (null class = num_classes)
@@ -134,7 +138,8 @@ class TrainConfig:
 
 # Settings a resumed run must share with the checkpoint (the rest, e.g. steps or logging, may change).
 RESUME_MUST_MATCH = ("data", "image_size", "mode", "num_classes", "model", "depth", "width", "heads", "qk_norm",
-                     "encoders", "encoder_random_init", "repa_depth", "repa_coeff", "projector_dim", "weighting",
+                     "encoders", "encoder_random_init", "repa_depth", "repa_coeff", "projector_dim", "projector",
+                     "projector_kernel", "spatial_norm", "zscore_alpha", "weighting",
                      "cfg_prob", "batch", "lr", "beta1", "beta2", "weight_decay", "adam_eps", "grad_clip", "ema_decay",
                      "precision", "seed")
 
@@ -219,10 +224,10 @@ def init_model(config: ModelConfig, seed: int) -> SiT:
         torch.manual_seed(seed)
         model = SiT(dataclasses.replace(config, z_dims=[]))
         g = torch.Generator().manual_seed(stream_seed(seed, "projectors"))
-        projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z)
-                                    for z in config.z_dims])
+        projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z, config.projector,
+                                                    config.projector_kernel) for z in config.z_dims])
     for module in projectors.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(module.weight, generator=g)
             nn.init.zeros_(module.bias)
     model.projectors = projectors              # same slot as SiT(config) would fill: identical key order
@@ -276,7 +281,7 @@ def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) ->
     latent = cfg.mode == "latents"
     overrides = dict(input_size=cfg.image_size // 8 if latent else cfg.image_size, in_channels=4 if latent else 3,
                      num_classes=num_classes, qk_norm=cfg.qk_norm, z_dims=z_dims,
-                     projector_dim=cfg.projector_dim)
+                     projector_dim=cfg.projector_dim, projector=cfg.projector, projector_kernel=cfg.projector_kernel)
     for key, value in (("depth", cfg.depth), ("hidden_size", cfg.width), ("num_heads", cfg.heads),
                        ("encoder_depth", cfg.repa_depth)):
         if value is not None:
@@ -307,6 +312,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--latents needs a VAE (--latents VAE_DIR) and an --image-size divisible by 8")
     if cfg.weighting not in WEIGHTINGS:
         raise UserError(f"--weighting {cfg.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    if cfg.projector not in ("mlp", "conv") or cfg.spatial_norm not in ("none", "zscore"):
+        raise UserError(f"--projector {cfg.projector!r} / --spatial-norm {cfg.spatial_norm!r}: use mlp or conv / "
+                        f"none or zscore")
+    if cfg.projector == "conv" and cfg.projector_kernel % 2 == 0:
+        raise UserError(f"--projector-kernel {cfg.projector_kernel} must be odd (the padding keeps the token grid)")
     if cfg.repa_coeff < 0:
         raise UserError(f"--repa-coeff {cfg.repa_coeff} must be ≥ 0 (0 = vanilla SiT)")
     if cfg.repa_coeff > 0 and not cfg.encoders:
@@ -565,6 +575,8 @@ def train(cfg: TrainConfig) -> Path:
         x = to_model_space(images, cfg.mode, run.vae, generator=posterior)
         y = torch.where(drop_all[part], run.num_classes, labels)
         targets = encoder_targets(run.encoders, images, grid, amp) if repa else []
+        if cfg.spatial_norm == "zscore":
+            targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
         sums += train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
                            targets, cfg)
         n_sum += 1
@@ -657,6 +669,8 @@ def _restore(path: Path, cfg: TrainConfig, model: SiT, ema: SiT, optimizer: torc
     saved, mine = dict(obj["meta"].get("train_config", {})), cfg.to_dict()
     for d in (saved, mine):                       # the same folder, however it was spelled
         d["data"] = os.path.realpath(d["data"]) if d.get("data") else d.get("data")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # settings added since it was saved
+    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_MUST_MATCH}
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != mine[k]]
     if diff:
         raise UserError(f"cannot resume from '{path}': settings differ ({'; '.join(diff[:3])}); use the same "
