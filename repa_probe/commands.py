@@ -53,7 +53,7 @@ def resolve_checkpoint(arg: str, download: bool = False) -> str:
     name = Path(arg).name
     if name in CHECKPOINTS and (download or (cache_root() / "checkpoints" / name).is_file()):
         return str(official_checkpoint(name))
-    hint = f" (an official checkpoint: add --download to fetch it)" if name in CHECKPOINTS else ": check the path"
+    hint = " (an official checkpoint: add --download to fetch it)" if name in CHECKPOINTS else ": check the path"
     raise UserError(f"checkpoint '{path}' does not exist{hint}")
 
 

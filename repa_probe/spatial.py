@@ -115,8 +115,8 @@ def local_distant_similarity(tokens, grid: Grid, r_near: int = 2, r_far: int = 6
 
     each expectation a plain mean over all token pairs of the image in that distance band. The paper
     defines LDS this way (its spatial-structure metric, the one reported with |r| > 0.85 against FID).
-    Defaults r_near = 2 (the 4-neighbours, d = 1) and r_far = 6 are the authors'. High LDS: neighbouring tokens agree and distant ones do not;
-    LDS ≈ 0 when similarity does not depend on position (e.g. the tokens shuffled across the grid).
+    Defaults r_near = 2 (the 4-neighbours, d = 1) and r_far = 6 are the authors'. High LDS: neighbouring
+    tokens agree and distant ones do not; LDS ≈ 0 when similarity does not depend on position (e.g. the tokens shuffled across the grid).
     """
     sums, counts = distance_sums(tokens, grid)
     if not 1 < r_near <= r_far < len(counts):

@@ -94,7 +94,7 @@ def test_sd3_joint_blocks_give_the_image_stream(tmp_path):
                        seed=3).eval()
     save_diffusers_folder(model, tmp_path / "sd3")
     ckpt = load_checkpoint(tmp_path / "sd3")
-    assert ckpt.provenance.convention == "flow1000" and "zeros" in ckpt.provenance.warnings[0]
+    assert ckpt.provenance.convention == "flow1000" and "no prompt" in ckpt.provenance.warnings[0]
     x0, ids = torch.randn(3, 4, 8, 8), torch.arange(3)
     got = capture_blocks(ckpt, x0, None, ids, [0.75], seed=0)[0]
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.75, 0)

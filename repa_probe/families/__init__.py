@@ -4,6 +4,7 @@
 registered family that recognises it. Capture, analysis and sampling speak only the protocol of
 `families.base.ModelFamily`, through the `LoadedCheckpoint` it returns (its `family` and `anatomy`).
 
+    lightningdit.py  LightningDiT (hustvl): SwiGLU, RMSNorm, RoPE blocks on VA-VAE latents
     sit.py        SiT / DiT / REPA checkpoints (official releases, REPA's training dicts, ours)
     diffusers.py  diffusers model folders (DiTTransformer2DModel, SD3Transformer2DModel)
     module.py     any nn.Module described in Python (repa_probe.analyze), not registered
@@ -19,13 +20,15 @@ import torch
 
 from repa_probe.checkpoints import LoadedCheckpoint, read_checkpoint
 from repa_probe.errors import UserError
-from repa_probe.families import sit  # noqa: I001 (registration order: SiT/DiT files first)
+from repa_probe.families import lightningdit  # noqa: I001 (registration order: its keys extend SiT's)
+from repa_probe.families import sit
 from repa_probe.families import diffusers
 from repa_probe.families.base import FAMILIES, Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.noise import get_convention
 from repa_probe.runtime import latest_in_run
 
 __all__ = ["FAMILIES", "Anatomy", "InputSpace", "ModelFamily", "register_family", "load_checkpoint", "sit", "diffusers",
+           "lightningdit",
            "inspect_rows", "detect_family"]
 
 

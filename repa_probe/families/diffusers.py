@@ -32,7 +32,7 @@ from repa_probe.checkpoints import LoadedCheckpoint, Provenance
 from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.noise import Convention, _linear, register_convention
-from repa_probe.runtime import file_sha256, state_dict_sha256
+from repa_probe.runtime import file_sha256
 
 # SD3 and Flux: x_t = (1 − σ)·x + σ·ε fed timestep 1000·σ; canonical t is σ (the schedule's shift only
 # decides which σ a sampler visits, not how a σ is fed)
@@ -185,12 +185,7 @@ class DiffusersFamily(ModelFamily):
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """diffusers' own initialisation of the same config, seeded."""
         torch.manual_seed(seed)
-        model = self._build(ckpt.config).eval()
-        prov = Provenance(path="<untrained>", format=ckpt.provenance.format, weights="init",
-                          convention=ckpt.provenance.convention, convention_source=ckpt.provenance.convention_source,
-                          sha256=state_dict_sha256(model.state_dict(), ordered=True), family=self.name)
-        return LoadedCheckpoint(model=model.to(next(ckpt.model.parameters()).device), config=ckpt.config,
-                                provenance=prov, meta={}, family=self, anatomy=ckpt.anatomy)
+        return self.as_untrained(ckpt, self._build(ckpt.config))
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         c = ckpt.anatomy

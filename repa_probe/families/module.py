@@ -120,11 +120,9 @@ class ModuleFamily(ModelFamily):
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        prov = Provenance(path="<untrained>", format=ckpt.provenance.format, weights="init",
-                          convention=ckpt.provenance.convention, convention_source="given",
-                          sha256=state_dict_sha256(model.state_dict(), ordered=True), family=self.name)
-        return LoadedCheckpoint(model=model.eval(), config=None, provenance=prov, meta=ckpt.meta, family=self,
-                                anatomy=ckpt.anatomy)
+        untrained = self.as_untrained(ckpt, model)
+        untrained.provenance.format = ckpt.provenance.format     # the call's digest keeps its cache entries apart
+        return untrained
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         spec = self.block_spec if isinstance(self.block_spec, str) else f"{len(self.block_spec)} modules"

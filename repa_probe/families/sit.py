@@ -28,7 +28,7 @@ from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.models import REPA_DEPTH, SIZES, ModelConfig, SiT, size_name
 from repa_probe.noise import CONVENTIONS, get_convention
-from repa_probe.runtime import file_sha256, state_dict_sha256
+from repa_probe.runtime import file_sha256
 
 OFFICIAL_FILE_NAMES = {  # released file name pattern → time convention
     r"DiT-XL-2-(256|512)x(256|512)\.pt": "dit",
@@ -93,12 +93,7 @@ class SiTFamily(ModelFamily):
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """DiT's initialisation (adaLN-Zero: every block starts as the identity), seeded."""
         torch.manual_seed(seed)
-        model = SiT(ckpt.config).eval()
-        prov = Provenance(path="<untrained>", format="untrained", weights="init",
-                          convention=ckpt.provenance.convention, convention_source=ckpt.provenance.convention_source,
-                          sha256=state_dict_sha256(model.state_dict(), ordered=True), family=self.name)
-        return LoadedCheckpoint(model=model, config=ckpt.config, provenance=prov, meta=dict(ckpt.meta), family=self,
-                                anatomy=ckpt.anatomy)
+        return self.as_untrained(ckpt, SiT(ckpt.config))
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         c = ckpt.config
