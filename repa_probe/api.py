@@ -62,7 +62,8 @@ def _load(model: Any, cfg: AnalyzeConfig, describe: dict, index: int) -> tuple[L
         return ckpt, describe.get("name") or f"{type(model).__name__}" + (f"-{index + 1}" if index else "")
     if isinstance(model, (str, os.PathLike)):
         path = resolve_checkpoint(str(model), cfg.download)
-        return load_checkpoint(path, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads), str(model)
+        return load_checkpoint(path, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads,
+                               text_embeddings=cfg.text_embeddings), str(model)
     raise UserError(f"cannot analyse a {type(model).__name__}: pass a checkpoint path, a run folder, a loaded "
                     f"checkpoint or an nn.Module (with blocks=, call=, convention=, image_size=)")
 

@@ -89,7 +89,7 @@ def _analyze_config(args: argparse.Namespace, data: str):
     encoders = [e for spec in (args.encoder or []) for e in spec.split(",") if e]
     return AnalyzeConfig(
         data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
-        download=args.download,
+        download=args.download, text_embeddings=args.text_embeddings,
         probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
         probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
         bootstrap=args.bootstrap, null=args.null, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
@@ -169,6 +169,9 @@ def _add_analysis_commands(sub) -> None:
                             "comma-separate for several; see `repa-probe encoders`. Without one, only probes run")
         g.add_argument("--encoder-random-init", action="store_true",
                        help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
+        g.add_argument("--text-embeddings", type=path, default=None, metavar="FILE",
+                       help="text-conditioned diffusers models (PixArt, SD3, Flux): a prompt's embeddings "
+                            "(prompt_embeds, pooled_prompt_embeds; .pt or .safetensors); default: zeros, as reported")
         g.add_argument("--download", action="store_true",
                        help="fetch what is missing: official DiT/SiT/REPA checkpoints named by file name "
                             "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt) and encoder weights, into "

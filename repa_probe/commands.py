@@ -69,7 +69,8 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
     paths = [resolve_checkpoint(p, config.download) for p in checkpoints]   # missing files fail before loading
     pipeline = Pipeline(config)
     cfg = pipeline.cfg
-    loaded = [load_checkpoint(p, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads) for p in paths]
+    loaded = [load_checkpoint(p, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads,
+                              text_embeddings=cfg.text_embeddings) for p in paths]
     results = run_pipeline(loaded, unique_names(checkpoints), cfg, pipeline)
     return compose.write(results, out, {"total": time.perf_counter() - start})
 

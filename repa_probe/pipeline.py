@@ -92,6 +92,7 @@ class AnalyzeConfig:
     convention: str | None = None
     weights: str = "ema"
     heads: int | None = None
+    text_embeddings: str | None = None          # a prompt's embeddings for text-conditioned diffusers models
     quiet: bool = False
     samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
     notes: list[str] = field(default_factory=list)

@@ -204,7 +204,7 @@ def test_random_bytes_give_clear_error(tmp_path):
 def test_resnet_state_dict_is_named_as_not_a_dit(tmp_path):
     path = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(UserError, match=r"not a DiT/SiT state dict or any model family repa-probe knows \(lightningdit, sit, diffusers\): "
+    with pytest.raises(UserError, match=r"not a DiT/SiT state dict or any model family repa-probe knows \(lightningdit, sit, repae, diffusers\): "
                                         r"missing key 'x_embedder.proj.weight'; its first key is 'conv1.weight' "
                                         r"with shape \[64, 3, 7, 7\]"):
         load_checkpoint(path)

@@ -191,3 +191,39 @@ def test_flux_double_then_single_blocks_numbered_through(tmp_path):
     torch.testing.assert_close(got[1:], want, rtol=0, atol=0)
     with torch.no_grad():                                            # block 0: the packed latents, embedded
         torch.testing.assert_close(got[0], model.x_embedder(packed).mean(1), rtol=0, atol=0)
+
+
+def test_sd3_prompt_embeddings_from_a_file(tmp_path):
+    """--text-embeddings: the captured image stream is what SD3 computes with that prompt; the report names
+    the file and the cache keeps the two conditionings apart; wrong shapes and text-free models are refused."""
+    from safetensors.torch import save_file
+    from repa_probe.errors import UserError
+    torch.manual_seed(0)
+    model = randomize_(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                             caption_projection_dim=16, pooled_projection_dim=6, pos_embed_max_size=8),
+                       seed=3).eval()
+    save_diffusers_folder(model, tmp_path / "sd3")
+    prompt, pooled = torch.randn(1, 5, 12), torch.randn(1, 6)
+    save_file({"prompt_embeds": prompt, "pooled_prompt_embeds": pooled}, tmp_path / "prompt.safetensors")
+    zero = load_checkpoint(tmp_path / "sd3")
+    ckpt = load_checkpoint(tmp_path / "sd3", text_embeddings=str(tmp_path / "prompt.safetensors"))
+    assert "prompt.safetensors" in ckpt.provenance.warnings[-1] and ckpt.provenance.format != zero.provenance.format
+    x0, ids = torch.randn(3, 4, 8, 8), torch.arange(3)
+    got = capture_blocks(ckpt, x0, None, ids, [0.5], seed=0)[0]
+    x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.5, 0)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(out[1])) for b in model.transformer_blocks]
+    with torch.no_grad():
+        model(x_t, encoder_hidden_states=prompt.expand(3, -1, -1), pooled_projections=pooled.expand(3, -1),
+              timestep=timestep)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(got[1:], torch.stack([s.mean(1) for s in seen]), rtol=0, atol=0)
+    assert not torch.equal(got[1:], capture_blocks(zero, x0, None, ids, [0.5], seed=0)[0][1:])
+    save_file({"prompt_embeds": torch.randn(5, 7)}, tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match=r"must hold prompt_embeds \(L, 12\) and pooled_prompt_embeds \(6,\)"):
+        load_checkpoint(tmp_path / "sd3", text_embeddings=str(tmp_path / "bad.safetensors"))
+    _, dit = tiny_dit(tmp_path)
+    with pytest.raises(UserError, match="takes no text"):
+        dit.family.condition(dit, str(tmp_path / "prompt.safetensors"))

@@ -6,6 +6,7 @@ registered family that recognises it. Capture, analysis and sampling speak only 
 
     lightningdit.py  LightningDiT (hustvl): SwiGLU, RMSNorm, RoPE blocks on VA-VAE latents
     sit.py        SiT / DiT / REPA checkpoints (official releases, REPA's training dicts, ours)
+    repae.py      REPA-E: SiT trained end to end with its VAE; latent BatchNorm folded into the VAE
     diffusers.py  diffusers model folders (DiTTransformer2DModel, SD3Transformer2DModel)
     module.py     any nn.Module described in Python (repa_probe.analyze), not registered
 
@@ -22,13 +23,14 @@ from repa_probe.checkpoints import LoadedCheckpoint, read_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.families import lightningdit  # noqa: I001 (registration order: its keys extend SiT's)
 from repa_probe.families import sit
+from repa_probe.families import repae
 from repa_probe.families import diffusers
 from repa_probe.families.base import FAMILIES, Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.noise import get_convention
 from repa_probe.runtime import latest_in_run
 
 __all__ = ["FAMILIES", "Anatomy", "InputSpace", "ModelFamily", "register_family", "load_checkpoint", "sit", "diffusers",
-           "lightningdit",
+           "lightningdit", "repae",
            "inspect_rows", "detect_family"]
 
 
@@ -52,14 +54,16 @@ def detect_family(obj: object, path: Path) -> ModelFamily:
 
 
 def load_checkpoint(path: str | os.PathLike, convention: str | None = None, weights: str = "ema",
-                    device: str | torch.device = "cpu", heads: int | None = None) -> LoadedCheckpoint:
+                    device: str | torch.device = "cpu", heads: int | None = None,
+                    text_embeddings: str | None = None) -> LoadedCheckpoint:
     """Load any supported checkpoint → model (eval mode) + config + provenance + family + anatomy.
 
     convention: a registered time convention ("sit", "dit", "repa") overriding detection (official SiT and
     DiT files have identical keys and shapes, so for them it comes from this flag, else from the official
     file name, else it is assumed and the assumption is recorded in provenance.warnings).
     weights: "ema" (default, where the file has both) or "model". heads: the attention heads, where the
-    weights cannot tell (a custom width without qk-norm).
+    weights cannot tell (a custom width without qk-norm). text_embeddings: a prompt's embeddings file for
+    text-conditioned models (diffusers.py), else they get zero text conditioning (and their reports say so).
     """
     if convention is not None:
         get_convention(convention)
@@ -69,6 +73,8 @@ def load_checkpoint(path: str | os.PathLike, convention: str | None = None, weig
     obj = read_checkpoint(path)
     family = detect_family(obj, path)
     ckpt = family.load(obj, path, convention=convention, weights=weights, device=device, heads=heads)
+    if text_embeddings:
+        family.condition(ckpt, text_embeddings)
     for name, p in ckpt.model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise UserError(f"checkpoint '{path}' has NaN or infinite weights ('{name}', {ckpt.provenance.weights} "

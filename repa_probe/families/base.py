@@ -98,6 +98,11 @@ class ModelFamily(ABC):
         """Family-specific rows for `repa-probe inspect`."""
         return []
 
+    def condition(self, ckpt: LoadedCheckpoint, path: str) -> None:
+        """Set a text conditioning for every image from an embeddings file (text-conditioned families)."""
+        from repa_probe.errors import UserError
+        raise UserError(f"--text-embeddings: a {self.name} model takes no text conditioning")
+
     def as_untrained(self, ckpt: LoadedCheckpoint, model: nn.Module) -> LoadedCheckpoint:
         """`model`, freshly initialised with ckpt's architecture, as ckpt's untrained baseline (for `untrained`)."""
         from repa_probe.checkpoints import LoadedCheckpoint, Provenance

@@ -40,7 +40,9 @@ register_convention(Convention("flow1000", "rectified flow", "fed 1000·t (0 = d
                                _linear, lambda t: 1000 * t, velocity=lambda out, x, t: out))
 
 
-NO_PROMPT = "no prompt: text conditioning is zero embeddings (one token), pooled projections zero"
+NO_PROMPT = ("no prompt: text conditioning is zero embeddings (one token), pooled projections zero (pass "
+             "--text-embeddings FILE for a prompt's)")
+TEXT_ATTRIBUTE = "_repa_probe_text"        # (text tokens, pooled) set on the model by DiffusersFamily.condition
 FLUX_LATENT_SIZE = 32                      # Flux has no native size: analysed at 256-px images (16×16 tokens)
 
 
@@ -71,16 +73,24 @@ def _dit_call(model, config, x_t, timestep, labels):
     return model(x_t, timestep=timestep, class_labels=labels, return_dict=False)
 
 
+def _text(model, x_t: torch.Tensor, dim: int, pooled_dim: int | None = None):
+    """(text tokens (N, L, dim), pooled (N, pooled_dim) or None): the prompt set by `condition`, else zeros."""
+    n, given = len(x_t), getattr(model, TEXT_ATTRIBUTE, None)
+    if given is None:
+        return x_t.new_zeros(n, 1, dim), None if pooled_dim is None else x_t.new_zeros(n, pooled_dim)
+    text, pooled = given
+    return (text.to(x_t).expand(n, -1, -1),
+            None if pooled_dim is None else pooled.to(x_t).expand(n, -1))
+
+
 def _sd3_call(model, config, x_t, timestep, labels):
-    n = len(x_t)
-    text = x_t.new_zeros(n, 1, config["joint_attention_dim"])
-    pooled = x_t.new_zeros(n, config["pooled_projection_dim"])
+    text, pooled = _text(model, x_t, config["joint_attention_dim"], config["pooled_projection_dim"])
     return model(x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep, return_dict=False)
 
 
 def _pixart_call(model, config, x_t, timestep, labels):
     n, side = len(x_t), x_t.shape[-1] * 8
-    text = x_t.new_zeros(n, 1, config["caption_channels"])
+    text = _text(model, x_t, config["caption_channels"])[0]
     cond = {"resolution": x_t.new_tensor([[side, side]]).expand(n, 2), "aspect_ratio": x_t.new_ones(n, 1)}
     return model(x_t, encoder_hidden_states=text, timestep=timestep, added_cond_kwargs=cond, return_dict=False)
 
@@ -91,9 +101,9 @@ def _flux_call(model, config, x_t, timestep, labels):
     rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x_t)
     guidance = x_t.new_full((n,), 3.5) if config.get("guidance_embeds") else None
-    return model(packed, encoder_hidden_states=x_t.new_zeros(n, 1, config["joint_attention_dim"]),
-                 pooled_projections=x_t.new_zeros(n, config["pooled_projection_dim"]), timestep=timestep,
-                 img_ids=img_ids, txt_ids=x_t.new_zeros(1, 3), guidance=guidance, return_dict=False)
+    text, pooled = _text(model, x_t, config["joint_attention_dim"], config["pooled_projection_dim"])
+    return model(packed, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep, img_ids=img_ids,
+                 txt_ids=x_t.new_zeros(text.shape[1], 3), guidance=guidance, return_dict=False)
 
 
 SPECS = {
@@ -186,6 +196,27 @@ class DiffusersFamily(ModelFamily):
         """diffusers' own initialisation of the same config, seeded."""
         torch.manual_seed(seed)
         return self.as_untrained(ckpt, self._build(ckpt.config))
+
+    def condition(self, ckpt: LoadedCheckpoint, path: str) -> None:
+        """A prompt's text conditioning for every image: FILE holds `prompt_embeds` (L, D) and, for SD3 and
+        Flux, `pooled_prompt_embeds` (D,), as the model's pipeline computes them (a batch axis of 1 is fine)."""
+        from repa_probe.checkpoints import read_checkpoint
+        c, spec = dict(ckpt.model.config), self._spec(ckpt.model)
+        if spec.note != NO_PROMPT and not spec.note.startswith(NO_PROMPT):
+            raise UserError(f"--text-embeddings: {ckpt.config['_class_name']} takes no text")
+        obj = read_checkpoint(path)
+        dim, pooled_dim = c.get("caption_channels") or c["joint_attention_dim"], c.get("pooled_projection_dim")
+        text = obj.get("prompt_embeds") if isinstance(obj, dict) else None
+        pooled = obj.get("pooled_prompt_embeds") if isinstance(obj, dict) else None
+        text = text.reshape(-1, text.shape[-1]) if isinstance(text, torch.Tensor) else None
+        pooled = pooled.reshape(-1) if isinstance(pooled, torch.Tensor) else None
+        if text is None or text.shape[-1] != dim or (pooled_dim and (pooled is None or len(pooled) != pooled_dim)):
+            want = f"prompt_embeds (L, {dim})" + (f" and pooled_prompt_embeds ({pooled_dim},)" if pooled_dim else "")
+            raise UserError(f"--text-embeddings '{path}' must hold {want} for {ckpt.config['_class_name']}")
+        setattr(ckpt.model, TEXT_ATTRIBUTE, (text.float()[None], None if pooled is None else pooled.float()[None]))
+        p = ckpt.provenance
+        p.warnings = [w for w in p.warnings if not w.startswith(NO_PROMPT)] + [f"text conditioning from '{path}'"]
+        p.format += f", text {file_sha256(path)[:16]}"              # features with another prompt are cached apart
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         c = ckpt.anatomy

@@ -44,6 +44,8 @@ class SiTFamily(ModelFamily):
         if obj.get("format") == FORMAT_TAG:
             return (obj.get("meta") or {}).get("family", "sit") == self.name
         sd = obj.get("ema", obj.get("model", obj)) if ("ema" in obj or "model" in obj) else obj
+        if isinstance(sd, dict) and "bn.running_mean" in sd:   # REPA-E's latent BatchNorm: families/repae.py
+            return False
         return isinstance(sd, dict) and ("x_embedder.proj.weight" in sd or any(
             str(k).startswith(("blocks.", "decoder_blocks.")) for k in sd))
 
