@@ -86,13 +86,19 @@ def test_official_dit_and_its_diffusers_conversion(tmp_path):
     torch.testing.assert_close(aligned, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_sd3_joint_blocks_give_the_image_stream(tmp_path):
+def tiny_sd3(folder):
+    """A 2-block SD3 MMDiT on 8×8×4 latents with 12-d text tokens and 6-d pooled projections, saved."""
     torch.manual_seed(0)
     model = randomize_(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                                              caption_projection_dim=16, pooled_projection_dim=6, pos_embed_max_size=8),
                        seed=3).eval()
-    save_diffusers_folder(model, tmp_path / "sd3")
+    save_diffusers_folder(model, folder)
+    return model
+
+
+def test_sd3_joint_blocks_give_the_image_stream(tmp_path):
+    model = tiny_sd3(tmp_path / "sd3")
     ckpt = load_checkpoint(tmp_path / "sd3")
     assert ckpt.provenance.convention == "flow1000" and "no prompt" in ckpt.provenance.warnings[0]
     x0, ids = torch.randn(3, 4, 8, 8), torch.arange(3)
@@ -198,12 +204,7 @@ def test_sd3_prompt_embeddings_from_a_file(tmp_path):
     the file and the cache keeps the two conditionings apart; wrong shapes and text-free models are refused."""
     from safetensors.torch import save_file
     from repa_probe.errors import UserError
-    torch.manual_seed(0)
-    model = randomize_(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                             caption_projection_dim=16, pooled_projection_dim=6, pos_embed_max_size=8),
-                       seed=3).eval()
-    save_diffusers_folder(model, tmp_path / "sd3")
+    model = tiny_sd3(tmp_path / "sd3")
     prompt, pooled = torch.randn(1, 5, 12), torch.randn(1, 6)
     save_file({"prompt_embeds": prompt, "pooled_prompt_embeds": pooled}, tmp_path / "prompt.safetensors")
     zero = load_checkpoint(tmp_path / "sd3")
