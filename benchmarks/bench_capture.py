@@ -5,7 +5,7 @@ SiT-S/2 on 32×32×4 latents (256 tokens), random weights, batch 64 by default. 
   hooks only  the same forward of x_t inside BlockCapture ÷ forward of x_t
 Forward and capture alternate within each repeat so that machine load hits both alike; medians are reported.
 
-    python benchmarks/bench_capture.py [--batch-size 64] [--repeats 5] [--device cuda] [--precision bf16]
+    python benchmarks/bench_capture.py [--batch-size 64] [--repeats 5] [--device cuda] [--precision bf16] [--spatial]
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
             model(x_t, timestep, y)
 
     def capture():
-        capture_batch(ckpt, x0, None, ids, args.t, seed=0, autocast_dtype=dtype)
+        capture_batch(ckpt, x0, None, ids, args.t, seed=0, autocast_dtype=dtype, spatial=args.spatial)
 
     for fn in (forward, hooks_only, capture):   # warm-up
         fn()
@@ -92,4 +92,5 @@ if __name__ == "__main__":
     parser.add_argument("--t", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--spatial", action="store_true", help="capture also computes the spatial measures")
     main(parser.parse_args())

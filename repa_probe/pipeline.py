@@ -30,6 +30,7 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
+from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix
 from repa_probe.capture import DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space, make_dataset
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.data import ImageDataset, list_images, to_model_space
@@ -42,7 +43,8 @@ CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
 PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
 KINDS = {"model": "the checkpoint", "untrained": "the same architecture at initialisation",
          "raw-input": "the noisy input x_t, its patches mean-pooled over the grid like the blocks",
-         "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)"}
+         "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)",
+         "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
 COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
            "null_mean", "null_high"]
 PROBE_RESAMPLES = 1000           # bootstrap resamples of the probe's test images (means: cheap)
@@ -51,6 +53,8 @@ DROP_RESAMPLES = 100             # at least this many for the held-out drop (two
 
 def metric_label(metric: str) -> str:
     """How reports name a metric: the registry's label, or the probe's."""
+    if metric in SPATIAL_METRICS:
+        return f"{SPATIAL_METRICS[metric].label} (spatial)"
     return M.METRICS[metric].label if metric in M.METRICS else PROBE_METRICS.get(metric, metric)
 
 
@@ -73,6 +77,7 @@ class AnalyzeConfig:
     probe_n_train: int | None = None            # default: n
     probe_n_test: int | None = None             # default: n // 2
     probe: bool = True
+    spatial: bool = False                       # iREPA's spatial measures of every block's tokens (spatial.py)
     alignment_metrics: tuple[str, ...] = ("cknna",)
     k: int = 10
     bootstrap: int = 20                         # bootstrap replicates for alignment intervals (0 = none)
@@ -138,7 +143,7 @@ class AnalyzeConfig:
 
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
-                             blocks=self.blocks)
+                             blocks=self.blocks, spatial=self.spatial)
 
 
 def _check_image_folder(path: str, flag: str) -> None:
@@ -284,12 +289,13 @@ class StoreSource:
         self.computed += feats.computed
         return feats
 
-    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image ids, pooled encoder features [N, D])."""
-        pooled = encoder_features(self.store, encoder, dataset, grid, batch_size=self.cfg.batch_size,
+    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(image ids, pooled encoder features [N, D], spatial measures of its tokens [N, M] or None)."""
+        extras = {"spatial": spatial_matrix} if self.cfg.spatial else None
+        pooled = encoder_features(self.store, encoder, dataset, grid, extras=extras, batch_size=self.cfg.batch_size,
                                   num_workers=self.cfg.num_workers, quiet=self.cfg.quiet)
         self.computed += pooled.computed
-        return pooled.ids, np.asarray(pooled["pooled"])
+        return pooled.ids, np.asarray(pooled["pooled"]), np.asarray(pooled["spatial"]) if extras else None
 
 
 class MemorySource:
@@ -319,12 +325,12 @@ class MemorySource:
                         ids=np.asarray(dataset.ids), ts=list(cfg.ts), path=None,
                         manifest={"blocks": None if chosen is None else list(chosen)})
 
-    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, None]:
         images, b = self._images(dataset), self.cfg.batch_size
         device = next(encoder.parameters()).device
         pooled = torch.cat([encoder.encode(images[i:i + b].to(device).float() / 255, grid)[1].cpu()
                             for i in range(0, len(images), b)])
-        return np.asarray(dataset.ids), pooled.numpy()
+        return np.asarray(dataset.ids), pooled.numpy(), None
 
 
 #################################################################################
@@ -406,7 +412,8 @@ class Pipeline:
         b = np.asarray(feats.blocks)
         if not np.array_equal(b[:, 0], b[:, 1]):
             raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
-        return dataclasses.replace(feats, blocks=b[:, :1])
+        spatial = None if feats.spatial is None else np.asarray(feats.spatial)[:, :1]
+        return dataclasses.replace(feats, blocks=b[:, :1], spatial=spatial)
 
     def probe_sets(self, feats: Features, train, test, capture) -> tuple[Features, Features]:
         """Features of the probe's train and test images: rows of the alignment features `feats` when the
@@ -429,14 +436,14 @@ class Pipeline:
         key = (encoder.fingerprint(grid), dataset.fingerprint())
         if key not in self._targets:
             start = time.perf_counter()
-            ids, pooled = self.source.encoded(encoder, dataset, grid)
+            ids, pooled, spatial = self.source.encoded(encoder, dataset, grid)
             self.timings["encoders"] += time.perf_counter() - start
             start = time.perf_counter()
             kw = dict(k=self.cfg.k, metrics=self.cfg.alignment_metrics, device=self.device)
             kernel = M.FeatureKernel.build(pooled, what=f"encoder {encoder.name}", **kw)
             nulls = M.permuted_targets(pooled, self.cfg.null, self.cfg.seed, **kw)
             self.timings["metrics"] += time.perf_counter() - start
-            self._targets[key] = (ids, pooled, kernel, nulls)
+            self._targets[key] = (ids, pooled, kernel, nulls, spatial)
         return self._targets[key]
 
     # ------------------------------------------------------------------ numbers
@@ -446,7 +453,7 @@ class Pipeline:
         bootstrap intervals and replicates (if `bootstrap`), the held-out drop (if `held_out`)."""
         cfg, out = self.cfg, []
         for enc in self.encoders:
-            enc_ids, target, kernel, nulls = self.target(enc, dataset, grid)
+            enc_ids, target, kernel, nulls, _ = self.target(enc, dataset, grid)
             if not np.array_equal(enc_ids, ids):
                 raise RuntimeError("encoder and model features hold different images")  # a bug, not user input
             start = time.perf_counter()
@@ -498,6 +505,21 @@ class Pipeline:
                              len(half_a), len(half_b))
         return out
 
+    def spatial_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float]) -> list[Curves]:
+        """Every spatial measure of one source, values [T, B, N, M] per image: the mean over images, with
+        paired subsample replicates (the same draws for every checkpoint) and their rescaled interval."""
+        values = np.asarray(values, dtype=np.float64)
+        n, cfg, out = values.shape[2], self.cfg, []
+        draws = stats.subsamples(n, cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
+        scale = stats.subsample_scale([len(d) for d in draws], n) if draws else None
+        for mi, metric in enumerate(SPATIAL_METRICS):
+            v = values[..., mi]
+            mean = np.nanmean(v, axis=-1)
+            reps = np.stack([np.nanmean(v[..., d], axis=-1) for d in draws]) if draws else None
+            ci = stats.centred_interval(mean, reps, scale) if draws else None
+            out.append(Curves(name, kind, metric, "", ts, blocks, mean, ci, reps, scale))
+        return out
+
     def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
                      blocks: list[int], ts: list[float], held_out: bool = False) -> list[Curves]:
         start = time.perf_counter()
@@ -530,6 +552,8 @@ class Pipeline:
             f_tr, f_te = probe_feats
             curves += self.probe_curves(name, "model", f_tr.blocks, f_tr.labels, f_te.blocks, f_te.labels,
                                         blocks, feats.ts, held_out)
+        if feats.spatial is not None:
+            curves += self.spatial_curves(name, "model", feats.spatial, blocks, feats.ts)
         out = [Analysed(name, "model", ckpt, curves, np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None)]
         arch = _arch_key(ckpt)
         if self.cfg.baselines and arch not in self._untrained_done:
@@ -552,6 +576,8 @@ class Pipeline:
                 curves += self.probe_curves(label, kind, np.asarray(getattr(f_tr, field_name))[:, None], f_tr.labels,
                                             np.asarray(getattr(f_te, field_name))[:, None], f_te.labels, [-1],
                                             feats.ts)
+            if kind == "raw-thumbnail" and feats.raw_spatial is not None:
+                curves += self.spatial_curves(label, kind, np.asarray(feats.raw_spatial)[:, None], [-1], feats.ts)
             out.append(Analysed(label, kind, ckpt, curves))
         untrained = ckpt.family.untrained(ckpt, self.cfg.seed)
         u_feats = self.untrained_features(untrained, align)
@@ -563,9 +589,17 @@ class Pipeline:
             ut_tr, ut_te = self.probe_sets(u_feats, train, test, lambda d: self.untrained_features(untrained, d))
             u += self.probe_curves(u_name, "untrained", ut_tr.blocks, ut_tr.labels, ut_te.blocks, ut_te.labels,
                                    u_blocks, feats.ts)
+        if u_feats.spatial is not None:
+            u += self.spatial_curves(u_name, "untrained", u_feats.spatial, u_blocks, feats.ts)
         if u_blocks == [0]:                                  # block 0 stands for every block
             u = [_repeat_block(c, depth + 1) for c in u]
-        return out + [Analysed(u_name, "untrained", untrained, u)]
+        out.append(Analysed(u_name, "untrained", untrained, u))
+        for enc in self.encoders if feats.spatial is not None else []:   # the target's own spatial structure
+            spatial = self.target(enc, align, grid)[4]
+            reference = np.broadcast_to(spatial[None, None], (len(feats.ts), 1) + spatial.shape)
+            out.append(Analysed(f"{enc.name}{suffix}", "encoder", ckpt,
+                                self.spatial_curves(f"{enc.name}{suffix}", "encoder", reference, [-1], feats.ts)))
+        return out
 
 
 def held_out_hits(hits: np.ndarray, blocks: list[int], labels: np.ndarray, seed: int) -> HeldOut:

@@ -108,7 +108,8 @@ def similarity_profile(tokens, grid: Grid) -> torch.Tensor:
 #                                          Measures
 # ---------------------------------------------------------------------------------------------
 
-def local_distant_similarity(tokens, grid: Grid, r_near: int = 2, r_far: int = 6) -> torch.Tensor:
+def local_distant_similarity(tokens, grid: Grid, r_near: int = 2, r_far: int = 6, *,
+                             sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """LDS, local vs distant similarity, per image: (n,) float64.
 
         LDS(X) = E[K(t, t') | 0 < d(t, t') < r_near] − E[K(t, t') | d(t, t') ≥ r_far],
@@ -116,9 +117,10 @@ def local_distant_similarity(tokens, grid: Grid, r_near: int = 2, r_far: int = 6
     each expectation a plain mean over all token pairs of the image in that distance band. The paper
     defines LDS this way (its spatial-structure metric, the one reported with |r| > 0.85 against FID).
     Defaults r_near = 2 (the 4-neighbours, d = 1) and r_far = 6 are the authors'. High LDS: neighbouring
-    tokens agree and distant ones do not; LDS ≈ 0 when similarity does not depend on position (e.g. the tokens shuffled across the grid).
+    tokens agree and distant ones do not; LDS ≈ 0 when similarity does not depend on position (e.g. the
+    tokens shuffled across the grid). `sums`: ``distance_sums(tokens, grid)`` when already computed.
     """
-    sums, counts = distance_sums(tokens, grid)
+    sums, counts = sums or distance_sums(tokens, grid)
     if not 1 < r_near <= r_far < len(counts):
         raise UserError(f"LDS needs 1 < r_near <= r_far <= H+W-2, got r_near={r_near}, r_far={r_far} "
                         f"on a grid whose largest distance is {len(counts) - 1}")
@@ -127,7 +129,8 @@ def local_distant_similarity(tokens, grid: Grid, r_near: int = 2, r_far: int = 6
     return near - far
 
 
-def correlation_decay_slope(tokens, grid: Grid, max_distance: int = 8) -> torch.Tensor:
+def correlation_decay_slope(tokens, grid: Grid, max_distance: int = 8, *,
+                            sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """CDS, correlation-decay slope, per image: (n,) float64.
 
     With S(r) the mean cosine of the pairs at grid distance r (``similarity_profile``), CDS is minus
@@ -137,9 +140,10 @@ def correlation_decay_slope(tokens, grid: Grid, max_distance: int = 8) -> torch.
         CDS = − Σ_r (r − r̄)(S(r) − S̄) / Σ_r (r − r̄)².
 
     High CDS: similarity falls quickly with distance; 0: no fall-off. R = 8 and the unweighted fit are
-    the authors'.
+    the authors'. `sums`: ``distance_sums(tokens, grid)`` when already computed.
     """
-    profile = similarity_profile(tokens, grid)
+    sums, counts = sums or distance_sums(tokens, grid)
+    profile = sums / counts
     last = min(max_distance, profile.shape[1] - 1)
     if last < 2:
         raise UserError(f"CDS needs at least two distances, got max_distance={max_distance} on grid {grid}")
@@ -211,6 +215,7 @@ class SpatialMetric:
     label: str                                        # how reports name it
     fn: Callable[[torch.Tensor, Grid], torch.Tensor]
     positional: bool = True                           # False: unchanged by shuffling tokens
+    shares_sums: bool = False                         # fn takes sums= (distance_sums), computed once for all
 
 
 SPATIAL_METRICS: dict[str, SpatialMetric] = {}
@@ -223,9 +228,18 @@ def register_spatial_metric(metric: SpatialMetric, *, overwrite: bool = False) -
     return metric
 
 
-register_spatial_metric(SpatialMetric("lds", "LDS", local_distant_similarity))
-register_spatial_metric(SpatialMetric("cds", "CDS", correlation_decay_slope))
+register_spatial_metric(SpatialMetric("lds", "LDS", local_distant_similarity, shares_sums=True))
+register_spatial_metric(SpatialMetric("cds", "CDS", correlation_decay_slope, shares_sums=True))
 register_spatial_metric(SpatialMetric("rmsc", "RMSC", rms_spatial_contrast, positional=False))
+
+
+def spatial_matrix(tokens, grid: Grid | None = None) -> torch.Tensor:
+    """(n, M) float32: every registered measure (SPATIAL_METRICS order) of each image's tokens, for capture;
+    `grid` defaults to the square one of the token count."""
+    x = torch.as_tensor(tokens)
+    side = int(round(x.shape[1] ** 0.5))
+    scores = spatial_scores(x, grid or (side, side))
+    return torch.stack([scores[m].float() for m in SPATIAL_METRICS], dim=1)
 
 
 def spatial_scores(tokens, grid: Grid, names: list[str] | tuple[str, ...] | None = None
@@ -235,4 +249,6 @@ def spatial_scores(tokens, grid: Grid, names: list[str] | tuple[str, ...] | None
     unknown = [m for m in names if m not in SPATIAL_METRICS]
     if unknown:
         raise UserError(f"unknown spatial metric(s) {unknown}; choose from {list(SPATIAL_METRICS)}")
-    return {m: SPATIAL_METRICS[m].fn(tokens, grid) for m in names}
+    sums = distance_sums(tokens, grid) if any(SPATIAL_METRICS[m].shares_sums for m in names) else None
+    return {m: SPATIAL_METRICS[m].fn(tokens, grid, sums=sums) if SPATIAL_METRICS[m].shares_sums else
+            SPATIAL_METRICS[m].fn(tokens, grid) for m in names}

@@ -460,6 +460,8 @@ class Features:
     raw    [n_t, N, C·(H/p)·(W/p)]    the model input x_t average-pooled per p×p patch (the thumbnail baseline)
     raw_pooled [n_t, N, C·p·p]        x_t's p×p patches mean-pooled over the grid, as the blocks are (baseline)
     labels [N], ids [N]               class label and stable image id of each row
+    spatial [n_t, n_blocks+1, N, M]   with spatial capture: every block's spatial measures per image (M of them)
+    raw_spatial [n_t, N, M]           the same measures of the thumbnail's patches
     """
     blocks: Stacked
     raw: Stacked | None
@@ -470,9 +472,11 @@ class Features:
     manifest: dict
     computed: int = 0          # chunks (batch × t) computed by the call that returned this; 0 = all cached
     raw_pooled: Stacked | None = None
+    spatial: Stacked | None = None
+    raw_spatial: Stacked | None = None
 
 
-def read_features(entry: Entry, ts: Sequence[float], computed: int = 0) -> Features:
+def read_features(entry: Entry, ts: Sequence[float], computed: int = 0, spatial: bool = False) -> Features:
     parts = [t_part(t) for t in ts]
     missing = [p for p in parts if not entry.is_complete(p)]
     if missing:
@@ -481,7 +485,9 @@ def read_features(entry: Entry, ts: Sequence[float], computed: int = 0) -> Featu
                     raw=Stacked([entry.array(p, "raw") for p in parts]),
                     raw_pooled=Stacked([entry.array(p, "raw_pooled") for p in parts]),
                     labels=entry.labels, ids=entry.ids, ts=[float(t) for t in ts], path=entry.path,
-                    manifest=entry.manifest, computed=computed)
+                    manifest=entry.manifest, computed=computed,
+                    spatial=Stacked([entry.array(p, "spatial") for p in parts]) if spatial else None,
+                    raw_spatial=Stacked([entry.array(p, "raw_spatial") for p in parts]) if spatial else None)
 
 
 @dataclass
@@ -519,16 +525,20 @@ def cache_image_features(store: FeatureStore, kind: str, fingerprint: dict, data
 
 
 def encoder_features(store: FeatureStore, encoder, dataset: Dataset, grid: int, *, tokens: bool = False,
+                     extras: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                      batch_size: int = 64, num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
     """Target-encoder features of a data subset, cached by (encoder.fingerprint(grid), data, grid):
-    ``pooled`` [N, D] (mean of patch tokens) and, with tokens=True, ``tokens`` [N, grid², D].
+    ``pooled`` [N, D] (mean of patch tokens), with tokens=True ``tokens`` [N, grid², D], and for each
+    ``extras`` name its function of the tokens [N, ...] (e.g. spatial measures, without keeping the tokens).
 
     `encoder` is an `encoders.Encoder` (or anything with ``encode(images01, grid) -> (tokens, pooled)``
     and ``fingerprint(grid) -> str``)."""
     def fn(images):
         tok, pooled = encoder.encode(images.float() / 255, grid)   # encoders take [0, 1]
-        return {"pooled": pooled, **({"tokens": tok} if tokens else {})}
+        return {"pooled": pooled, **({"tokens": tok} if tokens else {}),
+                **{name: fn(tok) for name, fn in (extras or {}).items()}}
 
-    fingerprint = {"encoder": encoder.fingerprint(grid), "grid": grid, "tokens": tokens}
+    fingerprint = {"encoder": encoder.fingerprint(grid), "grid": grid, "tokens": tokens,
+                   **({"extras": sorted(extras)} if extras else {})}
     return cache_image_features(store, "encoder", fingerprint, dataset, fn, batch_size=batch_size,
                                 num_workers=num_workers, quiet=quiet)

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,3 +201,64 @@ def test_errors_and_registry():
         assert spatial_scores(x, (4, 4), ["mean_near"])["mean_near"].shape == (2,)
     finally:
         del SPATIAL_METRICS[extra.name]
+
+
+# ---------------------------------------------------------------------------------------------
+#                      In analyze: every block's tokens, the input's, the encoder's
+# ---------------------------------------------------------------------------------------------
+
+def test_capture_records_each_blocks_spatial_measures_from_its_tokens():
+    """capture_batch(spatial=True) gives, per block, the measures of exactly the tokens the block produced."""
+    from conftest import randomize_, tiny_config
+    from repa_probe.capture import capture_batch, noisy_input
+    from repa_probe.families.sit import as_checkpoint
+    from repa_probe.models import SiT
+    from repa_probe.spatial import spatial_matrix
+    model = randomize_(SiT(tiny_config(z_dims=[], encoder_depth=0)), seed=2).eval()
+    ckpt = as_checkpoint(model, "repa")
+    x0, ids = torch.rand(4, 3, 16, 16) * 2 - 1, torch.arange(4)
+    _, raw = capture_batch(ckpt, x0, None, ids, 0.5, seed=0, spatial=True)
+    x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.5, 0)
+    tokens = []
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, a: tokens.append(a[0]))]
+    hooks += [b.register_forward_hook(lambda m, a, out: tokens.append(out)) for b in model.blocks]
+    with torch.no_grad():
+        model(x_t, timestep, torch.full((4,), 10))
+    for h in hooks:
+        h.remove()
+    want = torch.stack([spatial_matrix(h) for h in tokens])
+    torch.testing.assert_close(raw["spatial"], want, rtol=0, atol=0)
+    thumb = torch.nn.functional.avg_pool2d(x_t, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(raw["raw_spatial"], spatial_matrix(thumb), rtol=0, atol=0)
+
+
+def test_analyze_spatial_curves_baselines_and_encoder_reference(tmp_path, cifar_dir):
+    import repa_probe
+    from conftest import randomize_, tiny_config
+    from repa_probe.capture import CaptureConfig
+    from repa_probe.checkpoints import save_checkpoint
+    from repa_probe.models import SiT
+    assert "spatial" not in CaptureConfig().key()               # caches made before spatial capture stay valid
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    save_checkpoint(tmp_path / "a.pt", cfg, randomize_(SiT(cfg), seed=1).state_dict(), meta={"step": 1})
+    a = repa_probe.analyze([str(tmp_path / "a.pt")] * 2, names=["a", "b"], data=str(cifar_dir / "test"),
+                           encoders=["cifar-ssl-resnet"], ts=[0, 0.5], n=40, bootstrap=5, null=2, k=5, quiet=True,
+                           cache=str(tmp_path / "c"), spatial=True)
+    t = a.table[a.table["metric"].isin(list(SPATIAL_METRICS))]
+    assert set(t["kind"]) == {"model", "untrained", "raw-thumbnail", "encoder"}
+    model = t[t["kind"] == "model"]
+    inside = (model["ci_low"] <= model["value"]) & (model["value"] <= model["ci_high"])
+    assert len(model) == 2 * 3 * 2 * 4 and inside.all()
+    from repa_probe.report.compose import summarise
+    deltas = summarise(a.results)[1]["deltas"]
+    assert (deltas.loc[deltas["metric"].isin(list(SPATIAL_METRICS)), "delta"] == 0).all()
+    # the encoder's reference: its own tokens at the model's 8×8 grid, measured directly
+    from repa_probe.capture import make_dataset
+    from repa_probe.encoders import load_encoder
+    from repa_probe.spatial import spatial_matrix
+    data = make_dataset(str(cifar_dir / "test"), 16, 40, 0, False)
+    images = torch.stack([data[i][0] for i in range(len(data))]).float() / 255
+    tokens = load_encoder("cifar-ssl-resnet").encode(images, 8)[0]
+    want = spatial_matrix(tokens).double().mean(0)
+    enc = t[t["kind"] == "encoder"].groupby("metric")["value"].first()
+    np.testing.assert_allclose([enc[m] for m in SPATIAL_METRICS], want.numpy(), rtol=1e-5)

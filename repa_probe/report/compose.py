@@ -18,6 +18,7 @@ from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
 from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
+from repa_probe.spatial import SPATIAL_METRICS
 from repa_probe.stats import fmt_interval
 
 FigureBuilder = Callable[[Results, pd.DataFrame], list]
@@ -192,7 +193,7 @@ def baseline_lines(table: pd.DataFrame) -> list[str]:
 def compare_lines(comp: pd.DataFrame) -> list[str]:
     """Per checkpoint pair × metric at the lowest t: B − A at the aligned block, and where B is better/worse."""
     lines = []
-    for r in comp[comp["t"] == comp["t"].min()].itertuples():
+    for r in comp[(comp["t"] == comp["t"].min()) & ~comp["metric"].isin(list(SPATIAL_METRICS))].itertuples():
         s = display_scale(r.metric)
         at = "" if r.aligned_delta != r.aligned_delta else (
             f"at the aligned block {r.aligned_block}: "
@@ -207,13 +208,14 @@ def compare_lines(comp: pd.DataFrame) -> list[str]:
 def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame,
                        t: float) -> list[str]:
     """The three plain sentences of page 1: peak and drop; B − A; what the baselines say."""
-    at = peaks[peaks["t"] == t]
+    at = peaks[(peaks["t"] == t) & ~peaks["metric"].isin(list(SPATIAL_METRICS))]    # spatial: their own pages
     first = [f"{r.checkpoint}: {_what(r.metric, r.encoder)} " + _peak_phrase(r) for r in at.itertuples()]
     out = ["Peak and drop. " + "; ".join(first) + "." if first else "Peak and drop: no curves."]
     if comp is not None and len(comp):
         out.append("Compared. " + "; ".join(compare_lines(comp[comp["t"] == t])) + ".")
     base = []
-    for (metric, encoder), g in table[(table["t"] == t) & (table["kind"] != "model")].groupby(["metric", "encoder"]):
+    baselines = table[(table["t"] == t) & (table["kind"] != "model") & ~table["metric"].isin(list(SPATIAL_METRICS))]
+    for (metric, encoder), g in baselines.groupby(["metric", "encoder"]):
         best = at[(at["metric"] == metric) & (at["encoder"] == encoder)]
         parts = [f"{kind.replace('-', ' ')} {_value(metric, h['value'].max())}"
                  for kind, h in g.groupby("kind", sort=False)]

@@ -143,7 +143,8 @@ def heatmaps(results: pd.DataFrame, checkpoint: str, title: str) -> list[plt.Fig
 
 BASELINE_STYLE = {"untrained": dict(ls="--", color="grey", label="untrained model"),
                   "raw-input": dict(ls=":", color="grey", label="raw input (patches, pooled like the blocks)"),
-                  "raw-thumbnail": dict(ls="-.", color="silver", label="raw input thumbnail (spatial)")}
+                  "raw-thumbnail": dict(ls="-.", color="silver", label="raw input thumbnail (spatial)"),
+                  "encoder": dict(ls="--", color="black", lw=1, label="target encoder's tokens")}
 
 
 def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dict[str, int], legend: bool = True):
