@@ -109,7 +109,8 @@ def run_demo(cfg: DemoConfig) -> Path:
                                    probe_train=str(root / "train"), probe_test=str(root / "test"),
                                    probe_n_train=cfg.n, probe_n_test=cfg.n, seed=cfg.seed, device=cfg.device,
                                    cache=str(out / "cache"), quiet=cfg.quiet,
-                                   notes=[f"demo: {cfg.steps} training steps per model on a CPU-sized SiT"]),
+                                   notes=[f"demo: {cfg.steps} training steps per model on a CPU-sized SiT, a budget "
+                                          f"that shows the workflow; REPA's effect needs longer runs (reports/)"]),
                      str(out / "report"))
     print(f"[demo] done in {time.perf_counter() - start:.0f} s", flush=True)
     return report
