@@ -77,6 +77,15 @@ class LoadedCheckpoint:
         return get_convention(self.provenance.convention)
 
 
+def as_untrained(ckpt: LoadedCheckpoint, model: torch.nn.Module) -> LoadedCheckpoint:
+    """`model`, freshly initialised with ckpt's architecture, as ckpt's untrained baseline (families' `untrained`)."""
+    prov = Provenance(path="<untrained>", format="untrained", weights="init", convention=ckpt.provenance.convention,
+                      convention_source=ckpt.provenance.convention_source,
+                      sha256=state_dict_sha256(model.state_dict(), ordered=True), family=ckpt.family.name)
+    return LoadedCheckpoint(model=model.eval().to(next(ckpt.model.parameters()).device), config=ckpt.config,
+                            provenance=prov, meta=dict(ckpt.meta), family=ckpt.family, anatomy=ckpt.anatomy)
+
+
 #################################################################################
 #                               Safe reading                                    #
 #################################################################################

@@ -103,16 +103,6 @@ class ModelFamily(ABC):
         from repa_probe.errors import UserError
         raise UserError(f"--text-embeddings: a {self.name} model takes no text conditioning")
 
-    def as_untrained(self, ckpt: LoadedCheckpoint, model: nn.Module) -> LoadedCheckpoint:
-        """`model`, freshly initialised with ckpt's architecture, as ckpt's untrained baseline (for `untrained`)."""
-        from repa_probe.checkpoints import LoadedCheckpoint, Provenance
-        from repa_probe.runtime import state_dict_sha256
-        prov = Provenance(path="<untrained>", format="untrained", weights="init", convention=ckpt.provenance.convention,
-                          convention_source=ckpt.provenance.convention_source,
-                          sha256=state_dict_sha256(model.state_dict(), ordered=True), family=self.name)
-        return LoadedCheckpoint(model=model.eval().to(next(ckpt.model.parameters()).device), config=ckpt.config,
-                                provenance=prov, meta=dict(ckpt.meta), family=self, anatomy=ckpt.anatomy)
-
 
 FAMILIES: dict[str, ModelFamily] = {}
 

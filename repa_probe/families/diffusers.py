@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from repa_probe.checkpoints import LoadedCheckpoint, Provenance
+from repa_probe.checkpoints import LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.noise import Convention, _linear, register_convention
@@ -195,7 +195,7 @@ class DiffusersFamily(ModelFamily):
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """diffusers' own initialisation of the same config, seeded."""
         torch.manual_seed(seed)
-        return self.as_untrained(ckpt, self._build(ckpt.config))
+        return as_untrained(ckpt, self._build(ckpt.config))
 
     def condition(self, ckpt: LoadedCheckpoint, path: str) -> None:
         """A prompt's text conditioning for every image: FILE holds `prompt_embeds` (L, D) and, for SD3 and

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance
+from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
 from repa_probe.models import (
@@ -339,7 +339,7 @@ class LightningDiTFamily(ModelFamily):
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """LightningDiT's initialisation of the same architecture (adaLN-Zero: blocks are the identity), seeded."""
         torch.manual_seed(seed)
-        return self.as_untrained(ckpt, LightningDiT(ckpt.config))
+        return as_untrained(ckpt, LightningDiT(ckpt.config))
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         c: LightningDiTConfig = ckpt.config

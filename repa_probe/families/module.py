@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from repa_probe.checkpoints import LoadedCheckpoint, Provenance
+from repa_probe.checkpoints import LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily
 from repa_probe.noise import get_convention
@@ -120,7 +120,7 @@ class ModuleFamily(ModelFamily):
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        untrained = self.as_untrained(ckpt, model)
+        untrained = as_untrained(ckpt, model)
         untrained.provenance.format = ckpt.provenance.format     # the call's digest keeps its cache entries apart
         return untrained
 

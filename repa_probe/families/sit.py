@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance
+from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.data import DEFAULT_VAE, LATENT_SCALE, VAE_DOWNSAMPLE
 from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
@@ -95,7 +95,7 @@ class SiTFamily(ModelFamily):
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """DiT's initialisation (adaLN-Zero: every block starts as the identity), seeded."""
         torch.manual_seed(seed)
-        return self.as_untrained(ckpt, SiT(ckpt.config))
+        return as_untrained(ckpt, SiT(ckpt.config))
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         c = ckpt.config
