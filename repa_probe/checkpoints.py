@@ -22,7 +22,7 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -30,8 +30,6 @@ from repa_probe.errors import UserError
 from repa_probe.noise import Convention, get_convention
 from repa_probe.runtime import atomic_write, state_dict_sha256
 
-if TYPE_CHECKING:
-    from repa_probe.families.base import Anatomy, ModelFamily
 
 FORMAT_TAG = "repa-probe"
 FORMAT_VERSION = 1
@@ -65,8 +63,8 @@ class LoadedCheckpoint:
     config: Any
     provenance: Provenance
     meta: dict
-    family: ModelFamily
-    anatomy: Anatomy | None = None
+    family: Any                    # a families.base.ModelFamily (not imported here: families build on this module)
+    anatomy: Any = None            # its families.base.Anatomy
 
     def __post_init__(self):
         if self.anatomy is None:
