@@ -51,7 +51,7 @@ def find_cifar(data: str | None) -> Path:
     for c in filter(None, candidates):
         root = Path(c)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            return root
+            return root if data else Path(os.path.relpath(root))   # reports show it as from where the demo ran
     if data:
         raise UserError(f"--data: no CIFAR-10 ImageFolder with train/ and test/ at {data}: pass --data DIR")
     from repa_probe.download import cifar10
