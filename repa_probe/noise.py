@@ -86,6 +86,10 @@ register_convention(Convention("repa", "REPA", "fed t (0 = data, 1 = noise)", _l
                                velocity=lambda out, x, t: out))
 register_convention(Convention("sit", "SiT", "fed s = 1 − t (0 = noise, 1 = data)", _linear, lambda t: 1 - t,
                                velocity=lambda out, x, t: -out))
+# SD3 (diffusers): x_t = (1 − σ)·x + σ·ε fed 1000·σ, so canonical t is σ; the schedule's shift only decides
+# which σ a sampler visits, not how a σ is fed
+register_convention(Convention("flow1000", "rectified flow", "fed 1000·t (0 = data, 1 = noise; SD3)",
+                               _linear, lambda t: 1000 * t, velocity=lambda out, x, t: out))
 
 
 #################################################################################

@@ -316,10 +316,14 @@ def test_weights_of_another_size_or_depth_are_rejected_naming_the_keys(tmp_path,
         E.load_encoder(f"{name}={save_pth(shallow, tmp_path / 'shallow.pth')}")
 
 
-def test_missing_weight_file_and_no_timm_download_are_clear_errors(tmp_path):
+def test_missing_weight_file_and_no_timm_download_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"nope\.pth: no such file"):
         E.load_encoder(f"dinov2-vit-b={tmp_path / 'nope.pth'}")
-    with pytest.raises(UserError, match=r"'mocov3-vit-b' has no timm download; .*--encoder mocov3-vit-b="):
+    monkeypatch.setenv("REPA_PROBE_WEIGHTS", str(tmp_path / "weights"))
+    with pytest.raises(UserError, match=r"'mocov3-vit-l' has no timm download; .*--encoder mocov3-vit-l="):
+        E.load_encoder("mocov3-vit-l", pretrained_download=True)     # no official address either
+    monkeypatch.setenv("REPA_PROBE_MIRROR", "http://127.0.0.1:9")     # nothing listens: the fetch fails at once
+    with pytest.raises(UserError, match=r"downloading http://127\.0\.0\.1:9/vit-b-300ep\.pth\.tar failed"):
         E.load_encoder("mocov3-vit-b", pretrained_download=True)
 
 

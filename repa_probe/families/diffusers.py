@@ -31,14 +31,7 @@ from torch import nn
 from repa_probe.checkpoints import LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.errors import UserError
 from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
-from repa_probe.noise import Convention, _linear, register_convention
 from repa_probe.runtime import file_sha256
-
-# SD3 and Flux: x_t = (1 − σ)·x + σ·ε fed timestep 1000·σ; canonical t is σ (the schedule's shift only
-# decides which σ a sampler visits, not how a σ is fed)
-register_convention(Convention("flow1000", "rectified flow", "fed 1000·t (0 = data, 1 = noise; SD3, Flux)",
-                               _linear, lambda t: 1000 * t, velocity=lambda out, x, t: out))
-
 
 NO_PROMPT = ("no prompt: text conditioning is zero embeddings (one token), pooled projections zero (pass "
              "--text-embeddings FILE for a prompt's)")
