@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -102,6 +102,32 @@ class ModelFamily(ABC):
         """Set a text conditioning for every image from an embeddings file (text-conditioned families)."""
         from repa_probe.errors import UserError
         raise UserError(f"--text-embeddings: a {self.name} model takes no text conditioning")
+
+
+def assign_weights(make: Callable[[], nn.Module], sd: dict, path, what: str, name: str) -> nn.Module:
+    """`make()` built on the meta device and `sd` loaded by assignment (no double memory, no wasted init); any
+    missing, unexpected or mis-shaped key is one clear UserError naming the first such key. `what` names the
+    architecture in errors ("DiT/SiT"), `name` the size read from the shapes."""
+    from repa_probe.errors import UserError
+    try:
+        with torch.device("meta"):
+            model = make()
+    except ValueError as e:
+        raise UserError(f"'{path}': {e}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise UserError(f"'{path}' is not a complete {what} state dict: missing key '{missing[0]}' "
+                        f"(expected shape {list(expected[missing[0]].shape)}; {len(missing)} missing in all)")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise UserError(f"'{path}' has unexpected key '{unexpected[0]}' with shape {list(sd[unexpected[0]].shape)} "
+                        f"({len(unexpected)} unexpected in all): not a {what} architecture repa-probe knows")
+    for k, v in expected.items():
+        if sd[k].shape != v.shape:
+            raise UserError(f"'{path}': key '{k}' has shape {list(sd[k].shape)}, expected {list(v.shape)} for {name}")
+    model.load_state_dict({k: sd[k].float() for k in expected}, assign=True)
+    return model
 
 
 FAMILIES: dict[str, ModelFamily] = {}

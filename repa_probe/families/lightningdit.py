@@ -40,7 +40,7 @@ from torch import nn
 
 from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.errors import UserError
-from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
+from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, assign_weights, register_family
 from repa_probe.models import (
     LabelEmbedder,
     Mlp,
@@ -461,24 +461,8 @@ def _heads(sd: dict, D: int, depth: int, path, model_type: str | None, heads: in
 
 
 def build_model(config: LightningDiTConfig, sd: dict, path: str | Path = "<state dict>") -> LightningDiT:
-    """Build on the meta device and load `sd` by assignment; every key must match by name and shape."""
-    try:
-        with torch.device("meta"):
-            model = LightningDiT(config)
-    except ValueError as e:
-        raise UserError(f"'{path}': {e}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        k = (missing or unexpected)[0]
-        raise UserError(f"'{path}' does not match the LightningDiT architecture read from its shapes: "
-                        f"{'missing' if missing else 'unexpected'} key '{k}' ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected in all)")
-    for k, v in expected.items():
-        if sd[k].shape != v.shape:
-            raise UserError(f"'{path}': key '{k}' has shape {list(sd[k].shape)}, expected {list(v.shape)}")
-    model.load_state_dict({k: sd[k].float() for k in expected}, strict=True, assign=True)
+    """A LightningDiT of `config` holding `sd` (families.base.assign_weights: every key checked by name and shape)."""
+    model = assign_weights(lambda: LightningDiT(config), sd, path, "LightningDiT", size_name(config))
     model.pos_embed.requires_grad_(False)
     return model
 

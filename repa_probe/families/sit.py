@@ -25,7 +25,7 @@ from torch import nn
 from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.data import DEFAULT_VAE, LATENT_SCALE, VAE_DOWNSAMPLE
 from repa_probe.errors import UserError
-from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, register_family
+from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, assign_weights, register_family
 from repa_probe.models import REPA_DEPTH, SIZES, ModelConfig, SiT, size_name
 from repa_probe.noise import CONVENTIONS, get_convention
 from repa_probe.runtime import file_sha256
@@ -274,26 +274,7 @@ def _heads(sd: dict, hidden: int, depth: int, qk_norm: bool, hints: dict, path) 
 
 
 def build_model(config: ModelConfig, sd: dict, path: str | Path = "<state dict>") -> SiT:
-    """Build on the meta device and load `sd` by assignment (no double memory, no wasted init);
-    any missing, unexpected or mis-shaped key is one clear UserError naming the first such key."""
-    try:
-        with torch.device("meta"):
-            model = SiT(config)
-    except ValueError as e:
-        raise UserError(f"'{path}': {e}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise UserError(f"'{path}' is not a complete DiT/SiT state dict: missing key '{missing[0]}' "
-                        f"(expected shape {list(expected[missing[0]].shape)}; {len(missing)} missing in all)")
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        raise UserError(f"'{path}' has unexpected key '{unexpected[0]}' with shape {list(sd[unexpected[0]].shape)} "
-                        f"({len(unexpected)} unexpected in all): not a DiT/SiT architecture repa-probe knows")
-    for k, v in expected.items():
-        if sd[k].shape != v.shape:
-            raise UserError(f"'{path}': key '{k}' has shape {list(sd[k].shape)}, expected {list(v.shape)} "
-                            f"for {size_name(config)}")
-    model.load_state_dict({k: sd[k].float() for k in expected}, assign=True)
+    """A SiT of `config` holding `sd` (families.base.assign_weights: every key checked by name and shape)."""
+    model = assign_weights(lambda: SiT(config), sd, path, "DiT/SiT", size_name(config))
     model.pos_embed.requires_grad_(False)
     return model
