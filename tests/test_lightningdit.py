@@ -288,6 +288,11 @@ def test_fold_latent_stats_makes_scale_one_exact():
     folded.load_state_dict(vae.state_dict())
     mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
     ld.fold_latent_stats(folded, mean, std)
+    assert_folded(vae, folded, mean, std)
+
+
+def assert_folded(vae, folded, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """`folded`'s posterior is `vae`'s normalised per channel, (μ − mean)/std, and its decoding inverts that."""
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         before, after = vae.encode(x).latent_dist, folded.encode(x).latent_dist

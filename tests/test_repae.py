@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from conftest import randomize_, tiny_config
+from test_lightningdit import assert_folded
 
 from repa_probe.capture import capture_blocks
 from repa_probe.checkpoints import read_checkpoint
@@ -170,14 +171,7 @@ def test_export_vae_folds_the_statistics_into_the_bundled_vae(tmp_path):
         assert torch.equal(converted.state_dict()[k], v), k
     path = save(tmp_path, train_dict(sit_sd(), vae=ldm))
     folded = load_vae(repae.export_vae(path, tmp_path / "vae"))
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    m, s = MEAN.view(1, -1, 1, 1), (VAR + 1e-4).sqrt().view(1, -1, 1, 1)
-    with torch.no_grad():
-        before, after = vae.encode(x).latent_dist, folded.encode(x).latent_dist
-        torch.testing.assert_close(after.mean, (before.mean - m) / s, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(after.std, before.std / s, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(folded.decode(after.mean).sample, vae.decode(before.mean).sample,
-                                   atol=1e-5, rtol=1e-5)
+    assert_folded(vae, folded, MEAN.view(1, -1, 1, 1), (VAR + 1e-4).sqrt().view(1, -1, 1, 1))
 
 
 def test_export_vae_for_a_checkpoint_without_one(tmp_path):
