@@ -104,6 +104,16 @@ class ModelFamily(ABC):
         raise UserError(f"--text-embeddings: a {self.name} model takes no text conditioning")
 
 
+def choose_weights(obj: dict, weights: str, path) -> tuple[dict, str]:
+    """The `weights` entry ("ema" or "model") of a training dict, else the other one → (state dict, which)."""
+    from repa_probe.errors import UserError
+    other = "model" if weights == "ema" else "ema"
+    for name in (weights, other):
+        if isinstance(obj.get(name), dict):
+            return obj[name], name
+    raise UserError(f"'{path}' has no '{weights}' or '{other}' weights")
+
+
 def assign_weights(make: Callable[[], nn.Module], sd: dict, path, what: str, name: str) -> nn.Module:
     """`make()` built on the meta device and `sd` loaded by assignment (no double memory, no wasted init); any
     missing, unexpected or mis-shaped key is one clear UserError naming the first such key. `what` names the

@@ -40,7 +40,7 @@ from torch import nn
 
 from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.errors import UserError
-from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, assign_weights, register_family
+from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, assign_weights, choose_weights, register_family
 from repa_probe.models import (
     LabelEmbedder,
     Mlp,
@@ -379,10 +379,8 @@ def _choose(obj: dict, weights: str, path: Path) -> tuple[dict, str]:
     """→ (state dict, which weights): the requested entry of a training dict, else the other, else the dict."""
     if "ema" not in obj and "model" not in obj:
         return _strip_prefix(obj), "state_dict"
-    for name in (weights, "model" if weights == "ema" else "ema"):
-        if isinstance(obj.get(name), dict):
-            return _strip_prefix(obj[name]), name
-    raise UserError(f"'{path}' has no '{weights}' weights")
+    sd, name = choose_weights(obj, weights, path)
+    return _strip_prefix(sd), name
 
 
 def _section(cfg: dict, name: str) -> dict:

@@ -39,9 +39,9 @@ from repa_probe.checkpoints import (
     safe_torch_load,
 )
 from repa_probe.errors import UserError
-from repa_probe.families.base import Anatomy, InputSpace, register_family
+from repa_probe.families.base import Anatomy, InputSpace, choose_weights, register_family
 from repa_probe.families.lightningdit import fold_latent_stats
-from repa_probe.families.sit import SiTFamily, _choose
+from repa_probe.families.sit import SiTFamily
 from repa_probe.models import SIZES
 
 BN_EPS = 1e-4                                   # REPA-E's BatchNorm2d(eps=1e-4); not stored in the state dict
@@ -82,7 +82,7 @@ class RepaEFamily(SiTFamily):
     def load(self, obj: dict, path: Path, *, convention: str | None, weights: str,
              device: str | torch.device = "cpu", heads: int | None = None) -> LoadedCheckpoint:
         training = "model" in obj or "ema" in obj
-        sd, chosen = _choose(obj, weights, path) if training else (obj, "state_dict")
+        sd, chosen = choose_weights(obj, weights, path) if training else (obj, "state_dict")
         if not repae_state_dict(sd):
             raise UserError(f"'{path}': its '{chosen}' weights have no latent BatchNorm statistics "
                             f"({' and '.join(BN_KEYS)}), though its other weights do")
@@ -232,7 +232,7 @@ def export_vae(checkpoint: str | Path, folder: str | Path, *, vae: str | Path | 
     obj = read_checkpoint(checkpoint)
     if not isinstance(obj, dict) or not looks_like_repae(obj):
         raise UserError(f"'{checkpoint}' is not a REPA-E checkpoint (no latent BatchNorm statistics)")
-    sd = _choose(obj, weights, checkpoint)[0] if ("model" in obj or "ema" in obj) else obj
+    sd = choose_weights(obj, weights, checkpoint)[0] if ("model" in obj or "ema" in obj) else obj
     mean, std = latent_stats(sd)
     if vae is None:
         if not isinstance(obj.get("vae"), dict):

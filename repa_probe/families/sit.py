@@ -25,7 +25,7 @@ from torch import nn
 from repa_probe.checkpoints import FORMAT_TAG, LoadedCheckpoint, Provenance, as_untrained
 from repa_probe.data import DEFAULT_VAE, LATENT_SCALE, VAE_DOWNSAMPLE
 from repa_probe.errors import UserError
-from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, assign_weights, register_family
+from repa_probe.families.base import Anatomy, InputSpace, ModelFamily, assign_weights, choose_weights, register_family
 from repa_probe.models import REPA_DEPTH, SIZES, ModelConfig, SiT, size_name
 from repa_probe.noise import CONVENTIONS, get_convention
 from repa_probe.runtime import file_sha256
@@ -128,11 +128,11 @@ def as_checkpoint(model: SiT, convention: str = "repa", meta: dict | None = None
 def _unpack(path: Path, obj: dict, weights: str):
     """→ (format, state_dict, which weights, config hints, our meta, step)."""
     if obj.get("format") == FORMAT_TAG:
-        sd, chosen = _choose(obj, weights, path)
+        sd, chosen = choose_weights(obj, weights, path)
         hints = {"config": obj["config"]}
         return FORMAT_TAG, sd, chosen, hints, dict(obj.get("meta", {})), obj.get("meta", {}).get("step")
     if "model" in obj or "ema" in obj:
-        sd, chosen = _choose(obj, weights, path)
+        sd, chosen = choose_weights(obj, weights, path)
         args = obj.get("args")
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
         hints = {"args": {k: v for k, v in args.items() if _plain(v)}}
@@ -148,15 +148,6 @@ def _unpack(path: Path, obj: dict, weights: str):
     else:
         fmt = "repa-last" if any(k.startswith("projectors.") for k in obj) else "bare-state-dict"
     return fmt, obj, "state_dict", {}, {}, None
-
-
-def _choose(obj: dict, weights: str, path: Path) -> tuple[dict, str]:
-    if weights in obj and isinstance(obj[weights], dict):
-        return obj[weights], weights
-    other = "model" if weights == "ema" else "ema"
-    if isinstance(obj.get(other), dict):
-        return obj[other], other
-    raise UserError(f"'{path}' has no '{weights}' or '{other}' weights")
 
 
 def _detect_convention(path: Path, fmt: str, flag: str | None, meta: dict) -> tuple[str, str]:
