@@ -10,7 +10,6 @@ $REPA_PROBE_MIRROR (a base URL) fetches every file by its name from a mirror ins
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repa_probe.errors import UserError
-from repa_probe.runtime import partial_prefix, remove_stale_tmp
+from repa_probe.runtime import file_digest, partial_prefix, remove_stale_tmp
 
 CHUNK = 1 << 20
 
@@ -62,20 +61,12 @@ def source_url(remote: Remote) -> str:
     return f"{mirror.rstrip('/')}/{remote.filename}" if mirror else remote.url
 
 
-def _digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_file(remote: Remote, path: Path) -> None:
     """The file's checksum against the published one, else against the one recorded at its first download."""
     recorded = path.with_name(path.name + ".sha256")
     for algorithm, want in (("sha256", remote.sha256), ("md5", remote.md5),
                             ("sha256", recorded.read_text().split()[0] if recorded.is_file() else None)):
-        if want and _digest(path, algorithm) != want:
+        if want and file_digest(path, algorithm) != want:
             raise UserError(f"'{path}' does not match its {algorithm} {want[:16]}…: the file is damaged or not "
                             f"{remote.what}; delete it and download again")
 
@@ -114,7 +105,7 @@ def fetch(remote: Remote, folder: str | os.PathLike, *, quiet: bool = False) -> 
         raise UserError(f"the download of {url} does not match its published checksum: nothing was kept; try "
                         f"again, or fetch the file yourself") from None
     if not (remote.sha256 or remote.md5):
-        part.with_name(dest.name + ".sha256").write_text(f"{_digest(part, 'sha256')}  {dest.name}\n")
+        part.with_name(dest.name + ".sha256").write_text(f"{file_digest(part, 'sha256')}  {dest.name}\n")
     os.replace(part, dest)
     return dest
 
