@@ -234,10 +234,11 @@ def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame
 #                                 The report                                    #
 #################################################################################
 
-def summarise(results: Results, timings: dict[str, float] | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
+def summarise(results: Results, timings: dict[str, float] | None = None,
+              table: pd.DataFrame | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
     """summary.json's content (page-1 sentences, peaks with held-out drops, compare deltas, provenance) and the
-    extra tables (compare, deltas), without drawing anything."""
-    cfg, table = results.config, results.table()
+    extra tables (compare, deltas), without drawing anything; `table`: results.table(), if already made."""
+    cfg, table = results.config, results.table() if table is None else table
     peaks = peak_summary(results)
     models = results.models
     title = f"repa-probe {'analysis' if len(models) == 1 else 'comparison'}: " + " vs ".join(a.name for a in models)
@@ -266,8 +267,8 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
     """results.csv, summary.json, figures/ and report.pdf (page 1 = the answer) in `out`."""
     import time
     start = time.perf_counter()
-    summary, tables = summarise(results, timings)
     cfg, table, models = results.config, results.table(), results.models
+    summary, tables = summarise(results, timings, table)
     title, aligned, n = summary["title"], summary["aligned_blocks"], summary["images"]
     t0 = min(cfg.ts)
     figs = [("overview", F.overview_page(title, summary["overview"], table, _page1_panels(table), t0, aligned))]
