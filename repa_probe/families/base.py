@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
+from repa_probe.errors import UserError
+
 if TYPE_CHECKING:
     from repa_probe.checkpoints import LoadedCheckpoint
 
@@ -100,13 +102,11 @@ class ModelFamily(ABC):
 
     def condition(self, ckpt: LoadedCheckpoint, path: str) -> None:
         """Set a text conditioning for every image from an embeddings file (text-conditioned families)."""
-        from repa_probe.errors import UserError
         raise UserError(f"--text-embeddings: a {self.name} model takes no text conditioning")
 
 
 def choose_weights(obj: dict, weights: str, path) -> tuple[dict, str]:
     """The `weights` entry ("ema" or "model") of a training dict, else the other one → (state dict, which)."""
-    from repa_probe.errors import UserError
     other = "model" if weights == "ema" else "ema"
     for name in (weights, other):
         if isinstance(obj.get(name), dict):
@@ -118,7 +118,6 @@ def assign_weights(make: Callable[[], nn.Module], sd: dict, path, what: str, nam
     """`make()` built on the meta device and `sd` loaded by assignment (no double memory, no wasted init); any
     missing, unexpected or mis-shaped key is one clear UserError naming the first such key. `what` names the
     architecture in errors ("DiT/SiT"), `name` the size read from the shapes."""
-    from repa_probe.errors import UserError
     try:
         with torch.device("meta"):
             model = make()
