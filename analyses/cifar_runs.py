@@ -40,33 +40,48 @@ PRESETS = {
 }
 
 
-def train_args(p: dict, name: str, coeff: float, out: Path) -> list[str]:
+# name → (REPA coefficient, extra trainer flags). iREPA (arXiv 2512.10794) is REPA with a 3×3 convolutional
+# projector and the target's tokens z-scored over the grid; same seeds, so all three see the same data and noise.
+RUNS = {"vanilla": (0.0, []), "repa": (0.5, []),
+        "irepa": (0.5, ["--projector", "conv", "--projector-kernel", "3", "--spatial-norm", "zscore",
+                        "--zscore-alpha", "0.6"])}
+
+
+def finished(run: Path, steps: int) -> bool:
+    """Whether a run's last checkpoint has reached `steps` (so it is not started again)."""
+    return (run / "checkpoints" / f"{steps:07d}.pt").exists()
+
+
+def train_args(p: dict, name: str, coeff: float, out: Path, extra: list[str] = ()) -> list[str]:
     depth = p["depth"]
     return [sys.executable, "-m", "repa_probe", "train", "--data", str(DATA / "train"), "--image-size", "32",
             "--model", p["model"], "--width", str(p["width"]), "--depth", str(depth), "--heads", str(p["heads"]),
             "--encoder", "cifar-ssl-resnet", "--repa-depth", str(p["repa_depth"]), "--repa-coeff", str(coeff),
             "--projector-dim", str(p["projector_dim"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
             "--lr", str(p["lr"]), "--ema-decay", str(p["ema"]), "--ckpt-every", str(p["ckpt_every"]),
-            "--log-every", "50", "--workers", "1", "--seed", "0", "--out", str(out / name), "--quiet"] + ([
+            "--log-every", "50", "--workers", "1", "--seed", "0", "--out", str(out / name), "--quiet", *extra] + ([
             "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(DATA / "test"), "--analyze-n", "1000",
             "--analyze-blocks", ",".join(str(b) for b in range(1, depth + 1)), "--analyze-t", "0,0.25,0.5"]
             if p["analyze_every"] else [])
 
 
-def ensure_runs(preset: str, out: Path | None = None) -> dict[str, Path]:
-    """Train (or finish) the vanilla and REPA runs of a preset; → {name: run folder}."""
+def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False) -> dict[str, Path]:
+    """Train (or finish) the vanilla and REPA runs of a preset, and iREPA if asked; → {name: run folder}."""
     p = PRESETS[preset]
     out = out or REPO / "runs" / f"cifar_{preset}"
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"vanilla": 0.0, "repa": 0.5}
+    runs = {name: RUNS[name] for name in (RUNS if irepa else ["vanilla", "repa"])}
     env = dict(os.environ)
     if p["threads"]:
         env["OMP_NUM_THREADS"] = str(p["threads"])
     start = time.perf_counter()
     procs = {}
-    for name, coeff in runs.items():
+    for name, (coeff, extra) in runs.items():
+        if finished(out / name, p["steps"]):
+            continue
         log = open(out / f"{name}.train.log", "a")
-        procs[name] = subprocess.Popen(train_args(p, name, coeff, out), cwd=REPO, env=env, stdout=log, stderr=log)
+        procs[name] = subprocess.Popen(train_args(p, name, coeff, out, extra), cwd=REPO, env=env, stdout=log,
+                                       stderr=log)
         if not p["parallel"]:
             procs[name].wait()
     for name, proc in procs.items():
@@ -105,5 +120,6 @@ def analysis_config(preset: str, n: int, **extra):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument("--irepa", action="store_true", help="also train the iREPA run (conv projector, z-scored target)")
     a = ap.parse_args()
-    print(ensure_runs(a.preset))
+    print(ensure_runs(a.preset, irepa=a.irepa))
