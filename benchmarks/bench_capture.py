@@ -5,7 +5,7 @@ SiT-S/2 on 32×32×4 latents (256 tokens), random weights, batch 64 by default. 
   hooks only  the same forward of x_t inside BlockCapture ÷ forward of x_t
 Forward and capture alternate within each repeat so that machine load hits both alike; medians are reported.
 
-    python benchmarks/bench_capture.py [--batch-size 64] [--repeats 5] [--device cuda] [--precision bf16] [--spatial]
+    python benchmarks/bench_capture.py [--model SiT-XL/2 --depth 4] [--batch-size 64] [--repeats 5] [--device cuda] [--precision bf16] [--spatial]
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = SiT(model_config(args.model, input_size=32, in_channels=4)).to(device).eval()
+    depth = {"depth": args.depth} if args.depth else {}       # the ratio is per block: fewer blocks, same ratio
+    model = SiT(model_config(args.model, input_size=32, in_channels=4, **depth)).to(device).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():   # random weights: adaLN-Zero gates would be zero otherwise
             if name != "pos_embed":
@@ -74,7 +75,7 @@ def main(args: argparse.Namespace) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     where = f"{device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
-    print(f"{args.model}, 256 tokens, batch {args.batch_size}, {args.precision}, {where}, "
+    print(f"{args.model}{f' ({args.depth} blocks)' if args.depth else ''}, 256 tokens, batch {args.batch_size}, {args.precision}, {where}, "
           f"median of {args.repeats}:")
     clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
     for clock in clocks:
@@ -87,6 +88,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SiT-S/2")
+    parser.add_argument("--depth", type=int, default=None, help="blocks (default: the model's own)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--t", type=float, default=0.5)

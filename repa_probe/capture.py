@@ -42,6 +42,7 @@ from repa_probe.families import InputSpace, load_checkpoint
 from repa_probe.noise import Convention, seeded_noise
 from repa_probe.runtime import AUTOCAST_DTYPES, init_distributed, resolve_device
 from repa_probe.spatial import spatial_matrix
+from repa_probe.tokens import at_cells, sample_cells
 from repa_probe.store import Features, FeatureStore, ImageFeatures, fill, read_features, t_part
 
 DEFAULT_TS = (0.0, 0.1, 0.25, 0.5, 0.75)
@@ -97,11 +98,13 @@ class BlockCapture:
     """Context manager: hooks on a loaded model's blocks that store pooled features of the wanted blocks.
 
     blocks: indices in 0..depth (0 = tokens entering block 1), default all. After a forward pass,
-    `features[i]` holds block i's pooled output. Hooks are removed on exit, also after an error.
+    `features[i]` holds block i's pooled output. With `cells` (each image's sampled grid cell, tokens.py),
+    `tokens[i]` holds block i's token at that cell and `projected` the model's REPA projector outputs at it
+    (when the aligned block is captured). Hooks are removed on exit, also after an error.
     """
 
     def __init__(self, ckpt: LoadedCheckpoint, blocks: Sequence[int] | None = None, pooling: str = "mean",
-                 stop_early: bool = True, spatial: bool = False):
+                 stop_early: bool = True, spatial: bool = False, cells: torch.Tensor | None = None):
         self.family, self.modules = ckpt.family, list(ckpt.family.blocks(ckpt.model))
         depth = len(self.modules)
         self.pooling = pooling
@@ -113,12 +116,20 @@ class BlockCapture:
         self.last = max(self.blocks) if stop_early else None
         self.features: dict[int, torch.Tensor] = {}
         self.spatial = {} if spatial else None     # block → (N, M) spatial measures of its tokens (spatial.py)
+        self.cells, self.tokens, self.projected = cells, {}, []
+        project = getattr(ckpt.model, "project", None)
+        self.project = project if cells is not None and callable(project) else None
+        self.aligned = ckpt.anatomy.aligned_block
         self.handles = []
 
     def _record(self, index: int, h: torch.Tensor) -> None:
         self.features[index] = pool_tokens(h, self.pooling)
         if self.spatial is not None:
             self.spatial[index] = spatial_matrix(h.float())
+        if self.cells is not None:
+            self.tokens[index] = at_cells(h, self.cells)
+            if self.project is not None and index == self.aligned:
+                self.projected = [at_cells(z, self.cells) for z in self.project(h)]
         if index == self.last:
             raise _StopForward
 
@@ -162,14 +173,16 @@ def noisy_input(convention: Convention, x0: torch.Tensor, ids: torch.Tensor, t: 
 @torch.no_grad()
 def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
                   t: float, *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
-                  autocast_dtype: torch.dtype | None = None, spatial: bool = False
+                  autocast_dtype: torch.dtype | None = None, spatial: bool = False, tokens: bool = False
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass at noise level t → (features [n_blocks, N, ...], raw baselines {name: [N, d]}), float32.
 
     x0 is the clean model-space input (pixels in [−1, 1] or scaled latents); labels None = null class.
     The model runs in eval mode and is put back in its previous mode afterwards. spatial=True adds
     "spatial" [n_blocks, N, M] (every block's tokens, spatial.py's measures) and "raw_spatial" [N, M] (the
-    thumbnail's patches as tokens) to the second dict.
+    thumbnail's patches as tokens) to the second dict; tokens=True adds "tokens" [n_blocks, N, D] (each block's
+    token at the image's sampled cell, tokens.py) and, when the model has REPA projectors and the aligned block
+    is captured, "projected{k}" [N, z_k] (projector k's output at that cell).
     """
     model, anatomy = ckpt.model, ckpt.anatomy
     device = next(model.parameters()).device
@@ -180,7 +193,8 @@ def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        with BlockCapture(ckpt, blocks, pooling, spatial=spatial) as cap, \
+        cells = sample_cells(ids, anatomy.grid ** 2, seed) if tokens else None
+        with BlockCapture(ckpt, blocks, pooling, spatial=spatial, cells=cells) as cap, \
                 torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             ckpt.family.forward(model, x_t, timestep, y)
     finally:
@@ -189,6 +203,9 @@ def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor
     if spatial:
         thumbnail = F.avg_pool2d(x_t.float(), anatomy.patch_size).flatten(2).transpose(1, 2)   # (N, grid², C)
         raw |= {"spatial": torch.stack([cap.spatial[b] for b in cap.blocks]), "raw_spatial": spatial_matrix(thumbnail)}
+    if tokens:
+        raw |= {"tokens": torch.stack([cap.tokens[b] for b in cap.blocks]),
+                **{f"projected{k}": z for k, z in enumerate(cap.projected)}}
     return torch.stack([cap.features[b] for b in cap.blocks]), raw
 
 
@@ -228,6 +245,7 @@ class CaptureConfig:
     blocks: tuple[int, ...] | None = None   # which blocks (0..depth) to keep; None = all. The pass stops
                                             # after the last one, so (0, 1) costs about one block
     spatial: bool = False         # also every block's spatial measures per image (spatial.py)
+    tokens: bool = False          # also every block's token at each image's sampled cell (tokens.py)
 
     def __post_init__(self):
         self.ts = tuple(float(t) for t in self.ts)
@@ -245,7 +263,7 @@ class CaptureConfig:
 
     def key(self) -> dict:
         """The cache-key part of the settings (t is not in it: each t is its own part of the entry)."""
-        return {k: v for k, v in asdict(self).items() if k != "ts" and not (k == "spatial" and not v)}
+        return {k: v for k, v in asdict(self).items() if k != "ts" and not (k in ("spatial", "tokens") and not v)}
 
 
 def model_fingerprint(ckpt) -> dict:
@@ -286,7 +304,7 @@ def cached_latents(store: FeatureStore, dataset: ImageDataset, vae, space: Input
     per (VAE weights, scaling, data subset) and memory-mapped from the store afterwards."""
     from repa_probe.store import cache_image_features
 
-    def encode(images):
+    def encode(images, ids):
         return {"latents": to_model_space(images, "latents", vae, scale=space.scale, shift=space.shift)}
 
     fingerprint = {"vae": vae_fingerprint(vae), "posterior": "mean", "scale": space.scale}
@@ -339,7 +357,8 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
 
     fingerprint = {"model": model_fingerprint(ckpt), "data": dataset.fingerprint(), "mode": mode, "vae": vae_key,
                    "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))", "raw": RAW_VERSION}
-    entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids, row_axes={"blocks": 1, "spatial": 1})
+    entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids,
+                        row_axes={"blocks": 1, "spatial": 1, "tokens": 1})
     autocast_dtype, store_dtype = AUTOCAST_DTYPES[config.precision], np.dtype(config.dtype)
     t_of = {t_part(t): t for t in config.ts}
 
@@ -347,9 +366,10 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
         x0 = to_model_space(x, "pixels") if x.dtype == torch.uint8 else x.float()
         feats, raw = capture_batch(ckpt, x0, labels if config.labels == "true" else None, ids,
                                    t_of[part], seed=config.seed, pooling=config.pooling, blocks=config.blocks,
-                                   autocast_dtype=autocast_dtype, spatial=config.spatial)
-        if config.spatial:                                                 # rows first, as the store wants
-            raw["spatial"] = raw["spatial"].transpose(0, 1)
+                                   autocast_dtype=autocast_dtype, spatial=config.spatial, tokens=config.tokens)
+        for name in ("spatial", "tokens"):                                 # rows first, as the store wants
+            if name in raw:
+                raw[name] = raw[name].transpose(0, 1)
         out = {"blocks": feats.transpose(0, 1).cpu().numpy(), **{k: v.cpu().numpy() for k, v in raw.items()}}
         out = {k: v.astype(store_dtype, copy=False) for k, v in out.items()}
         if store_dtype == np.float16 and not all(np.isfinite(v).all() for v in out.values()):
@@ -358,6 +378,6 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
 
     computed = fill(entry, list(t_of), rows, compute, batch_size=batch_size, num_workers=num_workers,
                     quiet=quiet, desc="capture")
-    features = read_features(entry, config.ts, computed, spatial=config.spatial)
+    features = read_features(entry, config.ts, computed, spatial=config.spatial, tokens=config.tokens)
     features.manifest = {**features.manifest, "skipped_images": [str(p) for p in dataset.skipped]}
     return features

@@ -92,7 +92,8 @@ def _analyze_config(args: argparse.Namespace, data: str):
         download=args.download, text_embeddings=args.text_embeddings,
         probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
         probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
-        bootstrap=args.bootstrap, null=args.null, spatial=args.spatial, baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
+        bootstrap=args.bootstrap, null=args.null, spatial=args.spatial, tokens=args.tokens,
+        baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
         cache=args.cache, mode=args.mode, vae=args.vae, skip_bad_images=args.skip_bad_images,
         convention=args.convention, weights=args.weights, heads=args.heads, quiet=args.quiet, samples=args.samples)
@@ -190,6 +191,10 @@ def _add_analysis_commands(sub) -> None:
         g.add_argument("--spatial", action="store_true",
                        help="also iREPA's spatial measures (LDS, CDS, RMSC) of every block's tokens, the input's "
                             "and the encoder's, per image during capture (docs/spatial.md)")
+        g.add_argument("--tokens", action="store_true",
+                       help="also patch-level alignment on one seeded token per image: token-level versions of "
+                            "--metrics against the encoder's token of the same cell, and the mean cosine after "
+                            "the checkpoint's own REPA projector at its aligned block (docs/spatial.md)")
         g.add_argument("--k", type=positive_int, default=10,
                        help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
         g.add_argument("--bootstrap", type=count(0, 10_000), default=20,

@@ -284,6 +284,12 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                   # (N, D)
         return tokens, c
 
+    def project(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """The REPA projectors' outputs [(N, T, z_dim), ...] for tokens h (N, T, D) of block `encoder_depth`."""
+        N, T, D = h.shape
+        return [projector(h) if isinstance(projector, ConvProjector) else
+                projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False):
         """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels."""
         h, c = self.embed(x, t, y)
@@ -291,9 +297,7 @@ class SiT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                           # (N, T, D)
             if return_zs and i + 1 == self.config.encoder_depth:
-                N, T, D = h.shape
-                zs = [projector(h) if isinstance(projector, ConvProjector) else
-                      projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
+                zs = self.project(h)
         out = self.unpatchify(self.final_layer(h, c))                 # (N, out_channels, H, W)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]                   # drop the variance half

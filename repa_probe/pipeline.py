@@ -38,6 +38,7 @@ from repa_probe.errors import UserError
 from repa_probe.probe import ProbeConfig, linear_probe
 from repa_probe.runtime import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from repa_probe.store import Features, FeatureStore, encoder_features
+from repa_probe.tokens import cosine, zscored
 
 CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
 PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
@@ -51,10 +52,18 @@ PROBE_RESAMPLES = 1000           # bootstrap resamples of the probe's test image
 DROP_RESAMPLES = 100             # at least this many for the held-out drop (two sources per t)
 
 
+TOKEN_PREFIX = "token_"          # an alignment metric over the token sample: token_cknna (tokens.py)
+PROJECTOR_COSINE = "proj_cosine"  # mean cosine after the checkpoint's REPA projector (tokens.py)
+
+
 def metric_label(metric: str) -> str:
     """How reports name a metric: the registry's label, or the probe's."""
     if metric in SPATIAL_METRICS:
         return f"{SPATIAL_METRICS[metric].label} (spatial)"
+    if metric.startswith(TOKEN_PREFIX):
+        return f"token {metric_label(metric.removeprefix(TOKEN_PREFIX))}"
+    if metric == PROJECTOR_COSINE:
+        return "projector cosine"
     return M.METRICS[metric].label if metric in M.METRICS else PROBE_METRICS.get(metric, metric)
 
 
@@ -78,6 +87,7 @@ class AnalyzeConfig:
     probe_n_test: int | None = None             # default: n // 2
     probe: bool = True
     spatial: bool = False                       # iREPA's spatial measures of every block's tokens (spatial.py)
+    tokens: bool = False                        # token-level alignment on a seeded token sample (tokens.py)
     alignment_metrics: tuple[str, ...] = ("cknna",)
     k: int = 10
     bootstrap: int = 20                         # bootstrap replicates for alignment intervals (0 = none)
@@ -143,7 +153,7 @@ class AnalyzeConfig:
 
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
-                             blocks=self.blocks, spatial=self.spatial)
+                             blocks=self.blocks, spatial=self.spatial, tokens=self.tokens)
 
 
 def _check_image_folder(path: str, flag: str) -> None:
@@ -289,13 +299,17 @@ class StoreSource:
         self.computed += feats.computed
         return feats
 
-    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(image ids, pooled encoder features [N, D], spatial measures of its tokens [N, M] or None)."""
-        extras = {"spatial": spatial_matrix} if self.cfg.spatial else None
-        pooled = encoder_features(self.store, encoder, dataset, grid, extras=extras, batch_size=self.cfg.batch_size,
-                                  num_workers=self.cfg.num_workers, quiet=self.cfg.quiet)
-        self.computed += pooled.computed
-        return pooled.ids, np.asarray(pooled["pooled"]), np.asarray(pooled["spatial"]) if extras else None
+    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(image ids, pooled encoder features [N, D], {"spatial": measures of its tokens [N, M] with --spatial;
+        "token", "token_mean", "token_std": [N, D] at each image's sampled cell with --tokens})."""
+        cfg = self.cfg
+        extras = {"spatial": spatial_matrix} if cfg.spatial else None
+        feats = encoder_features(self.store, encoder, dataset, grid, extras=extras,
+                                 cell_seed=cfg.seed if cfg.tokens else None, batch_size=cfg.batch_size,
+                                 num_workers=cfg.num_workers, quiet=cfg.quiet)
+        self.computed += feats.computed
+        return feats.ids, np.asarray(feats["pooled"]), {k: np.asarray(v) for k, v in feats.arrays.items()
+                                                        if k != "pooled"}
 
 
 class MemorySource:
@@ -325,12 +339,12 @@ class MemorySource:
                         ids=np.asarray(dataset.ids), ts=list(cfg.ts), path=None,
                         manifest={"blocks": None if chosen is None else list(chosen)})
 
-    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, None]:
+    def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, dict]:
         images, b = self._images(dataset), self.cfg.batch_size
         device = next(encoder.parameters()).device
         pooled = torch.cat([encoder.encode(images[i:i + b].to(device).float() / 255, grid)[1].cpu()
                             for i in range(0, len(images), b)])
-        return np.asarray(dataset.ids), pooled.numpy(), None
+        return np.asarray(dataset.ids), pooled.numpy(), {}
 
 
 #################################################################################
@@ -412,8 +426,8 @@ class Pipeline:
         b = np.asarray(feats.blocks)
         if not np.array_equal(b[:, 0], b[:, 1]):
             raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
-        spatial = None if feats.spatial is None else np.asarray(feats.spatial)[:, :1]
-        return dataclasses.replace(feats, blocks=b[:, :1], spatial=spatial)
+        first = {k: np.asarray(getattr(feats, k))[:, :1] for k in ("spatial", "tokens") if getattr(feats, k) is not None}
+        return dataclasses.replace(feats, blocks=b[:, :1], **first)
 
     def probe_sets(self, feats: Features, train, test, capture) -> tuple[Features, Features]:
         """Features of the probe's train and test images: rows of the alignment features `feats` when the
@@ -430,30 +444,37 @@ class Pipeline:
                                        **{k: v[:, idx] for k, v in raws.items()})
         return rows(train), rows(test)
 
-    def target(self, encoder, dataset, grid: int):
-        """(image ids, pooled encoder features, prepared kernel, permuted kernels for the null) of `dataset`,
-        once per encoder × subset."""
-        key = (encoder.fingerprint(grid), dataset.fingerprint())
+    def target(self, encoder, dataset, grid: int, tokens: bool = False):
+        """(image ids, encoder features, prepared kernel, permuted kernels for the null, the encoder's other
+        outputs {name: [N, ...]}) of `dataset`, once per encoder × subset. The features are the pooled
+        tokens, or with tokens=True the token at each image's sampled cell (tokens.py)."""
+        key = (encoder.fingerprint(grid), dataset.fingerprint(), tokens)
         if key not in self._targets:
-            start = time.perf_counter()
-            ids, pooled, spatial = self.source.encoded(encoder, dataset, grid)
-            self.timings["encoders"] += time.perf_counter() - start
+            if tokens:
+                ids, _, _, _, extras = self.target(encoder, dataset, grid)
+                features = extras["token"]
+            else:
+                start = time.perf_counter()
+                ids, features, extras = self.source.encoded(encoder, dataset, grid)
+                self.timings["encoders"] += time.perf_counter() - start
             start = time.perf_counter()
             kw = dict(k=self.cfg.k, metrics=self.cfg.alignment_metrics, device=self.device)
-            kernel = M.FeatureKernel.build(pooled, what=f"encoder {encoder.name}", **kw)
-            nulls = M.permuted_targets(pooled, self.cfg.null, self.cfg.seed, **kw)
+            what = f"encoder {encoder.name}{' tokens' if tokens else ''}"
+            kernel = M.FeatureKernel.build(features, what=what, **kw)
+            nulls = M.permuted_targets(features, self.cfg.null, self.cfg.seed, **kw)
             self.timings["metrics"] += time.perf_counter() - start
-            self._targets[key] = (ids, pooled, kernel, nulls, spatial)
+            self._targets[key] = (ids, features, kernel, nulls, extras)
         return self._targets[key]
 
     # ------------------------------------------------------------------ numbers
     def alignment_curves(self, name: str, kind: str, src, ids, blocks: list[int], ts: list[float], dataset,
-                         grid: int, bootstrap: bool, held_out: bool = False) -> list[Curves]:
+                         grid: int, bootstrap: bool, held_out: bool = False, tokens: bool = False) -> list[Curves]:
         """Every alignment metric × encoder for sources src [T, B, N, D]: values, the permutation null,
-        bootstrap intervals and replicates (if `bootstrap`), the held-out drop (if `held_out`)."""
+        bootstrap intervals and replicates (if `bootstrap`), the held-out drop (if `held_out`). tokens=True:
+        src holds each block's token at the sampled cells, compared with the encoder's (metric "token_…")."""
         cfg, out = self.cfg, []
         for enc in self.encoders:
-            enc_ids, target, kernel, nulls, _ = self.target(enc, dataset, grid)
+            enc_ids, target, kernel, nulls, _ = self.target(enc, dataset, grid, tokens)
             if not np.array_equal(enc_ids, ids):
                 raise RuntimeError("encoder and model features hold different images")  # a bug, not user input
             start = time.perf_counter()
@@ -469,7 +490,7 @@ class Pipeline:
             drops = self.held_out_alignment(src, blocks, target, scores, dataset.labels) if held_out else {}
             self.timings["metrics"] += time.perf_counter() - start
             for metric, values in scores.items():
-                out.append(Curves(name, kind, metric, enc.name, ts, blocks, values, cis.get(metric), reps.get(metric),
+                out.append(Curves(name, kind, TOKEN_PREFIX * tokens + metric, enc.name, ts, blocks, values, cis.get(metric), reps.get(metric),
                                   scale, null=null[metric], held_out=drops.get(metric)))
         return out
 
@@ -506,18 +527,45 @@ class Pipeline:
         return out
 
     def spatial_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float]) -> list[Curves]:
-        """Every spatial measure of one source, values [T, B, N, M] per image: the mean over images, with
+        """Every spatial measure of one source, values [T, B, N, M] per image (``per_image_curves``)."""
+        return self.per_image_curves(name, kind, values, blocks, ts, list(SPATIAL_METRICS))
+
+    def per_image_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float],
+                         metrics: list[str], encoder: str = "") -> list[Curves]:
+        """Measures taken per image, values [T, B, N, M] (M = len(metrics)): the mean over images, with
         paired subsample replicates (the same draws for every checkpoint) and their rescaled interval."""
         values = np.asarray(values, dtype=np.float64)
         n, cfg, out = values.shape[2], self.cfg, []
         draws = stats.subsamples(n, cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
         scale = stats.subsample_scale([len(d) for d in draws], n) if draws else None
-        for mi, metric in enumerate(SPATIAL_METRICS):
+        for mi, metric in enumerate(metrics):
             v = values[..., mi]
             mean = np.nanmean(v, axis=-1)
             reps = np.stack([np.nanmean(v[..., d], axis=-1) for d in draws]) if draws else None
             ci = stats.centred_interval(mean, reps, scale) if draws else None
-            out.append(Curves(name, kind, metric, "", ts, blocks, mean, ci, reps, scale))
+            out.append(Curves(name, kind, metric, encoder, ts, blocks, mean, ci, reps, scale))
+        return out
+
+    def projector_curves(self, name: str, ckpt: LoadedCheckpoint, feats: Features, dataset, grid: int
+                         ) -> list[Curves]:
+        """The projector cosine at the aligned block (tokens.py), for each analysis encoder that one of the
+        checkpoint's projectors was trained toward: the one of the same name (else of the same width, if
+        exactly one projector has it), against the target as trained (iREPA's z-score when recorded)."""
+        p, out = ckpt.provenance, []
+        trained = [e.partition("=")[0] for e in p.encoders]
+        alpha = float(p.args.get("zscore_alpha", 0.6)) if p.args.get("spatial_norm") == "zscore" else None
+        for enc in self.encoders:
+            extras = self.target(enc, dataset, grid)[4]
+            widths, width = [np.shape(z)[-1] for z in feats.projected], extras["token"].shape[1]
+            k = trained.index(enc.name) if enc.name in trained else \
+                widths.index(width) if widths.count(width) == 1 else None
+            if k is None or k >= len(widths) or widths[k] != width:
+                continue
+            z = extras["token"] if alpha is None else zscored(extras["token"], extras["token_mean"],
+                                                               extras["token_std"], alpha)
+            cos = np.stack([cosine(np.asarray(h), z) for h in feats.projected[k]])     # [T, N]
+            out += self.per_image_curves(name, "model", cos[:, None, :, None], [ckpt.anatomy.aligned_block],
+                                         feats.ts, [PROJECTOR_COSINE], enc.name)
         return out
 
     def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
@@ -554,6 +602,10 @@ class Pipeline:
                                         blocks, feats.ts, held_out)
         if feats.spatial is not None:
             curves += self.spatial_curves(name, "model", feats.spatial, blocks, feats.ts)
+        if feats.tokens is not None:
+            curves += self.alignment_curves(name, "model", feats.tokens, feats.ids, blocks, feats.ts, align,
+                                            ckpt.anatomy.grid, True, held_out, tokens=True)
+            curves += self.projector_curves(name, ckpt, feats, align, ckpt.anatomy.grid)
         out = [Analysed(name, "model", ckpt, curves, np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None)]
         arch = _arch_key(ckpt)
         if self.cfg.baselines and arch not in self._untrained_done:
@@ -591,11 +643,14 @@ class Pipeline:
                                    u_blocks, feats.ts)
         if u_feats.spatial is not None:
             u += self.spatial_curves(u_name, "untrained", u_feats.spatial, u_blocks, feats.ts)
+        if u_feats.tokens is not None:
+            u += self.alignment_curves(u_name, "untrained", u_feats.tokens, u_feats.ids, u_blocks, feats.ts, align,
+                                       grid, True, tokens=True)
         if u_blocks == [0]:                                  # block 0 stands for every block
             u = [_repeat_block(c, depth + 1) for c in u]
         out.append(Analysed(u_name, "untrained", untrained, u))
         for enc in self.encoders if feats.spatial is not None else []:   # the target's own spatial structure
-            spatial = self.target(enc, align, grid)[4]
+            spatial = self.target(enc, align, grid)[4]["spatial"]
             reference = np.broadcast_to(spatial[None, None], (len(feats.ts), 1) + spatial.shape)
             out.append(Analysed(f"{enc.name}{suffix}", "encoder", ckpt,
                                 self.spatial_curves(f"{enc.name}{suffix}", "encoder", reference, [-1], feats.ts)))

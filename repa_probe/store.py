@@ -54,6 +54,7 @@ from repa_probe.data import make_loader
 from repa_probe.errors import UserError
 from repa_probe.runtime import (atomic_write, barrier, digest, pid_alive, rank, remove_stale_tmp, sum_over_ranks,
                                 world_size, write_json_atomic)
+from repa_probe.tokens import sample_cells, target_cells
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -462,6 +463,8 @@ class Features:
     labels [N], ids [N]               class label and stable image id of each row
     spatial [n_t, n_blocks+1, N, M]   with spatial capture: every block's spatial measures per image (M of them)
     raw_spatial [n_t, N, M]           the same measures of the thumbnail's patches
+    tokens [n_t, n_blocks+1, N, D]    with token capture: every block's token at each image's sampled cell
+    projected [[n_t, N, z_k], ...]    and the checkpoint's REPA projectors' outputs at it (tokens.py)
     """
     blocks: Stacked
     raw: Stacked | None
@@ -474,9 +477,12 @@ class Features:
     raw_pooled: Stacked | None = None
     spatial: Stacked | None = None
     raw_spatial: Stacked | None = None
+    tokens: Stacked | None = None
+    projected: list[Stacked] | None = None
 
 
-def read_features(entry: Entry, ts: Sequence[float], computed: int = 0, spatial: bool = False) -> Features:
+def read_features(entry: Entry, ts: Sequence[float], computed: int = 0, spatial: bool = False,
+                  tokens: bool = False) -> Features:
     parts = [t_part(t) for t in ts]
     missing = [p for p in parts if not entry.is_complete(p)]
     if missing:
@@ -487,7 +493,16 @@ def read_features(entry: Entry, ts: Sequence[float], computed: int = 0, spatial:
                     labels=entry.labels, ids=entry.ids, ts=[float(t) for t in ts], path=entry.path,
                     manifest=entry.manifest, computed=computed,
                     spatial=Stacked([entry.array(p, "spatial") for p in parts]) if spatial else None,
-                    raw_spatial=Stacked([entry.array(p, "raw_spatial") for p in parts]) if spatial else None)
+                    raw_spatial=Stacked([entry.array(p, "raw_spatial") for p in parts]) if spatial else None,
+                    tokens=Stacked([entry.array(p, "tokens") for p in parts]) if tokens else None,
+                    projected=[Stacked([entry.array(p, f"projected{k}") for p in parts])
+                               for k in range(_count_prefixed(entry, parts[0], "projected"))] if tokens else None)
+
+
+def _count_prefixed(entry: Entry, part: str, prefix: str) -> int:
+    """How many arrays PREFIX0, PREFIX1, … a complete part holds."""
+    names = set(entry.manifest["parts"][part]["arrays"])
+    return next(k for k in range(len(names) + 1) if f"{prefix}{k}" not in names)
 
 
 @dataclass
@@ -505,16 +520,16 @@ class ImageFeatures:
 
 
 def cache_image_features(store: FeatureStore, kind: str, fingerprint: dict, dataset: Dataset,
-                         fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], *, batch_size: int = 64,
-                         num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
-    """Cache `fn(images)` (uint8 [B, 3, H, W] → a dict of [B, ...] tensors) for every image of an
+                         fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], *,
+                         batch_size: int = 64, num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
+    """Cache `fn(images, ids)` (uint8 [B, 3, H, W], image ids [B] → a dict of [B, ...] tensors) for every image of an
     ImageDataset, once per (fingerprint, data subset). `fingerprint` must name everything that decides
     fn's output (weights hash, preprocessing); the data subset's fingerprint is added here."""
     key = {**fingerprint, "data": dataset.fingerprint()}
     entry = store.entry(kind, key, dataset.labels, dataset.ids)
 
     def compute(x, labels, ids, part):
-        out = fn(x)
+        out = fn(x, ids)
         return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
 
     computed = fill(entry, ["all"], dataset, compute, batch_size=batch_size, num_workers=num_workers,
@@ -526,19 +541,24 @@ def cache_image_features(store: FeatureStore, kind: str, fingerprint: dict, data
 
 def encoder_features(store: FeatureStore, encoder, dataset: Dataset, grid: int, *, tokens: bool = False,
                      extras: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                     batch_size: int = 64, num_workers: int = 0, quiet: bool = False) -> ImageFeatures:
+                     cell_seed: int | None = None, batch_size: int = 64, num_workers: int = 0,
+                     quiet: bool = False) -> ImageFeatures:
     """Target-encoder features of a data subset, cached by (encoder.fingerprint(grid), data, grid):
-    ``pooled`` [N, D] (mean of patch tokens), with tokens=True ``tokens`` [N, grid², D], and for each
-    ``extras`` name its function of the tokens [N, ...] (e.g. spatial measures, without keeping the tokens).
+    ``pooled`` [N, D] (mean of patch tokens), with tokens=True ``tokens`` [N, grid², D], for each
+    ``extras`` name its function of the tokens [N, ...] (e.g. spatial measures, without keeping the tokens),
+    and with `cell_seed` the token at each image's sampled cell with its image's channel mean and std
+    (``token``, ``token_mean``, ``token_std`` [N, D]; tokens.py).
 
     `encoder` is an `encoders.Encoder` (or anything with ``encode(images01, grid) -> (tokens, pooled)``
     and ``fingerprint(grid) -> str``)."""
-    def fn(images):
+    def fn(images, ids):
         tok, pooled = encoder.encode(images.float() / 255, grid)   # encoders take [0, 1]
+        cells = {} if cell_seed is None else target_cells(tok, sample_cells(ids, tok.shape[1], cell_seed))
         return {"pooled": pooled, **({"tokens": tok} if tokens else {}),
-                **{name: fn(tok) for name, fn in (extras or {}).items()}}
+                **{name: fn(tok) for name, fn in (extras or {}).items()}, **cells}
 
     fingerprint = {"encoder": encoder.fingerprint(grid), "grid": grid, "tokens": tokens,
-                   **({"extras": sorted(extras)} if extras else {})}
+                   **({"extras": sorted(extras)} if extras else {}),
+                   **({"cell_seed": cell_seed} if cell_seed is not None else {})}
     return cache_image_features(store, "encoder", fingerprint, dataset, fn, batch_size=batch_size,
                                 num_workers=num_workers, quiet=quiet)

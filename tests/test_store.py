@@ -110,7 +110,7 @@ def test_image_features_of_a_timm_vit_are_computed_once_per_data_subset(tmp_path
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4).eval()
     store = FeatureStore(tmp_path)
 
-    def pooled(images):
+    def pooled(images, ids=None):
         with torch.no_grad():
             return {"pooled": vit.forward_features(images.float() / 255)[:, 1:].mean(1)}
 

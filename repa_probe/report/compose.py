@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from repa_probe import metrics as M
-from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
+from repa_probe.pipeline import KINDS, PROJECTOR_COSINE, Analysed, Results, display_scale, metric_label
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
 from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
@@ -211,6 +211,11 @@ def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame
     at = peaks[(peaks["t"] == t) & ~peaks["metric"].isin(list(SPATIAL_METRICS))]    # spatial: their own pages
     first = [f"{r.checkpoint}: {_what(r.metric, r.encoder)} " + _peak_phrase(r) for r in at.itertuples()]
     out = ["Peak and drop. " + "; ".join(first) + "." if first else "Peak and drop: no curves."]
+    proj = table[(table["t"] == t) & (table["metric"] == PROJECTOR_COSINE)]
+    if len(proj):
+        out.append(f"After each checkpoint's own projector (t = {t:g}). " + "; ".join(
+            f"{r.checkpoint}: mean cosine to {r.encoder}'s tokens at the aligned block {r.block} "
+            f"{fmt_interval(r.value, r.ci_low, r.ci_high, 1)}" for r in proj.itertuples()) + ".")
     if comp is not None and len(comp):
         out.append("Compared. " + "; ".join(compare_lines(comp[comp["t"] == t])) + ".")
     base = []

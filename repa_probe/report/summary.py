@@ -23,9 +23,10 @@ from repa_probe.pipeline import Curves, Results
 
 
 def _model_curves(results: Results):
+    """The models' curves over at least two blocks ≥ 1 (a peak needs a choice; the projector cosine has none)."""
     for a in results.models:
         for c in a.curves:
-            if any(b >= 1 for b in c.blocks):
+            if sum(b >= 1 for b in c.blocks) >= 2:
                 yield a, c
 
 
