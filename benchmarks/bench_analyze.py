@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repa_probe.commands import AnalyzeConfig, compare  # noqa: E402
-from repa_probe.capture import default_device  # noqa: E402
 from repa_probe.checkpoints import save_checkpoint  # noqa: E402
 from repa_probe.models import SiT, model_config  # noqa: E402
+from repa_probe.runtime import resolve_device  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--progress", action="store_true", help="show analyze's progress bars (stderr)")
     args = p.parse_args()
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     ts = tuple(float(t) for t in args.t.split(","))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_analyze-"))
     work.mkdir(parents=True, exist_ok=True)
