@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from repa_probe.background import host_copy
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.data import ImageDataset, list_images, load_vae, select_subset, to_model_space, vae_fingerprint
 from repa_probe.errors import UserError
@@ -173,7 +174,7 @@ def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor
     """
     model, anatomy = ckpt.model, ckpt.anatomy
     device = next(model.parameters()).device
-    x0, ids = x0.to(device).float(), ids.cpu()
+    x0, ids = x0.to(device, non_blocking=True).float(), ids.cpu()
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, t, seed)
     y = None if anatomy.num_classes is None else \
         labels.to(device) if labels is not None else torch.full((len(x0),), anatomy.num_classes, device=device)
@@ -350,11 +351,14 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
                                    autocast_dtype=autocast_dtype, spatial=config.spatial)
         if config.spatial:                                                 # rows first, as the store wants
             raw["spatial"] = raw["spatial"].transpose(0, 1)
-        out = {"blocks": feats.transpose(0, 1).cpu().numpy(), **{k: v.cpu().numpy() for k, v in raw.items()}}
-        out = {k: v.astype(store_dtype, copy=False) for k, v in out.items()}
-        if store_dtype == np.float16 and not all(np.isfinite(v).all() for v in out.values()):
-            raise UserError("features exceed the float16 range (±65504): use --store-dtype float32")
-        return out
+        fetch = host_copy({"blocks": feats.transpose(0, 1), **raw})
+
+        def arrays():                                                      # on the store's writer thread
+            out = {k: v.astype(store_dtype, copy=False) for k, v in fetch().items()}
+            if store_dtype == np.float16 and not all(np.isfinite(v).all() for v in out.values()):
+                raise UserError("features exceed the float16 range (±65504): use --store-dtype float32")
+            return out
+        return arrays
 
     computed = fill(entry, list(t_of), rows, compute, batch_size=batch_size, num_workers=num_workers,
                     quiet=quiet, desc="capture")

@@ -265,3 +265,17 @@ def test_latent_model_captures_from_cached_vae_latents(tmp_path, cifar_dir):
     assert latents_file.stat().st_mtime_ns == stamp                   # latents came from the cache
     with pytest.raises(UserError, match="--vae"):
         extract(ckpt, cifar_dir / "test", n=6, vae=str(tmp_path / "no-vae"), cache_dir=cache, quiet=True)
+
+
+def test_float16_overflow_found_on_the_writer_thread_stops_extract_with_one_line_and_stores_nothing(tmp_path,
+                                                                                                  cifar_dir):
+    """The float16 range check runs where the chunk is written (a background thread): its UserError must
+    still reach the caller, and no chunk of the overflowing batch may be stored."""
+    ckpt = as_checkpoint(randomize_(SiT(tiny_config(input_size=32)), std=3.0))   # block outputs reach ~1e11
+    config = CaptureConfig(ts=(0.5,), dtype="float16")
+    with pytest.raises(UserError, match="float16 range"):
+        extract(ckpt, cifar_dir / "test", config, n=8, batch_size=4, cache_dir=tmp_path / "c", quiet=True)
+    entry_dirs = list((tmp_path / "c" / "blocks").iterdir())
+    assert len(entry_dirs) == 1
+    entry = Entry(entry_dirs[0])
+    assert len(entry.pending("t=0.5")) == 8 and not list((entry.path / "claims").iterdir())
