@@ -31,7 +31,8 @@ import torch
 from repa_probe import metrics as M
 from repa_probe import stats
 from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix
-from repa_probe.capture import DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space, make_dataset
+from repa_probe.capture import (DEFAULT_TS, CaptureConfig, capture_batch, capture_blocks, extract, input_space,
+                                make_dataset)
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.data import ImageDataset, list_images, to_model_space
 from repa_probe.errors import UserError
@@ -404,16 +405,17 @@ class Pipeline:
 
     def untrained_features(self, untrained: LoadedCheckpoint, dataset) -> Features:
         """Block 0 of the untrained model, as [n_t, 1, N, D], when its family initialises every block as the
-        identity (adaLN-Zero): blocks 0 and 1 are captured (the pass stops there), checked equal, and block 0
-        stands for all of them. Otherwise every block is captured."""
+        identity (adaLN-Zero): block 0 alone is captured (the pass stops before block 1) and stands for all
+        of them, once blocks 0 and 1 are checked equal on one small batch (the identity holds for any input,
+        so the check need not cost a block's pass over every image). Otherwise every block is captured."""
         if not untrained.anatomy.untrained_identity:
             return self.features(untrained, dataset)
-        feats = self.features(untrained, dataset, blocks=(0, 1))
-        b = np.asarray(feats.blocks)
-        if not np.array_equal(b[:, 0], b[:, 1]):
+        space = untrained.anatomy.input
+        x0 = torch.randn(4, space.channels, space.size, space.size, generator=torch.Generator().manual_seed(0))
+        b01 = capture_batch(untrained, x0, None, torch.arange(4), self.cfg.ts[0], seed=self.cfg.seed, blocks=(0, 1))[0]
+        if not torch.equal(b01[0], b01[1]):
             raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
-        spatial = None if feats.spatial is None else np.asarray(feats.spatial)[:, :1]
-        return dataclasses.replace(feats, blocks=b[:, :1], spatial=spatial)
+        return self.features(untrained, dataset, blocks=(0,))
 
     def probe_sets(self, feats: Features, train, test, capture) -> tuple[Features, Features]:
         """Features of the probe's train and test images: rows of the alignment features `feats` when the
