@@ -25,10 +25,11 @@ store (store.py) for analysis at scale, resumably and, under torchrun, split acr
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -213,6 +214,29 @@ def capture_blocks(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tenso
     return torch.stack(per_t)
 
 
+@contextlib.contextmanager
+def compiled_blocks(ckpt: LoadedCheckpoint, enabled: bool = True) -> Iterator[None]:
+    """Within: every block's forward runs torch.compile'd (the capture hooks stay outside it, eager); the
+    blocks get their own forward back on exit. A compiler that cannot run here is one UserError line."""
+    blocks = list(ckpt.family.blocks(ckpt.model)) if enabled else []
+    saved = [b.__dict__.get("forward") for b in blocks]
+    for b in blocks:
+        b.forward = torch.compile(b.forward)
+    try:
+        yield
+    except Exception as e:
+        if enabled and type(e).__name__ == "BackendCompilerFailed":      # torch._dynamo.exc: e.g. no C++ compiler
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile: torch.compile cannot compile here ({why[:200]}); run without --compile") \
+                from None
+        raise
+    finally:
+        for b, forward in zip(blocks, saved):
+            del b.forward
+            if forward is not None:
+                b.forward = forward
+
+
 #################################################################################
 #                           Extraction into the store                           #
 #################################################################################
@@ -229,6 +253,7 @@ class CaptureConfig:
     blocks: tuple[int, ...] | None = None   # which blocks (0..depth) to keep; None = all. The pass stops
                                             # after the last one, so (0, 1) costs about one block
     spatial: bool = False         # also every block's spatial measures per image (spatial.py)
+    compile: bool = False         # torch.compile every block (compiled_blocks); equal to eager up to rounding
 
     def __post_init__(self):
         self.ts = tuple(float(t) for t in self.ts)
@@ -246,7 +271,7 @@ class CaptureConfig:
 
     def key(self) -> dict:
         """The cache-key part of the settings (t is not in it: each t is its own part of the entry)."""
-        return {k: v for k, v in asdict(self).items() if k != "ts" and not (k == "spatial" and not v)}
+        return {k: v for k, v in asdict(self).items() if k != "ts" and not (k in ("spatial", "compile") and not v)}
 
 
 def model_fingerprint(ckpt) -> dict:
@@ -360,8 +385,9 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
             return out
         return arrays
 
-    computed = fill(entry, list(t_of), rows, compute, batch_size=batch_size, num_workers=num_workers,
-                    quiet=quiet, desc="capture")
+    with compiled_blocks(ckpt, config.compile):
+        computed = fill(entry, list(t_of), rows, compute, batch_size=batch_size, num_workers=num_workers,
+                        quiet=quiet, desc="capture")
     features = read_features(entry, config.ts, computed, spatial=config.spatial)
     features.manifest = {**features.manifest, "skipped_images": [str(p) for p in dataset.skipped]}
     return features

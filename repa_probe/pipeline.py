@@ -72,6 +72,7 @@ class AnalyzeConfig:
     ts: tuple[float, ...] = DEFAULT_TS
     encoders: list[str] = field(default_factory=list)   # NAME[=WEIGHTS]
     encoder_random_init: bool = False
+    encoder_precision: str = "fp32"             # "bf16": encoders under bf16 autocast (opt-in)
     download: bool = False                      # fetch missing official checkpoints / encoder weights (download.py)
     probe_train: str | None = None              # ImageFolder trees for the probe; default: split --data
     probe_test: str | None = None
@@ -88,6 +89,7 @@ class AnalyzeConfig:
     seed: int = 0                               # noise seed and subset seed
     labels: str = "null"
     precision: str = "auto"                     # autocast: auto = bf16 on GPUs, fp32 on the CPU
+    compile: bool = False                       # torch.compile the model's blocks during capture
     batch_size: int = 64
     num_workers: int = 0
     device: str | None = None
@@ -144,7 +146,7 @@ class AnalyzeConfig:
 
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
-                             blocks=self.blocks, spatial=self.spatial)
+                             blocks=self.blocks, spatial=self.spatial, compile=self.compile)
 
 
 def _check_image_folder(path: str, flag: str) -> None:
@@ -359,7 +361,7 @@ class Pipeline:
     def _load_encoders(self):
         from repa_probe.encoders import load_encoder
         return [load_encoder(spec, random_init=self.cfg.encoder_random_init, pretrained_download=self.cfg.download,
-                             device=self.device)
+                             device=self.device, precision=self.cfg.encoder_precision)
                 for spec in self.cfg.encoders]
 
     # ------------------------------------------------------------------ data

@@ -279,3 +279,19 @@ def test_float16_overflow_found_on_the_writer_thread_stops_extract_with_one_line
     assert len(entry_dirs) == 1
     entry = Entry(entry_dirs[0])
     assert len(entry.pending("t=0.5")) == 8 and not list((entry.path / "claims").iterdir())
+
+
+def test_compiled_blocks_give_the_eager_features_cached_apart_and_the_model_back_unchanged(tmp_path, cifar_dir):
+    ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.pt", input_size=32))
+    eager = extract(ckpt, cifar_dir / "test", CaptureConfig(ts=(0.5,)), n=8, batch_size=8, cache_dir=tmp_path / "c",
+                    quiet=True)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = extract(ckpt, cifar_dir / "test", CaptureConfig(ts=(0.5,), compile=True), n=8, batch_size=8,
+                       cache_dir=tmp_path / "c", quiet=True)
+    assert counters["stats"]["unique_graphs"] >= 1                               # dynamo really compiled
+    assert compiled.computed == 1 and compiled.path != eager.path                # its own cache entry
+    torch.testing.assert_close(torch.from_numpy(np.asarray(compiled.blocks)), torch.from_numpy(np.asarray(eager.blocks)),
+                               rtol=1e-4, atol=1e-5)
+    assert np.array_equal(np.asarray(compiled.raw), np.asarray(eager.raw))       # the input side is not compiled
+    assert all("forward" not in b.__dict__ for b in ckpt.model.blocks)           # the blocks' own forward is back
