@@ -225,8 +225,8 @@ def compiled_blocks(ckpt: LoadedCheckpoint, enabled: bool = True) -> Iterator[No
     try:
         yield
     except Exception as e:
-        if enabled and type(e).__name__ == "BackendCompilerFailed":      # torch._dynamo.exc: e.g. no C++ compiler
-            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if enabled and type(e).__name__ in ("InductorError", "BackendCompilerFailed"):   # e.g. no C++ compiler
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"--compile: torch.compile cannot compile here ({why[:200]}); run without --compile") \
                 from None
         raise

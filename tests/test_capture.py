@@ -295,3 +295,13 @@ def test_compiled_blocks_give_the_eager_features_cached_apart_and_the_model_back
                                rtol=1e-4, atol=1e-5)
     assert np.array_equal(np.asarray(compiled.raw), np.asarray(eager.raw))       # the input side is not compiled
     assert all("forward" not in b.__dict__ for b in ckpt.model.blocks)           # the blocks' own forward is back
+
+
+def test_compile_without_a_working_cxx_compiler_is_one_clear_line(tmp_path, cifar_dir):
+    ckpt_path = save_tiny_checkpoint(tmp_path / "tiny.pt", input_size=32)
+    r = run_cli("extract", ckpt_path, "--data", cifar_dir / "test", "--n", 8, "--t", "0.5", "--batch-size", 8,
+                "--cache", tmp_path / "cache", "--compile", "--quiet",
+                env={"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert r.returncode != 0
+    assert "--compile: torch.compile cannot compile here" in r.stderr and "run without --compile" in r.stderr
+    assert "Traceback" not in r.stderr
