@@ -11,7 +11,7 @@ outside the timer (a per-analysis constant).
 Measured things alternate within each repeat so that machine load hits them alike; medians are reported.
 
     python benchmarks/bench_capture.py [--batch-size 64] [--repeats 5] [--device cuda] [--precision bf16] [--spatial]
-                                       [--n 256] [--ts 0.25,0.5] [--data ../shared/data/cifar10/test]
+                                       [--n 256] [--ts 0.25,0.5] [--data ../shared/data/cifar10/test] [--compile]
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def end_to_end(args: argparse.Namespace) -> None:
             for sl, (x_t, timestep) in batches:
                 model(x_t, timestep, y[:len(x_t)])
 
-    def capture():
+    def capture(config: CaptureConfig = config):
         cache = tempfile.mkdtemp(prefix="bench_capture-")
         try:
             extract(ckpt, dataset, config, batch_size=args.batch_size, num_workers=args.workers, device=device,
@@ -106,13 +106,17 @@ def end_to_end(args: argparse.Namespace) -> None:
             shutil.rmtree(cache, ignore_errors=True)
 
     fns = {"forwards": forwards, "extract": capture}
+    if args.compile:
+        fns["compiled"] = lambda: capture(CaptureConfig(ts=ts, precision=args.precision, compile=True))
+        fns["compiled"]()                        # warm-up: the compilation itself is not timed
     forwards()                                   # warm-up
     med = report(f"end to end: {args.model} pixels, 256 tokens, {len(dataset)} CIFAR images × t = {args.ts}, "
                  f"batch {args.batch_size}, workers {args.workers}, {args.precision}, {where(device)}, "
                  f"median of {args.repeats}:", tuple(fns), repeat(fns, args.repeats, device), device)
     for clock in ("wall", "cpu") if device.type == "cpu" else ("wall",):
         print(f"  {clock:<4} throughput extract / bare forwards = {med['forwards', clock] / med['extract', clock]:.3f}"
-              f"   (target ≥ 0.95)")
+              f"   (target ≥ 0.95)" + (f"; extract --compile / bare forwards = "
+                                       f"{med['forwards', clock] / med['compiled', clock]:.3f}" if args.compile else ""))
 
 
 def where(device: torch.device) -> str:
@@ -167,5 +171,6 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=256, help="end to end: CIFAR images (0 = skip the end-to-end part)")
     parser.add_argument("--ts", default="0.25,0.5", help="end to end: noise levels")
     parser.add_argument("--workers", type=int, default=0, help="end to end: DataLoader workers")
+    parser.add_argument("--compile", action="store_true", help="end to end: also time extract with --compile")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10/test"))
     main(parser.parse_args())
