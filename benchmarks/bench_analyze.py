@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--t", default="0,0.1,0.25,0.5,0.75")
     p.add_argument("--encoder", default="vit_small_patch16_224", help="encoder name (random weights)")
+    p.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--data", default=str(SHARED / "test"), help="alignment images (ImageFolder)")
     p.add_argument("--probe-train", default=None,
                    help="probe training images (default: the probe splits the --n alignment images, no extra forwards)")
@@ -83,6 +84,7 @@ def main() -> None:
     ckpt = save_checkpoint(work / "model.pt", cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
 
     config = AnalyzeConfig(data=args.data, n=args.n, ts=ts, encoders=[args.encoder], encoder_random_init=True,
+                           encoder_precision=args.encoder_precision,
                            probe_train=args.probe_train, probe_test=args.probe_test, bootstrap=args.bootstrap,
                            batch_size=args.batch_size, num_workers=args.workers, device=str(device),
                            cache=str(work / "cache"), quiet=not args.progress)
@@ -100,7 +102,7 @@ def main() -> None:
 
     print(f"{args.model} (width {cfg.hidden_size}, {cfg.depth} blocks, 256 tokens), n = {args.n}, t = {args.t}, "
           f"encoder {args.encoder} (random), {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
-          f" precision {precision}, threads {torch.get_num_threads()}")
+          f" precision {precision}, encoder {args.encoder_precision}, threads {torch.get_num_threads()}")
     print(f"{'stage':<16}{'seconds':>10}{'share':>8}")
     for stage in ("data+forwards", "encoders", "probes", "metrics", "report"):
         print(f"{stage:<16}{timings.get(stage, 0):>10.1f}{timings.get(stage, 0) / total:>8.0%}")
