@@ -3,13 +3,15 @@
 # (the last one gets what is left of BUDGET seconds); every output lands in $OUT.
 #
 # Here (the data does not travel with the code; 18 MB: CIFAR-10 test + the first 1,000 train
-# images of each class, what bench_probe and bench_analyze read):
+# images of each class, what bench_probe and bench_analyze read; and a trained pixel checkpoint for
+# bench_encoder_precision, e.g. the deep CIFAR REPA run's last one):
 #   python analyses/pack_data.py pack <that subset of ../shared/data/cifar10> gpu_pack/cifar10_bench.npz
+#   cp runs/cifar_deep/repa/checkpoints/0005000.pt gpu_pack/cifar_repa.pt
 # On the device (nothing installs there; gpu_pack carried):
-#   BUDGET=480 bash benchmarks/gpu_session.sh
+#   BUDGET=540 bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu_out}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-540}
 DATA=/tmp/data/cifar10
 export PYTHONPATH=.
 mkdir -p "$OUT"
@@ -26,10 +28,25 @@ step() {  # name limit_s command...
     echo "rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/$name.txt"
     grep -v '%|' "$OUT/$name.txt" | tail -n 25
 }
-step cknna 70 python benchmarks/bench_cknna.py --device cuda --sizes 1000,2000,4000,10000 --batched-n 10000
-step probe 120 python benchmarks/bench_probe.py --device cuda --data "$DATA"
-step train 90 python benchmarks/bench_train.py --models B/2,XL/2
+# 1. capture end to end (data loading, prefetch, async copies, background store writes) vs bare forwards
+step capture 90 python benchmarks/bench_capture.py --device cuda --precision bf16 --model SiT-XL/2 --batch-size 256 \
+    --n 4096 --ts 0.25,0.5 --workers 8 --repeats 3 --data "$DATA/test"
+# 2. encoder bf16 autocast: feature and CKNNA deviation against fp32, bootstrap width, encode time
+step encoder_precision 50 python benchmarks/bench_encoder_precision.py --checkpoint gpu_pack/cifar_repa.pt \
+    --device cuda --n 10000 --data "$DATA/test"
+step encoder_precision_vitl 50 python benchmarks/bench_encoder_precision.py --checkpoint gpu_pack/cifar_repa.pt \
+    --encoder dinov2-vit-l --random-init --device cuda --n 10000 --data "$DATA/test"
+# 3. torch.compile: the training step, then capture
+step train_compile 100 python benchmarks/bench_train.py --models B/2,XL/2 --compile
+step capture_compile 100 python benchmarks/bench_capture.py --device cuda --precision bf16 --model SiT-XL/2 \
+    --batch-size 256 --n 2048 --ts 0.25,0.5 --workers 8 --repeats 3 --compile --data "$DATA/test"
+# 4. analyze end to end with what is left (189.5 s before: it needs a second call when under ~200 s are left)
 left=$(( BUDGET - ($(date +%s) - t0) ))
 step analyze $(( left > 30 ? left : 30 )) python benchmarks/bench_analyze.py --model SiT-XL/2 --n 10000 \
     --encoder dinov2-vit-l --device cuda --data "$DATA/test" --workers 8 --progress
 tail -c 3000 "$OUT/analyze.err"
+# measured in the 2026-11-26 session (benchmarks/results/2026-11-26-h200); rerun only with EXTRA=1
+if [ "${EXTRA:-0}" = 1 ]; then
+    step cknna 70 python benchmarks/bench_cknna.py --device cuda --sizes 1000,2000,4000,10000 --batched-n 10000
+    step probe 120 python benchmarks/bench_probe.py --device cuda --data "$DATA"
+fi

@@ -29,7 +29,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     device = resolve_device(args.device)
     config = CaptureConfig(ts=args.t, seed=args.seed, pooling=args.pooling, labels=args.labels,
-                           precision=resolve_precision(args.precision, device), dtype=args.store_dtype)
+                           precision=resolve_precision(args.precision, device), dtype=args.store_dtype,
+                           compile=args.compile)
     ckpt = load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights, heads=args.heads)
     try:
         features = extract(ckpt, args.data, config, mode=args.mode, vae=args.vae, n=args.n,
@@ -89,6 +90,7 @@ def _analyze_config(args: argparse.Namespace, data: str):
     encoders = [e for spec in (args.encoder or []) for e in spec.split(",") if e]
     return AnalyzeConfig(
         data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
+        encoder_precision=args.encoder_precision, compile=args.compile,
         download=args.download, text_embeddings=args.text_embeddings,
         probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
         probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
@@ -170,6 +172,9 @@ def _add_analysis_commands(sub) -> None:
                             "comma-separate for several; see `repa-probe encoders`. Without one, only probes run")
         g.add_argument("--encoder-random-init", action="store_true",
                        help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
+        g.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
+                       help="run the encoders under bf16 autocast (faster; features change slightly, see "
+                            "benchmarks/RESULTS.md) (default: fp32)")
         g.add_argument("--text-embeddings", type=path, default=None, metavar="FILE",
                        help="text-conditioned diffusers models (PixArt, SD3, Flux): a prompt's embeddings "
                             "(prompt_embeds, pooled_prompt_embeds; .pt or .safetensors); default: zeros, as reported")
@@ -452,6 +457,9 @@ def add_capture_options(p: argparse.ArgumentParser, precision_default: str = "fp
                    help=f"autocast; auto = bf16 on GPUs, fp32 on the CPU (default: {precision_default})")
     p.add_argument("--cache", type=path, default=None, help="feature store folder (default: $XDG_CACHE_HOME/repa-probe or "
                                                  "~/.cache/repa-probe)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's blocks (features equal eager up to rounding, cached apart; "
+                        "the first batches pay the compile time)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files and report them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -448,6 +448,7 @@ class Encoder(nn.Module):
         self.patch_size = _patch_size(model, spec)
         self.embed_dim = spec.embed_dim or getattr(model, "embed_dim", None) or getattr(model, "num_features")
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self.precision = "fp32"   # or "bf16": the network under bf16 autocast (load_encoder(precision=...))
 
     def input_size(self, grid: int) -> int:
         """Pixels per side fed to the encoder so that it yields ``grid × grid`` patch tokens."""
@@ -477,12 +478,13 @@ class Encoder(nn.Module):
         self.model.eval()
         param = next(self.model.parameters())
         x = self.preprocess(images01.to(param.device), grid).to(param.dtype)
-        if self.spec.tokens is not None:
-            tokens = self.spec.tokens(self.model, x)
-        elif self.spec.builder is not None:
-            tokens = _builder_tokens(self.model, x)
-        else:
-            tokens = _timm_patch_tokens(self.model, x, self.spec.family.final_norm)  # (N, grid², D)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if self.spec.tokens is not None:
+                tokens = self.spec.tokens(self.model, x)
+            elif self.spec.builder is not None:
+                tokens = _builder_tokens(self.model, x)
+            else:
+                tokens = _timm_patch_tokens(self.model, x, self.spec.family.final_norm)  # (N, grid², D)
         if tokens.shape[1] != grid * grid:
             raise RuntimeError(f"{self.name}: expected {grid * grid} patch tokens, got {tokens.shape[1]}")
         tokens = tokens.float()
@@ -503,6 +505,8 @@ class Encoder(nn.Module):
                       else "patch tokens before final norm",
             "pooled": "mean of patch tokens",
         }
+        if self.precision != "fp32":   # fp32 adds no key: caches made before the option stay valid
+            d["autocast"] = self.precision
         if grid is not None:
             d.update(grid=grid, input_size=self.input_size(grid))
         return d
@@ -529,14 +533,21 @@ def _patch_size(model: nn.Module, spec: EncoderSpec) -> int:
 #################################################################################
 
 
+ENCODER_PRECISIONS = ("fp32", "bf16")
+
+
 def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Encoder:
-    """Build a frozen target encoder from ``'NAME'`` or ``'NAME=PATH'``.
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 precision: str = "fp32") -> Encoder:
+    """Build a frozen target encoder from ``'NAME'`` or ``'NAME=PATH'``; precision "bf16" runs it under
+    bf16 autocast (opt-in: benchmarks/bench_encoder_precision.py measures what it changes).
 
     Weights come from PATH, else from a weights folder (``weights_dirs()``), else from timm's download when
     ``pretrained_download``; none of these → UserError naming the flag and file. ``random_init=True`` gives
     a seeded random network instead (for tests) and the encoder says so (``describe()['weights']``).
     """
+    if precision not in ENCODER_PRECISIONS:
+        raise UserError(f"--encoder-precision {precision!r}: use {' or '.join(ENCODER_PRECISIONS)}")
     name, path = parse_encoder_spec(spec)
     name, entry = get_encoder_spec(name)
     if random_init and path is not None:
@@ -553,7 +564,7 @@ def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: b
         from repa_probe.download import Remote, fetch
         fname = entry.weights_url.rsplit("/", 1)[-1]
         path = fetch(Remote(entry.weights_url, fname, f"{name} weights"), weights_dirs()[0])
-        return load_encoder(f"{name}={path}", device=device, dtype=dtype)
+        return load_encoder(f"{name}={path}", device=device, dtype=dtype, precision=precision)
     elif pretrained_download:
         model, source = _download(name, entry), "timm-download"
         sha = _state_dict_sha256(model.state_dict())
@@ -561,6 +572,7 @@ def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: b
         raise UserError(_needs_weights_message(name, entry))
     enc = Encoder(name, entry, model, weights_path=path, weights_sha256=sha, random_init=random_init,
                   source=source)
+    enc.precision = precision
     return enc.to(device=device, dtype=dtype)
 
 

@@ -31,7 +31,8 @@ import torch
 from repa_probe import metrics as M
 from repa_probe import stats
 from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix
-from repa_probe.capture import DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space, make_dataset
+from repa_probe.capture import (DEFAULT_TS, CaptureConfig, capture_batch, capture_blocks, extract, input_space,
+                                make_dataset)
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.data import ImageDataset, list_images, to_model_space
 from repa_probe.errors import UserError
@@ -80,6 +81,7 @@ class AnalyzeConfig:
     ts: tuple[float, ...] = DEFAULT_TS
     encoders: list[str] = field(default_factory=list)   # NAME[=WEIGHTS]
     encoder_random_init: bool = False
+    encoder_precision: str = "fp32"             # "bf16": encoders under bf16 autocast (opt-in)
     download: bool = False                      # fetch missing official checkpoints / encoder weights (download.py)
     probe_train: str | None = None              # ImageFolder trees for the probe; default: split --data
     probe_test: str | None = None
@@ -97,6 +99,7 @@ class AnalyzeConfig:
     seed: int = 0                               # noise seed and subset seed
     labels: str = "null"
     precision: str = "auto"                     # autocast: auto = bf16 on GPUs, fp32 on the CPU
+    compile: bool = False                       # torch.compile the model's blocks during capture
     batch_size: int = 64
     num_workers: int = 0
     device: str | None = None
@@ -153,7 +156,7 @@ class AnalyzeConfig:
 
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
-                             blocks=self.blocks, spatial=self.spatial, tokens=self.tokens)
+                             blocks=self.blocks, spatial=self.spatial, tokens=self.tokens, compile=self.compile)
 
 
 def _check_image_folder(path: str, flag: str) -> None:
@@ -372,7 +375,7 @@ class Pipeline:
     def _load_encoders(self):
         from repa_probe.encoders import load_encoder
         return [load_encoder(spec, random_init=self.cfg.encoder_random_init, pretrained_download=self.cfg.download,
-                             device=self.device)
+                             device=self.device, precision=self.cfg.encoder_precision)
                 for spec in self.cfg.encoders]
 
     # ------------------------------------------------------------------ data
@@ -418,16 +421,17 @@ class Pipeline:
 
     def untrained_features(self, untrained: LoadedCheckpoint, dataset) -> Features:
         """Block 0 of the untrained model, as [n_t, 1, N, D], when its family initialises every block as the
-        identity (adaLN-Zero): blocks 0 and 1 are captured (the pass stops there), checked equal, and block 0
-        stands for all of them. Otherwise every block is captured."""
+        identity (adaLN-Zero): block 0 alone is captured (the pass stops before block 1) and stands for all
+        of them, once blocks 0 and 1 are checked equal on one small batch (the identity holds for any input,
+        so the check need not cost a block's pass over every image). Otherwise every block is captured."""
         if not untrained.anatomy.untrained_identity:
             return self.features(untrained, dataset)
-        feats = self.features(untrained, dataset, blocks=(0, 1))
-        b = np.asarray(feats.blocks)
-        if not np.array_equal(b[:, 0], b[:, 1]):
+        space = untrained.anatomy.input
+        x0 = torch.randn(4, space.channels, space.size, space.size, generator=torch.Generator().manual_seed(0))
+        b01 = capture_batch(untrained, x0, None, torch.arange(4), self.cfg.ts[0], seed=self.cfg.seed, blocks=(0, 1))[0]
+        if not torch.equal(b01[0], b01[1]):
             raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
-        first = {k: np.asarray(getattr(feats, k))[:, :1] for k in ("spatial", "tokens") if getattr(feats, k) is not None}
-        return dataclasses.replace(feats, blocks=b[:, :1], **first)
+        return self.features(untrained, dataset, blocks=(0,))
 
     def probe_sets(self, feats: Features, train, test, capture) -> tuple[Features, Features]:
         """Features of the probe's train and test images: rows of the alignment features `feats` when the

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from repa_probe.background import Prefetcher, Writer, host_copy
 from repa_probe.data import make_loader
 from repa_probe.errors import UserError
 from repa_probe.runtime import (atomic_write, barrier, digest, pid_alive, rank, remove_stale_tmp, sum_over_ranks,
@@ -323,7 +325,8 @@ class _Rows(Dataset):
         return (*self.dataset[position], position)
 
 
-Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], dict[str, np.ndarray]]
+Arrays = dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]]   # the rows, or a function that waits for them
+Compute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], Arrays]
 
 
 class _ClaimedBatches(Sampler):
@@ -350,12 +353,22 @@ class _ClaimedBatches(Sampler):
         return len(self.batches)
 
 
+def _write_batch(entry: Entry, chunks: list[tuple[str, np.ndarray, Arrays]], first: int) -> None:
+    """Write one batch's chunks (on the writer thread), then release its claim."""
+    for part, positions, arrays in chunks:
+        entry.write_chunk(part, positions, arrays() if callable(arrays) else arrays)
+    entry.release(first)
+
+
 def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute, *, batch_size: int,
          num_workers: int = 0, quiet: bool = False, desc: str = "") -> int:
     """Compute every missing (batch, part) chunk of `entry` and merge complete parts; → chunks computed.
 
     `dataset[position]` gives (x, label, id) for each row; `compute(x, labels, ids, part)` maps a batch to
-    rows-first arrays. Batches are a fixed grid of row positions, dealt to ranks in contiguous runs, so a
+    rows-first arrays, or to a function returning them (e.g. once a device → host copy has landed; it runs on
+    the writer thread). The next batch loads on a background thread while this one computes, and chunks are
+    written on another while the next batch computes; a batch's claim is released once its chunks are
+    written, and an error of either thread is raised here. Batches are a fixed grid of row positions, dealt to ranks in contiguous runs, so a
     batch holds the same images whatever the number of ranks or the interruption history (features are
     bit-identical across 1 or N processes). Each image is loaded once for all its parts. Every batch is
     claimed first (see the module docstring): with other processes filling the same entry, each computes
@@ -377,20 +390,24 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
                dynamic_ncols=True)
     while mine:
         sampler = _ClaimedBatches(entry, mine, parts)
+        writer = Writer()
         try:
-            for x, labels, ids, rows in make_loader(_Rows(dataset), num_workers=num_workers, batch_sampler=sampler):
-                rows = rows.numpy()
-                for part in parts:
-                    take = np.isin(rows, pending[part])
-                    if take.any() and not entry.done(part, int(rows[0])):
-                        sel = torch.from_numpy(np.flatnonzero(take))
-                        arrays = compute(x, labels, ids, part) if take.all() else \
-                            compute(x[sel], labels[sel], ids[sel], part)
-                        entry.write_chunk(part, rows[take], arrays)
-                        computed += 1
-                bar.update(len(rows))
-                entry.release(int(rows[0]))
+            with Prefetcher(make_loader(_Rows(dataset), num_workers=num_workers, batch_sampler=sampler)) as batches:
+                for x, labels, ids, rows in batches:
+                    rows, chunks = rows.numpy(), []
+                    for part in parts:
+                        take = np.isin(rows, pending[part])
+                        if take.any() and not entry.done(part, int(rows[0])):
+                            sel = torch.from_numpy(np.flatnonzero(take))
+                            arrays = compute(x, labels, ids, part) if take.all() else \
+                                compute(x[sel], labels[sel], ids[sel], part)
+                            chunks.append((part, rows[take], arrays))
+                            computed += 1
+                    writer.submit(functools.partial(_write_batch, entry, chunks, int(rows[0])))
+                    bar.update(len(rows))
+            writer.finish()
         finally:
+            writer.finish(raise_error=False)   # no claim is released before its batch's chunks are written
             for first in sampler.claimed:
                 entry.release(first)
         pending, left = todo()           # what others held: wait for it, or take it over if they died
@@ -529,8 +546,7 @@ def cache_image_features(store: FeatureStore, kind: str, fingerprint: dict, data
     entry = store.entry(kind, key, dataset.labels, dataset.ids)
 
     def compute(x, labels, ids, part):
-        out = fn(x, ids)
-        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        return host_copy({k: v.detach().float() for k, v in fn(x, ids).items()})
 
     computed = fill(entry, ["all"], dataset, compute, batch_size=batch_size, num_workers=num_workers,
                     quiet=quiet, desc=kind)

@@ -194,3 +194,24 @@ def test_unlabelled_images_still_get_cknna_and_no_encoder_still_gets_probes(work
     assert set(pd.read_csv(tmp_path / "no_encoder" / "results.csv")["metric"]) == {"probe_top1"}
     # the probe splits the 40 images: their features are read once, not captured again per split
     assert len(list((tmp_path / "cache" / "blocks").iterdir())) == 1
+
+
+def test_untrained_baseline_captures_block_0_alone_after_checking_the_identity_on_one_batch(tmp_path, cifar_dir):
+    """Block 0 stands for every untrained adaLN-Zero block; the identity is checked on a small batch, and a
+    model whose blocks are not the identity is refused."""
+    from repa_probe.capture import CaptureConfig, extract
+    from repa_probe.families.sit import as_checkpoint
+    from repa_probe.pipeline import AnalyzeConfig, Pipeline
+    pipe = Pipeline(AnalyzeConfig(data=str(cifar_dir / "test"), n=16, ts=(0.0, 0.5), cache=str(tmp_path), quiet=True,
+                                  device="cpu"))
+    model = randomize_(SiT(tiny_config(input_size=32, z_dims=[], encoder_depth=0)))
+    ckpt = as_checkpoint(model)
+    dataset = pipe.datasets(ckpt)[0]
+    fresh = ckpt.family.untrained(ckpt, 0)
+    feats = pipe.untrained_features(fresh, dataset)
+    assert feats.blocks.shape[:2] == (2, 1)
+    full = extract(fresh, dataset, CaptureConfig(ts=(0.0, 0.5)), cache_dir=tmp_path, quiet=True)
+    assert np.array_equal(np.asarray(feats.blocks)[:, 0], np.asarray(full.blocks)[:, 0])   # bit-identical block 0
+    assert np.array_equal(np.asarray(full.blocks)[:, 0], np.asarray(full.blocks)[:, -1])   # every block the identity
+    with pytest.raises(RuntimeError, match="adaLN-Zero initialisation is broken"):
+        pipe.untrained_features(ckpt, dataset)                    # trained-looking weights: blocks change tokens

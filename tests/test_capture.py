@@ -265,3 +265,43 @@ def test_latent_model_captures_from_cached_vae_latents(tmp_path, cifar_dir):
     assert latents_file.stat().st_mtime_ns == stamp                   # latents came from the cache
     with pytest.raises(UserError, match="--vae"):
         extract(ckpt, cifar_dir / "test", n=6, vae=str(tmp_path / "no-vae"), cache_dir=cache, quiet=True)
+
+
+def test_float16_overflow_found_on_the_writer_thread_stops_extract_with_one_line_and_stores_nothing(tmp_path,
+                                                                                                  cifar_dir):
+    """The float16 range check runs where the chunk is written (a background thread): its UserError must
+    still reach the caller, and no chunk of the overflowing batch may be stored."""
+    ckpt = as_checkpoint(randomize_(SiT(tiny_config(input_size=32)), std=3.0))   # block outputs reach ~1e11
+    config = CaptureConfig(ts=(0.5,), dtype="float16")
+    with pytest.raises(UserError, match="float16 range"):
+        extract(ckpt, cifar_dir / "test", config, n=8, batch_size=4, cache_dir=tmp_path / "c", quiet=True)
+    entry_dirs = list((tmp_path / "c" / "blocks").iterdir())
+    assert len(entry_dirs) == 1
+    entry = Entry(entry_dirs[0])
+    assert len(entry.pending("t=0.5")) == 8 and not list((entry.path / "claims").iterdir())
+
+
+def test_compiled_blocks_give_the_eager_features_cached_apart_and_the_model_back_unchanged(tmp_path, cifar_dir):
+    ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.pt", input_size=32))
+    eager = extract(ckpt, cifar_dir / "test", CaptureConfig(ts=(0.5,)), n=8, batch_size=8, cache_dir=tmp_path / "c",
+                    quiet=True)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = extract(ckpt, cifar_dir / "test", CaptureConfig(ts=(0.5,), compile=True), n=8, batch_size=8,
+                       cache_dir=tmp_path / "c", quiet=True)
+    assert counters["stats"]["unique_graphs"] >= 1                               # dynamo really compiled
+    assert compiled.computed == 1 and compiled.path != eager.path                # its own cache entry
+    torch.testing.assert_close(torch.from_numpy(np.asarray(compiled.blocks)), torch.from_numpy(np.asarray(eager.blocks)),
+                               rtol=1e-4, atol=1e-5)
+    assert np.array_equal(np.asarray(compiled.raw), np.asarray(eager.raw))       # the input side is not compiled
+    assert all("forward" not in b.__dict__ for b in ckpt.model.blocks)           # the blocks' own forward is back
+
+
+def test_compile_without_a_working_cxx_compiler_is_one_clear_line(tmp_path, cifar_dir):
+    ckpt_path = save_tiny_checkpoint(tmp_path / "tiny.pt", input_size=32)
+    r = run_cli("extract", ckpt_path, "--data", cifar_dir / "test", "--n", 8, "--t", "0.5", "--batch-size", 8,
+                "--cache", tmp_path / "cache", "--compile", "--quiet",
+                env={"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert r.returncode != 0
+    assert "--compile: torch.compile cannot compile here" in r.stderr and "run without --compile" in r.stderr
+    assert "Traceback" not in r.stderr

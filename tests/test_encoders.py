@@ -421,3 +421,18 @@ def test_encode_refuses_images_outside_0_1_unless_the_hot_loop_skips_the_check()
         enc.encode(images * 255, grid=8)
     tokens, pooled = enc.encode(images * 255, grid=8, check_range=False)   # the trainer: images from uint8, always in range
     assert tokens.shape == (2, 64, enc.embed_dim) and torch.isfinite(pooled).all()
+
+
+def test_bf16_encoder_is_opt_in_close_to_fp32_on_real_images_and_keyed_apart(cifar_dir):
+    from repa_probe.capture import make_dataset
+    dataset = make_dataset(cifar_dir / "test", 32, n=16)
+    x = torch.stack([dataset[i][0] for i in range(16)]).float() / 255
+    fp32, bf16 = (E.load_encoder("cifar-ssl-resnet", precision=p) for p in ("fp32", "bf16"))
+    (tok32, pooled32), (tok16, pooled16) = fp32.encode(x, 8), bf16.encode(x, 8)
+    assert tok16.dtype == torch.float32 and tok16.shape == tok32.shape
+    assert not torch.equal(pooled16, pooled32)                           # bf16 really ran
+    assert ((pooled16 - pooled32).norm() / pooled32.norm()) < 2e-2
+    assert "autocast" not in fp32.describe(8) and bf16.describe(8)["autocast"] == "bf16"
+    assert fp32.fingerprint(8) != bf16.fingerprint(8)                    # cached apart
+    with pytest.raises(UserError, match="--encoder-precision 'fp16': use fp32 or bf16"):
+        E.load_encoder("cifar-ssl-resnet", precision="fp16")

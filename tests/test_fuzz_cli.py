@@ -35,7 +35,8 @@ COMMON_ANALYSIS = {"--n": NUMBERS, "--k": NUMBERS, "--bootstrap": NUMBERS, "--nu
                    "--data": PATHS, "--probe-train": PATHS, "--cache": OUT_PATHS, "--out": OUT_PATHS,
                    "--metrics": ["", "nope", "cknna,,", "cknna,nope"],
                    "--device": ["gpu0", "cuda", "cuda:7", "tpu", ""],
-                   "--convention": ["edm", ""], "--encoder": ["dinov3-vit-b", "test_vit=MISSING", ""]}
+                   "--convention": ["edm", ""], "--encoder": ["dinov3-vit-b", "test_vit=MISSING", ""],
+                   "--encoder-precision": ["fp16", "BF16", ""]}
 COMMANDS = {
     "inspect": {"--convention": ["edm", ""], "--weights": ["ema2", ""], "--heads": NUMBERS, "CHECKPOINT": PATHS},
     "extract": {"--num-images": NUMBERS, "--subset-seed": ["abc"], "--t": T_LISTS, "--batch-size": NUMBERS,

@@ -14,7 +14,7 @@ import torch
 from repa_probe.capture import make_dataset
 from repa_probe.runtime import HOST
 from repa_probe.store import (Entry, FeatureStore, Stacked, cache_image_features, default_cache_dir, digest,
-                              encoder_features, read_features)
+                              encoder_features, fill, read_features)
 
 N, L, D = 7, 3, 5
 
@@ -143,3 +143,25 @@ def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "repa-probe"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "repa-probe"
+
+
+def test_a_failed_chunk_write_is_raised_by_fill_leaves_no_chunk_or_claim_and_a_rerun_completes(tmp_path, cifar_dir):
+    """Chunks are written on a background thread: its error must stop fill in the caller's thread, mark
+    nothing done and release every claim, so that the next run computes exactly what is missing."""
+    dataset = make_dataset(cifar_dir / "test", 32, n=10)
+    entry = FeatureStore(tmp_path).entry("blocks", {"model": "m"}, dataset.labels, dataset.ids)
+    def compute(x, labels, ids, part):
+        return {"mean": x.float().mean(dim=(2, 3)).numpy()}
+
+    entry.part_dir("t=0.5").write_text("a file where the part's folder goes")   # every chunk write fails
+    with pytest.raises(FileExistsError):
+        fill(entry, ["t=0", "t=0.5"], dataset, compute, batch_size=4, quiet=True)
+    assert not list((entry.path / "claims").iterdir())
+    assert len(entry.pending("t=0.5")) == 10                                  # nothing of the failed part is done
+    missing_t0 = len(set(entry.pending("t=0") // 4))                          # batches of t=0 not written either
+    entry.part_dir("t=0.5").unlink()
+    assert fill(entry, ["t=0", "t=0.5"], dataset, compute, batch_size=4, quiet=True) == 3 + missing_t0
+    images = torch.stack([dataset[i][0] for i in range(10)]).float()
+    for part in ("t=0", "t=0.5"):
+        assert np.array_equal(entry.array(part, "mean"), images.mean(dim=(2, 3)).numpy())
+    assert fill(entry, ["t=0", "t=0.5"], dataset, compute, batch_size=4, quiet=True) == 0
