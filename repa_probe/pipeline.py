@@ -294,9 +294,14 @@ class StoreSource:
         self.store.check_writable()
         self.computed = 0                     # chunks this process computed (the rest came from the cache)
 
-    def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None) -> Features:
+    def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None,
+                 measures: bool = True) -> Features:
+        """Pooled block features of `dataset`; measures=False leaves out the per-image spatial measures and the
+        token sample (the probe's images need neither)."""
         cfg = self.cfg
         capture = dataclasses.replace(cfg.capture(), blocks=blocks if blocks is not None else cfg.blocks)
+        if not measures:
+            capture = dataclasses.replace(capture, spatial=False, tokens=False)
         feats = extract(ckpt, dataset, capture, mode=cfg.mode, vae=cfg.vae, batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, device=cfg.device, cache_dir=cfg.cache, quiet=cfg.quiet)
         self.computed += feats.computed
@@ -325,7 +330,8 @@ class MemorySource:
     def _images(self, dataset: ImageDataset) -> torch.Tensor:
         return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
-    def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None) -> Features:
+    def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None,
+                 measures: bool = True) -> Features:
         cfg, device = self.cfg, next(ckpt.model.parameters()).device
         key = dataset.fingerprint()
         if key not in self.inputs:
@@ -413,31 +419,33 @@ class Pipeline:
                         self.cfg.notes.append(note)
         return align, train, test
 
-    def features(self, ckpt: LoadedCheckpoint, dataset, blocks: tuple[int, ...] | None = None) -> Features:
+    def features(self, ckpt: LoadedCheckpoint, dataset, blocks: tuple[int, ...] | None = None,
+                 measures: bool = True) -> Features:
         start = time.perf_counter()
-        feats = self.source.features(ckpt, dataset, blocks)
+        feats = self.source.features(ckpt, dataset, blocks, measures)
         self.timings["data+forwards"] += time.perf_counter() - start
         return feats
 
-    def untrained_features(self, untrained: LoadedCheckpoint, dataset) -> Features:
+    def untrained_features(self, untrained: LoadedCheckpoint, dataset, measures: bool = True) -> Features:
         """Block 0 of the untrained model, as [n_t, 1, N, D], when its family initialises every block as the
         identity (adaLN-Zero): block 0 alone is captured (the pass stops before block 1) and stands for all
         of them, once blocks 0 and 1 are checked equal on one small batch (the identity holds for any input,
         so the check need not cost a block's pass over every image). Otherwise every block is captured."""
         if not untrained.anatomy.untrained_identity:
-            return self.features(untrained, dataset)
+            return self.features(untrained, dataset, measures=measures)
         space = untrained.anatomy.input
         x0 = torch.randn(4, space.channels, space.size, space.size, generator=torch.Generator().manual_seed(0))
         b01 = capture_batch(untrained, x0, None, torch.arange(4), self.cfg.ts[0], seed=self.cfg.seed, blocks=(0, 1))[0]
         if not torch.equal(b01[0], b01[1]):
             raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
-        return self.features(untrained, dataset, blocks=(0,))
+        return self.features(untrained, dataset, blocks=(0,), measures=measures)
 
-    def probe_sets(self, feats: Features, train, test, capture) -> tuple[Features, Features]:
+    def probe_sets(self, feats: Features, align, train, test, capture) -> tuple[Features, Features]:
         """Features of the probe's train and test images: rows of the alignment features `feats` when the
-        probe splits those images (no second pass over them), else `capture(dataset)` for each set."""
+        probe splits those images (no second pass over them), else `capture(dataset)` for each set (or `feats`
+        itself for a set that is the alignment set)."""
         if self.cfg.probe_train:
-            return capture(train), capture(test)
+            return tuple(feats if d.fingerprint() == align.fingerprint() else capture(d) for d in (train, test))
         row = {image_id: i for i, image_id in enumerate(feats.ids)}
         blocks = np.asarray(feats.blocks)                        # read from the store once for both sets
         raws = {k: np.asarray(getattr(feats, k)) for k in ("raw", "raw_pooled") if getattr(feats, k) is not None}
@@ -600,7 +608,7 @@ class Pipeline:
                                        ckpt.anatomy.grid, True, held_out)
         probe_feats = None
         if train is not None:
-            probe_feats = self.probe_sets(feats, train, test, lambda d: self.features(ckpt, d))
+            probe_feats = self.probe_sets(feats, align, train, test, lambda d: self.features(ckpt, d, measures=False))
             f_tr, f_te = probe_feats
             curves += self.probe_curves(name, "model", f_tr.blocks, f_tr.labels, f_te.blocks, f_te.labels,
                                         blocks, feats.ts, held_out)
@@ -642,7 +650,8 @@ class Pipeline:
         u = self.alignment_curves(u_name, "untrained", u_feats.blocks, u_feats.ids, u_blocks, feats.ts, align, grid,
                                   True)
         if train is not None:
-            ut_tr, ut_te = self.probe_sets(u_feats, train, test, lambda d: self.untrained_features(untrained, d))
+            ut_tr, ut_te = self.probe_sets(u_feats, align, train, test,
+                                           lambda d: self.untrained_features(untrained, d, measures=False))
             u += self.probe_curves(u_name, "untrained", ut_tr.blocks, ut_tr.labels, ut_te.blocks, ut_te.labels,
                                    u_blocks, feats.ts)
         if u_feats.spatial is not None:

@@ -3,6 +3,7 @@ projector cosine and token CKNNA in analyze, each checked against a direct compu
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -116,3 +117,27 @@ def test_analyze_tokens_gives_token_alignment_and_projector_cosine(tmp_path, cif
     deltas = summarise(a.results)[1]["deltas"]                  # a self-compare: every paired delta is 0
     tok = deltas[deltas["metric"].isin(["token_cknna", "proj_cosine"])]
     assert len(tok) and (tok["delta"] == 0).all()
+
+
+def test_probe_images_are_captured_without_the_per_image_measures(tmp_path, cifar_dir):
+    """--spatial/--tokens are measured on the alignment images only: the probe's own train images are captured
+    plainly (one cache entry without them), and the probe's numbers equal those of a run without the flags."""
+    import json
+
+    import repa_probe
+    from repa_probe.checkpoints import save_checkpoint
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    save_checkpoint(tmp_path / "a.pt", cfg, randomize_(SiT(cfg), seed=4).state_dict(), meta={"step": 1})
+    kw = dict(data=str(cifar_dir / "test"), encoders=["cifar-ssl-resnet"], ts=[0.5], n=30, bootstrap=0, null=0,
+              k=5, quiet=True, probe_train=str(cifar_dir / "train"), probe_test=str(cifar_dir / "test"),
+              probe_n_train=40, probe_n_test=30)
+    measured = repa_probe.analyze(str(tmp_path / "a.pt"), cache=str(tmp_path / "c1"), spatial=True, tokens=True, **kw)
+    plain = repa_probe.analyze(str(tmp_path / "a.pt"), cache=str(tmp_path / "c2"), **kw)
+    probe = [t[t["metric"] == "probe_top1"].reset_index(drop=True) for t in (measured.table, plain.table)]
+    assert len(probe[0]) > 0
+    pd.testing.assert_frame_equal(probe[0], probe[1])
+    keys = [json.loads(m.read_text())["fingerprint"]["capture"]
+            for m in (tmp_path / "c1" / "blocks").glob("*/manifest.json")]
+    entries = {(k.get("spatial", False), k.get("tokens", False), tuple(k["blocks"] or ())) for k in keys}
+    assert entries == {(True, True, ()), (False, False, ()), (True, True, (0,)), (False, False, (0,))}
+    assert len(keys) == 4        # model and untrained: the alignment images measured, the probe's train images plain
