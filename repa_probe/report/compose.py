@@ -215,7 +215,8 @@ def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame
     if len(proj):
         out.append(f"After each checkpoint's own projector (t = {t:g}). " + "; ".join(
             f"{r.checkpoint}: mean cosine to {r.encoder}'s tokens at the aligned block {r.block} "
-            f"{fmt_interval(r.value, r.ci_low, r.ci_high, 1)}" for r in proj.itertuples()) + ".")
+            f"{fmt_interval(r.value, r.ci_low, r.ci_high) if r.ci_low == r.ci_low else f'{r.value:.3g}'}"
+            for r in proj.itertuples()) + ".")
     if comp is not None and len(comp):
         out.append("Compared. " + "; ".join(compare_lines(comp[comp["t"] == t])) + ".")
     base = []
