@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ZSCORE_EPS = 1e-6          # iREPA's ε (the trainer's spatial_zscore uses the same)
+ZSCORE_EPS = 1e-6          # iREPA's ε
 
 
 def sample_cells(ids: Sequence[int] | torch.Tensor, n_tokens: int, seed: int) -> torch.Tensor:
@@ -54,9 +54,11 @@ def target_cells(tokens: torch.Tensor, cells: torch.Tensor) -> dict[str, torch.T
     return {"token": at_cells(z, cells), "token_mean": z.mean(dim=1), "token_std": z.std(dim=1)}
 
 
-def zscored(token: np.ndarray, mean: np.ndarray, std: np.ndarray, alpha: float) -> np.ndarray:
-    """iREPA's spatial normalisation of one token per image: (z − α·mean) / (std + ε)."""
-    return (token - alpha * mean) / (std + ZSCORE_EPS)
+def zscored(token, mean, std, alpha: float, eps: float = ZSCORE_EPS):
+    """iREPA's spatial normalisation (z − α·mean) / (std + ε), given each image's channel mean and std over
+    its tokens: for one token per image here, for every token in the trainer (loss.spatial_zscore). Arrays or
+    tensors, broadcast."""
+    return (token - alpha * mean) / (std + eps)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import randomize_, tiny_config
+from conftest import hooked_tokens, randomize_, tiny_config
 from repa_probe.capture import capture_batch, make_dataset, noisy_input
 from repa_probe.families.sit import as_checkpoint
 from repa_probe.models import SiT
@@ -36,13 +36,7 @@ def test_capture_keeps_each_blocks_token_at_the_cell_and_the_projector_output(pr
     x0, ids = torch.rand(5, 3, 16, 16) * 2 - 1, torch.tensor([4, 17, 2, 99, 1000])
     feats, raw = capture_batch(ckpt, x0, None, ids, 0.25, seed=7, tokens=True)
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.25, 7)
-    tokens = []
-    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, a: tokens.append(a[0]))]
-    hooks += [b.register_forward_hook(lambda m, a, out: tokens.append(out)) for b in model.blocks]
-    with torch.no_grad():
-        _, zs = model(x_t, timestep, torch.full((5,), 10), return_zs=True)
-    for h in hooks:
-        h.remove()
+    tokens, (_, zs) = hooked_tokens(model, x_t, timestep, torch.full((5,), 10), return_zs=True)
     cells = sample_cells(ids, 64, seed=7)
     rows = torch.arange(5)
     torch.testing.assert_close(raw["tokens"], torch.stack([h[rows, cells] for h in tokens]), rtol=0, atol=0)
@@ -55,12 +49,11 @@ def test_capture_keeps_each_blocks_token_at_the_cell_and_the_projector_output(pr
 def _direct_projector_cosine(model, data, encoder, ts, seed, alpha=None):
     """Mean over images of cos(projector output, target) at each image's cell, from full token maps."""
     from repa_probe.data import to_model_space
-    from repa_probe.train.loss import spatial_zscore
     images = torch.stack([data[i][0] for i in range(len(data))])
     ids = torch.as_tensor(data.ids)
     z = encoder.encode(images.float() / 255, 8)[0]
     if alpha is not None:
-        z = spatial_zscore(z, alpha)
+        z = (z - alpha * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)      # iREPA, by hand
     cells = sample_cells(ids, 64, seed)
     ckpt = as_checkpoint(model, "repa")
     out = []

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from repa_probe.noise import interpolate, velocity_target
+from repa_probe.tokens import ZSCORE_EPS, zscored
 
 WEIGHTINGS = ("uniform", "lognormal")
 
@@ -57,11 +58,11 @@ def repa_loss(projected: list[torch.Tensor], targets: list[torch.Tensor]) -> tor
     return total / len(targets)
 
 
-def spatial_zscore(z: torch.Tensor, alpha: float = 0.6, eps: float = 1e-6) -> torch.Tensor:
+def spatial_zscore(z: torch.Tensor, alpha: float = 0.6, eps: float = ZSCORE_EPS) -> torch.Tensor:
     """iREPA's spatial normalisation of target tokens z (N, T, D): z ← (z − α·mean_T z) / (std_T z + ε), mean and
     (unbiased) standard deviation over the T tokens of each image and channel. With α = 1 every channel is
     centred over the image, removing what all its tokens share (the global part) and keeping their contrasts."""
-    return (z - alpha * z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+    return zscored(z, z.mean(dim=1, keepdim=True), z.std(dim=1, keepdim=True), alpha, eps)
 
 
 def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
