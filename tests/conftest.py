@@ -37,6 +37,21 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return model
 
 
+def hooked_tokens(model, *inputs, **kwargs) -> tuple[list[torch.Tensor], object]:
+    """Run a SiT's forward with hooks of our own: (the tokens entering block 1 and each block's output, in
+    order; the forward's output). The independent record that capture's tokens are checked against."""
+    tokens = []
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, a: tokens.append(a[0]))]
+    hooks += [b.register_forward_hook(lambda m, a, out: tokens.append(out)) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            out = model(*inputs, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return tokens, out
+
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny models on a shared 2-core machine: threads only contend
 
 

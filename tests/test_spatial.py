@@ -210,7 +210,7 @@ def test_errors_and_registry():
 
 def test_capture_records_each_blocks_spatial_measures_from_its_tokens():
     """capture_batch(spatial=True) gives, per block, the measures of exactly the tokens the block produced."""
-    from conftest import randomize_, tiny_config
+    from conftest import hooked_tokens, randomize_, tiny_config
     from repa_probe.capture import capture_batch, noisy_input
     from repa_probe.families.sit import as_checkpoint
     from repa_probe.models import SiT
@@ -220,13 +220,7 @@ def test_capture_records_each_blocks_spatial_measures_from_its_tokens():
     x0, ids = torch.rand(4, 3, 16, 16) * 2 - 1, torch.arange(4)
     _, raw = capture_batch(ckpt, x0, None, ids, 0.5, seed=0, spatial=True)
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.5, 0)
-    tokens = []
-    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, a: tokens.append(a[0]))]
-    hooks += [b.register_forward_hook(lambda m, a, out: tokens.append(out)) for b in model.blocks]
-    with torch.no_grad():
-        model(x_t, timestep, torch.full((4,), 10))
-    for h in hooks:
-        h.remove()
+    tokens, _ = hooked_tokens(model, x_t, timestep, torch.full((4,), 10))
     want = torch.stack([spatial_matrix(h) for h in tokens])
     torch.testing.assert_close(raw["spatial"], want, rtol=0, atol=0)
     thumb = torch.nn.functional.avg_pool2d(x_t, 2).flatten(2).transpose(1, 2)
