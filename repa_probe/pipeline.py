@@ -502,8 +502,9 @@ class Pipeline:
             drops = self.held_out_alignment(src, blocks, target, scores, dataset.labels) if held_out else {}
             self.timings["metrics"] += time.perf_counter() - start
             for metric, values in scores.items():
-                out.append(Curves(name, kind, TOKEN_PREFIX * tokens + metric, enc.name, ts, blocks, values, cis.get(metric), reps.get(metric),
-                                  scale, null=null[metric], held_out=drops.get(metric)))
+                out.append(Curves(name, kind, TOKEN_PREFIX * tokens + metric, enc.name, ts, blocks, values,
+                                  cis.get(metric), reps.get(metric), scale, null=null[metric],
+                                  held_out=drops.get(metric)))
         return out
 
     def held_out_alignment(self, src, blocks: list[int], target: np.ndarray, scores: dict,

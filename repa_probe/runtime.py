@@ -118,7 +118,7 @@ def _umask() -> int:
 
 FILE_MODE = 0o666 & ~_umask()     # what open() would give a new file: shared caches stay shared
 HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())   # as it appears in temporary names
-# atomic_write's temporary files: .NAME.HOST-PID.XXXX.tmp (whose process can be asked whether it still lives)
+# atomic_write's temporary files: .NAME.HOST-PID.<random>.tmp (whose process can be asked whether it still lives)
 TMP_PATTERN = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
 
 
@@ -134,7 +134,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def owned_by_dead_process(name: str) -> bool:
-    """A temporary name of ours (.NAME.HOST-PID.XXXX.tmp, .OUT.partial-HOST-PID-XXXX) whose writer on this
+    """A temporary name of ours (.NAME.HOST-PID.<random>.tmp, .OUT.partial-HOST-PID-<random>) whose writer on this
     host has died: safe to remove. Another host's or a live process's files are never touched."""
     m = TMP_PATTERN.fullmatch(name) or PARTIAL_PATTERN.fullmatch(name)
     return bool(m) and m.group("host") == HOST and not pid_alive(int(m.group("pid")))

@@ -177,7 +177,7 @@ def rms_spatial_contrast(tokens, grid: Grid) -> torch.Tensor:
     (``grid`` is only checked).
     """
     x, _, _ = _check(tokens, grid)
-    u = F.normalize(x, dim=-1)                 # in the tokens' precision: the deviations avoid 1 − ‖ū‖²'s cancellation
+    u = F.normalize(x, dim=-1)     # in the tokens' precision: deviations avoid the cancellation of 1 − ‖ū‖²
     return (u - u.mean(1, keepdim=True)).square().sum(-1).mean(1).sqrt().to(torch.float64)
 
 

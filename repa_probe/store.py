@@ -368,11 +368,13 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
     rows-first arrays, or to a function returning them (e.g. once a device → host copy has landed; it runs on
     the writer thread). The next batch loads on a background thread while this one computes, and chunks are
     written on another while the next batch computes; a batch's claim is released once its chunks are
-    written, and an error of either thread is raised here. Batches are a fixed grid of row positions, dealt to ranks in contiguous runs, so a
-    batch holds the same images whatever the number of ranks or the interruption history (features are
-    bit-identical across 1 or N processes). Each image is loaded once for all its parts. Every batch is
-    claimed first (see the module docstring): with other processes filling the same entry, each computes
-    only unclaimed batches, then waits for the rest.
+    written, and an error of either thread is raised here.
+
+    Batches are a fixed grid of row positions, dealt to ranks in contiguous runs, so a batch holds the same
+    images whatever the number of ranks or the interruption history (features are bit-identical across 1 or
+    N processes). Each image is loaded once for all its parts. Every batch is claimed first (see the module
+    docstring): with other processes filling the same entry, each computes only unclaimed batches, then
+    waits for the rest.
     """
     grid = [np.arange(s, min(s + batch_size, entry.n)) for s in range(0, entry.n, batch_size)]
 
