@@ -11,6 +11,7 @@ from conftest import hooked_tokens, randomize_, tiny_config
 from repa_probe.capture import capture_batch, make_dataset, noisy_input
 from repa_probe.families.sit import as_checkpoint
 from repa_probe.models import SiT
+from repa_probe.pipeline import display_scale
 from repa_probe.tokens import at_cells, sample_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,6 +111,15 @@ def test_analyze_tokens_gives_token_alignment_and_projector_cosine(tmp_path, cif
     deltas = summarise(a.results)[1]["deltas"]                  # a self-compare: every paired delta is 0
     tok = deltas[deltas["metric"].isin(["token_cknna", "proj_cosine"])]
     assert len(tok) and (tok["delta"] == 0).all()
+    # the projector cosine, at one block, is drawn against t (not as a one-point curve per t)
+    import matplotlib.pyplot as plt
+    from repa_probe.report.compose import curve_pages
+    pages = dict(curve_pages(a.results, t))
+    assert not any(name.startswith("curves proj_cosine") for name in pages)
+    line = pages["over t proj_cosine cifar-ssl-resnet"].axes[0].lines[0]
+    np.testing.assert_allclose(np.asarray(line.get_xdata(), float), ts)
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), got * display_scale("proj_cosine"))
+    plt.close("all")
 
 
 def test_probe_images_are_captured_without_the_per_image_measures(tmp_path, cifar_dir):

@@ -31,8 +31,11 @@ def register_figure(builder: FigureBuilder) -> FigureBuilder:
     return builder
 
 
-def _panels(table: pd.DataFrame) -> list[tuple[str, str]]:
-    return sorted(table[table["kind"] == "model"].groupby(["metric", "encoder"]).groups)
+def _panels(table: pd.DataFrame, single_block: bool = False) -> list[tuple[str, str]]:
+    """(metric, encoder) pairs measured on the models: at every block, or (single_block) at one block each."""
+    models = table[(table["kind"] == "model") & (table["block"] >= 0)]
+    one = models.groupby(["metric", "encoder", "checkpoint"])["block"].nunique().groupby(["metric", "encoder"]).max() == 1
+    return sorted(pair for pair, single in one.items() if single == single_block)
 
 
 def aligned_blocks(results: Results) -> dict[str, int]:
@@ -44,7 +47,9 @@ def aligned_blocks(results: Results) -> dict[str, int]:
 def curve_pages(results: Results, table: pd.DataFrame) -> list:
     return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block",
                                                     aligned_blocks(results)))
-            for metric, encoder in _panels(table)]
+            for metric, encoder in _panels(table)] + \
+        [(f"over t {metric} {encoder}", F.values_over_t(table, metric, encoder, f"{metric_label(metric)} vs t"))
+         for metric, encoder in _panels(table, single_block=True)]
 
 
 @register_figure
@@ -307,7 +312,7 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
 
 def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:
     """The first alignment metric of each encoder, then the probe's top-1 (at most three panels)."""
-    panels = _panels(table)
+    panels = _panels(table) or _panels(table, single_block=True)
     align = list(dict.fromkeys((m, e) for m, e in panels if e))
     first = [next(p for p in align if p[1] == enc) for enc in dict.fromkeys(e for _, e in align)]
     probe = [p for p in panels if p[0] == "probe_top1"]

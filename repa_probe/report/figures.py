@@ -193,6 +193,27 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str,
     return fig
 
 
+def values_over_t(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.Figure:
+    """A measure taken at one block per model (e.g. the projector cosine at REPA's aligned block): its value
+    vs t, one line with 95% error bars per checkpoint, labelled with its block."""
+    rows = results[(results["metric"] == metric) & (results["encoder"] == encoder) & (results["kind"] == "model")]
+    colours = checkpoint_colours(list(dict.fromkeys(rows["checkpoint"])))
+    s = display_scale(metric)
+    fig, ax = plt.subplots(figsize=PAGE)
+    for name, colour in colours.items():
+        c = rows[rows["checkpoint"] == name].sort_values("t")
+        err = np.abs(np.stack([c["ci_low"], c["ci_high"]]) - c["value"].to_numpy()) * s
+        ax.errorbar(c["t"], c["value"] * s, yerr=err if np.isfinite(err).any() else None, marker="o", ms=4,
+                    capsize=3, color=colour, label=f"{name} (block {', '.join(map(str, sorted(c['block'].unique())))})")
+    ax.set_xlabel("noise level t (0 = data, 1 = noise)")
+    ax.set_ylabel(metric_label(metric))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
 def overview_page(title: str, sentences: list[str], results: pd.DataFrame, panels: list[tuple[str, str]], t: float,
                   aligned: dict[str, int]) -> plt.Figure:
     """Page 1: the title, the curves over blocks at one t (one panel per metric), three plain sentences."""
