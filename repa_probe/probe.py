@@ -233,6 +233,22 @@ def _preconditioner(x: torch.Tensor, lam: torch.Tensor, num_classes: int, rows: 
     return precond
 
 
+def _row_basis(x: torch.Tensor) -> torch.Tensor:
+    """Q (B, d, n) with orthonormal columns spanning each problem's n training rows x (B, n, d), d > n.
+
+    The scores see only W's part in that span (XW = XQQᵀW) and ‖W‖² = ‖QᵀW‖² + ‖(I − QQᵀ)W‖², so
+    the penalised minimum is W = QW' where W' solves the same regression on the features XQ
+    (B, n, n): an exact change of variables. Its point is conditioning: the d > n problem has no
+    usable covariance preconditioner, and plain float32 L-BFGS on such (anisotropic) features stalls
+    far from the minimum; in the basis the covariance is n × n and the preconditioner applies."""
+    return torch.linalg.qr(x.transpose(1, 2)).Q
+
+
+def _change_basis(theta: torch.Tensor, basis: torch.Tensor, equation: str) -> torch.Tensor:
+    """Weights into (``bdr,bgdc->bgrc``) or out of (``bdr,bgrc->bgdc``) a row basis; intercepts unchanged."""
+    return torch.cat([torch.einsum(equation, basis, theta[:, :, :-1]), theta[:, :, -1:]], dim=2)
+
+
 @exact_float32()
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_classes: int,
                  max_iter: int = 1000, tol: float = 1e-4, history: int = 10,
@@ -246,10 +262,19 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_cl
     scores of the new direction (then ``_step_search`` finds the step from them alone) and the
     gradient at the new point. Scores are carried forward (S ← S + α∘Z + δ), so at the end they
     are recomputed from theta and convergence is checked once more on the exact values.
-    L-BFGS is preconditioned with the feature covariance when d ≤ min(n, max_precond_dim);
-    wider features (raw pixels, or more dimensions than images) use a scaled identity."""
+    L-BFGS is preconditioned with the feature covariance when d ≤ min(n, max_precond_dim). With
+    more dimensions than images (d > n) the fit runs in an orthonormal basis of the n training rows
+    (``_row_basis``), where it is the same problem in n dimensions and the preconditioner applies.
+    Features of more than max_precond_dim dimensions use a scaled identity."""
     B, n, d = x.shape
     G, c = lambdas.shape[1], num_classes
+    if d > n:
+        basis = _row_basis(x)
+        if init is not None:
+            init = _change_basis(init.to(x).expand(B, G, d + 1, c), basis, "bdr,bgdc->bgrc")
+        theta = fit_logistic(torch.bmm(x, basis), y, lambdas, num_classes, max_iter, tol, history, init,
+                             max_precond_dim)
+        return _change_basis(theta, basis, "bdr,bgrc->bgdc")
     lam = lambdas.to(device=x.device, dtype=torch.float64)
     shape = (B, G, d + 1, c)
     theta = x.new_zeros(shape) if init is None else init.to(x).expand(shape).clone()
@@ -460,8 +485,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     fit_idx_t, val_idx_t = (torch.from_numpy(i).to(device) for i in (fit_idx, val_idx))
     run = _probe_torch if backend == "torch" else _probe_sklearn
     # per probe: its float32 features, and about ten (λ, class, image) score arrays while fitting
-    # (scores, the direction's scores, softmax temporaries); with 1000 classes the scores dominate
-    per_probe = 4 * ((n_tr + n_te) * d + 10 * max(len(cfg.lambdas), 1) * c * n_tr)
+    # (scores, the direction's scores, softmax temporaries; with 1000 classes the scores dominate),
+    # and for features wider than the images their row basis (fit_logistic)
+    per_probe = 4 * ((n_tr + n_te) * d + 10 * max(len(cfg.lambdas), 1) * c * n_tr + (d > n_tr) * d * n_tr)
     per_pass = max(1, cfg.max_batch_bytes // per_probe)
     parts = []
     for p0 in range(0, n_probes, per_pass):

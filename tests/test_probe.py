@@ -247,3 +247,27 @@ def test_bad_probe_inputs_are_refused(digits):
         linear_probe(bad, y_tr, x_te, y_te)
     with pytest.raises(UserError, match="unknown probe backend"):
         linear_probe(x_tr, y_tr, x_te, y_te, backend="svm")
+
+
+@pytest.mark.parametrize("lam, rel", [(1e-3, 1e-3), (1e-2, 1e-5)])
+def test_fit_wider_than_the_images_reaches_sklearns_minimum_in_float32(digits, lam, rel):
+    """d > n with anisotropic features (one shared factor, a decaying spectrum), as a network's pooled
+    features on a few hundred images: at the default tolerance and in float32 the fit must land near
+    sklearn's float64 minimum, warm-started or not (plain L-BFGS without a preconditioner stopped at
+    4.5e-3 and 1.1e-4 relative here)."""
+    x_tr, y_tr, _, _ = digits
+    rng = np.random.default_rng(4)
+    n, d = 100, 300
+    lift = rng.normal(size=(64, d)) * np.logspace(0, -2, d)
+    x = x_tr[:n] @ lift + 0.01 * rng.normal(size=(n, d)) + 20 * rng.normal(size=(n, 1)) * rng.normal(size=(1, d))
+    y = y_tr[:n]
+    s, _ = np_standardize(x, x)
+    clf = LogisticRegression(C=1.0 / (lam * n), max_iter=50000, tol=1e-10).fit(s, y)
+    ref = np_objective(s, y, clf.coef_.T, clf.intercept_, lam)
+    xs, ys, lams = torch.tensor(s, dtype=torch.float32)[None], torch.from_numpy(y), torch.tensor([[lam]])
+    cold = fit_logistic(xs, ys, lams, num_classes=10)
+    warm = fit_logistic(xs, ys, lams, num_classes=10, init=fit_logistic(xs[:, :80], ys[:80], lams, num_classes=10))
+    for theta in (cold, warm):
+        theta = theta[0, 0].double().numpy()
+        assert theta.shape == (d + 1, 10)
+        assert np_objective(s, y, theta[:-1], theta[-1], lam) == pytest.approx(ref, rel=rel)
