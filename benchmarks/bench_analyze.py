@@ -3,15 +3,18 @@
     python benchmarks/bench_analyze.py                       # CPU: SiT-S/2 (pixels, 256 tokens), 500 CIFAR images
     python benchmarks/bench_analyze.py --model SiT-XL/2 --n 10000 --encoder dinov2-vit-l --device cuda
 
-The model gets random weights (the cost does not depend on them) and pixel input 3×32×32 with patch 2,
-i.e. 256 tokens: the same compute per image as a latent SiT on 256-px ImageNet (4×32×32 latents), without
-the one-off VAE encoding. The encoder is randomly initialised (--encoder-random-init) at its real size.
+The model gets random weights with every block's two residual gates open (biases 1): an adaLN-Zero
+initialisation makes each block the identity, so every block would hold the same rank-12 features (a
+linear map of the mean patch), and probes and metrics on those do not cost what they cost on a
+checkpoint's full-rank features. The forwards' cost does not depend on the weights. Pixel input 3×32×32 with patch 2, i.e. 256 tokens: the same compute per image as a latent
+SiT on 256-px ImageNet (4×32×32 latents), without the one-off VAE encoding. The encoder is randomly
+initialised (--encoder-random-init) at its real size.
 
 Printed: per stage (data+forwards, encoders, probes, metrics, report) seconds and share of the total, and
 the baseline — the model's forward passes the analysis cannot avoid (n images × t values, plus the probe sets
 when --probe-train/--probe-test name other images; by default the probe splits the n images) with no hooks,
 no store, no metrics — measured in the same run; the ratio total / baseline is the overhead of everything
-else, the untrained-model baseline's passes (blocks 0–1 only) included. Target (issue 6): XL/2-sized,
+else, the untrained-model baseline's passes (block 0 only) included. Target (issue 6): XL/2-sized,
 10,000 images, 5 t, a ViT-L encoder, probes + CKNNA at every block × t in ≤ 5 minutes on one H100.
 """
 from __future__ import annotations
@@ -81,6 +84,10 @@ def main() -> None:
     cfg = model_config(args.model, in_channels=3, input_size=32, num_classes=10)
     torch.manual_seed(0)
     model = SiT(cfg)
+    with torch.no_grad():
+        for block in model.blocks:   # modulation chunks: shift, scale, gate (attention); shift, scale, gate (MLP)
+            bias = block.adaLN_modulation[-1].bias.view(6, -1)
+            bias[2], bias[5] = 1.0, 1.0
     ckpt = save_checkpoint(work / "model.pt", cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
 
     config = AnalyzeConfig(data=args.data, n=args.n, ts=ts, encoders=[args.encoder], encoder_random_init=True,
@@ -95,7 +102,7 @@ def main() -> None:
     precision = config.resolved().precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # the trained model's full forward passes: the alignment set (+ the probe sets if they are other images), × t.
-    # The untrained baseline's passes (blocks 0-1 only) and everything else count as overhead in the ratio.
+    # The untrained baseline's passes (block 0 only) and everything else count as overhead in the ratio.
     n_images = args.n + ((args.n + max(args.n // 2, 20)) if args.probe_train else 0)
     n_forwards = len(ts) * n_images
     cpu = time.process_time()

@@ -11,6 +11,7 @@ statistics, encoder-like width). Both sides get the same standardised float32 ar
    the same protocol through sklearn (``backend="sklearn"``; skip it with --no-sklearn-search).
 
     python benchmarks/bench_probe.py [--device cuda] [--lam 1e-3] [--n-train 10000]
+    python benchmarks/bench_probe.py --n-train 200 --n-test 2000 --lam 1e-4   # wider than the images
 """
 
 import argparse
@@ -41,6 +42,14 @@ def load_cifar(split: str, per_class: int, root: Path = DATA) -> tuple[np.ndarra
 def random_features(x: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
     w = np.random.default_rng(seed).normal(size=(x.shape[1], dim)) / np.sqrt(x.shape[1])
     return np.maximum((x - 0.5) @ w.astype(np.float32), 0.0)  # float32, like a feature store
+
+
+def objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, lam: float) -> float:
+    """(1/n) Σ cross-entropy + (λ/2)‖W‖², in float64: the minimum both sides are after."""
+    z = x.astype(np.float64) @ w + b
+    z -= z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean() + 0.5 * lam * (w ** 2).sum())
 
 
 def best_time(fn, repeat: int):
@@ -86,6 +95,11 @@ def main(args):
     print(f"  repa_probe     {t_ours:7.2f} s  top-1 {100 * acc_ours:.2f}%")
     print(f"  speed-up {t_sk / t_ours:.1f}x, accuracy difference {100 * (acc_ours - acc_sk):+.2f}"
           " points")
+    th = theta[0, 0].double().cpu().numpy()
+    f_ours = objective(a_tr, y_tr, th[:-1], th[-1], args.lam)
+    f_sk = objective(a_tr, y_tr, clf.coef_.T, clf.intercept_, args.lam)
+    print(f"  objective: repa_probe {f_ours:.6g}, sklearn {f_sk:.6g} (ours − sklearn: {f_ours - f_sk:+.2e}, "
+          f"{(f_ours - f_sk) / f_sk:+.1e} relative)")
 
     # -- 2. the full protocol: λ search on a validation split, refit, test
     cfg = ProbeConfig(max_iter=args.max_iter, tol=args.tol)

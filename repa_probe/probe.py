@@ -138,99 +138,97 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
     preconditioner gets wrong once the probabilities move away from 1/c: 17 iterations instead
     of 29 with unit steps on the CIFAR probe benchmark. Above SPLIT_MAX_CLASSES
     classes (a 2c x 2c system per problem would cost too much) it is an exact line search, one α.
-    Returns α, δ (B, G, c), zero for inactive problems.
+    Each Newton step computes only the problems still searching. Returns α, δ (B, G, c), zero for
+    inactive problems.
     """
     B, G, c, n = scores.shape
-    d = theta.shape[2] - 1
+    P, d = B * G, theta.shape[2] - 1
     split = c <= SPLIT_MAX_CLASSES
     f64 = torch.float64
     w, dw = theta[:, :, :d].double(), direction[:, :, :d].double()
-    w_dot, d_sq = (w * dw).sum(dim=2), (dw * dw).sum(dim=2)        # (B, G, c)
-    reg0 = 0.5 * lam * w.square().sum(dim=(2, 3))
-    lam3 = lam.unsqueeze(-1)
-    y_idx = y.view(1, 1, 1, n).expand(B, G, 1, n)
-    minus_one = -torch.ones_like(y_idx, dtype=scores.dtype)
-    alpha = torch.zeros(B, G, c, dtype=f64, device=scores.device)
-    delta = torch.zeros_like(alpha)
-    best_a, best_d = alpha, delta
-    best_phi = phi0 = None
-    done = ~active
-    for _ in range(max_newton):  # every problem on its own: a batch gives what one alone gives
-        s = scores + alpha.to(scores.dtype).unsqueeze(-1) * z + delta.to(scores.dtype).unsqueeze(-1)
-        log_p = s.log_softmax(dim=2)
-        phi = (-log_p.gather(2, y_idx).squeeze(2)).double().mean(dim=-1) + reg0 + \
-            (lam3 * (alpha * w_dot + 0.5 * alpha.square() * d_sq)).sum(dim=-1)
+    w_dot, d_sq = (w * dw).sum(dim=2).view(P, c), (dw * dw).sum(dim=2).view(P, c)
+    reg0 = (0.5 * lam * w.square().sum(dim=(2, 3))).view(P)
+    lam1 = lam.reshape(P, 1).to(f64)
+    scores, z = scores.reshape(P, c, n), z.reshape(P, c, n)
+    alpha = torch.zeros(P, c, dtype=f64, device=scores.device)
+    delta, best_a, best_d = torch.zeros_like(alpha), torch.zeros_like(alpha), torch.zeros_like(alpha)
+    best_phi, phi0 = torch.zeros(P, dtype=f64, device=scores.device), None
+    todo = active.reshape(P).nonzero().squeeze(1)   # the problems still searching; each on its own,
+    for _ in range(max_newton):                     # so a batch gives what one alone gives
+        if todo.numel() == 0:
+            break
+        k = todo.numel()
+        s_k, z_k, lam_k, a, dl = scores[todo], z[todo], lam1[todo], alpha[todo], delta[todo]
+        y_idx = y.view(1, 1, n).expand(k, 1, n)
+        log_p = (s_k + a.to(s_k.dtype).unsqueeze(-1) * z_k + dl.to(s_k.dtype).unsqueeze(-1)).log_softmax(dim=1)
+        phi = (-log_p.gather(1, y_idx).squeeze(1)).double().mean(dim=-1) + reg0[todo] + \
+            (lam_k * (a * w_dot[todo] + 0.5 * a.square() * d_sq[todo])).sum(dim=-1)
         if phi0 is None:
-            phi0 = best_phi = phi
-        better = (phi <= best_phi) & ~done
-        b3 = better.unsqueeze(-1)
-        best_a, best_d = torch.where(b3, alpha, best_a), torch.where(b3, delta, best_d)
-        best_phi = torch.where(better, phi, best_phi)
+            phi0 = best_phi.index_copy(0, todo, phi)
+            best_phi = phi0.clone()
+        better = phi <= best_phi[todo]
+        b2 = better.unsqueeze(-1)
+        ba, bd = torch.where(b2, a, best_a[todo]), torch.where(b2, dl, best_d[todo])
+        bphi = torch.where(better, phi, best_phi[todo])
+        best_a[todo], best_d[todo], best_phi[todo] = ba, bd, bphi
         p = log_p.exp()
-        q = p.clone().scatter_add_(2, y_idx, minus_one)           # P − Y
-        pz = p * z
-        g_a = (q * z).sum(-1, dtype=f64) / n + lam3 * (w_dot + alpha * d_sq)
-        h_aa = (pz * z).sum(-1, dtype=f64) / n + lam3 * d_sq        # diagonal parts
+        q = p.clone().scatter_add_(1, y_idx, -torch.ones_like(y_idx, dtype=p.dtype))   # P − Y
+        pz = p * z_k
+        g_a = (q * z_k).sum(-1, dtype=f64) / n + lam_k * (w_dot[todo] + a * d_sq[todo])
+        h_aa = (pz * z_k).sum(-1, dtype=f64) / n + lam_k * d_sq[todo]        # diagonal parts
         if split:
             g_d = q.sum(-1, dtype=f64) / n
-            m = torch.cat([pz, p], dim=2).view(B * G, 2 * c, n)
-            hess = -torch.bmm(m, m.transpose(1, 2)).double().view(B, G, 2 * c, 2 * c) / n
+            m = torch.cat([pz, p], dim=1)
+            hess = -torch.bmm(m, m.transpose(1, 2)).double() / n
             diag = torch.cat([h_aa, p.sum(-1, dtype=f64) / n], dim=-1)
             hess += torch.diag_embed(diag)
             cross = torch.diag_embed(pz.sum(-1, dtype=f64) / n)      # ∂²/∂αₐ∂δₐ
-            hess[..., :c, c:] += cross
-            hess[..., c:, :c] += cross
+            hess[:, :c, c:] += cross
+            hess[:, c:, :c] += cross
             grad = torch.cat([g_a, g_d], dim=-1)
             # adding one constant to every intercept changes nothing: a tiny ridge fixes it
             ridge = 1e-9 * diag.amax(dim=-1, keepdim=True).clamp(min=1e-30)
             newton = torch.linalg.solve(hess + torch.diag_embed(ridge.expand_as(diag)), grad)
-            new_a, new_d = alpha - newton[..., :c], delta - newton[..., c:]
+            new_a, new_d = a - newton[:, :c], dl - newton[:, c:]
         else:
             grad = g_a.sum(-1, keepdim=True)
-            hess = h_aa.sum(-1) - pz.sum(dim=2).double().square().sum(-1) / n
+            hess = h_aa.sum(-1) - pz.sum(dim=1).double().square().sum(-1) / n
             newton = grad / hess.clamp(min=1e-30).unsqueeze(-1)
-            new_a, new_d = alpha - newton, delta
+            new_a, new_d = a - newton, dl
         # done when Newton promises < 1% of what this search has gained (or nothing at all)
         decrement = (grad * newton).sum(-1)
-        done |= better & (decrement <= torch.maximum(1e-2 * (phi0 - best_phi),
-                                                     1e-10 * best_phi.abs().clamp(min=1.0)))
-        if bool(done.all()):
-            break
+        done = better & (decrement <= torch.maximum(1e-2 * (phi0[todo] - bphi), 1e-10 * bphi.abs().clamp(min=1.0)))
         # a point that did not decrease f is halved back towards the best one
-        alpha = torch.where(b3, new_a, 0.5 * (alpha + best_a))
-        delta = torch.where(b3, new_d, 0.5 * (delta + best_d))
-    on = active.view(B, G, 1)
-    return torch.where(on, best_a, 0.0), torch.where(on, best_d, 0.0)
+        alpha[todo] = torch.where(b2, new_a, 0.5 * (a + ba))
+        delta[todo] = torch.where(b2, new_d, 0.5 * (dl + bd))
+        todo = todo[~done]
+    return best_a.view(B, G, c), best_d.view(B, G, c)
 
 
 def _preconditioner(x: torch.Tensor, lam: torch.Tensor, num_classes: int, rows: int = 4096):
-    """M ≈ (∇²f)⁻¹ from the data alone, for L-BFGS's initial inverse Hessian.
+    """M ≈ (∇²f)⁻¹ from the data alone, for L-BFGS's initial inverse Hessian, as an eigenbasis V
+    (B, d, d) of the features and M's diagonal there, (B·G, (d+1)·c).
 
     The Hessian of the softmax loss is Σᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ / n + λI; with pᵢ ≈ 1/c
-    its class-diagonal part is about β·XᵀX/n + λI, β = 1/c. So M applies (βC + λI)⁻¹ (one
-    Cholesky factor per probe and λ) to the weights and 1/β to the intercepts (standardised
-    columns have mean 0). C is estimated on evenly strided rows (about max(rows, 4d) of them):
-    M only steers L-BFGS, so the fitted minimum does not depend on it, only the number of
-    passes over the features (about 8x fewer than without on CIFAR-like features).
-    Returns None (plain L-BFGS) if a factorisation fails, e.g. for λ = 0.
+    its class-diagonal part is about β·XᵀX/n + λI, β = 1/c. So M applies (βC + λI)⁻¹ to the
+    weights and 1/β to the intercepts (standardised columns have mean 0). C is estimated on evenly
+    strided rows (about max(rows, 4d) of them): M only steers L-BFGS, so the fitted minimum does
+    not depend on it, only the number of passes over the features (about 8x fewer than without on
+    CIFAR-like features). With C = VΛVᵀ, M is diagonal in the basis V, 1/(βΛ + λ): fit_logistic
+    fits there (features XV), so applying M costs nothing and one eigendecomposition per probe
+    serves every λ. Returns (None, None) (plain L-BFGS) if some βΛ + λ is not positive, e.g. for
+    λ = 0 and a constant feature.
     """
     B, n, d = x.shape
     G, c = lam.shape[1], num_classes
     beta = 1.0 / c
     xs = x[:, ::max(1, n // max(rows, 4 * d))]
-    cov = torch.bmm(xs.transpose(1, 2), xs) / xs.shape[1]                # (B, d, d)
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    A = beta * cov.unsqueeze(1) + lam.to(x.dtype)[..., None, None] * eye  # (B, G, d, d)
-    chol, info = torch.linalg.cholesky_ex(A)
-    if bool((info != 0).any()):
-        return None
-
-    def precond(q):
-        q = q.view(B, G, d + 1, c)
-        w = torch.cholesky_solve(q[:, :, :d], chol)                      # (B, G, d, c)
-        return torch.cat([w, q[:, :, d:] / beta], dim=2).reshape(B * G, -1)
-
-    return precond
+    evals, vecs = torch.linalg.eigh(torch.bmm(xs.transpose(1, 2), xs) / xs.shape[1])   # (B, d), (B, d, d)
+    denom = beta * evals.double().clamp(min=0).unsqueeze(1) + lam.unsqueeze(-1)         # (B, G, d)
+    if not bool((denom > 0).all()):
+        return None, None
+    diag = torch.cat([1.0 / denom, denom.new_full((B, G, 1), 1.0 / beta)], dim=2)       # (B, G, d+1)
+    return vecs, diag.to(x.dtype).unsqueeze(-1).expand(B, G, d + 1, c).reshape(B * G, -1)
 
 
 def _row_basis(x: torch.Tensor) -> torch.Tensor:
@@ -245,8 +243,11 @@ def _row_basis(x: torch.Tensor) -> torch.Tensor:
 
 
 def _change_basis(theta: torch.Tensor, basis: torch.Tensor, equation: str) -> torch.Tensor:
-    """Weights into (``bdr,bgdc->bgrc``) or out of (``bdr,bgrc->bgdc``) a row basis; intercepts unchanged."""
+    """Weights (B, G, ·+1, c) into (_INTO) or out of (_OUT) an orthonormal basis (B, d, r); intercepts unchanged."""
     return torch.cat([torch.einsum(equation, basis, theta[:, :, :-1]), theta[:, :, -1:]], dim=2)
+
+
+_INTO, _OUT = "bdr,bgdc->bgrc", "bdr,bgrc->bgdc"   # weights into / out of a basis (B, d, r)
 
 
 @exact_float32()
@@ -257,28 +258,44 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_cl
     [0, num_classes), L2 weights lambdas (B, G). Returns theta (B, G, d+1, num_classes).
 
     Batched L-BFGS: every problem keeps its own curvature pairs and converges on its own
-    (max |gradient| ≤ tol, sklearn's lbfgs criterion; or no relative decrease above 1e-12), and
-    is frozen while the others go on. An iteration makes two passes over the features: the
-    scores of the new direction (then ``_step_search`` finds the step from them alone) and the
-    gradient at the new point. Scores are carried forward (S ← S + α∘Z + δ), so at the end they
-    are recomputed from theta and convergence is checked once more on the exact values.
-    L-BFGS is preconditioned with the feature covariance when d ≤ min(n, max_precond_dim). With
-    more dimensions than images (d > n) the fit runs in an orthonormal basis of the n training rows
-    (``_row_basis``), where it is the same problem in n dimensions and the preconditioner applies.
-    Features of more than max_precond_dim dimensions use a scaled identity."""
+    (max |gradient| ≤ tol, sklearn's lbfgs criterion, but taken in the basis of the fit (below),
+    where on anisotropic features it is the stricter test; or no relative decrease above 1e-12),
+    and is frozen while the others go on. An iteration makes two passes
+    over the features: the scores of the new direction (then ``_step_search`` finds the step from
+    them alone) and the gradient at the new point. Scores are carried forward (S ← S + α∘Z + δ),
+    so at the end they are recomputed from theta and convergence is checked once more on the
+    exact values. The fit runs in an orthonormal basis of the weights, an exact change of
+    variables (the L2 penalty and the scores are the same in it): for more dimensions than images
+    (d > n) the span of the n training rows (``_row_basis``), and, up to max_precond_dim
+    dimensions, the eigenbasis of the feature covariance, where the covariance preconditioner
+    (``_preconditioner``) is diagonal. Wider features use plain L-BFGS."""
     B, n, d = x.shape
     G, c = lambdas.shape[1], num_classes
-    if d > n:
-        basis = _row_basis(x)
-        if init is not None:
-            init = _change_basis(init.to(x).expand(B, G, d + 1, c), basis, "bdr,bgdc->bgrc")
-        theta = fit_logistic(torch.bmm(x, basis), y, lambdas, num_classes, max_iter, tol, history, init,
-                             max_precond_dim)
-        return _change_basis(theta, basis, "bdr,bgrc->bgdc")
     lam = lambdas.to(device=x.device, dtype=torch.float64)
+    basis = _row_basis(x) if d > n else None
+    xb = x if basis is None else torch.bmm(x, basis)
+    scale = None
+    if xb.shape[-1] <= max_precond_dim:
+        vecs, scale = _preconditioner(xb, lam, c)
+        if vecs is not None:
+            basis = vecs if basis is None else torch.bmm(basis, vecs)
+            xb = torch.bmm(xb, vecs)
+    if basis is None:
+        return _lbfgs(x, y, lam, c, max_iter, tol, history, init, None)
+    if init is not None:
+        init = _change_basis(init.to(x).expand(B, G, d + 1, c), basis, _INTO)
+    return _change_basis(_lbfgs(xb, y, lam, c, max_iter, tol, history, init, scale), basis, _OUT)
+
+
+def _lbfgs(x, y, lam, c, max_iter, tol, history, init, scale):
+    """fit_logistic's loop, on features x (B, n, r) in the basis of the fit, preconditioned by the
+    diagonal ``scale`` (B·G, (r+1)·c) (None: a scaled identity)."""
+    B, n, d = x.shape
+    G = lam.shape[1]
+    precond = None if scale is None else scale.mul
+
     shape = (B, G, d + 1, c)
     theta = x.new_zeros(shape) if init is None else init.to(x).expand(shape).clone()
-    precond = _preconditioner(x, lam, c) if d <= min(n, max_precond_dim) else None
     scores = _class_scores(x, theta) if init is not None else x.new_zeros(B, G, c, n)
     f, g = _loss_and_grad(x, y, lam, theta, scores)
     flat = (B * G, -1)

@@ -34,7 +34,8 @@ def register_figure(builder: FigureBuilder) -> FigureBuilder:
 def _panels(table: pd.DataFrame, single_block: bool = False) -> list[tuple[str, str]]:
     """(metric, encoder) pairs measured on the models: at every block, or (single_block) at one block each."""
     models = table[(table["kind"] == "model") & (table["block"] >= 0)]
-    one = models.groupby(["metric", "encoder", "checkpoint"])["block"].nunique().groupby(["metric", "encoder"]).max() == 1
+    blocks = models.groupby(["metric", "encoder", "checkpoint"])["block"].nunique()
+    one = blocks.groupby(["metric", "encoder"]).max() == 1
     return sorted(pair for pair, single in one.items() if single == single_block)
 
 
