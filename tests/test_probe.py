@@ -249,7 +249,7 @@ def test_bad_probe_inputs_are_refused(digits):
         linear_probe(x_tr, y_tr, x_te, y_te, backend="svm")
 
 
-@pytest.mark.parametrize("lam, rel", [(1e-3, 1e-3), (1e-2, 1e-5)])
+@pytest.mark.parametrize("lam, rel", [(1e-3, 1e-3), (1e-2, 5e-5)])
 def test_fit_wider_than_the_images_reaches_sklearns_minimum_in_float32(digits, lam, rel):
     """d > n with anisotropic features (one shared factor, a decaying spectrum), as a network's pooled
     features on a few hundred images: at the default tolerance and in float32 the fit must land near
