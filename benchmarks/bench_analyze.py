@@ -6,9 +6,10 @@
 The model gets random weights with every block's two residual gates open (biases 1): an adaLN-Zero
 initialisation makes each block the identity, so every block would hold the same rank-12 features (a
 linear map of the mean patch), and probes and metrics on those do not cost what they cost on a
-checkpoint's full-rank features. The forwards' cost does not depend on the weights. Pixel input 3×32×32 with patch 2, i.e. 256 tokens: the same compute per image as a latent
-SiT on 256-px ImageNet (4×32×32 latents), without the one-off VAE encoding. The encoder is randomly
-initialised (--encoder-random-init) at its real size.
+checkpoint's full-rank features. The forwards' cost does not depend on the weights. Pixel input
+3×32×32 with patch 2, i.e. 256 tokens: the same compute per image as a latent SiT on 256-px ImageNet
+(4×32×32 latents), without the one-off VAE encoding. The encoder is randomly initialised
+(--encoder-random-init) at its real size.
 
 Printed: per stage (data+forwards, encoders, probes, metrics, report) seconds and share of the total, and
 the baseline — the model's forward passes the analysis cannot avoid (n images × t values, plus the probe sets

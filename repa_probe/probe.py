@@ -280,11 +280,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_cl
         if vecs is not None:
             basis = vecs if basis is None else torch.bmm(basis, vecs)
             xb = torch.bmm(xb, vecs)
-    if basis is None:
-        return _lbfgs(x, y, lam, c, max_iter, tol, history, init, None)
-    if init is not None:
+    if basis is not None and init is not None:
         init = _change_basis(init.to(x).expand(B, G, d + 1, c), basis, _INTO)
-    return _change_basis(_lbfgs(xb, y, lam, c, max_iter, tol, history, init, scale), basis, _OUT)
+    theta = _lbfgs(xb, y, lam, c, max_iter, tol, history, init, scale)
+    return theta if basis is None else _change_basis(theta, basis, _OUT)
 
 
 def _lbfgs(x, y, lam, c, max_iter, tol, history, init, scale):
@@ -293,7 +292,6 @@ def _lbfgs(x, y, lam, c, max_iter, tol, history, init, scale):
     B, n, d = x.shape
     G = lam.shape[1]
     precond = None if scale is None else scale.mul
-
     shape = (B, G, d + 1, c)
     theta = x.new_zeros(shape) if init is None else init.to(x).expand(shape).clone()
     scores = _class_scores(x, theta) if init is not None else x.new_zeros(B, G, c, n)
