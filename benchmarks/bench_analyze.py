@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--t", default="0,0.1,0.25,0.5,0.75")
     p.add_argument("--encoder", default="vit_small_patch16_224", help="encoder name (random weights)")
-    p.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--encoder-precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--data", default=str(SHARED / "test"), help="alignment images (ImageFolder)")
     p.add_argument("--probe-train", default=None,
                    help="probe training images (default: the probe splits the --n alignment images, no extra forwards)")

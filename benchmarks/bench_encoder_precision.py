@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repa_probe import encoders as ENC
 from repa_probe import metrics as M
 from repa_probe.capture import capture_blocks, input_space, make_dataset
 from repa_probe.data import to_model_space
@@ -60,6 +61,7 @@ def main(args: argparse.Namespace) -> None:
     f32, b16 = pooled["fp32"].double(), pooled["bf16"].double()
     rel = (b16 - f32).norm() / f32.norm()
     worst = ((b16 - f32).norm(dim=1) / f32.norm(dim=1)).max()
+    centred = ENC.centred_deviation(f32, b16)      # what --encoder-precision auto tests on its check images
     self_cknna = M.cknna(f32.numpy(), b16.numpy(), k=args.k, device=device)
 
     x0 = to_model_space(images, "pixels") if space.kind == "pixels" else None
@@ -78,7 +80,7 @@ def main(args: argparse.Namespace) -> None:
           f"{device}{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; model "
           f"{ckpt.anatomy.name} ({ckpt.anatomy.depth} blocks), t = {args.t}, k = {args.k}")
     print(f"features: ‖bf16 − fp32‖ / ‖fp32‖ = {rel:.2e} (worst image {worst:.2e}); "
-          f"CKNNA(fp32, bf16) = {self_cknna:.4f}")
+          f"centred {centred:.2e}; CKNNA(fp32, bf16) = {self_cknna:.4f}")
     print(f"CKNNA over {delta.size} block × t: fp32 values {scores['fp32'].min():.4f} … {scores['fp32'].max():.4f}; "
           f"|ΔCKNNA| max {delta.max():.2e}, median {np.median(delta):.2e}")
     print(f"bootstrap 95% interval width ({args.bootstrap} replicates): min {width.min():.2e}, "

@@ -172,9 +172,10 @@ def _add_analysis_commands(sub) -> None:
                             "comma-separate for several; see `repa-probe encoders`. Without one, only probes run")
         g.add_argument("--encoder-random-init", action="store_true",
                        help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
-        g.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
-                       help="run the encoders under bf16 autocast (faster; features change slightly, see "
-                            "benchmarks/RESULTS.md) (default: fp32)")
+        g.add_argument("--encoder-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="the encoders' precision; auto: bf16 autocast where the device has native bf16 and "
+                            "the pooled features of the first 8 images move by at most 1e-2 of their spread "
+                            "from fp32 (the report says which and by how much), else fp32 (default: auto)")
         g.add_argument("--text-embeddings", type=path, default=None, metavar="FILE",
                        help="text-conditioned diffusers models (PixArt, SD3, Flux): a prompt's embeddings "
                             "(prompt_embeds, pooled_prompt_embeds; .pt or .safetensors); default: zeros, as reported")

@@ -448,7 +448,8 @@ class Encoder(nn.Module):
         self.patch_size = _patch_size(model, spec)
         self.embed_dim = spec.embed_dim or getattr(model, "embed_dim", None) or getattr(model, "num_features")
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self.precision = "fp32"   # or "bf16": the network under bf16 autocast (load_encoder(precision=...))
+        self.precision = "fp32"   # "bf16": under bf16 autocast; "auto": chosen by choose_precision on first use
+        self.precision_note = ""  # what choose_precision chose, and why
 
     def input_size(self, grid: int) -> int:
         """Pixels per side fed to the encoder so that it yields ``grid × grid`` patch tokens."""
@@ -475,6 +476,8 @@ class Encoder(nn.Module):
             lo, hi = torch.stack(torch.aminmax(images01.float())).tolist()   # one device sync
             if lo < -1e-3 or hi > 1 + 1e-3:
                 raise ValueError(f"encode expects images in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]")
+        if self.precision == "auto":
+            choose_precision(self, images01, grid)
         self.model.eval()
         param = next(self.model.parameters())
         x = self.preprocess(images01.to(param.device), grid).to(param.dtype)
@@ -513,6 +516,8 @@ class Encoder(nn.Module):
 
     def fingerprint(self, grid: int) -> str:
         """A short hash of ``describe(grid)`` without the weights path: a cache key for these features."""
+        if self.precision == "auto":
+            raise RuntimeError(f"encoder {self.name}: precision 'auto' is not chosen yet (call choose_precision)")
         d = {k: v for k, v in self.describe(grid).items() if k != "weights_path"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -533,21 +538,62 @@ def _patch_size(model: nn.Module, spec: EncoderSpec) -> int:
 #################################################################################
 
 
-ENCODER_PRECISIONS = ("fp32", "bf16")
+ENCODER_PRECISIONS = ("auto", "fp32", "bf16")
+CHECK_IMAGES = 8            # images that --encoder-precision auto encodes in both precisions
+DEVIATION_LIMIT = 1e-2      # the largest centred deviation of pooled features that auto accepts for bf16
+
+
+def centred_deviation(reference: Tensor, other: Tensor) -> float:
+    """‖(other − reference) centred‖ / ‖reference centred‖ over the rows (images), in float64: how far
+    `other` moves the features, relative to how much they vary between images. A shift common to every
+    image does not count (centred kernels, CKA and CKNNA, ignore it)."""
+    ref, delta = reference.double(), other.double() - reference.double()
+    return float((delta - delta.mean(0)).norm() / (ref - ref.mean(0)).norm().clamp_min(1e-30))
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether this device computes bf16 natively (CUDA: Ampere or later; CPU: AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_precision(encoder: "Encoder", images01: Tensor, grid: int) -> str:
+    """Resolve ``--encoder-precision auto`` for `encoder` from a few of its real input images: bf16
+    autocast where the device computes bf16 natively and the pooled features of the first
+    ``CHECK_IMAGES`` images move by at most ``DEVIATION_LIMIT`` from fp32 (``centred_deviation``), else
+    fp32. Sets ``encoder.precision`` and returns a one-line note saying what was chosen and why."""
+    device = next(encoder.model.parameters()).device
+    if not bf16_native(device):
+        encoder.precision = "fp32"
+        encoder.precision_note = f"encoder {encoder.name}: fp32 (--encoder-precision auto: no native bf16 here)"
+        return encoder.precision_note
+    x = images01[:CHECK_IMAGES]
+    pooled = {}
+    for precision in ("fp32", "bf16"):
+        encoder.precision = precision
+        pooled[precision] = encoder.encode(x, grid)[1]
+    deviation = centred_deviation(pooled["fp32"], pooled["bf16"])
+    encoder.precision = "bf16" if deviation <= DEVIATION_LIMIT else "fp32"
+    encoder.precision_note = (f"encoder {encoder.name}: {encoder.precision} (--encoder-precision auto: under bf16 its "
+                              f"pooled features of {len(x)} images moved {deviation:.1e} of their spread, "
+                              f"limit {DEVIATION_LIMIT:.0e})")
+    return encoder.precision_note
 
 
 def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  precision: str = "fp32") -> Encoder:
     """Build a frozen target encoder from ``'NAME'`` or ``'NAME=PATH'``; precision "bf16" runs it under
-    bf16 autocast (opt-in: benchmarks/bench_encoder_precision.py measures what it changes).
+    bf16 autocast, "auto" lets ``choose_precision`` pick bf16 or fp32 on its first images
+    (benchmarks/bench_encoder_precision.py measures what bf16 changes).
 
     Weights come from PATH, else from a weights folder (``weights_dirs()``), else from timm's download when
     ``pretrained_download``; none of these → UserError naming the flag and file. ``random_init=True`` gives
     a seeded random network instead (for tests) and the encoder says so (``describe()['weights']``).
     """
     if precision not in ENCODER_PRECISIONS:
-        raise UserError(f"--encoder-precision {precision!r}: use {' or '.join(ENCODER_PRECISIONS)}")
+        raise UserError(f"--encoder-precision {precision!r}: use auto, fp32 or bf16")
     name, path = parse_encoder_spec(spec)
     name, entry = get_encoder_spec(name)
     if random_init and path is not None:
@@ -632,7 +678,7 @@ def encoders_table(grid: int = 16) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "ENCODERS", "ALIASES", "Encoder", "EncoderSpec", "Family", "encoders_table", "find_weights",
-    "get_encoder_spec", "load_encoder", "load_weights_into", "parse_encoder_spec", "read_weights",
+    "ENCODERS", "ALIASES", "Encoder", "EncoderSpec", "Family", "choose_precision", "encoders_table",
+    "find_weights", "get_encoder_spec", "load_encoder", "load_weights_into", "parse_encoder_spec", "read_weights",
     "register_encoder", "weights_dirs",
 ]

@@ -81,7 +81,7 @@ class AnalyzeConfig:
     ts: tuple[float, ...] = DEFAULT_TS
     encoders: list[str] = field(default_factory=list)   # NAME[=WEIGHTS]
     encoder_random_init: bool = False
-    encoder_precision: str = "fp32"             # "bf16": encoders under bf16 autocast (opt-in)
+    encoder_precision: str = "auto"             # encoders: bf16 autocast where measured harmless, or fp32/bf16
     download: bool = False                      # fetch missing official checkpoints / encoder weights (download.py)
     probe_train: str | None = None              # ImageFolder trees for the probe; default: split --data
     probe_test: str | None = None
@@ -460,6 +460,13 @@ class Pipeline:
         """(image ids, encoder features, prepared kernel, permuted kernels for the null, the encoder's other
         outputs {name: [N, ...]}) of `dataset`, once per encoder × subset. The features are the pooled
         tokens, or with tokens=True the token at each image's sampled cell (tokens.py)."""
+        if getattr(encoder, "precision", None) == "auto":     # bf16 or fp32, from this dataset's first images
+            from repa_probe.encoders import CHECK_IMAGES, choose_precision
+            start = time.perf_counter()
+            check = range(min(CHECK_IMAGES, len(dataset)))
+            images = torch.stack([dataset[i][0] for i in check]).float().div(255).to(self.device)
+            self.cfg.notes.append(choose_precision(encoder, images, grid))
+            self.timings["encoders"] += time.perf_counter() - start
         key = (encoder.fingerprint(grid), dataset.fingerprint(), tokens)
         if key not in self._targets:
             if tokens:

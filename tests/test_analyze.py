@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from pypdf import PdfReader
 
 from conftest import randomize_, run_cli, tiny_config
 from repa_probe.checkpoints import save_checkpoint
+from repa_probe.encoders import bf16_native
 from repa_probe.models import SiT
 
 ENCODER = "vit_tiny_patch16_224"     # built by timm; random weights behind --encoder-random-init
@@ -81,6 +83,10 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
         assert p["peaks_then_drops"] == (p["selected_block"] != depth and p["drop_ci_low"] > 0)
         assert p["n_select"] + p["n_measure"] == (60 if p["metric"] == "cknna" else 12)
     assert summary["config"]["encoder_random_init"] is True
+    # --encoder-precision auto (the default) checked the encoder on real images and the report says what it chose
+    chosen = "bf16" if bf16_native(torch.device("cpu")) else "fp32"
+    assert summary["config"]["encoder_precision"] == "auto"
+    assert [n for n in summary["notes"] if n.startswith(f"encoder {ENCODER}: {chosen} (--encoder-precision auto")]
     assert "no GPU" not in " ".join(summary["notes"])  # --n was given
     assert summary["overview"][0].startswith("Peak and drop.") and summary["overview"][-1].startswith("Baselines")
 

@@ -423,7 +423,7 @@ def test_encode_refuses_images_outside_0_1_unless_the_hot_loop_skips_the_check()
     assert tokens.shape == (2, 64, enc.embed_dim) and torch.isfinite(pooled).all()
 
 
-def test_bf16_encoder_is_opt_in_close_to_fp32_on_real_images_and_keyed_apart(cifar_dir):
+def test_bf16_encoder_is_close_to_fp32_on_real_images_and_keyed_apart(cifar_dir):
     from repa_probe.capture import make_dataset
     dataset = make_dataset(cifar_dir / "test", 32, n=16)
     x = torch.stack([dataset[i][0] for i in range(16)]).float() / 255
@@ -434,5 +434,44 @@ def test_bf16_encoder_is_opt_in_close_to_fp32_on_real_images_and_keyed_apart(cif
     assert ((pooled16 - pooled32).norm() / pooled32.norm()) < 2e-2
     assert "autocast" not in fp32.describe(8) and bf16.describe(8)["autocast"] == "bf16"
     assert fp32.fingerprint(8) != bf16.fingerprint(8)                    # cached apart
-    with pytest.raises(UserError, match="--encoder-precision 'fp16': use fp32 or bf16"):
+    with pytest.raises(UserError, match="--encoder-precision 'fp16': use auto, fp32 or bf16"):
         E.load_encoder("cifar-ssl-resnet", precision="fp16")
+
+
+def test_centred_deviation_ignores_a_common_shift_and_measures_against_the_spread():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 16, generator=g, dtype=torch.float64) + 100.0  # a large common offset, as activations have
+    assert E.centred_deviation(a, a + torch.randn(16, generator=g, dtype=torch.float64)) < 1e-12  # same shift for all
+    noise = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    noise -= noise.mean(0)
+    spread = (a - a.mean(0)).norm()
+    assert E.centred_deviation(a, a + 0.01 * spread / noise.norm() * noise) == pytest.approx(0.01, rel=1e-9)
+
+
+def test_auto_precision_checks_real_images_in_both_precisions_and_keys_the_cache_as_it_chose(cifar_dir, monkeypatch):
+    from repa_probe.capture import make_dataset
+    dataset = make_dataset(cifar_dir / "test", 32, n=16)
+    x = torch.stack([dataset[i][0] for i in range(16)]).float() / 255
+    fp32, bf16 = (E.load_encoder("cifar-ssl-resnet", precision=p) for p in ("fp32", "bf16"))
+    auto = E.load_encoder("cifar-ssl-resnet", precision="auto")
+    with pytest.raises(RuntimeError, match="not chosen yet"):
+        auto.fingerprint(8)                                             # no cache key before the choice
+    note = E.choose_precision(auto, x, 8)
+    if not E.bf16_native(torch.device("cpu")):
+        assert auto.precision == "fp32" and "no native bf16" in note
+        return
+    # the deviation, computed here from the two explicitly loaded encoders on the first 8 images
+    p32, p16 = fp32.encode(x[:8], 8)[1].double(), bf16.encode(x[:8], 8)[1].double()
+    d = (p16 - p32) - (p16 - p32).mean(0)
+    expected = float(d.norm() / (p32 - p32.mean(0)).norm())
+    assert 1e-4 < expected < E.DEVIATION_LIMIT                         # bf16 really moves them, a little
+    assert auto.precision == "bf16" and f"moved {expected:.1e} of their spread" in note
+    assert auto.fingerprint(8) == bf16.fingerprint(8)                  # the same cache entry as explicit bf16
+    assert torch.equal(auto.encode(x, 8)[1], bf16.encode(x, 8)[1])
+
+    monkeypatch.setattr(E, "DEVIATION_LIMIT", expected / 2)            # a stricter limit: this encoder fails it
+    strict = E.load_encoder("cifar-ssl-resnet", precision="auto")
+    assert strict.encode(x, 8)[1].equal(fp32.encode(x, 8)[1])          # first use chooses, on its own images
+    assert strict.precision == "fp32" and strict.fingerprint(8) == fp32.fingerprint(8)
+    assert f"fp32 (--encoder-precision auto: under bf16 its pooled features of 8 images moved {expected:.1e}" \
+        in strict.precision_note
