@@ -14,8 +14,9 @@ checkpoint's full-rank features. The forwards' cost does not depend on the weigh
 Printed: per stage (data+forwards, encoders, probes, metrics, report) seconds and share of the total, and
 the baseline — the model's forward passes the analysis cannot avoid (n images × t values, plus the probe sets
 when --probe-train/--probe-test name other images; by default the probe splits the n images) with no hooks,
-no store, no metrics — measured in the same run; the ratio total / baseline is the overhead of everything
-else, the untrained-model baseline's passes (block 0 only) included. Target (issue 6): XL/2-sized,
+no store, no metrics — measured in the same run, half before the analysis and half after (the machine's
+speed drifts over minutes); the ratio total / baseline is the overhead of everything else, the
+untrained-model baseline's passes (block 0 only) included. Target (issue 6): XL/2-sized,
 10,000 images, 5 t, a ViT-L encoder, probes + CKNNA at every block × t in ≤ 5 minutes on one H100.
 """
 from __future__ import annotations
@@ -35,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repa_probe.commands import AnalyzeConfig, compare  # noqa: E402
 from repa_probe.checkpoints import save_checkpoint  # noqa: E402
 from repa_probe.models import SiT, model_config  # noqa: E402
-from repa_probe.runtime import resolve_device  # noqa: E402
+from repa_probe.runtime import resolve_device, resolve_precision  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
-def bare_forwards(model: SiT, n_images: int, batch: int, device, dtype) -> float:
-    """Seconds for n_images forward passes with random inputs: the floor any analysis pays."""
+def bare_forwards(model: SiT, n_images: int, batch: int, device, dtype) -> tuple[float, float]:
+    """(wall, CPU) seconds for n_images forward passes with random inputs: the floor any analysis pays."""
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     t = torch.rand(batch, device=device)
@@ -51,12 +52,14 @@ def bare_forwards(model: SiT, n_images: int, batch: int, device, dtype) -> float
         model(x, t, y)                                   # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(max(1, n_images // batch)):
+        start, cpu = time.perf_counter(), time.process_time()
+        batches = max(1, round(n_images / batch))
+        for _ in range(batches):
             model(x, t, y)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return time.perf_counter() - start
+    per_image = n_images / (batches * batch)          # scaled to exactly n_images passes
+    return (time.perf_counter() - start) * per_image, (time.process_time() - cpu) * per_image
 
 
 def main() -> None:
@@ -91,6 +94,16 @@ def main() -> None:
             bias[2], bias[5] = 1.0, 1.0
     ckpt = save_checkpoint(work / "model.pt", cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
 
+    precision = resolve_precision("auto", device)            # analyze's default for the model's forwards
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # the trained model's full forward passes: the alignment set (+ the probe sets if they are other images), × t.
+    # The untrained baseline's passes (block 0 only) and everything else count as overhead in the ratio.
+    n_images = args.n + ((args.n + max(args.n // 2, 20)) if args.probe_train else 0)
+    n_forwards = len(ts) * n_images
+    # half of the baseline before the analysis and half after: the machine's speed drifts over minutes (by
+    # 10% on a shared two-core box), and a baseline measured at one end would carry that drift into the ratio
+    before = bare_forwards(model, n_forwards // 2, args.batch_size, device, dtype)
+
     config = AnalyzeConfig(data=args.data, n=args.n, ts=ts, encoders=[args.encoder], encoder_random_init=True,
                            encoder_precision=args.encoder_precision,
                            probe_train=args.probe_train, probe_test=args.probe_test, bootstrap=args.bootstrap,
@@ -100,15 +113,8 @@ def main() -> None:
     out = compare([str(ckpt)], config, str(work / "report"))
     total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
     timings = json.loads((out / "summary.json").read_text())["timings_s"]
-    precision = config.resolved().precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    # the trained model's full forward passes: the alignment set (+ the probe sets if they are other images), × t.
-    # The untrained baseline's passes (block 0 only) and everything else count as overhead in the ratio.
-    n_images = args.n + ((args.n + max(args.n // 2, 20)) if args.probe_train else 0)
-    n_forwards = len(ts) * n_images
-    cpu = time.process_time()
-    base = bare_forwards(model, n_forwards, args.batch_size, device, dtype)
-    base_cpu = time.process_time() - cpu
+    after = bare_forwards(model, n_forwards - n_forwards // 2, args.batch_size, device, dtype)
+    base, base_cpu = before[0] + after[0], before[1] + after[1]
 
     print(f"{args.model} (width {cfg.hidden_size}, {cfg.depth} blocks, 256 tokens), n = {args.n}, t = {args.t}, "
           f"encoder {args.encoder} (random), {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
@@ -118,7 +124,7 @@ def main() -> None:
         print(f"{stage:<16}{timings.get(stage, 0):>10.1f}{timings.get(stage, 0) / total:>8.0%}")
     print(f"{'total':<16}{total:>10.1f}")
     print(f"baseline: {n_forwards} bare forward passes of the model (n × t; no hooks, store, untrained baseline, "
-          f"metrics): {base:.1f} s")
+          f"metrics), half before the analysis and half after: {base:.1f} s ({before[0]:.1f} + {after[0]:.1f})")
     print(f"ratio total / bare forwards = {total / base:.2f}")
     if device.type == "cpu":   # on a shared CPU the work done is the steadier measure (the wall clock counts waits)
         print(f"CPU time: total {total_cpu:.1f} s, bare forwards {base_cpu:.1f} s, ratio {total_cpu / base_cpu:.2f}")

@@ -95,17 +95,30 @@ def test_clamp_threshold_is_numpys_95th_percentile_even_with_ties():
 
 
 def test_sampled_quantile_is_exact_with_ties_and_when_the_bracket_misses():
-    """Above 4·sample entries the order statistics come from a sampled bracket; a 4-entry sample
+    """Above 2**18 entries the order statistics come from a sampled bracket; a 4-entry sample
     misses it most of the time and must fall back to the same exact answer."""
     rng = np.random.default_rng(15)
-    cases = (np.abs(rng.standard_t(3, size=(700, 300))),        # heavy tail, like activations
-             np.round(rng.normal(size=(400, 250)), 1),           # heavy ties at the quantile
-             np.concatenate([np.zeros(90_000), rng.normal(size=10_000)]))  # q inside a tie
+    cases = (np.abs(rng.standard_t(3, size=(1000, 300))),       # heavy tail, like activations
+             np.round(rng.normal(size=(1100, 250)), 1),          # heavy ties at the quantile
+             np.concatenate([np.zeros(270_000), rng.normal(size=30_000)]))  # q inside a tie
     for x in cases:
+        assert x.size > 2**18
         for q in (0.5, 0.95, 0.999):
             for sample in (2**14, 4):
                 got = float(metrics._quantile(torch.from_numpy(x), q, sample=sample))
                 assert got == pytest.approx(np.quantile(x, q), rel=0, abs=1e-12), (q, sample)
+
+
+def test_small_quantile_selects_from_the_nearer_side_exactly():
+    """Up to 2**18 entries (a bootstrap subsample) one topk from the side nearer the rank: every rank,
+    with ties and with one or two entries."""
+    rng = np.random.default_rng(16)
+    cases = (np.abs(rng.standard_t(3, size=(316, 384))), np.round(rng.normal(size=(40, 25)), 1),
+             np.concatenate([np.zeros(900), rng.normal(size=100)]), np.array([3.0]), np.array([2.0, -1.0]))
+    for x in cases:
+        for q in (0.0, 0.05, 0.5, 0.95, 0.999, 1.0):
+            got = float(metrics._quantile(torch.from_numpy(x), q))
+            assert got == pytest.approx(np.quantile(x, q), rel=0, abs=1e-12), (x.shape, q)
 
 
 # ----------------------------------------------------------------------------- CKNNA

@@ -307,8 +307,7 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
     figs += [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
     for builder in FIGURES:
         figs += builder(results, table)
-    summary["timings_s"]["report"] = round(time.perf_counter() - start, 2)
-    return write_report(out, table, summary, figs, tables)
+    return write_report(out, table, summary, figs, tables, started=start)
 
 
 def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:

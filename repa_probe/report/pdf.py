@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -43,10 +44,13 @@ def _slug(title: str) -> str:
 
 
 def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
-                 figures: list[tuple[str, plt.Figure]], extra_tables: dict[str, pd.DataFrame] | None = None) -> Path:
+                 figures: list[tuple[str, plt.Figure]], extra_tables: dict[str, pd.DataFrame] | None = None,
+                 started: float | None = None) -> Path:
     """Write results.csv, summary.json, one PNG per figure (numbered in page order) and report.pdf.
 
     figures: (name, figure) in page order; page 1 should be the provenance + summary page.
+    started: ``time.perf_counter()`` when the report began; summary.json's ``timings_s.report`` then counts
+    the figures' drawing too (summary.json is written after them).
     """
     out = check_writable(out)
     try:
@@ -57,7 +61,6 @@ def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
         raise UserError(f"--out '{out}': cannot write the report ({e.strerror})") from None
     try:
         results.to_csv(tmp / "results.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
         for name, table in (extra_tables or {}).items():
             table.to_csv(tmp / f"{name}.csv", index=False)
         figdir = tmp / "figures"
@@ -70,6 +73,9 @@ def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
             info = pdf.infodict()
             info["Title"] = summary.get("title", "repa-probe report")
             info["Creator"] = "repa-probe"
+        if started is not None:
+            summary.setdefault("timings_s", {})["report"] = round(time.perf_counter() - started, 2)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
         # Move into place file by file, touching only our own names (the folder may hold the user's
         # other files); report.pdf goes last and is removed first, so it marks a complete report.
         out.mkdir(parents=True, exist_ok=True)
