@@ -11,18 +11,32 @@ Both steps train the same SiT (same config, same init) with the REPA term on the
 - reference: written below as a straightforward loop in the style of REPA's train.py/loss.py: eager fp32
   (no TF32), torch.optim.AdamW with its defaults, the per-sample REPA loss loop, the per-parameter EMA.
 
+- REPA official (``--official DIR``, a snapshot of github.com/sihyun-yu/REPA): its own ``models/sit.py`` SiT
+  and ``loss.py`` SILoss, built and stepped as its train.py does (fp16 autocast with a gradient scaler and
+  TF32 on GPUs, as its README's commands; fp32 on CPU), the teacher as ours. Nothing is downloaded or copied:
+  the two files are imported from DIR (git archive of the fetched repository; `gpu_session.sh` carries it).
+
+Each line also gives the model FLOP utilisation on a GPU: analytic FLOPs (2 per multiply-add) of the
+student's forward × 3 (forward + backward) plus the teacher's forward, per image, × img/s, over the bf16
+dense peak of the device (--peak-tflops; default: H100/H200 SXM, 989).
+
 Only the step is timed (data on the device already; latent runs get random latents, as REPA trains on
 precomputed VAE moments). On CPU the variants alternate step by step and the median step time counts,
-so a shared machine's load hits both alike; on GPU each runs a synchronised block of steps. REPA's official numbers on one H100 (bf16, fused attention, no compile, with
-its data loader): SiT-XL/2 + DINOv2-B 290 img/s at batch 64, SiT-B/2 + DINOv2-B 1039 img/s at batch 128;
-the GPU table prints our img/s against them (meaningful on an H100 only).
+so a shared machine's load hits both alike; on GPU each runs a synchronised block of steps. REPA's README
+numbers on one H100 (fused attention, no compile, with its data loader): SiT-XL/2 + DINOv2-B 290 img/s at
+batch 64, SiT-B/2 + DINOv2-B 1039 img/s at batch 128; the GPU lines also print our img/s against them
+(meaningful on an H100 only; --official measures the official code on the same device instead).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
+import sys
 import time
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +47,7 @@ from repa_probe.runtime import autocast as autocast_for
 from repa_probe.train.trainer import (TrainConfig, draw_step_randomness, encoder_targets, init_model,
                                       make_optimizer, train_step)
 
-REPA_OFFICIAL_H100 = {("B/2", 128): 1039.0, ("XL/2", 64): 290.0}   # img/s, REPA's README (bf16, fused attention, no compile)
+REPA_OFFICIAL_H100 = {("B/2", 128): 1039.0, ("XL/2", 64): 290.0}   # img/s, REPA's README (no compile)
 GPU_BATCH = {"S/2": 256, "B/2": 128, "L/2": 64, "XL/2": 64}
 
 
@@ -60,6 +74,74 @@ def reference_step(model, ema, optimizer, encoders, images, x, labels, grid, num
     with torch.no_grad():
         for p_ema, p in zip(ema.parameters(), model.parameters()):
             p_ema.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
+
+
+def official_modules(repa_dir: str):
+    """REPA's ``models/sit.py`` and ``loss.py``, imported from a checkout of sihyun-yu/REPA."""
+    root = Path(repa_dir)
+    mods = []
+    for name, rel in (("repa_official_sit", "models/sit.py"), ("repa_official_loss", "loss.py")):
+        if not (root / rel).is_file():
+            raise SystemExit(f"--official {repa_dir}: no {rel} there; give a checkout of github.com/sihyun-yu/REPA")
+        spec = importlib.util.spec_from_file_location(name, root / rel)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        mods.append(mod)
+    return mods
+
+
+def official_step(repa_dir: str, config, encoders, images, x, labels, grid: int, device: torch.device):
+    """One step of REPA's train.py loop on its own model and loss: teacher tokens, SILoss (v-prediction,
+    linear path, uniform t), loss + 0.5·proj, clip 1.0, AdamW (its defaults), per-parameter EMA; fp16 autocast,
+    a gradient scaler and TF32 on GPUs (its README's setting), fp32 on CPU; its own initialisation (a step's
+    cost does not depend on the weights)."""
+    sit, loss = official_modules(repa_dir)
+    model = sit.SiT(input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
+                    hidden_size=config.hidden_size, decoder_hidden_size=config.hidden_size,
+                    encoder_depth=config.encoder_depth, depth=config.depth, num_heads=config.num_heads,
+                    num_classes=config.num_classes, use_cfg=True, z_dims=list(config.z_dims),
+                    projector_dim=config.projector_dim, fused_attn=True, qk_norm=False).to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    gpu = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = gpu
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=gpu)
+    loss_fn = loss.SILoss(prediction="v", path_type="linear", weighting="uniform")
+    ema_params, model_params = OrderedDict(ema.named_parameters()), OrderedDict(model.named_parameters())
+
+    def step():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=gpu):
+            zs = [enc.encode(images.float() / 255, grid, check_range=False)[0] for enc in encoders]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=gpu):   # accelerate wraps forward so
+            denoise, proj = loss_fn(model, x, dict(y=labels), zs=zs)
+        total = denoise.mean() + proj.mean() * 0.5
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, param in model_params.items():
+                ema_params[name].mul_(0.9999).add_(param.data, alpha=1 - 0.9999)
+    return step
+
+
+def step_flops(config, encoder) -> float:
+    """Analytic FLOPs of one training image (2 per multiply-add): the student's blocks, projector and final
+    layer forward × 3 (backward ≈ 2 × forward), plus the teacher's forward (its blocks at its token count)."""
+    def blocks(width: int, tokens: int, depth: int) -> float:     # qkv + proj + MLP(4×) + attention scores/values
+        return depth * tokens * (2 * 12 * width ** 2 + 2 * 2 * tokens * width)
+    tokens = (config.input_size // config.patch_size) ** 2
+    d = config.hidden_size
+    student = blocks(d, tokens, config.depth) + tokens * 2 * (d * config.projector_dim +
+                                                          config.projector_dim ** 2 +
+                                                          config.projector_dim * sum(config.z_dims))
+    grid = config.input_size // config.patch_size
+    teacher_tokens = grid * grid + getattr(encoder.model, "num_prefix_tokens", 1)
+    depth = len(getattr(encoder.model, "blocks", [])) or 12
+    return 3 * student + blocks(encoder.embed_dim, teacher_tokens, depth)
 
 
 def timed(step, warmup: int, steps: int, device: torch.device) -> float:
@@ -123,6 +205,9 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
     variants = {"reference (fp32 eager)": reference, "ours": ours(False)}
     if args.compile:
         variants["ours + torch.compile"] = ours(True)
+    if args.official:
+        variants["REPA official code"] = lambda: official_step(args.official, config, encoders, images, x, labels,
+                                                              grid, device)
     if gpu:   # one variant at a time (XL/2 states do not fit thrice), a synchronised block of steps each
         out = []
         for label, make in variants.items():
@@ -143,6 +228,17 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
     return [(label, batch / statistics.median(ts)) for label, ts in times.items()]
 
 
+def model_flops(name: str, device: torch.device, args) -> float:
+    """step_flops of the configuration bench_one trains."""
+    gpu = device.type == "cuda"
+    overrides = dict(input_size=32, in_channels=4, num_classes=1000, projector_dim=2048) if gpu else \
+        dict(input_size=16, in_channels=3, num_classes=10, hidden_size=192, depth=6, num_heads=3, projector_dim=512,
+             encoder_depth=2)
+    encoder = load_encoder(args.encoder or ("dinov2-vit-b" if gpu else "test_vit"), random_init=True)
+    config = model_config(f"SiT-{name}", z_dims=[encoder.embed_dim], **overrides)
+    return step_flops(config, encoder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
@@ -154,6 +250,9 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="random-init teacher (default: dinov2-vit-b on GPU, "
                                                         "test_vit on CPU)")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--official", default=None, metavar="DIR",
+                        help="also time REPA's own model and loss, imported from DIR (a sihyun-yu/REPA checkout)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -167,11 +266,18 @@ def main() -> None:
         ref = results[0][1]
         size = f"SiT-{name}" + ("" if gpu else " (width 192, depth 6, 16×16 px, 64 tokens)")
         print(f"\n{size}, batch {batch}, REPA term on ({args.encoder or ('DINOv2-B' if gpu else 'test_vit')}, random)")
+        flops = model_flops(name, device, args)
+        measured = dict(results).get("REPA official code")
+        print(f"  {flops / 1e9:.1f} GFLOP per image (student forward × 3 + teacher forward)")
         for label, ips in results:
             line = f"  {label:<24} {ips:9.1f} img/s   ×{ips / ref:.2f} vs reference"
+            if gpu:
+                line += f"   MFU {ips * flops / (args.peak_tflops * 1e12):.1%}"
+            if measured and label.startswith("ours"):
+                line += f"   ×{ips / measured:.2f} vs REPA official code (measured here)"
             official = REPA_OFFICIAL_H100.get((name, batch)) if gpu else None
             if official and label != results[0][0]:
-                line += f"   ×{ips / official:.2f} vs REPA official ({official:.0f} img/s, H100)"
+                line += f"   ×{ips / official:.2f} vs REPA's README ({official:.0f} img/s, H100)"
             print(line)
 
 

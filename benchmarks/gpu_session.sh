@@ -6,7 +6,9 @@
 # images of each class, what bench_probe and bench_analyze read; and a trained pixel checkpoint for
 # bench_encoder_precision, e.g. the deep CIFAR REPA run's last one):
 #   python analyses/pack_data.py pack <that subset of ../shared/data/cifar10> gpu_pack/cifar10_bench.npz
-#   cp runs/cifar_deep/repa/checkpoints/0005000.pt gpu_pack/cifar_repa.pt
+#   cp runs/cifar_deep/repa/checkpoints/<its last>.pt gpu_pack/cifar_repa.pt
+# and REPA's own model and loss for bench_train --official (the `fetch` tool's snapshot of sihyun-yu/REPA):
+#   mkdir -p gpu_pack/REPA && git -C <snapshot>.git archive HEAD models/sit.py loss.py | tar -x -C gpu_pack/REPA
 # On the device (nothing installs there; gpu_pack carried):
 #   BUDGET=540 bash benchmarks/gpu_session.sh
 set -u
@@ -36,9 +38,10 @@ step encoder_precision 50 python benchmarks/bench_encoder_precision.py --checkpo
     --device cuda --n 10000 --data "$DATA/test"
 step encoder_precision_vitl 50 python benchmarks/bench_encoder_precision.py --checkpoint gpu_pack/cifar_repa.pt \
     --encoder dinov2-vit-l --random-init --device cuda --n 10000 --data "$DATA/test"
-# 3. torch.compile: the training step, then capture
-step train_compile 100 python benchmarks/bench_train.py --models B/2,XL/2 --compile
-step capture_compile 100 python benchmarks/bench_capture.py --device cuda --precision bf16 --model SiT-XL/2 \
+# 3. the training step: ours eager and under torch.compile against REPA's official model + loss, with MFU;
+#    then capture under torch.compile
+step train 170 python benchmarks/bench_train.py --models B/2,XL/2 --compile --official gpu_pack/REPA
+step capture_compile 80 python benchmarks/bench_capture.py --device cuda --precision bf16 --model SiT-XL/2 \
     --batch-size 256 --n 2048 --ts 0.25,0.5 --workers 8 --repeats 3 --compile --data "$DATA/test"
 # 4. analyze end to end with what is left (189.5 s before: it needs a second call when under ~200 s are left)
 left=$(( BUDGET - ($(date +%s) - t0) ))
