@@ -16,6 +16,10 @@ Both steps train the same SiT (same config, same init) with the REPA term on the
   TF32 on GPUs, as its README's commands; fp32 on CPU), the teacher as ours. Nothing is downloaded or copied:
   the two files are imported from DIR (git archive of the fetched repository; `gpu_session.sh` carries it).
 
+``--curve STEPS`` instead trains STEPS steps on the plain path (fp32, no TF32, eager) and on the fast one
+(bf16 autocast and TF32 on GPUs, torch.compile with --compile) from the same init and seeds, and prints the
+largest relative difference of the two loss curves.
+
 Each line also gives the model FLOP utilisation on a GPU: analytic FLOPs (2 per multiply-add) of the
 student's forward × 3 (forward + backward) plus the teacher's forward, per image, × img/s, over the bf16
 dense peak of the device (--peak-tflops; default: H100/H200 SXM, 989).
@@ -182,9 +186,10 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
         return lambda: reference_step(model, ema, optimizer, encoders, images, x, labels, grid, config.num_classes)
 
-    def ours(compiled: bool):
-        def make():
-            cfg = TrainConfig(batch=batch, repa_coeff=0.5, precision="bf16" if gpu else "fp32")
+    def ours(compiled: bool, fp32: bool = False):
+        def make():   # fp32=True: the plain path (fp32, no TF32) that --curve holds the fast one against
+            cfg = TrainConfig(batch=batch, repa_coeff=0.5, precision="bf16" if gpu and not fp32 else "fp32",
+                              tf32=not fp32)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
             autocast = autocast_for(cfg.precision, device)
             model, ema = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
@@ -198,9 +203,23 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
                                                       0.1)
                 y = torch.where(drop, config.num_classes, labels)
                 targets = encoder_targets(encoders, images, grid, autocast)
-                train_step(net, model, ema, optimizer, scaler, autocast, x, y, t, noise, targets, cfg)
+                return train_step(net, model, ema, optimizer, scaler, autocast, x, y, t, noise, targets, cfg)
             return step
         return make
+
+    if args.curve:   # the same init, batch and per-step randomness; the losses of every step, side by side
+        fast = "ours" + (" + torch.compile" if args.compile else "") + (" (bf16, TF32)" if gpu else " (fp32)")
+        curves = {}
+        for label, make in (("ours, fp32 eager", ours(False, fp32=True)), (fast, ours(args.compile))):
+            step = make()
+            curves[label] = torch.stack([step()[:2] for _ in range(args.curve)]).double().cpu()
+            del step
+        (ref, a), (_, b) = curves.items()
+        rel = ((b - a).abs() / a.abs().clamp_min(1e-12)).max(dim=0).values
+        print(f"SiT-{name}, batch {batch}: loss curves over {args.curve} steps, {fast} against {ref}: max relative "
+              f"difference denoising {rel[0]:.1e}, REPA term {rel[1]:.1e}; last step denoising {a[-1, 0]:.5f} vs "
+              f"{b[-1, 0]:.5f}, REPA {a[-1, 1]:.5f} vs {b[-1, 1]:.5f}")
+        return []
 
     variants = {"reference (fp32 eager)": reference, "ours": ours(False)}
     if args.compile:
@@ -252,6 +271,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     parser.add_argument("--official", default=None, metavar="DIR",
                         help="also time REPA's own model and loss, imported from DIR (a sihyun-yu/REPA checkout)")
+    parser.add_argument("--curve", type=int, default=0, metavar="STEPS",
+                        help="instead of timing: train STEPS steps on the plain fp32 eager path and on the fast one "
+                             "(bf16 + TF32 on GPUs, + torch.compile with --compile) from equal seeds; compare losses")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -263,6 +285,8 @@ def main() -> None:
     for name in names:
         batch = args.batch or (GPU_BATCH.get(name, 64) if gpu else 32)
         results = bench_one(name, batch, device, args)
+        if not results:   # --curve: no timing
+            continue
         ref = results[0][1]
         size = f"SiT-{name}" + ("" if gpu else " (width 192, depth 6, 16×16 px, 64 tokens)")
         print(f"\n{size}, batch {batch}, REPA term on ({args.encoder or ('DINOv2-B' if gpu else 'test_vit')}, random)")

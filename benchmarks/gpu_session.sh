@@ -41,6 +41,7 @@ step encoder_precision_vitl 50 python benchmarks/bench_encoder_precision.py --ch
 # 3. the training step: ours eager and under torch.compile against REPA's official model + loss, with MFU;
 #    then capture under torch.compile
 step train 170 python benchmarks/bench_train.py --models B/2,XL/2 --compile --official gpu_pack/REPA
+step curve 60 python benchmarks/bench_train.py --models B/2 --batch 32 --curve 100
 step capture_compile 80 python benchmarks/bench_capture.py --device cuda --precision bf16 --model SiT-XL/2 \
     --batch-size 256 --n 2048 --ts 0.25,0.5 --workers 8 --repeats 3 --compile --data "$DATA/test"
 # 4. analyze end to end with what is left (189.5 s before: it needs a second call when under ~200 s are left)

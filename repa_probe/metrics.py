@@ -190,6 +190,9 @@ def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
         g = x[r0:r1] @ x[r0:].T             # K[I, r0:]: (|I|, n − r0)
         g.diagonal().fill_(-math.inf)        # N(i) excludes i
         v, i = g.topk(min(k, g.shape[1]), dim=1)
+        if r1 == n and r0 == 0:              # one strip: nothing to merge
+            best_v, best_i = v, i
+            break
         _merge_topk(best_v, best_i, r0, v, i + r0, k)
         if r1 < n:                           # later rows j receive K[j, I] = K[I, j]
             v, i = g[:, r1 - r0:].topk(min(k, r1 - r0), dim=0)
@@ -453,7 +456,7 @@ class FeatureKernel:
         metrics = _check_metrics(metrics)
         n = _check_shape(tuple(feats.shape), k, metrics, what)
         x = prepare_features(feats, clamp=clamp, normalize=normalize, device=device)
-        if not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x.sum(dtype=torch.float64))):    # NaN or ±inf anywhere (float64: no overflow)
             raise UserError(f"{what} contain NaN or inf values (float16 overflow while capturing?)")
         fk = cls(n, k, metrics, (clamp, normalize))
         for m in metrics:
