@@ -253,7 +253,8 @@ def test_analyze_spatial_curves_baselines_and_encoder_reference(tmp_path, cifar_
     from repa_probe.spatial import spatial_matrix
     data = make_dataset(str(cifar_dir / "test"), 16, 40, 0, False)
     images = torch.stack([data[i][0] for i in range(len(data))]).float() / 255
-    tokens = load_encoder("cifar-ssl-resnet").encode(images, 8)[0]
+    tokens = load_encoder("cifar-ssl-resnet", precision="auto").encode(images, 8)[0]   # analyze's default: it
+    # chooses bf16 or fp32 on the first 8 images, the same 8 as here
     want = spatial_matrix(tokens).double().mean(0)
     enc = t[t["kind"] == "encoder"].groupby("metric")["value"].first()
     np.testing.assert_allclose([enc[m] for m in SPATIAL_METRICS], want.numpy(), rtol=1e-5)

@@ -88,7 +88,7 @@ def test_analyze_tokens_gives_token_alignment_and_projector_cosine(tmp_path, cif
     proj = t[t["metric"] == "proj_cosine"]
     assert set(proj["checkpoint"]) == {"a", "b"} and set(proj["block"]) == {2} and len(proj) == 4
     data = make_dataset(str(cifar_dir / "test"), 16, 40, 0, False)
-    encoder = load_encoder("cifar-ssl-resnet")
+    encoder = load_encoder("cifar-ssl-resnet", precision="auto")      # chooses on its first 8 images, as analyze
     want = _direct_projector_cosine(model, data, encoder, ts, seed=0,
                                     alpha=0.6 if spatial_norm == "zscore" else None)
     got = proj[proj["checkpoint"] == "a"].sort_values("t")["value"].to_numpy()

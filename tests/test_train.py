@@ -274,9 +274,11 @@ def test_analysis_while_training_writes_tidy_rows(cifar_dir, tmp_path):
     probe0 = next(r["value"] for r in rows if r["step"] == 0 and r["metric"] == "probe_top1" and r["t"] == 0.0)
     assert f"{100 * probe0:.3g} at step 0" in page1
 
-    # the log's numbers are analyze's: the same images, split, noise, measures and code
+    # the log's numbers are analyze's: the same images, split, noise, measures and code (the trainer's teacher
+    # runs in fp32, so analyze is told the same)
     r = run_cli("analyze", run / "checkpoints" / "0000004.pt", "--data", cifar_dir / "test", "--n", 60, "--t", "0,0.5",
-                "--encoder", ENCODER, "--encoder-random-init", "--bootstrap", 0, "--no-baselines", "--seed", 0,
+                "--encoder", ENCODER, "--encoder-random-init", "--encoder-precision", "fp32", "--bootstrap", 0,
+                "--no-baselines", "--seed", 0,
                 "--cache", tmp_path / "cache", "--quiet", "--out", tmp_path / "analyze", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     full = pd.read_csv(tmp_path / "analyze" / "results.csv").fillna({"encoder": ""})
