@@ -162,7 +162,8 @@ def timed(step, warmup: int, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[str, float]]:
+def bench_one(name: str, batch: int, device: torch.device, args) -> tuple[list[tuple[str, float]], float]:
+    """([(variant, img/s)], the step's FLOPs per image); no variants with --curve."""
     gpu = device.type == "cuda"
     if gpu:   # REPA's setting: SD-VAE latents 4×32×32 of 256-px images, patch 2 → 256 tokens
         overrides = dict(input_size=32, in_channels=4, num_classes=1000, projector_dim=2048)
@@ -219,7 +220,7 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
         print(f"SiT-{name}, batch {batch}: loss curves over {args.curve} steps, {fast} against {ref}: max relative "
               f"difference denoising {rel[0]:.1e}, REPA term {rel[1]:.1e}; last step denoising {a[-1, 0]:.5f} vs "
               f"{b[-1, 0]:.5f}, REPA {a[-1, 1]:.5f} vs {b[-1, 1]:.5f}")
-        return []
+        return [], 0.0
 
     variants = {"reference (fp32 eager)": reference, "ours": ours(False)}
     if args.compile:
@@ -235,7 +236,7 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
                                              device)))
             del step
             torch.cuda.empty_cache()
-        return out
+        return out, step_flops(config, encoders[0])
     steps = {label: make() for label, make in variants.items()}   # CPU: alternate single steps, take medians,
     for label, step in steps.items():                               # so a shared machine's load hits all alike
         for _ in range(args.warmup + (3 if "compile" in label else 0)):
@@ -244,18 +245,7 @@ def bench_one(name: str, batch: int, device: torch.device, args) -> list[tuple[s
     for _ in range(args.steps):
         for label, step in steps.items():
             times[label].append(timed(step, 0, 1, device))
-    return [(label, batch / statistics.median(ts)) for label, ts in times.items()]
-
-
-def model_flops(name: str, device: torch.device, args) -> float:
-    """step_flops of the configuration bench_one trains."""
-    gpu = device.type == "cuda"
-    overrides = dict(input_size=32, in_channels=4, num_classes=1000, projector_dim=2048) if gpu else \
-        dict(input_size=16, in_channels=3, num_classes=10, hidden_size=192, depth=6, num_heads=3, projector_dim=512,
-             encoder_depth=2)
-    encoder = load_encoder(args.encoder or ("dinov2-vit-b" if gpu else "test_vit"), random_init=True)
-    config = model_config(f"SiT-{name}", z_dims=[encoder.embed_dim], **overrides)
-    return step_flops(config, encoder)
+    return [(label, batch / statistics.median(ts)) for label, ts in times.items()], step_flops(config, encoders[0])
 
 
 def main() -> None:
@@ -284,13 +274,12 @@ def main() -> None:
     print(f"device: {what}; torch {torch.__version__}")
     for name in names:
         batch = args.batch or (GPU_BATCH.get(name, 64) if gpu else 32)
-        results = bench_one(name, batch, device, args)
+        results, flops = bench_one(name, batch, device, args)
         if not results:   # --curve: no timing
             continue
         ref = results[0][1]
         size = f"SiT-{name}" + ("" if gpu else " (width 192, depth 6, 16×16 px, 64 tokens)")
         print(f"\n{size}, batch {batch}, REPA term on ({args.encoder or ('DINOv2-B' if gpu else 'test_vit')}, random)")
-        flops = model_flops(name, device, args)
         measured = dict(results).get("REPA official code")
         print(f"  {flops / 1e9:.1f} GFLOP per image (student forward × 3 + teacher forward)")
         for label, ips in results:

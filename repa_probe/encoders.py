@@ -593,7 +593,8 @@ def load_encoder(spec: str, *, random_init: bool = False, pretrained_download: b
     a seeded random network instead (for tests) and the encoder says so (``describe()['weights']``).
     """
     if precision not in ENCODER_PRECISIONS:
-        raise UserError(f"--encoder-precision {precision!r}: use auto, fp32 or bf16")
+        raise UserError(f"--encoder-precision {precision!r}: use {', '.join(ENCODER_PRECISIONS[:-1])} or "
+                        f"{ENCODER_PRECISIONS[-1]}")
     name, path = parse_encoder_spec(spec)
     name, entry = get_encoder_spec(name)
     if random_init and path is not None:

@@ -231,6 +231,9 @@ class _Intersection:
 
 
 def _intersect(a: KnnGraph, b: KnnGraph) -> _Intersection:
+    if b is a:                                   # N_K ∩ N_K = N_K: every entry, at its own position
+        every = torch.arange(a.keys.numel(), device=a.keys.device)
+        return _Intersection(torch.ones_like(every, dtype=torch.bool), every)
     pos, inside = _lookup(b.keys, a.keys)
     return _Intersection(inside, pos)
 
@@ -361,8 +364,7 @@ class _KnnPart:
 
 def _knn_part(x: torch.Tensor, k: int) -> _KnnPart:
     g = knn_graph(x, k)
-    every = torch.ones(g.keys.numel(), dtype=torch.bool, device=g.keys.device)      # N_K ∩ N_K = N_K
-    return _KnnPart(g, _masked_hsic(g, g, _Intersection(every, torch.arange(g.keys.numel(), device=g.keys.device))))
+    return _KnnPart(g, _masked_hsic(g, g, _intersect(g, g)))
 
 
 @dataclass
