@@ -122,15 +122,25 @@ HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())   # as it appears in t
 TMP_PATTERN = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine."""
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None where that cannot be read:
+    with its pid, it names one process even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` exists on this machine (and, given `start`, is the process that started then)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:       # someone else's process: alive
-        return True
-    return True
+        pass
+    now = process_start(pid) if start else None
+    return now is None or now == start
 
 
 def owned_by_dead_process(name: str) -> bool:

@@ -27,9 +27,9 @@ Under torchrun every rank computes a contiguous share of the pending batches and
 files; rank 0 alone merges and writes the manifest.
 
 A cache may be shared by several processes at once (users, GPUs, a notebook and a shell): each batch is
-claimed before it is computed (a claim file created exclusively, naming its host and process; a claim whose
-process has died, or that is older than CLAIM_TIMEOUT_S, is taken over), so every process computes only
-what nobody else is computing, then waits for the others' batches; creating an entry and merging a part
+claimed before it is computed (a claim file created exclusively, naming its host and process; an abandoned
+claim is taken over, see Entry._abandoned), so every process computes only what nobody else is computing,
+then waits for the others' batches; creating an entry and merging a part
 happen under the entry's file lock (released by the kernel if its holder is killed). Temporary files and
 chunks left by a killed process are removed by the next one.
 """
@@ -54,13 +54,14 @@ from torch.utils.data import Dataset, Sampler
 from repa_probe.background import Prefetcher, Writer, host_copy
 from repa_probe.data import make_loader
 from repa_probe.errors import UserError
-from repa_probe.runtime import (atomic_write, barrier, digest, pid_alive, rank, remove_stale_tmp, sum_over_ranks,
-                                world_size, write_json_atomic)
+from repa_probe.runtime import (atomic_write, barrier, digest, pid_alive, process_start, rank, remove_stale_tmp,
+                                sum_over_ranks, world_size, write_json_atomic)
 from repa_probe.tokens import sample_cells, target_cells
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
 CLAIM_TIMEOUT_S = 1800.0      # a claim this old without its chunk is abandoned (another host's crashed run)
+CLAIM_WRITE_S = 10.0          # a claim still empty this long after its creation: its creator was killed
 POLL_S = 0.2
 
 
@@ -212,7 +213,7 @@ class Entry:
     # ----------------------------------------------------------------- claims
     def claim(self, first: int) -> bool:
         """Claim the batch starting at row `first` for this process (exclusive create); → whether we hold it.
-        A claim whose process is gone, or older than CLAIM_TIMEOUT_S, is taken over."""
+        An abandoned claim (_abandoned) is taken over."""
         path = self.path / "claims" / f"batch-{first:09d}"
         path.parent.mkdir(exist_ok=True)
         for _ in range(2):
@@ -228,7 +229,7 @@ class Entry:
                     pass
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.write(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid()) or '-'}\n")
             return True
         return False
 
@@ -236,13 +237,22 @@ class Entry:
         (self.path / "claims" / f"batch-{first:09d}").unlink(missing_ok=True)
 
     def _abandoned(self, path: Path) -> bool:
+        """Whether a claim's holder is gone: on this host, its process has died, or its pid now belongs to
+        another process (its start time differs) or to us (a claim we do not hold names a predecessor whose
+        pid we reuse, as a restarted container's first process does); elsewhere, it is older than
+        CLAIM_TIMEOUT_S. A claim without its host and pid, older than CLAIM_WRITE_S, was created by a process
+        killed before it could write them."""
         try:
-            host, pid = path.read_text().split()
-            age = time.time() - path.stat().st_mtime
-        except (FileNotFoundError, ValueError):
-            return False                               # released, or being written this instant
+            text, age = path.read_text(), time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False                               # released this instant
+        try:
+            host, pid, *start = text.split()           # host pid start (the process's start time, or -)
+            pid, start = int(pid), "".join(start).strip("-") or None
+        except ValueError:
+            return age > CLAIM_WRITE_S
         if host == socket.gethostname():
-            return not pid_alive(int(pid))
+            return pid == os.getpid() or not pid_alive(pid, start)
         return age > CLAIM_TIMEOUT_S
 
     def array(self, part: str, name: str) -> np.ndarray:

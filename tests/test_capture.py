@@ -168,7 +168,12 @@ def test_killed_extraction_resumes_without_recomputing_and_matches_an_uninterrup
     assert 1 <= done_before < 16
     assert not list(cache.glob("blocks/*/t=*/*.npy"))                 # nothing merged yet
 
-    r = run_cli(*args)
+    try:
+        r = run_cli(*args, timeout=300)
+    except subprocess.TimeoutExpired:
+        left = {c.name: (c.read_text(), round(time.time() - c.stat().st_mtime))
+                for c in cache.glob("blocks/*/claims/*")}
+        pytest.fail(f"the resumed extraction did not end; claims (text, age in s) left by the killed one: {left}")
     assert r.returncode == 0, r.stderr
     computed = int(re.search(r"computed (\d+) chunk", r.stdout).group(1))
     assert computed == 16 - done_before                               # 8 batches × 2 t, minus what survived

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -81,20 +82,49 @@ def test_three_analyses_on_one_cache_at_once_all_succeed_agree_and_share_the_wor
         cache.rglob("claims/batch-*"))
 
 
-def test_an_abandoned_claim_is_taken_over(ckpt, cifar_dir, tmp_path):
+@pytest.mark.parametrize("holder", ["dead process", "reused pid", "this process's pid", "killed before writing"])
+def test_an_abandoned_claim_is_taken_over(ckpt, cifar_dir, tmp_path, holder):
+    """A claim whose holder died; one whose pid now belongs to another process (it started at another time);
+    one naming our own pid (a restarted container's process reuses its predecessor's); and one left empty
+    by a process killed between creating and writing it. A live holder's claim is respected."""
+    import socket
     from repa_probe.capture import CaptureConfig, extract
+    from repa_probe.runtime import process_start
+    from repa_probe.store import CLAIM_WRITE_S, Entry
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     first = extract(load_checkpoint(ckpt), cifar_dir / "test", CaptureConfig(ts=(0.0,)), n=16, batch_size=8,
                     cache_dir=tmp_path / "c", quiet=True)
     entry = Path(first.path)
-    (entry / "t=0.5").mkdir()
     (entry / "claims").mkdir(exist_ok=True)
-    import socket
-    (entry / "claims" / "batch-000000000").write_text(f"{socket.gethostname()} {dead.pid}\n")   # its holder died
-    again = extract(load_checkpoint(ckpt), cifar_dir / "test", CaptureConfig(ts=(0.0, 0.5)), n=16, batch_size=8,
-                    cache_dir=tmp_path / "c", quiet=True)
+    claim = entry / "claims" / "batch-000000000"
+    host = socket.gethostname()
+    def waited_forever(*_):
+        raise TimeoutError("extract is still waiting for an abandoned claim")
+
+    alive = subprocess.Popen(["sleep", "300"])
+    try:
+        start = process_start(alive.pid)
+        assert start is not None                           # Linux: /proc tells when a process started
+        claim.write_text(f"{host} {alive.pid} {start}\n")
+        assert not Entry(entry).claim(0)                   # its holder lives
+        claim.write_text({"dead process": f"{host} {dead.pid} -\n",
+                          "reused pid": f"{host} {alive.pid} {int(start) - 1}\n",
+                          "this process's pid": f"{host} {os.getpid()} {process_start(os.getpid())}\n",
+                          "killed before writing": ""}[holder])
+        if holder == "killed before writing":
+            assert not Entry(entry).claim(0)               # just created: its creator may be writing it now
+            os.utime(claim, (time.time() - CLAIM_WRITE_S - 1,) * 2)
+        signal.signal(signal.SIGALRM, waited_forever)
+        signal.alarm(120)
+        again = extract(load_checkpoint(ckpt), cifar_dir / "test", CaptureConfig(ts=(0.0, 0.5)), n=16,
+                        batch_size=8, cache_dir=tmp_path / "c", quiet=True)
+    finally:
+        signal.alarm(0)
+        alive.kill()
+        alive.wait()
     assert again.computed == 2 and np.isfinite(np.asarray(again.blocks)).all()
+    assert not list((entry / "claims").iterdir())
 
 
 # --------------------------------------------------------------------------- 2. the README's trajectory example
