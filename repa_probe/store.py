@@ -42,6 +42,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,7 +385,7 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
     images whatever the number of ranks or the interruption history (features are bit-identical across 1 or
     N processes). Each image is loaded once for all its parts. Every batch is claimed first (see the module
     docstring): with other processes filling the same entry, each computes only unclaimed batches, then
-    waits for the rest.
+    waits for the rest (saying so once on stderr, unless quiet).
     """
     grid = [np.arange(s, min(s + batch_size, entry.n)) for s in range(0, entry.n, batch_size)]
 
@@ -396,7 +397,7 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
     pending, batches = todo()
     barrier()   # every rank has listed the chunks before any rank writes new ones
     mine = [batches[i] for i in np.array_split(np.arange(len(batches)), world_size())[rank()]]
-    computed = 0
+    computed, waiting = 0, False
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc=desc, disable=quiet or rank() != 0 or not mine,
                dynamic_ncols=True)
@@ -426,6 +427,10 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
         share = {int(b[0]) for b in mine}
         mine = left if world_size() == 1 else [b for b in left if int(b[0]) in share]
         if mine and not sampler.claimed:
+            if not quiet and not waiting:
+                tqdm.write(f"repa-probe: waiting for {len(mine)} batch(es) that other processes are computing "
+                           f"(their claims: {entry.path / 'claims'})", file=sys.stderr)
+            waiting = True
             time.sleep(POLL_S)
     bar.close()
     barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -125,6 +126,36 @@ def test_an_abandoned_claim_is_taken_over(ckpt, cifar_dir, tmp_path, holder):
         alive.wait()
     assert again.computed == 2 and np.isfinite(np.asarray(again.blocks)).all()
     assert not list((entry / "claims").iterdir())
+
+
+def test_a_run_waiting_for_a_batch_another_process_holds_says_so_once_and_takes_it_over_when_that_one_dies(
+        ckpt, cifar_dir, tmp_path):
+    import socket
+    from repa_probe.runtime import process_start
+    args = [ckpt, "--data", cifar_dir / "test", "--n", 16, "--batch-size", 8, "--cache", tmp_path / "c"]
+    r = run_cli("extract", *args, "--t", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    entry = Path(re.search(r"features: (\S+)", r.stdout).group(1))
+    holder = subprocess.Popen(["sleep", "300"])
+    try:
+        (entry / "claims").mkdir(exist_ok=True)
+        (entry / "claims" / "batch-000000000").write_text(
+            f"{socket.gethostname()} {holder.pid} {process_start(holder.pid)}\n")
+        proc = subprocess.Popen([sys.executable, "-m", "repa_probe", "extract", *map(str, args), "--t", "0,0.5"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not list(entry.glob("t=0.5/chunk-000000008-*.npz")):      # its own batch is done: now it waits
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(3)
+        assert proc.poll() is None                                         # it waits while the holder lives
+    finally:
+        holder.kill()
+        holder.wait()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert err.count("waiting for 1 batch(es) that other processes are computing") == 1, err
+    assert "computed 2 chunk(s)" in out
 
 
 # --------------------------------------------------------------------------- 2. the README's trajectory example
