@@ -1,18 +1,22 @@
 """Representation alignment between a model's features and a target encoder's (docs/metrics.md).
 
 Every metric compares two feature matrices A (n x d_a) and B (n x d_b) for the same n images, in
-the same order, through their linear kernels K = A·Aᵀ and L = B·Bᵀ:
+the same order; the first four through their linear kernels K = A·Aᵀ and L = B·Bᵀ:
 
 - CKNNA(k), centered kernel nearest-neighbour alignment (Huh et al. 2024, "The Platonic
   Representation Hypothesis", arXiv 2405.07987; the metric REPA reports, arXiv 2410.06940);
 - CKA, biased (Kornblith et al. 2019, arXiv 1905.00414) and unbiased (HSIC_u of Song et al. 2012);
-- mutual kNN, the fraction of shared k nearest neighbours (Huh et al. 2024).
+- mutual kNN, the fraction of shared k nearest neighbours (Huh et al. 2024);
+- SVCCA (Raghu et al. 2017, arXiv 1706.05806): the mean canonical correlation between the top 10 singular
+  directions of each (column-standardised) matrix.
 
 The definitions match minyoungg/platonic-rep's ``metrics.py`` (its ``cknna(topk=k, unbiased=True)``,
-``cka``, ``unbiased_cka``, ``mutual_knn``), but the computation is different: platonic-rep builds
-n x n masks and multiplies n x n matrices (O(n³)); here the n x n Gram matrix is never held, only its
-k largest entries per row (a kNN graph, O(n·k)), and every HSIC term is evaluated on that sparse
-graph, while CKA is computed from the d_a x d_b cross-covariance of the features (O(n·d_a·d_b)).
+``cka``, ``unbiased_cka``, ``mutual_knn`` and ``svcca``), but the computation is different: platonic-rep
+builds n x n masks and multiplies n x n matrices (O(n³)); here the n x n Gram matrix is never held, only
+its k largest entries per row (a kNN graph, O(n·k)), and every HSIC term is evaluated on that sparse
+graph, while CKA is computed from the d_a x d_b cross-covariance of the features (O(n·d_a·d_b)). SVCCA
+uses exact singular vectors and canonical correlations where platonic-rep uses randomised ones
+(``torch.svd_lowrank``) and scikit-learn's iterative CCA.
 
 The target side (encoder kernel, its kNN graph, its self-similarity) is the same for every block and
 noise level: build one ``FeatureKernel`` for it and pass it to ``alignment`` for every source.
@@ -33,6 +37,7 @@ from . import stats
 from .errors import UserError
 
 EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
+SVCCA_DIMS = 10   # the singular directions SVCCA keeps of each matrix (platonic-rep's cca_dim)
 
 
 @contextlib.contextmanager
@@ -402,11 +407,32 @@ def _cka_unbiased(a: _CentredPart, b: _CentredPart, shared: dict) -> float:
     return unbiased / (math.sqrt(a.hsic_self[1] * b.hsic_self[1]) + EPS)
 
 
+def _subspace_part(x: torch.Tensor, k: int) -> torch.Tensor:
+    """An orthonormal basis (n, r) of the top r = min(SVCCA_DIMS, n − 1, d) left singular vectors of x with
+    every column centred and scaled to unit (unbiased) standard deviation (+1e-8), in float64; from the
+    eigenvectors of the smaller of its two Gram matrices."""
+    z = x.double()
+    z = z - z.mean(0)
+    z = z / (z.std(0) + 1e-8)
+    n, d = z.shape
+    r = min(SVCCA_DIMS, n - 1, d)
+    if n <= d:
+        return torch.linalg.eigh(z @ z.T)[1][:, -r:]                # eigenvalues ascending: the last r
+    s2, v = torch.linalg.eigh(z.T @ z)
+    return z @ v[:, -r:] / s2[-r:].clamp_min(torch.finfo(z.dtype).tiny).sqrt()
+
+
+def _svcca(a: torch.Tensor, b: torch.Tensor, shared: dict) -> float:
+    """The mean canonical correlation of the two subspaces: the singular values of UaᵀUb."""
+    return float(torch.linalg.svdvals(a.T @ b).clamp(max=1.0).mean())
+
+
 register_metric(Metric("cknna", "CKNNA", "knn", _knn_part, _cknna, uses_k=True, min_n=4))
 register_metric(Metric("cka", "CKA (biased)", "centred", _centred_part, _cka, symmetric=True))
 register_metric(Metric("cka_unbiased", "CKA (unbiased)", "centred", _centred_part, _cka_unbiased, min_n=4,
                        symmetric=True))
 register_metric(Metric("mutual_knn", "mutual k-NN", "knn", _knn_part, _mutual_knn, uses_k=True, symmetric=True))
+register_metric(Metric("svcca", "SVCCA", "subspace", _subspace_part, _svcca, min_n=3, symmetric=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +502,7 @@ def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] | Non
     cka          = tr(KHLH) / √(tr(KHKH)·tr(LHLH))
     cka_unbiased = HSIC_u(K, L) / (√(HSIC_u(K, K)·HSIC_u(L, L)) + 1e-6)
     mutual_knn   = (1/n) Σᵢ |N_K(i) ∩ N_L(i)| / k
+    svcca        = mean singular value of UaᵀUb, U the top 10 left singular vectors (column-standardised)
     CKNNA is very slightly asymmetric (the (1ᵀX̃)(Ỹ1) term); ``alignment`` puts the model in K and
     the target encoder in L. The 1e-6 guards follow platonic-rep; they make CKNNA with k = n − 1
     equal unbiased CKA exactly.
@@ -537,6 +564,13 @@ def mutual_knn(feats_a, feats_b, k: int = 10, clamp: bool = True, normalize: boo
                device: torch.device | str | None = None) -> float:
     """Mutual kNN accuracy (Huh et al. 2024): (1/n) Σᵢ |N_A(i) ∩ N_B(i)| / k, self excluded."""
     return _one_pair("mutual_knn", feats_a, feats_b, k, clamp, normalize, device)
+
+
+def svcca(feats_a, feats_b, clamp: bool = True, normalize: bool = True,
+          device: torch.device | str | None = None) -> float:
+    """SVCCA (Raghu et al. 2017; the definition of platonic-rep's ``svcca(cca_dim=10)``, computed exactly): the
+    mean canonical correlation between the top 10 left singular vectors of each column-standardised matrix."""
+    return _one_pair("svcca", feats_a, feats_b, 10, clamp, normalize, device)
 
 
 # ---------------------------------------------------------------------------------------------

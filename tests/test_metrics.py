@@ -12,7 +12,7 @@ import torch
 
 from repa_probe import metrics
 from repa_probe.errors import UserError
-from repa_probe.metrics import alignment, bootstrap_ci, cka, cknna, mutual_knn, similarity_matrix
+from repa_probe.metrics import alignment, bootstrap_ci, cka, cknna, mutual_knn, similarity_matrix, svcca
 
 
 # ----------------------------------------------------------------------------- references
@@ -230,6 +230,62 @@ def test_mutual_knn_matches_brute_force_set_intersection(k):
 
 # ----------------------------------------------------------------------------- batched API
 
+def ref_svcca(A: np.ndarray, B: np.ndarray, dims: int = 10) -> float:
+    """platonic-rep's svcca with exact singular vectors: standardise columns, keep the top `dims` left
+    singular vectors (numpy's SVD), fit scikit-learn's CCA between them, average the correlations of the
+    canonical pairs."""
+    from sklearn.cross_decomposition import CCA
+
+    def top(x):
+        x = (x - x.mean(0)) / (x.std(0, ddof=1) + 1e-8)
+        return np.linalg.svd(x, full_matrices=False)[0][:, :dims]
+
+    ua, ub = top(np.asarray(A, np.float64)), top(np.asarray(B, np.float64))
+    xa, xb = CCA(n_components=dims, max_iter=5000, tol=1e-6).fit(ua, ub).transform(ua, ub)
+    return float(np.mean([np.corrcoef(xa[:, i], xb[:, i])[0, 1] for i in range(dims)]))
+
+
+def shared_signal(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two feature matrices (n × 64, n × 48) that share 8 of the 12 latent factors behind them."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 12, generator=g, dtype=torch.float64) * torch.linspace(6, 2, 12, dtype=torch.float64)
+    a = z @ torch.randn(12, 64, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, 64, generator=g,
+                                                                                     dtype=torch.float64)
+    b = z[:, :8] @ torch.randn(8, 48, generator=g, dtype=torch.float64) + torch.randn(n, 48, generator=g,
+                                                                                    dtype=torch.float64)
+    return a, b
+
+
+@pytest.mark.parametrize("n", [600, 40])      # more images than dims (d × d Gram), and fewer (n × n)
+def test_svcca_matches_exact_singular_vectors_and_sklearns_cca(n):
+    a, b = shared_signal(n)
+    ours = metrics.pair_scores(*(metrics.FeatureKernel.build(x, metrics=["svcca"], clamp=False, normalize=False)
+                                 for x in (a, b)), ["svcca"])["svcca"]
+    assert 0.3 < ours < 0.99
+    assert ours == pytest.approx(ref_svcca(a.numpy(), b.numpy()), abs=1e-6)      # CCA stops at tol 1e-6
+    pre = [ref_preprocess(x.numpy()) for x in (a, b)]             # and after the usual clamp + unit rows
+    assert alignment(pre[1], pre[0][None], metrics=["svcca"], clamp=False, normalize=False)["svcca"][0] == \
+        pytest.approx(ref_svcca(*(x.numpy() for x in pre)), abs=1e-6)
+    assert alignment(b, a[None], metrics=["svcca"])["svcca"][0] == pytest.approx(
+        ref_svcca(*(x.numpy() for x in pre)), abs=1e-6)
+
+
+def test_svcca_known_answers_self_scale_permutation_symmetry_and_independence():
+    a, b = shared_signal(500, seed=1)
+    def one(x, y):
+        return svcca(x, y, clamp=False, normalize=False)
+
+    assert one(a, a) == pytest.approx(1.0, abs=1e-12)
+    g = torch.Generator().manual_seed(2)
+    scaled = a[:, torch.randperm(64, generator=g)] * torch.rand(64, generator=g, dtype=torch.float64).add(0.1)
+    assert one(scaled, b) == pytest.approx(one(a, b), abs=1e-10)      # per-column scale and order do not count
+    assert one(a, b) == pytest.approx(one(b, a), abs=1e-12)
+    independent = [one(torch.randn(2000, 64, generator=g), torch.randn(2000, 48, generator=g)) for _ in range(3)]
+    assert max(independent) < 0.15 < one(a, b)
+    few = torch.randn(6, 64, generator=g, dtype=torch.float64)           # 6 images: 5 directions at most
+    assert one(few, few) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_alignment_of_a_float16_memmap_stack_equals_each_pair(tmp_path):
     rng = np.random.default_rng(10)
     n = 120
@@ -243,7 +299,7 @@ def test_alignment_of_a_float16_memmap_stack_equals_each_pair(tmp_path):
     stack.flush()
     stack = np.load(tmp_path / "feats.npy", mmap_mode="r")
     got = alignment(target, stack, k=5)
-    assert set(got) == {"cknna", "cka", "cka_unbiased", "mutual_knn"}
+    assert set(got) == {"cknna", "cka", "cka_unbiased", "mutual_knn", "svcca"}
     for t in range(2):
         for blk in range(3):
             src = np.asarray(stack[t, blk], dtype=np.float32)
@@ -252,6 +308,7 @@ def test_alignment_of_a_float16_memmap_stack_equals_each_pair(tmp_path):
             assert got["cka_unbiased"][t, blk] == pytest.approx(
                 cka(src, target, unbiased=True), abs=1e-9)
             assert got["mutual_knn"][t, blk] == pytest.approx(mutual_knn(src, target, k=5))
+            assert got["svcca"][t, blk] == pytest.approx(svcca(src, target), abs=1e-9)
     assert got["cka"].shape == (2, 3)
 
 
@@ -374,6 +431,6 @@ def test_non_finite_features_and_unknown_metrics_are_refused():
     with pytest.raises(UserError, match="NaN or inf"):
         cka(a, b)
     with pytest.raises(UserError, match="unknown alignment metric"):
-        alignment(b, b[None], metrics=("cka", "svcca"))
+        alignment(b, b[None], metrics=("cka", "nope"))
     with pytest.raises(UserError, match=r"2-D \(images, dims\)"):
         alignment(b[None], b[None])
