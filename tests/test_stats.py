@@ -9,7 +9,7 @@ import torch
 from scipy.stats import norm
 
 from repa_probe import stats
-from repa_probe.metrics import alignment, bootstrap_ci, cknna, permuted_targets
+from repa_probe.metrics import alignment, bootstrap_ci, cknna, permuted_targets, svcca
 from repa_probe.pipeline import held_out_hits
 
 
@@ -24,11 +24,14 @@ def correlated(n: int, rng: np.random.Generator, shared: float = 1.0) -> tuple[n
 pytestmark = pytest.mark.usefixtures("one_thread")     # hundreds of tiny problems
 
 
-def test_subsample_intervals_of_cknna_cover_its_sampling_distribution_at_the_nominal_rate():
-    """The interval estimates the spread of CKNNA over new samples of n images: 150 seeds, each with its own
-    images, cover the mean of CKNNA over 200 fresh samples about 95% of the time. Without the √(m/(n − m))
-    rescaling of the subsamples' spread (the same replicates) the intervals are 24% too narrow."""
+@pytest.mark.parametrize("metric", ["cknna", "svcca"])
+def test_subsample_intervals_cover_the_sampling_distribution_at_the_nominal_rate(metric):
+    """The interval estimates the spread of a measure over new samples of n images: 150 seeds, each with its
+    own images, cover the mean of the measure over 200 fresh samples about 95% of the time. Without the
+    √(m/(n − m)) rescaling of the subsamples' spread (the same replicates) CKNNA's intervals are 24% too
+    narrow."""
     n, k, n_boot = 200, 10, 40
+    measure = {"cknna": lambda x, y: cknna(x, y, k=k), "svcca": svcca}[metric]
     weights = np.random.default_rng(0)
     wa, wb = weights.normal(size=(6, 16)), weights.normal(size=(6, 12))
 
@@ -37,18 +40,18 @@ def test_subsample_intervals_of_cknna_cover_its_sampling_distribution_at_the_nom
         return (z @ wa + rng.normal(size=(n, 16))).astype(np.float32), (z @ wb + rng.normal(size=(n, 12))).astype(
             np.float32)
 
-    truth = np.mean([cknna(*draw(np.random.default_rng(1000 + s)), k=k) for s in range(200)])
+    truth = np.mean([measure(*draw(np.random.default_rng(1000 + s))) for s in range(200)])
     covered = {"rescaled": [], "not rescaled": []}
     for seed in range(150):
         a, b = draw(np.random.default_rng(seed))
         subs = stats.subsamples(n, n_boot, seed)
-        reps = np.array([cknna(a[rows], b[rows], k=k) for rows in subs])
-        value = cknna(a, b, k=k)
+        reps = np.array([measure(a[rows], b[rows]) for rows in subs])
+        value = measure(a, b)
         for name, scale in (("rescaled", stats.subsample_scale([len(r) for r in subs], n)), ("not rescaled", None)):
             lo, hi = stats.centred_interval(value, reps, scale)
             covered[name].append(lo <= truth <= hi)
         if seed < 3:   # the library's interval is this one
-            assert bootstrap_ci(lambda x, y: cknna(x, y, k=k), a, b, n_boot=n_boot, seed=seed) == pytest.approx(
+            assert bootstrap_ci(measure, a, b, n_boot=n_boot, seed=seed) == pytest.approx(
                 tuple(stats.centred_interval(value, reps, stats.subsample_scale([len(r) for r in subs], n))))
     assert 0.89 <= np.mean(covered["rescaled"]) <= 0.99
     assert np.mean(covered["not rescaled"]) < np.mean(covered["rescaled"]) - 0.04
