@@ -408,18 +408,18 @@ def _cka_unbiased(a: _CentredPart, b: _CentredPart, shared: dict) -> float:
 
 
 def _subspace_part(x: torch.Tensor, k: int) -> torch.Tensor:
-    """An orthonormal basis (n, r) of the top r = min(SVCCA_DIMS, n − 1, d) left singular vectors of x with
-    every column centred and scaled to unit (unbiased) standard deviation (+1e-8), in float64; from the
-    eigenvectors of the smaller of its two Gram matrices."""
+    """An orthonormal basis (n, r) of the top r ≤ SVCCA_DIMS left singular vectors of x with every column
+    centred and scaled to unit (unbiased) standard deviation (+1e-8), in float64, from the eigenvectors of
+    the smaller of its two Gram matrices; fewer than SVCCA_DIMS where x spans fewer directions (singular
+    values below 1e-5 of the largest are no directions: their vectors would be arbitrary)."""
     z = x.double()
     z = z - z.mean(0)
     z = z / (z.std(0) + 1e-8)
     n, d = z.shape
-    r = min(SVCCA_DIMS, n - 1, d)
-    if n <= d:
-        return torch.linalg.eigh(z @ z.T)[1][:, -r:]                # eigenvalues ascending: the last r
-    s2, v = torch.linalg.eigh(z.T @ z)
-    return z @ v[:, -r:] / s2[-r:].clamp_min(torch.finfo(z.dtype).tiny).sqrt()
+    s2, v = torch.linalg.eigh(z @ z.T if n <= d else z.T @ z)     # eigenvalues ascending: the top ones last
+    keep = s2[-SVCCA_DIMS:] > s2[-1] * 1e-10
+    s2, v = s2[-SVCCA_DIMS:][keep], v[:, -SVCCA_DIMS:][:, keep]
+    return v if n <= d else z @ v / s2.sqrt()
 
 
 def _svcca(a: torch.Tensor, b: torch.Tensor, shared: dict) -> float:

@@ -230,19 +230,20 @@ def test_mutual_knn_matches_brute_force_set_intersection(k):
 
 # ----------------------------------------------------------------------------- batched API
 
-def ref_svcca(A: np.ndarray, B: np.ndarray, dims: int = 10) -> float:
+def ref_svcca(A: np.ndarray, B: np.ndarray, dims: tuple[int, int] = (10, 10)) -> float:
     """platonic-rep's svcca with exact singular vectors: standardise columns, keep the top `dims` left
-    singular vectors (numpy's SVD), fit scikit-learn's CCA between them, average the correlations of the
-    canonical pairs."""
+    singular vectors of each (numpy's SVD), fit scikit-learn's CCA between them, average the correlations of
+    the canonical pairs."""
     from sklearn.cross_decomposition import CCA
 
-    def top(x):
+    def top(x, r):
         x = (x - x.mean(0)) / (x.std(0, ddof=1) + 1e-8)
-        return np.linalg.svd(x, full_matrices=False)[0][:, :dims]
+        return np.linalg.svd(x, full_matrices=False)[0][:, :r]
 
-    ua, ub = top(np.asarray(A, np.float64)), top(np.asarray(B, np.float64))
-    xa, xb = CCA(n_components=dims, max_iter=5000, tol=1e-6).fit(ua, ub).transform(ua, ub)
-    return float(np.mean([np.corrcoef(xa[:, i], xb[:, i])[0, 1] for i in range(dims)]))
+    ua, ub = top(np.asarray(A, np.float64), dims[0]), top(np.asarray(B, np.float64), dims[1])
+    r = min(dims)
+    xa, xb = CCA(n_components=r, max_iter=5000, tol=1e-6).fit(ua, ub).transform(ua, ub)
+    return float(np.mean([np.corrcoef(xa[:, i], xb[:, i])[0, 1] for i in range(r)]))
 
 
 def shared_signal(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +269,18 @@ def test_svcca_matches_exact_singular_vectors_and_sklearns_cca(n):
         pytest.approx(ref_svcca(*(x.numpy() for x in pre)), abs=1e-6)
     assert alignment(b, a[None], metrics=["svcca"])["svcca"][0] == pytest.approx(
         ref_svcca(*(x.numpy() for x in pre)), abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [100, 40])
+def test_svcca_of_features_spanning_three_directions_compares_those_three(n):
+    """Directions without variance have arbitrary singular vectors: they are left out, not compared."""
+    a, b = shared_signal(n, seed=3)
+    g = torch.Generator().manual_seed(3)
+    low = a @ torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 64, generator=g,
+                                                                                  dtype=torch.float64)
+    assert svcca(low, low, clamp=False, normalize=False) == pytest.approx(1.0, abs=1e-9)
+    assert svcca(low, b, clamp=False, normalize=False) == pytest.approx(
+        ref_svcca(low.numpy(), b.numpy(), dims=(3, 10)), abs=1e-6)
 
 
 def test_svcca_known_answers_self_scale_permutation_symmetry_and_independence():
