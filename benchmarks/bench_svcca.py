@@ -14,10 +14,10 @@ Printed times are the best of --repeat runs after one warm-up; nothing is assert
 """
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from bench_cknna import best_time, features
 
 from repa_probe.metrics import prepare_features, svcca
 
@@ -43,24 +43,6 @@ def baseline(a: torch.Tensor, b: torch.Tensor, dims: int = 10, exact_svd: bool =
     return canonical_mean(u1, u2, dims)
 
 
-def features(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (n, dim) matrices sharing a 32-dim latent, seeded (as bench_cknna's)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 32, generator=g)
-    a, b = ((z @ torch.randn(32, dim, generator=g) + 2.0 * torch.randn(n, dim, generator=g)).relu() for _ in range(2))
-    return a, b
-
-
-def best_time(fn, repeat: int) -> tuple[float, float]:
-    fn()
-    times, value = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), value
-
-
 def main(args):
     import warnings
     warnings.filterwarnings("ignore", message="Maximum number of iterations")   # sklearn's CCA, as it runs
@@ -68,12 +50,12 @@ def main(args):
     print(f"{'n':>6} {'base s':>7} {'exact s':>7} {'ours s':>7} {'÷base':>6} {'÷exact':>6} {'ours':>9} "
           f"{'baseline':>9} {'exact':>9} {'|ours-ex|':>9} {'|base-ex|':>9}")
     for n in args.sizes:
-        a, b = (prepare_features(x) for x in features(n, args.dim, seed=n))
+        a, b = (prepare_features(x) for x in features(n, args.dim, 2, "cpu", seed=n))
         t_base, v_base = best_time(lambda: baseline(a, b), args.repeat)
         t_exact, exact = best_time(lambda: baseline(a, b, exact_svd=True), args.repeat)
         t_ours, v_ours = best_time(lambda: svcca(a, b, clamp=False, normalize=False), args.repeat)
-        print(f"{n:>6} {t_base:>7.3f} {t_exact:>7.3f} {t_ours:>7.3f} {t_base / t_ours:>5.2f}× {t_exact / t_ours:>5.2f}× "
-              f"{v_ours:>9.6f} {v_base:>9.6f} {exact:>9.6f} {abs(v_ours - exact):>9.1e} {abs(v_base - exact):>9.1e}")
+        print(f"{n:>6} {t_base:>7.3f} {t_exact:>7.3f} {t_ours:>7.3f} {t_base / t_ours:>5.2f}× "
+              f"{t_exact / t_ours:>5.2f}× {v_ours:>9.6f} {v_base:>9.6f} {exact:>9.6f} {abs(v_ours - exact):>9.1e} {abs(v_base - exact):>9.1e}")
 
 
 if __name__ == "__main__":
