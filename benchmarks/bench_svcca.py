@@ -55,7 +55,8 @@ def main(args):
         t_exact, exact = best_time(lambda: baseline(a, b, exact_svd=True), args.repeat)
         t_ours, v_ours = best_time(lambda: svcca(a, b, clamp=False, normalize=False), args.repeat)
         print(f"{n:>6} {t_base:>7.3f} {t_exact:>7.3f} {t_ours:>7.3f} {t_base / t_ours:>5.2f}× "
-              f"{t_exact / t_ours:>5.2f}× {v_ours:>9.6f} {v_base:>9.6f} {exact:>9.6f} {abs(v_ours - exact):>9.1e} {abs(v_base - exact):>9.1e}")
+              f"{t_exact / t_ours:>5.2f}× {v_ours:>9.6f} {v_base:>9.6f} {exact:>9.6f} "
+              f"{abs(v_ours - exact):>9.1e} {abs(v_base - exact):>9.1e}")
 
 
 if __name__ == "__main__":
