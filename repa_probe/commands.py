@@ -22,7 +22,7 @@ from repa_probe.pipeline import run as run_pipeline
 from repa_probe.report import compose
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import check_writable, write_report
-from repa_probe.runtime import find_checkpoints, latest_in_run
+from repa_probe.runtime import find_checkpoints, hold_folder, latest_in_run
 from repa_probe.stats import fmt_interval
 
 ANALYSIS_LOG = "analysis.jsonl"   # the trainer's analysis-while-training rows (train/trainer.py)
@@ -65,6 +65,11 @@ def analyze(checkpoint: str, config: AnalyzeConfig, out: str) -> Path:
 def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
     """`repa-probe compare A B [C ...]`: the same images and noise for all; deltas are (B − A) etc."""
     check_writable(out)
+    with hold_folder(out):                 # a second analysis into `out` stops at once, naming this one
+        return _compare(checkpoints, config, out)
+
+
+def _compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
     start = time.perf_counter()
     paths = [resolve_checkpoint(p, config.download) for p in checkpoints]   # missing files fail before loading
     pipeline = Pipeline(config)
@@ -91,6 +96,11 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
     check_writable(out)
     if source not in ("auto", "log", "checkpoints"):
         raise UserError(f"--source {source!r}: use auto, log or checkpoints")
+    with hold_folder(out):
+        return _trajectory(sources, config, out, source)
+
+
+def _trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str) -> Path:
     start = time.perf_counter()
     frames, provenance, pipeline, depth, curves = [], {}, None, 1, {}
     for src in sources:

@@ -1,16 +1,22 @@
 """What every stage needs from the machine: device, precision, the torchrun process group, atomic file
-writes, hashes, and finding a run's checkpoints. One place for each, so the stages agree."""
+writes, hashes, run-folder locks, and finding a run's checkpoints. One place for each, so the stages agree."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shlex
 import socket
+import sys
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -205,6 +211,88 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
             except FileNotFoundError:      # another process cleaned it first
                 pass
     return removed
+
+
+#################################################################################
+#                                  Folder locks                                 #
+#################################################################################
+
+LOCK_NAME = ".repa-probe.lock"
+_HELD: dict[str, int] = {}       # folders this process holds: real path → the lock file's descriptor
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Hold `folder` (a run or report folder, created if missing) for this process while the block runs.
+
+    Another process asking for it stops at once with a UserError naming the holder, having changed nothing
+    there. The lock is the kernel's (an fcntl record lock on FOLDER/.repa-probe.lock), so it ends with its
+    process, kill -9 included, and the next process takes the folder over; the file only says who holds it
+    (host, pid, start, command) for that message, and is removed on release, with the folder if this call
+    created it and nothing was written into it. Record locks are per process: a forked DataLoader worker
+    does not inherit it, and a second hold of the same folder in this process is refused here."""
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _lock(folder, flag)
+    except OSError as e:
+        raise UserError(f"{flag} '{folder}' is not writable ({e.strerror or e}): choose another folder") from None
+    try:
+        yield folder
+    finally:
+        if fd is not None:
+            del _HELD[os.path.realpath(folder)]
+            (folder / LOCK_NAME).unlink(missing_ok=True)   # while still locked: see _lock's inode check
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):              # not empty: the run wrote something
+                folder.rmdir()
+
+
+def _lock(folder: Path, flag: str) -> int | None:
+    """Lock FOLDER/.repa-probe.lock and describe this process in it; → its descriptor, or None (with a
+    warning) on a filesystem without locks."""
+    if os.path.realpath(folder) in _HELD:
+        raise UserError(f"{flag} '{folder}' is already in use by this process: choose another {flag}")
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 4096, 0)
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                print(f"repa-probe: warning: cannot lock {flag} '{folder}' ({e.strerror}): a second process "
+                      f"writing there at the same time would not be stopped", file=sys.stderr)
+                return None
+            raise UserError(f"{flag} '{folder}' is in use by {_describe(holder)}: wait for it to end or stop "
+                            f"it, or choose another {flag}") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)          # its holder removed that file as we opened it: lock the one now at `path`
+    pid = os.getpid()
+    command = shlex.join(sys.argv)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": pid, "start": process_start(pid),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "command": command if len(command) <= 300 else command[:299] + "…"}).encode(), 0)
+    _HELD[os.path.realpath(folder)] = fd
+    return fd
+
+
+def _describe(holder: bytes) -> str:
+    """The holder's lock-file record as words. A record naming a dead process of this host is its
+    predecessor's: the holder has locked the file but not yet written its own."""
+    try:
+        h = json.loads(holder)
+        if h["host"] == socket.gethostname() and not pid_alive(h["pid"], h["start"]):
+            raise ValueError
+        return f"another process (pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process that is starting"
 
 
 #################################################################################

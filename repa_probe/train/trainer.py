@@ -37,6 +37,8 @@ Files in RUN_DIR (only rank 0 writes):
                                is 1-based (the output of block b). `repa-probe trajectory RUN_DIR` reads it.
     config.json                the TrainConfig of the latest (re)start.
     repa-export/{step:07d}.pt  with --export-repa: the final checkpoint in REPA's layout (export_repa).
+    .repa-probe.lock           while a run holds the folder: who holds it (a second run stops, naming it; a
+                               killed run's lock passes to the next run: runtime.hold_folder).
 
 Exact resume: the data order, t, ε and drop mask are functions of the step, so restoring model, EMA,
 optimizer, scaler, RNG states and the step continues bit for bit (on CPU). `--resume` is automatic
@@ -51,7 +53,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +66,9 @@ from tqdm.auto import tqdm
 from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
-from repa_probe.runtime import (atomic_write, autocast, checkpoint_step, init_distributed, latest_checkpoint,
-                                local_rank, rank, remove_stale_tmp, resolve_device, resolve_precision,
-                                state_dict_sha256, world_size, write_text_atomic)
+from repa_probe.runtime import (atomic_write, autocast, checkpoint_step, hold_folder, init_distributed,
+                                latest_checkpoint, local_rank, rank, remove_stale_tmp, resolve_device,
+                                resolve_precision, state_dict_sha256, world_size, write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
 
 
@@ -350,17 +351,6 @@ def check_config(cfg: TrainConfig) -> None:
                         f"or a new --out")
     if cfg.resume is not None and not Path(cfg.resume).is_file():
         raise UserError(f"--resume '{cfg.resume}' is not a file: pass a checkpoint RUN/checkpoints/NNNNNNN.pt")
-    if os.environ.get("RANK", "0") != "0":                     # only rank 0 writes
-        return
-    out = Path(cfg.out)
-    try:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test"):
-            pass
-    except OSError as e:
-        raise UserError(f"--out '{out}' is not writable ({e.strerror or e})") from None
-    remove_stale_tmp(out / "checkpoints")                      # half-written checkpoints of a killed run
-    remove_stale_tmp(out)
 
 
 def supersede_later_checkpoints(out: Path, step: int) -> Path | None:
@@ -530,8 +520,24 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns the last checkpoint's path. Works under torchrun."""
+    """Run (or resume) training; returns the last checkpoint's path. Works under torchrun, where rank 0 alone
+    writes: it holds --out from before anything is loaded to the end (runtime.hold_folder), so a second run
+    on the folder stops at once with one line naming this one."""
     check_config(cfg)
+    if rank() != 0:
+        return _train(cfg)
+    with hold_folder(cfg.out):
+        out = Path(cfg.out)
+        try:
+            (out / "checkpoints").mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out '{out}': cannot create its checkpoints/ folder ({e.strerror})") from None
+        remove_stale_tmp(out / "checkpoints")                  # half-written checkpoints of a killed run
+        remove_stale_tmp(out)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
     from repa_probe.data import make_loader, to_model_space
 
     run = setup(cfg)
