@@ -4,7 +4,7 @@ The stages, in order:
 
     list_images(root)          ImageFolder order: sorted class folders, sorted files; id = position in it
     select_subset(labels, n)   n images, class-balanced, seeded, deterministic
-    ImageDataset               file → RGB → center_crop_arr(·, size) → uint8 [3, size, size]
+    ImageDataset               file → RGB as a viewer shows it → center_crop_arr(·, size) → uint8 [3, size, size]
     make_loader                a DataLoader (worker count configurable) whose errors stay one line
     to_model_space             uint8 → pixels in [−1, 1], or SD-VAE latents (posterior mean · 0.18215)
 
@@ -35,6 +35,8 @@ LATENT_SCALE = 0.18215        # SD-VAE latent scaling (Rombach et al. 2022), as 
 VAE_DOWNSAMPLE = 8            # SD-VAE: 256 px image → 32×32 latent
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 CROP = "adm-center-crop"      # recorded in fingerprints: changing the crop must invalidate cached features
+DECODE = "viewer-rgb"         # and the decoding of other modes than RGB (to_rgb)
+BACKGROUND = (255, 255, 255, 255)   # transparent pixels show white, as most viewers show them
 
 
 #################################################################################
@@ -113,13 +115,33 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Decode a file fully and convert it to RGB (greyscale, palette and CMYK files included)."""
+    """Decode a file fully and convert it to the RGB a viewer shows (to_rgb)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")   # convert() forces the full decode, so truncated files fail here
+            return to_rgb(im)          # converting forces the full decode, so truncated files fail here
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e}); remove it or pass "
                         f"--skip-bad-images") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image of any mode PIL opens → the 8-bit RGB a viewer shows (docs/data-flow.md, "Image modes").
+
+    PIL's own convert("RGB") clips 16- and 32-bit greyscale to 0–255 (a 16-bit PNG comes out white) and
+    drops alpha (transparent pixels show whatever colour they hide). Here integer greyscale (I;16*, I) is
+    scaled from 0–65535, the range PIL gives 16-bit PNG, TIFF and PGM files, float greyscale (F) from
+    0–1, transparency is composited over white, and CIELAB goes through an exact colour transform."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        grey = np.nan_to_num(np.asarray(im, dtype=np.float64)) * (255 if im.mode == "F" else 255 / 65535)
+        im = Image.fromarray(np.rint(np.clip(grey, 0, 255)).astype(np.uint8))
+    if im.mode == "LAB":          # D50 CIELAB (TIFF's, ICC's) → sRGB; without NOOPTIMIZE lcms's LUT is off by up to 14
+        from PIL import ImageCms
+        return ImageCms.applyTransform(im, ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB",
+            flags=ImageCms.Flags.NOOPTIMIZE))
+    if im.has_transparency_data:  # an alpha band, or a transparent palette index or colour
+        im = Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND), im.convert("RGBA"))
+    return im.convert("RGB")
 
 
 class ImageDataset(Dataset):
@@ -158,15 +180,15 @@ class ImageDataset(Dataset):
     def fingerprint(self) -> str:
         """Hash of what decides the pixels: root, file list, selected ids, size and crop."""
         rel = [str(p.relative_to(self.root)) for p in self.paths]
-        h = hashlib.sha256(json.dumps({"root": os.path.realpath(self.root), "files": rel,
-                                       "image_size": self.image_size, "crop": CROP}).encode())
+        h = hashlib.sha256(json.dumps({"root": os.path.realpath(self.root), "files": rel, "image_size": self.image_size,
+                                       "crop": CROP, "decode": DECODE}).encode())
         h.update(self.ids.astype("<i8").tobytes())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
         """Plain data for manifests and reports."""
         return {"root": os.path.realpath(self.root), "n": len(self), "n_files": len(self.paths),
-                "classes": self.classes, "image_size": self.image_size, "crop": CROP,
+                "classes": self.classes, "image_size": self.image_size, "crop": CROP, "decode": DECODE,
                 "skipped": [str(p) for p in self.skipped], "fingerprint": self.fingerprint()}
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -178,3 +180,118 @@ def test_missing_vae_weights_name_the_flag(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="--vae .*config.json"):
         load_vae(tmp_path / "empty", "cpu")
+
+
+#################################################################################
+#                     Image modes: the RGB a viewer shows                       #
+#################################################################################
+
+def write_png16(path: Path, values: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written here, not by PIL: greyscale (type 0, [H, W]) or RGB (type 2, [H, W, 3])."""
+    h, w = values.shape[:2]
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)     # filter 0 before each row
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Colours [H, W, 3] with alpha [H, W] (0–255) composited over white, as the docs say."""
+    a = alpha[..., None] / 255
+    return rgb * a + 255 * (1 - a)
+
+
+def lab_d50_to_srgb(lab: np.ndarray) -> np.ndarray:
+    """PIL's LAB bytes (L* · 255/100, a* and b* as signed bytes) → sRGB 0–255: CIE 1976 L*a*b* with a D50
+    white → XYZ → Bradford adaptation to D65 → linear sRGB (IEC 61966-2-1 matrix) → sRGB curve, clipped."""
+    L = lab[..., 0] / 255 * 100
+    a, b = lab[..., 1].view(np.int8).astype(float), lab[..., 2].view(np.int8).astype(float)
+    fy = (L + 16) / 116
+    finv = lambda f: np.where(f ** 3 > 216 / 24389, f ** 3, (116 * f - 16) * 27 / 24389)
+    xyz = np.stack([finv(fy + a / 500) * 0.96422, finv(fy), finv(fy - b / 200) * 0.82521], -1)
+    bradford = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077],
+                         [0.0122982, -0.0204830, 1.3299098]])
+    to_srgb = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560],
+                        [0.0556434, -0.2040259, 1.0572252]])
+    lin = np.clip(xyz @ bradford.T @ to_srgb.T, 0, 1)
+    return 255 * np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+
+
+def mode_files(root: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """One 32×32 file per mode under root/<case>/: case → (the mode PIL opens it in, the RGB a viewer shows)."""
+    rng = np.random.default_rng(0)
+    size = (32, 32)
+    v16 = rng.integers(0, 65536, size)
+    v16[0, :2] = 0, 65535
+    u8 = lambda *shape: rng.integers(0, 256, (*size, *shape), dtype=np.uint8)
+    grey = lambda v: np.repeat(np.asarray(v, dtype=float)[..., None], 3, axis=-1)
+    palette, index, alpha = u8(3).reshape(-1, 3)[:256], u8(), u8()
+    index_alpha = alpha.flatten()[:256]                  # the palette's per-entry alpha (a PNG tRNS chunk)
+    int32 = rng.integers(-70_000, 140_000, size).astype(np.int32)
+    floats = rng.uniform(-0.25, 1.25, size).astype(np.float32)
+    floats[0, 0] = np.nan
+    rgb16, la, rgba, cmyk, ycc, lab, bits = rng.integers(0, 65536, (*size, 3)), u8(2), u8(4), u8(4), u8(3), u8(3), u8()
+    cases = {}
+
+    def save(case, ext, write, opened, reference):
+        (root / case).mkdir(parents=True)
+        path = root / case / f"image.{ext}"
+        write(path)
+        cases[case] = (opened, reference(path) if callable(reference) else reference)
+
+    save("grey16_png", "png", lambda p: write_png16(p, v16, 0), "I;16", grey(v16 / 257))
+    save("grey16_big_endian_tiff", "tif", lambda p: Image.frombytes("I;16B", size, v16.astype(">u2").tobytes())
+         .save(p), "I;16B", grey(v16 / 257))
+    save("grey16_pgm", "pgm", lambda p: p.write_bytes(b"P5\n32 32\n65535\n" + v16.astype(">u2").tobytes()), "I",
+         grey(v16 / 257))
+    save("int32_tiff", "tif", lambda p: Image.fromarray(int32, "I").save(p), "I", grey(np.clip(int32 / 257, 0, 255)))
+    save("float_tiff", "tif", lambda p: Image.fromarray(floats, "F").save(p), "F",
+         grey(np.clip(np.nan_to_num(floats) * 255, 0, 255)))
+    save("rgb16_png", "png", lambda p: write_png16(p, rgb16, 2), "RGB", rgb16 / 257)
+    save("bilevel_png", "png", lambda p: Image.fromarray(bits > 127).save(p), "1", grey(255 * (bits > 127)))
+    save("grey_png", "png", lambda p: Image.fromarray(bits, "L").save(p), "L", grey(bits))
+
+    def palette_image(mode, data):
+        im = Image.frombytes(mode, size, data.tobytes())
+        im.putpalette(palette.tobytes())
+        return im
+    save("palette_transparent_png", "png", lambda p: palette_image("P", index).save(p, transparency=index_alpha.tobytes()),
+         "P", over_white(palette[index].astype(float), index_alpha[index]))
+    save("grey_alpha_png", "png", lambda p: Image.fromarray(la, "LA").save(p), "LA", over_white(grey(la[..., 0]), la[..., 1]))
+    save("palette_alpha_tiff", "tif", lambda p: palette_image("PA", np.stack([index, alpha], -1)).save(p), "PA",
+         over_white(palette[index].astype(float), alpha))
+    save("rgba_png", "png", lambda p: Image.fromarray(rgba, "RGBA").save(p), "RGBA",
+         over_white(rgba[..., :3].astype(float), rgba[..., 3]))
+    key = tuple(int(c) for c in rgba[0, 0, :3])                 # an RGB PNG's transparent colour (tRNS)
+    save("rgb_colour_key_png", "png", lambda p: Image.fromarray(rgba[..., :3]).save(p, transparency=key), "RGB",
+         over_white(rgba[..., :3].astype(float), 255 * (rgba[..., :3] != key).any(-1)))
+    naive_cmyk = lambda c: (255 - c[..., :3].astype(float)) * (255 - c[..., 3:].astype(float)) / 255   # no ICC
+    save("cmyk_tiff", "tif", lambda p: Image.fromarray(cmyk, "CMYK").save(p), "CMYK", naive_cmyk(cmyk))
+    save("cmyk_jpeg", "jpg", lambda p: Image.fromarray(cmyk, "CMYK").save(p, quality=95), "CMYK",
+         lambda p: naive_cmyk(np.asarray(Image.open(p))))       # lossy: the decoded CMYK values, converted here
+    y, cb, cr = (ycc[..., i].astype(float) for i in range(3))   # JFIF's full-range YCbCr
+    save("ycbcr_tiff", "tif", lambda p: Image.fromarray(ycc, "YCbCr").save(p), "YCbCr",
+         np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)],
+                  -1).clip(0, 255))
+    save("lab_tiff", "tif", lambda p: Image.fromarray(lab, "LAB").save(p), "LAB", lab_d50_to_srgb(lab))
+    return cases
+
+
+def test_every_image_mode_decodes_to_the_rgb_a_viewer_shows(tmp_path):
+    """Real files of every mode PIL opens and can write (and 16-bit PNG, PGM, written here) through the dataset
+    path, against conversions derived here: 16-bit and 32-bit integer grey scaled from 0–65535 (v/257), float
+    grey from 0–1, transparency over white, CMYK without a profile, JFIF YCbCr, D50 CIELAB → sRGB; within one
+    level. (PIL's convert("RGB") makes 16-bit grey white, float grey black and transparent pixels black.)"""
+    cases = mode_files(tmp_path / "data")
+    for skip_bad in (False, True):
+        dataset = ImageDataset(tmp_path / "data", 32, skip_bad=skip_bad)
+        assert dataset.classes == sorted(cases) and not dataset.skipped
+        for i, case in enumerate(dataset.classes):
+            opened, reference = cases[case]
+            assert Image.open(dataset.paths[i]).mode == opened, case
+            x = dataset[i][0].permute(1, 2, 0).numpy().astype(float)
+            worst = np.abs(x - np.rint(reference)).max()
+            assert worst <= 1, f"{case} ({opened}): off by {worst} levels"
