@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -362,3 +363,24 @@ def test_compiled_model_gives_the_eager_training_loss_and_gradients(cifar_dir):
     assert eager[2] != 0                                         # the REPA term is really in the loss
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_progress_bar_shows_the_loss_average_and_img_s_of_every_step(cifar_dir, tmp_path):
+    """The bar (forced to draw at every step) shows after step n the moving average (decay 0.9) of steps
+    1..n's losses, and a rate from step 2 on (step 1 also paid for the start-up): not the last log row's,
+    which a 5-step log interval left on screen for 5 steps. The per-step losses come from the same run
+    logged at every step (training on the CPU is bit-reproducible)."""
+    data, steps = cifar_dir / "test", 8
+    train(tiny_config(data, tmp_path / "every", 0.5, steps=steps, log_every=1))
+    losses = [(r["loss"], r["loss_repa"]) for r in log_rows(tmp_path / "every")]
+    flags = [f for f in tiny_flags(data, tmp_path / "bar", **{"--steps": steps}) if f != "--quiet"]
+    result = run_cli("train", *flags, *repa_flags(), env={**ONE_THREAD, "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"})
+    assert result.returncode == 0, result.stderr
+    shown = {int(m[1]): (float(m[2]), float(m[3]), m[4]) for m in
+             re.finditer(rf"(\d+)/{steps} \[[^\]]*?, loss=([-\d.]+), repa=([-\d.]+)(?:, img_s=(\d+))?\]", result.stderr)}
+    assert sorted(shown) == list(range(1, steps + 1)), result.stderr
+    average = None
+    for step, (loss, repa) in enumerate(losses, 1):
+        average = (loss, repa) if average is None else tuple(0.9 * a + 0.1 * v for a, v in zip(average, (loss, repa)))
+        assert shown[step][:2] == pytest.approx(average, abs=1.5e-4), f"step {step}"
+        assert (shown[step][2] is None) == (step == 1)

@@ -567,6 +567,7 @@ def _train(cfg: TrainConfig) -> Path:
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
                     desc="train")
     sums, n_sum, t_mark = torch.zeros(3, device=device), 0, time.perf_counter()
+    rates = BarRates(cfg.batch, cfg.repa_coeff)
     batches = iter(loader)
     for step in range(start_step + 1, cfg.steps + 1):
         images, labels, _ = next(batches)
@@ -583,17 +584,17 @@ def _train(cfg: TrainConfig) -> Path:
         targets = encoder_targets(run.encoders, images, grid, amp) if repa else []
         if cfg.spatial_norm == "zscore":
             targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
-        sums += train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
-                           targets, cfg)
+        losses = train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
+                            targets, cfg)
+        sums += losses
         n_sum += 1
+        if not progress.disable:
+            progress.set_postfix(rates.step(losses), refresh=False)   # drawn by update(), at tqdm's pace
         progress.update(1)
         if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.steps:
-            row = _log_row(run, step, sums, n_sum, time.perf_counter() - t_mark,
-                           _batch_sha256(sampler.global_batch_indices(b), t_all, noise_all, drop_all),
-                           sampler.position(b)["epoch"])
-            if row is not None:
-                progress.set_postfix(loss=f"{row['loss']:.4f}", repa=f"{row['loss_repa']:.4f}",
-                                     img_s=f"{row['img_per_s']:.0f}")
+            _log_row(run, step, sums, n_sum, time.perf_counter() - t_mark,
+                     _batch_sha256(sampler.global_batch_indices(b), t_all, noise_all, drop_all),
+                     sampler.position(b)["epoch"])
             sums.zero_()
             n_sum, t_mark = 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -610,6 +611,44 @@ def _train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+class BarRates:
+    """The progress bar's loss, REPA term and img/s, new at every step without making the host wait for the
+    device: exponential moving averages over steps (this rank's losses; the log has the mean over ranks).
+    img/s averages the host's step rate, which the device's launch queue ties to the device's own; the first
+    step, which also paid for the start-up, gives none. A GPU's losses are copied to pinned host memory
+    without blocking and enter the averages once their copy has landed, a step or so later."""
+
+    def __init__(self, global_batch: int, repa_coeff: float, decay: float = 0.9):
+        self.batch, self.coeff, self.decay = global_batch, repa_coeff, decay
+        self.mean: dict[str, float] = {}
+        self.copies: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []   # host copies, oldest first
+        self.last: float | None = None                                          # when the previous step ended
+
+    def _add(self, name: str, value: float) -> None:
+        old = self.mean.get(name)
+        self.mean[name] = value if old is None else self.decay * old + (1 - self.decay) * value
+
+    def step(self, losses: torch.Tensor) -> dict[str, str]:
+        """One step's [L_denoise, L_repa, ...] (on the training device) → the bar's postfix."""
+        now = time.perf_counter()
+        if self.last is not None:
+            self._add("img_s", self.batch / max(now - self.last, 1e-9))
+        self.last = now
+        if losses.is_cuda:
+            host, landed = torch.empty(2, pin_memory=True), torch.cuda.Event()
+            host.copy_(losses[:2], non_blocking=True)
+            landed.record()
+            self.copies.append((host, landed))
+        else:
+            self.copies.append((losses[:2], None))
+        while self.copies and (self.copies[0][1] is None or self.copies[0][1].query()):
+            denoise, align = self.copies.pop(0)[0].tolist()
+            self._add("loss", denoise + self.coeff * align)
+            self._add("repa", align)
+        return {k: f"{self.mean[k]:.0f}" if k == "img_s" else f"{self.mean[k]:.4f}"
+                for k in ("loss", "repa", "img_s") if k in self.mean}
 
 
 def _log_row(run: Run, step: int, sums: torch.Tensor, n: int, elapsed: float, inputs_sha: str,
