@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import zipfile
@@ -177,6 +178,8 @@ class EncoderSpec:
     embed_dim: int | None = None
     weights_url: str = ""                # the official file's address, for the "needs weights" error
     bundled: Path | None = None          # weights shipped inside the package, used when no file is given or found
+    map_stride: int | None = None        # a CNN's pixels per position of its own map, coarser than patch_size: the
+                                         # map is resampled to the grid (None: one token per patch)
 
 
 _FAIR = "https://dl.fbaipublicfiles.com"
@@ -229,7 +232,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     "cifar-ssl-resnet": EncoderSpec(
         Family("cifar-ssl", cifar_teacher.CIFAR_MEAN, cifar_teacher.CIFAR_STD), builder=cifar_teacher.build_untrained,
         tokens=cifar_teacher.tokens_for_registry, patch_size=2, embed_dim=cifar_teacher.TeacherConfig().embed_dim,
-        bundled=cifar_teacher.weights_path()),
+        bundled=cifar_teacher.weights_path(), map_stride=cifar_teacher.TeacherConfig().stride),
 }
 
 # REPA's own spelling of the register variants (its encoder type contains "reg").
@@ -664,14 +667,17 @@ def _shape_info(spec: EncoderSpec) -> tuple[int, int]:
 
 
 def encoders_table(grid: int = 16) -> list[dict[str, Any]]:
-    """One row per registered encoder for ``repa-probe encoders``; builds nothing bigger than a meta model."""
+    """One row per registered encoder for ``repa-probe encoders``; builds nothing bigger than a meta model.
+    ``grid`` is the encoder's own token grid at that input size, with "→GxG" when it is resampled to G×G (the
+    CIFAR teacher's 8×8 map at 32 px: "8x8→16x16"; its stride-2 convolutions round up)."""
     rows = []
     for name, spec in ENCODERS.items():
         patch, dim = _shape_info(spec)
         found = find_weights(name, spec) or (spec.bundled if spec.bundled and spec.bundled.is_file() else None)
+        own = math.ceil(grid * patch / spec.map_stride) if spec.map_stride else grid
         rows.append({
-            "name": name, "family": spec.family.name, "timm_arch": spec.arch or "(custom)",
-            "patch_size": patch, "input_size": grid * patch, "grid": f"{grid}x{grid}", "dim": dim,
+            "name": name, "family": spec.family.name, "timm_arch": spec.arch or "(custom)", "patch_size": patch,
+            "input_size": grid * patch, "grid": f"{own}x{own}" + (f"→{grid}x{grid}" if own != grid else ""), "dim": dim,
             "tokens": "after final norm" if spec.family.final_norm else "before final norm",
             "weights": str(found) if found else "not found", "weight_files": ", ".join(candidate_files(name, spec)),
         })

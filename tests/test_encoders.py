@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import run_cli
 from repa_probe import encoders as E
+from repa_probe import teacher
 from repa_probe.errors import UserError
 import original_layouts as L
 
@@ -378,7 +380,7 @@ def test_encoders_table_gives_grids_and_dims_of_every_entry_without_building_big
     assert (rows["dinov2-vit-g"]["dim"], rows["dinov2-vit-g"]["input_size"]) == (1536, 224)
     assert (rows["mae-vit-l"]["dim"], rows["mae-vit-l"]["input_size"]) == (1024, 256)
     assert (rows["jepa-vit-h"]["dim"], rows["clip-vit-L"]["dim"], rows["siglip-so400m"]["dim"]) == (1280, 1024, 1152)
-    assert all(r["grid"] == "16x16" for r in rows.values())
+    assert all(r["grid"] == "16x16" for n, r in rows.items() if n != "cifar-ssl-resnet")   # its own: test below
     assert all(r["weights"] == "not found" for n, r in rows.items() if E.ENCODERS[n].bundled is None)
     assert rows["cifar-ssl-resnet"]["weights"].endswith("cifar_ssl_resnet.safetensors")  # ships with the package
 
@@ -475,3 +477,20 @@ def test_auto_precision_checks_real_images_in_both_precisions_and_keys_the_cache
     assert strict.precision == "fp32" and strict.fingerprint(8) == fp32.fingerprint(8)
     assert f"fp32 (--encoder-precision auto: under bf16 its pooled features of 8 images moved {expected:.1e}" \
         in strict.precision_note
+
+
+def test_encoders_command_shows_the_cifar_teachers_own_8x8_map_resampled_to_the_grid():
+    """The teacher's tokens are its trunk's map (stride 4: 8×8 at 32 px, as its card says), resampled to the
+    grid; the table said 16x16. Checked against the real trunk's map at the table's input size."""
+    trunk = teacher.load_teacher()
+    result = run_cli("encoders")
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split()[2:4] == ["input_size", "grid"]
+    rows = {line.split()[0]: line.split()[2:4] for line in lines}
+    assert rows["cifar-ssl-resnet"] == ["32", "8x8→16x16"] and rows["dinov2-vit-b"] == ["224", "16x16"]
+    for grid in (16, 7, 1):
+        row = next(r for r in E.encoders_table(grid) if r["name"] == "cifar-ssl-resnet")
+        side = trunk.forward_features(torch.zeros(1, 3, row["input_size"], row["input_size"])).shape[-1]
+        assert row["grid"] == (f"{side}x{side}→{grid}x{grid}" if side != grid else f"{grid}x{grid}")
+    assert side == 1
