@@ -125,7 +125,7 @@ def read_image(path: Path) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """An image of any mode PIL opens → the 8-bit RGB a viewer shows (docs/data-flow.md, "Image modes").
+    """An image of any mode PIL opens → the 8-bit RGB a viewer shows (docs/data-flow.md, "Images").
 
     PIL's own convert("RGB") clips 16- and 32-bit greyscale to 0–255 (a 16-bit PNG comes out white) and
     drops alpha (transparent pixels show whatever colour they hide). Here integer greyscale (I;16*, I) is

@@ -264,6 +264,7 @@ def _lock(folder: Path, flag: str) -> int | None:
             holder = os.pread(fd, 4096, 0)
             os.close(fd)
             if e.errno not in (errno.EACCES, errno.EAGAIN):
+                path.unlink(missing_ok=True)
                 print(f"repa-probe: warning: cannot lock {flag} '{folder}' ({e.strerror}): a second process "
                       f"writing there at the same time would not be stopped", file=sys.stderr)
                 return None

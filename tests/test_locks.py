@@ -3,6 +3,8 @@ one line naming the holder and changes nothing there; a folder whose holder was 
 over. Real processes: a training run, a helper holding a folder through the package's own API, the CLI."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -112,3 +114,15 @@ def test_one_process_cannot_hold_a_folder_twice_and_release_leaves_no_trace(tmp_
     with pytest.raises(UserError, match=r"^--out '.*' is not writable \(Not a directory\)"):
         with hold_folder(folder / "log.jsonl" / "run"):
             pass
+
+
+def test_a_filesystem_without_locks_gets_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """(NFS without a lock daemon answers ENOLCK; no such filesystem here, so lockf says it.)"""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with hold_folder(tmp_path / "run"):
+        (tmp_path / "run" / "log.jsonl").write_text("{}\n")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("repa-probe: warning: cannot lock --out") and "No locks" in err[0]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["log.jsonl"]
