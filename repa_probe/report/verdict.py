@@ -133,8 +133,8 @@ def compare_sentence(comp: pd.DataFrame, pairs: list[tuple[str, str]], t: float)
     for (a, b), g in at.groupby(["a", "b"], sort=False):
         deltas = [f"{name[(r.metric, r.encoder)]} {_aligned(r)}" for r in g.itertuples()
                   if r.aligned_delta == r.aligned_delta]
-        if one_block and deltas:
-            clauses.append((f"{b} − {a}: " + ", ".join(deltas),))
+        if one_block and deltas:                # every page-1 measure, else the first (the alignment)
+            clauses.append((f"{b} − {a}: " + ", ".join(deltas), f"{b} − {a}: {deltas[0]}"))
         hits = [(side, name[(r.metric, r.encoder)], list(blocks)) for side in ("better", "worse")
                 for r in g.itertuples() if len(blocks := getattr(r, f"b_{side}_blocks"))]
         clauses.append((f"{b} is " + ", ".join(f"{side} {at_blocks(bl)} in {m}" for side, m, bl in hits),
