@@ -126,6 +126,8 @@ def compare_sentence(comp: pd.DataFrame, pairs: list[tuple[str, str]], t: float)
     """B − A at the aligned block for each page-1 measure, then where B is better or worse, block by block."""
     name = _names(pairs)
     at = _shown(comp, name, t)
+    if not len(at):
+        return f"At t = {t:g}, no measure on page 1 was compared."
     aligned = set(at.loc[at["aligned_delta"].notna(), "aligned_block"])
     one_block = len(aligned) == 1           # REPA's aligned block, the same for every pair
     head = f"At the aligned block {aligned.pop()}, " if one_block else "Block by block, "
