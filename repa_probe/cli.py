@@ -105,7 +105,7 @@ def _report_done(out) -> None:
     import json
     from pathlib import Path
     summary = json.loads((Path(out) / "summary.json").read_text())
-    for line in summary.get("notes", []) + summary.get("headline", [])[:8]:
+    for line in summary.get("notes", []) + summary.get("overview", []):     # the notes, then page 1's verdict
         print(line)
     print(f"report: {Path(out) / 'report.pdf'}")
 

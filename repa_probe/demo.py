@@ -4,7 +4,8 @@
    noise: a controlled pair), aligned to the bundled self-supervised CIFAR-10 teacher (cifar-ssl-resnet);
 2. analyses both on the same held-out images and noise (linear probe + CKNNA at every block × t, with
    untrained-model and raw-input baselines);
-3. writes one compare report (results.csv, summary.json, figures/, report.pdf) and prints its headline.
+3. writes one compare report (results.csv, summary.json, figures/, report.pdf) and prints page 1's verdict;
+   OUT/cifar10 links to the data it used (the README's notebook example runs on OUT).
 
 The model is deliberately small (6 blocks of width 128, patch 4 → an 8×8 grid of 64 tokens, which is the
 teacher's own feature-map grid) so that a few hundred steps fit in minutes; at this scale REPA's effect
@@ -76,6 +77,16 @@ def check_earlier_run(plan, out: Path) -> None:
                         f"remove '{out / 'runs'}' to retrain")
 
 
+def link_data(root: Path, out: Path) -> None:
+    """out/cifar10 → the CIFAR-10 the demo used, so that the README's notebook example finds it beside the runs
+    (wherever it was found or downloaded); a folder of the user's at that name is left alone."""
+    link = out / "cifar10"
+    if link.is_symlink():                   # an earlier demo's, perhaps to another copy
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(root.resolve(), target_is_directory=True)
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Train vanilla + REPA, compare them, return the report folder."""
     from repa_probe.commands import compare
@@ -112,5 +123,6 @@ def run_demo(cfg: DemoConfig) -> Path:
                                    notes=[f"demo: {cfg.steps} training steps per model on a CPU-sized SiT, a budget "
                                           f"that shows the workflow; REPA's effect needs longer runs (reports/)"]),
                      str(out / "report"))
+    link_data(root, out)
     print(f"[demo] done in {time.perf_counter() - start:.0f} s", flush=True)
     return report

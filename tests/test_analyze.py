@@ -11,6 +11,7 @@ import torch
 from pypdf import PdfReader
 
 from conftest import randomize_, run_cli, tiny_config
+from test_report import assert_plain
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.encoders import bf16_native
 from repa_probe.models import SiT
@@ -88,14 +89,18 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert summary["config"]["encoder_precision"] == "auto"
     assert [n for n in summary["notes"] if n.startswith(f"encoder {ENCODER}: {chosen} (--encoder-precision auto")]
     assert "no GPU" not in " ".join(summary["notes"])  # --n was given
-    assert summary["overview"][0].startswith("Peak and drop.") and summary["overview"][-1].startswith("Baselines")
+    assert_plain(summary["overview"], compare=False)                      # an analysis: peak, then baselines
+    assert summary["overview"][0].startswith("At t = 0, ") and " peaks at block " in summary["overview"][0]
 
     pdf = PdfReader(out / "report.pdf")
     pngs = sorted((out / "figures").glob("*.png"))
     assert len(pdf.pages) == len(pngs) >= 7
     page1, page2 = (pdf.pages[i].extract_text() for i in (0, 1))
-    assert "Peak and drop" in page1 and "Baselines" in page1 and "run/0000010" in page1
-    assert "RANDOM WEIGHTS" in page2 and "Where each curve peaks" in page2
+    assert all(" ".join(s.split()) in " ".join(page1.split()) for s in summary["overview"])
+    assert "RANDOM WEIGHTS" in page2 and "Where each curve peaks" in page2 and "run/0000010" in page2
+    # page 2 lists the baselines computed, and only those (the encoder's own tokens come with --spatial)
+    assert summary["baseline_kinds"].keys() == {"untrained", "raw-input", "raw-thumbnail"}
+    assert "baseline: raw thumbnail" in page2 and "baseline: encoder" not in page2
     assert not list(workdir.glob(".report_a.partial-*"))
 
 

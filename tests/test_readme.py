@@ -85,27 +85,32 @@ def test_every_readme_example_parses_and_the_runnable_ones_run(tmp_path, cifar_d
     assert ran == 2
 
 
-def test_readme_notebook_example_runs(tmp_path, cifar_dir, monkeypatch):
-    """The README's Python block, executed as written in a folder holding runs/vanilla, runs/repa (tiny) and
-    cifar10/ (the shared data), with n=500 lowered to 40 images and few resamples for the suite's time."""
-    from conftest import randomize_, tiny_config
-    from repa_probe.checkpoints import save_checkpoint
-    from repa_probe.models import SiT
+def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
+    """Every number of the paragraph under the demo command comes from a committed report: the demo's steps and
+    blocks; REPA − vanilla CKNNA at the aligned block as page 1 prints it, in an interval that contains 0 (what
+    the paragraph says a run on any machine shows); the 28-block runs' difference there."""
+    import json
 
-    readme = (REPO / "README.md").read_text()
-    code = readme.split("## In a notebook", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    assert code.count("n=500") == 2
-    code = code.replace("n=500", "n=40, bootstrap=2, null=2, k=5, quiet=True")
-    cfg = tiny_config(input_size=32, patch_size=4, z_dims=[], encoder_depth=0)
-    for seed, run in enumerate(("vanilla", "repa")):
-        save_checkpoint(tmp_path / "runs" / run / "checkpoints" / "0000010.pt", cfg,
-                        randomize_(SiT(cfg), seed=seed).state_dict(), meta={"step": 10, "mode": "pixels"})
-    (tmp_path / "cifar10").symlink_to(cifar_dir)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    a, b = scope["a"], scope["b"]
-    assert [m.name for m in a.results.models] == ["vanilla", "repa"] and len(a.summary["overview"]) == 3
-    assert len(scope["curves"]) == 2 * 4 and (tmp_path / "out" / "notebook" / "report.pdf").is_file()
-    assert set(b.table.query("kind == 'model'")["block"]) == set(range(7)) and (tmp_path / "cache" / "repa-probe").is_dir()
+    import pandas as pd
+    from repa_probe.report.verdict import interval
+
+    para = (REPO / "README.md").read_text().split("Page 1 of the report it writes", 1)[1].split("![page 1", 1)[0]
+    demo, deep = (json.loads((REPO / "reports" / name / "summary.json").read_text()) for name in ("demo", "depth"))
+
+    def at_aligned_block(summary: dict) -> dict:
+        return next(r for r in summary["compare"] if r["metric"] == "cknna" and r["t"] == 0)
+
+    def quoted(r: dict) -> str:
+        return interval("cknna", r["aligned_delta"], r["aligned_ci_low"], r["aligned_ci_high"])
+
+    r = at_aligned_block(demo)
+    here, deep_run = quoted(r), quoted(at_aligned_block(deep))
+    assert f"(this one: {here};" in para and r["aligned_ci_low"] < 0 < r["aligned_ci_high"]
+    assert f"({deep_run} at the" in para
+    steps = {demo["checkpoints"][name]["step"] for name in ("vanilla", "repa")}
+    blocks = {name: pd.read_csv(REPO / "reports" / name / "results.csv")["block"].max() for name in ("demo", "depth")}
+    assert len(steps) == 1 and f"{min(steps)} steps of a {blocks['demo']}-block SiT" in para
+    assert f"the {blocks['depth']}-block runs" in para
+    from_files = {str(x) for x in (*blocks.values(), *steps)} | set(re.findall(r"\d+\.\d+", here + deep_run))
+    wording = {"1", "95", "0"}                  # "page 1", "95% interval", "contains 0"
+    assert set(re.findall(r"\d+(?:\.\d+)?", para)) <= from_files | wording

@@ -14,12 +14,11 @@ import numpy as np
 import pandas as pd
 
 from repa_probe import metrics as M
-from repa_probe.pipeline import KINDS, PROJECTOR_COSINE, Analysed, Results, display_scale, metric_label
+from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
-from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
-from repa_probe.spatial import SPATIAL_METRICS
-from repa_probe.stats import fmt_interval
+from repa_probe.report.summary import compare_summary, paired_deltas, peak_summary
+from repa_probe.report.verdict import detail_lines, interval, level, number, overview_sentences, what
 
 FigureBuilder = Callable[[Results, pd.DataFrame], list]
 FIGURES: list[FigureBuilder] = []
@@ -125,18 +124,6 @@ def encoder_rows(results: Results) -> list[tuple[str, str]]:
     return rows or [("(none)", "no --encoder given: alignment not measured, probes only")]
 
 
-def _what(metric: str, encoder: str) -> str:
-    return f"{metric_label(metric).removesuffix(' (%)')}{' vs ' + encoder if encoder else ''}"
-
-
-def _unit(metric: str) -> str:
-    return " points" if display_scale(metric) == 100 else ""
-
-
-def _value(metric: str, v: float) -> str:
-    return f"{v * 100:.1f}%" if display_scale(metric) == 100 else f"{v:.3g}"
-
-
 def headline(peaks: pd.DataFrame) -> list[str]:
     """One line per checkpoint × metric × encoder at the lowest t: peak, its certainty, the drop after it."""
     lines = []
@@ -144,25 +131,24 @@ def headline(peaks: pd.DataFrame) -> list[str]:
         return lines
     for (ckpt, metric, encoder), g in peaks.groupby(["checkpoint", "metric", "encoder"], sort=False):
         r = g.sort_values("t").iloc[0]
-        lines.append(f"{ckpt}: {_what(metric, encoder)} (t = {r.t:g}) " + _peak_phrase(r))
+        lines.append(f"{ckpt}: {what(metric, encoder)} (t = {r.t:g}) " + _peak_phrase(r))
     return lines
 
 
 def _peak_phrase(r) -> str:
-    s = display_scale(r.metric)
     freq = f" (the best block in {100 * r.best_frequency:.0f}% of bootstrap replicates)" \
         if r.best_frequency == r.best_frequency else ""
-    phrase = f"peaks at block {r.best_block}, {_value(r.metric, r.best_value)}{freq}; "
+    phrase = f"peaks at block {r.best_block}, {level(r.metric, r.best_value)}{freq}; "
     if r.selected_block is None or r.drop_after != r.drop_after:
-        return phrase + f"last block {r.last_block}: {_value(r.metric, r.last_value)} (no held-out drop: too few " \
+        return phrase + f"last block {r.last_block}: {level(r.metric, r.last_value)} (no held-out drop: too few " \
                         f"blocks or no bootstrap)"
     if r.selected_block == r.last_block:
         return phrase + f"on the selection half the best block is the last ({r.last_block}): no drop after the peak"
     verdict = "it peaks, then drops" if r.peaks_then_drops else \
         ("it rises after the peak" if r.drop_ci_high < 0 else "no drop beyond the interval")
-    return phrase + (f"from block {int(r.selected_block)} (the peak on {r.n_select} selection images) to block "
-                     f"{r.last_block} it falls by {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}"
-                     f"{_unit(r.metric)} on the other {r.n_measure} images (paired 95%) — {verdict}")
+    return phrase + (f"block {int(r.selected_block)} (the peak on {r.n_select} selection images) − block "
+                     f"{r.last_block}: {interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)} on the "
+                     f"other {r.n_measure} images (paired 95%) — {verdict}")
 
 
 def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
@@ -170,14 +156,14 @@ def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"": ["no curves"]})
     rows = []
     for r in peaks.itertuples():
-        s = display_scale(r.metric)
         rows.append({"checkpoint": r.checkpoint, "metric": metric_label(r.metric), "encoder": r.encoder or "-",
                      "t": f"{r.t:g}", "best block": f"{r.best_block}" + (f" ({100 * r.best_frequency:.0f}%)"
                                                                        if r.best_frequency == r.best_frequency else ""),
-                     "best [95%]": f"{r.best_value * s:.3g} [{r.best_ci_low * s:.3g}, {r.best_ci_high * s:.3g}]",
-                     "last block": r.last_block, "last": f"{r.last_value * s:.3g}",
-                     "held-out drop [paired 95%]": "-" if r.drop_after != r.drop_after else
-                     f"block {int(r.selected_block)}: {fmt_interval(r.drop_after, r.drop_ci_low, r.drop_ci_high, s)}",
+                     "best [95%]": f"{number(r.metric, r.best_value)} [{number(r.metric, r.best_ci_low)}, "
+                                   f"{number(r.metric, r.best_ci_high)}]",
+                     "last block": r.last_block, "last": number(r.metric, r.last_value),
+                     "held-out drop [paired 95%]": "-" if r.drop_after != r.drop_after else f"block "
+                     f"{int(r.selected_block)}: {interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)}",
                      "peaks then drops": "yes" if r.peaks_then_drops else "no",
                      "above null": f"{r.blocks_above_null}/{r.blocks_with_null}" if r.blocks_with_null else "-"})
     return pd.DataFrame(rows)
@@ -194,52 +180,6 @@ def baseline_lines(table: pd.DataFrame) -> list[str]:
             lines.append(f"{name}: {metric_label(metric)}{' vs ' + encoder if encoder else ''} at "
                          f"t={g['t'].iloc[0]:g}: {span}")
     return lines
-
-
-def compare_lines(comp: pd.DataFrame) -> list[str]:
-    """Per checkpoint pair × metric at the lowest t: B − A at the aligned block, and where B is better/worse."""
-    lines = []
-    for r in comp[(comp["t"] == comp["t"].min()) & ~comp["metric"].isin(list(SPATIAL_METRICS))].itertuples():
-        s = display_scale(r.metric)
-        at = "" if r.aligned_delta != r.aligned_delta else (
-            f"at the aligned block {r.aligned_block}: "
-            f"{fmt_interval(r.aligned_delta, r.aligned_ci_low, r.aligned_ci_high, s)}{_unit(r.metric)} (paired); ")
-        lines.append(f"{r.b} − {r.a}, {_what(r.metric, r.encoder)} (t = {r.t:g}): {at}{r.b} better at blocks "
-                     f"{block_ranges(r.b_better_blocks)}, worse at {block_ranges(r.b_worse_blocks)} (paired 95% "
-                     f"intervals, block by block); largest gain {r.max_delta * s:+.3g}{_unit(r.metric)} at block "
-                     f"{r.max_delta_block}")
-    return lines
-
-
-def overview_sentences(results: Results, peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame,
-                       t: float) -> list[str]:
-    """The three plain sentences of page 1: peak and drop; B − A; what the baselines say."""
-    at = peaks[(peaks["t"] == t) & ~peaks["metric"].isin(list(SPATIAL_METRICS))]    # spatial: their own pages
-    first = [f"{r.checkpoint}: {_what(r.metric, r.encoder)} " + _peak_phrase(r) for r in at.itertuples()]
-    out = ["Peak and drop. " + "; ".join(first) + "." if first else "Peak and drop: no curves."]
-    proj = table[(table["t"] == t) & (table["metric"] == PROJECTOR_COSINE)]
-    if len(proj):
-        out.append(f"After each checkpoint's own projector (t = {t:g}). " + "; ".join(
-            f"{r.checkpoint}: mean cosine to {r.encoder}'s tokens at the aligned block {r.block} "
-            f"{fmt_interval(r.value, r.ci_low, r.ci_high) if r.ci_low == r.ci_low else f'{r.value:.3g}'}"
-            for r in proj.itertuples()) + ".")
-    if comp is not None and len(comp):
-        out.append("Compared. " + "; ".join(compare_lines(comp[comp["t"] == t])) + ".")
-    base = []
-    baselines = table[(table["t"] == t) & (table["kind"] != "model") & ~table["metric"].isin(list(SPATIAL_METRICS))]
-    for (metric, encoder), g in baselines.groupby(["metric", "encoder"]):
-        best = at[(at["metric"] == metric) & (at["encoder"] == encoder)]
-        parts = [f"{kind.replace('-', ' ')} {_value(metric, h['value'].max())}"
-                 for kind, h in g.groupby("kind", sort=False)]
-        top = best["best_value"].max() if len(best) else float("nan")
-        beaten = [kind.replace("-", " ") for kind, h in g.groupby("kind", sort=False) if h["value"].max() >= top]
-        nulls = "" if not len(best) or not best["blocks_with_null"].max() else \
-            f"; the blocks clear the permutation null at {best['blocks_above_null'].min()}–" \
-            f"{best['blocks_above_null'].max()} of {best['blocks_with_null'].max()} blocks"
-        base.append(f"{_what(metric, encoder)}: {', '.join(parts)}; the best block ({_value(metric, top)}) " +
-                    (f"is matched or beaten by the {', '.join(beaten)}" if beaten else "beats every baseline") + nulls)
-    out.append(f"Baselines (t = {t:g}). " + "; ".join(base) + ".")
-    return out
 
 
 #################################################################################
@@ -264,10 +204,13 @@ def summarise(results: Results, timings: dict[str, float] | None = None,
         tables["compare"] = comp
         tables["deltas"] = pd.concat([paired_deltas(results, ref, m.name) for m in models[1:]], ignore_index=True)
     timings = {**results.timings, **(timings or {})}
+    t0, computed = min(cfg.ts), set(table["kind"])
     summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes,
-               "overview": overview_sentences(results, peaks, comp, table, min(cfg.ts)),
+               "overview": overview_sentences(peaks, comp, table, _page1_panels(table), t0),
+               "details": detail_lines(peaks, comp, table, t0),
                "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
-               "aligned_blocks": aligned, "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model"},
+               "aligned_blocks": aligned,
+               "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model" and k in computed},
                "images": results.images, "cache": {"chunks_computed": results.computed_chunks},
                "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
                "baselines": baseline_lines(table), "headline": headline(peaks),
@@ -295,8 +238,9 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
                                                                              "seeded noise, null class label)"),
                        ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
                                       f"draws (null), paired across blocks and checkpoints")] +
-                      [(f"baseline: {k.replace('-', ' ')}", v) for k, v in KINDS.items() if k != "model"]),
+                      [(f"baseline: {k.replace('-', ' ')}", v) for k, v in summary["baseline_kinds"].items()]),
              ("Encoders", encoder_rows(results))] + ([("Notes", [f"! {n}" for n in cfg.notes])] if cfg.notes else [])
+    page2 += [(f"Details (t = {t0:g}; paired 95% intervals)", summary["details"])] if summary["details"] else []
     pages = F.summary_pages(title, page2, summary_table(pd.DataFrame(summary["peaks"])),
                             "Where each curve peaks, and the drop after it",
                             "best block = highest value on all images (block 0 is not a candidate), with the share of "

@@ -56,10 +56,12 @@ def _text_lines(fig, y: float, sections) -> float:
                 fig.text(0.05, y, key, fontsize=7.5, va="top", family="monospace")
                 fig.text(0.22, y, textwrap.shorten(str(value), 150), fontsize=7.5, va="top", family="monospace",
                          color="firebrick" if warn else "black")
+                y -= 0.021
             else:
-                fig.text(0.05, y, textwrap.shorten(line, 190), fontsize=7.5, va="top", family="monospace",
-                         color="firebrick" if line.startswith("!") else "black")
-            y -= 0.021
+                for part in textwrap.wrap(line, 190, subsequent_indent="    "):   # wrapped: details are whole
+                    fig.text(0.05, y, part, fontsize=7.5, va="top", family="monospace",
+                             color="firebrick" if line.startswith("!") else "black")
+                    y -= 0.021
         y -= 0.01
     return y
 
@@ -147,9 +149,9 @@ BASELINE_STYLE = {"untrained": dict(ls="--", color="grey", label="untrained mode
                   "encoder": dict(ls="--", color="black", lw=1, label="target encoder's tokens")}
 
 
-def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dict[str, int], legend: bool = True):
+def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dict[str, int]):
     """One panel: metric vs block at one t; models with 95% bands, the permutation null as a grey band,
-    baselines in grey, REPA's aligned block(s) as vertical lines."""
+    baselines in grey, REPA's aligned block(s) as vertical lines. Its legend goes outside (shared_legend)."""
     s = display_scale(metric)
     for name, colour in colours.items():
         c = rows[(rows["checkpoint"] == name) & (rows["block"] >= 0)].sort_values("block")
@@ -174,8 +176,16 @@ def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dic
     ax.set_ylabel(metric_label(metric))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(fontsize=6.5, loc="best")
+
+
+def shared_legend(fig, ax, y: float, loc: str) -> float:
+    """ax's legend entries as one legend of the figure, centred at height y (figure fraction) and placed
+    outside every panel, so that it covers no line (a baseline drawn along a panel's top, say); returns the
+    height it takes, as a fraction of the figure's."""
+    handles, labels = ax.get_legend_handles_labels()
+    legend = fig.legend(handles, labels, loc=loc, bbox_to_anchor=(0.5, y), ncol=max(1, min(4, len(labels))),
+                        fontsize=7.5, frameon=False)
+    return legend.get_window_extent(fig.canvas.get_renderer()).height / fig.bbox.height
 
 
 def curves(results: pd.DataFrame, metric: str, encoder: str, title: str,
@@ -185,11 +195,11 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str,
     ts = sorted(rows["t"].unique())
     colours = checkpoint_colours(list(dict.fromkeys(rows.loc[rows["kind"] == "model", "checkpoint"])))
     fig, axes = _panel_grid(len(ts))
-    for i, (ax, t) in enumerate(zip(axes, ts)):
-        curve_panel(ax, rows[rows["t"] == t], metric, colours, aligned or {}, legend=i == 0)
+    for ax, t in zip(axes, ts):
+        curve_panel(ax, rows[rows["t"] == t], metric, colours, aligned or {})
         ax.set_title(f"t = {t:g}", fontsize=10)
     fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, shared_legend(fig, axes[0], 0.005, "lower center") + 0.01, 1, 1))
     return fig
 
 
@@ -216,22 +226,25 @@ def values_over_t(results: pd.DataFrame, metric: str, encoder: str, title: str) 
 
 def overview_page(title: str, sentences: list[str], results: pd.DataFrame, panels: list[tuple[str, str]], t: float,
                   aligned: dict[str, int]) -> plt.Figure:
-    """Page 1: the title, the curves over blocks at one t (one panel per metric), three plain sentences."""
+    """Page 1: the title, the curves over blocks at one t (one panel per metric), their legend under them and
+    the verdict's (at most three) short sentences."""
     fig = plt.figure(figsize=PAGE)
     fig.text(0.04, 0.965, title, fontsize=15, weight="bold", va="top")
     colours = checkpoint_colours(list(dict.fromkeys(results.loc[results["kind"] == "model", "checkpoint"])))
     n = max(1, len(panels))
+    axes = []
     for i, (metric, encoder) in enumerate(panels):
-        ax = fig.add_axes([0.06 + i * 0.92 / n, 0.47, 0.92 / n - 0.07, 0.42])
+        ax = fig.add_axes([0.06 + i * 0.92 / n, 0.5, 0.92 / n - 0.07, 0.39])
         rows = results[(results["metric"] == metric) & (results["encoder"] == encoder) & (results["t"] == t)]
-        curve_panel(ax, rows, metric, colours, aligned, legend=i == 0)
+        curve_panel(ax, rows, metric, colours, aligned)
         ax.set_title(f"{metric_label(metric)}{' vs ' + encoder if encoder else ''}, t = {t:g}", fontsize=10)
-    y = 0.37
+        axes.append(ax)
+    y = 0.42 - (shared_legend(fig, axes[0], 0.42, "upper center") if axes else 0) - 0.04
     for sentence in sentences:
-        for line in textwrap.wrap(sentence, 185):
-            fig.text(0.04, y, line, fontsize=8, va="top")
-            y -= 0.024
-        y -= 0.01
+        for line in textwrap.wrap(sentence, 135):
+            fig.text(0.04, y, line, fontsize=10, va="top")
+            y -= 0.032
+        y -= 0.014
     return fig
 
 

@@ -1,0 +1,208 @@
+"""Page 1's verdict in at most three short sentences, and page 2's details, in plain words.
+
+  1. where the page-1 curves peak, and whether any falls after its peak (held-out, paired 95%);
+  2. B − A at the aligned block, and at which blocks B is better or worse (a comparison only);
+  3. what the baselines and the permutation null say.
+
+Every number is printed at one precision per measure, a value and its interval alike: probe accuracies in
+points with one decimal, every other measure with three decimals. A difference is called better, worse or a
+fall only when its paired 95% interval excludes 0. A sentence keeps at most LIMIT characters: a clause that
+does not fit in any of its wordings is left to page 2, and the sentence says so.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from repa_probe.pipeline import PROJECTOR_COSINE, display_scale, metric_label
+from repa_probe.report.summary import block_ranges
+from repa_probe.spatial import SPATIAL_METRICS
+
+LIMIT = 160                 # characters per page-1 sentence: two lines of page 1, one terminal line or two
+MORE = " (more on page 2)"
+BASELINE_NAMES = {"untrained": "untrained model", "raw-input": "raw input", "raw-thumbnail": "raw thumbnail",
+                  "encoder": "encoder's tokens"}
+
+
+def number(metric: str, v: float, signed: bool = False) -> str:
+    """v at its measure's precision ('32.8' for a probe accuracy, '0.053' otherwise), with a true minus sign."""
+    digits = 1 if display_scale(metric) == 100 else 3
+    x = round(v * display_scale(metric), digits) + 0.0       # + 0.0 turns -0.0 into 0.0
+    return f"{x:{'+' if signed else ''}.{digits}f}".replace("-", "−")
+
+
+def level(metric: str, v: float) -> str:
+    """A value of the measure itself: '32.8%' for a probe accuracy, '0.053' otherwise."""
+    return number(metric, v) + ("%" if display_scale(metric) == 100 else "")
+
+
+def _unit(metric: str) -> str:
+    return " points" if display_scale(metric) == 100 else ""
+
+
+def interval(metric: str, v: float, lo: float, hi: float, signed: bool = True) -> str:
+    """A difference with its interval at one precision: '−0.002 [−0.009, 0.004]', '+3.8 [0.9, 6.6] points'."""
+    return f"{number(metric, v, signed)} [{number(metric, lo)}, {number(metric, hi)}]{_unit(metric)}"
+
+
+def at_blocks(blocks) -> str:
+    """'at block 3', 'at blocks 1–4, 15', 'at no block'."""
+    blocks = [int(b) for b in blocks]
+    return f"at block{'s' if len(blocks) > 1 else ''} {block_ranges(blocks)}" if blocks else "at no block"
+
+
+def fit(head: str, clauses: list[tuple[str, ...]]) -> str:
+    """head + clauses joined by '; ' in at most LIMIT characters: each clause in the longest of its wordings
+    (longest first) that leaves room for the rest in their shortest; if even those do not fit, as many
+    clauses as fit, and the sentence says the rest is on page 2."""
+    def length(parts: list[str], tail: str = "") -> int:
+        return len(head + "; ".join(parts) + tail + ".")
+
+    kept = []
+    if length([c[-1] for c in clauses]) <= LIMIT:
+        for i, wordings in enumerate(clauses):
+            rest = [c[-1] for c in clauses[i + 1:]]
+            kept.append(next(w for w in wordings if length(kept + [w] + rest) <= LIMIT))
+        return head + "; ".join(kept) + "."
+    for wordings in clauses:
+        kept += [w for w in wordings if length(kept + [w], MORE) <= LIMIT][:1]
+    return head + "; ".join(kept or [clauses[0][-1]]) + MORE + "."     # over LIMIT only if one clause is
+
+
+def what(metric: str, encoder: str, with_encoder: bool = True) -> str:
+    """A measure in a sentence: 'CKNNA vs dinov2-vit-b', 'linear probe top-1'."""
+    return metric_label(metric).removesuffix(" (%)") + (f" vs {encoder}" if encoder and with_encoder else "")
+
+
+def _names(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """How page 1 names each (metric, encoder): briefly ('probe top-1': the panel's title says 'linear'), with
+    the encoder only when page 1 shows several."""
+    several = len({e for _, e in pairs if e}) > 1
+    return {(m, e): what(m, e, several).removeprefix("linear ") for m, e in pairs}
+
+
+def _shown(df: pd.DataFrame, name: dict, t: float) -> pd.DataFrame:
+    """df's rows at t for the measures page 1 shows."""
+    shown = pd.Series([p in name for p in zip(df["metric"], df["encoder"])], index=df.index, dtype=bool)
+    return df[(df["t"] == t) & shown]
+
+
+def _peak_blocks(blocks) -> str:
+    """'block 4', 'blocks 5 and 6', 'blocks 8, 17 and 26'."""
+    b = [str(x) for x in sorted(set(int(x) for x in blocks))]
+    return f"block {b[0]}" if len(b) == 1 else f"blocks {', '.join(b[:-1])} and {b[-1]}"
+
+
+def _aligned(r) -> str:
+    """A compare row's B − A at the aligned block, with its interval."""
+    return interval(r.metric, r.aligned_delta, r.aligned_ci_low, r.aligned_ci_high)
+
+
+def _above_null(best: pd.DataFrame) -> str:
+    """'5–6 of 6': how many blocks ≥ 1 of each checkpoint clear the permutation null ('' without a null)."""
+    lo, hi, of = best["blocks_above_null"].min(), best["blocks_above_null"].max(), best["blocks_with_null"].max()
+    return f"{lo}{f'–{hi}' if hi != lo else ''} of {of}" if of else ""
+
+
+def peak_sentence(peaks: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -> str:
+    """Whether any page-1 curve falls after its peak, and where each measure peaks (over the checkpoints)."""
+    name = _names(pairs)
+    at = _shown(peaks, name, t)
+    if not len(at):
+        return f"At t = {t:g}, no measure has a curve over blocks."
+    single = at["checkpoint"].nunique() == 1
+    falls = [("its " if single else f"{r.checkpoint}'s ") + f"{name[(r.metric, r.encoder)]} falls "
+             f"{interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high, signed=False)}"
+             for r in at[at["peaks_then_drops"].astype(bool)].itertuples()]
+    drop = ("after the peak " + ", ".join(falls),
+            f"{len(falls)} of {len(at)} curves fall significantly after their peak") if falls else \
+        ("no curve falls significantly after its peak",)
+    where = [f"{name[p]}{' peaks' if i == 0 else ''} at {_peak_blocks(g['best_block'])}" +
+             (f" ({level(p[0], g['best_value'].iloc[0])})" if single else "")
+             for i, (p, g) in enumerate(at.groupby(["metric", "encoder"], sort=False))]
+    return fit(f"At t = {t:g}, ", [drop, (", ".join(where),)])
+
+
+def compare_sentence(comp: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -> str:
+    """B − A at the aligned block for each page-1 measure, then where B is better or worse, block by block."""
+    name = _names(pairs)
+    at = _shown(comp, name, t)
+    if not len(at):
+        return f"At t = {t:g}, no measure on page 1 was compared."
+    aligned = set(at.loc[at["aligned_delta"].notna(), "aligned_block"])
+    one_block = len(aligned) == 1           # REPA's aligned block, the same for every pair
+    head = f"At the aligned block {aligned.pop()}, " if one_block else "Block by block, "
+    clauses = []
+    for (a, b), g in at.groupby(["a", "b"], sort=False):
+        deltas = [f"{name[(r.metric, r.encoder)]} {_aligned(r)}" for r in g.itertuples()
+                  if r.aligned_delta == r.aligned_delta]
+        if one_block and deltas:                # every page-1 measure, else the first (the alignment)
+            clauses.append((f"{b} − {a}: " + ", ".join(deltas), f"{b} − {a}: {deltas[0]}"))
+        hits = [(side, name[(r.metric, r.encoder)], list(blocks)) for side in ("better", "worse")
+                for r in g.itertuples() if len(blocks := getattr(r, f"b_{side}_blocks"))]
+        clauses.append((f"{b} is " + ", ".join(f"{side} {at_blocks(bl)} in {m}" for side, m, bl in hits),
+                        f"{b} is " + ", ".join(f"{side} at {len(bl)} block{'s' * (len(bl) > 1)} in {m}"
+                                               for side, m, bl in hits))
+                       if hits else (f"no block of {b} differs significantly from {a}",))
+    return fit(head, clauses)
+
+
+def baseline_sentence(peaks: pd.DataFrame, table: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -> str:
+    """For each page-1 measure: the baselines that match or beat every block, and the blocks above the null."""
+    name, clauses = _names(pairs), []
+    for metric, encoder in pairs:
+        best = peaks[(peaks["t"] == t) & (peaks["metric"] == metric) & (peaks["encoder"] == encoder)]
+        base = table[(table["t"] == t) & (table["kind"] != "model") & (table["metric"] == metric) &
+                     (table["encoder"] == encoder)]
+        if not len(best) or not len(base):
+            continue
+        high = base.groupby("kind", sort=False)["value"].max()
+        over = [f"the {BASELINE_NAMES.get(k, k)} ({level(metric, v)})" for k, v in high.items()
+                if v >= best["best_value"].max()]
+        said = " and ".join(over) + (" beat" if len(over) > 1 else " beats") + " every block" if over else \
+            "the best block beats every baseline"
+        null = f", and {_above_null(best)} blocks clear the permutation null" if _above_null(best) else ""
+        clauses.append((f"in {name[(metric, encoder)]} {said}{null}", f"in {name[(metric, encoder)]} {said}"))
+    if not clauses:
+        return f"At t = {t:g}, no baseline was measured."
+    text = fit("", clauses)
+    return text[0].upper() + text[1:]
+
+
+def overview_sentences(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame,
+                       pairs: list[tuple[str, str]], t: float) -> list[str]:
+    """Page 1's verdict on its panels' measures (spatial ones have their own pages) at noise level t."""
+    pairs = [p for p in pairs if p[0] not in SPATIAL_METRICS]
+    out = [peak_sentence(peaks, pairs, t)]
+    if comp is not None and len(comp):
+        out.append(compare_sentence(comp, pairs, t))
+    out.append(baseline_sentence(peaks, table, pairs, t))
+    return out
+
+
+#################################################################################
+#                        Page 2: the details, one line each                     #
+#################################################################################
+
+def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame, t: float) -> list[str]:
+    """Every measure at noise level t: B − A at the aligned block and block by block, the projector's cosine,
+    the baselines and the blocks above the permutation null."""
+    lines = []
+    for r in ([] if comp is None else comp[comp["t"] == t].itertuples()):
+        at = "" if r.aligned_delta != r.aligned_delta else f"at the aligned block {r.aligned_block} {_aligned(r)}; "
+        lines.append(f"{r.b} − {r.a}, {what(r.metric, r.encoder)}: {at}better {at_blocks(r.b_better_blocks)}, worse "
+                     f"{at_blocks(r.b_worse_blocks)}; largest difference {number(r.metric, r.max_delta, True)}"
+                     f"{_unit(r.metric)} at block {r.max_delta_block}")
+    for r in table[(table["t"] == t) & (table["metric"] == PROJECTOR_COSINE)].itertuples():
+        cosine = interval(r.metric, r.value, r.ci_low, r.ci_high, False) if r.ci_low == r.ci_low else \
+            number(r.metric, r.value)
+        lines.append(f"{r.checkpoint}: mean cosine to {r.encoder}'s tokens after its own projector at block "
+                     f"{r.block} {cosine}")
+    base = table[(table["t"] == t) & (table["kind"] != "model")]
+    for (metric, encoder), g in base.groupby(["metric", "encoder"], sort=False):
+        best = peaks[(peaks["t"] == t) & (peaks["metric"] == metric) & (peaks["encoder"] == encoder)]
+        values = ", ".join(f"{BASELINE_NAMES.get(kind, kind)} {level(metric, h['value'].max())}"
+                           for kind, h in g.groupby("kind", sort=False))
+        top = f"; best block {level(metric, best['best_value'].max())}" if len(best) else ""
+        null = f"; blocks above the permutation null: {_above_null(best)}" if len(best) and _above_null(best) else ""
+        lines.append(f"baselines, {what(metric, encoder)}: {values}{top}{null}")
+    return lines

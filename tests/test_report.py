@@ -1,0 +1,108 @@
+"""Page 1 reads at a glance: at most three short sentences, one precision per measure for a value and its
+interval, no 'none', no fall that is not one; legends that cover no line. Checked on the committed reports'
+real numbers (reports/*/summary.json, results.csv) and on real rendered figures."""
+from __future__ import annotations
+
+import json
+import re
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+from matplotlib.transforms import Bbox
+
+from conftest import REPO
+from repa_probe.report import figures as F
+from repa_probe.report.compose import _page1_panels
+from repa_probe.report.verdict import LIMIT, overview_sentences
+
+NUMBER = r"[−+-]?\d+(?:\.\d+)?"
+INTERVAL = re.compile(rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\]( points)?")
+
+
+def _decimals(x: str) -> int:
+    return len(x.split(".")[1]) if "." in x else 0
+
+
+def assert_plain(sentences: list[str], compare: bool) -> None:
+    """Page 1's rules: peak, (comparison,) baselines; each one sentence of at most LIMIT = 160 characters; a value
+    and its interval at one precision (probe points: one decimal, every other measure: three), percentages with
+    one decimal, every other decimal number with three; no 'none'; a fall only with an interval above 0."""
+    assert LIMIT == 160 and len(sentences) == (3 if compare else 2), sentences
+    for s in sentences:
+        assert len(s) <= LIMIT and s.endswith(".") and ". " not in s, s
+        assert not re.search(r"\bnone\b", s, re.I) and "falls by" not in s, s
+        for m in re.finditer(rf"falls ({NUMBER}) \[({NUMBER}),", s):
+            assert float(m.group(2).replace("−", "-")) > 0, s
+        rest = re.sub(r"t = [\d.]+", "", s)
+        for m in INTERVAL.finditer(rest):
+            assert [_decimals(x) for x in m.groups()[:3]] == [1 if m.group(4) else 3] * 3, (m.group(0), s)
+        rest = INTERVAL.sub("", rest)
+        assert all(_decimals(x) == 1 for x in re.findall(r"(\d+\.\d+)%", rest)), s
+        assert all(_decimals(x) == 3 for x in re.findall(r"\d+\.\d+", re.sub(r"\d+\.\d+%", "", rest))), s
+
+
+def committed(name: str) -> tuple[dict, pd.DataFrame]:
+    """A committed report's summary.json and results.csv (the encoder column as the pipeline has it: '' for none)."""
+    folder = REPO / "reports" / name
+    return json.loads((folder / "summary.json").read_text()), \
+        pd.read_csv(folder / "results.csv").fillna({"encoder": ""})
+
+
+@pytest.mark.parametrize("name", ["demo", "depth", "three_way"])
+def test_page_1_is_at_most_three_short_sentences_at_one_precision(name):
+    """On the committed reports' numbers (two and three checkpoints, with spatial and token measures), and with
+    the checkpoints renamed to 40-character names, which must not push a sentence past LIMIT."""
+    summary, table = committed(name)
+    peaks, comp, t = pd.DataFrame(summary["peaks"]), pd.DataFrame(summary["compare"]), min(summary["config"]["ts"])
+    sentences = overview_sentences(peaks, comp, table, _page1_panels(table), t)
+    assert_plain(sentences, compare=True)
+    assert "the raw thumbnail" in sentences[2] and "beats every block" in sentences[2]
+    long = {n: f"{n}-{'x' * (39 - len(n))}" for n in summary["checkpoints"]}
+    renamed = overview_sentences(peaks.replace({"checkpoint": long}), comp.replace({"a": long, "b": long}),
+                                 table.replace({"checkpoint": long}), _page1_panels(table), t)
+    assert_plain(renamed, compare=True)
+
+
+def test_the_committed_demo_sentences_say_what_its_numbers_say():
+    summary, table = committed("demo")
+    peaks, comp = pd.DataFrame(summary["peaks"]), pd.DataFrame(summary["compare"])
+    peak, compared, baselines = overview_sentences(peaks, comp, table, _page1_panels(table), 0.0)
+    assert peak.startswith("At t = 0, no curve falls significantly after its peak")   # none peaks then drops
+    assert compared.startswith("At the aligned block 2, repa − vanilla: CKNNA −0.002 [−0.009, 0.004], probe top-1 "
+                               "+0.0 [−2.7, 2.5] points; repa is better at blocks 1, 6 in probe top-1")
+    assert baselines.startswith("In CKNNA the raw thumbnail (0.104) beats every block, and 5–6 of 6 blocks clear")
+
+
+def covered_lines(fig) -> list[str]:
+    """Labels of the lines that a legend of the drawn figure covers: each line's path in display coordinates
+    against the part of the legend's box inside that line's axes (lines are clipped to their axes)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    hits = []
+    for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]:
+        box = legend.get_window_extent(renderer)
+        assert fig.bbox.containsx(box.x0) and fig.bbox.containsx(box.x1) and fig.bbox.containsy(box.y0) and \
+            fig.bbox.containsy(box.y1), "a legend outside the page"
+        for ax in fig.axes:
+            inside = Bbox.intersection(box, ax.bbox)
+            hits += [line.get_label() for line in ax.get_lines() if inside is not None and
+                     line.get_transform().transform_path(line.get_path()).intersects_bbox(inside, filled=False)]
+    return hits
+
+
+def test_legends_cover_no_line_on_page_1_and_the_curve_pages():
+    """The committed demo's curves, drawn: the raw thumbnail's line runs along the top of the CKNNA panels (it
+    beats every block), where a legend inside the axes would hide it."""
+    _, table = committed("demo")
+    panels = _page1_panels(table)
+    figs = [F.overview_page("page 1", ["One sentence."], table, panels, 0.0, {"repa": 2}),
+            F.curves(table, "cknna", "cifar-ssl-resnet", "CKNNA per block", {"repa": 2}),
+            F.curves(table, "probe_top1", "", "probe per block", {"repa": 2})]
+    try:
+        for fig in figs:
+            labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+            assert "raw input thumbnail (spatial)" in labels and (fig.legends or any(ax.get_legend() for ax in fig.axes))
+            assert covered_lines(fig) == []
+    finally:
+        plt.close("all")
