@@ -7,7 +7,11 @@ probe + CKNNA on 1,000 held-out cifar10/test images at every block every `analyz
 
     python analyses/cifar_runs.py --preset cpu     # both runs side by side, one core each
     python analyses/cifar_runs.py --preset gpu     # one after the other on the GPU
+    python analyses/cifar_runs.py --preset deep --seed 1   # another training seed: runs/cifar_deep/seed1/
 
+A training seed fixes the SiT's init, the data order, t, the noise and the label dropout; the arms of one seed
+share them (a controlled pair), different seeds differ in all of them. Seed 0 keeps the folder layout of the
+first runs (runs/cifar_<preset>/<arm>); seed s > 0 trains into runs/cifar_<preset>/seed<s>/<arm>.
 Runs resume where they stopped (the trainer continues from RUN/checkpoints), so a finished pair costs nothing.
 """
 from __future__ import annotations
@@ -52,23 +56,24 @@ def finished(run: Path, steps: int) -> bool:
     return (run / "checkpoints" / f"{steps:07d}.pt").exists()
 
 
-def train_args(p: dict, name: str, coeff: float, out: Path, extra: list[str] = ()) -> list[str]:
+def train_args(p: dict, name: str, coeff: float, out: Path, extra: list[str] = (), seed: int = 0) -> list[str]:
     depth = p["depth"]
     return [sys.executable, "-m", "repa_probe", "train", "--data", str(DATA / "train"), "--image-size", "32",
             "--model", p["model"], "--width", str(p["width"]), "--depth", str(depth), "--heads", str(p["heads"]),
             "--encoder", "cifar-ssl-resnet", "--repa-depth", str(p["repa_depth"]), "--repa-coeff", str(coeff),
             "--projector-dim", str(p["projector_dim"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
             "--lr", str(p["lr"]), "--ema-decay", str(p["ema"]), "--ckpt-every", str(p["ckpt_every"]),
-            "--log-every", "50", "--workers", "1", "--seed", "0", "--out", str(out / name), "--quiet", *extra] + ([
+            "--log-every", "50", "--workers", "1", "--seed", str(seed), "--out", str(out / name), "--quiet", *extra] + ([
             "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(DATA / "test"), "--analyze-n", "1000",
             "--analyze-blocks", ",".join(str(b) for b in range(1, depth + 1)), "--analyze-t", "0,0.25,0.5"]
             if p["analyze_every"] else [])
 
 
-def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False) -> dict[str, Path]:
-    """Train (or finish) the vanilla and REPA runs of a preset, and iREPA if asked; → {name: run folder}."""
+def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False, seed: int = 0) -> dict[str, Path]:
+    """Train (or finish) the vanilla and REPA runs of a preset and training seed, and iREPA if asked;
+    → {name: run folder}."""
     p = PRESETS[preset]
-    out = out or REPO / "runs" / f"cifar_{preset}"
+    out = out or REPO / "runs" / f"cifar_{preset}" / (f"seed{seed}" if seed else "")
     out.mkdir(parents=True, exist_ok=True)
     runs = {name: RUNS[name] for name in (RUNS if irepa else ["vanilla", "repa"])}
     env = dict(os.environ)
@@ -80,7 +85,7 @@ def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False) -> di
         if finished(out / name, p["steps"]):
             continue
         log = open(out / f"{name}.train.log", "a")
-        procs[name] = subprocess.Popen(train_args(p, name, coeff, out, extra), cwd=REPO, env=env, stdout=log,
+        procs[name] = subprocess.Popen(train_args(p, name, coeff, out, extra, seed), cwd=REPO, env=env, stdout=log,
                                        stderr=log)
         if not p["parallel"]:
             procs[name].wait()
@@ -88,7 +93,7 @@ def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False) -> di
         if proc.wait() != 0:
             raise SystemExit(f"{name} training failed: see {out / f'{name}.train.log'}")
     wall = time.perf_counter() - start
-    (out / "runs.json").write_text(json.dumps({"preset": preset, "settings": p, "wall_s_last_call": round(wall)},
+    (out / "runs.json").write_text(json.dumps({"preset": preset, "seed": seed, "settings": p, "wall_s_last_call": round(wall)},
                                               indent=2) + "\n")
     return {name: out / name for name in runs}
 
@@ -121,5 +126,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--irepa", action="store_true", help="also train the iREPA run (conv projector, z-scored target)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed shared by the arms (default 0)")
     a = ap.parse_args()
-    print(ensure_runs(a.preset, irepa=a.irepa))
+    print(ensure_runs(a.preset, irepa=a.irepa, seed=a.seed))
