@@ -213,6 +213,12 @@ class Curves:
             return stats.hit_replicates(self.hits, stats.resamples(self.hits.shape[-1], PROBE_RESAMPLES, seed)), None
         return self.replicates, self.scale
 
+    def resolution(self, n_images: int | None = None) -> float:
+        """The largest difference of this measure that is rounding (stats.resolution): half an image for the
+        probe (of its n_test images, or of `n_images`, e.g. a held-out half), else 1e-6 of its scale."""
+        counted = self.hits is not None
+        return stats.resolution(self.value, (n_images or self.hits.shape[-1]) if counted else None)
+
     def rows(self) -> list[dict]:
         nan3 = np.full((3,) + self.value.shape, np.nan)
         alpha = (1 - stats.LEVEL) / 2
@@ -534,7 +540,7 @@ class Pipeline:
         scale = stats.subsample_scale([len(d) for d in draws], len(half_b))
         out = {}
         for m in metrics:
-            peaks = stats.argmax_blocks(on_a[m], blocks)                                  # [T]
+            peaks = stats.argmax_blocks(on_a[m], blocks, stats.resolution(on_a[m]))       # [T]
             pairs = np.stack([np.stack([M.take_rows(src[ti, p], half_b), M.take_rows(src[ti, -1], half_b)])
                               for ti, p in enumerate(peaks)])                            # [T, 2, n_b, D]
             on_b = M.alignment(target[half_b], pairs, (m,), **kw)[m]
