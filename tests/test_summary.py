@@ -145,7 +145,7 @@ def test_a_real_analysis_of_blocks_equal_but_for_rounding_claims_nothing(cifar_d
         return model
 
     a = repa_probe.analyze([near_identity(1), near_identity(2)], data=str(cifar_dir / "test"),
-                           encoders=["cifar-ssl-resnet"], ts=[0], names=["a", "b"], blocks="blocks", convention="sit",
+                           encoders="cifar-ssl-resnet", ts=0, names=["a", "b"], blocks="blocks", convention="sit",
                            image_size=16, num_classes=10, n=300, k=5, bootstrap=20, null=2, baselines=False,
                            quiet=True, cache=str(tmp_path / "cache"))
     p = peak_summary(a.results)
