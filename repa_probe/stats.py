@@ -118,8 +118,7 @@ def resolution(values: np.ndarray, n_images: int | None = None) -> float:
     if n_images:
         return 0.5 / n_images
     v = np.abs(np.asarray(values, dtype=np.float64))
-    v = v[np.isfinite(v)]
-    return RTOL * max(1.0, float(v.max()) if v.size else 1.0)
+    return RTOL * max(1.0, float(np.max(v, where=np.isfinite(v), initial=0.0)))
 
 
 def verdict(difference: float, low: float, high: float, floor: float) -> int:
