@@ -9,15 +9,18 @@
 A list of models is a comparison (same images, same noise; deltas against the first). A model is a checkpoint
 path or run folder (any family repa-probe loads), an already loaded checkpoint, or any nn.Module described by
 `blocks=`, `call=`, `convention=`, `image_size=` ... (families/module.py). Every other keyword is an
-AnalyzeConfig field (n, k, bootstrap, null, probe_train, probe_test, cache, device, ...), as on the command line.
+AnalyzeConfig field (n, k, bootstrap, null, probe_train, probe_test, cache, device, ...), as on the command line,
+and checked as there: a bad value ends in one UserError that names it as Python spells it ("n=0", "data=...").
+`models=`, `encoders=`, `names=` and `ts=` take one value or a list.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from numbers import Real
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 from torch import nn
@@ -27,7 +30,7 @@ from repa_probe.commands import resolve_checkpoint, unique_names
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
-from repa_probe.pipeline import AnalyzeConfig, Pipeline, Results, run
+from repa_probe.pipeline import AnalyzeConfig, Pipeline, Results, python_arg, run
 from repa_probe.report import compose
 
 MODULE_KEYS = ("blocks", "call", "convention", "image_size", "channels", "grid", "num_classes", "stream",
@@ -51,6 +54,8 @@ class Analysis:
 
     def report(self, out: str | os.PathLike) -> Path:
         """Write results.csv, summary.json, figures/ and report.pdf into `out`; returns the folder."""
+        if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+            raise UserError(f"report(out={out!r}): pass the folder to write into, e.g. a.report('out/repa')")
         return compose.write(self.results, str(out), {"total": self.seconds})
 
 
@@ -68,11 +73,26 @@ def _load(model: Any, cfg: AnalyzeConfig, describe: dict, index: int) -> tuple[L
                     f"checkpoint or an nn.Module (with blocks=, call=, convention=, image_size=)")
 
 
-def analyze(models: Any | Sequence[Any], data: str, encoders: Sequence[str] = (), ts: Sequence[float] | None = None,
-            *, names: Sequence[str] | None = None, **options: Any) -> Analysis:
-    """Analyse one model, or compare several on the same images and noise; see the module docstring."""
+def _listed(name: str, value: Any, what: str, of: type = object) -> list:
+    """An argument that takes one item or a list of them (models=, encoders=, names=), as a non-empty list."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(isinstance(v, of) for v in items):
+        raise UserError(f"{python_arg(name, value)}: pass {what}, or a non-empty list of them")
+    return items
+
+
+def analyze(models: Any | Sequence[Any], data: str, encoders: str | Sequence[str] = (),
+            ts: float | Sequence[float] | None = None, *, names: str | Sequence[str] | None = None,
+            **options: Any) -> Analysis:
+    """Analyse one model, or compare several on the same images and noise; see the module docstring. Bad
+    arguments end in one UserError that names them as here (`data=`, `ts=`), checked as the command line's."""
     start = time.perf_counter()
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    models = _listed("models", models, "a checkpoint path, run folder, loaded checkpoint or nn.Module")
+    encoders = _listed("encoders", encoders, "an encoder name such as 'dinov2-vit-b'", str) if encoders else []
+    if isinstance(options.get("alignment_metrics"), str):
+        options["alignment_metrics"] = (options["alignment_metrics"],)
+    if isinstance(ts, Real) or (isinstance(ts, Iterable) and not isinstance(ts, (str, bytes))):
+        ts = (ts,) if isinstance(ts, Real) else tuple(ts)      # one noise level or several, checked with the rest
     modules = any(isinstance(m, nn.Module) for m in models)
     describe = {k: options.pop(k) for k in MODULE_KEYS + ("name",) if k in options and (modules or k != "convention")}
     if describe and not modules:
@@ -81,9 +101,13 @@ def analyze(models: Any | Sequence[Any], data: str, encoders: Sequence[str] = ()
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UserError(f"analyze() got unknown option(s) {unknown}; options are {sorted(fields | set(MODULE_KEYS))}")
-    config = AnalyzeConfig(data=str(data), encoders=list(encoders), **options,
-                           **({"ts": tuple(float(t) for t in ts)} if ts is not None else {}))
-    pipeline = Pipeline(config)
+    if names is not None:
+        names = _listed("names", names, "a name", str)
+        if len(names) != len(models):
+            raise UserError(f"{python_arg('names', names)} gives {len(names)} name(s) for {len(models)} model(s): "
+                            f"pass one name per model")
+    config = AnalyzeConfig(data=data, encoders=encoders, **options, **({"ts": ts} if ts is not None else {}))
+    pipeline = Pipeline(config, arg=python_arg)
     loaded = [_load(m, pipeline.cfg, describe, i) for i, m in enumerate(models)]
     if names is None:                                  # files as on the command line; modules by their name
         is_path = [isinstance(m, (str, os.PathLike)) for m in models]

@@ -188,7 +188,8 @@ def trajectory_summary(traj: pd.DataFrame, groups: list[list[int]], curves: dict
             lo, hi = _change_interval(curves or {}, run, first, last, metric, encoder, t, group, seed)
             rows.append(dict(run=run, metric=metric, encoder=encoder, t=float(t), blocks=f"{group[0]}–{group[-1]}",
                              first_step=first, first=float(c.iloc[0]), last_step=last, last=float(c.iloc[-1]),
-                             change=float(c.iloc[-1] - c.iloc[0]), change_ci_low=lo, change_ci_high=hi))
+                             change=float(c.iloc[-1] - c.iloc[0]), change_ci_low=lo, change_ci_high=hi,
+                             resolution=stats.resolution(c.to_numpy())))
     return pd.DataFrame(rows)
 
 
@@ -211,9 +212,12 @@ def _change_interval(curves: dict, run: str, first: int, last: int, metric: str,
 
 
 def trend_word(r) -> str:
-    """'rises' / 'falls' when the paired interval of the change excludes 0, else 'no change beyond the interval';
-    without an interval, only which way the values moved."""
+    """'rises' / 'falls' when the paired interval of the change excludes 0 and the change is beyond the measure's
+    resolution (stats.verdict), else 'no change beyond the interval'; without an interval, only which way the
+    values moved (a change within the resolution is none)."""
     if r.change_ci_low == r.change_ci_low:
-        return "rises" if r.change_ci_low > 0 else "falls" if r.change_ci_high < 0 else "no change beyond the interval"
-    return ("higher" if r.change > 0 else "lower" if r.change < 0 else "unchanged") + " at the last step (values " \
-                                                                                        "only, no interval)"
+        return {1: "rises", -1: "falls", 0: "no change beyond the interval"}[
+            stats.verdict(r.change, r.change_ci_low, r.change_ci_high, r.resolution)]
+    moved = r.change if abs(r.change) > r.resolution else 0.0
+    return ("higher" if moved > 0 else "lower" if moved < 0 else "unchanged") + " at the last step (values only, " \
+                                                                                "no interval)"

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from numbers import Integral, Real
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,6 +75,25 @@ def display_scale(metric: str) -> float:
     return 100.0 if metric.startswith("probe") else 1.0
 
 
+Arg = Callable[..., str]      # names a setting (and its value) in the caller's terms: cli_arg, python_arg
+CLI_FLAGS = {"ts": "--t", "num_workers": "--workers", "alignment_metrics": "--metrics", "encoders": "--encoder",
+             "probe": "--no-probe", "baselines": "--no-baselines"}     # the rest: --field-name
+
+
+def cli_arg(name: str, value: Any = ...) -> str:
+    """An AnalyzeConfig field as the command line spells it, with its value unless none is given (...):
+    '--n 0', '--t 0,0.5', '--no-probe' (a switch takes no value)."""
+    flag = CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
+    if value is ... or isinstance(value, bool):
+        return flag
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)}"
+
+
+def python_arg(name: str, value: Any = ...) -> str:
+    """The same for repa_probe.analyze's keyword arguments: 'n=0', 'ts=(0.0, 2.0)', 'probe=False', 'data=...'."""
+    return f"{name}=" + ("..." if value is ... else repr(value))
+
+
 @dataclass
 class AnalyzeConfig:
     """Every knob of an analysis; plain data, recorded in summary.json."""
@@ -115,57 +136,96 @@ class AnalyzeConfig:
     samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
     notes: list[str] = field(default_factory=list)
 
-    def resolved(self) -> "AnalyzeConfig":
-        """Fill the device-dependent defaults and check the flags (before any compute)."""
+    def resolved(self, arg: Arg | None = None) -> "AnalyzeConfig":
+        """Fill the device-dependent defaults and check every setting before any compute. `arg` names a setting
+        in the caller's terms (`cli_arg`, the default: '--n 0'; `python_arg`: 'n=0')."""
+        arg = arg or cli_arg
         cfg = AnalyzeConfig(**{**asdict(self), "notes": list(self.notes)})
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise UserError(f"{arg(f.name, value)} must be True or False")
+        if not isinstance(cfg.data, (str, os.PathLike)) or not str(cfg.data).strip():
+            raise UserError(f"{arg('data', cfg.data)}: name an ImageFolder tree DIR/<class>/<image>")
         device = resolve_device(cfg.device)
         cfg.device = str(device)
         if cfg.n is None:
             cfg.n = GPU_DEFAULT_N if device.type == "cuda" else CPU_DEFAULT_N
             if device.type != "cuda":
-                cfg.notes.append(f"no GPU: analysed n = {cfg.n} images (pass --n for more)")
+                cfg.notes.append(f"no GPU: analysed n = {cfg.n} images (pass {arg('n')} for more)")
         cfg.precision = resolve_precision(cfg.precision, device)
-        for flag, value, least in (("--n", cfg.n, 1), ("--probe-n-train", cfg.probe_n_train, 1),
-                                   ("--probe-n-test", cfg.probe_n_test, 1), ("--k", cfg.k, 1),
-                                   ("--bootstrap", cfg.bootstrap, 0), ("--null", cfg.null, 0),
-                                   ("--samples", cfg.samples, 0), ("--batch-size", cfg.batch_size, 1),
-                                   ("--workers", cfg.num_workers, 0), ("--heads", cfg.heads, 1)):
-            if value is not None and (not isinstance(value, int) or value < least):
-                raise UserError(f"{flag} {value!r} must be an integer ≥ {least}")
-        if not cfg.ts or any(not 0 <= t <= 1 for t in cfg.ts) or len(set(cfg.ts)) != len(cfg.ts):
-            raise UserError(f"--t {','.join(map(str, cfg.ts))}: distinct noise levels in [0, 1] (0 = clean data)")
+        for name, least in (("n", 1), ("probe_n_train", 1), ("probe_n_test", 1), ("k", 1), ("bootstrap", 0),
+                            ("null", 0), ("samples", 0), ("batch_size", 1), ("num_workers", 0), ("heads", 1),
+                            ("seed", 0)):
+            value = getattr(cfg, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < least):
+                raise UserError(f"{arg(name, value)} must be an integer ≥ {least}")
+            setattr(cfg, name, None if value is None else int(value))
+        ts = cfg.ts
+        if not isinstance(ts, (tuple, list)) or not ts or \
+                any(isinstance(t, bool) or not isinstance(t, Real) or not 0 <= t <= 1 for t in ts) or \
+                len(set(ts)) != len(ts):
+            raise UserError(f"{arg('ts', ts)}: distinct noise levels in [0, 1] (0 = clean data)")
         if (cfg.probe_train is None) != (cfg.probe_test is None):
-            raise UserError("--probe-train and --probe-test go together: give both, or neither to split --data")
+            raise UserError(f"{arg('probe_train')} and {arg('probe_test')} go together: give both, or neither to "
+                            f"split {arg('data')}")
         for m in cfg.alignment_metrics:
             if m not in M.METRICS:
-                raise UserError(f"--metrics {m!r}: choose from {', '.join(M.METRICS)}")
-        if cfg.n is not None and cfg.n <= cfg.k + 3:
-            raise UserError(f"--n {cfg.n} is too small for k = {cfg.k} nearest neighbours (need n > k + 3)")
-        cfg.ts = tuple(float(t) for t in cfg.ts)
-        for path, flag in [(cfg.data, "--data"), (cfg.probe_train, "--probe-train"), (cfg.probe_test, "--probe-test")]:
-            if path is not None:
-                _check_image_folder(path, flag)
+                raise UserError(f"{arg('alignment_metrics', m)}: choose from {', '.join(M.METRICS)}")
+        if cfg.n <= cfg.k + 3:
+            raise UserError(f"{arg('n', cfg.n)} is too small for {arg('k', cfg.k)} nearest neighbours (need n > k + 3)")
+        cfg.ts = tuple(float(t) for t in ts)
+        cfg.data = str(cfg.data)
+        images = {name: _check_image_folder(getattr(cfg, name), arg(name))
+                  for name in ("data", "probe_train", "probe_test") if getattr(cfg, name) is not None}
+        if cfg.n > images["data"]:
+            raise UserError(f"{arg('n', cfg.n)}: choose between 1 and the {images['data']} images in {arg('data')}")
+        if cfg.encoders and cfg.bootstrap:
+            _check_subsamples(cfg, arg)
         return cfg
 
-    def check_measurable(self, encoders: bool) -> None:
+    def check_measurable(self, encoders: bool, arg: Arg | None = None) -> None:
         """Something to measure: an encoder (alignment), or labelled images (the probe)."""
+        arg = arg or cli_arg
         if not encoders and not (self.probe and len(list_images(self.probe_train or self.data)[2]) > 1):
-            why = "--no-probe" if not self.probe else f"'{self.probe_train or self.data}' has no class folders"
-            raise UserError(f"nothing to measure: no --encoder for alignment, and {why} for the probe; pass "
-                            f"--encoder NAME (e.g. dinov2-vit-b) or labelled images")
+            why = arg("probe", False) if not self.probe else \
+                f"'{self.probe_train or self.data}' has no class folders"
+            raise UserError(f"nothing to measure: no {arg('encoders')} for alignment, and {why} for the probe; pass "
+                            f"{arg('encoders', ['dinov2-vit-b'])} (an encoder) or labelled images")
 
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
                              blocks=self.blocks, spatial=self.spatial, tokens=self.tokens, compile=self.compile)
 
 
-def _check_image_folder(path: str, flag: str) -> None:
+def _check_image_folder(path: str, name: str) -> int:
+    """The number of images in the ImageFolder tree `path`; `name` says which setting gave it."""
     if not str(path).strip():
-        raise UserError(f"{flag} is empty: name an ImageFolder tree DIR/<class>/<image>")
+        raise UserError(f"{name} is empty: name an ImageFolder tree DIR/<class>/<image>")
     try:
-        list_images(path)
+        return len(list_images(path)[0])
     except UserError as e:
-        raise UserError(f"{flag}: {e}") from None
+        raise UserError(f"{name}: {e}") from None
+
+
+def _check_subsamples(cfg: AnalyzeConfig, arg: Arg) -> None:
+    """Every bootstrap subsample of the n images (stats.subsamples: about 0.63·n distinct images, fewer by
+    chance) must hold enough images for the alignment metrics: their fewest (`min_n`) and, for a kNN metric,
+    k + 1 (k neighbours besides the image itself; metrics.FeatureKernel). Checked here, before any compute,
+    rather than when the first subsample's kernel is built after the capture."""
+    metrics = [M.METRICS[m] for m in cfg.alignment_metrics]
+    need = max([m.min_n for m in metrics] + [cfg.k + 1 for m in metrics if m.uses_k])
+
+    def fewest(n: int) -> int:
+        return min(len(d) for d in stats.subsamples(n, cfg.bootstrap, cfg.seed))
+
+    if fewest(cfg.n) >= need:
+        return
+    enough = next(n for n in range(cfg.n + 1, cfg.n + 100 * need) if fewest(n) >= need)
+    raise UserError(f"{arg('n', cfg.n)} is too few for {arg('k', cfg.k)}: a bootstrap subsample "
+                    f"({arg('bootstrap', cfg.bootstrap)}) keeps as few as {fewest(cfg.n)} distinct images, and "
+                    f"{', '.join(cfg.alignment_metrics)} with k = {cfg.k} needs {need}; pass {arg('n', enough)} "
+                    f"or more, a smaller {arg('k')}, or {arg('bootstrap', 0)}")
 
 
 #################################################################################
@@ -212,6 +272,12 @@ class Curves:
         if self.hits is not None:
             return stats.hit_replicates(self.hits, stats.resamples(self.hits.shape[-1], PROBE_RESAMPLES, seed)), None
         return self.replicates, self.scale
+
+    def resolution(self, n_images: int | None = None) -> float:
+        """The largest difference of this measure that is rounding (stats.resolution): half an image for the
+        probe (of its n_test images, or of `n_images`, e.g. a held-out half), else 1e-6 of its scale."""
+        counted = self.hits is not None
+        return stats.resolution(self.value, (n_images or self.hits.shape[-1]) if counted else None)
 
     def rows(self) -> list[dict]:
         nan3 = np.full((3,) + self.value.shape, np.nan)
@@ -365,11 +431,11 @@ class Pipeline:
 
     Analysing several checkpoints with one Pipeline encodes the images once per encoder and builds each
     encoder's kernel once. `source` gives the features (default: the store); `encoders` may be given
-    already loaded (the trainer's)."""
+    already loaded (the trainer's); `arg` names the settings in bad-input errors (`cli_arg`, `python_arg`)."""
 
-    def __init__(self, config: AnalyzeConfig, source=None, encoders: list | None = None):
-        self.cfg = config.resolved()
-        self.cfg.check_measurable(bool(encoders or self.cfg.encoders))
+    def __init__(self, config: AnalyzeConfig, source=None, encoders: list | None = None, arg: Arg | None = None):
+        self.cfg = config.resolved(arg)
+        self.cfg.check_measurable(bool(encoders or self.cfg.encoders), arg)
         self.device = torch.device(self.cfg.device)
         self.source = source(self.cfg) if source is not None else StoreSource(self.cfg)
         self.encoders = encoders if encoders is not None else self._load_encoders()
@@ -534,7 +600,7 @@ class Pipeline:
         scale = stats.subsample_scale([len(d) for d in draws], len(half_b))
         out = {}
         for m in metrics:
-            peaks = stats.argmax_blocks(on_a[m], blocks)                                  # [T]
+            peaks = stats.argmax_blocks(on_a[m], blocks, stats.resolution(on_a[m]))       # [T]
             pairs = np.stack([np.stack([M.take_rows(src[ti, p], half_b), M.take_rows(src[ti, -1], half_b)])
                               for ti, p in enumerate(peaks)])                            # [T, 2, n_b, D]
             on_b = M.alignment(target[half_b], pairs, (m,), **kw)[m]

@@ -8,8 +8,9 @@ BatchNorm without affine parameters), then a softmax regression with an L2 penal
 
 which is scikit-learn's LogisticRegression(C) with C = 1 / (λ·n) (it minimises
 C·Σᵢ CEᵢ + ½‖W‖²). λ is picked from a small grid by top-1 on a validation split carved (seeded) from
-the training images; the probe is then refitted on all training images with that λ and scored on
-the held-out test images, which take no part in fitting or selection.
+the training images (near-ties go to the larger λ: ``choose_lambda``); the probe is then refitted on all
+training images with that λ and scored on the held-out test images, which take no part in fitting or
+selection.
 
 Every probe of a feature store (e.g. [n_t, n_blocks, n, d]) is fitted in one pass: the leading
 dimensions are flattened into a batch, the λ grid into a second batch dimension, and all of them
@@ -33,6 +34,7 @@ from .errors import UserError
 from .metrics import exact_float32
 
 DEFAULT_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+VAL_TIE = 0.005   # validation top-1 within this share of the validation images (at least one) is a tie
 
 
 @dataclass
@@ -394,6 +396,19 @@ def _as_batch(x, p0: int, p1: int, device) -> torch.Tensor:
     return chunk.to(device=device, dtype=torch.float32)
 
 
+def choose_lambda(val_top1: np.ndarray, lambdas: tuple[float, ...], n_val: int) -> np.ndarray:
+    """Index into `lambdas` of the λ chosen from validation top-1 (..., G): the largest λ (the simplest model)
+    whose accuracy is within max(1, ⌊VAL_TIE·n_val⌋) validation images of the best.
+
+    Accuracies that close are tied: the same probe fitted in another batch, on other threads or another CPU
+    stops L-BFGS (|gradient| ≤ tol) at a slightly different point, and at the smallest λ (flat objective)
+    that flips a validation image or two (docs/probe.md). Exact ties and near ones go the same way, and the
+    λ that wins on one machine wins on another unless an accuracy sits right at the tie's edge."""
+    correct = np.rint(np.asarray(val_top1, dtype=np.float64) * n_val)
+    tied = correct >= correct.max(axis=-1, keepdims=True) - max(1, math.floor(VAL_TIE * n_val))
+    return np.argmax(np.where(tied, np.asarray(lambdas, dtype=np.float64), -np.inf), axis=-1)
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(val_fraction * n))
@@ -410,15 +425,15 @@ def _probe_torch(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx):
     fit = dict(num_classes=c, max_iter=cfg.max_iter, tol=cfg.tol, history=cfg.history)
     if len(cfg.lambdas) > 1:
         theta = fit_logistic(x_tr[:, fit_idx], y_tr[fit_idx], grid.expand(B, -1), **fit)
-        val_acc = _topk_correct(logits(x_tr[:, val_idx], theta).transpose(1, 2), y_tr[val_idx], 1)
-        # val_acc (B, G); ties go to the largest λ (the simpler model): argmax returns the first
-        # maximum, so search the grid from its end
-        best = len(cfg.lambdas) - 1 - val_acc.flip(1).argmax(dim=1)
+        val_acc = _topk_correct(logits(x_tr[:, val_idx], theta).transpose(1, 2), y_tr[val_idx], 1)   # (B, G)
+        best = torch.from_numpy(choose_lambda(val_acc.cpu().numpy(), cfg.lambdas, len(val_idx))).to(x_tr.device)
         init = theta[torch.arange(B), best].unsqueeze(1)
         val_top1 = val_acc[torch.arange(B), best]
     else:
         best = torch.zeros(B, dtype=torch.long, device=x_tr.device)
-        init, val_top1 = None, torch.full((B,), math.nan, dtype=torch.float64)
+        init = None
+        val_acc = torch.full((B, 1), math.nan, dtype=torch.float64)
+        val_top1 = val_acc[:, 0]
     lam = grid[best].unsqueeze(1)
     theta = fit_logistic(x_tr, y_tr, lam, init=init, **fit)
     test_scores = logits(x_te, theta)[:, :, 0]
@@ -427,7 +442,7 @@ def _probe_torch(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx):
     if c > 10:
         out["top5"] = _topk_correct(test_scores, y_te, 5)
     out["train_top1"] = _topk_correct(logits(x_tr, theta)[:, :, 0], y_tr, 1)
-    out["val_top1"] = val_top1
+    out["val_top1"], out["val_top1_by_lambda"] = val_top1, val_acc
     out["lambda"] = lam[:, 0]
     return {k: v.cpu().numpy() for k, v in out.items()}
 
@@ -452,12 +467,12 @@ def _probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx
     for p in range(x_tr.shape[0]):
         xt, xe = x_tr[p].double().cpu().numpy(), x_te[p].double().cpu().numpy()
         yt, ye = y_tr.cpu().numpy(), y_te.cpu().numpy()
-        row = {"val_top1": math.nan, "lambda": cfg.lambdas[0]}
+        row = {"val_top1": math.nan, "val_top1_by_lambda": np.full(1, math.nan), "lambda": cfg.lambdas[0]}
         if len(cfg.lambdas) > 1:
-            accs = [top_k(fit(xt[fit_idx], yt[fit_idx], lam), xt[val_idx], yt[val_idx], 1)
-                    for lam in cfg.lambdas]
-            best = len(accs) - 1 - int(np.argmax(accs[::-1]))
-            row = {"val_top1": accs[best], "lambda": cfg.lambdas[best]}
+            accs = np.array([top_k(fit(xt[fit_idx], yt[fit_idx], lam), xt[val_idx], yt[val_idx], 1)
+                             for lam in cfg.lambdas])
+            best = int(choose_lambda(accs, cfg.lambdas, len(val_idx)))
+            row = {"val_top1": accs[best], "val_top1_by_lambda": accs, "lambda": cfg.lambdas[best]}
         clf = fit(xt, yt, row["lambda"])
         row["top1"] = top_k(clf, xe, ye, 1)
         row["hits"] = clf.predict(xe) == ye
@@ -477,8 +492,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     or tensors with the same leading dimensions (e.g. [n_t, n_blocks]); labels (n_train,),
     (n_test,) shared by all probes. Any width d works (raw pixels, an untrained model, an encoder).
     Returns {"top1", ["top5"], "train_top1", "val_top1", "lambda"}: arrays of shape [...] (the
-    leading dimensions); val_top1 is the selection accuracy (nan with a single λ); and "hits" [..., n_test]
-    (bool: test image i classified right, top-1), for paired and resampled intervals.
+    leading dimensions); val_top1 is the selection accuracy (nan with a single λ), "val_top1_by_lambda"
+    [..., G] that of every λ (`choose_lambda` picks from it); and "hits" [..., n_test] (bool: test image i
+    classified right, top-1), for paired and resampled intervals.
     backend="sklearn" runs the same protocol with scikit-learn, for cross-checking.
     """
     cfg = config or ProbeConfig()

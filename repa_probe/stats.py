@@ -7,7 +7,7 @@ resampling those images.
   bootstrap of a mean); the marginal interval of one accuracy is Wilson's.
 - An alignment metric is not a mean, and a kNN metric on duplicated rows finds perfect, spurious
   neighbours, so a replicate keeps each drawn image once: a subsample of m ≈ 0.63·n distinct images. Its
-  spread around the replicates' mean is rescaled to the full sample's by √(m/(n − m)) (for a statistic of
+  spread around the replicates' median is rescaled to the full sample's by √(m/(n − m)) (for a statistic of
   m images drawn without replacement from n, Var(θ_m − θ_n) ≈ σ²·(1/m − 1/n) while Var(θ_n) ≈ σ²/n) and
   centred on the full-sample value, which also removes the level shift of a kNN metric at m images.
 Paired: every checkpoint and every block of one analysis sees the same images, the same noise and the same
@@ -15,6 +15,8 @@ replicates (they depend on n and the seed only), so a difference — peak block 
 minus A — is taken replicate by replicate and its interval is that of the difference.
 Selection-aware: the peak block is chosen on one half of the images (seeded, class-balanced) and the drop
 after it is measured, with its paired interval, on the other half, so the choice cannot inflate the drop.
+Resolution: a difference no larger than the measure's resolution (half an image for the probe, 1e-6 of the
+scale for float measures) is rounding: it makes no peak, no drop, no "better" (`resolution`, `verdict`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import math
 import numpy as np
 
 LEVEL = 0.95
+RTOL = 1e-6      # float measures: differences below 1e-6 of their scale are rounding (measured: ~1e-8)
 
 
 def subsamples(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
@@ -44,19 +47,29 @@ def subsample_scale(m: np.ndarray | int, n: int) -> np.ndarray:
     return np.sqrt(m / np.maximum(n - m, 1.0))
 
 
-def centred_interval(estimate, replicates: np.ndarray, scale: np.ndarray | None = None,
-                     level: float = LEVEL) -> np.ndarray:
-    """estimate + the (1 ± level)/2 quantiles of scale_r·(replicate_r − mean of replicates), over the first
-    axis of `replicates` ([R, ...]); → [..., 2] (low, high). scale None = 1 (replicates at full size)."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+def deviations(replicates: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """scale_r·(replicate_r − median of the replicates) over the first axis of `replicates` ([R, ...]): their
+    spread at n images around 0. The median, not the mean: a kNN metric's replicates can sit on one value but
+    for a rare neighbour swap, and the mean of such a set lies beside all of them (the estimate would then
+    fall outside its own interval); half of the deviations are ≤ 0 and half ≥ 0 whatever their shape."""
     reps = np.asarray(replicates, dtype=np.float64)
-    dev = reps - reps.mean(axis=0)
+    dev = reps - np.median(reps, axis=0)
     if scale is not None:
         dev = dev * np.asarray(scale, dtype=np.float64).reshape((-1,) + (1,) * (reps.ndim - 1))
+    return dev
+
+
+def centred_interval(estimate, replicates: np.ndarray, scale: np.ndarray | None = None,
+                     level: float = LEVEL) -> np.ndarray:
+    """estimate + the (1 ± level)/2 quantiles of the replicates' `deviations` (scale None = 1: replicates at
+    full size); → [..., 2] (low, high). The estimate lies inside by construction: the deviations' median is 0,
+    so their lower quantile is ≤ 0 and their upper ≥ 0 (clamped, so that rounding cannot break it)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
     alpha = (1.0 - level) / 2.0
-    q = np.quantile(dev, [alpha, 1.0 - alpha], axis=0)
-    return np.moveaxis(np.asarray(estimate, dtype=np.float64) + q, 0, -1)
+    low, high = np.quantile(deviations(replicates, scale), [alpha, 1.0 - alpha], axis=0)
+    estimate = np.asarray(estimate, dtype=np.float64)
+    return np.stack([estimate + np.minimum(low, 0.0), estimate + np.maximum(high, 0.0)], axis=-1)
 
 
 def hit_replicates(hits: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -84,17 +97,38 @@ def halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, np.setdiff1d(np.arange(len(labels)), a)
 
 
-def argmax_blocks(values: np.ndarray, blocks: list[int]) -> np.ndarray:
-    """Index (into `blocks`) of the best block ≥ 1 along the last axis; ties go to the earliest block.
-    Block 0 (the embedding) and the raw input (−1) are never peaks."""
+def argmax_blocks(values: np.ndarray, blocks: list[int], floor: float = 0.0) -> np.ndarray:
+    """Index (into `blocks`) of the best block ≥ 1 along the last axis: the earliest whose value is within
+    `floor` (the measure's `resolution`) of the maximum, so blocks equal but for rounding tie and the tie goes
+    to the earliest. Block 0 (the embedding) and the raw input (−1) are never peaks."""
     eligible = np.array([b >= 1 for b in blocks])
     v = np.where(eligible, np.asarray(values, dtype=np.float64), -np.inf)
-    return np.argmax(v, axis=-1)
+    return np.argmax(v >= v.max(axis=-1, keepdims=True) - floor, axis=-1)
 
 
-def peak_frequency(replicates: np.ndarray, blocks: list[int], block_index: int) -> float:
-    """Share of replicates ([R, B]) whose best block is blocks[block_index]."""
-    return float(np.mean(argmax_blocks(replicates, blocks) == block_index))
+def peak_frequency(replicates: np.ndarray, blocks: list[int], block_index: int, floor: float = 0.0) -> float:
+    """Share of replicates ([R, B]) whose best block (`argmax_blocks`) is blocks[block_index]."""
+    return float(np.mean(argmax_blocks(replicates, blocks, floor) == block_index))
+
+
+def resolution(values: np.ndarray, n_images: int | None = None) -> float:
+    """The largest difference of a measure that is rounding, not a measurement (docs/statistics.md): half an
+    image for a share of `n_images` (a probe's accuracy moves in steps of one image, 1/n), else RTOL of
+    max(1, the largest |value|) for a float measure (CKNNA, CKA, SVCCA and cosines are at most 1 in size)."""
+    if n_images:
+        return 0.5 / n_images
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    return RTOL * max(1.0, float(np.max(v, where=np.isfinite(v), initial=0.0)))
+
+
+def verdict(difference: float, low: float, high: float, floor: float) -> int:
+    """+1 when a difference counts as positive (its interval above 0 and the difference beyond the measure's
+    resolution `floor`), −1 when it counts as negative, 0 when it is neither: no claim."""
+    if low > 0 and difference > floor:
+        return 1
+    if high < 0 and difference < -floor:
+        return -1
+    return 0
 
 
 def permutation_p(value: float, null: np.ndarray) -> float:

@@ -81,7 +81,8 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
         assert p["last_value"] == pytest.approx(curve["value"].iloc[-1])
         assert 0 <= p["best_frequency"] <= 1 and p["selected_block"] in range(1, depth + 1)
         assert p["drop_ci_low"] <= p["drop_after"] <= p["drop_ci_high"]
-        assert p["peaks_then_drops"] == (p["selected_block"] != depth and p["drop_ci_low"] > 0)
+        assert p["peaks_then_drops"] == (p["selected_block"] != depth and p["drop_ci_low"] > 0 and
+                                         p["drop_after"] > p["resolution"])
         assert p["n_select"] + p["n_measure"] == (60 if p["metric"] == "cknna" else 12)
     assert summary["config"]["encoder_random_init"] is True
     # --encoder-precision auto (the default) checked the encoder on real images and the report says what it chose

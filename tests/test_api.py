@@ -12,6 +12,7 @@ from repa_probe.capture import capture_blocks, noisy_input
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT
+from repa_probe.pipeline import AnalyzeConfig, python_arg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(n=40, bootstrap=2, null=2, k=5, quiet=True)
@@ -154,3 +155,32 @@ def test_bad_api_input_is_one_clear_error(tmp_path, cifar_dir):
         repa_probe.describe_module(ToyRegisters(), blocks="layers", image_size=16)
     with pytest.raises(UserError, match="cannot analyse a int"):
         repa_probe.analyze(3, data=str(cifar_dir / "test"))
+
+
+def test_python_arguments_get_the_command_lines_checks_and_errors_in_python_terms(tmp_path, cifar_dir):
+    """Each bad argument: one UserError naming it as Python spells it (`data=`, not `--data`), raised before any
+    image is read; one encoder, model, name or noise level may be given alone."""
+    path, data = str(tmp_path / "x.pt"), str(cifar_dir / "test")
+    bad = [(dict(models=[]), "models=[]"), (dict(ts="0"), "ts='0'"), (dict(ts=0.5, n="20"), "n='20'"),
+           (dict(ts=[0, 1.5]), "ts=(0, 1.5)"), (dict(n=True), "n=True"), (dict(probe="no"), "probe='no'"),
+           (dict(data=None), "data=None"), (dict(data=str(tmp_path / "none")), "data=..."),
+           (dict(probe_train=data), "probe_train=... and probe_test=... go together"),
+           (dict(encoders=3), "encoders=3"), (dict(alignment_metrics="cka2"), "alignment_metrics='cka2'"),
+           (dict(n=100_000), "n=100000: choose between 1 and the 10000 images in data=..."),
+           (dict(names=["a", "b"]), "names=['a', 'b'] gives 2 name(s) for 1 model(s)"),
+           (dict(n=20, encoders="cifar-ssl-resnet"), "n=20 is too few for k=10: a bootstrap subsample (bootstrap=20)")]
+    for kwargs, message in bad:
+        kwargs = {"models": path, "data": data, **kwargs}
+        with pytest.raises(UserError) as e:
+            repa_probe.analyze(kwargs.pop("models"), **kwargs)
+        assert message in str(e.value) and "--" not in str(e.value), (kwargs, str(e.value))
+    # a string is one encoder, a number one noise level: both pass the checks and reach the encoder's loading
+    with pytest.raises(UserError, match="unknown encoder 'no-such-encoder'"):
+        repa_probe.analyze(path, data=data, encoders="no-such-encoder", ts=0.5)
+    model = SiT(tiny_config(z_dims=[], encoder_depth=0))
+    with pytest.raises(UserError, match=r"^image_size='32' must be an integer ≥ 1$"):
+        repa_probe.analyze(model, data=data, image_size="32")
+    with pytest.raises(UserError, match=r"report\(out=None\): pass the folder"):
+        repa_probe.Analysis(results=None, seconds=0.0).report(None)
+    for enough in (dict(n=21), dict(k=9), dict(bootstrap=0)):    # what the n-for-k error advises is enough
+        AnalyzeConfig(**{"data": data, "n": 20, "encoders": ["cifar-ssl-resnet"], **enough}).resolved(python_arg)

@@ -220,6 +220,7 @@ BAD_FLAGS = [
     (["analyze", "CK", "--bootstrap", "-1"], "--bootstrap"), (["analyze", "CK", "--k", "0"], "--k"),
     (["analyze", "CK", "--samples", "-1"], "--samples"), (["analyze", "CK", "--device", "cuda"], "--device"),
     (["analyze", "CK", "--device", "gpu0"], "--device"), (["sample", "CK", "--steps", "0"], "--steps"),
+    (["analyze", "CK", "--seed", "-1"], "--seed -1"), (["analyze", "CK", "--n", "99999"], "--n 99999"),
 ]
 
 
@@ -233,6 +234,16 @@ def test_every_bad_flag_is_one_line_naming_it_before_any_work(argv, flag, ckpt, 
     r = run_cli(*argv, *need)
     one_error_line(r, flag)
     assert time.perf_counter() - start < 60 and not (tmp_path / "rep").exists()
+
+
+def test_n_too_few_for_k_is_one_line_naming_both_before_the_capture(ckpt, cifar_dir, tmp_path):
+    """--n 20 with the default --k 10: a bootstrap subsample of 20 images keeps as few as 10 distinct ones
+    (seed 0), too few for 10 neighbours. It used to fail after the capture, naming no flag."""
+    r = run_cli("analyze", ckpt, *fast(tmp_path, cifar_dir, n=20), "--bootstrap", 20, "--cache", tmp_path / "c",
+                "--out", tmp_path / "rep")
+    one_error_line(r, "--n 20 is too few for --k 10: a bootstrap subsample (--bootstrap 20) keeps as few as 10")
+    assert "pass --n 21 or more, a smaller --k, or --bootstrap 0" in r.stderr
+    assert not list(tmp_path.glob("c/**/*.npy")) and not (tmp_path / "rep").exists()      # nothing computed
 
 
 def test_read_only_places_are_one_line(ckpt, training_ckpt, cifar_dir, tmp_path):

@@ -1,5 +1,7 @@
 """Linear probes against scikit-learn on real data (sklearn's bundled digits, 8x8 images)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from repa_probe.errors import UserError
-from repa_probe.probe import ProbeConfig, fit_logistic, linear_probe, logits, standardize
+from repa_probe.probe import VAL_TIE, ProbeConfig, choose_lambda, fit_logistic, linear_probe, logits, standardize
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +18,28 @@ def digits():
     perm = np.random.default_rng(0).permutation(len(y))
     tr, te = perm[:1200], perm[1200:]
     return x[tr], y[tr], x[te], y[te]
+
+
+VAL_TOL, TOP1_TOL = 0.02, 0.01   # what other rounding moves: validation top-1 at each λ, test top-1
+
+
+def assert_same_probe(a: dict, b: dict, n_val: int) -> None:
+    """Two fits of the same probes under other rounding (another pass, thread count or CPU; features 1 ulp
+    away) stop L-BFGS at slightly different points (docs/probe.md). What holds: each run's λ follows the tie
+    rule from its own validation accuracies; those agree within VAL_TOL at every λ (measured: up to 3 of 240
+    images at λ = 1e-4 on digits' column permutations, none above); a λ differs between runs only where it was a
+    near-tie (within the tie and VAL_TOL of the best) in both; and test top-1 agrees within TOP1_TOL (measured:
+    up to 5 of 597 images at λ = 1e-4, 1 at 1e-3)."""
+    lambdas = np.asarray(ProbeConfig().lambdas)
+    tie = max(1, math.floor(VAL_TIE * n_val)) / n_val
+    for r in (a, b):
+        np.testing.assert_array_equal(r["lambda"], lambdas[choose_lambda(r["val_top1_by_lambda"], lambdas, n_val)])
+    np.testing.assert_allclose(a["val_top1_by_lambda"], b["val_top1_by_lambda"], rtol=0, atol=VAL_TOL)
+    np.testing.assert_allclose(a["top1"], b["top1"], rtol=0, atol=TOP1_TOL)
+    for r, other in ((a, b), (b, a)):
+        val = np.asarray(r["val_top1_by_lambda"])
+        theirs = np.take_along_axis(val, np.searchsorted(lambdas, other["lambda"])[..., None], axis=-1)[..., 0]
+        assert (theirs >= val.max(axis=-1) - tie - VAL_TOL).all()
 
 
 def np_standardize(train, test, eps=1e-6):
@@ -41,7 +65,7 @@ def test_probe_top1_is_within_one_point_of_sklearn_on_digits(digits):
     sk_top1 = (clf.predict(s_te) == y_te).mean()
     assert abs(float(ours["top1"]) - sk_top1) <= 0.01
     assert float(ours["top1"]) > 0.95
-    assert set(ours) == {"top1", "train_top1", "val_top1", "lambda", "hits"}
+    assert set(ours) == {"top1", "train_top1", "val_top1", "val_top1_by_lambda", "lambda", "hits"}
     assert ours["hits"].shape == y_te.shape and ours["hits"].mean() == pytest.approx(float(ours["top1"]))
 
 
@@ -49,9 +73,7 @@ def test_sklearn_backend_runs_the_same_protocol(digits):
     x_tr, y_tr, x_te, y_te = digits
     ours = linear_probe(x_tr, y_tr, x_te, y_te)
     ref = linear_probe(x_tr, y_tr, x_te, y_te, backend="sklearn")
-    assert ref["lambda"] == ours["lambda"]
-    assert abs(float(ref["val_top1"]) - float(ours["val_top1"])) <= 0.01
-    assert abs(float(ref["top1"]) - float(ours["top1"])) <= 0.01
+    assert_same_probe(ours, ref, round(ProbeConfig().val_fraction * len(y_tr)))     # float64 lbfgs vs ours
 
 
 @pytest.mark.parametrize("lam", [1e-3, 1e-1])
@@ -102,8 +124,7 @@ def test_batched_probes_from_a_float16_memmap_equal_one_at_a_time(digits, tmp_pa
     for i in range(2):
         for j in range(2):
             one = linear_probe(np.asarray(train[i, j]), y_tr, test[i, j], y_te)
-            assert batched["lambda"][i, j] == one["lambda"]
-            assert batched["top1"][i, j] == pytest.approx(float(one["top1"]), abs=2 / len(y_te))
+            assert_same_probe({k: v[i, j] for k, v in batched.items()}, one, round(0.2 * len(y_tr)))
     assert batched["top1"][1, 0] < 0.25 < batched["top1"][0, 0]  # noise features vs digits
 
 
@@ -166,15 +187,42 @@ def test_fit_needs_few_passes_over_the_features_on_digits(digits, monkeypatch):
     assert len(calls) <= 80
 
 
-def test_probes_split_into_passes_give_the_same_results(digits):
-    """A tight memory budget fits one probe per pass (scores count: 10 classes x 5 λ x n images)."""
+def test_probes_agree_across_passes_threads_and_rounding_within_the_stated_tolerance(digits):
+    """Fits of the same probes in other passes (one probe per pass: scores count 10 classes x 5 λ x n images),
+    on one thread instead of two, or on features 1 ulp away: BLAS promises no bitwise equality across batch
+    shapes and threads, and a Xeon with AVX-512 swapped top-1 0.97822 / 0.97655 between x and x reversed (the
+    same problem up to a column permutation), batched and one by one. What holds is `assert_same_probe`."""
     x_tr, y_tr, x_te, y_te = digits
-    feats_tr = np.stack([x_tr, x_tr[:, ::-1], np.sqrt(x_tr)])
+    feats_tr = np.stack([x_tr, x_tr[:, ::-1], np.sqrt(x_tr)]).astype(np.float32)
     feats_te = np.stack([x_te, x_te[:, ::-1], np.sqrt(x_te)])
     together = linear_probe(feats_tr, y_tr, feats_te, y_te)
-    one_by_one = linear_probe(feats_tr, y_tr, feats_te, y_te, ProbeConfig(max_batch_bytes=1))
-    for key in ("top1", "lambda", "val_top1"):
-        np.testing.assert_array_equal(together[key], one_by_one[key])
+    n_val = round(ProbeConfig().val_fraction * len(y_tr))
+    assert_same_probe(together, linear_probe(feats_tr, y_tr, feats_te, y_te, ProbeConfig(max_batch_bytes=1)), n_val)
+    up = np.random.default_rng(0).random(feats_tr.shape) < 0.5
+    nudged = np.nextafter(feats_tr, np.where(up, np.inf, -np.inf).astype(np.float32))
+    assert_same_probe(together, linear_probe(nudged, y_tr, feats_te, y_te), n_val)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3 - min(threads, 2))                   # the other of one and two threads
+    try:
+        assert_same_probe(together, linear_probe(feats_tr, y_tr, feats_te, y_te), n_val)
+    finally:
+        torch.set_num_threads(threads)
+    x, x_reversed = ({k: v[i] for k, v in together.items()} for i in (0, 1))    # one problem, columns permuted
+    assert_same_probe(x, x_reversed, n_val)
+
+
+def test_validation_accuracies_within_the_tie_go_to_the_larger_lambda():
+    """Digits with its columns permuted 12 ways (the same problem): validation top-1 at λ = 1e-4 (a flat
+    objective, where L-BFGS stops at a different point each time) was 231 to 234 of 240 images, at the other
+    λ the same every time (233, 231, 228, 221). By the plain maximum two permutations chose 1e-4 and scored
+    3 test images less; within one image is a tie, and a tie goes to the larger λ."""
+    lambdas = ProbeConfig().lambdas
+    for at_smallest in (231, 232, 233, 234):
+        assert lambdas[choose_lambda(np.array([at_smallest, 233, 231, 228, 221]) / 240, lambdas, 240)] == 1e-3
+    assert lambdas[choose_lambda(np.array([235, 233, 231, 228, 221]) / 240, lambdas, 240)] == 1e-4   # a clear win
+    accs = np.array([[0.5] * 5, [0.9, 0.1, 0.1, 0.1, 0.1], [0.800, 0.801, 0.805, 0.809, 0.790]])
+    assert choose_lambda(accs, lambdas, 2000).tolist() == [4, 0, 3]   # 0.5% of 2000 images: 10 are a tie
+    assert choose_lambda(np.array([0.5, 0.6]), (1.0, 0.1), 10) == 0     # the larger λ by value, not by position
 
 
 @pytest.mark.parametrize("classes", [10, 40])  # per-class search, and one α above 32 classes

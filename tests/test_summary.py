@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
+import repa_probe
+from conftest import tiny_config
+from repa_probe import stats
+from repa_probe.models import SiT
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, wilson_interval
 from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 
@@ -92,3 +98,74 @@ def test_wilson_interval_matches_the_textbook_value():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def inside(values, low, high) -> bool:
+    values, low, high = (np.asarray(x, dtype=float) for x in (values, low, high))
+    return bool(((low <= values) & (values <= high)).all())
+
+
+def test_flat_and_rounding_noise_curves_make_no_peak_drop_or_difference():
+    """Blocks and checkpoints equal (exactly, or but for 1e-9 of rounding noise, whose replicates move
+    together): no drop after a peak, no better or worse block; the peak is the earliest of the tied blocks."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(scale=0.05, size=(200, 1))                  # the images' own spread, shared by all
+    flat = 0.3 + shared + np.zeros((1, 5))
+    noisy = flat + 1e-9 * np.array([0, 1, 3, 2, 0.5]) + rng.normal(scale=1e-11, size=(200, 5))
+    for b_reps in (flat, noisy):
+        drop = float(np.median(b_reps[:, 2] - b_reps[:, -1]))
+        ho = HeldOut([2], np.array([drop]), stats.centred_interval(np.array([drop]), b_reps[:, 2:3] - b_reps[:, -1:]),
+                     100, 100)
+        a = curve("vanilla", "cknna", np.median(flat, 0), flat, encoder="e")
+        b = curve("repa", "cknna", np.median(b_reps, 0), b_reps, held_out=ho, encoder="e")
+        res = results(Analysed("vanilla", "model", None, [a]), Analysed("repa", "model", None, [b]))
+        p = peak_summary(res).set_index("checkpoint").loc["repa"]
+        assert p["best_block"] == 1 and not p["peaks_then_drops"] and not p["rises_after_peak"]
+        assert inside(p["drop_after"], p["drop_ci_low"], p["drop_ci_high"])
+        c = compare_summary(res, "vanilla", "repa", aligned_block=2).iloc[0]
+        assert c["b_better_blocks"] == [] and c["b_worse_blocks"] == []
+        d = paired_deltas(res, "vanilla", "repa")
+        assert inside(d["delta"], d["ci_low"], d["ci_high"]) and (d["resolution"] == stats.RTOL).all()
+
+
+def test_a_real_analysis_of_blocks_equal_but_for_rounding_claims_nothing(cifar_dir, tmp_path):
+    """Two untrained adaLN-Zero SiTs whose gates are ~1e-5 instead of 0: every block is its input but for a
+    trace, and CKNNA agrees across blocks and checkpoints to ~1e-9. Before the resolution floor and the
+    median-centred interval, this reported "peaks, then drops" on a 1e-9 drop that lay outside its interval."""
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+
+    def near_identity(seed: int) -> SiT:
+        torch.manual_seed(0)
+        model = SiT(cfg)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for block in model.blocks:
+                bias = block.adaLN_modulation[-1].bias
+                bias.copy_(1e-5 * torch.randn(bias.shape, generator=g))
+        return model
+
+    a = repa_probe.analyze([near_identity(1), near_identity(2)], data=str(cifar_dir / "test"),
+                           encoders="cifar-ssl-resnet", ts=0, names=["a", "b"], blocks="blocks", convention="sit",
+                           image_size=16, num_classes=10, n=300, k=5, bootstrap=20, null=2, baselines=False,
+                           quiet=True, cache=str(tmp_path / "cache"))
+    p = peak_summary(a.results)
+    assert (p["drop_after"].abs() < 1e-8).all()                     # the blocks are equal but for rounding
+    assert not p["peaks_then_drops"].any() and not p["rises_after_peak"].any()
+    assert inside(p["drop_after"], p["drop_ci_low"], p["drop_ci_high"])
+    assert inside(p["best_value"], p["best_ci_low"], p["best_ci_high"])
+    c = compare_summary(a.results, "a", "b", aligned_block=1)
+    assert all(blocks == [] for blocks in c["b_better_blocks"]) and all(blocks == [] for blocks in c["b_worse_blocks"])
+    d = paired_deltas(a.results, "a", "b")
+    assert inside(d["delta"], d["ci_low"], d["ci_high"])
+    t = a.table
+    assert inside(t["value"], t["ci_low"], t["ci_high"])
+
+
+def test_a_training_trend_within_the_resolution_is_no_change():
+    from repa_probe.commands import trajectory_summary, trend_word
+    rows = [dict(run="r", step=s, block=b, t=0.0, metric="cknna", encoder="e", value=0.4 + 1e-9 * s * b)
+            for s in (100, 200) for b in (1, 2)]
+    trend = trajectory_summary(pd.DataFrame(rows), [[1, 2]])
+    assert trend_word(next(trend.itertuples())).startswith("unchanged")
+    rows = [{**r, "value": r["value"] + 1e-3 * (r["step"] == 200)} for r in rows]
+    assert trend_word(next(trajectory_summary(pd.DataFrame(rows), [[1, 2]]).itertuples())).startswith("higher")

@@ -285,9 +285,12 @@ def test_analysis_while_training_writes_tidy_rows(cifar_dir, tmp_path):
     full = pd.read_csv(tmp_path / "analyze" / "results.csv").fillna({"encoder": ""})
     full = full.set_index(["block", "t", "metric", "encoder"])["value"]
     logged = [row for row in rows if row["step"] == 4]
+    # the trainer fits its 4 probes in one batch, analyze its 8: BLAS promises no bitwise equality across batch
+    # shapes, and a probe may differ by one of its 12 test images (tests/test_probe.py: assert_same_probe)
     for row in logged:
+        tol = 1 / 12 + 1e-9 if row["metric"] == "probe_top1" else 1e-6
         assert full[(row["block"], row["t"], row["metric"], row["encoder"] or "")] == pytest.approx(row["value"],
-                                                                                                   abs=1e-6)
+                                                                                                   abs=tol)
     assert len({row["value"] for row in logged if row["metric"] == "cknna"}) > 1     # not a constant by accident
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -148,6 +149,11 @@ def describe_module(model: nn.Module, *, blocks: str | Sequence[nn.Module] = "bl
                     num_classes: int | None = None, stream: int | None = None, image_tokens: slice | None = None,
                     aligned_block: int | None = None, name: str | None = None) -> LoadedCheckpoint:
     """A LoadedCheckpoint for any module that maps (x_t, timestep, label) through a list of blocks."""
+    for key, value, least in (("image_size", image_size, 1), ("channels", channels, 1), ("grid", grid, 1),
+                              ("num_classes", num_classes, 1), ("stream", stream, 0),
+                              ("aligned_block", aligned_block, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < least):
+            raise UserError(f"{key}={value!r} must be an integer ≥ {least}")
     conv = get_convention(convention)
     family = ModuleFamily(blocks, call, stream, image_tokens)
     modules = family.blocks(model)

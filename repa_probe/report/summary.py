@@ -5,10 +5,12 @@ claim resting on an interval that fits the design (docs/statistics.md):
             replicates (a measure of how sure the peak's location is);
   drop      the drop after the peak, selection-aware: the peak chosen on half the images, the drop (peak −
             last block) measured on the other half with a paired interval; "peaks then drops" when that
-            interval lies above 0;
+            interval lies above 0 and the drop is beyond the measure's resolution (stats.resolution: half
+            an image for the probe, 1e-6 of the scale for float measures), "rises after the peak" the mirror;
   null      for alignment metrics, the 97.5% level of the permutation null (images shuffled) at each block;
   B − A     per block × t, a paired interval (the same images, noise and replicates for both checkpoints);
-            the aligned block (pre-specified by the REPA checkpoint, so no selection) gets its own line.
+            the aligned block (pre-specified by the REPA checkpoint, so no selection) gets its own line;
+            "better"/"worse" as for a drop: interval off 0 and the difference beyond the resolution.
 Blocks are numbered as in the paper: 0 = the tokens entering block 1, i = the output of block i.
 """
 from __future__ import annotations
@@ -42,18 +44,23 @@ def _above_null(c: Curves, ti: int) -> tuple[int, int]:
 def peak_summary(results: Results) -> pd.DataFrame:
     """One row per model × metric × encoder × t: best block (all images) with its value, interval and
     bootstrap frequency; last block; the full-sample drop best − last; the held-out (selection-aware) drop
-    with its paired interval and the block chosen for it; the verdict; and how many blocks beat the null."""
+    with its paired interval and the block chosen for it; the verdict (a drop, a rise after the peak, or
+    neither); the measure's resolution; and how many blocks beat the null. Blocks equal but for rounding
+    (within the resolution) tie, and a drop within it is no drop."""
     records = []
     for a, c in _model_curves(results):
         reps, scale = c.paired_replicates(results.config.seed)
         if reps is not None and scale is not None:      # subsamples: their spread, at n images, around the value
-            reps = c.value + scale[:, None, None] * (reps - reps.mean(axis=0))
+            reps = c.value + stats.deviations(reps, scale)
+        floor = c.resolution()
         for ti, t in enumerate(c.ts):
-            best = int(stats.argmax_blocks(c.value[ti], c.blocks))
+            best = int(stats.argmax_blocks(c.value[ti], c.blocks, floor))
             lo, hi = c.ci[ti, best] if c.ci is not None else (math.nan, math.nan)
-            freq = stats.peak_frequency(reps[:, ti], c.blocks, best) if reps is not None else math.nan
+            freq = stats.peak_frequency(reps[:, ti], c.blocks, best, floor) if reps is not None else math.nan
             ho = c.held_out
             drop, (d_lo, d_hi) = (float(ho.drop[ti]), ho.ci[ti]) if ho is not None else (math.nan, (math.nan,) * 2)
+            sign = stats.verdict(drop, d_lo, d_hi, c.resolution(ho.n_measure)) \
+                if ho is not None and ho.peak[ti] != c.blocks[-1] else 0
             above, with_null = _above_null(c, ti)
             records.append(dict(
                 checkpoint=c.checkpoint, metric=c.metric, encoder=c.encoder, t=float(t),
@@ -62,13 +69,14 @@ def peak_summary(results: Results) -> pd.DataFrame:
                 last_value=float(c.value[ti, -1]), drop_all=float(c.value[ti, best] - c.value[ti, -1]),
                 selected_block=ho.peak[ti] if ho is not None else None, drop_after=drop, drop_ci_low=float(d_lo),
                 drop_ci_high=float(d_hi), n_select=ho.n_select if ho else 0, n_measure=ho.n_measure if ho else 0,
-                peaks_then_drops=bool(ho is not None and ho.peak[ti] != c.blocks[-1] and d_lo > 0),
-                blocks_above_null=above, blocks_with_null=with_null))
+                peaks_then_drops=sign > 0, blocks_above_null=above, blocks_with_null=with_null,
+                rises_after_peak=sign < 0, resolution=floor))
     return pd.DataFrame.from_records(records)
 
 
 def paired_deltas(results: Results, a: str, b: str) -> pd.DataFrame:
-    """B − A per metric × encoder × t × block (blocks both have), with the paired 95% interval."""
+    """B − A per metric × encoder × t × block (blocks both have), with the paired 95% interval and the
+    measure's resolution (a difference within it is rounding)."""
     seed, records = results.config.seed, []
     curves_a = {(c.metric, c.encoder): c for x in results.models if x.name == a for c in x.curves}
     for x in results.models:
@@ -84,29 +92,33 @@ def paired_deltas(results: Results, a: str, b: str) -> pd.DataFrame:
             (ra, scale), (rb, _) = ca.paired_replicates(seed), cb.paired_replicates(seed)
             paired = ra is not None and rb is not None and ra.shape == rb.shape
             ci = stats.centred_interval(delta, rb[..., ib] - ra[..., ia], scale) if paired else None
+            floor = max(ca.resolution(), cb.resolution())
             for ti, t in enumerate(cb.ts):
                 for j, blk in enumerate(common):
                     lo, hi = ci[ti, j] if ci is not None else (math.nan, math.nan)
                     records.append(dict(a=a, b=b, metric=cb.metric, encoder=cb.encoder, t=float(t), block=blk,
                                         a_value=float(ca.value[ti, ia[j]]), b_value=float(cb.value[ti, ib[j]]),
-                                        delta=float(delta[ti, j]), ci_low=float(lo), ci_high=float(hi)))
+                                        delta=float(delta[ti, j]), ci_low=float(lo), ci_high=float(hi),
+                                        resolution=floor))
     return pd.DataFrame.from_records(records, columns=["a", "b", "metric", "encoder", "t", "block", "a_value",
-                                                       "b_value", "delta", "ci_low", "ci_high"])
+                                                       "b_value", "delta", "ci_low", "ci_high", "resolution"])
 
 
 def compare_summary(results: Results, a: str, b: str, aligned_block: int | None = None) -> pd.DataFrame:
     """Per metric × encoder × t: the largest and mean B − A over blocks ≥ 1, the blocks where B is better or
-    worse (paired interval above or below 0, block by block), and B − A at the aligned block."""
+    worse (paired interval above or below 0 and the difference beyond the resolution, block by block), and
+    B − A at the aligned block."""
     d = paired_deltas(results, a, b)
     records = []
     for (metric, encoder, t), g in d[d["block"] >= 1].groupby(["metric", "encoder", "t"], sort=True):
         i = int(np.argmax(g["delta"].to_numpy()))
         at = g[g["block"] == aligned_block]
+        sign = np.array([stats.verdict(r.delta, r.ci_low, r.ci_high, r.resolution) for r in g.itertuples()])
         records.append(dict(
             a=a, b=b, metric=metric, encoder=encoder, t=float(t), max_delta_block=int(g["block"].iloc[i]),
             max_delta=float(g["delta"].iloc[i]), mean_delta=float(g["delta"].mean()),
-            b_better_blocks=g.loc[g["ci_low"] > 0, "block"].astype(int).tolist(),
-            b_worse_blocks=g.loc[g["ci_high"] < 0, "block"].astype(int).tolist(),
+            b_better_blocks=g.loc[sign > 0, "block"].astype(int).tolist(),
+            b_worse_blocks=g.loc[sign < 0, "block"].astype(int).tolist(),
             aligned_block=aligned_block, aligned_delta=float(at["delta"].iloc[0]) if len(at) else math.nan,
             aligned_ci_low=float(at["ci_low"].iloc[0]) if len(at) else math.nan,
             aligned_ci_high=float(at["ci_high"].iloc[0]) if len(at) else math.nan))
