@@ -11,6 +11,7 @@ from conftest import tiny_config
 from repa_probe import stats
 from repa_probe.models import SiT
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, wilson_interval
+from repa_probe.report.compose import headline
 from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 
 
@@ -122,6 +123,8 @@ def test_flat_and_rounding_noise_curves_make_no_peak_drop_or_difference():
         p = peak_summary(res).set_index("checkpoint").loc["repa"]
         assert p["best_block"] == 1 and not p["peaks_then_drops"] and not p["rises_after_peak"]
         assert inside(p["drop_after"], p["drop_ci_low"], p["drop_ci_high"])
+        rises = peak_summary(res).assign(drop_ci_high=-1e-12)     # an interval below 0, by a rounding-sized rise
+        assert not any("rises" in line or "drops" in line for line in headline(rises))
         c = compare_summary(res, "vanilla", "repa", aligned_block=2).iloc[0]
         assert c["b_better_blocks"] == [] and c["b_worse_blocks"] == []
         d = paired_deltas(res, "vanilla", "repa")

@@ -145,7 +145,7 @@ def _peak_phrase(r) -> str:
     if r.selected_block == r.last_block:
         return phrase + f"on the selection half the best block is the last ({r.last_block}): no drop after the peak"
     verdict = "it peaks, then drops" if r.peaks_then_drops else \
-        ("it rises after the peak" if r.drop_ci_high < 0 else "no drop beyond the interval")
+        ("it rises after the peak" if r.rises_after_peak else "no drop beyond the interval")
     return phrase + (f"block {int(r.selected_block)} (the peak on {r.n_select} selection images) − block "
                      f"{r.last_block}: {interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)} on the "
                      f"other {r.n_measure} images (paired 95%) — {verdict}")
