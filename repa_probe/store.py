@@ -53,6 +53,7 @@ import sys
 import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -175,6 +176,15 @@ def _check(path: Path, record: dict) -> None:
     if (crc := _crc32(path)) != record["crc32"]:
         raise _set_aside(path, f"CRC-32 {crc} instead of {record['crc32']}")
     _verified[path] = (key, crc)
+
+
+def _damage(path: Path, record: dict) -> Damaged | None:
+    """_check's verdict as a value (for a thread pool's map)."""
+    try:
+        _check(path, record)
+    except Damaged as e:
+        return e
+    return None
 
 
 def _content_crc(manifest: dict) -> str:
@@ -392,22 +402,25 @@ class Entry:
             return pid == os.getpid() or not pid_alive(pid, start)
         return age > CLAIM_TIMEOUT_S
 
-    def verify(self, part: str) -> None:
-        """Check a complete part's merged arrays (_check); when one is damaged, mark the part incomplete, so
+    def verify(self, parts: Sequence[str]) -> None:
+        """Check the merged arrays of the complete `parts` (_check), all at once on threads (reading and CRC-32
+        release the GIL; one core checksums a few GB/s); a part with a damaged array is marked incomplete, so
         that fill computes it again."""
-        record = self.manifest["parts"].get(part, {})
-        if not record.get("complete"):
-            return
-        try:
-            for name, spec in record["arrays"].items():
-                _check(self.part_dir(part) / f"{name}.npy", spec)
-        except Damaged as e:
+        records = {part: self.manifest["parts"][part] for part in parts if self.is_complete(part)}
+        files = [(part, self.part_dir(part) / f"{name}.npy", spec)
+                 for part, record in records.items() for name, spec in record["arrays"].items()]
+        with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1))) as pool:
+            errors = list(pool.map(lambda file: _damage(*file[1:]), files))
+        damaged = {part: records[part] for (part, _, _), e in zip(files, errors) if e is not None}
+        for e in filter(None, errors):
             _warn(e)
+        if damaged:
             with _locked(self.path / ".lock"):
                 self.reload()
-                if self.manifest["parts"].get(part) == record:     # not computed again meanwhile by another process
-                    del self.manifest["parts"][part]
-                    _write_manifest(self.path, self.manifest)
+                for part, record in damaged.items():
+                    if self.manifest["parts"].get(part) == record:     # not computed again meanwhile elsewhere
+                        del self.manifest["parts"][part]
+                _write_manifest(self.path, self.manifest)
 
     def array(self, part: str, name: str) -> np.ndarray:
         """A merged array, checked (_check), memory-mapped read-only."""
@@ -605,8 +618,7 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
     Merged arrays are checked first and chunks when merged: a damaged one is moved aside and computed again.
     """
     if rank() == 0:
-        for part in parts:
-            entry.verify(part)
+        entry.verify(parts)
     barrier()
     entry.reload()
     computed = 0

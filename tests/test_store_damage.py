@@ -114,8 +114,8 @@ def test_a_damaged_file_is_named_moved_aside_and_computed_again(work, reference,
     path = entry_of(tmp_path / "cache") / file
     damage(path)
     repaired, computed = features(work, tmp_path / "cache")
-    warned(capfd.readouterr().err, path)
     assert_same(repaired, reference)
+    warned(capfd.readouterr().err, path)
     # only what the file held is computed again: one t's batches, both t's for the manifest, none for labels
     assert computed == {MANIFEST: 2 * N // BATCH, "labels.npy": 0}.get(file, N // BATCH)
     assert features(work, tmp_path / "cache")[1] == 0 and not capfd.readouterr().err   # repaired for good
@@ -150,8 +150,8 @@ def test_encoder_features_damaged_on_disk_are_computed_again(tmp_path, cifar_dir
     pooled = entry_of(tmp_path, "encoder") / "all" / "pooled.npy"
     flip(pooled, 1024, 2048)
     again = encoder_features(store, encoder, dataset, grid=2, batch_size=8, quiet=True)
+    assert np.array_equal(again["pooled"], reference) and again.computed == 2
     warned(capfd.readouterr().err, pooled)
-    assert again.computed == 2 and np.array_equal(again["pooled"], reference)
 
 
 def test_an_entry_of_store_version_1_is_adopted_and_its_truncated_array_computed_again(work, reference, tmp_path,
@@ -161,17 +161,15 @@ def test_an_entry_of_store_version_1_is_adopted_and_its_truncated_array_computed
     shutil.copytree(work / "cache", tmp_path / "cache")
     entry = entry_of(tmp_path / "cache")
     manifest = json.loads((entry / MANIFEST).read_text())
-    for key in ("crc32", "files"):
-        del manifest[key]
-    for part in manifest["parts"].values():
-        for spec in part["arrays"].values():
-            del spec["bytes"], spec["crc32"]
+    for record in (manifest, *(spec for part in manifest["parts"].values() for spec in part["arrays"].values())):
+        for key in ("crc32", "files", "bytes"):
+            record.pop(key, None)
     (entry / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
     truncate(entry / "t=0" / "raw.npy", 0.9)
     capfd.readouterr()
     adopted, computed = features(work, tmp_path / "cache")
-    warned(capfd.readouterr().err, entry / "t=0" / "raw.npy")
     assert_same(adopted, reference)
+    warned(capfd.readouterr().err, entry / "t=0" / "raw.npy")
     assert computed == N // BATCH
     assert json.loads((entry / MANIFEST).read_text())["version"] == 2
     flip(entry / "t=0.5" / "raw.npy", 4096, 64)                          # now checksummed: found
@@ -190,9 +188,9 @@ def test_analyze_on_a_damaged_cache_gives_the_undamaged_numbers(work, tmp_path):
     r = run_cli("analyze", work / "model.pt", *ANALYZE, "--cache", tmp_path / "cache", "--out", tmp_path / "report",
                 env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    warned(r.stderr, blocks, pooled)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "report" / "results.csv"),
                                   pd.read_csv(work / "report" / "results.csv"), check_exact=True)
+    warned(r.stderr, blocks, pooled)
 
 
 #################################################################################
