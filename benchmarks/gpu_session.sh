@@ -53,4 +53,7 @@ tail -c 3000 "$OUT/analyze.err"
 if [ "${EXTRA:-0}" = 1 ]; then
     step cknna 70 python benchmarks/bench_cknna.py --device cuda --sizes 1000,2000,4000,10000 --batched-n 10000
     step probe 120 python benchmarks/bench_probe.py --device cuda --data "$DATA"
+    step store_checksum 330 python benchmarks/bench_store_checksum.py --n 10000 --blocks 28 --dim 1152 \
+        --model SiT-XL/2 --analyze-n 10000 --analyze-t 0 0.1 0.25 0.5 0.75 --encoder dinov2-vit-l --device cuda \
+        --workers 8 --data "$DATA/test"
 fi

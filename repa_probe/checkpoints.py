@@ -28,7 +28,7 @@ import torch
 
 from repa_probe.errors import UserError
 from repa_probe.noise import Convention, get_convention
-from repa_probe.runtime import atomic_write, state_dict_sha256
+from repa_probe.runtime import atomic_write, state_dict_sha256, torch_save_atomic
 
 
 FORMAT_TAG = "repa-probe"
@@ -210,5 +210,5 @@ def save_checkpoint(path: str | os.PathLike, config, ema: dict, *, model: dict |
     else:
         obj = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "config": config.to_dict(), "meta": meta,
                "ema": ema, **({"model": model} if model is not None else {}), **extra}
-        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        torch_save_atomic(path, obj)
     return path

@@ -169,21 +169,49 @@ def partial_prefix(name: str) -> str:
     return f".{name}.partial-{HOST}-{os.getpid()}-"
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # disk full, quota reached, over the file-size limit
+
+
+def no_space(folder: str | os.PathLike, e: BaseException) -> UserError | None:
+    """The one line for a write in `folder` that failed for want of space: `e` or an exception it was raised
+    while handling is an OSError with an errno in NO_SPACE (EFBIG: a file beyond `ulimit -f`); else None.
+    The writers remove what they began (atomic_write's temporary file, a report's partial folder), so a
+    rerun resumes from whole files."""
+    while e is not None and not (isinstance(e, OSError) and e.errno in NO_SPACE):
+        e = e.__cause__ or e.__context__          # torch's writer raises its own error while handling ENOSPC
+    if e is None:
+        return None
+    return UserError(f"the disk holding '{folder}' is full ({e.strerror}): free space there or choose another "
+                     f"folder, then run the command again (what was finished is kept)")
+
+
+@contextlib.contextmanager
+def no_space_is_one_line(folder: str | os.PathLike):
+    """Raise no_space's UserError for a write in `folder` that fails for want of space."""
+    try:
+        yield
+    except Exception as e:
+        if (error := no_space(folder, e)) is None:
+            raise
+        raise error from None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """write(tmp) into a temporary file beside `path`, then rename it over `path` (os.replace is atomic),
     so readers and resumed runs only ever see a whole file; the temporary file is removed on failure (and,
     after a kill -9, by the next process: remove_stale_tmp). The file gets the permissions of the umask, as
-    a plain open() would."""
+    a plain open() would. A full disk is one line (no_space_is_one_line)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with no_space_is_one_line(path.parent):
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 
@@ -193,6 +221,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+def torch_save_atomic(path: str | os.PathLike, obj) -> Path:
+    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC), where torch's own
+    writer, given a file name, says only "[enforce fail at inline_container.cc] unexpected pos"."""
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, save)
 
 
 def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:

@@ -14,6 +14,13 @@ kinds: ``blocks`` (model features; one part per noise level, ``t=0.25``, holding
 subset, part ``all``) and ``encoder`` (target-encoder ``pooled`` [N, D] and optionally ``tokens``
 [N, T, D], part ``all``).
 
+Why a damaged file is never read as data: the manifest records every file's size and CRC-32 (labels, ids and
+each merged array; the manifest itself carries the CRC-32 of its content) and chunks carry the zip CRC-32
+of each member. A file is checked when it is read (a merged array once per process while its size, mtime
+and inode are unchanged); one that fails (damaged, truncated, empty, missing) is named in one line on stderr,
+moved aside as NAME.damaged-TIME and computed again. Entries of store version 1 (no checksums) are adopted
+on first open: see _adopt.
+
 Why it is safe to interrupt: every chunk is written to a temporary file and renamed into place
 (os.replace is atomic), so a chunk file is either whole or absent; on restart only rows that no chunk
 file covers are computed. When a part's chunks cover all N rows, rank 0 merges them into one .npy
@@ -44,6 +51,9 @@ import re
 import socket
 import sys
 import time
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,12 +65,12 @@ from torch.utils.data import Dataset, Sampler
 from repa_probe.background import Prefetcher, Writer, host_copy
 from repa_probe.data import make_loader
 from repa_probe.errors import UserError
-from repa_probe.runtime import (atomic_write, barrier, digest, pid_alive, process_start, rank, remove_stale_tmp,
-                                sum_over_ranks, world_size, write_json_atomic)
+from repa_probe.runtime import (atomic_write, barrier, digest, no_space_is_one_line, pid_alive, process_start, rank,
+                                remove_stale_tmp, sum_over_ranks, world_size, write_json_atomic)
 from repa_probe.tokens import sample_cells, target_cells
 
 MANIFEST = "manifest.json"
-STORE_VERSION = 1
+STORE_VERSION = 2             # 2: the manifest holds every file's CRC-32 (1: no checksums; adopted on open)
 CLAIM_TIMEOUT_S = 1800.0      # a claim this old without its chunk is abandoned (another host's crashed run)
 CLAIM_WRITE_S = 10.0          # a claim still empty this long after its creation: its creator was killed
 POLL_S = 0.2
@@ -77,11 +87,12 @@ def t_part(t: float) -> str:
     return f"t={round(float(t), 6):g}"
 
 
-def write_npy_atomic(path: Path, array: np.ndarray) -> None:
+def write_npy_atomic(path: Path, array: np.ndarray) -> dict:
+    """Write `array` atomically; → its checksum record (_record)."""
     def save(tmp):
         with open(tmp, "wb") as f:   # a file object: np.save would append .npy to a name
             np.save(f, array)
-    atomic_write(path, save)
+    return _record(atomic_write(path, save))
 
 
 @contextlib.contextmanager
@@ -101,6 +112,121 @@ def _locked(path: Path):
 
 
 #################################################################################
+#                                   Checksums                                   #
+#################################################################################
+
+class Damaged(UserError):
+    """A store file that failed its check (damaged, truncated, empty or missing), already moved aside."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.note = path, f"damaged cache file '{path}' ({reason})"
+        super().__init__(f"{self.note}: run the command again to compute it anew")
+
+
+def _warn(e: Damaged) -> None:
+    print(f"repa-probe: warning: {e.note}; computing it again", file=sys.stderr)
+
+
+def _set_aside(path: Path, reason: str) -> Damaged:
+    """Rename a damaged file NAME.damaged-TIME (kept for inspection, out of the store's way); → the error."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.replace(path, aside)
+        reason += f"; moved aside to {aside.name}"
+    except FileNotFoundError:                  # missing, or another process moved it first
+        pass
+    return Damaged(path, reason)
+
+
+def _crc32(path: Path, block: int = 1 << 24) -> str:
+    """CRC-32 of a file (zlib's: several GB/s; it is there to find damage, not tampering)."""
+    crc, buf = 0, bytearray(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(memoryview(buf)[:n], crc)
+    return f"{crc:08x}"
+
+
+_verified: dict[Path, tuple] = {}    # file → ((size, mtime_ns, inode, device), CRC-32) when this process checked it
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+def _record(path: Path) -> dict:
+    """What the manifest keeps to check a file we just wrote: its size and CRC-32."""
+    crc = _crc32(path)
+    _verified[path] = (_stat_key(path), crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def _check(path: Path, record: dict) -> None:
+    """Raise Damaged, having moved the file aside, unless `path` has the size and CRC-32 of `record`. A file this
+    process wrote or checked is not read again while its size, mtime and inode are unchanged."""
+    try:
+        key = _stat_key(path)
+    except FileNotFoundError:
+        raise Damaged(path, "missing") from None
+    if _verified.get(path) == (key, record["crc32"]):
+        return
+    if key[0] != record["bytes"]:
+        raise _set_aside(path, f"{key[0]:,} bytes instead of {record['bytes']:,}")
+    if (crc := _crc32(path)) != record["crc32"]:
+        raise _set_aside(path, f"CRC-32 {crc} instead of {record['crc32']}")
+    _verified[path] = (key, crc)
+
+
+def _damage(path: Path, record: dict) -> Damaged | None:
+    """_check's verdict as a value (for a thread pool's map)."""
+    try:
+        _check(path, record)
+    except Damaged as e:
+        return e
+    return None
+
+
+def _content_crc(manifest: dict) -> str:
+    return f"{zlib.crc32(json.dumps(manifest, sort_keys=True).encode()):08x}"
+
+
+def _write_manifest(entry_path: Path, manifest: dict) -> None:
+    """Write an entry's manifest with the CRC-32 of its content (as parsed JSON, keys sorted)."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "crc32"}, default=str))
+    write_json_atomic(entry_path / MANIFEST, {**body, "crc32": _content_crc(body)})
+
+
+def _read_manifest(entry_path: Path) -> dict:
+    """An entry's manifest, checked (a version-1 manifest has no checksum to check); FileNotFoundError when there
+    is none; Damaged (moved aside) when it does not parse or its CRC-32 differs."""
+    path = entry_path / MANIFEST
+    data = path.read_bytes()
+    try:
+        manifest = json.loads(data)
+        crc = manifest.pop("crc32", None)
+    except (ValueError, AttributeError):       # not JSON (truncated, damaged), or not an object
+        raise _set_aside(path, "not a JSON manifest") from None
+    if crc is None and manifest.get("version") == 1:
+        return manifest
+    if crc != _content_crc(manifest):
+        raise _set_aside(path, f"CRC-32 {_content_crc(manifest)} instead of {crc}")
+    return manifest
+
+
+def _read_chunk(path: Path, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Arrays `names` (default: all) of a chunk, each read whole, so that zip checks it against its CRC-32;
+    Damaged (moved aside) when the chunk is damaged, truncated or empty."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in names or z.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError) as e:
+        raise _set_aside(path, " ".join(f"{type(e).__name__}: {e}".split())) from None
+
+
+#################################################################################
 #                                    Entries                                    #
 #################################################################################
 
@@ -116,7 +242,7 @@ class Entry:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.manifest = _read_manifest(self.path)
         self.n = int(self.manifest["n"])
         self.row_axes: dict[str, int] = self.manifest.get("row_axes", {})
 
@@ -124,7 +250,7 @@ class Entry:
         return self.path / part
 
     def reload(self) -> None:
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.manifest = _read_manifest(self.path)
 
     def is_complete(self, part: str) -> bool:
         return bool(self.manifest["parts"].get(part, {}).get("complete"))
@@ -141,8 +267,10 @@ class Entry:
             done = np.zeros(self.n, dtype=bool)
             try:
                 for f in self.chunk_files(part):
-                    with np.load(f) as z:
-                        done[z["positions"]] = True
+                    try:
+                        done[_read_chunk(f, ["positions"])["positions"]] = True
+                    except Damaged as e:    # its rows are pending again
+                        _warn(e)
                 return np.flatnonzero(~done)
             except FileNotFoundError:       # another process merged the part and removed its chunks
                 self.reload()
@@ -157,7 +285,8 @@ class Entry:
     def write_chunk(self, part: str, positions: np.ndarray, arrays: dict[str, np.ndarray]) -> Path:
         """Save a finished batch (rows first in every array) atomically."""
         d = self.part_dir(part)
-        d.mkdir(exist_ok=True)
+        with no_space_is_one_line(d.parent):
+            d.mkdir(exist_ok=True)
         path = d / f"chunk-{int(positions[0]):09d}-r{rank()}.npz"
         def save(tmp):
             with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to a name
@@ -166,7 +295,8 @@ class Entry:
         return atomic_write(path, save)
 
     def merge(self, part: str) -> bool:
-        """Assemble a part's chunks into one .npy per array if they cover every row; → whether complete.
+        """Assemble a part's chunks into one .npy per array if they cover every row; → whether complete (not
+        when a damaged chunk was found: it is moved aside, and its rows are pending again).
         Under the entry's lock, so concurrent processes merge once. Chunks that overlap (two processes with
         different batch sizes) hold the same rows computed the same way; any one of them serves."""
         with _locked(self.path / ".lock"):
@@ -174,36 +304,47 @@ class Entry:
             if self.is_complete(part):
                 self.clean(part)
                 return True
-            files = self.chunk_files(part)
-            covered = np.zeros(self.n, dtype=bool)
-            for f in files:
-                with np.load(f) as z:
-                    covered[z["positions"]] = True
-            if not files or not covered.all():
+            try:
+                shapes, files = self._assemble(part)
+            except Damaged as e:
+                _warn(e)
                 return False
-            with np.load(files[0]) as z:
-                specs = {k: (z[k].shape[1:], z[k].dtype) for k in z.files if k != "positions"}
-            shapes = {}
-            for name, (row_shape, dtype) in specs.items():
-                axis = self.row_axes.get(name, 0)
-                shape = (*row_shape[:axis], self.n, *row_shape[axis:])
-
-                def assemble(tmp, name=name, axis=axis, shape=shape, dtype=dtype):
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-                    for f in files:
-                        with np.load(f) as z:
-                            out[(slice(None),) * axis + (_as_index(z["positions"]),)] = np.moveaxis(z[name], 0, axis)
-                    out.flush()
-
-                atomic_write(self.part_dir(part) / f"{name}.npy", assemble)
-                shapes[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name, "row_axis": axis}
+            if shapes is None:
+                return False
             chunks = [{"first": int(m.group(1)), "rank": int(m.group(2))}
                       for m in (_CHUNK.fullmatch(f.name) for f in files)]
             self.manifest["parts"][part] = {"complete": True, "arrays": shapes, "chunks": len(files),
                                             "ranks": sorted({c["rank"] for c in chunks}), "merged": time.time()}
-            write_json_atomic(self.path / MANIFEST, self.manifest)
+            _write_manifest(self.path, self.manifest)
             self.clean(part)
         return True
+
+    def _assemble(self, part: str) -> tuple[dict | None, list[Path]]:
+        """Write each array of `part` from its chunks if they cover every row; → (each array's shape, dtype,
+        row axis and checksum record, or None when rows are missing; the chunks read)."""
+        files = self.chunk_files(part)
+        covered = np.zeros(self.n, dtype=bool)
+        for f in files:
+            covered[_read_chunk(f, ["positions"])["positions"]] = True
+        if not files or not covered.all():
+            return None, files
+        specs = {k: (v.shape[1:], v.dtype) for k, v in _read_chunk(files[0]).items() if k != "positions"}
+        shapes = {}
+        for name, (row_shape, dtype) in specs.items():
+            axis = self.row_axes.get(name, 0)
+            shape = (*row_shape[:axis], self.n, *row_shape[axis:])
+
+            def assemble(tmp, name=name, axis=axis, shape=shape, dtype=dtype):
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                _allocate(tmp)
+                for f in files:
+                    z = _read_chunk(f, ["positions", name])
+                    out[(slice(None),) * axis + (_as_index(z["positions"]),)] = np.moveaxis(z[name], 0, axis)
+                out.flush()
+
+            path = atomic_write(self.part_dir(part) / f"{name}.npy", assemble)
+            shapes[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name, "row_axis": axis, **_record(path)}
+        return shapes, files
 
     def clean(self, part: str) -> None:
         """Remove what a complete part no longer needs: its chunks, and temporary files of dead writers."""
@@ -216,7 +357,8 @@ class Entry:
         """Claim the batch starting at row `first` for this process (exclusive create); → whether we hold it.
         An abandoned claim (_abandoned) is taken over."""
         path = self.path / "claims" / f"batch-{first:09d}"
-        path.parent.mkdir(exist_ok=True)
+        with no_space_is_one_line(self.path):
+            path.parent.mkdir(exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -229,8 +371,12 @@ class Entry:
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid()) or '-'}\n")
+            try:
+                with no_space_is_one_line(path.parent), os.fdopen(fd, "w") as f:
+                    f.write(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid()) or '-'}\n")
+            except BaseException:
+                path.unlink()                          # no empty claim to wait for
+                raise
             return True
         return False
 
@@ -256,19 +402,101 @@ class Entry:
             return pid == os.getpid() or not pid_alive(pid, start)
         return age > CLAIM_TIMEOUT_S
 
+    def verify(self, parts: Sequence[str]) -> None:
+        """Check the merged arrays of the complete `parts` (_check), all at once on threads (reading and CRC-32
+        release the GIL; one core checksums a few GB/s); a part with a damaged array is marked incomplete, so
+        that fill computes it again."""
+        records = {part: self.manifest["parts"][part] for part in parts if self.is_complete(part)}
+        files = [(part, self.part_dir(part) / f"{name}.npy", spec)
+                 for part, record in records.items() for name, spec in record["arrays"].items()]
+        with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1))) as pool:
+            errors = list(pool.map(lambda file: _damage(*file[1:]), files))
+        damaged = {part: records[part] for (part, _, _), e in zip(files, errors) if e is not None}
+        for e in filter(None, errors):
+            _warn(e)
+        if damaged:
+            with _locked(self.path / ".lock"):
+                self.reload()
+                for part, record in damaged.items():
+                    if self.manifest["parts"].get(part) == record:     # not computed again meanwhile elsewhere
+                        del self.manifest["parts"][part]
+                _write_manifest(self.path, self.manifest)
+
     def array(self, part: str, name: str) -> np.ndarray:
-        """A merged array, memory-mapped read-only."""
+        """A merged array, checked (_check), memory-mapped read-only."""
         if not self.is_complete(part):
             raise KeyError(f"{self.path}: part {part!r} is not complete")
-        return np.load(self.part_dir(part) / f"{name}.npy", mmap_mode="r")
+        path = self.part_dir(part) / f"{name}.npy"
+        _check(path, self.manifest["parts"][part]["arrays"][name])
+        return np.load(path, mmap_mode="r")
+
+    def _small(self, name: str) -> np.ndarray:
+        _check(self.path / name, self.manifest["files"][name])
+        return np.load(self.path / name)
 
     @property
     def labels(self) -> np.ndarray:
-        return np.load(self.path / "labels.npy")
+        return self._small("labels.npy")
 
     @property
     def ids(self) -> np.ndarray:
-        return np.load(self.path / "ids.npy")
+        return self._small("ids.npy")
+
+
+def _allocate(path: str) -> None:
+    """Reserve the disk space of a file made by open_memmap (sparse until its pages are written): a full disk
+    then fails here with ENOSPC, not with SIGBUS when the memory map writes a page that has no room."""
+    if hasattr(os, "posix_fallocate"):         # Linux; elsewhere a full disk may still end in SIGBUS
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
+def _adopt(entry_path: Path, manifest: dict) -> dict:
+    """Bring a version-1 manifest (no checksums) to this version: a merged array that does not load with its
+    recorded shape and dtype, or whose size is not what they need (truncated, empty), is moved aside and its
+    part computed again; the others get their CRC-32 recorded now. Damage that kept the size cannot be seen
+    in these: no checksum was written with them. Labels and ids are written again (entry())."""
+    for part, record in list(manifest["parts"].items()):
+        try:
+            for name, spec in record.get("arrays", {}).items() if record.get("complete") else ():
+                path = entry_path / part / f"{name}.npy"
+                try:
+                    a = np.load(path, mmap_mode="r")
+                    whole = (list(a.shape), a.dtype.name, path.stat().st_size) == (spec["shape"], spec["dtype"],
+                                                                                   a.offset + a.nbytes)
+                except (OSError, ValueError, EOFError):
+                    whole = False
+                if not whole:
+                    raise _set_aside(path, "not the size or shape its manifest records")
+                spec.update(_record(path))
+        except Damaged as e:
+            _warn(e)
+            del manifest["parts"][part]
+    return {**manifest, "version": STORE_VERSION}
+
+
+def _prepare(path: Path, new: dict, small: dict[str, np.ndarray]) -> None:
+    """Under the entry's lock: write the manifest `new` unless a whole one is there (a damaged one is moved
+    aside, a version-1 one adopted), and the small arrays (labels, ids) unless they are there and whole."""
+    try:
+        manifest = _read_manifest(path)
+        changed = manifest["version"] == 1
+        if changed:
+            manifest = _adopt(path, manifest)
+    except (FileNotFoundError, Damaged) as e:
+        if isinstance(e, Damaged):
+            _warn(e)
+        manifest, changed = new, True
+    files = manifest.setdefault("files", {})
+    for name, values in small.items():
+        try:
+            _check(path / name, files[name])
+        except (KeyError, Damaged) as e:             # a new or version-1 entry, or a damaged file
+            if isinstance(e, Damaged):
+                _warn(e)
+            files[name], changed = write_npy_atomic(path / name, np.asarray(values, dtype=np.int64)), True
+    if changed:
+        _write_manifest(path, manifest)
 
 
 def _as_index(positions: np.ndarray):
@@ -297,20 +525,20 @@ class FeatureStore:
 
     def entry(self, kind: str, fingerprint: dict, labels: np.ndarray, ids: np.ndarray,
               row_axes: dict[str, int] | None = None) -> Entry:
+        """Open the entry of `fingerprint`, creating it (rank 0) or repairing it: a damaged manifest is moved
+        aside and written anew (its merged parts are then computed again; chunks check themselves), damaged
+        labels or ids are written again (the fingerprint decides them), a version-1 entry is adopted (_adopt)."""
         path = self.root / kind / digest(fingerprint)
-        if rank() == 0 and not (path / MANIFEST).exists():
+        if rank() == 0:
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"--cache '{self.root}': cannot create '{path}' ({e.strerror}); pass a writable "
                                 f"--cache folder") from None
             with _locked(path / ".lock"):               # another process may be creating it this instant
-                if not (path / MANIFEST).exists():
-                    write_npy_atomic(path / "labels.npy", np.asarray(labels, dtype=np.int64))
-                    write_npy_atomic(path / "ids.npy", np.asarray(ids, dtype=np.int64))
-                    write_json_atomic(path / MANIFEST, {
-                        "version": STORE_VERSION, "kind": kind, "fingerprint": fingerprint, "n": int(len(ids)),
-                        "row_axes": row_axes or {}, "parts": {}, "created": time.time()})
+                _prepare(path, {"version": STORE_VERSION, "kind": kind, "fingerprint": fingerprint, "n": int(len(ids)),
+                                "row_axes": row_axes or {}, "parts": {}, "created": time.time()},
+                         {"labels.npy": labels, "ids.npy": ids})
         barrier()
         entry = Entry(path)
         if json.loads(json.dumps(fingerprint, default=str)) != entry.manifest["fingerprint"]:
@@ -386,7 +614,31 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
     N processes). Each image is loaded once for all its parts. Every batch is claimed first (see the module
     docstring): with other processes filling the same entry, each computes only unclaimed batches, then
     waits for the rest (saying so once on stderr, unless quiet).
+
+    Merged arrays are checked first and chunks when merged: a damaged one is moved aside and computed again.
     """
+    if rank() == 0:
+        entry.verify(parts)
+    barrier()
+    entry.reload()
+    computed = 0
+    for _ in range(3):                 # another round only when a damaged chunk was found (and moved aside)
+        computed += _compute_missing(entry, parts, dataset, compute, batch_size, num_workers, quiet, desc)
+        barrier()
+        if rank() == 0:
+            for part in parts:
+                entry.merge(part)
+        barrier()
+        entry.reload()
+        if all(entry.is_complete(part) for part in parts):
+            return sum_over_ranks(computed)
+    raise UserError(f"chunks written to '{entry.path}' were found damaged three times: check that disk, or use "
+                    f"another --cache")
+
+
+def _compute_missing(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute, batch_size: int,
+                     num_workers: int, quiet: bool, desc: str) -> int:
+    """fill's work: compute and write the chunks that no process has written; → how many this process wrote."""
     grid = [np.arange(s, min(s + batch_size, entry.n)) for s in range(0, entry.n, batch_size)]
 
     def todo() -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
@@ -433,13 +685,7 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
             waiting = True
             time.sleep(POLL_S)
     bar.close()
-    barrier()
-    if rank() == 0:
-        for part in parts:
-            entry.merge(part)
-    barrier()
-    entry.reload()
-    return sum_over_ranks(computed)
+    return computed
 
 
 #################################################################################

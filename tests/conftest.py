@@ -64,11 +64,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run the real `repa-probe` command in a subprocess (from `cwd`, the repository by default)."""
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = REPO,
+            **popen) -> subprocess.CompletedProcess:
+    """Run the real `repa-probe` command in a subprocess (from `cwd`, the repository by default; `popen`: more
+    subprocess.run arguments, e.g. a preexec_fn)."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "repa_probe", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
+                          timeout=timeout, cwd=cwd, env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
+                          **popen)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 
 from repa_probe.errors import UserError
-from repa_probe.runtime import partial_prefix, remove_stale_tmp
+from repa_probe.runtime import no_space, partial_prefix, remove_stale_tmp
 
 
 def check_writable(out: str | os.PathLike) -> Path:
@@ -85,6 +85,10 @@ def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
+    except Exception as e:
+        if (error := no_space(out, e)) is None:
+            raise
+        raise error from None          # the partial folder goes (finally); the features stay in the cache
     finally:
         for fig in plt.get_fignums():
             plt.close(fig)

@@ -66,9 +66,10 @@ from tqdm.auto import tqdm
 from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
-from repa_probe.runtime import (atomic_write, autocast, checkpoint_step, hold_folder, init_distributed,
-                                latest_checkpoint, local_rank, rank, remove_stale_tmp, resolve_device,
-                                resolve_precision, state_dict_sha256, world_size, write_text_atomic)
+from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_distributed,
+                                latest_checkpoint, local_rank, no_space_is_one_line, rank, remove_stale_tmp,
+                                resolve_device, resolve_precision, state_dict_sha256, torch_save_atomic, world_size,
+                                write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
 
 
@@ -378,9 +379,16 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    """Append whole rows: a write that fails (a full disk) is cut back to where it began, leaving no half row."""
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    with no_space_is_one_line(path.parent), open(path, "ab", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+        except BaseException:
+            f.truncate(start)
+            raise
 
 
 def _batch_sha256(ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor) -> str:
@@ -768,7 +776,7 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: torch.save(repa, tmp))
+        torch_save_atomic(out, repa)
     except OSError as e:
         raise UserError(f"cannot write '{out}' ({e.strerror}): choose a writable folder") from None
     return out
