@@ -50,7 +50,7 @@ KINDS = {"model": "the checkpoint", "untrained": "the same architecture at initi
          "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
 COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
-           "null_mean", "null_high"]
+           "null_mean", "null_high", "n", "k"]
 PROBE_RESAMPLES = 1000           # bootstrap resamples of the probe's test images (means: cheap)
 DROP_RESAMPLES = 100             # at least this many for the held-out drop (two sources per t)
 
@@ -68,6 +68,12 @@ def metric_label(metric: str) -> str:
     if metric == PROJECTOR_COSINE:
         return "projector cosine"
     return M.METRICS[metric].label if metric in M.METRICS else PROBE_METRICS.get(metric, metric)
+
+
+def depends_on_n(metric: str) -> bool:
+    """Whether a measure's value depends on the number of images n (and k): every alignment metric (kNN graphs,
+    kernel biases; CKNNA ≈ n^−0.5 at fixed k). Probe accuracies and per-image means do not (docs/statistics.md)."""
+    return metric.removeprefix(TOKEN_PREFIX) in M.METRICS
 
 
 def display_scale(metric: str) -> float:
@@ -161,6 +167,9 @@ class AnalyzeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < least):
                 raise UserError(f"{arg(name, value)} must be an integer ≥ {least}")
             setattr(cfg, name, None if value is None else int(value))
+        if cfg.bootstrap == 1:
+            raise UserError(f"{arg('bootstrap', 1)}: an interval needs at least 2 replicates; pass 0 (no intervals) or "
+                            f"2 or more (default 20)")
         ts = cfg.ts
         if not isinstance(ts, (tuple, list)) or not ts or \
                 any(isinstance(t, bool) or not isinstance(t, Real) or not 0 <= t <= 1 for t in ts) or \
@@ -242,6 +251,7 @@ class HeldOut:
     ci: np.ndarray                  # [T, 2]
     n_select: int                   # images in half A
     n_measure: int                  # images in half B
+    values: np.ndarray | None = None  # [T, 2]: the chosen and the last block on half B, at n_measure images
 
 
 @dataclass
@@ -266,6 +276,8 @@ class Curves:
     hits: np.ndarray | None = None
     null: np.ndarray | None = None
     held_out: HeldOut | None = None
+    n: int | None = None            # images each value was computed on (a probe's: its test images)
+    k: int | None = None            # neighbours, for a kNN metric
 
     def paired_replicates(self, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """([R, T, B] replicate values, [R] scale or None) from the same images for every checkpoint."""
@@ -289,7 +301,7 @@ class Curves:
         return [dict(checkpoint=self.checkpoint, kind=self.kind, block=block, t=t, metric=self.metric,
                      encoder=self.encoder, value=float(self.value[ti, bi]), ci_low=float(ci[ti, bi, 0]),
                      ci_high=float(ci[ti, bi, 1]), null_low=float(null[0, ti, bi]), null_mean=float(null[1, ti, bi]),
-                     null_high=float(null[2, ti, bi]))
+                     null_high=float(null[2, ti, bi]), n=self.n, k=self.k)
                 for ti, t in enumerate(self.ts) for bi, block in enumerate(self.blocks)]
 
 
@@ -321,7 +333,7 @@ class Results:
     def table(self) -> pd.DataFrame:
         """The tidy table: one row per checkpoint × block × t × metric × encoder (results.csv)."""
         rows = [r for a in self.analysed for c in a.curves for r in c.rows()]
-        df = pd.DataFrame.from_records(rows, columns=COLUMNS)
+        df = counts(pd.DataFrame.from_records(rows, columns=COLUMNS))
         return in_given_order(df, "checkpoint", ["metric", "encoder", "t", "block"]).reset_index(drop=True)
 
     def curves(self, checkpoint: str, metric: str, encoder: str = "") -> Curves:
@@ -330,6 +342,11 @@ class Results:
                 if (c.checkpoint, c.metric, c.encoder) == (checkpoint, metric, encoder):
                     return c
         raise KeyError((checkpoint, metric, encoder))
+
+
+def counts(df: pd.DataFrame) -> pd.DataFrame:
+    """The n and k columns as whole numbers, empty where a measure has none (pandas would make them floats)."""
+    return df.astype({c: "Int64" for c in ("n", "k") if c in df})
 
 
 def in_given_order(df: pd.DataFrame, first: str, then: list[str]) -> pd.DataFrame:
@@ -577,7 +594,8 @@ class Pipeline:
             for metric, values in scores.items():
                 out.append(Curves(name, kind, TOKEN_PREFIX * tokens + metric, enc.name, ts, blocks, values,
                                   cis.get(metric), reps.get(metric), scale, null=null[metric],
-                                  held_out=drops.get(metric)))
+                                  held_out=drops.get(metric), n=len(ids),
+                                  k=cfg.k if M.METRICS[metric].uses_k else None))
         return out
 
     def held_out_alignment(self, src, blocks: list[int], target: np.ndarray, scores: dict,
@@ -609,7 +627,7 @@ class Pipeline:
             drop = on_b[:, 0] - on_b[:, 1]
             out[m] = HeldOut([blocks[p] for p in peaks], drop,
                              stats.centred_interval(drop, reps[m][..., 0] - reps[m][..., 1], scale),
-                             len(half_a), len(half_b))
+                             len(half_a), len(half_b), on_b)
         return out
 
     def spatial_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float]) -> list[Curves]:
@@ -629,7 +647,7 @@ class Pipeline:
             mean = np.nanmean(v, axis=-1)
             reps = np.stack([np.nanmean(v[..., d], axis=-1) for d in draws]) if draws else None
             ci = stats.centred_interval(mean, reps, scale) if draws else None
-            out.append(Curves(name, kind, metric, encoder, ts, blocks, mean, ci, reps, scale))
+            out.append(Curves(name, kind, metric, encoder, ts, blocks, mean, ci, reps, scale, n=n))
         return out
 
     def projector_curves(self, name: str, ckpt: LoadedCheckpoint, feats: Features, dataset, grid: int
@@ -669,7 +687,8 @@ class Pipeline:
             ci = np.array([wilson_interval(round(a * n_test), n_test) for a in acc.ravel()]).reshape(acc.shape + (2,))
             hits = res["hits"] if metric == "top1" else None
             drop = held_out_hits(hits, blocks, test_labels, self.cfg.seed) if held_out and hits is not None else None
-            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci, hits=hits, held_out=drop))
+            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci, hits=hits, held_out=drop,
+                              n=n_test))
         return out
 
     def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:

@@ -44,7 +44,11 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert "report:" in r.stdout
     res = pd.read_csv(out / "results.csv")
     assert list(res.columns) == ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low",
-                                 "ci_high", "null_low", "null_mean", "null_high"]
+                                 "ci_high", "null_low", "null_mean", "null_high", "n", "k"]
+    # every value beside the images and neighbours it was computed at: CKNNA on the 60 images with k = 10, the
+    # probe on its 12 test images (no k)
+    assert (res.loc[res["metric"] == "cknna", ["n", "k"]] == [60, 10]).all().all()
+    assert (res.loc[res["metric"] == "probe_top1", "n"] == 12).all() and res.loc[res["metric"] != "cknna", "k"].isna().all()
     model = res[res["checkpoint"] == "run/0000010"]
     depth = tiny_config().depth
     # every block 0..depth × every t × every metric
@@ -84,6 +88,9 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
         assert p["peaks_then_drops"] == (p["selected_block"] != depth and p["drop_ci_low"] > 0 and
                                          p["drop_after"] > p["resolution"])
         assert p["n_select"] + p["n_measure"] == (60 if p["metric"] == "cknna" else 12)
+        if p["metric"] == "cknna":       # the held-out drop: a difference of two values at n_measure, not at n
+            assert (p["n"], p["k"]) == (60, 10)
+            assert p["measure_peak_value"] - p["measure_last_value"] == pytest.approx(p["drop_after"])
     assert summary["config"]["encoder_random_init"] is True
     # --encoder-precision auto (the default) checked the encoder on real images and the report says what it chose
     chosen = "bf16" if bf16_native(torch.device("cpu")) else "fp32"
@@ -99,6 +106,7 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     page1, page2 = (pdf.pages[i].extract_text() for i in (0, 1))
     assert all(" ".join(s.split()) in " ".join(page1.split()) for s in summary["overview"])
     assert "RANDOM WEIGHTS" in page2 and "Where each curve peaks" in page2 and "run/0000010" in page2
+    assert "n = 60, k = 10" in page2 and "n = 60, k = 10" in summary["overview"][0]    # beside CKNNA's values
     # page 2 lists the baselines computed, and only those (the encoder's own tokens come with --spatial)
     assert summary["baseline_kinds"].keys() == {"untrained", "raw-input", "raw-thumbnail"}
     assert "baseline: raw thumbnail" in page2 and "baseline: encoder" not in page2
@@ -136,6 +144,9 @@ def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
         wb = marginal.loc[("run", "cknna", r.t, r.block)]
         assert r.ci_low <= r.delta <= r.ci_high
         assert r.ci_high - r.ci_low < (wa.ci_high - wa.ci_low) + (wb.ci_high - wb.ci_low)
+        # the simultaneous band over the 3 blocks ≥ 1 × 2 t holds the pointwise interval, at the same n and k
+        assert r.sim_low < r.ci_low and r.ci_high < r.sim_high and (r.n, r.k, r.sim_cells) == (60, 10, 6)
+    assert {"b_better_blocks_pointwise", "b_worse_blocks_pointwise", "n", "k"} <= set(comp.columns)
     assert len(PdfReader(out / "report.pdf").pages) == len(list((out / "figures").glob("*.png")))
 
 

@@ -9,8 +9,11 @@ import torch
 from scipy.stats import norm
 
 from repa_probe import stats
-from repa_probe.metrics import alignment, bootstrap_ci, cknna, permuted_targets, svcca
-from repa_probe.pipeline import held_out_hits
+from repa_probe.metrics import alignment, bootstrap_alignment, bootstrap_ci, cknna, permuted_targets, svcca
+from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, Results, held_out_hits
+from repa_probe.report.summary import compare_summary
+
+DEFAULT_REPLICATES = AnalyzeConfig(data="").bootstrap       # the analyses' default: the regime the reports use
 
 
 def correlated(n: int, rng: np.random.Generator, shared: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -27,9 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")     # hundreds of tiny proble
 @pytest.mark.parametrize("metric", ["cknna", "svcca"])
 def test_subsample_intervals_cover_the_sampling_distribution_at_the_nominal_rate(metric):
     """The interval estimates the spread of a measure over new samples of n images: 150 seeds, each with its
-    own images, cover the mean of the measure over 200 fresh samples about 95% of the time. Without the
-    √(m/(n − m)) rescaling of the subsamples' spread (the same replicates) CKNNA's intervals are 24% too
-    narrow: here they cover 91% (CKNNA) and 90% (SVCCA) of the seeds, against 97% and 94% rescaled."""
+    own images, cover the mean of the measure over 200 fresh samples at least 95% of the time. Rescaled by
+    √(m/(n − m)) the subsamples' sd is 1.3× (CKNNA) and 1.4× (SVCCA) the true spread here, and the intervals
+    cover 99% of the seeds (conservative: a subsample's neighbourhoods and singular vectors are found anew,
+    docs/statistics.md); the same replicates without the rescaling cover 96% and 94%."""
     n, k, n_boot = 200, 10, 40
     measure = {"cknna": lambda x, y: cknna(x, y, k=k), "svcca": svcca}[metric]
     weights = np.random.default_rng(0)
@@ -53,7 +57,7 @@ def test_subsample_intervals_cover_the_sampling_distribution_at_the_nominal_rate
         if seed < 3:   # the library's interval is this one
             assert bootstrap_ci(measure, a, b, n_boot=n_boot, seed=seed) == pytest.approx(
                 tuple(stats.centred_interval(value, reps, stats.subsample_scale([len(r) for r in subs], n))))
-    assert 0.89 <= np.mean(covered["rescaled"]) <= 0.99
+    assert np.mean(covered["rescaled"]) >= 0.95
     assert np.mean(covered["not rescaled"]) < np.mean(covered["rescaled"]) - 0.03
 
 
@@ -140,25 +144,32 @@ def test_peak_frequency_and_argmax_skip_the_embedding_and_raw_input():
     assert stats.peak_frequency(reps, [0, 1, 2, 3], 2) == 0.5
 
 
-def test_centred_interval_rescales_the_spread_and_keeps_the_estimate_inside():
-    reps = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
-    lo, hi = stats.centred_interval(10.0, reps, level=0.5)
-    lo2, hi2 = stats.centred_interval(10.0, reps, scale=np.full(5, 2.0), level=0.5)
-    assert (lo, hi) == pytest.approx((9.0, 11.0)) and (lo2, hi2) == pytest.approx((8.0, 12.0))
+def test_centred_interval_is_the_estimate_plus_minus_students_t_times_the_rescaled_sd():
+    reps = np.array([0.0, 1.0, 2.0, 3.0, 4.0])                                 # sd 1.5811 (R − 1 = 4 df)
+    sd = np.std(reps, ddof=1)
+    assert tuple(stats.centred_interval(10.0, reps, level=0.5)) == pytest.approx((10 - 0.7407 * sd, 10 + 0.7407 * sd),
+                                                                                 abs=1e-4)
+    lo, hi = stats.centred_interval(10.0, reps, scale=np.full(5, 2.0))
+    assert (hi - lo) / 2 == pytest.approx(2 * 2.7764 * sd, abs=1e-3)          # t_4(0.975) = 2.7764, sd doubled
+    lo, hi = stats.centred_interval(10.0, reps, cells=8)                      # 8 at once: t_4(1 − 0.05/16)
+    assert (hi - lo) / 2 == pytest.approx(5.2611 * sd, abs=1e-3)
     assert stats.subsample_scale(632, 1000) == pytest.approx(np.sqrt(632 / 368))
     assert torch.is_tensor(torch.as_tensor(lo))
+    with pytest.raises(ValueError, match="at least 2 replicates"):
+        stats.centred_interval(1.0, reps[:1])
 
 
 def test_an_estimate_lies_inside_its_interval_whatever_the_replicates_shape():
     """A kNN metric's replicates can sit on one value but for a rare neighbour swap (seen on blocks equal but
-    for rounding: 99 replicates at ~1e-9, one at −2e-4). Centred on their mean, every deviation but one is
-    +2e-6 and the interval [est + 1.6e-6, est + 2.6e-6] misses the estimate; centred on the median it holds it."""
+    for rounding: 99 replicates at ~1e-9, one at −2e-4). The quantiles of their deviations from the mean gave
+    [est + 1.6e-6, est + 2.6e-6], which misses the estimate; estimate ± c·sd holds it at its centre, for any
+    replicates and level."""
     rng = np.random.default_rng(0)
     reps = np.append(rng.normal(scale=1e-9, size=99), -2e-4)
     for estimate, scale in ((-4.9e-5, stats.subsample_scale(rng.integers(55, 70, size=100), 100)), (0.0, None)):
         lo, hi = stats.centred_interval(estimate, reps, scale)
-        assert lo <= estimate <= hi and hi - lo < 1e-8
-    for level in (0.5, 0.95, 0.999):                     # by construction, for any replicates and level
+        assert lo <= estimate <= hi and (lo + hi) / 2 == pytest.approx(estimate, abs=1e-15)
+    for level in (0.5, 0.95, 0.999):
         reps = rng.standard_exponential(size=(7, 3)) ** 3
         lo, hi = np.moveaxis(stats.centred_interval(reps[0], reps, level=level), -1, 0)
         assert (lo <= reps[0]).all() and (reps[0] <= hi).all()
@@ -175,3 +186,89 @@ def test_a_difference_within_the_resolution_is_no_claim():
     values = np.array([[0.9, 0.5, 0.5 + 4e-9, 0.5 - 2e-9, 0.4]])
     assert stats.argmax_blocks(values, [0, 1, 2, 3, 4], stats.RTOL)[0] == 1  # equal but for rounding: the earliest
     assert stats.argmax_blocks(values, [0, 1, 2, 3, 4])[0] == 2
+
+
+def mean_curves(name: str, per_image: np.ndarray, seed: int) -> Curves:
+    """A measure taken per image ([T, B, n], like the spatial measures): its mean over images, with the default
+    number of subsample replicates (the same draws for every checkpoint of one seed), as the pipeline makes it."""
+    n = per_image.shape[-1]
+    draws = stats.subsamples(n, DEFAULT_REPLICATES, seed)
+    reps = np.stack([per_image[..., d].mean(-1) for d in draws])
+    return Curves(name, "model", "cosine", "", [0.1 * t for t in range(per_image.shape[0])],
+                  list(range(per_image.shape[1])), per_image.mean(-1), None, reps,
+                  stats.subsample_scale([len(d) for d in draws], n))
+
+
+def no_effect(rng: np.random.Generator, ts: int, blocks: int, n: int, rho: float = 0.9) -> np.ndarray:
+    """Per-image values [2 checkpoints, T, B, n] with the same distribution for A and B (no effect): an image
+    effect shared by everything, plus noise correlated across blocks (rho), t (rho / 2) and between A and B."""
+    noise = rng.normal(size=(2, ts, blocks, n))
+    for b in range(1, blocks):
+        noise[:, :, b] = rho * noise[:, :, b - 1] + np.sqrt(1 - rho ** 2) * noise[:, :, b]
+    for t in range(1, ts):
+        noise[:, t] = rho / 2 * noise[:, t - 1] + np.sqrt(1 - rho ** 2 / 4) * noise[:, t]
+    noise[1] = 0.5 * noise[0] + np.sqrt(0.75) * noise[1]
+    return rng.normal(size=n) + noise
+
+
+def test_intervals_from_the_default_replicates_cover_a_mean_at_the_nominal_rate():
+    """Where the subsample rescaling is exact (a mean over images: the spatial measures, the projector cosine),
+    the default 20 replicates' 2.5% and 97.5% quantiles sit near ±1.65 sd and cover about 90% (the interval
+    before issue 24); the estimate ± Student's t(19) × their sd covers 95%."""
+    covered, quantiles = [], []
+    for seed in range(1500):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_exponential(400)                                    # skewed, as measures are; mean 1
+        draws = stats.subsamples(400, DEFAULT_REPLICATES, seed)
+        reps, scale = np.array([x[d].mean() for d in draws]), stats.subsample_scale([len(d) for d in draws], 400)
+        lo, hi = stats.centred_interval(x.mean(), reps, scale)
+        covered.append(lo <= 1.0 <= hi)
+        low, high = np.quantile(stats.deviations(reps, scale), [0.025, 0.975])
+        quantiles.append(x.mean() + low <= 1.0 <= x.mean() + high)
+    assert 0.94 <= np.mean(covered) <= 0.965 and np.mean(quantiles) < 0.92
+
+
+def test_under_no_effect_better_anywhere_is_claimed_in_at_most_5_percent_of_seeds():
+    """"B is better at blocks …" over 28 blocks × 5 t (the committed reports' size), the default replicates,
+    A and B alike: the simultaneous band claims a better or worse block somewhere in ≤ 5% of seeds; block by
+    block pointwise intervals (the lists before issue 24, still in compare.csv) do in most seeds."""
+    ts, blocks, claims = 5, 29, {"band": [], "pointwise": []}
+    for seed in range(200):
+        a, b = no_effect(np.random.default_rng(seed), ts, blocks, 300)
+        results = Results(AnalyzeConfig(data="unused", seed=seed), [
+            Analysed("A", "model", None, [mean_curves("A", a, seed)]),
+            Analysed("B", "model", None, [mean_curves("B", b, seed)])], [], {})
+        c = compare_summary(results, "A", "B")
+        claims["band"].append(any(map(len, [*c["b_better_blocks"], *c["b_worse_blocks"]])))
+        claims["pointwise"].append(any(map(len, [*c["b_better_blocks_pointwise"], *c["b_worse_blocks_pointwise"]])))
+    assert np.mean(claims["band"]) <= 0.05 and np.mean(claims["pointwise"]) > 0.5, \
+        {k: np.mean(v) for k, v in claims.items()}
+
+
+def test_cknna_intervals_in_the_reports_regime_are_not_too_narrow_and_the_band_claims_nothing():
+    """The largest regime that fits a fast test: n = 2,000 images, k = 2 (k/n = 0.001, as 10 of 10,000), CKNNA ≈
+    0.01, the default replicates, A and B alike at one block (reports/coverage/ has 200 seeds at n = 5,000).
+    The replicates' sd at n is at least the spread of B − A over seeds (the subsample rescaling errs wide
+    here: docs/statistics.md), and the band over the cells finds no difference."""
+    n, k = 2000, 2
+    spreads, deltas, claims = [], [], []
+    weights = np.random.default_rng(0)
+    wt, wa = weights.normal(size=(6, 12)), weights.normal(size=(6, 16))
+    for seed in range(16):
+        rng = np.random.default_rng([seed, 2])
+        z = rng.normal(size=(n, 6))
+        target = (z @ wt + rng.normal(size=(n, 12))).astype(np.float32)
+        noise = rng.normal(size=(2, n, 16))
+        noise[1] = 0.5 * noise[0] + np.sqrt(0.75) * noise[1]
+        src = (0.5 * (z @ wa) + noise).astype(np.float32)[:, None]                  # [A/B, 1 block, n, 16]
+        value = alignment(target, src, ("cknna",), k=k)["cknna"][:, 0]
+        _, reps = bootstrap_alignment(target, src, ("cknna",), k=k, n_boot=DEFAULT_REPLICATES, seed=seed,
+                                      around={"cknna": value[:, None]}, replicates=True)
+        diff = reps["cknna"][:, 1, 0] - reps["cknna"][:, 0, 0]
+        scale = stats.subsample_scale([len(d) for d in stats.subsamples(n, DEFAULT_REPLICATES, seed)], n)
+        spreads.append(stats.spread(diff, scale))
+        deltas.append(value[1] - value[0])
+        lo, hi = stats.centred_interval(value[1] - value[0], diff, scale, cells=140)
+        claims.append(stats.verdict(value[1] - value[0], lo, hi, stats.RTOL) != 0)
+    assert 0.005 < np.mean(value) < 0.03                          # a weak signal, as in the reports
+    assert np.mean(spreads) >= np.std(deltas, ddof=1) and not any(claims)

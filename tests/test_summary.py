@@ -1,6 +1,8 @@
 """Peak, drop and comparison summaries on hand-built curves with known answers."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,9 +12,11 @@ import repa_probe
 from conftest import tiny_config
 from repa_probe import stats
 from repa_probe.models import SiT
+from repa_probe.errors import UserError
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, wilson_interval
-from repa_probe.report.compose import headline
+from repa_probe.report.compose import headline, summary_table
 from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
+from repa_probe.report.verdict import compare_sentence, detail_lines
 
 
 def curve(name, metric, values, replicates=None, held_out=None, kind="model", encoder="", null=None):
@@ -172,3 +176,58 @@ def test_a_training_trend_within_the_resolution_is_no_change():
     assert trend_word(next(trend.itertuples())).startswith("unchanged")
     rows = [{**r, "value": r["value"] + 1e-3 * (r["step"] == 200)} for r in rows]
     assert trend_word(next(trajectory_summary(pd.DataFrame(rows), [[1, 2]]).itertuples())).startswith("higher")
+
+
+def test_values_measured_at_different_n_are_not_compared():
+    """CKNNA at 5,000 images is not CKNNA at 10,000 (about n^−0.5 at fixed k): B − A across them is refused."""
+    a = dataclasses.replace(curve("a", "cknna", [0.0, 0.02, 0.01], encoder="e"), n=10_000, k=10)
+    b = dataclasses.replace(a, checkpoint="b", n=5_000)
+    res = results(Analysed("a", "model", None, [a]), Analysed("b", "model", None, [b]))
+    with pytest.raises(UserError, match=r"a and b: cknna vs e was measured at n = 10000, k = 10 and at n = 5000"):
+        paired_deltas(res, "a", "b")
+    same = results(Analysed("a", "model", None, [a]), Analysed("b", "model", None, [dataclasses.replace(b, n=10_000)]))
+    assert set(paired_deltas(same, "a", "b")["n"]) == {10_000}
+
+
+def test_the_held_out_drop_is_printed_with_its_own_n_and_the_two_values_it_is_the_difference_of():
+    """The curve (all 10,000 images) peaks at 0.016 and its last block is 0.010: a fall of 0.006 at n = 10,000.
+    The held-out drop is measured on the other 5,000 images, where the same blocks are 0.019 and 0.009: 0.010.
+    Each number is printed beside its own n, the drop beside the two values it is the difference of."""
+    ho = HeldOut([2], np.array([0.010]), np.array([[0.007, 0.013]]), 5000, 5000, values=np.array([[0.019, 0.009]]))
+    c = dataclasses.replace(curve("repa", "cknna", [0.005, 0.012, 0.016, 0.010], held_out=ho, encoder="e"),
+                            n=10_000, k=10)
+    p = peak_summary(results(Analysed("repa", "model", None, [c])))
+    r = p.iloc[0]
+    assert (r["n"], r["k"], r["n_measure"]) == (10_000, 10, 5000)
+    assert (r["measure_peak_value"], r["measure_last_value"]) == (0.019, 0.009)
+    (line,) = headline(p)
+    assert "peaks at block 2, 0.016 (n = 10,000, k = 10; the best block in" not in line    # no replicates here
+    assert "peaks at block 2, 0.016 (n = 10,000, k = 10); " in line
+    assert "block 2 (the peak on 5000 selection images) − block 3 on the other 5000 images (k = 10: 0.019 − " \
+           "0.009): +0.010 [0.007, 0.013] (paired 95%)" in line
+    row = summary_table(p).iloc[0]
+    assert row["n, k"] == "n = 10,000, k = 10" and row["held-out drop [paired 95%]"].startswith(
+        "block 2 on n = 5,000 (k = 10: 0.019 − 0.009): +0.010")
+
+
+def test_page_1_and_2_name_the_blocks_where_b_is_better_from_the_simultaneous_band():
+    """Five blocks × one t, B − A = 0.02 at block 1 and 0.005 at block 3, its replicates' sd 0.002: pointwise
+    (± t₁₉·0.002 = ± 0.0042) blocks 1 and 3 are better; over the five blocks at once (± 3.17·0.002) only block 1."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(20, 6))
+    noise = 0.002 * (noise - noise.mean(0)) / noise.std(0, ddof=1)
+    delta = np.array([0, 0.02, 0, 0.005, 0, 0])
+    a_reps = 0.3 + rng.normal(scale=0.05, size=(20, 1)) + np.zeros((1, 6))
+    a = curve("vanilla", "cknna", np.full(6, 0.3), a_reps, encoder="e")
+    b = curve("repa", "cknna", 0.3 + delta, a_reps + delta + noise, encoder="e")
+    res = results(Analysed("vanilla", "model", None, [a]), Analysed("repa", "model", None, [b]))
+    c = compare_summary(res, "vanilla", "repa", aligned_block=3)
+    r = c.iloc[0]
+    assert r["b_better_blocks_pointwise"] == [1, 3] and r["b_better_blocks"] == [1] and r["b_worse_blocks"] == []
+    assert r["aligned_ci_low"] > 0                  # the aligned block alone: fixed in advance, pointwise
+    d = paired_deltas(res, "vanilla", "repa")
+    assert (d["sim_cells"] == 5).all() and (d["sim_high"] - d["sim_low"] > d["ci_high"] - d["ci_low"]).all()
+    pairs = [("cknna", "e")]
+    assert "repa is better at block 1 in CKNNA" in compare_sentence(c, pairs, 0.0)
+    (line,) = detail_lines(pd.DataFrame(), c, pd.DataFrame(columns=["t", "metric", "encoder", "kind"]), 0.0)
+    assert "better at block 1, worse at no block (jointly over blocks × t)" in line

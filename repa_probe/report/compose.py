@@ -18,7 +18,8 @@ from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
 from repa_probe.report.summary import compare_summary, paired_deltas, peak_summary
-from repa_probe.report.verdict import detail_lines, interval, level, number, overview_sentences, what
+from repa_probe.report.verdict import (detail_lines, interval, level, number, overview_sentences, paren, sample,
+                                       what)
 
 FigureBuilder = Callable[[Results, pd.DataFrame], list]
 FIGURES: list[FigureBuilder] = []
@@ -136,9 +137,10 @@ def headline(peaks: pd.DataFrame) -> list[str]:
 
 
 def _peak_phrase(r) -> str:
-    freq = f" (the best block in {100 * r.best_frequency:.0f}% of bootstrap replicates)" \
+    freq = f"the best block in {100 * r.best_frequency:.0f}% of bootstrap replicates" \
         if r.best_frequency == r.best_frequency else ""
-    phrase = f"peaks at block {r.best_block}, {level(r.metric, r.best_value)}{freq}; "
+    phrase = f"peaks at block {r.best_block}, " \
+        f"{level(r.metric, r.best_value)}{paren(sample(r.metric, r.n, r.k), freq)}; "
     if r.selected_block is None or r.drop_after != r.drop_after:
         return phrase + f"last block {r.last_block}: {level(r.metric, r.last_value)} (no held-out drop: too few " \
                         f"blocks or no bootstrap)"
@@ -147,8 +149,17 @@ def _peak_phrase(r) -> str:
     verdict = "it peaks, then drops" if r.peaks_then_drops else \
         ("it rises after the peak" if r.rises_after_peak else "no drop beyond the interval")
     return phrase + (f"block {int(r.selected_block)} (the peak on {r.n_select} selection images) − block "
-                     f"{r.last_block}: {interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)} on the "
-                     f"other {r.n_measure} images (paired 95%) — {verdict}")
+                     f"{r.last_block} on the other {r.n_measure} images{_held_out_values(r)}: "
+                     f"{interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)} (paired 95%) — {verdict}")
+
+
+def _held_out_values(r) -> str:
+    """For a measure that depends on n, the held-out drop's own two values, at its n (half the images) and k:
+    ' (k = 10: 0.019 − 0.009)'; the drop is their difference, not one of the curve's (at all n images)."""
+    if not sample(r.metric, r.n_measure, r.k) or r.measure_peak_value != r.measure_peak_value:
+        return ""
+    k = "" if pd.isna(r.k) else f"k = {int(r.k)}: "
+    return f" ({k}{number(r.metric, r.measure_peak_value)} − {number(r.metric, r.measure_last_value)})"
 
 
 def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
@@ -157,13 +168,15 @@ def summary_table(peaks: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in peaks.itertuples():
         rows.append({"checkpoint": r.checkpoint, "metric": metric_label(r.metric), "encoder": r.encoder or "-",
-                     "t": f"{r.t:g}", "best block": f"{r.best_block}" + (f" ({100 * r.best_frequency:.0f}%)"
-                                                                       if r.best_frequency == r.best_frequency else ""),
+                     "t": f"{r.t:g}", "n, k": sample(r.metric, r.n, r.k) or "-",
+                     "best block": f"{r.best_block}" + (f" ({100 * r.best_frequency:.0f}%)"
+                                                        if r.best_frequency == r.best_frequency else ""),
                      "best [95%]": f"{number(r.metric, r.best_value)} [{number(r.metric, r.best_ci_low)}, "
                                    f"{number(r.metric, r.best_ci_high)}]",
                      "last block": r.last_block, "last": number(r.metric, r.last_value),
                      "held-out drop [paired 95%]": "-" if r.drop_after != r.drop_after else f"block "
-                     f"{int(r.selected_block)}: {interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)}",
+                     f"{int(r.selected_block)} on n = {int(r.n_measure):,}{_held_out_values(r)}: "
+                     f"{interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high)}",
                      "peaks then drops": "yes" if r.peaks_then_drops else "no",
                      "above null": f"{r.blocks_above_null}/{r.blocks_with_null}" if r.blocks_with_null else "-"})
     return pd.DataFrame(rows)
@@ -237,15 +250,18 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
                        ("noise levels t", ", ".join(f"{t:g}" for t in cfg.ts) + "  (0 = clean data, 1 = pure noise; "
                                                                              "seeded noise, null class label)"),
                        ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
-                                      f"draws (null), paired across blocks and checkpoints")] +
+                                      f"draws (null), paired across blocks and checkpoints; 'better at blocks' holds "
+                                      f"jointly over blocks × t")] +
                       [(f"baseline: {k.replace('-', ' ')}", v) for k, v in summary["baseline_kinds"].items()]),
              ("Encoders", encoder_rows(results))] + ([("Notes", [f"! {n}" for n in cfg.notes])] if cfg.notes else [])
     page2 += [(f"Details (t = {t0:g}; paired 95% intervals)", summary["details"])] if summary["details"] else []
     pages = F.summary_pages(title, page2, summary_table(pd.DataFrame(summary["peaks"])),
                             "Where each curve peaks, and the drop after it",
                             "best block = highest value on all images (block 0 is not a candidate), with the share of "
-                            "bootstrap replicates where it is best; held-out drop = that block − the last block on "
-                            "half the images, the block chosen on the other half; 'peaks then drops' = its paired "
+                            "bootstrap replicates where it is best; n, k = the images and neighbours of the values "
+                            "(CKNNA depends on both); held-out drop = that block − the last block on half the images "
+                            "(its own n; for a measure that depends on n, its two values there in parentheses), the "
+                            "block chosen on the other half; 'peaks then drops' = its paired "
                             "interval is above 0 (shaded); above null = blocks whose interval clears the permutation "
                             "null's 97.5% level.")
     figs += [(f"summary {i + 1}", page) for i, page in enumerate(pages)]

@@ -97,6 +97,8 @@ def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
 
 
 def _json_default(o):
+    if o is pd.NA:                      # an empty whole-number cell (n, k of a measure without them)
+        return None
     if hasattr(o, "item"):
         return o.item()
     if hasattr(o, "tolist"):

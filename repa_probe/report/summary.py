@@ -8,9 +8,14 @@ claim resting on an interval that fits the design (docs/statistics.md):
             interval lies above 0 and the drop is beyond the measure's resolution (stats.resolution: half
             an image for the probe, 1e-6 of the scale for float measures), "rises after the peak" the mirror;
   null      for alignment metrics, the 97.5% level of the permutation null (images shuffled) at each block;
-  B − A     per block × t, a paired interval (the same images, noise and replicates for both checkpoints);
-            the aligned block (pre-specified by the REPA checkpoint, so no selection) gets its own line;
-            "better"/"worse" as for a drop: interval off 0 and the difference beyond the resolution.
+  B − A     per block × t, a paired interval (the same images, noise and replicates for both checkpoints)
+            and a simultaneous band over every block ≥ 1 × t (stats.centred_interval with cells): "better"/
+            "worse at blocks …" (b_better_blocks, b_worse_blocks) use the band, so that under no effect a false
+            claim anywhere is rare; the pointwise lists stay beside them (…_pointwise). The aligned block
+            (pre-specified by the REPA checkpoint, so no selection) gets its own line, with its pointwise interval.
+  n, k      a measure that depends on the number of images (depends_on_n) is only compared at one n and k:
+            every row carries them; checkpoints measured at different ones are refused. The held-out drop is
+            at n_measure (half the images), with the two values it is the difference of at that n.
 Blocks are numbered as in the paper: 0 = the tokens entering block 1, i = the output of block i.
 """
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from repa_probe import stats
-from repa_probe.pipeline import Curves, Results
+from repa_probe.errors import UserError
+from repa_probe.pipeline import Curves, Results, counts
 
 
 def _model_curves(results: Results):
@@ -45,8 +51,10 @@ def peak_summary(results: Results) -> pd.DataFrame:
     """One row per model × metric × encoder × t: best block (all images) with its value, interval and
     bootstrap frequency; last block; the full-sample drop best − last; the held-out (selection-aware) drop
     with its paired interval and the block chosen for it; the verdict (a drop, a rise after the peak, or
-    neither); the measure's resolution; and how many blocks beat the null. Blocks equal but for rounding
-    (within the resolution) tie, and a drop within it is no drop."""
+    neither); the measure's resolution; how many blocks beat the null; the images n and neighbours k of the
+    curve's values; and the held-out drop's two values on half B (at n_measure images: an n-dependent
+    measure's drop is their difference, not one of the curve's). Blocks equal but for rounding (within the
+    resolution) tie, and a drop within it is no drop."""
     records = []
     for a, c in _model_curves(results):
         reps, scale = c.paired_replicates(results.config.seed)
@@ -70,13 +78,20 @@ def peak_summary(results: Results) -> pd.DataFrame:
                 selected_block=ho.peak[ti] if ho is not None else None, drop_after=drop, drop_ci_low=float(d_lo),
                 drop_ci_high=float(d_hi), n_select=ho.n_select if ho else 0, n_measure=ho.n_measure if ho else 0,
                 peaks_then_drops=sign > 0, blocks_above_null=above, blocks_with_null=with_null,
-                rises_after_peak=sign < 0, resolution=floor))
-    return pd.DataFrame.from_records(records)
+                rises_after_peak=sign < 0, resolution=floor, n=c.n, k=c.k,
+                measure_peak_value=_held_out_value(ho, ti, 0), measure_last_value=_held_out_value(ho, ti, 1)))
+    return counts(pd.DataFrame.from_records(records))
+
+
+def _held_out_value(ho, ti: int, i: int) -> float:
+    return float(ho.values[ti, i]) if ho is not None and ho.values is not None else math.nan
 
 
 def paired_deltas(results: Results, a: str, b: str) -> pd.DataFrame:
-    """B − A per metric × encoder × t × block (blocks both have), with the paired 95% interval and the
-    measure's resolution (a difference within it is rounding)."""
+    """B − A per metric × encoder × t × block (blocks both have), with the paired 95% interval, the simultaneous
+    band over the comparison's blocks ≥ 1 × t (sim_low, sim_high: all sim_cells of them cover at once with
+    probability ≥ 95%), the images n and neighbours k both were measured at, and the measure's resolution (a
+    difference within it is rounding). Curves measured at different n or k are not compared: refused."""
     seed, records = results.config.seed, []
     curves_a = {(c.metric, c.encoder): c for x in results.models if x.name == a for c in x.curves}
     for x in results.models:
@@ -86,34 +101,44 @@ def paired_deltas(results: Results, a: str, b: str) -> pd.DataFrame:
             ca = curves_a.get((cb.metric, cb.encoder))
             if ca is None or list(ca.ts) != list(cb.ts):
                 continue
+            if (ca.n, ca.k) != (cb.n, cb.k):
+                raise UserError(f"{a} and {b}: {cb.metric}{' vs ' + cb.encoder if cb.encoder else ''} was measured at "
+                                f"n = {ca.n}, k = {ca.k} and at n = {cb.n}, k = {cb.k}; values at different n are not "
+                                f"comparable: analyse both checkpoints in one compare")
             common = [blk for blk in cb.blocks if blk in ca.blocks]
             ia, ib = [ca.blocks.index(blk) for blk in common], [cb.blocks.index(blk) for blk in common]
             delta = cb.value[:, ib] - ca.value[:, ia]
             (ra, scale), (rb, _) = ca.paired_replicates(seed), cb.paired_replicates(seed)
             paired = ra is not None and rb is not None and ra.shape == rb.shape
-            ci = stats.centred_interval(delta, rb[..., ib] - ra[..., ia], scale) if paired else None
+            cells = max(1, sum(blk >= 1 for blk in common)) * len(cb.ts)
+            ci, sim = (stats.centred_interval(delta, rb[..., ib] - ra[..., ia], scale, cells=c) if paired else None
+                       for c in (1, cells))
             floor = max(ca.resolution(), cb.resolution())
             for ti, t in enumerate(cb.ts):
                 for j, blk in enumerate(common):
-                    lo, hi = ci[ti, j] if ci is not None else (math.nan, math.nan)
+                    (lo, hi), (s_lo, s_hi) = (x[ti, j] if x is not None else (math.nan,) * 2 for x in (ci, sim))
                     records.append(dict(a=a, b=b, metric=cb.metric, encoder=cb.encoder, t=float(t), block=blk,
                                         a_value=float(ca.value[ti, ia[j]]), b_value=float(cb.value[ti, ib[j]]),
                                         delta=float(delta[ti, j]), ci_low=float(lo), ci_high=float(hi),
-                                        resolution=floor))
-    return pd.DataFrame.from_records(records, columns=["a", "b", "metric", "encoder", "t", "block", "a_value",
-                                                       "b_value", "delta", "ci_low", "ci_high", "resolution"])
+                                        resolution=floor, n=cb.n, k=cb.k, sim_low=float(s_lo), sim_high=float(s_hi),
+                                        sim_cells=cells))
+    return counts(pd.DataFrame.from_records(records, columns=[
+        "a", "b", "metric", "encoder", "t", "block", "a_value", "b_value", "delta", "ci_low", "ci_high", "resolution",
+        "n", "k", "sim_low", "sim_high", "sim_cells"]))
 
 
 def compare_summary(results: Results, a: str, b: str, aligned_block: int | None = None) -> pd.DataFrame:
     """Per metric × encoder × t: the largest and mean B − A over blocks ≥ 1, the blocks where B is better or
-    worse (paired interval above or below 0 and the difference beyond the resolution, block by block), and
-    B − A at the aligned block."""
+    worse (the simultaneous band over blocks ≥ 1 × t above or below 0 and the difference beyond the
+    resolution; the pointwise lists, block by block, in …_pointwise), B − A at the aligned block (pointwise:
+    one block fixed in advance), and the n and k of the values."""
     d = paired_deltas(results, a, b)
     records = []
     for (metric, encoder, t), g in d[d["block"] >= 1].groupby(["metric", "encoder", "t"], sort=True):
         i = int(np.argmax(g["delta"].to_numpy()))
         at = g[g["block"] == aligned_block]
-        sign = np.array([stats.verdict(r.delta, r.ci_low, r.ci_high, r.resolution) for r in g.itertuples()])
+        sign, pointwise = (stats.verdict(g["delta"], g[low], g[high], g["resolution"])
+                           for low, high in (("sim_low", "sim_high"), ("ci_low", "ci_high")))
         records.append(dict(
             a=a, b=b, metric=metric, encoder=encoder, t=float(t), max_delta_block=int(g["block"].iloc[i]),
             max_delta=float(g["delta"].iloc[i]), mean_delta=float(g["delta"].mean()),
@@ -121,8 +146,11 @@ def compare_summary(results: Results, a: str, b: str, aligned_block: int | None 
             b_worse_blocks=g.loc[sign < 0, "block"].astype(int).tolist(),
             aligned_block=aligned_block, aligned_delta=float(at["delta"].iloc[0]) if len(at) else math.nan,
             aligned_ci_low=float(at["ci_low"].iloc[0]) if len(at) else math.nan,
-            aligned_ci_high=float(at["ci_high"].iloc[0]) if len(at) else math.nan))
-    return pd.DataFrame.from_records(records)
+            aligned_ci_high=float(at["ci_high"].iloc[0]) if len(at) else math.nan,
+            b_better_blocks_pointwise=g.loc[pointwise > 0, "block"].astype(int).tolist(),
+            b_worse_blocks_pointwise=g.loc[pointwise < 0, "block"].astype(int).tolist(),
+            n=g["n"].iloc[0], k=g["k"].iloc[0]))
+    return counts(pd.DataFrame.from_records(records))
 
 
 def block_ranges(blocks: list[int]) -> str:

@@ -1,8 +1,11 @@
 """Page 1's verdict in at most three short sentences, and page 2's details, in plain words.
 
   1. where the page-1 curves peak, and whether any falls after its peak (held-out, paired 95%);
-  2. B − A at the aligned block, and at which blocks B is better or worse (a comparison only);
+  2. B − A at the aligned block, and at which blocks B is better or worse (a comparison only: the simultaneous
+     band over blocks × t, so that a false "better" anywhere is rare);
   3. what the baselines and the permutation null say.
+A measure that depends on the number of images (CKNNA and the other alignment metrics) has its n and k beside
+its values: the held-out drop is measured on half the images, so its n is not the curve's.
 
 Every number is printed at one precision per measure, a value and its interval alike: probe accuracies in
 points with one decimal, every other measure with three decimals. A difference is called better, worse or a
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from repa_probe.pipeline import PROJECTOR_COSINE, display_scale, metric_label
+from repa_probe.pipeline import PROJECTOR_COSINE, depends_on_n, display_scale, metric_label
 from repa_probe.report.summary import block_ranges
 from repa_probe.spatial import SPATIAL_METRICS
 
@@ -42,6 +45,19 @@ def _unit(metric: str) -> str:
 def interval(metric: str, v: float, lo: float, hi: float, signed: bool = True) -> str:
     """A difference with its interval at one precision: '−0.002 [−0.009, 0.004]', '+3.8 [0.9, 6.6] points'."""
     return f"{number(metric, v, signed)} [{number(metric, lo)}, {number(metric, hi)}]{_unit(metric)}"
+
+
+def sample(metric: str, n, k) -> str:
+    """'n = 10,000, k = 10' for a measure whose value depends on them (pipeline.depends_on_n), '' otherwise."""
+    if not depends_on_n(metric) or pd.isna(n):
+        return ""
+    return f"n = {int(n):,}" + ("" if pd.isna(k) else f", k = {int(k)}")
+
+
+def paren(*parts: str) -> str:
+    """' (a; b)' of the parts that are not empty, '' if none is."""
+    parts = [p for p in parts if p]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def at_blocks(blocks) -> str:
@@ -112,12 +128,14 @@ def peak_sentence(peaks: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -
     single = at["checkpoint"].nunique() == 1
     falls = [("its " if single else f"{r.checkpoint}'s ") + f"{name[(r.metric, r.encoder)]} falls "
              f"{interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high, signed=False)}"
+             f"{paren(sample(r.metric, r.n_measure, r.k))}"
              for r in at[at["peaks_then_drops"].astype(bool)].itertuples()]
     drop = ("after the peak " + ", ".join(falls),
             f"{len(falls)} of {len(at)} curves fall significantly after their peak") if falls else \
         ("no curve falls significantly after its peak",)
     where = [f"{name[p]}{' peaks' if i == 0 else ''} at {_peak_blocks(g['best_block'])}" +
-             (f" ({level(p[0], g['best_value'].iloc[0])})" if single else "")
+             (paren(level(p[0], g['best_value'].iloc[0]), sample(p[0], g['n'].iloc[0], g['k'].iloc[0])) if single
+              else "")
              for i, (p, g) in enumerate(at.groupby(["metric", "encoder"], sort=False))]
     return fit(f"At t = {t:g}, ", [drop, (", ".join(where),)])
 
@@ -133,13 +151,14 @@ def compare_sentence(comp: pd.DataFrame, pairs: list[tuple[str, str]], t: float)
     head = f"At the aligned block {aligned.pop()}, " if one_block else "Block by block, "
     clauses = []
     for (a, b), g in at.groupby(["a", "b"], sort=False):
-        deltas = [f"{name[(r.metric, r.encoder)]} {_aligned(r)}" for r in g.itertuples()
-                  if r.aligned_delta == r.aligned_delta]
+        deltas = [f"{name[(r.metric, r.encoder)]} {_aligned(r)}{paren(sample(r.metric, r.n, r.k))}"
+                  for r in g.itertuples() if r.aligned_delta == r.aligned_delta]
         if one_block and deltas:                # every page-1 measure, else the first (the alignment)
             clauses.append((f"{b} − {a}: " + ", ".join(deltas), f"{b} − {a}: {deltas[0]}"))
         hits = [(side, name[(r.metric, r.encoder)], list(blocks)) for side in ("better", "worse")
                 for r in g.itertuples() if len(blocks := getattr(r, f"b_{side}_blocks"))]
-        clauses.append((f"{b} is " + ", ".join(f"{side} {at_blocks(bl)} in {m}" for side, m, bl in hits),
+        lists = f"{b} is " + ", ".join(f"{side} {at_blocks(bl)} in {m}" for side, m, bl in hits)
+        clauses.append((lists + " (jointly over blocks × t)", lists,
                         f"{b} is " + ", ".join(f"{side} at {len(bl)} block{'s' * (len(bl) > 1)} in {m}"
                                                for side, m, bl in hits))
                        if hits else (f"no block of {b} differs significantly from {a}",))
@@ -161,7 +180,9 @@ def baseline_sentence(peaks: pd.DataFrame, table: pd.DataFrame, pairs: list[tupl
         said = " and ".join(over) + (" beat" if len(over) > 1 else " beats") + " every block" if over else \
             "the best block beats every baseline"
         null = f", and {_above_null(best)} blocks clear the permutation null" if _above_null(best) else ""
-        clauses.append((f"in {name[(metric, encoder)]} {said}{null}", f"in {name[(metric, encoder)]} {said}"))
+        at = sample(metric, best["n"].iloc[0], best["k"].iloc[0]) if over else ""    # values printed: their n
+        measure = name[(metric, encoder)] + paren(at)
+        clauses.append((f"in {measure} {said}{null}", f"in {measure} {said}"))
     if not clauses:
         return f"At t = {t:g}, no baseline was measured."
     text = fit("", clauses)
@@ -189,9 +210,10 @@ def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataF
     lines = []
     for r in ([] if comp is None else comp[comp["t"] == t].itertuples()):
         at = "" if r.aligned_delta != r.aligned_delta else f"at the aligned block {r.aligned_block} {_aligned(r)}; "
-        lines.append(f"{r.b} − {r.a}, {what(r.metric, r.encoder)}: {at}better {at_blocks(r.b_better_blocks)}, worse "
-                     f"{at_blocks(r.b_worse_blocks)}; largest difference {number(r.metric, r.max_delta, True)}"
-                     f"{_unit(r.metric)} at block {r.max_delta_block}")
+        lines.append(f"{r.b} − {r.a}, {what(r.metric, r.encoder)}{paren(sample(r.metric, r.n, r.k))}: {at}better "
+                     f"{at_blocks(r.b_better_blocks)}, worse {at_blocks(r.b_worse_blocks)} (jointly over blocks × t); "
+                     f"largest difference {number(r.metric, r.max_delta, True)}{_unit(r.metric)} at block "
+                     f"{r.max_delta_block}")
     for r in table[(table["t"] == t) & (table["metric"] == PROJECTOR_COSINE)].itertuples():
         cosine = interval(r.metric, r.value, r.ci_low, r.ci_high, False) if r.ci_low == r.ci_low else \
             number(r.metric, r.value)
@@ -204,5 +226,6 @@ def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataF
                            for kind, h in g.groupby("kind", sort=False))
         top = f"; best block {level(metric, best['best_value'].max())}" if len(best) else ""
         null = f"; blocks above the permutation null: {_above_null(best)}" if len(best) and _above_null(best) else ""
-        lines.append(f"baselines, {what(metric, encoder)}: {values}{top}{null}")
+        lines.append(f"baselines, {what(metric, encoder)}{paren(sample(metric, g['n'].iloc[0], g['k'].iloc[0]))}: "
+                     f"{values}{top}{null}")
     return lines
