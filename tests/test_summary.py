@@ -185,7 +185,8 @@ def test_values_measured_at_different_n_are_not_compared():
     res = results(Analysed("a", "model", None, [a]), Analysed("b", "model", None, [b]))
     with pytest.raises(UserError, match=r"a and b: cknna vs e was measured at n = 10000, k = 10 and at n = 5000"):
         paired_deltas(res, "a", "b")
-    same = results(Analysed("a", "model", None, [a]), Analysed("b", "model", None, [dataclasses.replace(b, n=10_000)]))
+    same = results(Analysed("a", "model", None, [a]),
+                   Analysed("b", "model", None, [dataclasses.replace(b, n=10_000)]))
     assert set(paired_deltas(same, "a", "b")["n"]) == {10_000}
 
 
@@ -212,7 +213,8 @@ def test_the_held_out_drop_is_printed_with_its_own_n_and_the_two_values_it_is_th
 
 def test_page_1_and_2_name_the_blocks_where_b_is_better_from_the_simultaneous_band():
     """Five blocks × one t, B − A = 0.02 at block 1 and 0.005 at block 3, its replicates' sd 0.002: pointwise
-    (± t₁₉·0.002 = ± 0.0042) blocks 1 and 3 are better; over the five blocks at once (± 3.17·0.002) only block 1."""
+    (± t₁₉·0.002 = ± 0.0042) blocks 1 and 3 are better; over the five blocks at once (± 2.86·0.002 = ± 0.0057)
+    only block 1."""
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(20, 6))
     noise = 0.002 * (noise - noise.mean(0)) / noise.std(0, ddof=1)

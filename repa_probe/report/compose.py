@@ -44,12 +44,19 @@ def aligned_blocks(results: Results) -> dict[str, int]:
     return {a.name: a.ckpt.anatomy.aligned_block for a in results.models if a.ckpt.anatomy.aligned_block}
 
 
+def _at_n(table: pd.DataFrame, metric: str, encoder: str) -> str:
+    """' (n = 10,000, k = 10)' for a measure that depends on them, as the models measured it; '' otherwise."""
+    rows = table[(table["metric"] == metric) & (table["encoder"] == encoder) & (table["kind"] == "model")]
+    return paren(sample(metric, rows["n"].iloc[0], rows["k"].iloc[0])) if len(rows) else ""
+
+
 @register_figure
 def curve_pages(results: Results, table: pd.DataFrame) -> list:
-    return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block",
-                                                    aligned_blocks(results)))
+    return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block"
+                                                    f"{_at_n(table, metric, encoder)}", aligned_blocks(results)))
             for metric, encoder in _panels(table)] + \
-        [(f"over t {metric} {encoder}", F.values_over_t(table, metric, encoder, f"{metric_label(metric)} vs t"))
+        [(f"over t {metric} {encoder}", F.values_over_t(table, metric, encoder, f"{metric_label(metric)} vs t"
+                                                                                f"{_at_n(table, metric, encoder)}"))
          for metric, encoder in _panels(table, single_block=True)]
 
 
@@ -190,8 +197,8 @@ def baseline_lines(table: pd.DataFrame) -> list[str]:
             s = display_scale(metric)
             v = g["value"].to_numpy() * s
             span = f"{v.min():.3g}" if np.ptp(v) < 1e-9 * max(1, abs(v).max()) else f"{v.min():.3g}–{v.max():.3g}"
-            lines.append(f"{name}: {metric_label(metric)}{' vs ' + encoder if encoder else ''} at "
-                         f"t={g['t'].iloc[0]:g}: {span}")
+            lines.append(f"{name}: {metric_label(metric)}{' vs ' + encoder if encoder else ''}"
+                         f"{paren(sample(metric, g['n'].iloc[0], g['k'].iloc[0]))} at t={g['t'].iloc[0]:g}: {span}")
     return lines
 
 
