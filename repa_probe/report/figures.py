@@ -203,6 +203,34 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str,
     return fig
 
 
+def seed_curves(table: pd.DataFrame, groups: dict[str, dict[int, str]], means: pd.DataFrame, metric: str,
+                encoder: str, title: str) -> plt.Figure:
+    """Metric vs block, one panel per t: each seed's curve thin, its recipe's mean over seeds on top with the
+    t-interval over seeds as a band (`means`: seeds.mean_curves), one colour per recipe."""
+    rows = table[(table["metric"] == metric) & (table["encoder"] == encoder) & (table["block"] >= 0)]
+    ts, s = sorted(means["t"].unique()), display_scale(metric)
+    colours = checkpoint_colours(list(groups))
+    fig, axes = _panel_grid(len(ts))
+    for ax, t in zip(axes, ts):
+        for recipe, seeds in groups.items():
+            for i, name in enumerate(seeds.values()):
+                c = rows[(rows["checkpoint"] == name) & (rows["t"] == t)].sort_values("block")
+                ax.plot(c["block"], c["value"] * s, color=colours[recipe], lw=0.8, alpha=0.45,
+                        label=f"{recipe}: each seed" if i == 0 else None)
+            m = means[(means["recipe"] == recipe) & (means["t"] == t)].sort_values("block")
+            ax.plot(m["block"], m["value"] * s, color=colours[recipe], lw=2.4, marker="o", ms=3,
+                    label=f"{recipe}: mean of {len(seeds)} seeds")
+            ax.fill_between(m["block"], m["ci_low"] * s, m["ci_high"] * s, color=colours[recipe], alpha=0.15, lw=0)
+        ax.set_title(f"t = {t:g}", fontsize=10)
+        ax.set_xlabel("block (0 = patch embedding)")
+        ax.set_ylabel(metric_label(metric))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
+    fig.tight_layout(rect=(0, shared_legend(fig, axes[0], 0.005, "lower center") + 0.01, 1, 1))
+    return fig
+
+
 def values_over_t(results: pd.DataFrame, metric: str, encoder: str, title: str) -> plt.Figure:
     """A measure taken at one block per model (e.g. the projector cosine at REPA's aligned block): its value
     vs t, one line with 95% error bars per checkpoint, labelled with its block."""
