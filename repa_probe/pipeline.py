@@ -747,10 +747,10 @@ def held_out_hits(hits: np.ndarray, blocks: list[int], labels: np.ndarray, seed:
     t = np.arange(len(peaks))
     best = hits[t, peaks][:, half_b].astype(np.float64)                                   # [T, n_b]
     diff = best - hits[t, -1][:, half_b]
-    idx = stats.resamples(len(half_b), PROBE_RESAMPLES, seed)
+    reps = stats.hit_replicates(np.stack([diff, best]), stats.resamples(len(half_b), PROBE_RESAMPLES, seed))
     drop = diff.mean(axis=-1)
-    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, stats.hit_replicates(diff, idx)),
-                   len(half_a), len(half_b), best.mean(axis=-1), stats.hit_replicates(best, idx))
+    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, reps[:, 0]), len(half_a),
+                   len(half_b), best.mean(axis=-1), reps[:, 1])
 
 
 def arch_key(ckpt: LoadedCheckpoint) -> str:

@@ -112,7 +112,7 @@ def assert_held_out_gaps(out, summary, depth) -> None:
     block (the untrained model's chosen on half A too; the raw input is one 'block', −1), on half B, paired."""
     gaps = pd.read_csv(out / "baseline_gaps.csv").fillna({"encoder": ""})       # '' (the probe's) reads as NaN
     pd.testing.assert_frame_equal(gaps, pd.DataFrame(summary["baseline_gaps"]), check_dtype=False)
-    assert len(gaps) == 3 * 2 * 2 and set(gaps["kind"]) == {"untrained", "raw-input", "raw-thumbnail"}   # × metric × t
+    assert len(gaps) == 3 * 2 * 2 and set(gaps["kind"]) == {"untrained", "raw-input", "raw-thumbnail"}   # ×metric×t
     peaks = pd.DataFrame(summary["peaks"]).set_index(["checkpoint", "metric", "t"])["selected_block"]
     assert (gaps["block"].to_numpy() == peaks.loc[list(zip(gaps["checkpoint"], gaps["metric"], gaps["t"]))]).all()
     assert set(gaps.loc[gaps["kind"] != "untrained", "baseline_block"]) == {-1}

@@ -90,12 +90,12 @@ def _mean_row(rows: list[dict], **keys) -> dict:
     blocks = {r["block"] for r in rows}
     return dict(keys, seed="mean", checkpoint="", block=blocks.pop() if len(blocks) == 1 else math.nan, value=mean,
                 ci_low=lo, ci_high=hi, resolution=floor, verdict=stats.verdict(mean, lo, hi, floor) if lo == lo else 0,
-                seeds_positive=sum(r["seeds_positive"] for r in rows), seeds_negative=sum(r["seeds_negative"] for r in rows),
-                n_seeds=len(rows))
+                seeds_positive=sum(r["seeds_positive"] for r in rows),
+                seeds_negative=sum(r["seeds_negative"] for r in rows), n_seeds=len(rows))
 
 
 def seed_drops(results: Results, peaks: pd.DataFrame, groups: Groups) -> list[dict]:
-    """Per recipe × metric × encoder × t: each seed's held-out drop after its peak (peak_summary), then their mean."""
+    """Per recipe × metric × encoder × t: each seed's held-out drop after its peak (peak_summary), then the mean."""
     out = []
     for recipe, seeds in groups.items():
         mine = peaks[peaks["checkpoint"].isin(seeds.values())]
@@ -138,24 +138,24 @@ def seed_deltas(results: Results, groups: Groups, aligned: dict[str, int]) -> li
 
 
 def _delta_rows(results: Results, ref: str, recipe: str, groups: Groups, per_seed: dict) -> list[dict]:
-    """seed_deltas' rows for one pair of recipes, from each seed pair's compare_summary."""
+    """seed_deltas' rows for one pair of recipes, from each seed pair's compare_summary: per measure and t where
+    every seed pair has a difference at the aligned block."""
     out = []
     first = next(iter(per_seed.values()))
     for (metric, encoder, t), _ in first.groupby(["metric", "encoder", "t"], sort=False):
         keys = dict(quantity="delta", recipe=recipe, reference=ref, metric=metric, encoder=encoder, t=float(t))
+        found = {k: comp[(comp["metric"] == metric) & (comp["encoder"] == encoder) & (comp["t"] == t)]
+                 for k, comp in per_seed.items()}
+        if any(len(r) != 1 or r["aligned_delta"].isna().iloc[0] for r in found.values()):
+            continue
         rows = []
-        for k, comp in per_seed.items():
-            r = comp[(comp["metric"] == metric) & (comp["encoder"] == encoder) & (comp["t"] == t)]
-            if len(r) != 1 or r["aligned_delta"].isna().iloc[0]:
-                break
-            r = r.iloc[0]
+        for k, r in ((k, r.iloc[0]) for k, r in found.items()):
             a, b = groups[ref][k], groups[recipe][k]
             floor = max(results.curves(n, metric, encoder).resolution() for n in (a, b))
             sign = stats.verdict(r["aligned_delta"], r["aligned_ci_low"], r["aligned_ci_high"], floor)
             rows.append(_seed_row(keys, k, f"{b} − {a}", int(r["aligned_block"]), r["aligned_delta"],
                                   r["aligned_ci_low"], r["aligned_ci_high"], floor, sign))
-        else:
-            out += rows + [_mean_row(rows, **keys)]
+        out += rows + [_mean_row(rows, **keys)]
     return out
 
 

@@ -178,9 +178,9 @@ def _gap_clauses(g: pd.DataFrame, metric: str) -> tuple[str, str]:
     def said(detailed: bool) -> str:
         parts = [f"{verb} {_and([named(k, detailed) for k in kinds if side[k] == s])}"
                  for s, verb in ((1, "beats"), (0, "is level with"), (-1, "is below")) if s in side.values()]
-        parts += [f"beats {named(k, False)} in {(h['verdict'] > 0).sum()} of {n} checkpoints" if (h["verdict"] > 0).any()
-                  else f"is below {named(k, False)} in {(h['verdict'] < 0).sum()} of {n} checkpoints"
-                  for k, h in kinds.items() if side[k] is None]
+        parts += [f"beats {named(k, False)} in {(h['verdict'] > 0).sum()} of {n} checkpoints"
+                  if (h["verdict"] > 0).any() else f"is below {named(k, False)} in {(h['verdict'] < 0).sum()} of {n} "
+                  f"checkpoints" for k, h in kinds.items() if side[k] is None]
         return ("the best block " if n == 1 else "each checkpoint's best block ") + ", ".join(parts)
     return said(True), said(False)
 
