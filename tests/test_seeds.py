@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 import repa_probe
 from conftest import randomize_, tiny_config
+from test_report import assert_plain
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.families.sit import as_checkpoint
@@ -83,7 +84,9 @@ def test_seed_level_mean_t_interval_and_k_of_k_and_page_1_speaks_of_the_recipe(c
                                                                 abs=1e-12)
         assert (row["seeds_positive"], row["n_seeds"], row["verdict"]) == (3, 3, 1)
     assert mean_row(seeds, "delta")["block"] == ALIGNED and mean_row(seeds, "delta")["reference"] == "vanilla"
-    peak, compared, _ = summarise(res)[0]["overview"]
+    overview = summarise(res)[0]["overview"]
+    assert_plain(overview, compare=True)                                   # ≤ 160 characters each, one precision
+    peak, compared, _ = overview
     assert peak.startswith("At t = 0, over 3 seeds, vanilla's CKNNA peaks, then drops 0.050 [0.000, 0.100] (drops in "
                            "3 of 3 seeds); the other curve does not")
     assert compared.startswith(f"At the aligned block {ALIGNED}, over 3 seed pairs, repa − vanilla: CKNNA +0.025 "
@@ -99,6 +102,7 @@ def test_no_seed_level_claim_when_seeds_disagree_though_each_seeds_own_interval_
     for quantity in ("drop", "delta"):
         row = mean_row(rows, quantity)
         assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == 0 and row["seeds_positive"] == 2
+    assert_plain(summary["overview"], compare=True)
     peak, compared, _ = summary["overview"]
     assert "peaks, then drops" not in peak and "falls" not in peak
     assert peak.startswith("At t = 0, over 3 seeds, no curve drops after its peak at the seed level (0–2 of 3 seeds "
