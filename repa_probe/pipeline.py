@@ -48,8 +48,8 @@ from repa_probe.tokens import cosine, zscored
 CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
 PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
 KINDS = {"model": "the checkpoint",
-         "untrained": "the same architecture at initialisation (seeded), its zero-initialised linears (adaLN-Zero "
-                      "gates) given PyTorch's default Linear init, one per block",
+         "untrained": "the same architecture at initialisation (seeded); its zero-initialised adaLN-Zero gates get "
+                      "PyTorch's default Linear init",
          "raw-input": "the noisy input x_t, its patches mean-pooled over the grid like the blocks",
          "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}

@@ -170,3 +170,18 @@ def test_explicit_seed_groups_are_checked_before_any_compute(tmp_path, cifar_dir
                            convention="sit", image_size=16, num_classes=10, seed_groups={"r": ["a", "c"]},
                            cache=str(tmp_path))
     assert not list(tmp_path.iterdir())
+
+
+def test_page_2_of_many_checkpoints_continues_on_further_pages_instead_of_below_the_page():
+    """Six seeds' provenance (6 rows each) filled page 2 and pushed its details, the seed lines among them, below
+    the bottom of the page, where nothing shows."""
+    from repa_probe.report.figures import summary_pages
+    sections = [("Checkpoints", [(f"seed {i}", "row") for i in range(60)]), ("Details", ["the seed lines"] * 5)]
+    pages = summary_pages("seeds", sections, pd.DataFrame({"a": range(50)}), "the table")
+    try:
+        texts = [(t.get_text(), t.get_position()[1]) for page in pages for t in page.texts]
+        assert all(0 < y < 1 for _, y in texts) and len(pages) >= 3
+        assert [text for text, _ in texts].count("the seed lines") == 5
+        assert "seeds (continued)" in [text for text, _ in texts]
+    finally:
+        plt.close("all")

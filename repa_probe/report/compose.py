@@ -59,8 +59,9 @@ def curve_pages(results: Results, table: pd.DataFrame) -> list:
 def seed_pages(results: Results, table: pd.DataFrame) -> list:
     """With seed groups (report/seeds.py): each seed's curve thin, each recipe's mean over seeds on top."""
     groups = S.seed_groups(results)
+    title = "{} per block: each seed (thin), the mean over seeds (band: 95% t-interval over seeds)"
     return [(f"seeds {metric} {encoder}", F.seed_curves(table, groups, S.mean_curves(table, groups, metric, encoder),
-                                                        metric, encoder, f"{metric_label(metric)} per block, per seed"))
+                                                        metric, encoder, title.format(metric_label(metric))))
             for metric, encoder in (_panels(table) if groups else [])]
 
 

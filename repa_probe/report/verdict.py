@@ -316,8 +316,8 @@ def gap_lines(gaps: pd.DataFrame, t: float) -> list[str]:
         r = g.iloc[0]
         each = "; ".join(f"− {x.baseline}{f' (block {x.baseline_block})' if x.baseline_block >= 0 else ''} "
                          f"{interval(metric, x.gap, x.ci_low, x.ci_high)}" for x in g.itertuples())
-        lines.append(f"{ckpt}, {what(metric, encoder)}: best block {r.block} (chosen on {r.n_select} images) on the "
-                     f"other {r.n_measure}: {each}")
+        lines.append(f"{ckpt}, {what(metric, encoder)}: best block {r.block} (chosen on {r.n_select} images, "
+                     f"measured on {r.n_measure}) {each}")
     return lines
 
 
