@@ -70,6 +70,7 @@ def peak_summary(results: Results) -> pd.DataFrame:
             sign = stats.verdict(drop, d_lo, d_hi, c.resolution(ho.n_measure)) \
                 if ho is not None and ho.peak[ti] != c.blocks[-1] else 0
             above, with_null = _above_null(c, ti)
+            peak_b = float(ho.best[ti]) if ho is not None and ho.best is not None else math.nan    # on half B
             records.append(dict(
                 checkpoint=c.checkpoint, metric=c.metric, encoder=c.encoder, t=float(t),
                 best_block=c.blocks[best], best_value=float(c.value[ti, best]), best_ci_low=float(lo),
@@ -79,12 +80,8 @@ def peak_summary(results: Results) -> pd.DataFrame:
                 drop_ci_high=float(d_hi), n_select=ho.n_select if ho else 0, n_measure=ho.n_measure if ho else 0,
                 peaks_then_drops=sign > 0, blocks_above_null=above, blocks_with_null=with_null,
                 rises_after_peak=sign < 0, resolution=floor, n=c.n, k=c.k,
-                measure_peak_value=_held_out_value(ho, ti, 0), measure_last_value=_held_out_value(ho, ti, 1)))
+                measure_peak_value=peak_b, measure_last_value=peak_b - drop))
     return counts(pd.DataFrame.from_records(records))
-
-
-def _held_out_value(ho, ti: int, i: int) -> float:
-    return float(ho.values[ti, i]) if ho is not None and ho.values is not None else math.nan
 
 
 def paired_deltas(results: Results, a: str, b: str) -> pd.DataFrame:
