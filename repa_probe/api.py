@@ -11,6 +11,8 @@ path or run folder (any family repa-probe loads), an already loaded checkpoint, 
 `blocks=`, `call=`, `convention=`, `image_size=` ... (families/module.py). Every other keyword is an
 AnalyzeConfig field (n, k, bootstrap, null, probe_train, probe_test, cache, device, ...), as on the command line,
 and checked as there: a bad value ends in one UserError that names it as Python spells it ("n=0", "data=...").
+`seed_groups={"vanilla": [names of its seeds 0, 1, ...], "repa": [...]}` says which models are training seeds of
+one recipe (by default, names RECIPE-sSEED are; report/seeds.py).
 `models=`, `encoders=`, `names=` and `ts=` take one value or a list.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
 from repa_probe.pipeline import AnalyzeConfig, Pipeline, Results, python_arg, run
 from repa_probe.report import compose
+from repa_probe.report.seeds import check_groups
 
 MODULE_KEYS = ("blocks", "call", "convention", "image_size", "channels", "grid", "num_classes", "stream",
                "image_tokens", "aligned_block")
@@ -115,5 +118,7 @@ def analyze(models: Any | Sequence[Any], data: str, encoders: str | Sequence[str
         names = [next(short) if p else n for (_, n), p in zip(loaded, is_path)]
     if len(set(names)) != len(names):
         raise UserError(f"names {list(names)} repeat: pass names=[...] with one distinct name per model")
+    if pipeline.cfg.seed_groups is not None:
+        check_groups(pipeline.cfg.seed_groups, list(names))        # before any compute
     results = run([c for c, _ in loaded], list(names), pipeline.cfg, pipeline)
     return Analysis(results, time.perf_counter() - start)

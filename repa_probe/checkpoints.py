@@ -75,9 +75,19 @@ class LoadedCheckpoint:
         return get_convention(self.provenance.convention)
 
 
+UNTRAINED_INIT = "init, zero-initialised linears: PyTorch default"   # names the baseline's init (and its cache key)
+
+
 def as_untrained(ckpt: LoadedCheckpoint, model: torch.nn.Module) -> LoadedCheckpoint:
-    """`model`, freshly initialised with ckpt's architecture, as ckpt's untrained baseline (families' `untrained`)."""
-    prov = Provenance(path="<untrained>", format="untrained", weights="init", convention=ckpt.provenance.convention,
+    """`model`, freshly initialised with ckpt's architecture, as ckpt's untrained baseline (families' `untrained`).
+    Every Linear its init leaves at zero (adaLN-Zero's modulation, the final layer) gets PyTorch's default Linear
+    init instead, each its own draw from the (seeded) global generator: with zero gates every block would be the
+    identity and the baseline the patch embedding at every block (docs/statistics.md)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.any() and (m.bias is None or not m.bias.any()):
+            m.reset_parameters()
+    prov = Provenance(path="<untrained>", format="untrained", weights=UNTRAINED_INIT,
+                      convention=ckpt.provenance.convention,
                       convention_source=ckpt.provenance.convention_source,
                       sha256=state_dict_sha256(model.state_dict(), ordered=True), family=ckpt.family.name)
     return LoadedCheckpoint(model=model.eval().to(next(ckpt.model.parameters()).device), config=ckpt.config,

@@ -11,9 +11,11 @@ For each checkpoint, on the same images and the same seeded noise (docs/analysis
              interval, on the other half (for the probe: fitted and scored on the other halves of its
              training and test images; stats.py, docs/statistics.md);
   baselines  the same numbers for the raw input x_t (its patches mean-pooled like the blocks, and the
-             spatial thumbnail) and for the untrained model of the same architecture and initialisation
-             (with adaLN-Zero every untrained block is the identity: blocks 0 and 1 are captured, checked
-             equal, and block 0 stands for all).
+             spatial thumbnail) and for the untrained model of the same architecture and initialisation,
+             whose adaLN-Zero gates get PyTorch's default init (checkpoints.as_untrained: with zero gates
+             every block would be the identity), each with its best block chosen on half A and measured on
+             half B like a model's peak, so that "the best block beats the baseline" is a paired, held-out
+             difference (report/baselines.py).
 Features come from the feature store (`extract`: re-running with another metric, encoder or checkpoint
 recomputes only what is new) or, for a model that changes under our feet (the trainer's EMA), straight
 from memory with the same capture code. Report composition is report/compose.py's business.
@@ -35,7 +37,7 @@ import torch
 from repa_probe import metrics as M
 from repa_probe import stats
 from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix
-from repa_probe.capture import (DEFAULT_TS, CaptureConfig, capture_batch, capture_blocks, extract, input_space,
+from repa_probe.capture import (DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space,
                                 make_dataset)
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.data import ImageDataset, list_images, to_model_space
@@ -47,7 +49,9 @@ from repa_probe.tokens import cosine, zscored
 
 CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
 PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
-KINDS = {"model": "the checkpoint", "untrained": "the same architecture at initialisation",
+KINDS = {"model": "the checkpoint",
+         "untrained": "the same architecture at initialisation (seeded); its zero-initialised adaLN-Zero gates get "
+                      "PyTorch's default Linear init",
          "raw-input": "the noisy input x_t, its patches mean-pooled over the grid like the blocks",
          "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
@@ -135,6 +139,7 @@ class AnalyzeConfig:
     text_embeddings: str | None = None          # a prompt's embeddings for text-conditioned diffusers models
     quiet: bool = False
     samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
+    seed_groups: dict[str, list[str]] | None = None   # {recipe: [name of seed 0, ...]}; None: by name (report/seeds.py)
     notes: list[str] = field(default_factory=list)
 
     def resolved(self, arg: Arg | None = None) -> "AnalyzeConfig":
@@ -237,12 +242,16 @@ def _check_subsamples(cfg: AnalyzeConfig, arg: Arg) -> None:
 class HeldOut:
     """The selection-aware drop after the peak, per t: the peak block chosen on half A of the images (seeded,
     class-balanced), the drop (that block − the last block) measured on the other half B, and its paired 95%
-    interval over resamples of B (docs/statistics.md)."""
+    interval over resamples of B (docs/statistics.md). For the probe both its training and its test images are
+    halved (held_out_probe); n_select and n_measure count its test images."""
     peak: list[int]                 # the block chosen on half A, per t
     drop: np.ndarray                # [T]
     ci: np.ndarray                  # [T, 2]
     n_select: int                   # images in half A
     n_measure: int                  # images in half B
+    best: np.ndarray | None = None             # [T] the chosen block's value on half B
+    best_replicates: np.ndarray | None = None  # [R, T] its value on each resample of B (the same for every source)
+    scale: np.ndarray | None = None            # [R] stats.subsample_scale of those resamples (None: full-size)
 
 
 @dataclass
@@ -493,20 +502,6 @@ class Pipeline:
         self.timings["data+forwards"] += time.perf_counter() - start
         return feats
 
-    def untrained_features(self, untrained: LoadedCheckpoint, dataset, measures: bool = True) -> Features:
-        """Block 0 of the untrained model, as [n_t, 1, N, D], when its family initialises every block as the
-        identity (adaLN-Zero): block 0 alone is captured (the pass stops before block 1) and stands for all
-        of them, once blocks 0 and 1 are checked equal on one small batch (the identity holds for any input,
-        so the check need not cost a block's pass over every image). Otherwise every block is captured."""
-        if not untrained.anatomy.untrained_identity:
-            return self.features(untrained, dataset, measures=measures)
-        space = untrained.anatomy.input
-        x0 = torch.randn(4, space.channels, space.size, space.size, generator=torch.Generator().manual_seed(0))
-        b01 = capture_batch(untrained, x0, None, torch.arange(4), self.cfg.ts[0], seed=self.cfg.seed, blocks=(0, 1))[0]
-        if not torch.equal(b01[0], b01[1]):
-            raise RuntimeError("an untrained block changed its input: adaLN-Zero initialisation is broken")
-        return self.features(untrained, dataset, blocks=(0,), measures=measures)
-
     def probe_sets(self, feats: Features, align, train, test, capture) -> tuple[Features, Features]:
         """Features of the probe's train and test images: rows of the alignment features `feats` when the
         probe splits those images (no second pass over them), else `capture(dataset)` for each set (or `feats`
@@ -610,7 +605,7 @@ class Pipeline:
             drop = on_b[:, 0] - on_b[:, 1]
             out[m] = HeldOut([blocks[p] for p in peaks], drop,
                              stats.centred_interval(drop, reps[m][..., 0] - reps[m][..., 1], scale),
-                             len(half_a), len(half_b))
+                             len(half_a), len(half_b), on_b[:, 0], reps[m][..., 0], scale)
         return out
 
     def spatial_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float]) -> list[Curves]:
@@ -682,7 +677,7 @@ class Pipeline:
         """All numbers for one checkpoint, plus (once per architecture) the untrained and raw baselines."""
         align, train, test = self.datasets(ckpt)
         feats = self.features(ckpt, align)
-        blocks = list(self.cfg.blocks) if self.cfg.blocks is not None else list(range(ckpt.anatomy.depth + 1))
+        blocks = self.blocks(ckpt)
         held_out = max(blocks) >= 2 and self.cfg.bootstrap > 0
         curves = self.alignment_curves(name, "model", feats.blocks, feats.ids, blocks, feats.ts, align,
                                        ckpt.anatomy.grid, True, held_out)
@@ -699,48 +694,49 @@ class Pipeline:
                                             ckpt.anatomy.grid, True, held_out, tokens=True)
             curves += self.projector_curves(name, ckpt, feats, align, ckpt.anatomy.grid)
         out = [Analysed(name, "model", ckpt, curves, np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None)]
-        arch = _arch_key(ckpt)
+        arch = arch_key(ckpt)
         if self.cfg.baselines and arch not in self._untrained_done:
             self._untrained_done.add(arch)
             out += self.baselines(ckpt, arch, feats, align, train, test, probe_feats)
         return out
 
+    def blocks(self, ckpt: LoadedCheckpoint) -> list[int]:
+        """The blocks analysed: --blocks, or 0..depth."""
+        return list(self.cfg.blocks) if self.cfg.blocks is not None else list(range(ckpt.anatomy.depth + 1))
+
     def baselines(self, ckpt, arch, feats, align, train, test, probe_feats) -> list[Analysed]:
         """The raw input x_t (pooled like the blocks, and as a thumbnail) and the untrained model of the same
-        architecture, on the same images and noise."""
-        grid, depth = ckpt.anatomy.grid, ckpt.anatomy.depth
+        architecture, on the same images and noise, each with its held-out best block (report/baselines.py)."""
+        grid, held_out = ckpt.anatomy.grid, self.cfg.bootstrap > 0
         suffix = "" if len(self._untrained_done) == 1 else f" ({arch})"
         out = []
         for kind, field_name in (("raw-input", "raw_pooled"), ("raw-thumbnail", "raw")):
             label = kind.replace("-", " ") + suffix
             curves = self.alignment_curves(label, kind, np.asarray(getattr(feats, field_name))[:, None], feats.ids,
-                                           [-1], feats.ts, align, grid, True)
+                                           [-1], feats.ts, align, grid, True, held_out)
             if train is not None:
                 f_tr, f_te = probe_feats
                 curves += self.probe_curves(label, kind, np.asarray(getattr(f_tr, field_name))[:, None], f_tr.labels,
                                             np.asarray(getattr(f_te, field_name))[:, None], f_te.labels, [-1],
-                                            feats.ts)
+                                            feats.ts, held_out)
             if kind == "raw-thumbnail" and feats.raw_spatial is not None:
                 curves += self.spatial_curves(label, kind, np.asarray(feats.raw_spatial)[:, None], [-1], feats.ts)
             out.append(Analysed(label, kind, ckpt, curves))
         untrained = ckpt.family.untrained(ckpt, self.cfg.seed)
-        u_feats = self.untrained_features(untrained, align)
-        u_name = f"untrained{suffix}"
-        u_blocks = [0] if u_feats.blocks.shape[1] == 1 else list(range(u_feats.blocks.shape[1]))
+        u_feats, u_name, u_blocks = self.features(untrained, align), f"untrained{suffix}", self.blocks(ckpt)
+        held_out = held_out and max(u_blocks) >= 2
         u = self.alignment_curves(u_name, "untrained", u_feats.blocks, u_feats.ids, u_blocks, feats.ts, align, grid,
-                                  True)
+                                  True, held_out)
         if train is not None:
             ut_tr, ut_te = self.probe_sets(u_feats, align, train, test,
-                                           lambda d: self.untrained_features(untrained, d, measures=False))
+                                           lambda d: self.features(untrained, d, measures=False))
             u += self.probe_curves(u_name, "untrained", ut_tr.blocks, ut_tr.labels, ut_te.blocks, ut_te.labels,
-                                   u_blocks, feats.ts)
+                                   u_blocks, feats.ts, held_out)
         if u_feats.spatial is not None:
             u += self.spatial_curves(u_name, "untrained", u_feats.spatial, u_blocks, feats.ts)
         if u_feats.tokens is not None:
             u += self.alignment_curves(u_name, "untrained", u_feats.tokens, u_feats.ids, u_blocks, feats.ts, align,
                                        grid, True, tokens=True)
-        if u_blocks == [0]:                                  # block 0 stands for every block
-            u = [_repeat_block(c, depth + 1) for c in u]
         out.append(Analysed(u_name, "untrained", untrained, u))
         for enc in self.encoders if feats.spatial is not None else []:   # the target's own spatial structure
             spatial = self.target(enc, align, grid)[4]["spatial"]
@@ -775,20 +771,14 @@ def held_out_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray
     t = np.arange(len(peaks))[:, None]
     on_b = linear_probe(train[t, pairs][..., train_b, :], train_labels[train_b], test[t, pairs][..., test_b, :],
                         test_labels[test_b], cfg, device, resample=probe_draws(len(train_b), len(test_b), n_boot, seed))
-    drop, reps = on_b["top1"][:, 0] - on_b["top1"][:, 1], on_b["top1_replicates"]            # [T], [T, 2, R]
+    best, reps = on_b["top1"][:, 0], on_b["top1_replicates"]                                # [T], [T, 2, R]
+    drop = best - on_b["top1"][:, 1]
     return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, (reps[:, 0] - reps[:, 1]).T),
-                   len(test_a), len(test_b))
+                   len(test_a), len(test_b), best, reps[:, 0].T)
 
 
-def _repeat_block(c: Curves, n: int) -> Curves:
-    """A curve measured at block 0 alone, standing for blocks 0..n−1 (an untrained adaLN-Zero model)."""
-    def rep(x, axis):
-        return None if x is None else np.repeat(x, n, axis=axis)
-    return dataclasses.replace(c, blocks=list(range(n)), value=rep(c.value, 1), ci=rep(c.ci, 1),
-                               replicates=rep(c.replicates, 2), hits=rep(c.hits, 1), null=rep(c.null, 2))
-
-
-def _arch_key(ckpt: LoadedCheckpoint) -> str:
+def arch_key(ckpt: LoadedCheckpoint) -> str:
+    """Which baselines a checkpoint shares: those of the same architecture and input."""
     a = ckpt.anatomy
     return f"{a.name}, {a.input.channels}×{a.input.size}²"
 

@@ -66,9 +66,9 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     assert set(res["kind"]) == {"model", "untrained", "raw-input", "raw-thumbnail"}
     untrained = res[(res["kind"] == "untrained") & (res["metric"] == "cknna")]
     assert len(untrained) == (depth + 1) * 2
-    # adaLN-Zero: an untrained model's blocks are the identity, so its curve is flat
+    # the untrained model's adaLN-Zero gates get PyTorch's default init: its blocks differ, a curve over blocks
     for _, g in untrained.groupby("t"):
-        assert np.ptp(g["value"].to_numpy()) < 1e-6
+        assert np.ptp(g["value"].to_numpy()) > 1e-3
 
     summary = json.loads((out / "summary.json").read_text())
     peaks = summary["peaks"]
@@ -102,7 +102,26 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
     # page 2 lists the baselines computed, and only those (the encoder's own tokens come with --spatial)
     assert summary["baseline_kinds"].keys() == {"untrained", "raw-input", "raw-thumbnail"}
     assert "baseline: raw thumbnail" in page2 and "baseline: encoder" not in page2
+    assert "PyTorch's default Linear init" in " ".join(page2.split())                 # which untrained model
     assert not list(workdir.glob(".report_a.partial-*"))
+    assert_held_out_gaps(out, summary, depth)
+
+
+def assert_held_out_gaps(out, summary, depth) -> None:
+    """baseline_gaps.csv: each model curve's best block (chosen on half A, as for its drop) − each baseline's best
+    block (the untrained model's chosen on half A too; the raw input is one 'block', −1), on half B, paired."""
+    gaps = pd.read_csv(out / "baseline_gaps.csv").fillna({"encoder": ""})       # '' (the probe's) reads as NaN
+    pd.testing.assert_frame_equal(gaps, pd.DataFrame(summary["baseline_gaps"]), check_dtype=False)
+    assert len(gaps) == 3 * 2 * 2 and set(gaps["kind"]) == {"untrained", "raw-input", "raw-thumbnail"}   # ×metric×t
+    peaks = pd.DataFrame(summary["peaks"]).set_index(["checkpoint", "metric", "t"])["selected_block"]
+    assert (gaps["block"].to_numpy() == peaks.loc[list(zip(gaps["checkpoint"], gaps["metric"], gaps["t"]))]).all()
+    assert set(gaps.loc[gaps["kind"] != "untrained", "baseline_block"]) == {-1}
+    assert gaps.loc[gaps["kind"] == "untrained", "baseline_block"].between(1, depth).all()
+    assert np.allclose(gaps["gap"], gaps["value"] - gaps["baseline_value"])
+    assert ((gaps["ci_low"] <= gaps["gap"]) & (gaps["gap"] <= gaps["ci_high"])).all()
+    claims = np.sign(gaps["ci_low"].clip(lower=0) * (gaps["gap"] > gaps["resolution"]) +
+                     gaps["ci_high"].clip(upper=0) * (gaps["gap"] < -gaps["resolution"]))
+    assert (gaps["verdict"] == claims).all()
 
 
 def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
@@ -208,22 +227,28 @@ def test_unlabelled_images_still_get_cknna_and_no_encoder_still_gets_probes(work
     assert len(list((tmp_path / "cache" / "blocks").iterdir())) == 1
 
 
-def test_untrained_baseline_captures_block_0_alone_after_checking_the_identity_on_one_batch(tmp_path, cifar_dir):
-    """Block 0 stands for every untrained adaLN-Zero block; the identity is checked on a small batch, and a
-    model whose blocks are not the identity is refused."""
+def test_the_untrained_baseline_has_its_gates_initialised_per_block_seeded_and_cached_under_its_init(tmp_path,
+                                                                                                     cifar_dir):
+    """adaLN-Zero would make every untrained block the identity (the baseline = the patch embedding at every block):
+    its zero-initialised linears get PyTorch's default init instead, one draw per block, and the rest is DiT's init;
+    its features are cached under a key that names that init."""
     from repa_probe.capture import CaptureConfig, extract
+    from repa_probe.checkpoints import UNTRAINED_INIT
+    from repa_probe.data import ImageDataset
     from repa_probe.families.sit import as_checkpoint
-    from repa_probe.pipeline import AnalyzeConfig, Pipeline
-    pipe = Pipeline(AnalyzeConfig(data=str(cifar_dir / "test"), n=16, ts=(0.0, 0.5), cache=str(tmp_path), quiet=True,
-                                  device="cpu"))
-    model = randomize_(SiT(tiny_config(input_size=32, z_dims=[], encoder_depth=0)))
-    ckpt = as_checkpoint(model)
-    dataset = pipe.datasets(ckpt)[0]
-    fresh = ckpt.family.untrained(ckpt, 0)
-    feats = pipe.untrained_features(fresh, dataset)
-    assert feats.blocks.shape[:2] == (2, 1)
-    full = extract(fresh, dataset, CaptureConfig(ts=(0.0, 0.5)), cache_dir=tmp_path, quiet=True)
-    assert np.array_equal(np.asarray(feats.blocks)[:, 0], np.asarray(full.blocks)[:, 0])   # bit-identical block 0
-    assert np.array_equal(np.asarray(full.blocks)[:, 0], np.asarray(full.blocks)[:, -1])   # every block the identity
-    with pytest.raises(RuntimeError, match="adaLN-Zero initialisation is broken"):
-        pipe.untrained_features(ckpt, dataset)                    # trained-looking weights: blocks change tokens
+    cfg = tiny_config(input_size=32, z_dims=[], encoder_depth=0)
+    ckpt = as_checkpoint(randomize_(SiT(cfg)))
+    fresh, again, other = (ckpt.family.untrained(ckpt, seed) for seed in (0, 0, 1))
+    assert fresh.provenance.sha256 == again.provenance.sha256 != other.provenance.sha256
+    assert fresh.provenance.weights == UNTRAINED_INIT
+    torch.manual_seed(0)
+    dit = SiT(cfg).state_dict()                          # DiT's own init from the same seed: gates at zero
+    gates = [b.adaLN_modulation[-1].weight for b in fresh.model.blocks]
+    assert all(g.abs().min() > 0 for g in gates) and not torch.equal(gates[0], gates[1])     # a draw per block
+    assert all(torch.equal(p, dit[k]) for k, p in fresh.model.state_dict().items()
+               if "adaLN_modulation" not in k and "final_layer" not in k)
+    dataset = ImageDataset(str(cifar_dir / "test"), 32, indices=np.arange(8))
+    blocks = np.asarray(extract(fresh, dataset, CaptureConfig(ts=(0.0,)), cache_dir=tmp_path, quiet=True).blocks)[0]
+    assert all(np.abs(blocks[i + 1] - blocks[i]).max() > 1e-3 for i in range(cfg.depth))
+    manifests = [m.read_text() for m in tmp_path.glob("blocks/*/manifest.json")]
+    assert len(manifests) == 1 and UNTRAINED_INIT in manifests[0]

@@ -186,7 +186,7 @@ def test_weights_model_picks_the_training_weights(tmp_path):
 def test_anatomy_and_inspect_rows(tmp_path):
     ckpt = load_checkpoint(save(tmp_path, train_dict(lightningdit_sd())))
     a = ckpt.anatomy
-    assert (a.depth, a.width, a.grid, a.patch_size, a.num_classes, a.untrained_identity) == (2, 64, 4, 2, 10, True)
+    assert (a.depth, a.width, a.grid, a.patch_size, a.num_classes) == (2, 64, 4, 2, 10)
     assert (a.input.kind, a.input.channels, a.input.size, a.input.downsample, a.input.scale, a.input.shift) == \
         ("latents", 32, 8, 16, 1.0, 0.0)
     assert a.input.image_size == 128 and a.name == "LightningDiT (width 64, depth 2, 2 heads)/2"
@@ -262,7 +262,8 @@ def test_untrained_is_seeded_lightningdit_init(tmp_path):
     assert a.anatomy == ckpt.anatomy and a.provenance.convention == "sit"
     torch.testing.assert_close(a.model.feat_rope.freqs_cos, rope_tables(32, 4)[0])   # our tables = the formula
     feats = capture_blocks(a, torch.randn(2, 32, 8, 8), None, torch.arange(2), [0.3], seed=0)[0]
-    torch.testing.assert_close(feats[2], feats[0])             # adaLN-Zero: fresh blocks are the identity
+    # its adaLN-Zero gates get PyTorch's default init: each block changes its input, the baseline is no identity
+    assert all((feats[i + 1] - feats[i]).abs().max() > 1e-3 for i in range(2))
 
 
 def test_sit_files_are_not_claimed_and_bad_files_are_named(tmp_path):

@@ -210,4 +210,4 @@ def test_untrained_baseline_is_a_seeded_sit_in_the_same_input_space(tmp_path):
     assert a.provenance.sha256 == b.provenance.sha256 != ckpt.family.untrained(ckpt, seed=2).provenance.sha256
     assert a.anatomy == ckpt.anatomy and a.family.name == "repae" and a.meta["latent_std"] == ckpt.meta["latent_std"]
     feats = capture_blocks(a, torch.randn(2, 4, 8, 8), None, torch.arange(2), [0.3], seed=0)[0]
-    torch.testing.assert_close(feats[3], feats[0])             # adaLN-Zero: fresh blocks are the identity
+    assert all((feats[i + 1] - feats[i]).abs().max() > 1e-3 for i in range(3))   # gates initialised: no identity

@@ -19,7 +19,7 @@ import torch
 
 from conftest import CIFAR, ONE_THREAD, randomize_, run_cli, tiny_config
 from repa_probe.capture import CaptureConfig, extract, make_dataset
-from repa_probe.checkpoints import read_checkpoint, save_checkpoint
+from repa_probe.checkpoints import UNTRAINED_INIT, read_checkpoint, save_checkpoint
 from repa_probe.data import ImageDataset
 from repa_probe.encoders import load_encoder
 from repa_probe.models import SiT
@@ -67,12 +67,13 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-def entry_of(cache: Path, kind: str = "blocks", depth: int | None = None) -> Path:
-    """The one entry of `kind` in `cache` (with `depth`: the blocks entry holding that many blocks + 1)."""
+def entry_of(cache: Path, kind: str = "blocks", trained: bool = False) -> Path:
+    """The one entry of `kind` in `cache` (trained: the blocks entry of the checkpoint, not of its untrained
+    baseline, whose weights name its init)."""
     entries = [p.parent for p in (cache / kind).glob(f"*/{MANIFEST}")]
-    if depth is not None:
-        entries = [e for e in entries if json.loads((e / MANIFEST).read_text())["parts"]["t=0"]["arrays"]["blocks"]
-                   ["shape"][0] == depth + 1]
+    if trained:
+        entries = [e for e in entries
+                   if json.loads((e / MANIFEST).read_text())["fingerprint"]["model"]["weights"] != UNTRAINED_INIT]
     assert len(entries) == 1, entries
     return entries[0]
 
@@ -181,7 +182,7 @@ def test_analyze_on_a_damaged_cache_gives_the_undamaged_numbers(work, tmp_path):
     """The issue's case: 4 KiB flipped in the model's cached blocks.npy and 2 KiB in the encoder's pooled.npy
     moved probe accuracy and CKNNA silently. Now each is named once and results.csv is the undamaged one."""
     shutil.copytree(work / "analyzed", tmp_path / "cache")
-    blocks = entry_of(tmp_path / "cache", depth=3) / "t=0.5" / "blocks.npy"
+    blocks = entry_of(tmp_path / "cache", trained=True) / "t=0.5" / "blocks.npy"
     pooled = entry_of(tmp_path / "cache", "encoder") / "all" / "pooled.npy"
     flip(blocks, 8192, 4096)
     flip(pooled, 4096, 2048)

@@ -53,7 +53,6 @@ class Anatomy:
     input: InputSpace
     num_classes: int | None          # label-conditioned with a null class `num_classes`; None = no labels
     aligned_block: int | None = None  # REPA: the block whose output the projectors read (1-based)
-    untrained_identity: bool = False  # an untrained model's blocks are the identity (adaLN-Zero)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +93,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
-        """A freshly initialised model of the same architecture and time convention."""
+        """A freshly initialised model of the same architecture and time convention (checkpoints.as_untrained)."""
 
     def describe_rows(self, ckpt: LoadedCheckpoint) -> list[tuple[str, str]]:
         """Family-specific rows for `repa-probe inspect`."""

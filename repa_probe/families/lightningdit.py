@@ -334,10 +334,11 @@ class LightningDiTFamily(ModelFamily):
         space = InputSpace("latents", c.in_channels, c.input_size, meta.get("downsample", VAE_DOWNSAMPLE), scale,
                            0.0, None)
         return Anatomy(name=size_name(c), depth=c.depth, width=c.hidden_size, grid=c.grid, patch_size=c.patch_size,
-                       input=space, num_classes=c.num_classes, untrained_identity=True)
+                       input=space, num_classes=c.num_classes)
 
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
-        """LightningDiT's initialisation of the same architecture (adaLN-Zero: blocks are the identity), seeded."""
+        """LightningDiT's initialisation of the same architecture, seeded, with the adaLN-Zero gates given
+        PyTorch's default init (as_untrained)."""
         torch.manual_seed(seed)
         return as_untrained(ckpt, LightningDiT(ckpt.config))
 

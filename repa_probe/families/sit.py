@@ -89,11 +89,10 @@ class SiTFamily(ModelFamily):
             InputSpace("pixels", c.in_channels, c.input_size)
         return Anatomy(name=size_name(c), depth=c.depth, width=c.hidden_size,
                        grid=c.input_size // c.patch_size, patch_size=c.patch_size, input=space,
-                       num_classes=c.num_classes, aligned_block=c.encoder_depth if c.z_dims else None,
-                       untrained_identity=True)
+                       num_classes=c.num_classes, aligned_block=c.encoder_depth if c.z_dims else None)
 
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
-        """DiT's initialisation (adaLN-Zero: every block starts as the identity), seeded."""
+        """DiT's initialisation, seeded, with the adaLN-Zero gates given PyTorch's default init (as_untrained)."""
         torch.manual_seed(seed)
         return as_untrained(ckpt, SiT(ckpt.config))
 

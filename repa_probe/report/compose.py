@@ -16,9 +16,12 @@ import pandas as pd
 from repa_probe import metrics as M
 from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
 from repa_probe.report import figures as F
+from repa_probe.report import seeds as S
+from repa_probe.report.baselines import baseline_gaps
 from repa_probe.report.pdf import write_report
 from repa_probe.report.summary import compare_summary, paired_deltas, peak_summary
-from repa_probe.report.verdict import detail_lines, interval, level, number, overview_sentences, what
+from repa_probe.report.verdict import (detail_lines, gap_lines, interval, level, number, overview_sentences, seed_lines,
+                                       what)
 
 FigureBuilder = Callable[[Results, pd.DataFrame], list]
 FIGURES: list[FigureBuilder] = []
@@ -50,6 +53,16 @@ def curve_pages(results: Results, table: pd.DataFrame) -> list:
             for metric, encoder in _panels(table)] + \
         [(f"over t {metric} {encoder}", F.values_over_t(table, metric, encoder, f"{metric_label(metric)} vs t"))
          for metric, encoder in _panels(table, single_block=True)]
+
+
+@register_figure
+def seed_pages(results: Results, table: pd.DataFrame) -> list:
+    """With seed groups (report/seeds.py): each seed's curve thin, each recipe's mean over seeds on top."""
+    groups = S.seed_groups(results)
+    title = "{} per block: each seed (thin), the mean over seeds (band: 95% t-interval over seeds)"
+    return [(f"seeds {metric} {encoder}", F.seed_curves(table, groups, S.mean_curves(table, groups, metric, encoder),
+                                                        metric, encoder, title.format(metric_label(metric))))
+            for metric, encoder in (_panels(table) if groups else [])]
 
 
 @register_figure
@@ -205,15 +218,23 @@ def summarise(results: Results, timings: dict[str, float] | None = None,
         tables["deltas"] = pd.concat([paired_deltas(results, ref, m.name) for m in models[1:]], ignore_index=True)
     timings = {**results.timings, **(timings or {})}
     t0, computed = min(cfg.ts), set(table["kind"])
+    tables["baseline_gaps"], (groups, seeds) = baseline_gaps(results), S.seed_table(results, peaks, aligned)
+    if groups:
+        tables["seeds"] = seeds
     summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes,
-               "overview": overview_sentences(peaks, comp, table, _page1_panels(table), t0),
-               "details": detail_lines(peaks, comp, table, t0),
+               "overview": overview_sentences(peaks, comp, table, _page1_panels(table), t0, tables["baseline_gaps"],
+                                              seeds),
+               "details": detail_lines(peaks, comp, table, t0) + gap_lines(tables["baseline_gaps"], t0) +
+               seed_lines(seeds, t0),
                "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
                "aligned_blocks": aligned,
                "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model" and k in computed},
                "images": results.images, "cache": {"chunks_computed": results.computed_chunks},
                "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
                "baselines": baseline_lines(table), "headline": headline(peaks),
+               "baseline_gaps": tables["baseline_gaps"].to_dict(orient="records"),
+               "seeds": {"groups": {r: {str(k): n for k, n in s.items()} for r, s in groups.items()},
+                         "rows": seeds.to_dict(orient="records")},
                "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}
     return summary, tables
 
@@ -238,7 +259,9 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
                                                                              "seeded noise, null class label)"),
                        ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
                                       f"draws (null), paired across blocks and checkpoints")] +
-                      [(f"baseline: {k.replace('-', ' ')}", v) for k, v in summary["baseline_kinds"].items()]),
+                      [(f"baseline: {k.replace('-', ' ')}", v) for k, v in summary["baseline_kinds"].items()] +
+                      [(f"seeds: {r}", ", ".join(s.values()) + " (claims over seeds: mean, t-interval)")
+                       for r, s in summary["seeds"]["groups"].items()]),
              ("Encoders", encoder_rows(results))] + ([("Notes", [f"! {n}" for n in cfg.notes])] if cfg.notes else [])
     page2 += [(f"Details (t = {t0:g}; paired 95% intervals)", summary["details"])] if summary["details"] else []
     pages = F.summary_pages(title, page2, summary_table(pd.DataFrame(summary["peaks"])),

@@ -42,27 +42,41 @@ def _panel_grid(n: int, max_cols: int = 3):
     return fig, axes.flat
 
 
-def _text_lines(fig, y: float, sections) -> float:
-    """Draw titled sections of (key, value) rows, bullet lines or paragraphs from height y down."""
+def _page(title: str, size: float = 12) -> plt.Figure:
+    """A blank page with its title at the top."""
+    fig = plt.figure(figsize=PAGE)
+    fig.text(0.04, 0.965, title, fontsize=size, weight="bold", va="top")
+    return fig
+
+
+def _text_rows(sections):
+    """(height, [(x, text, style)]) for each row of titled sections of (key, value) rows, bullet lines or
+    paragraphs."""
+    mono = dict(fontsize=7.5, va="top", family="monospace")
     for heading, body in sections:
-        fig.text(0.04, y, heading, fontsize=10.5, weight="bold", va="top")
-        y -= 0.03
-        if isinstance(body, str):
-            body = textwrap.wrap(body, 170)
-        for line in body:
+        yield 0.03, [(0.04, heading, dict(fontsize=10.5, weight="bold", va="top"))]
+        for line in textwrap.wrap(body, 170) if isinstance(body, str) else body:
             if isinstance(line, tuple):
                 key, value = line
                 warn = "RANDOM" in str(value) or "ASSUMED" in str(value) or key.strip() == "WARNING"
-                fig.text(0.05, y, key, fontsize=7.5, va="top", family="monospace")
-                fig.text(0.22, y, textwrap.shorten(str(value), 150), fontsize=7.5, va="top", family="monospace",
-                         color="firebrick" if warn else "black")
-                y -= 0.021
+                yield 0.021, [(0.05, key, mono), (0.22, textwrap.shorten(str(value), 150),
+                                                  dict(mono, color="firebrick" if warn else "black"))]
             else:
-                for part in textwrap.wrap(line, 190, subsequent_indent="    "):   # wrapped: details are whole
-                    fig.text(0.05, y, part, fontsize=7.5, va="top", family="monospace",
-                             color="firebrick" if line.startswith("!") else "black")
-                    y -= 0.021
-        y -= 0.01
+                for part in textwrap.wrap(line, 175, subsequent_indent="    "):   # wrapped within the page
+                    yield 0.021, [(0.05, part, dict(mono, color="firebrick" if line.startswith("!") else "black"))]
+        yield 0.01, []
+
+
+def _text_lines(figs: list, y: float, sections, title: str) -> float:
+    """Draw the sections from height y down on figs[-1], continuing on new pages ('title (continued)', appended
+    to figs) when one is full, so that many checkpoints push nothing off the page; returns y on the last."""
+    for height, texts in _text_rows(sections):
+        if y - height < 0.03:
+            figs.append(_page(f"{title} (continued)"))
+            y = 0.91
+        for x, text, style in texts:
+            figs[-1].text(x, y, text, **style)
+        y -= height
     return y
 
 
@@ -85,24 +99,24 @@ def _table(fig, rect, table: pd.DataFrame) -> None:
 
 def summary_pages(title: str, sections, table: pd.DataFrame, table_title: str, note: str = "",
                   rows_per_page: int = 34) -> list[plt.Figure]:
-    """Page 1: title, text sections (provenance, headline) and as much of the summary table as fits;
-    the rest of the table continues on further pages."""
-    fig = plt.figure(figsize=PAGE)
-    fig.text(0.04, 0.965, title, fontsize=15, weight="bold", va="top")
-    y = _text_lines(fig, 0.91, sections)
+    """Page 1: title, text sections (provenance, headline) and as much of the summary table as fits; the rest of
+    the text and of the table continues on further pages."""
+    figs = [_page(title, 15)]
+    y = _text_lines(figs, 0.91, sections, title)
+    if y < 0.2:                                      # no room for the table's title and a few rows
+        figs.append(_page(f"{title} (continued)"))
+        y = 0.91
+    fig = figs[-1]
     fig.text(0.04, y, table_title, fontsize=10.5, weight="bold", va="top")
     for line in textwrap.wrap(note, 210):
         fig.text(0.04, y - 0.026, line, fontsize=7, va="top", style="italic")
         y -= 0.018
     room = max(0, int((y - 0.09) / 0.0235) - 1)     # table rows that fit under the text
-    figs, first = [fig], table.iloc[:room]
-    if len(first):
+    if len(first := table.iloc[:room]):
         _table(fig, [0.03, 0.02, 0.94, y - 0.075], first)
     for start in range(room, len(table), rows_per_page):
-        page = plt.figure(figsize=PAGE)
-        page.text(0.04, 0.965, f"{table_title} (continued)", fontsize=12, weight="bold", va="top")
-        _table(page, [0.03, 0.02, 0.94, 0.9], table.iloc[start:start + rows_per_page])
-        figs.append(page)
+        figs.append(_page(f"{table_title} (continued)"))
+        _table(figs[-1], [0.03, 0.02, 0.94, 0.9], table.iloc[start:start + rows_per_page])
     return figs
 
 
@@ -198,6 +212,34 @@ def curves(results: pd.DataFrame, metric: str, encoder: str, title: str,
     for ax, t in zip(axes, ts):
         curve_panel(ax, rows[rows["t"] == t], metric, colours, aligned or {})
         ax.set_title(f"t = {t:g}", fontsize=10)
+    fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
+    fig.tight_layout(rect=(0, shared_legend(fig, axes[0], 0.005, "lower center") + 0.01, 1, 1))
+    return fig
+
+
+def seed_curves(table: pd.DataFrame, groups: dict[str, dict[int, str]], means: pd.DataFrame, metric: str,
+                encoder: str, title: str) -> plt.Figure:
+    """Metric vs block, one panel per t: each seed's curve thin, its recipe's mean over seeds on top with the
+    t-interval over seeds as a band (`means`: seeds.mean_curves), one colour per recipe."""
+    rows = table[(table["metric"] == metric) & (table["encoder"] == encoder) & (table["block"] >= 0)]
+    ts, s = sorted(means["t"].unique()), display_scale(metric)
+    colours = checkpoint_colours(list(groups))
+    fig, axes = _panel_grid(len(ts))
+    for ax, t in zip(axes, ts):
+        for recipe, seeds in groups.items():
+            for i, name in enumerate(seeds.values()):
+                c = rows[(rows["checkpoint"] == name) & (rows["t"] == t)].sort_values("block")
+                ax.plot(c["block"], c["value"] * s, color=colours[recipe], lw=0.8, alpha=0.45,
+                        label=f"{recipe}: each seed" if i == 0 else None)
+            m = means[(means["recipe"] == recipe) & (means["t"] == t)].sort_values("block")
+            ax.plot(m["block"], m["value"] * s, color=colours[recipe], lw=2.4, marker="o", ms=3,
+                    label=f"{recipe}: mean of {len(seeds)} seeds")
+            ax.fill_between(m["block"], m["ci_low"] * s, m["ci_high"] * s, color=colours[recipe], alpha=0.15, lw=0)
+        ax.set_title(f"t = {t:g}", fontsize=10)
+        ax.set_xlabel("block (0 = patch embedding)")
+        ax.set_ylabel(metric_label(metric))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.suptitle(title + (f" — vs {encoder}" if encoder else ""), fontsize=12)
     fig.tight_layout(rect=(0, shared_legend(fig, axes[0], 0.005, "lower center") + 0.01, 1, 1))
     return fig

@@ -2,7 +2,10 @@
 
   1. where the page-1 curves peak, and whether any falls after its peak (held-out, paired 95%);
   2. B − A at the aligned block, and at which blocks B is better or worse (a comparison only);
-  3. what the baselines and the permutation null say.
+  3. what the baselines and the permutation null say: whether the best block beats each baseline (held out:
+     the block chosen on half the images, best − baseline measured on the other half, report/baselines.py).
+When the report holds several training seeds of a recipe (report/seeds.py), sentences 1 and 2 speak of the
+recipe: the mean over seeds with its t-interval, and how many seeds agree.
 
 Every number is printed at one precision per measure, a value and its interval alike: probe accuracies in
 points with one decimal, every other measure with three decimals. A difference is called better, worse or a
@@ -146,36 +149,134 @@ def compare_sentence(comp: pd.DataFrame, pairs: list[tuple[str, str]], t: float)
     return fit(head, clauses)
 
 
-def baseline_sentence(peaks: pd.DataFrame, table: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -> str:
-    """For each page-1 measure: the baselines that match or beat every block, and the blocks above the null."""
+def _and(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _point_clause(best: pd.DataFrame, base: pd.DataFrame, metric: str) -> str:
+    """Without held-out values (no bootstrap, or an older summary): the baselines at or above every block, as
+    values only: a maximum over blocks compared with a value is no test (report/baselines.py)."""
+    high = base.groupby("kind", sort=False)["value"].max()
+    over = [f"the {BASELINE_NAMES.get(k, k)} ({level(metric, v)})" for k, v in high.items()
+            if v >= best["best_value"].max()]
+    return _and(over) + f" {'are' if len(over) > 1 else 'is'} at or above every block (no interval)" if over \
+        else "the best block is above every baseline (no interval)"
+
+
+def _gap_clauses(g: pd.DataFrame, metric: str) -> tuple[str, str]:
+    """(detailed, short) wording of whether the best block beats each baseline kind (rows of baseline_gaps at one t
+    for one measure): beats, is level with or is below it in every checkpoint, else beats it in k of n."""
+    n, kinds = g["checkpoint"].nunique(), dict(tuple(g.groupby("kind", sort=False)))
+    side = {k: int(h["verdict"].iloc[0]) if h["verdict"].nunique() == 1 else None for k, h in kinds.items()}
+
+    def named(k: str, detailed: bool) -> str:
+        h = kinds[k].iloc[0]
+        gap = f" ({interval(metric, h.gap, h.ci_low, h.ci_high)})" if detailed and n == 1 else ""
+        return f"the {BASELINE_NAMES.get(k, k)}{gap}"
+
+    def said(detailed: bool) -> str:
+        parts = [f"{verb} {_and([named(k, detailed) for k in kinds if side[k] == s])}"
+                 for s, verb in ((1, "beats"), (0, "is level with"), (-1, "is below")) if s in side.values()]
+        parts += [f"beats {named(k, False)} in {(h['verdict'] > 0).sum()} of {n} checkpoints"
+                  if (h["verdict"] > 0).any() else f"is below {named(k, False)} in {(h['verdict'] < 0).sum()} of {n} "
+                  f"checkpoints" for k, h in kinds.items() if side[k] is None]
+        return ("the best block " if n == 1 else "each checkpoint's best block ") + ", ".join(parts)
+    return said(True), said(False)
+
+
+def baseline_sentence(peaks: pd.DataFrame, table: pd.DataFrame, pairs: list[tuple[str, str]], t: float,
+                      gaps: pd.DataFrame | None = None) -> str:
+    """For each page-1 measure: whether the best block beats each baseline (held out, paired; `gaps`:
+    report.baselines.baseline_gaps, else values only), and the blocks above the null."""
     name, clauses = _names(pairs), []
     for metric, encoder in pairs:
         best = peaks[(peaks["t"] == t) & (peaks["metric"] == metric) & (peaks["encoder"] == encoder)]
         base = table[(table["t"] == t) & (table["kind"] != "model") & (table["metric"] == metric) &
                      (table["encoder"] == encoder)]
+        g = gaps[(gaps["t"] == t) & (gaps["metric"] == metric) & (gaps["encoder"] == encoder)] \
+            if gaps is not None and len(gaps) else []
         if not len(best) or not len(base):
             continue
-        high = base.groupby("kind", sort=False)["value"].max()
-        over = [f"the {BASELINE_NAMES.get(k, k)} ({level(metric, v)})" for k, v in high.items()
-                if v >= best["best_value"].max()]
-        said = " and ".join(over) + (" beat" if len(over) > 1 else " beats") + " every block" if over else \
-            "the best block beats every baseline"
+        said = _gap_clauses(g, metric) if len(g) else (_point_clause(best, base, metric),) * 2
         null = f", and {_above_null(best)} blocks clear the permutation null" if _above_null(best) else ""
-        clauses.append((f"in {name[(metric, encoder)]} {said}{null}", f"in {name[(metric, encoder)]} {said}"))
+        m = f"in {name[(metric, encoder)]} "
+        clauses.append((m + said[0] + null, m + said[1] + null, m + said[1]))
     if not clauses:
         return f"At t = {t:g}, no baseline was measured."
     text = fit("", clauses)
     return text[0].upper() + text[1:]
 
 
+def _seed_rows(seeds: pd.DataFrame | None, quantity: str, name: dict, t: float) -> pd.DataFrame:
+    """The seed-level ('mean') rows of seeds.csv for one quantity, at t, for the measures page 1 shows."""
+    if seeds is None or not len(seeds):
+        return pd.DataFrame()
+    return _shown(seeds[(seeds["quantity"] == quantity) & (seeds["seed"] == "mean")], name, t)
+
+
+def _over(rows: pd.DataFrame, what: str) -> str:
+    """'3 seeds', '3–5 seed pairs'."""
+    lo, hi = rows["n_seeds"].min(), rows["n_seeds"].max()
+    return f"{lo}{f'–{hi}' if hi != lo else ''} {what}"
+
+
+def seed_peak_sentence(seeds: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -> str | None:
+    """Which recipes' page-1 curves peak, then drop, at the seed level (the mean held-out drop over seeds, its
+    t-interval above 0), with in how many seeds each drops; the others in one clause (None: no seed groups)."""
+    name = _names(pairs)
+    at = _seed_rows(seeds, "drop", name, t)
+    if not len(at):
+        return None
+    clauses = []
+    for r in at[at["verdict"] > 0].itertuples():
+        who, k = f"{r.recipe}'s {name[(r.metric, r.encoder)]}", f"{r.seeds_positive} of {r.n_seeds} seeds"
+        drop = interval(r.metric, r.value, r.ci_low, r.ci_high, signed=False)
+        clauses.append((f"{who} peaks, then drops {drop} (drops in {k})", f"{who} peaks, then drops (in {k})"))
+    rest = at[at["verdict"] <= 0]
+    if len(rest):
+        lo, hi = rest["seeds_positive"].min(), rest["seeds_positive"].max()
+        each = f"{lo}{f'–{hi}' if hi != lo else ''} of {rest['n_seeds'].max()} seeds drop"
+        others = "the other curve does not" if len(rest) == 1 else f"the other {len(rest)} curves do not"
+        clauses.append((f"{others} ({each})", others) if clauses else
+                       (f"no curve drops after its peak at the seed level ({each})",
+                        "no curve drops after its peak at the seed level"))
+    return fit(f"At t = {t:g}, over {_over(at, 'seeds')}, ", clauses)
+
+
+def seed_compare_sentence(seeds: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -> str | None:
+    """B − A at the aligned block over seed pairs (A-sK, B-sK): the mean with its t-interval, how many seeds are
+    above 0, and "B better" only where the seed-level interval is above 0 (None: no paired seed groups)."""
+    name = _names(pairs)
+    at = _seed_rows(seeds, "delta", name, t)
+    if not len(at):
+        return None
+    blocks = set(at["block"].dropna())
+    head = f"At the aligned block {int(blocks.pop())}, over {_over(at, 'seed pairs')}, " if len(blocks) == 1 else \
+        f"At the aligned blocks, over {_over(at, 'seed pairs')}, "
+    clauses = []
+    for (a, b), g in at.groupby(["reference", "recipe"], sort=False):
+        values = [f"{name[(r.metric, r.encoder)]} {interval(r.metric, r.value, r.ci_low, r.ci_high)}"
+                  for r in g.itertuples()]
+        counts = [f"{v} ({r.seeds_positive} of {r.n_seeds} above 0)" for v, r in zip(values, g.itertuples())]
+        sides = [(word, [name[(r.metric, r.encoder)] for r in g.itertuples() if r.verdict == s])
+                 for s, word in ((1, "better"), (-1, "worse"))]
+        claim = "; ".join(f"{b} {word} in {_and(m)}" for word, m in sides if m) or "no seed-level difference"
+        clauses.append((f"{b} − {a}: {', '.join(counts)}; {claim}", f"{b} − {a}: {', '.join(values)}; {claim}",
+                        f"{b} − {a}: {claim}"))
+    return fit(head, clauses)
+
+
 def overview_sentences(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame,
-                       pairs: list[tuple[str, str]], t: float) -> list[str]:
-    """Page 1's verdict on its panels' measures (spatial ones have their own pages) at noise level t."""
+                       pairs: list[tuple[str, str]], t: float, gaps: pd.DataFrame | None = None,
+                       seeds: pd.DataFrame | None = None) -> list[str]:
+    """Page 1's verdict on its panels' measures (spatial ones have their own pages) at noise level t; with seed
+    groups (`seeds`: seeds.csv) the peak and the comparison at the seed level."""
     pairs = [p for p in pairs if p[0] not in SPATIAL_METRICS]
-    out = [peak_sentence(peaks, pairs, t)]
+    out = [seed_peak_sentence(seeds, pairs, t) or peak_sentence(peaks, pairs, t)]
     if comp is not None and len(comp):
-        out.append(compare_sentence(comp, pairs, t))
-    out.append(baseline_sentence(peaks, table, pairs, t))
+        out.append(seed_compare_sentence(seeds, pairs, t) or compare_sentence(comp, pairs, t))
+    out.append(baseline_sentence(peaks, table, pairs, t, gaps))
     return out
 
 
@@ -205,4 +306,33 @@ def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataF
         top = f"; best block {level(metric, best['best_value'].max())}" if len(best) else ""
         null = f"; blocks above the permutation null: {_above_null(best)}" if len(best) and _above_null(best) else ""
         lines.append(f"baselines, {what(metric, encoder)}: {values}{top}{null}")
+    return lines
+
+
+def gap_lines(gaps: pd.DataFrame, t: float) -> list[str]:
+    """Each checkpoint's best block − each baseline at noise level t, held out (report/baselines.py)."""
+    lines = []
+    for (ckpt, metric, encoder), g in gaps[gaps["t"] == t].groupby(["checkpoint", "metric", "encoder"], sort=False):
+        r = g.iloc[0]
+        each = "; ".join(f"− {x.baseline}{f' (block {x.baseline_block})' if x.baseline_block >= 0 else ''} "
+                         f"{interval(metric, x.gap, x.ci_low, x.ci_high)}" for x in g.itertuples())
+        lines.append(f"{ckpt}, {what(metric, encoder)}: best block {r.block} (chosen on {r.n_select} images, "
+                     f"measured on {r.n_measure}) {each}")
+    return lines
+
+
+def seed_lines(seeds: pd.DataFrame, t: float) -> list[str]:
+    """Per recipe × measure at noise level t: each seed's held-out drop or B − A at the aligned block, and their
+    mean with its t-interval over seeds (report/seeds.py)."""
+    lines = []
+    for r in seeds[(seeds["t"] == t) & (seeds["seed"] == "mean")].itertuples():
+        per = seeds[(seeds["t"] == t) & (seeds["seed"] != "mean") & (seeds["quantity"] == r.quantity) &
+                    (seeds["recipe"] == r.recipe) & (seeds["metric"] == r.metric) & (seeds["encoder"] == r.encoder)]
+        values = ", ".join(f"s{x.seed} {number(r.metric, x.value, True)}" for x in per.itertuples())
+        head = f"{r.recipe}, held-out drop after the peak" if r.quantity == "drop" else \
+            f"{r.recipe} − {r.reference} at the aligned block"
+        word = "drops" if r.quantity == "drop" else "above 0"
+        lines.append(f"seeds, {head}, {what(r.metric, r.encoder)}: {values}; mean "
+                     f"{interval(r.metric, r.value, r.ci_low, r.ci_high)} (t-interval, {int(r.n_seeds) - 1} df); "
+                     f"{word} in {r.seeds_positive} of {r.n_seeds} seeds")
     return lines
