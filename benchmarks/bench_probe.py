@@ -10,11 +10,20 @@ statistics, encoder-like width). Both sides get the same standardised float32 ar
 2. The full protocol with the λ search (5 values on a seeded 80/20 split, then a refit), ours vs
    the same protocol through sklearn (``backend="sklearn"``; skip it with --no-sklearn-search).
 
+3. With --analysis N: the probe stage of an analysis of N images (bench_analyze's model: a seeded SiT-S/2 with
+   open residual gates, on N CIFAR-10 test images, t = --t; the probe splits them, every fifth image held out):
+   the probe as it was before issue 24 (the 10x λ grid, one fit per block; its held-out drop reused the test
+   hits, free) against the probe now (three λ per decade; --bootstrap refit replicates; the held-out drop fitted
+   on training halves with max(--bootstrap, 100) replicates), in CPU seconds, in the same run.
+
     python benchmarks/bench_probe.py [--device cuda] [--lam 1e-3] [--n-train 10000]
     python benchmarks/bench_probe.py --n-train 200 --n-test 2000 --lam 1e-4   # wider than the images
+    python benchmarks/bench_probe.py --analysis 500 [--bootstrap 20] [--cache DIR]
 """
 
 import argparse
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +32,7 @@ import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from repa_probe.pipeline import held_out_probe, probe_draws
 from repa_probe.probe import ProbeConfig, fit_logistic, linear_probe, logits, standardize
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
@@ -61,7 +71,50 @@ def best_time(fn, repeat: int):
     return min(times), result
 
 
+def analysis_inputs(n: int, ts: tuple[float, ...], cache: str, device: str):
+    """The probe's inputs in bench_analyze's analysis of n images: block features [T, B, n, D] split as analyze
+    splits them (every fifth image, in class-balanced order, held out for testing), with their labels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_analyze import open_gated_checkpoint
+    from repa_probe.capture import CaptureConfig, extract
+    _, ckpt = open_gated_checkpoint("SiT-S/2", Path(cache) / "model.pt")
+    feats = extract(str(ckpt), str(DATA / "test"), CaptureConfig(ts=ts), n=n, cache_dir=cache, device=device,
+                    quiet=True)
+    x, y = np.asarray(feats.blocks), feats.labels
+    held = np.arange(len(y)) % 5 == 0
+    return x[..., ~held, :], y[~held], x[..., held, :], y[held]
+
+
+def analysis(args):
+    """Section 3: the probe stage of an analysis, before issue 24 and now, in CPU seconds (the box is shared)."""
+    ts = tuple(float(t) for t in args.t.split(","))
+    tr, y_tr, te, y_te = analysis_inputs(args.analysis, ts, args.cache, args.device)
+    blocks = list(range(tr.shape[1]))
+    print(f"probe inputs: {tr.shape[0]} t × {tr.shape[1]} blocks, {len(y_tr)} train / {len(y_te)} test images, "
+          f"d = {tr.shape[-1]}; device={args.device} threads={torch.get_num_threads()}")
+
+    def cpu(fn):
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    draws = probe_draws(len(y_tr), len(y_te), args.bootstrap, 0)
+    before = cpu(lambda: linear_probe(tr, y_tr, te, y_te, ProbeConfig(lambdas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
+                                      device=args.device))
+    grid = cpu(lambda: linear_probe(tr, y_tr, te, y_te, ProbeConfig(), device=args.device))
+    replicated = cpu(lambda: linear_probe(tr, y_tr, te, y_te, ProbeConfig(), device=args.device, resample=draws))
+    held_out = cpu(lambda: held_out_probe(tr, y_tr, te, y_te, blocks, 0, max(args.bootstrap, 100), device=args.device))
+    now = replicated + held_out
+    print(f"before issue 24 (5 λ, one fit per block):       {before:7.1f} s")
+    print(f"now: the fit alone (13 λ)                        {grid:7.1f} s  ({grid / before:.1f}x)")
+    print(f"     with {args.bootstrap} refit replicates                 {replicated:7.1f} s  ({replicated / before:.1f}x)")
+    print(f"     + the held-out drop (training halves)       {held_out:7.1f} s")
+    print(f"     the probe stage now                          {now:7.1f} s  ({now / before:.1f}x before)")
+
+
 def main(args):
+    if args.analysis:
+        return analysis(args)
     t0 = time.perf_counter()
     x_tr, y_tr = load_cifar("train", args.n_train // 10, Path(args.data))
     x_te, y_te = load_cifar("test", args.n_test // 10, Path(args.data))
@@ -129,4 +182,9 @@ if __name__ == "__main__":
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--no-sklearn-search", dest="sklearn_search", action="store_false")
+    p.add_argument("--analysis", type=int, default=0, help="section 3 only: the probe stage of an N-image analysis")
+    p.add_argument("--t", default="0,0.1,0.25,0.5,0.75", help="noise levels of --analysis")
+    p.add_argument("--bootstrap", type=int, default=20, help="replicates of --analysis (analyze's --bootstrap)")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "bench_probe_analysis"),
+                   help="feature store of --analysis (kept: a rerun skips the forwards)")
     main(p.parse_args())

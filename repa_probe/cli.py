@@ -204,7 +204,8 @@ def _add_analysis_commands(sub) -> None:
         g.add_argument("--k", type=positive_int, default=10,
                        help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
         g.add_argument("--bootstrap", type=count(0, 10_000), default=20,
-                       help="bootstrap replicates for alignment intervals, 0 = none (default: 20)")
+                       help="bootstrap replicates for every interval (alignment subsamples, probe refits), 0 = none "
+                            "(default: 20)")
         g.add_argument("--null", type=count(0, 10_000), default=20,
                        help="permutation draws for the alignment null (images shuffled), 0 = none (default: 20)")
         g.add_argument("--no-baselines", action="store_true", help="skip the untrained-model and raw-input baselines")

@@ -5,9 +5,11 @@ For each checkpoint, on the same images and the same seeded noise (docs/analysis
              block's mean-pooled features at every t and each target encoder's pooled patch tokens, with
              bootstrap intervals over images and a permutation null (the same features, images shuffled);
   probe      a linear probe per block × t (probe.py), fitted on the probe-train images and scored on
-             held-out probe-test images (Wilson intervals; per-image hits kept for paired statistics);
+             held-out probe-test images, with replicates that refit it on resampled training images and
+             score it on resampled test images (intervals that include the fitting; paired);
   peak/drop  the peak block chosen on half the images and the drop after it measured, with a paired
-             interval, on the other half (stats.py, docs/statistics.md);
+             interval, on the other half (for the probe: fitted and scored on the other halves of its
+             training and test images; stats.py, docs/statistics.md);
   baselines  the same numbers for the raw input x_t (its patches mean-pooled like the blocks, and the
              spatial thumbnail) and for the untrained model of the same architecture and initialisation,
              whose adaLN-Zero gates get PyTorch's default init (checkpoints.as_untrained: with zero gates
@@ -55,7 +57,6 @@ KINDS = {"model": "the checkpoint",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
 COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
            "null_mean", "null_high", "n", "k"]
-PROBE_RESAMPLES = 1000           # bootstrap resamples of the probe's test images (means: cheap)
 DROP_RESAMPLES = 100             # at least this many for the held-out drop (two sources per t)
 
 
@@ -123,7 +124,7 @@ class AnalyzeConfig:
     tokens: bool = False                        # token-level alignment on a seeded token sample (tokens.py)
     alignment_metrics: tuple[str, ...] = ("cknna",)
     k: int = 10
-    bootstrap: int = 20                         # bootstrap replicates for alignment intervals (0 = none)
+    bootstrap: int = 20                         # bootstrap replicates for every interval (0 = none)
     null: int = 20                              # permutation draws for the alignment null (0 = none)
     baselines: bool = True
     blocks: tuple[int, ...] | None = None       # blocks to analyse (0..depth); None = all
@@ -250,7 +251,8 @@ def _check_subsamples(cfg: AnalyzeConfig, arg: Arg) -> None:
 class HeldOut:
     """The selection-aware drop after the peak, per t: the peak block chosen on half A of the images (seeded,
     class-balanced), the drop (that block − the last block) measured on the other half B, and its paired 95%
-    interval over resamples of B (docs/statistics.md)."""
+    interval over resamples of B (docs/statistics.md). For the probe both its training and its test images are
+    halved (held_out_probe); n_select and n_measure count its test images."""
     peak: list[int]                 # the block chosen on half A, per t
     drop: np.ndarray                # [T]
     ci: np.ndarray                  # [T, 2]
@@ -266,8 +268,10 @@ class Curves:
     """One measure of one model (or baseline) over blocks × t.
 
     value [T, B] for blocks `blocks` (block −1 = the raw input); ci [T, B, 2] (95%) or None. For paired
-    statistics: alignment curves keep `replicates` [R, T, B], the metric on each bootstrap subsample of the
-    images, with `scale` [R] (stats.subsample_scale), and `null` [P, T, B], the metric with the images
+    statistics: `replicates` [R, T, B], the measure on each bootstrap replicate, with `scale` [R] the factor
+    that turns their spread into the spread at the full sample (stats.subsample_scale for alignment's
+    subsamples; 1 for the probe, whose replicates refit on a full-size resample of its training images and
+    score on one of its test images); alignment curves keep `null` [P, T, B], the metric with the images
     shuffled; probe curves keep `hits` [T, B, n_test], whether each test image was classified right. Every
     checkpoint of one analysis sees the same images and the same replicates, so differences are paired."""
     checkpoint: str
@@ -288,8 +292,6 @@ class Curves:
 
     def paired_replicates(self, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """([R, T, B] replicate values, [R] scale or None) from the same images for every checkpoint."""
-        if self.hits is not None:
-            return stats.hit_replicates(self.hits, stats.resamples(self.hits.shape[-1], PROBE_RESAMPLES, seed)), None
         return self.replicates, self.scale
 
     def resolution(self, n_images: int | None = None) -> float:
@@ -363,7 +365,8 @@ def in_given_order(df: pd.DataFrame, first: str, then: list[str]) -> pd.DataFram
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (used for probe accuracy on n held-out images)."""
+    """95% Wilson score interval for a proportion: the probe's interval before its refit replicates (test images
+    only), kept to compare the two (analyses/probe_intervals.py)."""
     if n == 0:
         return float("nan"), float("nan")
     p = correct / n
@@ -667,21 +670,25 @@ class Pipeline:
 
     def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
                      blocks: list[int], ts: list[float], held_out: bool = False) -> list[Curves]:
-        start = time.perf_counter()
+        """Probe top-1 (top-5) per t × block, with `bootstrap` refit replicates (probe_draws) and their interval,
+        and the held-out drop (held_out_probe) if asked."""
+        cfg, start, n_test = self.cfg, time.perf_counter(), len(test_labels)
+        draws = probe_draws(len(train_labels), n_test, cfg.bootstrap, cfg.seed) if cfg.bootstrap else None
         res = linear_probe(np.asarray(train_src), train_labels, np.asarray(test_src), test_labels,
-                           ProbeConfig(seed=self.cfg.seed), device=self.device)
+                           ProbeConfig(seed=cfg.seed), device=self.device, resample=draws)
+        drop = held_out_probe(np.asarray(train_src), train_labels, np.asarray(test_src), test_labels, blocks, cfg.seed,
+                              max(cfg.bootstrap, DROP_RESAMPLES), device=self.device) if held_out else None
         self.timings["probes"] += time.perf_counter() - start
-        n_test = len(test_labels)
         out = []
         for metric in ("top1", "top5"):
             if metric not in res:
                 continue
             acc = np.asarray(res[metric], dtype=np.float64)
-            ci = np.array([wilson_interval(round(a * n_test), n_test) for a in acc.ravel()]).reshape(acc.shape + (2,))
-            hits = res["hits"] if metric == "top1" else None
-            drop = held_out_hits(hits, blocks, test_labels, self.cfg.seed) if held_out and hits is not None else None
-            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci, hits=hits, held_out=drop,
-                              n=n_test))
+            reps = np.moveaxis(res[f"{metric}_replicates"], -1, 0) if draws else None             # [R, T, B]
+            ci = stats.centred_interval(acc, reps) if draws else None
+            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci, reps,
+                              np.ones(cfg.bootstrap) if draws else None, hits=res["hits"] if metric == "top1" else None,
+                              held_out=drop if metric == "top1" else None, n=n_test))
         return out
 
     def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:
@@ -757,18 +764,35 @@ class Pipeline:
         return out
 
 
-def held_out_hits(hits: np.ndarray, blocks: list[int], labels: np.ndarray, seed: int) -> HeldOut:
-    """The held-out drop of a probe from its per-image hits [T, B, n]: the peak on half A of the test images
-    (class-balanced), the drop on half B with an interval over PROBE_RESAMPLES resamples of B."""
-    half_a, half_b = stats.halves(labels, seed)
-    peaks = stats.argmax_blocks(hits[..., half_a].mean(axis=-1), blocks)                # [T]
-    t = np.arange(len(peaks))
-    best = hits[t, peaks][:, half_b].astype(np.float64)                                   # [T, n_b]
-    diff = best - hits[t, -1][:, half_b]
-    reps = stats.hit_replicates(np.stack([diff, best]), stats.resamples(len(half_b), PROBE_RESAMPLES, seed))
-    drop = diff.mean(axis=-1)
-    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, reps[:, 0]), len(half_a),
-                   len(half_b), best.mean(axis=-1), reps[:, 1])
+def probe_draws(n_train: int, n_test: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's bootstrap replicates: draw counts of its training and of its test images, [n_boot, n_train] and
+    [n_boot, n_test] (stats.draw_counts, independent streams). They depend on the sizes and the seed only, so
+    every block, t and checkpoint of an analysis shares them, and differences are paired."""
+    return stats.draw_counts(n_train, n_boot, [seed, 1]), stats.draw_counts(n_test, n_boot, [seed, 2])
+
+
+def held_out_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
+                   blocks: list[int], seed: int, n_boot: int, config: ProbeConfig | None = None,
+                   device: torch.device | str | None = None) -> HeldOut:
+    """The held-out drop of a probe from its features [T, B, n, D]: the training and the test images are each
+    split into class-balanced halves A and B; probes fitted on training half A and scored on test half A
+    choose the peak, probes fitted on training half B and scored on test half B measure the drop (peak − last
+    block), with an interval over n_boot replicates that refit on resampled training half B and score on
+    resampled test half B. A block whose fit was lucky on A is fitted anew on B, so its luck does not carry
+    over into the drop."""
+    cfg = config or ProbeConfig(seed=seed)
+    (train_a, train_b), (test_a, test_b) = stats.halves(train_labels, seed), stats.halves(test_labels, seed)
+    on_a = linear_probe(train[..., train_a, :], train_labels[train_a], test[..., test_a, :], test_labels[test_a], cfg,
+                        device)["top1"]                                                  # [T, B]
+    peaks = stats.argmax_blocks(on_a, blocks)
+    pairs = np.stack([peaks, np.full_like(peaks, len(blocks) - 1)], axis=-1)             # [T, 2]: peak, last
+    t = np.arange(len(peaks))[:, None]
+    on_b = linear_probe(train[t, pairs][..., train_b, :], train_labels[train_b], test[t, pairs][..., test_b, :],
+                        test_labels[test_b], cfg, device, resample=probe_draws(len(train_b), len(test_b), n_boot, seed))
+    best, reps = on_b["top1"][:, 0], on_b["top1_replicates"]                                # [T], [T, 2, R]
+    drop = best - on_b["top1"][:, 1]
+    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, (reps[:, 0] - reps[:, 1]).T),
+                   len(test_a), len(test_b), best, reps[:, 0].T)
 
 
 def arch_key(ckpt: LoadedCheckpoint) -> str:

@@ -33,7 +33,7 @@ import torch
 from .errors import UserError
 from .metrics import exact_float32
 
-DEFAULT_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_LAMBDAS = tuple(10.0 ** (k / 3) for k in range(-12, 1))   # 1e-4 … 1, three per decade (docs/probe.md)
 VAL_TIE = 0.005   # validation top-1 within this share of the validation images (at least one) is a tie
 
 
@@ -87,20 +87,23 @@ def logits(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return _class_scores(x, theta).permute(0, 3, 1, 2)
 
 
-def _loss_and_grad(x, y, lam, theta, scores):
+def _loss_and_grad(x, y, lam, theta, scores, omega=None):
     """f = (1/n) Σᵢ CEᵢ + (λ/2)‖W‖², ∇_W f = Xᵀ(P − Y)/n + λW, ∇_b f = 1ᵀ(P − Y)/n at theta,
     whose class scores (B, G, c, n) are ``scores``; one pass over the features (for ∇_W).
 
-    x (B, n, d); y (n,) class indices; lam (B, G); theta (B, G, d+1, c). Returns f (B, G) in
-    float64 (steps compare losses that differ in the 7th digit) and the gradient."""
+    x (B, n, d); y (n,) class indices; lam (B, G); theta (B, G, d+1, c); omega (B or 1, G, n) image
+    weights summing to 1 per problem, in place of 1/n (None: 1/n). Returns f (B, G) in float64 (steps
+    compare losses that differ in the 7th digit) and the gradient."""
     B, n, d = x.shape
     G, c = theta.shape[1], theta.shape[-1]
     log_p = scores.log_softmax(dim=2)                             # (B, G, c, n)
     y_idx = y.view(1, 1, 1, n).expand(B, G, 1, n)
     ce = -log_p.gather(2, y_idx).squeeze(2)                       # (B, G, n)
     w = theta[:, :, :d]
-    f = ce.double().mean(dim=-1) + 0.5 * lam * w.double().square().sum(dim=(-2, -1))
-    resid = log_p.exp_().scatter_add_(2, y_idx, -torch.ones_like(y_idx, dtype=x.dtype)) / n
+    mean_ce = ce.double().mean(dim=-1) if omega is None else (ce.double() * omega).sum(dim=-1)
+    f = mean_ce + 0.5 * lam * w.double().square().sum(dim=(-2, -1))
+    resid = log_p.exp_().scatter_add_(2, y_idx, -torch.ones_like(y_idx, dtype=x.dtype))
+    resid = resid / n if omega is None else resid * omega.unsqueeze(2)
     g_w = torch.bmm(resid.view(B, G * c, n), x).view(B, G, c, d)  # (P − Y)ᵀX / n
     g_w = g_w.transpose(2, 3) + lam[..., None, None].to(x.dtype) * w
     g_b = resid.sum(dim=-1)                                       # (B, G, c)
@@ -127,7 +130,7 @@ def _two_loop(g, S, Y, rho, gamma, order, precond):
 SPLIT_MAX_CLASSES = 32  # up to this many classes the step is searched per class, with intercepts
 
 
-def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 10):
+def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 10, omega=None):
     """Minimise f(θ + α∘Δ + δ) over per-class multipliers α ∈ Rᶜ of the L-BFGS direction Δ and
     intercept shifts δ ∈ Rᶜ, without another pass over the features.
 
@@ -140,8 +143,8 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
     preconditioner gets wrong once the probabilities move away from 1/c: 17 iterations instead
     of 29 with unit steps on the CIFAR probe benchmark. Above SPLIT_MAX_CLASSES
     classes (a 2c x 2c system per problem would cost too much) it is an exact line search, one α.
-    Each Newton step computes only the problems still searching. Returns α, δ (B, G, c), zero for
-    inactive problems.
+    Each Newton step computes only the problems still searching. omega: image weights as in
+    ``_loss_and_grad``. Returns α, δ (B, G, c), zero for inactive problems.
     """
     B, G, c, n = scores.shape
     P, d = B * G, theta.shape[2] - 1
@@ -152,6 +155,8 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
     reg0 = (0.5 * lam * w.square().sum(dim=(2, 3))).view(P)
     lam1 = lam.reshape(P, 1).to(f64)
     scores, z = scores.reshape(P, c, n), z.reshape(P, c, n)
+    if omega is not None:
+        omega = omega.expand(B, G, n).reshape(P, 1, n)
     alpha = torch.zeros(P, c, dtype=f64, device=scores.device)
     delta, best_a, best_d = torch.zeros_like(alpha), torch.zeros_like(alpha), torch.zeros_like(alpha)
     best_phi, phi0 = torch.zeros(P, dtype=f64, device=scores.device), None
@@ -161,9 +166,14 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
             break
         k = todo.numel()
         s_k, z_k, lam_k, a, dl = scores[todo], z[todo], lam1[todo], alpha[todo], delta[todo]
+        om = None if omega is None else omega[todo]
+
+        def avg(v):   # the mean over images of v (k, ·, n), weighted by omega if given, in float64
+            return v.sum(-1, dtype=f64) / n if om is None else (v * om).sum(-1, dtype=f64)
+
         y_idx = y.view(1, 1, n).expand(k, 1, n)
         log_p = (s_k + a.to(s_k.dtype).unsqueeze(-1) * z_k + dl.to(s_k.dtype).unsqueeze(-1)).log_softmax(dim=1)
-        phi = (-log_p.gather(1, y_idx).squeeze(1)).double().mean(dim=-1) + reg0[todo] + \
+        phi = avg(-log_p.gather(1, y_idx))[:, 0] + reg0[todo] + \
             (lam_k * (a * w_dot[todo] + 0.5 * a.square() * d_sq[todo])).sum(dim=-1)
         if phi0 is None:
             phi0 = best_phi.index_copy(0, todo, phi)
@@ -176,15 +186,15 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
         p = log_p.exp()
         q = p.clone().scatter_add_(1, y_idx, -torch.ones_like(y_idx, dtype=p.dtype))   # P − Y
         pz = p * z_k
-        g_a = (q * z_k).sum(-1, dtype=f64) / n + lam_k * (w_dot[todo] + a * d_sq[todo])
-        h_aa = (pz * z_k).sum(-1, dtype=f64) / n + lam_k * d_sq[todo]        # diagonal parts
+        g_a = avg(q * z_k) + lam_k * (w_dot[todo] + a * d_sq[todo])
+        h_aa = avg(pz * z_k) + lam_k * d_sq[todo]        # diagonal parts
         if split:
-            g_d = q.sum(-1, dtype=f64) / n
+            g_d = avg(q)
             m = torch.cat([pz, p], dim=1)
-            hess = -torch.bmm(m, m.transpose(1, 2)).double() / n
-            diag = torch.cat([h_aa, p.sum(-1, dtype=f64) / n], dim=-1)
+            hess = -torch.bmm(m / n if om is None else m * om, m.transpose(1, 2)).double()
+            diag = torch.cat([h_aa, avg(p)], dim=-1)
             hess += torch.diag_embed(diag)
-            cross = torch.diag_embed(pz.sum(-1, dtype=f64) / n)      # ∂²/∂αₐ∂δₐ
+            cross = torch.diag_embed(avg(pz))      # ∂²/∂αₐ∂δₐ
             hess[:, :c, c:] += cross
             hess[:, c:, :c] += cross
             grad = torch.cat([g_a, g_d], dim=-1)
@@ -194,7 +204,7 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
             new_a, new_d = a - newton[:, :c], dl - newton[:, c:]
         else:
             grad = g_a.sum(-1, keepdim=True)
-            hess = h_aa.sum(-1) - pz.sum(dim=1).double().square().sum(-1) / n
+            hess = h_aa.sum(-1) - avg(pz.sum(dim=1, keepdim=True).double().square())[:, 0]
             newton = grad / hess.clamp(min=1e-30).unsqueeze(-1)
             new_a, new_d = a - newton, dl
         # done when Newton promises < 1% of what this search has gained (or nothing at all)
@@ -255,9 +265,14 @@ _INTO, _OUT = "bdr,bgdc->bgrc", "bdr,bgrc->bgdc"   # weights into / out of a bas
 @exact_float32()
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_classes: int,
                  max_iter: int = 1000, tol: float = 1e-4, history: int = 10,
-                 init: torch.Tensor | None = None, max_precond_dim: int = 4096) -> torch.Tensor:
+                 init: torch.Tensor | None = None, max_precond_dim: int = 4096,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """Fit B·G softmax regressions: features x (B, n, d) (standardised), labels y (n,) in
     [0, num_classes), L2 weights lambdas (B, G). Returns theta (B, G, d+1, num_classes).
+
+    weights (B or 1, G, n), ≥ 0: each problem's image weights, the loss becoming Σᵢ wᵢ·CEᵢ / Σᵢ wᵢ. With
+    bootstrap draw counts that is exactly the fit on the resampled rows (an image drawn twice counts twice),
+    on the features as given, without copying them: every problem of a probe shares x.
 
     Batched L-BFGS: every problem keeps its own curvature pairs and converges on its own
     (max |gradient| ≤ tol, sklearn's lbfgs criterion, but taken in the basis of the fit (below),
@@ -284,20 +299,21 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, num_cl
             xb = torch.bmm(xb, vecs)
     if basis is not None and init is not None:
         init = _change_basis(init.to(x).expand(B, G, d + 1, c), basis, _INTO)
-    theta = _lbfgs(xb, y, lam, c, max_iter, tol, history, init, scale)
+    omega = None if weights is None else (weights / weights.sum(dim=-1, keepdim=True)).to(x)
+    theta = _lbfgs(xb, y, lam, c, max_iter, tol, history, init, scale, omega)
     return theta if basis is None else _change_basis(theta, basis, _OUT)
 
 
-def _lbfgs(x, y, lam, c, max_iter, tol, history, init, scale):
+def _lbfgs(x, y, lam, c, max_iter, tol, history, init, scale, omega):
     """fit_logistic's loop, on features x (B, n, r) in the basis of the fit, preconditioned by the
-    diagonal ``scale`` (B·G, (r+1)·c) (None: a scaled identity)."""
+    diagonal ``scale`` (B·G, (r+1)·c) (None: a scaled identity), with image weights omega (None: 1/n)."""
     B, n, d = x.shape
     G = lam.shape[1]
     precond = None if scale is None else scale.mul
     shape = (B, G, d + 1, c)
     theta = x.new_zeros(shape) if init is None else init.to(x).expand(shape).clone()
     scores = _class_scores(x, theta) if init is not None else x.new_zeros(B, G, c, n)
-    f, g = _loss_and_grad(x, y, lam, theta, scores)
+    f, g = _loss_and_grad(x, y, lam, theta, scores, omega)
     flat = (B * G, -1)
     S = x.new_zeros((history, B * G, (d + 1) * c))
     Y = torch.zeros_like(S)
@@ -313,20 +329,20 @@ def _lbfgs(x, y, lam, c, max_iter, tol, history, init, scale):
             if exact:
                 break
             scores = _class_scores(x, theta)           # drop the drift of S ← S + α∘Z + δ
-            f, g = _loss_and_grad(x, y, lam, theta, scores)
+            f, g = _loss_and_grad(x, y, lam, theta, scores, omega)
             active = ~stalled & (g.abs().amax(dim=(2, 3)) > tol)
             exact = True
             continue
         direction = _two_loop(g.reshape(flat), S, Y, rho, gamma, order, precond).view(shape)
         direction = torch.where(active[..., None, None], direction, 0.0)
         z = _class_scores(x, direction)
-        alpha, delta = _step_search(scores, z, y, lam, theta, direction, active)
+        alpha, delta = _step_search(scores, z, y, lam, theta, direction, active, omega=omega)
         step = direction * alpha.to(x.dtype).unsqueeze(2)
         step[:, :, d] += delta.to(x.dtype)
         theta = theta + step
         scores = scores + alpha.to(x.dtype).unsqueeze(-1) * z + delta.to(x.dtype).unsqueeze(-1)
         exact = False
-        f_new, g_new = _loss_and_grad(x, y, lam, theta, scores)
+        f_new, g_new = _loss_and_grad(x, y, lam, theta, scores, omega)
         s, yv = step.reshape(flat), (g_new - g).reshape(flat)
         sy = (s * yv).sum(dim=1)
         yy = (yv * (yv if precond is None else precond(yv))).sum(dim=1)  # yᵀMy
@@ -396,16 +412,17 @@ def _as_batch(x, p0: int, p1: int, device) -> torch.Tensor:
     return chunk.to(device=device, dtype=torch.float32)
 
 
-def choose_lambda(val_top1: np.ndarray, lambdas: tuple[float, ...], n_val: int) -> np.ndarray:
+def choose_lambda(val_top1: np.ndarray, lambdas: tuple[float, ...], n_val: int | np.ndarray) -> np.ndarray:
     """Index into `lambdas` of the λ chosen from validation top-1 (..., G): the largest λ (the simplest model)
-    whose accuracy is within max(1, ⌊VAL_TIE·n_val⌋) validation images of the best.
+    whose accuracy is within max(1, ⌊VAL_TIE·n_val⌋) validation images of the best (n_val: a number, or one
+    per row broadcasting against (..., 1), e.g. the validation images a bootstrap replicate drew).
 
     Accuracies that close are tied: the same probe fitted in another batch, on other threads or another CPU
     stops L-BFGS (|gradient| ≤ tol) at a slightly different point, and at the smallest λ (flat objective)
     that flips a validation image or two (docs/probe.md). Exact ties and near ones go the same way, and the
     λ that wins on one machine wins on another unless an accuracy sits right at the tie's edge."""
     correct = np.rint(np.asarray(val_top1, dtype=np.float64) * n_val)
-    tied = correct >= correct.max(axis=-1, keepdims=True) - max(1, math.floor(VAL_TIE * n_val))
+    tied = correct >= correct.max(axis=-1, keepdims=True) - np.maximum(1, np.floor(VAL_TIE * np.asarray(n_val)))
     return np.argmax(np.where(tied, np.asarray(lambdas, dtype=np.float64), -np.inf), axis=-1)
 
 
@@ -417,33 +434,63 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _validation_choice(hits: torch.Tensor, counts: torch.Tensor, lambdas: tuple[float, ...]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The λ each probe chooses under each draw of the validation images: hits (B, G, n_val) of the probes
+    fitted on the fit split at every λ, counts (S, n_val) of the validation images in each draw (ones: every
+    image once). Returns the chosen index (B, S) (``choose_lambda``) and the validation top-1 (B, S, G)."""
+    counts = counts.double()
+    n_val = counts.sum(dim=-1)
+    acc = torch.einsum("bgn,sn->bsg", hits.double(), counts) / n_val[:, None]
+    best = choose_lambda(acc.cpu().numpy(), lambdas, n_val.cpu().numpy()[:, None])
+    return torch.from_numpy(best).to(hits.device), acc
+
+
 @exact_float32()
-def _probe_torch(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx):
-    """Search λ (if more than one) and refit, for a batch of probes. Returns per-probe arrays."""
-    B = x_tr.shape[0]
-    grid = torch.tensor(cfg.lambdas, dtype=torch.float64, device=x_tr.device)
+def _probe_torch(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx, draws=None):
+    """Search λ (if more than one) and refit, for a batch of probes; with ``draws``, bootstrap draw counts of
+    the training and test images ((R, n_train), (R, n_test)), each replicate's probe too: λ chosen anew on its
+    draw of the validation images, refitted on its draw of the training images and scored on its draw of the
+    test images. Returns per-probe arrays."""
+    B, dev = x_tr.shape[0], x_tr.device
+    grid = torch.tensor(cfg.lambdas, dtype=torch.float64, device=dev)
     fit = dict(num_classes=c, max_iter=cfg.max_iter, tol=cfg.tol, history=cfg.history)
     if len(cfg.lambdas) > 1:
-        theta = fit_logistic(x_tr[:, fit_idx], y_tr[fit_idx], grid.expand(B, -1), **fit)
-        val_acc = _topk_correct(logits(x_tr[:, val_idx], theta).transpose(1, 2), y_tr[val_idx], 1)   # (B, G)
-        best = torch.from_numpy(choose_lambda(val_acc.cpu().numpy(), cfg.lambdas, len(val_idx))).to(x_tr.device)
-        init = theta[torch.arange(B), best].unsqueeze(1)
-        val_top1 = val_acc[torch.arange(B), best]
-    else:
-        best = torch.zeros(B, dtype=torch.long, device=x_tr.device)
-        init = None
-        val_acc = torch.full((B, 1), math.nan, dtype=torch.float64)
-        val_top1 = val_acc[:, 0]
-    lam = grid[best].unsqueeze(1)
-    theta = fit_logistic(x_tr, y_tr, lam, init=init, **fit)
+        theta_grid = fit_logistic(x_tr[:, fit_idx], y_tr[fit_idx], grid.expand(B, -1), **fit)
+        val_hits = _topk_hits(logits(x_tr[:, val_idx], theta_grid).transpose(1, 2), y_tr[val_idx], 1)   # (B, G, n_val)
+
+    def refit(counts=None):
+        """λ chosen on the validation images weighted by `counts` (S, n_train) of the training images (None:
+        every image once), then the fit on all training images weighted alike, from the fit-split solution at
+        that λ: theta (B, S, d+1, c), the λ's index (B, S), validation top-1 by λ (B, S, G)."""
+        weights = torch.ones(1, len(y_tr), device=dev) if counts is None else counts
+        if len(cfg.lambdas) > 1:
+            best, acc = _validation_choice(val_hits, weights[:, val_idx], cfg.lambdas)
+            start = theta_grid[torch.arange(B, device=dev)[:, None], best]
+        else:
+            best, start = torch.zeros(B, len(weights), dtype=torch.long, device=dev), None
+            acc = torch.full((B, len(weights), 1), math.nan, dtype=torch.float64)
+        theta = fit_logistic(x_tr, y_tr, grid[best], init=start, weights=None if counts is None else counts[None],
+                             **fit)
+        return theta, best, acc
+
+    theta, best, val_acc = refit()
+    best, val_acc = best[:, 0], val_acc[:, 0]
     test_scores = logits(x_te, theta)[:, :, 0]
     hits = _topk_hits(test_scores, y_te, 1)
     out = {"top1": hits.double().mean(dim=-1), "hits": hits}
     if c > 10:
         out["top5"] = _topk_correct(test_scores, y_te, 5)
     out["train_top1"] = _topk_correct(logits(x_tr, theta)[:, :, 0], y_tr, 1)
-    out["val_top1"], out["val_top1_by_lambda"] = val_top1, val_acc
-    out["lambda"] = lam[:, 0]
+    out["val_top1"], out["val_top1_by_lambda"] = val_acc[torch.arange(B), best], val_acc
+    out["lambda"] = grid[best]
+    if draws is not None:
+        train_counts, test_counts = (torch.as_tensor(d, device=dev) for d in draws)
+        scores = logits(x_te, refit(train_counts.to(x_tr))[0]).transpose(1, 2)              # (B, R, n_test, c)
+        for k in (1, 5):
+            if f"top{k}" in out:
+                drawn = _topk_hits(scores, y_te, k).double() * test_counts.double()
+                out[f"top{k}_replicates"] = drawn.sum(dim=-1) / test_counts.sum(dim=-1)   # (B, R)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
@@ -485,7 +532,8 @@ def _probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels,
                  config: ProbeConfig | None = None, device: torch.device | str | None = None,
-                 backend: str = "torch") -> dict[str, np.ndarray]:
+                 backend: str = "torch", resample: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
     """Top-1 (and top-5 with more than 10 classes) of a linear probe for every feature matrix.
 
     train_feats (..., n_train, d) and test_feats (..., n_test, d): numpy arrays, float16 memmaps
@@ -494,13 +542,23 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     Returns {"top1", ["top5"], "train_top1", "val_top1", "lambda"}: arrays of shape [...] (the
     leading dimensions); val_top1 is the selection accuracy (nan with a single λ), "val_top1_by_lambda"
     [..., G] that of every λ (`choose_lambda` picks from it); and "hits" [..., n_test] (bool: test image i
-    classified right, top-1), for paired and resampled intervals.
-    backend="sklearn" runs the same protocol with scikit-learn, for cross-checking.
+    classified right, top-1).
+    resample: bootstrap draw counts of the training and the test images, (R, n_train) and (R, n_test)
+    (``stats.draw_counts``): for each replicate, every probe's λ is chosen anew from the validation top-1 of
+    the fit-split probes with the validation images weighted by their counts, the probe is refitted at it on
+    the training images weighted by theirs (an image drawn twice counts twice) and scored on the test images
+    weighted by theirs. Adds "top1_replicates" (and "top5_replicates") [..., R]: the spread of a probe's
+    accuracy over new training and test images, fitting and the choice of λ included (docs/statistics.md).
+    backend="sklearn" runs the same protocol with scikit-learn, for cross-checking (without replicates).
     """
     cfg = config or ProbeConfig()
     _check_inputs(train_feats, train_labels, test_feats, test_labels)
     if backend not in ("torch", "sklearn"):
         raise UserError(f"unknown probe backend {backend!r}; choose 'torch' or 'sklearn'")
+    if resample is not None and (backend != "torch" or np.shape(resample[0])[1:] != (len(train_labels),) or
+                                 np.shape(resample[1]) != (len(resample[0]), len(test_labels))):
+        raise UserError(f"resample: draw counts (R, {len(train_labels)}) and (R, {len(test_labels)}) for the torch "
+                        f"backend; got {np.shape(resample[0])} and {np.shape(resample[1])} for {backend!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     y_tr, y_te, c = _labels(train_labels, test_labels)
@@ -514,11 +572,13 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     y_tr = torch.from_numpy(y_tr).to(device)
     y_te = torch.from_numpy(y_te).to(device)
     fit_idx_t, val_idx_t = (torch.from_numpy(i).to(device) for i in (fit_idx, val_idx))
-    run = _probe_torch if backend == "torch" else _probe_sklearn
     # per probe: its float32 features, and about ten (λ, class, image) score arrays while fitting
     # (scores, the direction's scores, softmax temporaries; with 1000 classes the scores dominate),
-    # and for features wider than the images their row basis (fit_logistic)
-    per_probe = 4 * ((n_tr + n_te) * d + 10 * max(len(cfg.lambdas), 1) * c * n_tr + (d > n_tr) * d * n_tr)
+    # for features wider than the images their row basis (fit_logistic), and per problem fitted at once
+    # (the λ grid, or the R replicates) the L-BFGS history (2·history weight vectors)
+    fits = max(len(cfg.lambdas), 0 if resample is None else len(resample[0]))
+    per_probe = 4 * ((n_tr + n_te) * d + 10 * fits * c * n_tr + (d > n_tr) * d * n_tr +
+                     2 * cfg.history * fits * (d + 1) * c)
     per_pass = max(1, cfg.max_batch_bytes // per_probe)
     parts = []
     for p0 in range(0, n_probes, per_pass):
@@ -528,6 +588,8 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
         if not (bool(torch.isfinite(x_tr).all()) and bool(torch.isfinite(x_te).all())):
             raise UserError(f"probe features {p0}..{p1 - 1} contain NaN or inf values")
         x_tr, x_te = standardize(x_tr, x_te, eps=cfg.bn_eps)
-        idx = (fit_idx_t, val_idx_t) if backend == "torch" else (fit_idx, val_idx)
-        parts.append(run(x_tr, y_tr, x_te, y_te, c, cfg, *idx))
+        if backend == "torch":
+            parts.append(_probe_torch(x_tr, y_tr, x_te, y_te, c, cfg, fit_idx_t, val_idx_t, resample))
+        else:
+            parts.append(_probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg, fit_idx, val_idx))
     return {k: np.concatenate([p[k] for p in parts]).reshape(lead + parts[0][k].shape[1:]) for k in parts[0]}

@@ -3,8 +3,9 @@ and drop, the permutation null (docs/statistics.md).
 
 Every number repa-probe reports is a statistic of the images analysed; its uncertainty comes from
 resampling those images.
-- Probe accuracy is a mean of per-image hits. A replicate resamples the test images with replacement (the
-  bootstrap of a mean); the marginal interval of one accuracy is Wilson's.
+- Probe accuracy depends on the test images it is scored on and on the training images it was fitted on. A
+  replicate resamples both with replacement and refits every probe on its training draw (λ chosen anew);
+  the replicates' spread is that of the whole procedure (`draw_counts`; probe.linear_probe's `resample`).
 - An alignment metric is not a mean, and a kNN metric on duplicated rows finds perfect, spurious
   neighbours, so a replicate keeps each drawn image once: a subsample of m ≈ 0.63·n distinct images. Its
   spread around the replicates' median is rescaled to the full sample's by √(m/(n − m)) (for a statistic of
@@ -16,7 +17,8 @@ Paired: every checkpoint and every block of one analysis sees the same images, t
 replicates (they depend on n and the seed only), so a difference — peak block minus last block, checkpoint B
 minus A — is taken replicate by replicate and its interval is that of the difference.
 Selection-aware: the peak block is chosen on one half of the images (seeded, class-balanced) and the drop
-after it is measured, with its paired interval, on the other half, so the choice cannot inflate the drop.
+after it is measured, with its paired interval, on the other half, so the choice cannot inflate the drop (for
+the probe, halves of its training and of its test images: the probes that choose are not those that measure).
 Family-wise: "B is better at blocks …" rests on a simultaneous band over every block × t of the comparison
 (`centred_interval(..., cells=C)`), so that under no effect a false "better" anywhere is rare (≤ 5%), where
 C pointwise intervals would make about 0.05·C of them.
@@ -41,7 +43,7 @@ def subsamples(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
     return [np.unique(rng.integers(0, n, size=n)) for _ in range(n_boot)]
 
 
-def resamples(n: int, n_boot: int, seed: int) -> np.ndarray:
+def resamples(n: int, n_boot: int, seed: int | list[int]) -> np.ndarray:
     """Classic bootstrap replicates: [n_boot, n] row indices drawn with replacement."""
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
@@ -95,14 +97,10 @@ def centred_interval(estimate, replicates: np.ndarray, scale: np.ndarray | None 
     return np.stack([estimate - half, estimate + half], axis=-1)
 
 
-def hit_replicates(hits: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """The mean on each resample: hits [..., n] (bool or float), idx [R, n] → [R, ...]. One product with the
-    resamples' draw counts, so 1,000 resamples of 10,000 images × 145 probes cost one small GEMM."""
-    hits = np.asarray(hits)
-    n = hits.shape[-1]
-    counts = np.stack([np.bincount(rows, minlength=n) for rows in idx]).astype(np.float64)   # [R, n]
-    means = hits.reshape(-1, n).astype(np.float64) @ counts.T / idx.shape[1]                   # [M, R]
-    return np.moveaxis(means.reshape(hits.shape[:-1] + (len(idx),)), -1, 0)
+def draw_counts(n: int, n_boot: int, seed: int | list[int]) -> np.ndarray:
+    """How often each of n images is drawn by each of `resamples`' replicates: [n_boot, n] counts, each row
+    summing to n (the weights of a fit on the resample: the probe's refits)."""
+    return np.stack([np.bincount(rows, minlength=n) for rows in resamples(n, n_boot, seed)]).reshape(n_boot, n)
 
 
 def halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ import pytest
 from conftest import tiny_config
 from repa_probe.families.sit import as_checkpoint
 from repa_probe.models import SiT
-from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, Results, held_out_hits
+from repa_probe import stats
+from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results
 from repa_probe.report.baselines import baseline_gaps
 from repa_probe.report.compose import summarise
 
@@ -20,9 +21,22 @@ def ckpt():
     return as_checkpoint(SiT(tiny_config(depth=DEPTH, z_dims=[], encoder_depth=0)))
 
 
+def held_out(hits: np.ndarray, blocks: list[int], labels: np.ndarray) -> HeldOut:
+    """A source's held-out best block from simulated per-image hits [T, B, n] of fixed probes: chosen on half A of
+    the images, measured on half B with 1,000 resamples of B (the same for every source: paired)."""
+    half_a, half_b = stats.halves(labels, 0)
+    peaks = stats.argmax_blocks(hits[..., half_a].mean(axis=-1), blocks)
+    t = np.arange(len(peaks))
+    best, last = (hits[t, i][:, half_b].astype(np.float64) for i in (peaks, -1))          # [T, n_b]
+    counts = stats.draw_counts(len(half_b), 1000, 0) / len(half_b)
+    drop = (best - last).mean(axis=-1)
+    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, counts @ (best - last).T),
+                   len(half_a), len(half_b), best.mean(axis=-1), counts @ best.T)
+
+
 def probe(name: str, kind: str, hits: np.ndarray, blocks: list[int], labels: np.ndarray) -> Curves:
     return Curves(name, kind, "probe_top1", "", [0.0], blocks, hits.mean(-1), hits=hits,
-                  held_out=held_out_hits(hits, blocks, labels, seed=0))
+                  held_out=held_out(hits, blocks, labels))
 
 
 def simulated(ckpt, seed: int, lift: float = 0.0) -> Results:

@@ -14,7 +14,8 @@ from scipy.stats import norm
 from conftest import REPO
 from repa_probe import stats
 from repa_probe.metrics import alignment, bootstrap_alignment, bootstrap_ci, cknna, permuted_targets, svcca
-from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, Results, held_out_hits
+from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, Results, held_out_probe
+from repa_probe.probe import ProbeConfig, linear_probe
 from repa_probe.report.summary import compare_summary
 
 DEFAULT_REPLICATES = AnalyzeConfig(data="").bootstrap       # the analyses' default: the regime the reports use
@@ -74,45 +75,85 @@ def planted_hits(p: list[float], n: int, rng: np.random.Generator, noise: float 
     return (z + e > c[:, None])[None]
 
 
-@pytest.mark.parametrize("planted", ["peak at block 3", "flat"])
-def test_the_held_out_drop_finds_a_planted_peak_covers_the_drop_and_rarely_claims_one_on_a_flat_curve(planted):
-    p = [0.30, 0.45, 0.55, 0.63, 0.60, 0.59, 0.57] if planted != "flat" else [0.5] * 7
-    blocks = list(range(len(p)))
-    found, covered, claimed = [], [], []
-    for seed in range(200):
-        rng = np.random.default_rng(seed)
-        hits = planted_hits(p, 1200, rng)
-        labels = rng.integers(0, 10, size=1200)
-        ho = held_out_hits(hits, blocks, labels, seed)
-        lo, hi = ho.ci[0]
-        truth = p[ho.peak[0]] - p[-1]
-        found.append(ho.peak[0] == 3)
-        covered.append(lo <= truth <= hi)
-        claimed.append(ho.peak[0] != blocks[-1] and lo > 0)
-    assert 0.91 <= np.mean(covered) <= 0.99
-    if planted == "flat":
-        assert np.mean(claimed) <= 0.06
-    else:
-        assert np.mean(found) >= 0.8 and np.mean(claimed) >= 0.7
+def planted_features(signal: list[float], seeds: int, n_train: int, n_test: int, dims: int = 20
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Probe features of many seeds at once (the leading dimension: [seeds, B, n, dims], train then test) for
+    blocks b with two classes told apart by signal[b]: dimension 0 holds that signal plus noise shared by every
+    block (the image's own difficulty), the other dimensions noise of each block's own. A probe fitted on a few
+    hundred images gives those some weight, a different weight on each training draw: its fit varies."""
+    n = n_train + n_test
+    y = np.arange(n) % 2
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(seeds, len(signal), n, dims)).astype(np.float32)
+    x[..., 0] = rng.normal(size=(seeds, 1, n)) + np.outer(signal, y - 0.5)
+    return x[..., :n_train, :], y[:n_train], x[..., n_train:, :], y[n_train:]
+
+
+def old_held_out_drop(train, train_labels, test, test_labels, blocks: list[int], seed: int, config: ProbeConfig):
+    """The held-out drop before issue 24, for comparison: one probe per block fitted on all training images, the
+    peak chosen on half A of the test images and the drop measured on half B, with the bootstrap of B's per-image
+    hits (the fitted probes held fixed). → (peak index, interval) per seed."""
+    hits = linear_probe(train, train_labels, test, test_labels, config)["hits"]          # [T, B, n_test]
+    half_a, half_b = stats.halves(test_labels, seed)
+    peaks = stats.argmax_blocks(hits[..., half_a].mean(-1), blocks)
+    t = np.arange(len(peaks))
+    diff = hits[t, peaks][:, half_b].astype(np.float64) - hits[t, -1][:, half_b]
+    reps = stats.draw_counts(len(half_b), 1000, seed) @ diff.T / len(half_b)          # [R, T]
+    return peaks, stats.centred_interval(diff.mean(-1), reps)
+
+
+def test_a_lucky_fit_does_not_make_a_held_out_drop():
+    """Twelve blocks equally good in expectation (the same signal; the images' difficulty shared), each block's
+    probe fitted on 100 images with 19 dimensions of noise: its test accuracy varies with the training draw, and
+    the best block of a seed is a fit-noise spike, the luckiest fit. Chosen on half of the test images and
+    measured on the other half by the same fitted probes, the spike's luck carries into the drop: a drop is
+    claimed in 21% of 100 seeds. Chosen by probes fitted on half of the training images and measured by probes
+    fitted on the other half (an interval with their refits), it is claimed at most at the nominal one-sided
+    rate, 2.5% (in none here)."""
+    blocks, cfg = list(range(12)), ProbeConfig(lambdas=(1e-2,))
+    train, y_tr, test, y_te = planted_features([1.6] * 12, 100, 100, 1000)
+    ho = held_out_probe(train, y_tr, test, y_te, blocks, 0, 50, cfg)
+    claimed = (np.array(ho.peak) != blocks[-1]) & (ho.ci[:, 0] > 0)
+    old_peaks, old_ci = old_held_out_drop(train, y_tr, test, y_te, blocks, 0, cfg)
+    old_claimed = (old_peaks != len(blocks) - 1) & (old_ci[:, 0] > 0)
+    assert claimed.mean() <= 0.05 and old_claimed.mean() >= 0.12
+
+
+def test_the_held_out_drop_finds_a_planted_peak_and_covers_the_drop():
+    """A peak planted at block 3 of 7 (signal 2.4 against 1.6 at the last block), 100 seeds: the probes of
+    training half A find it (93%), and the drop measured by the probes of training half B is claimed in most
+    seeds (69%); its interval (estimate ± t₁₉·sd of 20 refit replicates), refits included, covers the drop the
+    blocks' probes have in expectation (the mean over seeds of training half B's probes) at or above the nominal
+    rate (98%)."""
+    signal, cfg = [1.0, 1.3, 1.6, 2.4, 2.0, 1.8, 1.6], ProbeConfig(lambdas=(1e-2,))
+    blocks = list(range(len(signal)))
+    train, y_tr, test, y_te = planted_features(signal, 100, 200, 1000)
+    ho = held_out_probe(train, y_tr, test, y_te, blocks, 0, 20, cfg)
+    half_b = stats.halves(y_tr, 0)[1]
+    expected = linear_probe(train[..., half_b, :], y_tr[half_b], test, y_te, cfg)["top1"].mean(0)     # [B]
+    peaks = np.array(ho.peak)
+    truth = expected[peaks] - expected[-1]
+    assert np.mean(peaks == 3) >= 0.8 and np.mean(ho.ci[:, 0] > 0) >= 0.6
+    assert 0.9 <= np.mean((ho.ci[:, 0] <= truth) & (truth <= ho.ci[:, 1])) <= 0.99
 
 
 def test_paired_differences_are_narrower_than_the_sum_of_marginal_half_widths():
     """Two blocks scored on the same images: their difference varies far less than the blocks do."""
     rng = np.random.default_rng(3)
     hits = planted_hits([0.60, 0.58], 2000, rng)[0]
-    idx = stats.resamples(2000, 500, 0)
-    reps = stats.hit_replicates(hits, idx)                                        # [R, 2]
+    reps = stats.draw_counts(2000, 500, 0) @ hits.T / 2000                       # [R, 2]
     marginal = stats.centred_interval(hits.mean(-1), reps)
     paired = stats.centred_interval(hits[0].mean() - hits[1].mean(), reps[:, 0] - reps[:, 1])
     assert np.diff(paired)[0] < 0.6 * np.diff(marginal, axis=-1).sum()        # the rule: drop > hw_1 + hw_2
 
 
-def test_hit_replicates_equal_the_means_of_the_resampled_rows():
+def test_draw_counts_are_the_resamples_counted():
     rng = np.random.default_rng(1)
-    hits = rng.random((2, 3, 50)) < 0.4
-    idx = stats.resamples(50, 7, 2)
-    want = np.stack([hits[..., rows].mean(-1) for rows in idx])
-    np.testing.assert_allclose(stats.hit_replicates(hits, idx), want, atol=1e-12)
+    hits = rng.random((3, 50)) < 0.4
+    counts = stats.draw_counts(50, 7, 2)
+    assert counts.shape == (7, 50) and (counts.sum(axis=1) == 50).all()
+    want = np.stack([hits[:, rows].mean(-1) for rows in stats.resamples(50, 7, 2)])
+    np.testing.assert_allclose(counts @ hits.T / 50, want, atol=1e-12)
 
 
 def test_halves_are_class_balanced_disjoint_and_seeded():

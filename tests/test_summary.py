@@ -13,7 +13,7 @@ from conftest import tiny_config
 from repa_probe import stats
 from repa_probe.models import SiT
 from repa_probe.errors import UserError
-from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, wilson_interval
+from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, probe_draws, wilson_interval
 from repa_probe.report.compose import headline, summary_table
 from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 from repa_probe.report.verdict import compare_sentence, detail_lines
@@ -83,12 +83,20 @@ def test_paired_deltas_take_the_difference_replicate_by_replicate():
 
 
 def test_probe_deltas_are_paired_over_the_same_test_images():
+    """Probe replicates draw the same test images for every checkpoint (pipeline.probe_draws): B − A is taken
+    replicate by replicate."""
     hits_a = np.zeros((1, 3, 400), dtype=bool)
     hits_a[..., :200] = True
     hits_b = hits_a.copy()
     hits_b[0, 2, 200:240] = True                   # B gets 40 more images right at block 2, the others alike
-    ca = Curves("a", "model", "probe_top1", "", [0.0], [0, 1, 2], hits_a.mean(-1), hits=hits_a)
-    cb = Curves("b", "model", "probe_top1", "", [0.0], [0, 1, 2], hits_b.mean(-1), hits=hits_b)
+    counts = probe_draws(400, 400, 200, 0)[1]
+
+    def probe_curve(name, hits):
+        reps = np.moveaxis(hits @ counts.T / 400, -1, 0)                        # [R, T, B]
+        return Curves(name, "model", "probe_top1", "", [0.0], [0, 1, 2], hits.mean(-1), replicates=reps,
+                      scale=np.ones(len(reps)), hits=hits)
+
+    ca, cb = probe_curve("a", hits_a), probe_curve("b", hits_b)
     d = paired_deltas(results(Analysed("a", "model", None, [ca]), Analysed("b", "model", None, [cb])), "a", "b")
     d = d.set_index("block")
     assert d.loc[2, "delta"] == pytest.approx(0.1) and d.loc[2, "ci_low"] > 0.06
