@@ -62,6 +62,18 @@ def bare_forwards(model: SiT, n_images: int, batch: int, device, dtype) -> tuple
     return (time.perf_counter() - start) * per_image, (time.process_time() - cpu) * per_image
 
 
+def gated_checkpoint(path: Path, cfg, seed: int = 0) -> tuple[SiT, Path]:
+    """A SiT with random weights and every block's two residual gates open (biases 1), saved as a pixel-space
+    checkpoint: an adaLN-Zero initialisation would make every block the identity (see the module docstring)."""
+    torch.manual_seed(seed)
+    model = SiT(cfg)
+    with torch.no_grad():
+        for block in model.blocks:   # modulation chunks: shift, scale, gate (attention); shift, scale, gate (MLP)
+            bias = block.adaLN_modulation[-1].bias.view(6, -1)
+            bias[2], bias[5] = 1.0, 1.0
+    return model, save_checkpoint(path, cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="SiT-S/2")
@@ -85,14 +97,9 @@ def main() -> None:
     ts = tuple(float(t) for t in args.t.split(","))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_analyze-"))
     work.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(args.model, in_channels=3, input_size=32, num_classes=10)
-    torch.manual_seed(0)
-    model = SiT(cfg)
-    with torch.no_grad():
-        for block in model.blocks:   # modulation chunks: shift, scale, gate (attention); shift, scale, gate (MLP)
-            bias = block.adaLN_modulation[-1].bias.view(6, -1)
-            bias[2], bias[5] = 1.0, 1.0
-    ckpt = save_checkpoint(work / "model.pt", cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
+    model, ckpt = gated_checkpoint(work / "model.pt", model_config(args.model, in_channels=3, input_size=32,
+                                                                   num_classes=10))
+    cfg = model.config
 
     precision = resolve_precision("auto", device)            # analyze's default for the model's forwards
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

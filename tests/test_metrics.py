@@ -138,6 +138,124 @@ def test_cknna_is_independent_of_the_gram_block_size(block):
     assert got == pytest.approx(expected, abs=1e-9)
 
 
+def ref_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The definition of the kNN graph, by sorting every row of x·xᵀ (float64): each row's k largest off-diagonal
+    entries, of equal ones the lowest columns → (indices ascending, their values)."""
+    g = np.asarray(x, dtype=np.float64) @ np.asarray(x, dtype=np.float64).T
+    np.fill_diagonal(g, -np.inf)
+    idx = np.sort(np.stack([np.lexsort((np.arange(len(g)), -row))[:k] for row in g]), axis=1)
+    return idx, np.take_along_axis(g, idx, axis=1)
+
+
+def tied_features(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Small integers, so that every product is an exact integer and most rows tie at their k-th neighbour,
+    and a few duplicated rows (two copies of an image)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, d)).astype(np.float64)
+    x[[5, 17, 40]] = x[[3, 3, 22]]
+    return x
+
+
+@pytest.mark.parametrize("d", [6, metrics.HALF_GRAM_WIDTH])      # whole-row strips, and half the Gram
+@pytest.mark.parametrize("block", [7, 32, None])
+def test_knn_graph_takes_the_lowest_columns_of_equal_entries(d, block):
+    x = tied_features(90, d)
+    for k in (1, 4, 10):
+        g = metrics.knn_graph(torch.from_numpy(x), k, block)
+        idx, vals = ref_knn(x, k)
+        np.testing.assert_array_equal(g.idx.numpy(), idx)
+        np.testing.assert_array_equal(g.vals.numpy(), vals)
+
+
+def subset_cases(n: int, seed: int) -> list[np.ndarray]:
+    """Rows a kernel of n images is asked for: bootstrap subsamples, a class-balanced half, a permutation (a
+    permuted target), a small subset whose rows mostly lack k candidates, and a classic bootstrap resample."""
+    from repa_probe import stats
+    rng = np.random.default_rng(seed)
+    return [*stats.subsamples(n, 3, seed), stats.halves(np.arange(n) % 3, seed)[0], rng.permutation(n),
+            np.sort(rng.choice(n, 15, replace=False)), stats.resamples(n, 1, seed)[0]]
+
+
+@pytest.mark.parametrize("clamp, normalize", [(True, True), (True, False), (False, False)])
+def test_a_subsets_kernel_equals_a_fresh_kernel_of_its_rows(clamp, normalize):
+    """FeatureKernel.subset derives the kNN graph from the full sample's candidates; it must be the graph a
+    new kernel of those rows finds, ties, the subset's own clamp threshold and every metric included."""
+    a, b = correlated_pair(160, seed=21)
+    a[[7, 60]] = a[[2, 2]]                                 # duplicated images: exact ties
+    a = np.round(a, 1)                                     # coarse values: more ties
+    full = metrics.FeatureKernel.build(a, k=5, clamp=clamp, normalize=normalize)
+    for rows in subset_cases(len(a), seed=22):
+        fresh = metrics.FeatureKernel.build(a[rows], k=5, clamp=clamp, normalize=normalize)
+        got = full.subset(rows)
+        g, want = got.parts["knn"].graph, fresh.parts["knn"].graph
+        np.testing.assert_array_equal(g.idx.numpy(), want.idx.numpy())
+        np.testing.assert_allclose(g.vals.numpy(), want.vals.numpy(), rtol=0, atol=1e-12)
+        target = metrics.FeatureKernel.build(b[rows], k=5, clamp=clamp, normalize=normalize)
+        scores = metrics.pair_scores(got, target)
+        for m, v in metrics.pair_scores(fresh, target).items():
+            assert scores[m] == pytest.approx(v, abs=1e-12), (m, len(rows))
+
+
+def test_subsets_of_float32_features_equal_fresh_kernels_whose_clamp_moves():
+    """Float32 features with heavy tails: each subsample's clamp threshold differs from the full sample's, so
+    its rows move, and the bound that certifies a row's candidates has to hold."""
+    rng = np.random.default_rng(23)
+    x = (rng.standard_t(2, size=(700, 24)) + rng.normal(size=(700, 1)) * 3).astype(np.float32)
+    full = metrics.FeatureKernel.build(x, k=10, metrics=("cknna",))
+    for rows in subset_cases(len(x), seed=24)[:5]:
+        want = metrics.FeatureKernel.build(x[rows], k=10, metrics=("cknna",)).parts["knn"]
+        got = full.subset(rows).parts["knn"]
+        np.testing.assert_array_equal(got.graph.idx.numpy(), want.graph.idx.numpy())
+        assert got.s_self == pytest.approx(want.s_self, rel=1e-12)
+
+
+def test_a_subset_without_the_extreme_images_moves_rows_past_their_candidates():
+    """Leaving out the images with the largest activations lowers the subset's clamp threshold, which moves
+    its rows far enough to bring in neighbours from beyond their candidate lists: the bound on that movement
+    must send those rows to a full computation (without it, a few of these rows get other neighbours)."""
+    for seed in range(60):
+        x = np.random.default_rng(seed).standard_t(1.5, size=(200, 3))
+        rows = np.sort(np.argsort(np.abs(x).max(axis=1))[:(60, 100, 140)[seed % 3]])
+        for k in (1, 2):
+            got = metrics.FeatureKernel.build(x, k=k, metrics=("cknna",)).subset(rows).parts["knn"].graph
+            want = metrics.FeatureKernel.build(x[rows], k=k, metrics=("cknna",)).parts["knn"].graph
+            np.testing.assert_array_equal(got.idx.numpy(), want.idx.numpy())
+
+
+def test_permuted_targets_reindex_a_prepared_target():
+    a, b = correlated_pair(150, seed=25)
+    target = metrics.FeatureKernel.build(b, k=6)
+    source = metrics.FeatureKernel.build(a, k=6)
+    rng = np.random.default_rng([4, 104729])                       # permuted_targets' own draws
+    for permuted, features in zip(metrics.permuted_targets(target, 3, seed=4), metrics.permuted_targets(b, 3, 4, k=6)):
+        fresh = metrics.FeatureKernel.build(b[rng.permutation(len(b))], k=6)
+        for kernel in (permuted, features):
+            np.testing.assert_array_equal(kernel.parts["knn"].graph.idx.numpy(), fresh.parts["knn"].graph.idx.numpy())
+            got = metrics.pair_scores(source, kernel)
+            for m, v in metrics.pair_scores(source, fresh).items():
+                assert got[m] == pytest.approx(v, abs=1e-12), m
+
+
+def test_alignment_scores_every_view_as_fresh_kernels_would():
+    """One pass per source: the target, permuted targets (rows None) and subsamples' targets (rows given)."""
+    a, b = correlated_pair(130, seed=26)
+    sources = np.stack([a, a[:, ::-1] + 0.5 * np.abs(b[:, :24])]).reshape(2, 1, 130, 24)
+    target = metrics.FeatureKernel.build(b, k=5)
+    rows = subset_cases(130, seed=27)[:4]
+    views = [(None, p) for p in metrics.permuted_targets(target, 2, seed=1)]
+    views += [(r, target.subset(r)) for r in rows]
+    values, other = alignment(target, sources, k=5, views=views)
+    assert other["cknna"].shape == (len(views), 2, 1)
+    for i in range(2):
+        src = sources[i, 0]
+        for m, v in metrics.pair_scores(metrics.FeatureKernel.build(src, k=5), target).items():
+            assert values[m][i, 0] == pytest.approx(v, abs=1e-12)
+        for p, (r, kernel) in enumerate(views):
+            fresh = metrics.FeatureKernel.build(src if r is None else src[r], k=5)
+            for m, v in metrics.pair_scores(fresh, kernel).items():
+                assert other[m][p, i, 0] == pytest.approx(v, abs=1e-12), (m, p)
+
+
 def test_cknna_matches_dense_form_in_float32():
     a, b = correlated_pair(400, seed=2, dtype=np.float32)
     expected, _ = ref_cknna(ref_preprocess(a), ref_preprocess(b), 10)
