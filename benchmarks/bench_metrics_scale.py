@@ -19,13 +19,18 @@ their ratios, the peak resident memory of the process; with several n, the expon
 to the metric time and to the ratio. --profile splits the metric time by the function
 that spends it (kNN graph: its Gram products and the rest, i.e. top-k and merges; preprocessing; the
 intersections; the masked HSIC) and by the step that calls it (full sample, permutation null, replicates,
-held-out drop).
+held-out drop). --save FILE keeps every alignment curve (values, intervals, replicates, null, held-out drop);
+--against FILE prints how far this run's curves are from a saved run's (e.g. the code before issue 26, run
+with this script from a snapshot of that commit). --float64-gram hands the metrics float64 copies of the prepared
+features, so that every similarity is computed in float64 (the code before issue 26 ranked neighbours by its
+float32 Gram matrix; the code after it ranks them by float64 products of the float32 features).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import pickle
 import resource
 import shutil
 import sys
@@ -146,14 +151,37 @@ def run_once(n: int, args, work: Path) -> dict:
                            encoders=["cifar-ssl-resnet"], probe=False, bootstrap=args.bootstrap, null=args.null,
                            batch_size=args.batch_size, device="cpu", cache=str(work / f"cache{n}"), quiet=True)
     table = defaultdict(lambda: [0.0, 0])
-    clock, P.time = P.time, SimpleNamespace(perf_counter=Clock.now)
+    clock, P.time, prepare = P.time, SimpleNamespace(perf_counter=Clock.now), M.prepare_features
+    if args.float64_gram:
+        M.prepare_features = lambda *a, **kw: prepare(*a, **kw).double()
     try:
         with stage_profile(table) if args.profile else contextlib.nullcontext():
             results = P.run(ckpts, [f"model{s}" for s in range(args.checkpoints)], config)
     finally:
-        P.time = clock
-    return {"timings": results.timings, "profile": dict(table),
+        P.time, M.prepare_features = clock, prepare
+    curves = {(c.checkpoint, c.kind, c.metric, c.encoder): numbers(c) for a in results.analysed for c in a.curves}
+    return {"timings": results.timings, "profile": dict(table), "curves": curves,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def numbers(c) -> dict:
+    """A curve's numbers: values, intervals, replicates, null; the held-out drop's peaks, drops and intervals."""
+    out = {"value": c.value, "interval": c.ci, "replicates": c.replicates, "null": c.null}
+    if c.held_out is not None:
+        out |= {"held-out peak": np.asarray(c.held_out.peak), "held-out drop": c.held_out.drop,
+                "held-out interval": c.held_out.ci}
+    return out
+
+
+def differences(ours: dict, theirs: dict) -> dict[str, float]:
+    """The largest |ours − theirs| of each kind of number over all curves (peaks: how many differ)."""
+    worst: dict[str, float] = {}
+    for key, curve in ours.items():
+        for name, v in curve.items():
+            if v is not None:
+                d = np.abs(np.asarray(v, dtype=float) - np.asarray(theirs[key][name], dtype=float))
+                worst[name] = max(worst.get(name, 0.0), float(np.sum(d > 0) if "peak" in name else d.max()))
+    return worst
 
 
 def print_profile(profile: dict, metrics_s: float) -> None:
@@ -177,6 +205,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data", default=None, help="ImageFolder (default: cifar10/test up to 10,000 images, train above)")
     p.add_argument("--profile", action="store_true", help="split the metric time by function and step")
+    p.add_argument("--save", default=None, help="pickle every alignment curve of every n to this file")
+    p.add_argument("--against", default=None, help="compare the curves with those a --save run wrote")
+    p.add_argument("--float64-gram", action="store_true", help="the metrics on float64 copies of the prepared features")
     args = p.parse_args()
 
     sizes = [int(v) for v in args.n.split(",")]
@@ -185,7 +216,8 @@ def main() -> None:
           f"draws; CPU, {torch.get_num_threads()} thread(s)")
     print(f"{'':>7}{'wall-clock s':^36}{'CPU s':^36}")
     print(f"{'n':>7}" + f"{'data+fwd':>10}{'encoder':>9}{'metrics':>9}{'ratio':>8}" * 2 + f"{'peak RSS GiB':>14}")
-    rows = []
+    rows, saved = [], {}
+    theirs = pickle.loads(Path(args.against).read_bytes()) if args.against else {}
     for n in sizes:
         work = Path(tempfile.mkdtemp(prefix="bench_metrics_scale-"))
         try:
@@ -195,11 +227,17 @@ def main() -> None:
         t = r["timings"]
         rows.append((n, t["data+forwards"], t["metrics"]))
         line = "".join(f"{getattr(t['data+forwards'], c):>10.1f}{getattr(t['encoders'], c):>9.1f}"
-                       f"{getattr(t['metrics'], c):>9.1f}{getattr(t['metrics'], c) / getattr(t['data+forwards'], c):>8.2f}"
-                       for c in ("wall", "cpu"))
+                       f"{getattr(t['metrics'], c):>9.1f}"
+                       f"{getattr(t['metrics'], c) / getattr(t['data+forwards'], c):>8.2f}" for c in ("wall", "cpu"))
         print(f"{n:>7}{line}{r['peak_rss_gb']:>14.2f}", flush=True)
         if args.profile:
             print_profile(r["profile"], t["metrics"].wall)
+        if n in theirs:
+            print(f"  largest |this run − {args.against}| over {len(r['curves'])} curves: " + ", ".join(
+                f"{name} {v:.1e}" for name, v in differences(r["curves"], theirs[n]).items()))
+        saved[n] = r["curves"]
+        if args.save:
+            Path(args.save).write_bytes(pickle.dumps(saved))
     for c in ("wall", "cpu") if len(rows) > 1 else ():
         n, fwd, met = (np.log([getattr(v, c) if isinstance(v, Clock) else v for v in col]) for col in zip(*rows))
         print(f"power-law exponent in n ({c}): metrics {np.polyfit(n, met, 1)[0]:.2f}, data+forwards "

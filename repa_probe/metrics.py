@@ -234,11 +234,13 @@ def _rounding(d: int, dtype: torch.dtype, sq: torch.Tensor) -> float:
 
 @dataclass
 class _Candidates:
-    """Each row's c nearest columns (idx, ascending) with their similarities in float64 (vals), ``beyond``:
-    what no other entry's exact similarity exceeds, and each row's squared norm."""
+    """Each row's c nearest columns (idx, ascending) with their similarities in float64 (vals) and their ranking
+    (order: positions in vals, largest first), ``beyond``: what no other entry's exact similarity exceeds, and
+    each row's squared norm."""
 
     vals: torch.Tensor     # (n, c) float64
     idx: torch.Tensor      # (n, c) int64
+    order: torch.Tensor    # (n, c) int64
     beyond: torch.Tensor   # (n,) float64
     sq: torch.Tensor       # (n,) float64
 
@@ -250,37 +252,52 @@ def _candidates(x: torch.Tensor, c: int, block: int | None = None) -> _Candidate
     (n, d), x64 = x.shape, x.double()
     v, idx = _top_candidates(x, c, block)
     idx, sq = idx.sort(dim=1).values, x64.square().sum(dim=1)
+    vals = _candidate_dots(x64, idx)
     beyond = v.min(dim=1).values.double() + _rounding(d, x.dtype, sq) + _rounding(d, torch.float64, sq)
-    return _Candidates(_candidate_dots(x64, idx), idx, beyond if c < n - 1 else beyond.fill_(-math.inf), sq)
+    return _Candidates(vals, idx, vals.sort(dim=1, descending=True, stable=True).indices,
+                       beyond if c < n - 1 else beyond.fill_(-math.inf), sq)
 
 
-def _select(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k largest of each row's candidates (vals, idx; columns ascending): of equal values at the k-th place
-    the lowest columns. → (vals, idx) (k each, columns ascending) and the k-th largest value."""
-    kth = vals.topk(k, dim=1).values[:, -1:]
-    above, same = vals > kth, vals == kth
-    keep = above | (same & (same.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
-    return vals[keep].view(-1, k), idx[keep].view(-1, k), kth.squeeze(1)
+def _top(vals: torch.Tensor, k: int, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of each row's candidates (columns ascending, −inf for none) are its k largest, of equal values at the
+    k-th place the lowest columns (a mask), and the k-th largest value. ``order``: a likely ranking of each row's
+    candidates (the full sample's, for a subsample), tried first: where exactly k values are at least its k-th,
+    those are the k largest; the other rows are ranked anew (a topk costs several times as much)."""
+    if order is None:
+        kth = vals.topk(k, dim=1).values[:, -1:]
+        above, same = vals > kth, vals == kth
+        return above | (same & (same.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True))), kth.squeeze(1)
+    ranked = vals.gather(1, order)
+    valid = ranked > -math.inf
+    kth = ranked.masked_fill(~valid | (valid.cumsum(dim=1) > k), math.inf).amin(dim=1, keepdim=True)
+    keep, kth = vals >= kth, kth.squeeze(1)
+    wrong = (keep.sum(dim=1) != k).nonzero().squeeze(1)
+    if len(wrong):
+        keep[wrong], kth[wrong] = _top(vals[wrong], k)
+    return keep, kth
 
 
-def _graph(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, bound: torch.Tensor) -> KnnGraph:
-    """The kNN graph of x (float64) from candidate lists (vals, idx; columns ascending, −1 and −inf for none),
-    given for each row a bound that no entry missing from its list exceeds. A row whose k-th value does not
-    beat the bound (its list may miss larger entries, or entries equal to its k-th) is computed from its whole
-    row of x·xᵀ instead: rows the candidates cannot decide."""
-    vals, idx, kth = _select(vals, idx, k)
+def _graph(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, bound: torch.Tensor,
+           order: torch.Tensor | None = None) -> KnnGraph:
+    """The kNN graph of x (float64) from candidate lists (vals, idx; columns ascending, −1 and −inf for none;
+    ``order`` as for ``_top``), given for each row a bound that no entry missing from its list exceeds. A row
+    whose k-th value does not beat the bound (its list may miss larger entries, or entries equal to its k-th)
+    is computed from its whole row of x·xᵀ instead: rows the candidates cannot decide."""
+    keep, kth = _top(vals, k, order)
+    vals, idx = vals[keep].view(-1, k), idx[keep].view(-1, k)
     redo = (~(kth > bound)).nonzero().squeeze(1)
     if len(redo):
         g = x[redo] @ x.T
         g[torch.arange(len(redo), device=x.device), redo] = -math.inf
-        vals[redo], idx[redo], _ = _select(g, torch.arange(len(x), device=x.device).expand_as(g), k)
+        keep, _ = _top(g, k)
+        vals[redo], idx[redo] = g[keep].view(-1, k), keep.nonzero()[:, 1].view(-1, k)
     return KnnGraph(x.shape[0], k, idx, vals)
 
 
 def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
     """Row-wise top-k of K = x·xᵀ, diagonal excluded: ``_candidates``, then ``_graph``."""
     c = _candidates(x, min(k + 1, x.shape[0] - 1), block)
-    return _graph(x.double(), c.vals, c.idx, k, c.beyond)
+    return _graph(x.double(), c.vals, c.idx, k, c.beyond, c.order)
 
 
 def _subset_graph(x: torch.Tensor, c: _Candidates, rows: torch.Tensor, xs: torch.Tensor, k: int) -> KnnGraph:
@@ -305,17 +322,19 @@ def _subset_graph(x: torch.Tensor, c: _Candidates, rows: torch.Tensor, xs: torch
     xs64 = xs.double()
     sq_s, delta = xs64.square().sum(dim=1), (xs64 - x.index_select(0, rows).double()).norm(dim=1)
     moved = bool(delta.max() > 0)          # else (no clamp, or a permutation) x's own values serve
-    vals = None if moved else c.vals.index_select(0, rows)
+    vals, order = (None if moved else c.vals.index_select(0, rows)), c.order.index_select(0, rows)
     if not bool((rows[1:] > rows[:-1]).all()):                 # columns ascend with the rows (−1s aside)
-        cols, order = cols.sort(dim=1)
-        vals = None if moved else vals.gather(1, order)
+        cols, perm = cols.sort(dim=1)
+        vals = None if moved else vals.gather(1, perm)
+        places = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+        order = torch.empty_like(perm).scatter_(1, perm, places).gather(1, order)    # the same ranking, re-placed
     vals = _candidate_dots(xs64, cols) if moved else vals.masked_fill_(cols < 0, -math.inf)
     f = c.beyond.index_select(0, rows)
     by_products = f + delta * sq_s.max().sqrt() + c.sq.max().sqrt() * delta.max()
     dist = (c.sq.index_select(0, rows) + c.sq.min() - 2 * f).clamp(min=0).sqrt()
     by_distances = (sq_s + sq_s.max() - (dist - delta - delta.max()).clamp(min=0).square()) / 2
     bound = torch.minimum(by_products, by_distances) + _rounding(d, torch.float64, sq_s)
-    return _graph(xs64, vals, cols, k, bound)
+    return _graph(xs64, vals, cols, k, bound, order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +507,7 @@ def _with_s_self(g: KnnGraph, **kw) -> _KnnPart:
 
 def _knn_part(x: torch.Tensor, k: int) -> _KnnPart:
     c = _candidates(x, min(CANDIDATES * k, x.shape[0] - 1))
-    return _with_s_self(_graph(x.double(), c.vals, c.idx, k, c.beyond), x=x, candidates=c)
+    return _with_s_self(_graph(x.double(), c.vals, c.idx, k, c.beyond, c.order), x=x, candidates=c)
 
 
 def _knn_subset(full: _KnnPart, rows: torch.Tensor, xs: torch.Tensor, k: int) -> _KnnPart:
@@ -739,7 +758,7 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
               clamp: bool = True, normalize: bool = True,
               device: torch.device | str | None = None, block: int | None = None,
               null_targets: Sequence["FeatureKernel"] | None = None, views: Sequence[View] | None = None,
-              desc: str | None = None):
+              split: bool = False, desc: str | None = None):
     """Every metric between one target (n, d_t) and each (n, d) matrix of ``sources`` (..., n, d).
 
     ``target`` may be a ``FeatureKernel`` built earlier (then its k / metrics must cover these);
@@ -753,8 +772,9 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
     ``bootstrap_alignment``) or a permuted target's (``permuted_targets``, rows None; ``null_targets`` are
     such views). The source's kernel of its rows comes from its full-sample kernel (``FeatureKernel.subset``).
     With views (or null targets), ({metric: values}, {metric: [len(views), ...] values}) is returned.
-    Under torchrun (a process group) the sources are split across the ranks, every rank's share scored
-    against everything, and every rank returns all the values. ``desc``: a progress bar with this label.
+    ``split``: under torchrun (a process group), every rank calls this with the same arguments, each one
+    scores its share of the sources, and every rank returns all the values (a process that runs alone, like
+    a trainer's main rank, leaves it off). ``desc``: a progress bar with this label.
     """
     from tqdm.auto import tqdm
     metrics = _check_metrics(metrics)
@@ -777,7 +797,8 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
     views = [*((None, p) for p in null_targets or ()), *(views or ())]
     out = {m: np.zeros(lead, dtype=np.float64) for m in metrics}
     other = {m: np.zeros((len(views),) + lead, dtype=np.float64) for m in metrics}
-    mine = list(np.ndindex(*lead))[rank()::world_size()]      # this rank's share of blocks × t
+    ranks = world_size() if split else 1
+    mine = list(np.ndindex(*lead))[rank() if split else 0::ranks]      # this rank's share of blocks × t
     for index in tqdm(mine, desc=desc, disable=desc is None, unit="matrix", dynamic_ncols=True):
         what = f"sources{list(index)}"
         src = FeatureKernel.build(sources[index], k, metrics, clamp, normalize, device, block, what)
@@ -786,15 +807,14 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
         for p, (rows, kernel) in enumerate(views):
             for m, v in pair_scores(src if rows is None else src.subset(rows, what), kernel, metrics).items():
                 other[m][(p,) + index] = v
-    _gather_ranks([*out.values(), *other.values()])
+    if ranks > 1:
+        _gather_ranks([*out.values(), *other.values()])
     return (out, other) if given else out
 
 
 def _gather_ranks(arrays: list[np.ndarray]) -> None:
     """Each rank filled the entries of its own sources (zeros elsewhere): give every rank all of them, in
     place. A sum with one non-zero term per entry is exact."""
-    if world_size() == 1:
-        return
     total, offset = sum_over_ranks_array(np.concatenate([a.ravel() for a in arrays])), 0
     for a in arrays:
         a.flat[:] = total[offset:offset + a.size]

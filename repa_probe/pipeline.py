@@ -297,7 +297,10 @@ class Target(NamedTuple):
 
 
 class StoreSource:
-    """Features and encoder outputs through the feature store: computed once, reused by later analyses."""
+    """Features and encoder outputs through the feature store: computed once, reused by later analyses. Under
+    torchrun every rank runs the analysis (extract splits the images), so the metrics are split too."""
+
+    collective = True
 
     def __init__(self, cfg: AnalyzeConfig):
         self.cfg, self.store = cfg, FeatureStore(cfg.cache)
@@ -332,7 +335,10 @@ class StoreSource:
 
 class MemorySource:
     """The same capture and encoders, in memory: for a model that changes under our feet (a trainer's EMA).
-    Images and their model-space inputs are decoded once per dataset; no raw-input baseline."""
+    Images and their model-space inputs are decoded once per dataset; no raw-input baseline. A trainer's main
+    rank runs it alone."""
+
+    collective = False
 
     def __init__(self, cfg: AnalyzeConfig, vae=None):
         self.cfg, self.vae, self.inputs = cfg, vae, {}
@@ -382,6 +388,7 @@ class Pipeline:
         self.cfg.check_measurable(bool(encoders or self.cfg.encoders))
         self.device = torch.device(self.cfg.device)
         self.source = source(self.cfg) if source is not None else StoreSource(self.cfg)
+        self.split = getattr(self.source, "collective", False)    # metrics split across torchrun's ranks
         self.encoders = encoders if encoders is not None else self._load_encoders()
         self._targets: dict[tuple, tuple[np.ndarray, np.ndarray, M.FeatureKernel]] = {}
         self.timings: dict[str, float] = {"data+forwards": 0.0, "encoders": 0.0, "probes": 0.0, "metrics": 0.0}
@@ -514,7 +521,8 @@ class Pipeline:
             views = [*((None, p) for p in tg.nulls), *replicates,
                      *([(half_a, tg.kernel.subset(half_a, "encoder, half A"))] if drop_draws else [])]
             scores, other = M.alignment(tg.kernel, src, cfg.alignment_metrics, k=cfg.k, device=self.device,
-                                        views=views, desc=None if cfg.quiet else "alignment")
+                                        views=views, split=self.split,
+                                        desc=None if cfg.quiet else "alignment")
             null = {m: v[:len(tg.nulls)] for m, v in other.items()}
             reps = {m: v[len(tg.nulls):len(tg.nulls) + len(replicates)] for m, v in other.items()} if replicates else {}
             scale = stats.subsample_scale([len(d) for d, _ in replicates], len(ids)) if replicates else None
@@ -554,7 +562,7 @@ class Pipeline:
             pairs = np.stack([np.stack([M.take_rows(src[ti, p], half_b), M.take_rows(src[ti, -1], half_b)])
                               for ti, p in enumerate(peaks)])                            # [T, 2, n_b, D]
             tgt = M.FeatureKernel.build(target[half_b], cfg.k, (m,), device=self.device, what="encoder, half B")
-            on_b, reps = M.alignment(tgt, pairs, (m,), k=cfg.k, device=self.device,
+            on_b, reps = M.alignment(tgt, pairs, (m,), k=cfg.k, device=self.device, split=self.split,
                                      views=[(d, tgt.subset(d, "encoder, half B")) for d in draws])
             drop = on_b[m][:, 0] - on_b[m][:, 1]
             out[m] = HeldOut([blocks[p] for p in peaks], drop,

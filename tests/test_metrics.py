@@ -5,12 +5,16 @@ The references are deliberately naive: dense n x n masks, the centering matrix H
 
 import functools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from repa_probe import metrics
+from repa_probe import metrics, stats
 from repa_probe.errors import UserError
 from repa_probe.metrics import alignment, bootstrap_ci, cka, cknna, mutual_knn, similarity_matrix, svcca
 
@@ -170,7 +174,6 @@ def test_knn_graph_takes_the_lowest_columns_of_equal_entries(d, block):
 def subset_cases(n: int, seed: int) -> list[np.ndarray]:
     """Rows a kernel of n images is asked for: bootstrap subsamples, a class-balanced half, a permutation (a
     permuted target), a small subset whose rows mostly lack k candidates, and a classic bootstrap resample."""
-    from repa_probe import stats
     rng = np.random.default_rng(seed)
     return [*stats.subsamples(n, 3, seed), stats.halves(np.arange(n) % 3, seed)[0], rng.permutation(n),
             np.sort(rng.choice(n, 15, replace=False)), stats.resamples(n, 1, seed)[0]]
@@ -254,6 +257,66 @@ def test_alignment_scores_every_view_as_fresh_kernels_would():
             fresh = metrics.FeatureKernel.build(src if r is None else src[r], k=5)
             for m, v in metrics.pair_scores(fresh, kernel).items():
                 assert other[m][p, i, 0] == pytest.approx(v, abs=1e-12), (m, p)
+
+
+RANK_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from repa_probe import metrics
+from repa_probe.runtime import init_distributed, rank, shutdown_distributed
+
+init_distributed(torch.device("cpu"))
+data = np.load(sys.argv[1])
+built, build = [], metrics.FeatureKernel.build.__func__
+
+def counting(cls, feats, *args, **kw):      # which sources this rank prepares
+    kernel = build(cls, feats, *args, **kw)
+    built.append(args[-1] if args else kw.get("what"))
+    return kernel
+
+metrics.FeatureKernel.build = classmethod(counting)
+target = build(metrics.FeatureKernel, data["target"], 5, what="target")
+views = [(None, p) for p in metrics.permuted_targets(target, 2, seed=1)]
+views += [(r, target.subset(r)) for r in (data["rows0"], data["rows1"])]
+values, other = metrics.alignment(target, data["sources"], k=5, views=views, split=True)
+mine = [what for what in built if what.startswith("sources")]
+alone = metrics.alignment(target, data["sources"][:1], k=5) if rank() == 0 else {}   # one rank, unsplit
+np.savez(sys.argv[2] + f"{rank()}.npz", built=np.array(mine), **{f"alone_{m}": v for m, v in alone.items()},
+         **{f"value_{m}": v for m, v in values.items()}, **{f"view_{m}": v for m, v in other.items()})
+shutdown_distributed()
+"""
+
+
+def test_torchrun_splits_the_sources_across_ranks_and_every_rank_gets_every_value(tmp_path):
+    """alignment(split=True) under torchrun with two gloo processes: each rank prepares its own share of the
+    3 t × 2 blocks, and both return exactly what one process does; without split one rank computes alone (a
+    trainer's main rank) and is not left waiting for the other."""
+    a, b = correlated_pair(90, seed=28, dtype=np.float32)
+    rng = np.random.default_rng(29)
+    sources = np.stack([a + s * rng.normal(size=a.shape) for s in (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)]).astype(np.float32)
+    rows = stats.subsamples(90, 2, seed=3)
+    np.savez(tmp_path / "data.npz", target=b, sources=sources.reshape(3, 2, 90, 24), rows0=rows[0], rows1=rows[1])
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "rank.py"), str(tmp_path / "data.npz"), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
+    shares = [list(out["built"]) for out in ranks]
+    assert len(shares[0]) == len(shares[1]) == 3
+    assert sorted(shares[0] + shares[1]) == [f"sources[{t}, {b}]" for t in range(3) for b in range(2)]
+    target = metrics.FeatureKernel.build(b, 5, what="target")
+    views = [(None, p) for p in metrics.permuted_targets(target, 2, seed=1)] + [(r, target.subset(r)) for r in rows]
+    values, other = alignment(target, sources.reshape(3, 2, 90, 24), k=5, views=views)
+    for out in ranks:
+        for m in values:
+            np.testing.assert_array_equal(out[f"value_{m}"], values[m])
+            np.testing.assert_array_equal(out[f"view_{m}"], other[m])
+            np.testing.assert_array_equal(ranks[0][f"alone_{m}"], values[m][:1])
 
 
 def test_cknna_matches_dense_form_in_float32():
