@@ -173,14 +173,16 @@ def numbers(c) -> dict:
     return out
 
 
-def differences(ours: dict, theirs: dict) -> dict[str, float]:
-    """The largest |ours − theirs| of each kind of number over all curves (peaks: how many differ)."""
-    worst: dict[str, float] = {}
+def differences(ours: dict, theirs: dict) -> dict[str, dict[str, float]]:
+    """Per kind of curve (model, raw-input, ...), the largest |ours − theirs| of each kind of number (peaks: how
+    many differ)."""
+    worst: dict[str, dict[str, float]] = defaultdict(dict)
     for key, curve in ours.items():
         for name, v in curve.items():
             if v is not None:
                 d = np.abs(np.asarray(v, dtype=float) - np.asarray(theirs[key][name], dtype=float))
-                worst[name] = max(worst.get(name, 0.0), float(np.sum(d > 0) if "peak" in name else d.max()))
+                most = float(np.sum(d > 0) if "peak" in name else d.max())
+                worst[key[1]][name] = max(worst[key[1]].get(name, 0.0), most)
     return worst
 
 
@@ -232,9 +234,9 @@ def main() -> None:
         print(f"{n:>7}{line}{r['peak_rss_gb']:>14.2f}", flush=True)
         if args.profile:
             print_profile(r["profile"], t["metrics"].wall)
-        if n in theirs:
-            print(f"  largest |this run − {args.against}| over {len(r['curves'])} curves: " + ", ".join(
-                f"{name} {v:.1e}" for name, v in differences(r["curves"], theirs[n]).items()))
+        for kind, worst in differences(r["curves"], theirs[n]).items() if n in theirs else ():
+            print(f"  largest |this run − {args.against}|, {kind}: " + ", ".join(f"{name} {v:.1e}"
+                                                                               for name, v in worst.items()))
         saved[n] = r["curves"]
         if args.save:
             Path(args.save).write_bytes(pickle.dumps(saved))

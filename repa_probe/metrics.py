@@ -751,7 +751,7 @@ def _leading(x) -> tuple[int, ...]:
     return tuple(x.shape[:-2])
 
 
-View = tuple[np.ndarray | None, "FeatureKernel"]   # (rows of every source or None for all, a target kernel of them)
+View = tuple[np.ndarray | None, FeatureKernel]   # (rows of every source or None for all, a target kernel of them)
 
 
 def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10,
