@@ -62,16 +62,21 @@ def bare_forwards(model: SiT, n_images: int, batch: int, device, dtype) -> tuple
     return (time.perf_counter() - start) * per_image, (time.process_time() - cpu) * per_image
 
 
-def open_gated_checkpoint(name: str, path: Path) -> tuple[SiT, Path]:
-    """A seeded random SiT `name` on 3×32×32 pixels with every block's residual gates open, saved at `path`."""
-    cfg = model_config(name, in_channels=3, input_size=32, num_classes=10)
-    torch.manual_seed(0)
+def gated_checkpoint(path: Path, cfg, seed: int = 0) -> tuple[SiT, Path]:
+    """A SiT with random weights and every block's two residual gates open (biases 1), saved as a pixel-space
+    checkpoint: an adaLN-Zero initialisation would make every block the identity (see the module docstring)."""
+    torch.manual_seed(seed)
     model = SiT(cfg)
     with torch.no_grad():
         for block in model.blocks:   # modulation chunks: shift, scale, gate (attention); shift, scale, gate (MLP)
             bias = block.adaLN_modulation[-1].bias.view(6, -1)
             bias[2], bias[5] = 1.0, 1.0
     return model, save_checkpoint(path, cfg, model.state_dict(), meta={"mode": "pixels", "step": 0})
+
+
+def open_gated_checkpoint(name: str, path: Path) -> tuple[SiT, Path]:
+    """`gated_checkpoint` of SiT `name` on 3×32×32 pixels, 10 classes, seed 0."""
+    return gated_checkpoint(path, model_config(name, in_channels=3, input_size=32, num_classes=10))
 
 
 def main() -> None:

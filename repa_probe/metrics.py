@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,9 +36,12 @@ import torch.nn.functional as F
 
 from . import stats
 from .errors import UserError
+from .runtime import rank, sum_over_ranks_array, world_size
 
 EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
 SVCCA_DIMS = 10   # the singular directions SVCCA keeps of each matrix (platonic-rep's cca_dim)
+CANDIDATES = 4    # a kNN graph keeps each row's CANDIDATES·k nearest: a subsample's graph comes from them
+HALF_GRAM_WIDTH = 512   # features this wide compute half of each Gram matrix (_top_candidates)
 
 
 @contextlib.contextmanager
@@ -152,18 +156,16 @@ def prepare_features(feats, clamp: bool = True, normalize: bool = True, q: float
 
 @dataclass
 class KnnGraph:
-    """The k largest off-diagonal entries of each row of K = X·Xᵀ.
+    """The k largest off-diagonal entries of each row of K = X·Xᵀ; of equal entries, the lower column index.
 
     idx[i]  = N(i), the k nearest neighbours of i (self excluded), sorted by index;
-    vals[i] = K[i, N(i)];
-    keys    = i·n + N(i) flattened: globally sorted, so membership of any (i, j) is a binary search.
+    vals[i] = K[i, N(i)], in float64 from the features as given (``_candidates``).
     """
 
     n: int
     k: int
     idx: torch.Tensor   # (n, k) int64
-    vals: torch.Tensor  # (n, k) compute dtype
-    keys: torch.Tensor  # (n·k,) int64, ascending
+    vals: torch.Tensor  # (n, k) float64
 
 
 def _merge_topk(best_v, best_i, r0, v, i, k):
@@ -177,41 +179,162 @@ def _merge_topk(best_v, best_i, r0, v, i, k):
 
 
 @exact_float32()
-def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
-    """Row-wise top-k of K = x·xᵀ, diagonal excluded, computed one strip of rows at a time.
+def _top_candidates(x: torch.Tensor, c: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The c largest off-diagonal entries of each row of K = x·xᵀ (values, column indices), unordered, one
+    strip of rows at a time. Which of several equal entries at the c-th place is kept is arbitrary.
 
-    K is symmetric, so the strip for rows I only multiplies the columns from I onwards,
-    K[I, I ∪ later] (half the Gram FLOPs): its row-wise top-k serves the rows of I, and its
-    column-wise top-k over the later columns hands each later row j its best candidates among I
-    (K[j, I] = K[I, j]ᵀ). Memory is O(block·n + n·k): the n x n matrix is never formed.
+    Wide features (d ≥ HALF_GRAM_WIDTH): K is symmetric, so the strip for rows I only multiplies the columns
+    from I onwards, K[I, I ∪ later] (half the Gram FLOPs): its row-wise top-c serves the rows of I, and its
+    column-wise top-c over the later columns hands each later row j its best candidates among I
+    (K[j, I] = K[I, j]ᵀ). Narrower features: a top-c down the columns costs more than the products it saves,
+    so each strip is K[I, :], whole rows. Memory is O(block·n + n·c): the n x n matrix is never formed.
     """
-    n = x.shape[0]
-    if block is None:
-        block = 8192 if x.device.type == "cuda" else 1024
-    best_v = x.new_full((n, k), -math.inf)
-    best_i = torch.zeros((n, k), dtype=torch.long, device=x.device)
+    n, half = x.shape[0], x.shape[1] >= HALF_GRAM_WIDTH
+    if block is None:            # on the CPU a whole-row strip of about 2M entries stays in cache for its top-c
+        block = 8192 if x.device.type == "cuda" else 1024 if half else max(64, 2**21 // n)
+    half = half and n > block
+    best_v = x.new_full((n, c), -math.inf)
+    best_i = torch.zeros((n, c), dtype=torch.long, device=x.device)
     for r0 in range(0, n, block):
         r1 = min(r0 + block, n)
-        g = x[r0:r1] @ x[r0:].T             # K[I, r0:]: (|I|, n − r0)
-        g.diagonal().fill_(-math.inf)        # N(i) excludes i
-        v, i = g.topk(min(k, g.shape[1]), dim=1)
-        if r1 == n and r0 == 0:              # one strip: nothing to merge
-            best_v, best_i = v, i
-            break
-        _merge_topk(best_v, best_i, r0, v, i + r0, k)
-        if r1 < n:                           # later rows j receive K[j, I] = K[I, j]
-            v, i = g[:, r1 - r0:].topk(min(k, r1 - r0), dim=0)
-            _merge_topk(best_v, best_i, r1, v.T, i.T + r0, k)
-    idx, order = best_i.sort(dim=1)
-    vals = best_v.gather(1, order)
-    rows = torch.arange(n, device=x.device).unsqueeze(1)
-    return KnnGraph(n, k, idx, vals, (rows * n + idx).flatten())
+        c0 = r0 if half else 0
+        g = x[r0:r1] @ x[c0:].T                  # K[I, c0:]: (|I|, n − c0)
+        g[:, r0 - c0:].diagonal().fill_(-math.inf)   # N(i) excludes i
+        v, i = g.topk(min(c, g.shape[1]), dim=1)
+        if not half:
+            best_v[r0:r1], best_i[r0:r1] = v, i
+            continue
+        _merge_topk(best_v, best_i, r0, v, i + r0, c)
+        if r1 < n:                               # later rows j receive K[j, I] = K[I, j]
+            v, i = g[:, r1 - r0:].topk(min(c, r1 - r0), dim=0)
+            _merge_topk(best_v, best_i, r1, v.T, i.T + r0, c)
+    return best_v, best_i
 
 
-def _lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position of each query key in the sorted ``keys`` and whether it is there."""
-    pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
-    return pos, keys[pos] == query
+def _candidate_dots(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """K[i, cols[i, j]] = xᵢ·x_cols[i, j] for each row i (−inf where cols is −1); the columns of each row must be
+    ascending (−1s anywhere). One sampled product over the candidates' sparsity pattern (SDDMM): gathering
+    every candidate's row first costs 10-20 times as much."""
+    valid = cols >= 0
+    crow = torch.zeros(len(cols) + 1, dtype=torch.long, device=x.device)
+    torch.cumsum(valid.sum(dim=1), 0, out=crow[1:])
+    with warnings.catch_warnings():     # CSR tensors are "beta"; this pattern is valid (ascending, distinct)
+        warnings.filterwarnings("ignore", "Sparse")
+        pattern = torch.sparse_csr_tensor(crow, cols[valid], x.new_zeros(int(crow[-1])), size=(len(x), len(x)))
+        dots = torch.sparse.sampled_addmm(pattern, x, x.T).values()
+    return x.new_full(cols.shape, -math.inf).masked_scatter_(valid, dots)
+
+
+def _rounding(d: int, dtype: torch.dtype, sq: torch.Tensor) -> float:
+    """γ_d·max‖xᵢ‖² for rows of squared norms sq: no float dot product of two d-vectors of this dtype (summed in
+    any order) is further from the exact one."""
+    u = d * (2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24)
+    return u / (1 - u) * float(sq.max())
+
+
+@dataclass
+class _Candidates:
+    """Each row's c nearest columns (idx, ascending) with their similarities in float64 (vals) and their ranking
+    (order: positions in vals, largest first), ``beyond``: what no other entry's exact similarity exceeds, and
+    each row's squared norm."""
+
+    vals: torch.Tensor     # (n, c) float64
+    idx: torch.Tensor      # (n, c) int64
+    order: torch.Tensor    # (n, c) int64
+    beyond: torch.Tensor   # (n,) float64
+    sq: torch.Tensor       # (n,) float64
+
+
+def _candidates(x: torch.Tensor, c: int, block: int | None = None) -> _Candidates:
+    """The c largest entries of each row found in x's own precision (``_top_candidates``), re-scored in float64
+    (a float32 row's products are exact there, its sums nearly so), so that near-ties which float32 rounding
+    decides arbitrarily are decided alike wherever the same pair is scored (a subsample, a permuted target)."""
+    (n, d), x64 = x.shape, x.double()
+    v, idx = _top_candidates(x, c, block)
+    idx, sq = idx.sort(dim=1).values, x64.square().sum(dim=1)
+    vals = _candidate_dots(x64, idx)
+    beyond = v.min(dim=1).values.double() + _rounding(d, x.dtype, sq) + _rounding(d, torch.float64, sq)
+    return _Candidates(vals, idx, vals.sort(dim=1, descending=True, stable=True).indices,
+                       beyond if c < n - 1 else beyond.fill_(-math.inf), sq)
+
+
+def _top(vals: torch.Tensor, k: int, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of each row's candidates (columns ascending, −inf for none) are its k largest, of equal values at the
+    k-th place the lowest columns (a mask), and the k-th largest value. ``order``: a likely ranking of each row's
+    candidates (the full sample's, for a subsample), tried first: where exactly k values are at least its k-th,
+    those are the k largest; the other rows are ranked anew (a topk costs several times as much)."""
+    if order is None:
+        kth = vals.topk(k, dim=1).values[:, -1:]
+        above, same = vals > kth, vals == kth
+        return above | (same & (same.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True))), kth.squeeze(1)
+    ranked = vals.gather(1, order)
+    valid = ranked > -math.inf
+    kth = ranked.masked_fill(~valid | (valid.cumsum(dim=1) > k), math.inf).amin(dim=1, keepdim=True)
+    keep, kth = vals >= kth, kth.squeeze(1)
+    wrong = (keep.sum(dim=1) != k).nonzero().squeeze(1)
+    if len(wrong):
+        keep[wrong], kth[wrong] = _top(vals[wrong], k)
+    return keep, kth
+
+
+def _graph(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, bound: torch.Tensor,
+           order: torch.Tensor | None = None) -> KnnGraph:
+    """The kNN graph of x (float64) from candidate lists (vals, idx; columns ascending, −1 and −inf for none;
+    ``order`` as for ``_top``), given for each row a bound that no entry missing from its list exceeds. A row
+    whose k-th value does not beat the bound (its list may miss larger entries, or entries equal to its k-th)
+    is computed from its whole row of x·xᵀ instead: rows the candidates cannot decide."""
+    keep, kth = _top(vals, k, order)
+    vals, idx = vals[keep].view(-1, k), idx[keep].view(-1, k)
+    redo = (~(kth > bound)).nonzero().squeeze(1)
+    if len(redo):
+        g = x[redo] @ x.T
+        g[torch.arange(len(redo), device=x.device), redo] = -math.inf
+        keep, _ = _top(g, k)
+        vals[redo], idx[redo] = g[keep].view(-1, k), keep.nonzero()[:, 1].view(-1, k)
+    return KnnGraph(x.shape[0], k, idx, vals)
+
+
+def knn_graph(x: torch.Tensor, k: int, block: int | None = None) -> KnnGraph:
+    """Row-wise top-k of K = x·xᵀ, diagonal excluded: ``_candidates``, then ``_graph``."""
+    c = _candidates(x, min(k + 1, x.shape[0] - 1), block)
+    return _graph(x.double(), c.vals, c.idx, k, c.beyond, c.order)
+
+
+def _subset_graph(x: torch.Tensor, c: _Candidates, rows: torch.Tensor, xs: torch.Tensor, k: int) -> KnnGraph:
+    """The kNN graph of xs, the rows ``rows`` of the features x prepared on their own (their clamp threshold is
+    theirs, so xs is not x[rows]), from x's candidates ``c`` instead of a new Gram matrix.
+
+    A row's nearest neighbours among the rows are the first of its candidates that are among them, re-scored
+    on xs. That is exact when the k-th of those beats every other row j, which a bound shows. No candidate's
+    absent j has xᵢ·xⱼ above f = ``c.beyond``, and δᵢ = ‖xsᵢ − xᵢ‖ (x meaning x[rows] here) bounds how far
+    each row moved, so xsᵢ·xsⱼ is at most
+    - f + δᵢ‖xsⱼ‖ + ‖xᵢ‖δⱼ (the products' difference, term by term), and at most
+    - (‖xsᵢ‖² + ‖xsⱼ‖² − (‖xᵢ − xⱼ‖ − δᵢ − δⱼ)²)/2 with ‖xᵢ − xⱼ‖² ≥ ‖xᵢ‖² + ‖xⱼ‖² − 2f (the distances'):
+      for unit rows the second is smaller by about ‖xᵢ − xⱼ‖, which is small for near neighbours.
+    Rows the bound does not clear (and rows with fewer than k candidates among the rows) are computed from
+    their whole rows (``_graph``). CANDIDATES·k candidates hold 2.5k of a 0.63·n bootstrap subsample's rows
+    on average: the k-th usually lies well inside.
+    """
+    (n, d), m = x.shape, xs.shape[0]
+    pos = torch.full((n,), -1, dtype=torch.long, device=xs.device)
+    pos[rows] = torch.arange(m, device=xs.device)
+    cols = pos.index_select(0, c.idx.index_select(0, rows).view(-1)).view(m, -1)   # −1: not among the rows
+    xs64 = xs.double()
+    sq_s, delta = xs64.square().sum(dim=1), (xs64 - x.index_select(0, rows).double()).norm(dim=1)
+    moved = bool(delta.max() > 0)          # else (no clamp, or a permutation) x's own values serve
+    vals, order = (None if moved else c.vals.index_select(0, rows)), c.order.index_select(0, rows)
+    if not bool((rows[1:] > rows[:-1]).all()):                 # columns ascend with the rows (−1s aside)
+        cols, perm = cols.sort(dim=1)
+        vals = None if moved else vals.gather(1, perm)
+        places = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+        order = torch.empty_like(perm).scatter_(1, perm, places).gather(1, order)    # the same ranking, re-placed
+    vals = _candidate_dots(xs64, cols) if moved else vals.masked_fill_(cols < 0, -math.inf)
+    f = c.beyond.index_select(0, rows)
+    by_products = f + delta * sq_s.max().sqrt() + c.sq.max().sqrt() * delta.max()
+    dist = (c.sq.index_select(0, rows) + c.sq.min() - 2 * f).clamp(min=0).sqrt()
+    by_distances = (sq_s + sq_s.max() - (dist - delta - delta.max()).clamp(min=0).square()) / 2
+    bound = torch.minimum(by_products, by_distances) + _rounding(d, torch.float64, sq_s)
+    return _graph(xs64, vals, cols, k, bound, order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,46 +350,52 @@ def _hsic_u_terms(n, trace, sum_x, sum_y, cross) -> float:
                  / (n * (n - 3)))
 
 
+def _find(idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each cols[e] sits in the sorted neighbour list of row rows[e] (a flat position in idx), and whether
+    it is there. (index_select, here and below: indexing with a tensor is several times slower on the CPU.)"""
+    lists = idx.index_select(0, rows)
+    pos = torch.searchsorted(lists, cols.unsqueeze(1)).clamp_(max=idx.shape[1] - 1)
+    return rows * idx.shape[1] + pos.squeeze(1), lists.gather(1, pos).squeeze(1) == cols
+
+
 @dataclass
 class _Intersection:
-    """M = N_a ∩ N_b row by row, stored on a's graph: ``inside[e]`` says entry e of a is in M."""
+    """M = N_a ∩ N_b row by row, as entries of a's graph: ``entries`` (flat positions in a.idx), and where each
+    sits in b's graph (``pos_b``, flat)."""
 
-    inside: torch.Tensor  # (n·k,) bool
-    pos_b: torch.Tensor   # (n·k,) where a's entry e sits in b's graph (valid where inside)
+    entries: torch.Tensor
+    pos_b: torch.Tensor
 
 
 def _intersect(a: KnnGraph, b: KnnGraph) -> _Intersection:
     if b is a:                                   # N_K ∩ N_K = N_K: every entry, at its own position
-        every = torch.arange(a.keys.numel(), device=a.keys.device)
-        return _Intersection(torch.ones_like(every, dtype=torch.bool), every)
-    pos, inside = _lookup(b.keys, a.keys)
-    return _Intersection(inside, pos)
+        every = torch.arange(a.n * a.k, device=a.idx.device)
+        return _Intersection(every, every)
+    pos = torch.searchsorted(b.idx, a.idx).clamp_(max=b.k - 1)        # row i of a searched in row i of b
+    entries = (b.idx.gather(1, pos) == a.idx).view(-1).nonzero().squeeze(1)
+    return _Intersection(entries, entries // a.k * b.k + pos.view(-1).index_select(0, entries))
 
 
 def _masked_hsic(a: KnnGraph, b: KnnGraph, m: _Intersection) -> float:
-    """S(K, L) = HSIC_u(M∘K, M∘L), with M = N_K ∩ N_L (row-wise, not symmetrised), in O(n·k).
+    """S(K, L) = HSIC_u(M∘K, M∘L), with M = N_K ∩ N_L (row-wise, not symmetrised), in O(n·k·log k).
 
     X = M∘K and Y = M∘L are non-zero only on M's entries (at most k per row, none on the
     diagonal, so X̃ = X). The trace term pairs entry (i, j) of X with entry (j, i) of Y: it is
-    non-zero only when M holds both (i, j) and (j, i), which a binary search of the transposed key
-    j·n + i in both graphs finds. Y's transposed value is read from b's graph, not assumed equal to
+    non-zero only when M holds both (i, j) and (j, i), which a binary search of i in row j of both
+    graphs finds. Y's transposed value is read from b's graph, not assumed equal to
     L[i, j], so the sum is exactly Σᵢⱼ XᵢⱼYⱼᵢ even where floating-point K is not symmetric.
-    Sums accumulate in float64.
+    Values and sums are float64.
     """
-    n = a.n
-    inside = m.inside
-    x = torch.where(inside, a.vals.flatten().double(), 0.0)             # X on a's entries
-    y = torch.where(inside, b.vals.flatten()[m.pos_b].double(), 0.0)    # Y on the same entries
-    rows = torch.arange(n, device=a.idx.device).repeat_interleave(a.k)
-    cols = a.idx.flatten()
-    t_key = cols * n + rows                                              # (j, i) for each (i, j)
-    t_pos_a, t_in_a = _lookup(a.keys, t_key)
-    t_pos_b, t_in_b = (t_pos_a, t_in_a) if b is a else _lookup(b.keys, t_key)
-    y_t = torch.where(t_in_a & t_in_b, b.vals.flatten()[t_pos_b].double(), 0.0)  # Y[j, i]
-    trace = (x * y_t).sum()
-    col_sum_x = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, cols, x)
-    row_sum_y = y.view(n, a.k).sum(dim=1)
-    return _hsic_u_terms(n, trace, x.sum(), y.sum(), col_sum_x @ row_sum_y)
+    n, e = a.n, m.entries
+    rows, cols = e // a.k, a.idx.view(-1).index_select(0, e)             # M's entries (i, j)
+    x = a.vals.view(-1).index_select(0, e)                               # X on them
+    y = b.vals.view(-1).index_select(0, m.pos_b)                         # Y on them
+    t_pos_a, t_in_a = _find(a.idx, cols, rows)                           # is (j, i) in N_a, in N_b?
+    t_pos_b, t_in_b = (t_pos_a, t_in_a) if b is a else _find(b.idx, cols, rows)
+    y_t = torch.where(t_in_a & t_in_b, b.vals.view(-1).index_select(0, t_pos_b), 0.0)    # Y[j, i]
+    zeros = torch.zeros(n, dtype=torch.float64, device=x.device)
+    col_sum_x, row_sum_y = zeros.index_add(0, cols, x), zeros.index_add(0, rows, y)
+    return _hsic_u_terms(n, (x * y_t).sum(), x.sum(), y.sum(), col_sum_x @ row_sum_y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +472,9 @@ class Metric:
     uses_k: bool = False                         # depends on the number of neighbours k
     min_n: int = 2                               # fewest images it is defined for
     symmetric: bool = False                      # score(a, b) == score(b, a) exactly
+    # (the full sample's part, rows, those rows' prepared features, k) → prepare(those features, k), derived more
+    # cheaply from the full sample's part (FeatureKernel.subset); None: prepared anew
+    subset: Callable[[Any, torch.Tensor, torch.Tensor, int], Any] | None = None
 
 
 METRICS: dict[str, Metric] = {}
@@ -364,12 +496,22 @@ def _shared(shared: dict, key: str, compute: Callable[[], Any]) -> Any:
 @dataclass
 class _KnnPart:
     graph: KnnGraph
-    s_self: float      # S(K, K) = HSIC_u(N_K∘K, N_K∘K)
+    s_self: float                          # S(K, K) = HSIC_u(N_K∘K, N_K∘K)
+    x: torch.Tensor | None = None          # the prepared features and each row's CANDIDATES·k nearest: what
+    candidates: _Candidates | None = None  # a subset's graph is derived from (none kept for a subset's own)
+
+
+def _with_s_self(g: KnnGraph, **kw) -> _KnnPart:
+    return _KnnPart(g, _masked_hsic(g, g, _intersect(g, g)), **kw)
 
 
 def _knn_part(x: torch.Tensor, k: int) -> _KnnPart:
-    g = knn_graph(x, k)
-    return _KnnPart(g, _masked_hsic(g, g, _intersect(g, g)))
+    c = _candidates(x, min(CANDIDATES * k, x.shape[0] - 1))
+    return _with_s_self(_graph(x.double(), c.vals, c.idx, k, c.beyond, c.order), x=x, candidates=c)
+
+
+def _knn_subset(full: _KnnPart, rows: torch.Tensor, xs: torch.Tensor, k: int) -> _KnnPart:
+    return _with_s_self(_subset_graph(full.x, full.candidates, rows, xs, k))
 
 
 @dataclass
@@ -392,7 +534,7 @@ def _cknna(a: _KnnPart, b: _KnnPart, shared: dict) -> float:
 def _mutual_knn(a: _KnnPart, b: _KnnPart, shared: dict) -> float:
     """(1/n) Σᵢ |N_K(i) ∩ N_L(i)| / k."""
     m = _shared(shared, "intersection", lambda: _intersect(a.graph, b.graph))
-    return float(m.inside.sum()) / (a.graph.n * a.graph.k)
+    return len(m.entries) / (a.graph.n * a.graph.k)
 
 
 def _cka(a: _CentredPart, b: _CentredPart, shared: dict) -> float:
@@ -427,11 +569,12 @@ def _svcca(a: torch.Tensor, b: torch.Tensor, shared: dict) -> float:
     return float(torch.linalg.svdvals(a.T @ b).clamp(max=1.0).mean())
 
 
-register_metric(Metric("cknna", "CKNNA", "knn", _knn_part, _cknna, uses_k=True, min_n=4))
+register_metric(Metric("cknna", "CKNNA", "knn", _knn_part, _cknna, uses_k=True, min_n=4, subset=_knn_subset))
 register_metric(Metric("cka", "CKA (biased)", "centred", _centred_part, _cka, symmetric=True))
 register_metric(Metric("cka_unbiased", "CKA (unbiased)", "centred", _centred_part, _cka_unbiased, min_n=4,
                        symmetric=True))
-register_metric(Metric("mutual_knn", "mutual k-NN", "knn", _knn_part, _mutual_knn, uses_k=True, symmetric=True))
+register_metric(Metric("mutual_knn", "mutual k-NN", "knn", _knn_part, _mutual_knn, uses_k=True, symmetric=True,
+                       subset=_knn_subset))
 register_metric(Metric("svcca", "SVCCA", "subspace", _subspace_part, _svcca, min_n=3, symmetric=True))
 
 
@@ -475,6 +618,7 @@ class FeatureKernel:
     metrics: tuple[str, ...]
     preprocessing: tuple[bool, bool] = (True, True)  # (clamp, normalize) it was built with
     parts: dict[str, Any] = field(default_factory=dict)
+    feats: torch.Tensor | None = None                # the features as given, for ``subset`` (a subset has none)
 
     @classmethod
     def build(cls, feats, k: int = 10, metrics: Sequence[str] | None = None, clamp: bool = True,
@@ -482,16 +626,40 @@ class FeatureKernel:
               block: int | None = None, what: str = "features") -> "FeatureKernel":
         """Preprocess ``feats`` (n, d) and prepare the parts that ``metrics`` use."""
         metrics = _check_metrics(metrics)
-        n = _check_shape(tuple(feats.shape), k, metrics, what)
-        x = prepare_features(feats, clamp=clamp, normalize=normalize, device=device)
+        _check_shape(tuple(feats.shape), k, metrics, what)
+        feats = _to_tensor(feats, torch.device(device) if device is not None else _default_device(feats))
+        x = prepare_features(feats, clamp=clamp, normalize=normalize)
         if not bool(torch.isfinite(x.sum(dtype=torch.float64))):    # NaN or ±inf anywhere (float64: no overflow)
             raise UserError(f"{what} contain NaN or inf values (float16 overflow while capturing?)")
-        fk = cls(n, k, metrics, (clamp, normalize))
+        return cls._assembled(x, k, metrics, (clamp, normalize), lambda metric: metric.prepare(x, k), feats)
+
+    @classmethod
+    def _assembled(cls, x: torch.Tensor, k: int, metrics: tuple[str, ...], preprocessing: tuple[bool, bool],
+                   part: Callable[[Metric], Any], feats: torch.Tensor | None = None) -> "FeatureKernel":
+        fk = cls(x.shape[0], k, metrics, preprocessing, feats=feats)
         for m in metrics:
-            part = METRICS[m].part
-            if part not in fk.parts:
-                fk.parts[part] = METRICS[m].prepare(x, k)
+            if METRICS[m].part not in fk.parts:
+                fk.parts[METRICS[m].part] = part(METRICS[m])
         return fk
+
+    def subset(self, rows: np.ndarray, what: str = "subset") -> "FeatureKernel":
+        """The kernel of these rows of the features it was built from: ``build(feats[rows])`` to float rounding
+        (the rows are prepared on their own, clamp threshold included), but the parts with a ``subset`` rule
+        (the kNN graph) are derived from this kernel's, not computed anew. Distinct rows in any order (a
+        permutation gives a permuted target); rows with repeats (a classic bootstrap) are built anew."""
+        if self.feats is None:
+            raise ValueError("a kernel made by subset() has no subsets; take the rows of the full sample's kernel")
+        index = torch.as_tensor(rows, device=self.feats.device)
+        if len(np.unique(rows)) < len(rows):
+            return FeatureKernel.build(self.feats[index], self.k, self.metrics, *self.preprocessing, what=what)
+        _check_shape((len(rows), self.feats.shape[1]), self.k, self.metrics, what)
+        x = prepare_features(self.feats.index_select(0, index), *self.preprocessing)
+
+        def part(metric: Metric):
+            if metric.subset is None:
+                return metric.prepare(x, self.k)
+            return metric.subset(self.parts[metric.part], index, x, self.k)
+        return FeatureKernel._assembled(x, self.k, self.metrics, self.preprocessing, part)
 
 
 def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] | None = None
@@ -583,21 +751,32 @@ def _leading(x) -> tuple[int, ...]:
     return tuple(x.shape[:-2])
 
 
+View = tuple[np.ndarray | None, FeatureKernel]   # (rows of every source or None for all, a target kernel of them)
+
+
 def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10,
               clamp: bool = True, normalize: bool = True,
               device: torch.device | str | None = None, block: int | None = None,
-              rows: np.ndarray | None = None, null_targets: Sequence["FeatureKernel"] | None = None):
+              null_targets: Sequence["FeatureKernel"] | None = None, views: Sequence[View] | None = None,
+              split: bool = False, desc: str | None = None):
     """Every metric between one target (n, d_t) and each (n, d) matrix of ``sources`` (..., n, d).
 
     ``target`` may be a ``FeatureKernel`` built earlier (then its k / metrics must cover these);
     ``sources`` may be a numpy array, a float16 ``np.memmap`` (the feature store's layout, e.g.
     [n_t, n_blocks, n, d]) or a torch tensor. The target is prepared once; sources are prepared
-    one at a time, so memory is O(n·(d + k + block)), never O(n²) or O(sources·n·d).
-    Returns {metric: array of shape sources.shape[:-2]} (float64). CKNNA puts each source in K
-    and the target in L. ``rows``: only these images of every source (the target must hold just them).
-    ``null_targets`` (see ``permuted_targets``): each source is also scored against each of them, with
-    its kernel built once, and ({metric: values}, {metric: [n_null, ...] null values}) is returned.
+    one at a time, so memory is O(n·(d + CANDIDATES·k + block)) beyond the views, never O(n²) or
+    O(sources·n·d). Returns {metric: array of shape sources.shape[:-2]} (float64). CKNNA puts each source
+    in K and the target in L.
+    ``views``: (rows, kernel) pairs; each source is also scored on its rows ``rows`` (None: all of them)
+    against ``kernel``, a kernel of the target's same rows: a subsample's (``target.subset(rows)``, see
+    ``bootstrap_alignment``) or a permuted target's (``permuted_targets``, rows None; ``null_targets`` are
+    such views). The source's kernel of its rows comes from its full-sample kernel (``FeatureKernel.subset``).
+    With views (or null targets), ({metric: values}, {metric: [len(views), ...] values}) is returned.
+    ``split``: under torchrun (a process group), every rank calls this with the same arguments, each one
+    scores its share of the sources, and every rank returns all the values (a process that runs alone, like
+    a trainer's main rank, leaves it off). ``desc``: a progress bar with this label.
     """
+    from tqdm.auto import tqdm
     metrics = _check_metrics(metrics)
     if device is None:
         device = _default_device(sources)
@@ -611,22 +790,35 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
                              f"metrics={metrics}, (clamp, normalize)={(clamp, normalize)}")
     else:
         tgt = FeatureKernel.build(target, k, metrics, clamp, normalize, device, block, "target")
-    n = sources.shape[-2] if rows is None else len(rows)
-    if n != tgt.n:
-        raise UserError(f"target has {tgt.n} images but sources have {n}; "
+    if sources.shape[-2] != tgt.n:
+        raise UserError(f"target has {tgt.n} images but sources have {sources.shape[-2]}; "
                         "both must hold the same images in the same order")
-    nulls = list(null_targets or [])
-    out = {m: np.empty(lead, dtype=np.float64) for m in metrics}
-    null = {m: np.empty((len(nulls),) + lead, dtype=np.float64) for m in metrics}
-    for index in np.ndindex(*lead):
-        feats = sources[index] if rows is None else take_rows(sources[index], rows)
-        src = FeatureKernel.build(feats, k, metrics, clamp, normalize, device, block, f"sources{list(index)}")
+    given = views is not None or null_targets is not None
+    views = [*((None, p) for p in null_targets or ()), *(views or ())]
+    out = {m: np.zeros(lead, dtype=np.float64) for m in metrics}
+    other = {m: np.zeros((len(views),) + lead, dtype=np.float64) for m in metrics}
+    ranks = world_size() if split else 1
+    mine = list(np.ndindex(*lead))[rank() if split else 0::ranks]      # this rank's share of blocks × t
+    for index in tqdm(mine, desc=desc, disable=desc is None, unit="matrix", dynamic_ncols=True):
+        what = f"sources{list(index)}"
+        src = FeatureKernel.build(sources[index], k, metrics, clamp, normalize, device, block, what)
         for m, v in pair_scores(src, tgt, metrics).items():
             out[m][index] = v
-        for p, permuted in enumerate(nulls):
-            for m, v in pair_scores(src, permuted, metrics).items():
-                null[m][(p,) + index] = v
-    return (out, null) if null_targets is not None else out
+        for p, (rows, kernel) in enumerate(views):
+            for m, v in pair_scores(src if rows is None else src.subset(rows, what), kernel, metrics).items():
+                other[m][(p,) + index] = v
+    if ranks > 1:
+        _gather_ranks([*out.values(), *other.values()])
+    return (out, other) if given else out
+
+
+def _gather_ranks(arrays: list[np.ndarray]) -> None:
+    """Each rank filled the entries of its own sources (zeros elsewhere): give every rank all of them, in
+    place. A sum with one non-zero term per entry is exact."""
+    total, offset = sum_over_ranks_array(np.concatenate([a.ravel() for a in arrays])), 0
+    for a in arrays:
+        a.flat[:] = total[offset:offset + a.size]
+        offset += a.size
 
 
 def permuted_targets(target, draws: int, seed: int, k: int = 10, metrics: Sequence[str] | None = None,
@@ -634,11 +826,13 @@ def permuted_targets(target, draws: int, seed: int, k: int = 10, metrics: Sequen
                      device: torch.device | str | None = None) -> list["FeatureKernel"]:
     """The permutation null (docs/statistics.md): `draws` kernels of the target (n, d_t) with its rows
     shuffled by seeded permutations, so each image is paired with another image's target features.
-    The same (n, seed) gives the same permutations for every checkpoint."""
-    x = np.asarray(target)
+    The same (n, seed) gives the same permutations for every checkpoint. ``target`` may be a
+    ``FeatureKernel`` built earlier (k, metrics and preprocessing are then its own): a permuted target's
+    kNN graph is the target's, re-indexed (``FeatureKernel.subset``), not a new one."""
+    if not isinstance(target, FeatureKernel):
+        target = FeatureKernel.build(target, k, metrics, clamp, normalize, device, what="target")
     rng = np.random.default_rng([seed, 104729])
-    return [FeatureKernel.build(x[rng.permutation(len(x))], k, metrics, clamp, normalize, device,
-                                what=f"permuted target {p}") for p in range(draws)]
+    return [target.subset(rng.permutation(target.n), f"permuted target {p}") for p in range(draws)]
 
 
 def similarity_matrix(feats_a, feats_b=None, metric: str = "cknna", k: int = 10,
@@ -735,35 +929,22 @@ def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k:
                         desc: str | None = None, replicates: bool = False):
     """``bootstrap_ci`` of every metric for every source (..., n, d) against one target (n, d_t),
     sharing the work: every source uses the same replicates (same seed), so the target's kernel
-    of each replicate is built once, and each source goes to the device once and gets one kernel
-    per replicate for all metrics (``bootstrap_ci`` with one metric_fn per pair builds both sides
-    of every pair anew). ``around``: {metric: full-sample values, shape sources.shape[:-2]}.
+    of each replicate is built once, and each source's full-sample kernel once, from which its kernel of
+    every replicate is derived (``alignment`` with views). ``around``: {metric: full-sample values, shape
+    sources.shape[:-2]}; by default the ones computed here.
     Returns {metric: (..., 2) array of (low, high)}, equal to ``bootstrap_ci`` pair by pair, and with
     ``replicates=True`` also {metric: (n_boot, ...) the metric on each replicate}.
     ``desc``: show a progress bar over the sources with this label.
     """
-    from tqdm.auto import tqdm
     metrics = _check_metrics(metrics)
-    if device is None:
-        device = _default_device(sources)
-    lead = _leading(sources)
-    device = torch.device(device)
-    draws = _replicates(sources.shape[-2], n_boot, seed, dedupe)
-    rows = [torch.from_numpy(idx).to(device) for idx in draws]   # on the device once
-    kw = dict(k=k, metrics=metrics, clamp=clamp, normalize=normalize, device=device)
-    tgt = _to_tensor(target, device)
-    targets = [FeatureKernel.build(tgt[idx], what="target", **kw) for idx in rows]
-    reps = {m: np.empty((n_boot,) + lead) for m in metrics}
-    for index in tqdm(list(np.ndindex(*lead)), desc=desc, disable=desc is None, unit="matrix",
-                      dynamic_ncols=True):
-        src = _to_tensor(sources[index], device)
-        for r, idx in enumerate(rows):
-            a = FeatureKernel.build(src[idx], what=f"sources{list(index)}", **kw)
-            for m, v in pair_scores(a, targets[r], metrics).items():
-                reps[m][(r,) + index] = v
-    if dedupe and around is None:
-        around = alignment(target, sources, metrics, k, clamp, normalize, device)
+    device = torch.device(device) if device is not None else _default_device(sources)
     n = sources.shape[-2]
+    draws = _replicates(n, n_boot, seed, dedupe)
+    tgt = FeatureKernel.build(target, k, metrics, clamp, normalize, device, what="target")
+    values, reps = alignment(tgt, sources, metrics, k, clamp, normalize, device, desc=desc,
+                             views=[(idx, tgt.subset(idx, "target")) for idx in draws])
+    if dedupe and around is None:
+        around = values
     intervals = {m: _interval(reps[m], level, None if around is None else around[m], n, draws, dedupe)
                  for m in metrics}
     return (intervals, reps) if replicates else intervals

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -379,8 +379,21 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
 #                               Feature sources                                 #
 #################################################################################
 
+class Target(NamedTuple):
+    """An encoder's features of one dataset and what every analysis of it compares against (Pipeline.target)."""
+    ids: np.ndarray
+    features: np.ndarray
+    kernel: M.FeatureKernel                  # the full sample's: the kernels below are its subsets
+    nulls: list[M.FeatureKernel]             # permuted targets (the permutation null)
+    extras: dict                             # the encoder's other outputs {name: [N, ...]}
+    replicates: list[M.View]                 # (rows, kernel) of every bootstrap subsample
+
+
 class StoreSource:
-    """Features and encoder outputs through the feature store: computed once, reused by later analyses."""
+    """Features and encoder outputs through the feature store: computed once, reused by later analyses. Under
+    torchrun every rank runs the analysis (extract splits the images), so the metrics are split too."""
+
+    collective = True
 
     def __init__(self, cfg: AnalyzeConfig):
         self.cfg, self.store = cfg, FeatureStore(cfg.cache)
@@ -415,7 +428,10 @@ class StoreSource:
 
 class MemorySource:
     """The same capture and encoders, in memory: for a model that changes under our feet (a trainer's EMA).
-    Images and their model-space inputs are decoded once per dataset; no raw-input baseline."""
+    Images and their model-space inputs are decoded once per dataset; no raw-input baseline. A trainer's main
+    rank runs it alone."""
+
+    collective = False
 
     def __init__(self, cfg: AnalyzeConfig, vae=None):
         self.cfg, self.vae, self.inputs = cfg, vae, {}
@@ -465,6 +481,7 @@ class Pipeline:
         self.cfg.check_measurable(bool(encoders or self.cfg.encoders), arg)
         self.device = torch.device(self.cfg.device)
         self.source = source(self.cfg) if source is not None else StoreSource(self.cfg)
+        self.split = getattr(self.source, "collective", False)    # metrics split across torchrun's ranks
         self.encoders = encoders if encoders is not None else self._load_encoders()
         self._targets: dict[tuple, tuple[np.ndarray, np.ndarray, M.FeatureKernel]] = {}
         self.timings: dict[str, float] = {"data+forwards": 0.0, "encoders": 0.0, "probes": 0.0, "metrics": 0.0}
@@ -535,10 +552,9 @@ class Pipeline:
                                        **{k: v[:, idx] for k, v in raws.items()})
         return rows(train), rows(test)
 
-    def target(self, encoder, dataset, grid: int, tokens: bool = False):
-        """(image ids, encoder features, prepared kernel, permuted kernels for the null, the encoder's other
-        outputs {name: [N, ...]}) of `dataset`, once per encoder × subset. The features are the pooled
-        tokens, or with tokens=True the token at each image's sampled cell (tokens.py)."""
+    def target(self, encoder, dataset, grid: int, tokens: bool = False) -> Target:
+        """The encoder's Target of `dataset`, once per encoder × subset. The features are the pooled tokens, or
+        with tokens=True the token at each image's sampled cell (tokens.py)."""
         if getattr(encoder, "precision", None) == "auto":     # bf16 or fp32, from this dataset's first images
             from repa_probe.encoders import CHECK_IMAGES, choose_precision
             start = time.perf_counter()
@@ -549,19 +565,19 @@ class Pipeline:
         key = (encoder.fingerprint(grid), dataset.fingerprint(), tokens)
         if key not in self._targets:
             if tokens:
-                ids, _, _, _, extras = self.target(encoder, dataset, grid)
-                features = extras["token"]
+                pooled = self.target(encoder, dataset, grid)
+                ids, extras, features = pooled.ids, pooled.extras, pooled.extras["token"]
             else:
                 start = time.perf_counter()
                 ids, features, extras = self.source.encoded(encoder, dataset, grid)
                 self.timings["encoders"] += time.perf_counter() - start
-            start = time.perf_counter()
-            kw = dict(k=self.cfg.k, metrics=self.cfg.alignment_metrics, device=self.device)
+            start, cfg = time.perf_counter(), self.cfg
             what = f"encoder {encoder.name}{' tokens' if tokens else ''}"
-            kernel = M.FeatureKernel.build(features, what=what, **kw)
-            nulls = M.permuted_targets(features, self.cfg.null, self.cfg.seed, **kw)
+            kernel = M.FeatureKernel.build(features, cfg.k, cfg.alignment_metrics, device=self.device, what=what)
+            draws = stats.subsamples(len(ids), cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
+            self._targets[key] = Target(ids, features, kernel, M.permuted_targets(kernel, cfg.null, cfg.seed), extras,
+                                        [(d, kernel.subset(d, what)) for d in draws])
             self.timings["metrics"] += time.perf_counter() - start
-            self._targets[key] = (ids, features, kernel, nulls, extras)
         return self._targets[key]
 
     # ------------------------------------------------------------------ numbers
@@ -572,20 +588,26 @@ class Pipeline:
         src holds each block's token at the sampled cells, compared with the encoder's (metric "token_…")."""
         cfg, out = self.cfg, []
         for enc in self.encoders:
-            enc_ids, target, kernel, nulls, _ = self.target(enc, dataset, grid, tokens)
-            if not np.array_equal(enc_ids, ids):
+            tg = self.target(enc, dataset, grid, tokens)
+            if not np.array_equal(tg.ids, ids):
                 raise RuntimeError("encoder and model features hold different images")  # a bug, not user input
             start = time.perf_counter()
-            scores, null = M.alignment(kernel, src, cfg.alignment_metrics, k=cfg.k, device=self.device,
-                                       null_targets=nulls)
-            cis, reps, scale = {}, {}, None
-            if cfg.bootstrap and bootstrap:
-                cis, reps = M.bootstrap_alignment(target, src, tuple(scores), k=cfg.k, n_boot=cfg.bootstrap,
-                                                  seed=cfg.seed, around=scores, device=self.device,
-                                                  desc=None if cfg.quiet else "bootstrap", replicates=True)
-                scale = stats.subsample_scale([len(d) for d in stats.subsamples(len(ids), cfg.bootstrap, cfg.seed)],
-                                              len(ids))
-            drops = self.held_out_alignment(src, blocks, target, scores, dataset.labels) if held_out else {}
+            replicates = tg.replicates if cfg.bootstrap and bootstrap else []
+            drop_draws = self.held_out_draws(dataset.labels) if held_out else None
+            half_a = stats.halves(dataset.labels, cfg.seed)[0]
+            # one pass over the sources: each one's kernel, scored against the target, every permuted target,
+            # every replicate's target and the held-out drop's selection half's
+            views = [*((None, p) for p in tg.nulls), *replicates,
+                     *([(half_a, tg.kernel.subset(half_a, "encoder, half A"))] if drop_draws else [])]
+            scores, other = M.alignment(tg.kernel, src, cfg.alignment_metrics, k=cfg.k, device=self.device,
+                                        views=views, split=self.split,
+                                        desc=None if cfg.quiet else "alignment")
+            null = {m: v[:len(tg.nulls)] for m, v in other.items()}
+            reps = {m: v[len(tg.nulls):len(tg.nulls) + len(replicates)] for m, v in other.items()} if replicates else {}
+            scale = stats.subsample_scale([len(d) for d, _ in replicates], len(ids)) if replicates else None
+            cis = {m: stats.centred_interval(scores[m], r, scale) for m, r in reps.items()}
+            drops = self.held_out_alignment(src, blocks, tg.features, {m: v[-1] for m, v in other.items()},
+                                            dataset.labels, drop_draws) if drop_draws else {}
             self.timings["metrics"] += time.perf_counter() - start
             for metric, values in scores.items():
                 out.append(Curves(name, kind, TOKEN_PREFIX * tokens + metric, enc.name, ts, blocks, values,
@@ -594,36 +616,38 @@ class Pipeline:
                                   k=cfg.k if M.METRICS[metric].uses_k else None))
         return out
 
-    def held_out_alignment(self, src, blocks: list[int], target: np.ndarray, scores: dict,
-                           labels: np.ndarray) -> dict[str, HeldOut]:
-        """Per metric: the peak block on half A of the images, the drop after it on half B (paired interval
-        over DROP_RESAMPLES subsamples of B)."""
-        cfg, metrics = self.cfg, tuple(scores)
+    def held_out_draws(self, labels: np.ndarray) -> list[np.ndarray] | None:
+        """The subsamples of half B behind the held-out drop's interval (DROP_RESAMPLES at least), or None, with
+        a note, when they hold too few images for k neighbours."""
+        cfg = self.cfg
+        draws = stats.subsamples(len(stats.halves(labels, cfg.seed)[1]), max(cfg.bootstrap, DROP_RESAMPLES), cfg.seed)
+        if min(len(d) for d in draws) > cfg.k + 3:
+            return draws
+        note = (f"no held-out drop for alignment: half of the {len(labels)} images is too few for k = {cfg.k} "
+                f"neighbours in its bootstrap subsamples (pass a larger --n)")
+        if note not in cfg.notes:
+            cfg.notes.append(note)
+        return None
+
+    def held_out_alignment(self, src, blocks: list[int], target: np.ndarray, on_a: dict[str, np.ndarray],
+                           labels: np.ndarray, draws: list[np.ndarray]) -> dict[str, HeldOut]:
+        """Per metric: the peak block on half A of the images (`on_a`: the values there), the drop after it on
+        half B (paired interval over the subsamples `draws` of B)."""
+        cfg = self.cfg
         half_a, half_b = stats.halves(labels, cfg.seed)
-        n_boot = max(cfg.bootstrap, DROP_RESAMPLES)
-        draws = stats.subsamples(len(half_b), n_boot, cfg.seed)
-        if min(len(d) for d in draws) <= cfg.k + 3:
-            note = (f"no held-out drop for alignment: half of the {len(labels)} images is too few for k = {cfg.k} "
-                    f"neighbours in its bootstrap subsamples (pass a larger --n)")
-            if note not in cfg.notes:
-                cfg.notes.append(note)
-            return {}
-        kw = dict(k=cfg.k, device=self.device)
-        on_a = M.alignment(M.FeatureKernel.build(target[half_a], cfg.k, metrics, device=self.device), src, metrics,
-                           rows=half_a, **kw)
         scale = stats.subsample_scale([len(d) for d in draws], len(half_b))
         out = {}
-        for m in metrics:
-            peaks = stats.argmax_blocks(on_a[m], blocks, stats.resolution(on_a[m]))       # [T]
+        for m, values in on_a.items():
+            peaks = stats.argmax_blocks(values, blocks, stats.resolution(values))           # [T]
             pairs = np.stack([np.stack([M.take_rows(src[ti, p], half_b), M.take_rows(src[ti, -1], half_b)])
                               for ti, p in enumerate(peaks)])                            # [T, 2, n_b, D]
-            on_b = M.alignment(target[half_b], pairs, (m,), **kw)[m]
-            _, reps = M.bootstrap_alignment(target[half_b], pairs, (m,), n_boot=n_boot, seed=cfg.seed,
-                                            around={m: on_b}, replicates=True, **kw)
-            drop = on_b[:, 0] - on_b[:, 1]
+            tgt = M.FeatureKernel.build(target[half_b], cfg.k, (m,), device=self.device, what="encoder, half B")
+            on_b, reps = M.alignment(tgt, pairs, (m,), k=cfg.k, device=self.device, split=self.split,
+                                     views=[(d, tgt.subset(d, "encoder, half B")) for d in draws])
+            drop = on_b[m][:, 0] - on_b[m][:, 1]
             out[m] = HeldOut([blocks[p] for p in peaks], drop,
                              stats.centred_interval(drop, reps[m][..., 0] - reps[m][..., 1], scale),
-                             len(half_a), len(half_b), on_b[:, 0], reps[m][..., 0], scale)
+                             len(half_a), len(half_b), on_b[m][:, 0], reps[m][..., 0], scale)
         return out
 
     def spatial_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float]) -> list[Curves]:
@@ -655,7 +679,7 @@ class Pipeline:
         trained = [e.partition("=")[0] for e in p.encoders]
         alpha = float(p.args.get("zscore_alpha", 0.6)) if p.args.get("spatial_norm") == "zscore" else None
         for enc in self.encoders:
-            extras = self.target(enc, dataset, grid)[4]
+            extras = self.target(enc, dataset, grid).extras
             widths, width = [np.shape(z)[-1] for z in feats.projected], extras["token"].shape[1]
             k = trained.index(enc.name) if enc.name in trained else \
                 widths.index(width) if widths.count(width) == 1 else None
@@ -757,7 +781,7 @@ class Pipeline:
                                        grid, True, tokens=True)
         out.append(Analysed(u_name, "untrained", untrained, u))
         for enc in self.encoders if feats.spatial is not None else []:   # the target's own spatial structure
-            spatial = self.target(enc, align, grid)[4]["spatial"]
+            spatial = self.target(enc, align, grid).extras["spatial"]
             reference = np.broadcast_to(spatial[None, None], (len(feats.ts), 1) + spatial.shape)
             out.append(Analysed(f"{enc.name}{suffix}", "encoder", ckpt,
                                 self.spatial_curves(f"{enc.name}{suffix}", "encoder", reference, [-1], feats.ts)))

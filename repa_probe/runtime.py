@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -101,6 +102,16 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def sum_over_ranks_array(a: np.ndarray) -> np.ndarray:
+    """The element-wise float64 sum of `a` over all ranks (`a` itself in one process)."""
+    if not dist.is_initialized():
+        return a
+    total = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    total = total.cuda() if dist.get_backend() == "nccl" else total
+    dist.all_reduce(total)
+    return total.cpu().numpy()
 
 
 def sum_over_ranks(k: int) -> int:

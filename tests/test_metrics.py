@@ -5,12 +5,16 @@ The references are deliberately naive: dense n x n masks, the centering matrix H
 
 import functools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from repa_probe import metrics
+from repa_probe import metrics, stats
 from repa_probe.errors import UserError
 from repa_probe.metrics import alignment, bootstrap_ci, cka, cknna, mutual_knn, similarity_matrix, svcca
 
@@ -136,6 +140,183 @@ def test_cknna_is_independent_of_the_gram_block_size(block):
     expected, _ = ref_cknna(ref_preprocess(a), ref_preprocess(b), 10)
     got = alignment(b, a[None], metrics=("cknna",), k=10, block=block)["cknna"][0]
     assert got == pytest.approx(expected, abs=1e-9)
+
+
+def ref_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The definition of the kNN graph, by sorting every row of x·xᵀ (float64): each row's k largest off-diagonal
+    entries, of equal ones the lowest columns → (indices ascending, their values)."""
+    g = np.asarray(x, dtype=np.float64) @ np.asarray(x, dtype=np.float64).T
+    np.fill_diagonal(g, -np.inf)
+    idx = np.sort(np.stack([np.lexsort((np.arange(len(g)), -row))[:k] for row in g]), axis=1)
+    return idx, np.take_along_axis(g, idx, axis=1)
+
+
+def tied_features(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Small integers, so that every product is an exact integer and most rows tie at their k-th neighbour,
+    and a few duplicated rows (two copies of an image)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, d)).astype(np.float64)
+    x[[5, 17, 40]] = x[[3, 3, 22]]
+    return x
+
+
+@pytest.mark.parametrize("d", [6, metrics.HALF_GRAM_WIDTH])      # whole-row strips, and half the Gram
+@pytest.mark.parametrize("block", [7, 32, None])
+def test_knn_graph_takes_the_lowest_columns_of_equal_entries(d, block):
+    x = tied_features(90, d)
+    for k in (1, 4, 10):
+        g = metrics.knn_graph(torch.from_numpy(x), k, block)
+        idx, vals = ref_knn(x, k)
+        np.testing.assert_array_equal(g.idx.numpy(), idx)
+        np.testing.assert_array_equal(g.vals.numpy(), vals)
+
+
+def subset_cases(n: int, seed: int) -> list[np.ndarray]:
+    """Rows a kernel of n images is asked for: bootstrap subsamples, a class-balanced half, a permutation (a
+    permuted target), a small subset whose rows mostly lack k candidates, and a classic bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    return [*stats.subsamples(n, 3, seed), stats.halves(np.arange(n) % 3, seed)[0], rng.permutation(n),
+            np.sort(rng.choice(n, 15, replace=False)), stats.resamples(n, 1, seed)[0]]
+
+
+@pytest.mark.parametrize("clamp, normalize", [(True, True), (True, False), (False, False)])
+def test_a_subsets_kernel_equals_a_fresh_kernel_of_its_rows(clamp, normalize):
+    """FeatureKernel.subset derives the kNN graph from the full sample's candidates; it must be the graph a
+    new kernel of those rows finds, ties, the subset's own clamp threshold and every metric included."""
+    a, b = correlated_pair(160, seed=21)
+    a[[7, 60]] = a[[2, 2]]                                 # duplicated images: exact ties
+    a = np.round(a, 1)                                     # coarse values: more ties
+    full = metrics.FeatureKernel.build(a, k=5, clamp=clamp, normalize=normalize)
+    for rows in subset_cases(len(a), seed=22):
+        fresh = metrics.FeatureKernel.build(a[rows], k=5, clamp=clamp, normalize=normalize)
+        got = full.subset(rows)
+        g, want = got.parts["knn"].graph, fresh.parts["knn"].graph
+        np.testing.assert_array_equal(g.idx.numpy(), want.idx.numpy())
+        np.testing.assert_allclose(g.vals.numpy(), want.vals.numpy(), rtol=0, atol=1e-12)
+        target = metrics.FeatureKernel.build(b[rows], k=5, clamp=clamp, normalize=normalize)
+        scores = metrics.pair_scores(got, target)
+        for m, v in metrics.pair_scores(fresh, target).items():
+            assert scores[m] == pytest.approx(v, abs=1e-12), (m, len(rows))
+
+
+def test_subsets_of_float32_features_equal_fresh_kernels_whose_clamp_moves():
+    """Float32 features with heavy tails: each subsample's clamp threshold differs from the full sample's, so
+    its rows move, and the bound that certifies a row's candidates has to hold."""
+    rng = np.random.default_rng(23)
+    x = (rng.standard_t(2, size=(700, 24)) + rng.normal(size=(700, 1)) * 3).astype(np.float32)
+    full = metrics.FeatureKernel.build(x, k=10, metrics=("cknna",))
+    for rows in subset_cases(len(x), seed=24)[:5]:
+        want = metrics.FeatureKernel.build(x[rows], k=10, metrics=("cknna",)).parts["knn"]
+        got = full.subset(rows).parts["knn"]
+        np.testing.assert_array_equal(got.graph.idx.numpy(), want.graph.idx.numpy())
+        assert got.s_self == pytest.approx(want.s_self, rel=1e-12)
+
+
+def test_a_subset_without_the_extreme_images_moves_rows_past_their_candidates():
+    """Leaving out the images with the largest activations lowers the subset's clamp threshold, which moves
+    its rows far enough to bring in neighbours from beyond their candidate lists: the bound on that movement
+    must send those rows to a full computation (without it, a few of these rows get other neighbours)."""
+    for seed in range(60):
+        x = np.random.default_rng(seed).standard_t(1.5, size=(200, 3))
+        rows = np.sort(np.argsort(np.abs(x).max(axis=1))[:(60, 100, 140)[seed % 3]])
+        for k in (1, 2):
+            got = metrics.FeatureKernel.build(x, k=k, metrics=("cknna",)).subset(rows).parts["knn"].graph
+            want = metrics.FeatureKernel.build(x[rows], k=k, metrics=("cknna",)).parts["knn"].graph
+            np.testing.assert_array_equal(got.idx.numpy(), want.idx.numpy())
+
+
+def test_permuted_targets_reindex_a_prepared_target():
+    a, b = correlated_pair(150, seed=25)
+    target = metrics.FeatureKernel.build(b, k=6)
+    source = metrics.FeatureKernel.build(a, k=6)
+    rng = np.random.default_rng([4, 104729])                       # permuted_targets' own draws
+    for permuted, features in zip(metrics.permuted_targets(target, 3, seed=4), metrics.permuted_targets(b, 3, 4, k=6)):
+        fresh = metrics.FeatureKernel.build(b[rng.permutation(len(b))], k=6)
+        for kernel in (permuted, features):
+            np.testing.assert_array_equal(kernel.parts["knn"].graph.idx.numpy(), fresh.parts["knn"].graph.idx.numpy())
+            got = metrics.pair_scores(source, kernel)
+            for m, v in metrics.pair_scores(source, fresh).items():
+                assert got[m] == pytest.approx(v, abs=1e-12), m
+
+
+def test_alignment_scores_every_view_as_fresh_kernels_would():
+    """One pass per source: the target, permuted targets (rows None) and subsamples' targets (rows given)."""
+    a, b = correlated_pair(130, seed=26)
+    sources = np.stack([a, a[:, ::-1] + 0.5 * np.abs(b[:, :24])]).reshape(2, 1, 130, 24)
+    target = metrics.FeatureKernel.build(b, k=5)
+    rows = subset_cases(130, seed=27)[:4]
+    views = [(None, p) for p in metrics.permuted_targets(target, 2, seed=1)]
+    views += [(r, target.subset(r)) for r in rows]
+    values, other = alignment(target, sources, k=5, views=views)
+    assert other["cknna"].shape == (len(views), 2, 1)
+    for i in range(2):
+        src = sources[i, 0]
+        for m, v in metrics.pair_scores(metrics.FeatureKernel.build(src, k=5), target).items():
+            assert values[m][i, 0] == pytest.approx(v, abs=1e-12)
+        for p, (r, kernel) in enumerate(views):
+            fresh = metrics.FeatureKernel.build(src if r is None else src[r], k=5)
+            for m, v in metrics.pair_scores(fresh, kernel).items():
+                assert other[m][p, i, 0] == pytest.approx(v, abs=1e-12), (m, p)
+
+
+RANK_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from repa_probe import metrics
+from repa_probe.runtime import init_distributed, rank, shutdown_distributed
+
+init_distributed(torch.device("cpu"))
+data = np.load(sys.argv[1])
+built, build = [], metrics.FeatureKernel.build.__func__
+
+def counting(cls, feats, *args, **kw):      # which sources this rank prepares
+    kernel = build(cls, feats, *args, **kw)
+    built.append(args[-1] if args else kw.get("what"))
+    return kernel
+
+metrics.FeatureKernel.build = classmethod(counting)
+target = build(metrics.FeatureKernel, data["target"], 5, what="target")
+views = [(None, p) for p in metrics.permuted_targets(target, 2, seed=1)]
+views += [(r, target.subset(r)) for r in (data["rows0"], data["rows1"])]
+values, other = metrics.alignment(target, data["sources"], k=5, views=views, split=True)
+mine = [what for what in built if what.startswith("sources")]
+alone = metrics.alignment(target, data["sources"][:1], k=5) if rank() == 0 else {}   # one rank, unsplit
+np.savez(sys.argv[2] + f"{rank()}.npz", built=np.array(mine), **{f"alone_{m}": v for m, v in alone.items()},
+         **{f"value_{m}": v for m, v in values.items()}, **{f"view_{m}": v for m, v in other.items()})
+shutdown_distributed()
+"""
+
+
+def test_torchrun_splits_the_sources_across_ranks_and_every_rank_gets_every_value(tmp_path):
+    """alignment(split=True) under torchrun with two gloo processes: each rank prepares its own share of the
+    3 t × 2 blocks, and both return exactly what one process does; without split one rank computes alone (a
+    trainer's main rank) and is not left waiting for the other."""
+    a, b = correlated_pair(90, seed=28, dtype=np.float32)
+    rng = np.random.default_rng(29)
+    sources = np.stack([a + s * rng.normal(size=a.shape) for s in (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)]).astype(np.float32)
+    rows = stats.subsamples(90, 2, seed=3)
+    np.savez(tmp_path / "data.npz", target=b, sources=sources.reshape(3, 2, 90, 24), rows0=rows[0], rows1=rows[1])
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "rank.py"), str(tmp_path / "data.npz"), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
+    shares = [list(out["built"]) for out in ranks]
+    assert len(shares[0]) == len(shares[1]) == 3
+    assert sorted(shares[0] + shares[1]) == [f"sources[{t}, {b}]" for t in range(3) for b in range(2)]
+    target = metrics.FeatureKernel.build(b, 5, what="target")
+    views = [(None, p) for p in metrics.permuted_targets(target, 2, seed=1)] + [(r, target.subset(r)) for r in rows]
+    values, other = alignment(target, sources.reshape(3, 2, 90, 24), k=5, views=views)
+    for out in ranks:
+        for m in values:
+            np.testing.assert_array_equal(out[f"value_{m}"], values[m])
+            np.testing.assert_array_equal(out[f"view_{m}"], other[m])
+            np.testing.assert_array_equal(ranks[0][f"alone_{m}"], values[m][:1])
 
 
 def test_cknna_matches_dense_form_in_float32():
