@@ -1,0 +1,48 @@
+"""analyses/gpu_seeds.sh end to end at toy scale on the CPU (TINY=1): the device script's every step, as it will
+run on a GPU, in one real subprocess: seeds × arms trained at once, compared at the step all reached, the seed
+report, fp16 EMA weights with their hashes, all in one tarball."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pandas as pd
+
+from conftest import REPO
+
+
+def test_the_gpu_seeds_script_trains_compares_and_packs_the_seed_report(tmp_path, cifar_dir):
+    env = {**os.environ, "TINY": "1", "DEVICE": "cpu", "DATA": str(cifar_dir), "STATE": str(tmp_path / "state"),
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", str(REPO / "analyses" / "gpu_seeds.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    with tarfile.open(tmp_path / "out" / "gpu_seeds.tar.gz") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    back = tmp_path / "back"
+    names = [f"{arm}-s{seed}" for arm in ("vanilla", "repa") for seed in (0, 1)]
+
+    # every run's log came back, and the four checkpoints of one common step were compared
+    for name in names:
+        assert json.loads((back / "runs" / name / "log.jsonl").read_text().splitlines()[-1])["step"] >= 3
+    command = (back / "report" / "COMMAND.txt").read_text()
+    assert "SEEDS=2" in command and int(command.split("step=")[1].split()[0]) in (3, 6)
+    summary = json.loads((back / "report" / "summary.json").read_text())
+    assert set(names) <= set(json.dumps(summary).split('"'))
+
+    # the report speaks of the recipes over their two seeds: every seed row names a recipe of two seeds
+    seeds = pd.read_csv(back / "report" / "seeds.csv", dtype={"seed": str})
+    means = seeds[seeds["seed"] == "mean"]
+    assert set(means["recipe"]) == {"vanilla", "repa"} and (means["n_seeds"] == 2).all()
+    assert set(seeds.loc[seeds["seed"] != "mean", "seed"]) == {"0", "1"}
+
+    # the weights that re-make it: fp16 EMA weights whose sha256s are those SHA256SUMS lists
+    sums = dict(reversed(line.split("  ")) for line in (back / "weights" / "SHA256SUMS").read_text().splitlines())
+    assert sorted(sums) == sorted(f"{n}.safetensors" for n in names)
+    for file, digest in sums.items():
+        assert hashlib.sha256((back / "weights" / file).read_bytes()).hexdigest() == digest
