@@ -114,3 +114,20 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
     from_files = {str(x) for x in (*blocks.values(), *steps)} | set(re.findall(r"\d+\.\d+", here + deep_run))
     wording = {"1", "95", "0"}                  # "page 1", "95% interval", "contains 0"
     assert set(re.findall(r"\d+(?:\.\d+)?", para)) <= from_files | wording
+
+
+def test_the_probe_intervals_report_quotes_its_json():
+    """reports/probe_intervals/README.md's drops and intervals are those of its probe_intervals.json."""
+    import json
+
+    folder = REPO / "reports" / "probe_intervals"
+    text, runs = (folder / "README.md").read_text(), json.loads((folder / "probe_intervals.json").read_text())["sizes"]
+
+    def points(x: float) -> str:
+        return f"{100 * x:.1f}".replace("-", "−")
+
+    for size in ("3000", "10000"):
+        for how in ("new", "old"):
+            r = runs[size][how]
+            drop, (lo, hi) = r["drop"][0], r["drop_ci"][0]
+            assert f"{points(drop)} [{points(lo)}, {points(hi)}]" in text, (size, how)

@@ -1,0 +1,1 @@
+python -m repa_probe train --data ../shared/data/cifar10/train --image-size 32 --model SiT-S/4 --width 64 --depth 28 --heads 2 --encoder cifar-ssl-resnet --repa-depth 8 --repa-coeff 0.0 --projector-dim 128 --batch 64 --steps 1500 --lr 0.0003 --ema-decay 0.999 --ckpt-every 500 --log-every 50 --workers 1 --seed 0 --out runs/probecheck/vanilla --quiet
