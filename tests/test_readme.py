@@ -117,8 +117,11 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
 
 
 def test_the_probe_intervals_report_quotes_its_json():
-    """reports/probe_intervals/README.md's drops and intervals are those of its probe_intervals.json."""
+    """reports/probe_intervals/README.md's drops and intervals are those of its probe_intervals.json, whose new
+    intervals overlap across the two probe sizes (issue 24's check) and whose λ flips stay inside every interval."""
     import json
+
+    import numpy as np
 
     folder = REPO / "reports" / "probe_intervals"
     text, runs = (folder / "README.md").read_text(), json.loads((folder / "probe_intervals.json").read_text())["sizes"]
@@ -131,3 +134,8 @@ def test_the_probe_intervals_report_quotes_its_json():
             r = runs[size][how]
             drop, (lo, hi) = r["drop"][0], r["drop_ci"][0]
             assert f"{points(drop)} [{points(lo)}, {points(hi)}]" in text, (size, how)
+    (a, b), (c, d) = (runs[size]["new"]["drop_ci"][0] for size in ("3000", "10000"))
+    assert a <= d and c <= b
+    for size in runs.values():
+        flip, half = np.array(size["flip"]), np.array(size["half_width"])
+        assert (flip < 2 * half).all()
