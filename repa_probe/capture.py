@@ -43,7 +43,7 @@ from repa_probe.errors import UserError
 from repa_probe.families import InputSpace, load_checkpoint
 from repa_probe.noise import Convention, seeded_noise
 from repa_probe.runtime import AUTOCAST_DTYPES, init_distributed, resolve_device
-from repa_probe.spatial import spatial_matrix
+from repa_probe.spatial import spatial_matrix, spatial_measures
 from repa_probe.tokens import at_cells, sample_cells
 from repa_probe.store import Features, FeatureStore, ImageFeatures, fill, read_features, t_part
 
@@ -288,9 +288,14 @@ class CaptureConfig:
             raise UserError(f"--store-dtype {self.dtype!r}: use float32 or float16")
 
     def key(self) -> dict:
-        """The cache-key part of the settings (t is not in it: each t is its own part of the entry)."""
-        return {k: v for k, v in asdict(self).items()
-                if k != "ts" and not (k in ("spatial", "tokens", "compile") and not v)}
+        """The cache-key part of the settings (t is not in it: each t is its own part of the entry). A spatial
+        capture records which measures its columns hold (spatial_measures), so a cached entry is never served
+        for another set of them."""
+        key = {k: v for k, v in asdict(self).items()
+               if k != "ts" and not (k in ("spatial", "tokens", "compile") and not v)}
+        if self.spatial:
+            key["spatial"] = spatial_measures()
+        return key
 
 
 def model_fingerprint(ckpt) -> dict:

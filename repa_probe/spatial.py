@@ -245,6 +245,12 @@ register_spatial_metric(SpatialMetric("cds", "CDS", correlation_decay_slope, sha
 register_spatial_metric(SpatialMetric("rmsc", "RMSC", rms_spatial_contrast, positional=False))
 
 
+def spatial_measures() -> list[str]:
+    """What `spatial_matrix`'s columns hold, for cache keys: each registered measure's name and the function that
+    computes it (module.qualname), in column order."""
+    return [f"{m.name}={m.fn.__module__}.{m.fn.__qualname__}" for m in SPATIAL_METRICS.values()]
+
+
 def spatial_matrix(tokens, grid: Grid | None = None) -> torch.Tensor:
     """(n, M) float32: every registered measure (SPATIAL_METRICS order) of each image's tokens, for capture;
     `grid` defaults to the square one of the token count."""

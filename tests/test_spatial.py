@@ -258,3 +258,37 @@ def test_analyze_spatial_curves_baselines_and_encoder_reference(tmp_path, cifar_
     want = spatial_matrix(tokens).double().mean(0)
     enc = t[t["kind"] == "encoder"].groupby("metric")["value"].first()
     np.testing.assert_allclose([enc[m] for m in SPATIAL_METRICS], want.numpy(), rtol=1e-5)
+
+
+def test_a_cached_spatial_capture_is_not_served_for_another_set_of_measures(tmp_path, cifar_dir):
+    """The store's key names the spatial measures a capture computed: after a plug-in measure is registered (or
+    one is replaced under the same name), the cached entry is not reused; the new capture holds the plug-in's
+    column, computed from the tokens (no IndexError, no other measure's values)."""
+    from conftest import randomize_, tiny_config
+    from repa_probe.capture import CaptureConfig, extract
+    from repa_probe.checkpoints import save_checkpoint
+    from repa_probe.models import SiT
+    model = randomize_(SiT(tiny_config(z_dims=[], encoder_depth=0, input_size=32, in_channels=3)), seed=1)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model.config, model.state_dict(), meta={"mode": "pixels"})
+    config, kw = CaptureConfig(ts=(0.5,), spatial=True), dict(n=8, cache_dir=tmp_path / "cache", quiet=True)
+    first = extract(str(ckpt), str(cifar_dir / "test"), config, **kw)
+    assert extract(str(ckpt), str(cifar_dir / "test"), config, **kw).computed == 0          # a plain hit
+
+    def near(t, g):
+        return similarity_profile(t, g)[:, 1]
+
+    def far(t, g):
+        return similarity_profile(t, g)[:, -1]
+
+    width = first.spatial[0].shape[-1]
+    extra = register_spatial_metric(SpatialMetric("plug", "plug-in", near))
+    try:
+        plugged = extract(str(ckpt), str(cifar_dir / "test"), config, **kw)
+        assert plugged.computed > 0 and plugged.spatial[0].shape[-1] == width + 1
+        np.testing.assert_array_equal(np.asarray(plugged.spatial[0])[..., :width], np.asarray(first.spatial[0]))
+        register_spatial_metric(SpatialMetric("plug", "plug-in", far), overwrite=True)
+        replaced = extract(str(ckpt), str(cifar_dir / "test"), config, **kw)
+        assert replaced.computed > 0
+        assert not np.array_equal(np.asarray(replaced.spatial[0])[..., -1], np.asarray(plugged.spatial[0])[..., -1])
+    finally:
+        del SPATIAL_METRICS[extra.name]
