@@ -1,0 +1,517 @@
+"""reports/README.md quotes committed files only (issue 24, item 7).
+
+Every number in it is inside a claim rebuilt here from a committed file (the reports' CSV and JSON, the training
+presets, benchmarks/RESULTS.md), printed the way the README prints it, or on WORDING, a short list of numbers that
+are words (a nominal level, a date, a figure number) with a reason each. The claims about block lists, drops and
+intervals are looked up by meaning (which run, metric, t) and their verdicts checked where the README states one.
+A number typed by hand that no claim rebuilds fails `test_every_number_in_reports_readme_is_traced`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
+from functools import cache
+
+import pandas as pd
+from conftest import REPO
+
+REPORTS = REPO / "reports"
+MINUS = "\u2212"
+NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:e-\d+)?(?!\w)")
+T_MENTION = re.compile(r"\bt (?:=|≥) (\d+(?:\.\d+)?(?: / \d+(?:\.\d+)?)*)")
+WORDING = {  # numbers that are words, not results
+    r"95%": "the nominal level of every interval the library prints",
+    r"excludes 0": "no difference, what an interval is tested against",
+    r"CIFAR-10": "the data set's name",
+    r"2\.5% / 97\.5%": "the two tails of a 95% interval (how the old intervals were made)",
+    r"2026-11-30": "the date of the change the sentence describes",
+    r"issue 24": "the issue that changed the statistics",
+    r"page[- ]1": "the report's first page",
+    r"top-1": "the probe's metric, top-1 accuracy",
+    r"SiT-XL/2": "the paper's model (patch 2 is part of its name)",
+    r"Fig\. 2": "the figure of REPA's paper that is cited",
+    r"1/n": "the variance law of a mean, notation",
+}
+
+
+def flat(text: str) -> str:
+    """Whitespace collapsed, so a claim matches across the README's line breaks."""
+    return re.sub(r"\s+", " ", text)
+
+
+def readme() -> str:
+    return flat((REPORTS / "README.md").read_text())
+
+
+def fixed(x: float, places: int, scale: int = 1) -> str:
+    """x as the README prints it: the decimal it reads as, rounded half to even, thousands separated, U+2212."""
+    d = (Decimal(repr(float(x))) * scale).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN)
+    return f"{d:,}".replace("-", MINUS)
+
+
+def signed(x: float, places: int, scale: int = 1) -> str:
+    s = fixed(x, places, scale)
+    return s if s.startswith(MINUS) else "+" + s
+
+
+def pct(x: float, places: int = 1) -> str:
+    return fixed(x, places, 100) + "%"
+
+
+def ci(x: float, lo: float, hi: float, places: int, scale: int = 1, sign: bool = False) -> str:
+    head = signed(x, places, scale) if sign else fixed(x, places, scale)
+    return f"{head} [{fixed(lo, places, scale)}, {fixed(hi, places, scale)}]"
+
+
+def blocks(bs) -> str:
+    """[1, 4, 5, 6, 19, 20] → "1, 4–6, 19–20", the README's block lists."""
+    runs: list[list[int]] = []
+    for b in sorted(bs):
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
+
+
+def g(x: float) -> str:
+    """A setting as typed (0.5, 0.999, 3e-4)."""
+    return re.sub(r"e-0*", "e-", f"{x:.0e}") if 0 < abs(x) < 1e-3 else f"{x:g}"
+
+
+@cache
+def summary(folder: str) -> dict:
+    return json.loads((REPORTS / folder / "summary.json").read_text())
+
+
+@cache
+def table(path: str) -> pd.DataFrame:
+    df = pd.read_csv(REPORTS / path)
+    for col in ("b_better_blocks", "b_worse_blocks"):
+        if col in df:
+            df[col] = df[col].map(json.loads)
+    return df
+
+
+def row(df: pd.DataFrame, **where) -> pd.Series:
+    hit = df
+    for k, v in where.items():
+        hit = hit[hit[k] == v]
+    assert len(hit) == 1, (where, len(hit))
+    return hit.iloc[0]
+
+
+def peak(folder: str, checkpoint: str, metric: str, t: float = 0.0) -> dict:
+    hits = [p for p in summary(folder)["peaks"] if (p["checkpoint"], p["metric"], p["t"]) == (checkpoint, metric, t)]
+    assert len(hits) == 1
+    return {k: int(v) if k.endswith("_block") else v for k, v in hits[0].items()}  # three_way/ writes 21.0
+
+
+def drop(p: dict, places: int, scale: int = 1) -> str:
+    return ci(p["drop_after"], p["drop_ci_low"], p["drop_ci_high"], places, scale)
+
+
+def aligned(r: pd.Series, places: int, scale: int = 1) -> str:
+    return ci(r["aligned_delta"], r["aligned_ci_low"], r["aligned_ci_high"], places, scale, sign=True)
+
+
+def value(folder: str, checkpoint: str, metric: str, block: int, t: float = 0.0) -> float:
+    return float(row(table(f"{folder}/results.csv"), checkpoint=checkpoint, metric=metric, block=block, t=t)["value"])
+
+
+def source(path: str) -> str:
+    return flat((REPO / path).read_text())
+
+
+def setting(path: str, pattern: str) -> str:
+    """One value out of a committed script, e.g. the deep preset's width."""
+    m = re.search(pattern, source(path))
+    assert m, (path, pattern)
+    return m.group(1)
+
+
+def depth_claims() -> list[str]:
+    s, res = summary("depth"), table("depth/results.csv")
+    cfg, ts = s["config"], s["config"]["ts"]
+    depth = int(res["block"].max())
+    deep = lambda key: setting("analyses/cifar_runs.py", r'"deep": dict\([^)]*\b' + key + r"=([\w.\-\"/]+)")
+    args = s["checkpoints"]["repa"]["args"]
+    patch, size = int(args["model_name"].rsplit("/", 1)[1]), args["image_size"]
+    grid = size // patch
+    assert int(deep("depth")) == depth and int(deep("steps")) == args["step"] == s["checkpoints"]["vanilla"]["step"]
+    tm = s["timings_s"]
+    out = [f"{depth}-block", f"{depth} blocks × {len(ts)} t", f"{fixed(tm['total'], 0)} s on the two cores, of which "
+           f"{fixed(tm['metrics'], 0)} s for the metrics", f"then {fixed(tm['report'], 0)} s for the report",
+           f"{depth} blocks, width {deep('width')}, {deep('heads')} heads, patch {patch} ({grid}×{grid} = {grid ** 2} "
+           f"tokens)", f"{grid ** 2} tokens", f"an MLP projector of width {deep('projector_dim')}",
+           f"none (λ = {g(s['checkpoints']['vanilla']['repa_coeff'])})",
+           f"λ = {g(args['repa_coeff'])} at block {args['repa_depth']}", f"{size}×{size}",
+           f"{fixed(args['step'], 0)} steps × {deep('batch')} images", f"AdamW {g(float(deep('lr')))}, "
+           f"EMA {g(float(deep('ema')))}", f"block {s['aligned_blocks']['repa']}",
+           f"all {fixed(cfg['n'], 0)} `cifar10/test` images for CKNNA (k = {cfg['k']})",
+           f"fitted on {fixed(cfg['probe_n_train'], 0)} `cifar10/train` images and scored on the "
+           f"{fixed(cfg['probe_n_test'], 0)} test images", "t ∈ {" + ", ".join(g(t) for t in ts) + "}",
+           f"{cfg['bootstrap']} subsample replicates, {cfg['null']} permutation draws"]
+
+    # the peak table, row by row
+    def top(p: dict) -> str:
+        return f"{p['best_block']}, {pct(p['best_value'])} ({pct(p['best_frequency'], 0)})"
+
+    later = [t for t in ts if t > 0]
+    out.append(f"held-out drop to block {depth} |")
+    for ck, name in (("vanilla", "vanilla"), ("repa", "REPA")):
+        p = peak("depth", ck, "probe_top1")
+        assert p["peaks_then_drops"] and p["last_block"] == depth
+        out.append(f"| {name}, probe top-1 | 0 | {top(p)} | **{fixed(p['drop_after'], 1, 100)} points "
+                   f"[{fixed(p['drop_ci_low'], 1, 100)}, {fixed(p['drop_ci_high'], 1, 100)}]** from block "
+                   f"{p['selected_block']} — peaks, then drops |")
+    vp = [peak("depth", "vanilla", "probe_top1", t) for t in later]
+    assert not any(p["peaks_then_drops"] for p in vp)
+    out.append(f"| vanilla, probe top-1 | {' / '.join(map(g, later))} | "
+               f"{' / '.join(str(p['best_block']) for p in vp)} | none beyond its interval |")
+    vc = [peak("depth", "vanilla", "cknna", t) for t in ts]
+    assert not any(p["peaks_then_drops"] for p in vc)
+    freq = [p["best_frequency"] for p in vc]
+    out.append(f"| vanilla, CKNNA | {' / '.join(map(g, ts))} | {' / '.join(str(p['best_block']) for p in vc)} "
+               f"({fixed(min(freq), 0, 100)}–{pct(max(freq), 0)}) |")
+    rc = [peak("depth", "repa", "cknna", t) for t in ts]
+    assert all(p["peaks_then_drops"] for p in rc) and rc[0]["best_block"] == s["aligned_blocks"]["repa"]
+    out += [f"| REPA, CKNNA | 0 | **{rc[0]['best_block']}** = the aligned block, {fixed(rc[0]['best_value'], 4)} "
+            f"({pct(rc[0]['best_frequency'], 0)}) | **{drop(rc[0], 4)}** — peaks, then drops |",
+            f"| REPA, CKNNA | {' / '.join(map(g, later))} | {' / '.join(str(p['best_block']) for p in rc[1:])} | "
+            f"{' / '.join(fixed(p['drop_after'], 4) for p in rc[1:])}, all beyond their intervals |",
+            f"falls at all {len(ts)} t"]
+    rp = {t: peak("depth", "repa", "probe_top1", t) for t in later}
+    shown = [t for t in later if rp[t]["peaks_then_drops"]]
+    assert [t for t in later if t not in shown] == [later[-1]]
+    out += [f"| REPA, probe top-1 | {' / '.join(map(g, shown))} | "
+            f"{' / '.join(str(rp[t]['best_block']) for t in shown)} | "
+            f"{' / '.join(fixed(rp[t]['drop_after'], 1, 100) for t in shown)} points, beyond their intervals "
+            f"(not at {g(later[-1])}) |", f"at {len(shown)} of the {len(later)} other t"]
+    # the prose after it: the vanilla probe drops at t = 0 alone
+    v0, r0 = peak("depth", "vanilla", "probe_top1"), peak("depth", "repa", "probe_top1")
+    vanilla_drops = [t for t in ts if peak("depth", "vanilla", "probe_top1", t)["peaks_then_drops"]]
+    assert vanilla_drops == [0.0]
+    out += [f"peaks (block {v0['best_block']} vanilla, {r0['best_block']} REPA) and falls from the selection half's "
+            f"peak (block {v0['selected_block']}, {r0['selected_block']}) to block {depth} by "
+            f"{fixed(v0['drop_after'], 1, 100)} and {fixed(r0['drop_after'], 1, 100)} points in both runs",
+            f"at t = 0 alone, {len(vanilla_drops)} of the {len(ts)} t"]
+
+    # REPA − vanilla
+    cmp, deltas = table("depth/compare.csv"), table("depth/deltas.csv")
+    c0 = row(cmp, metric="cknna", t=0.0)
+    d8 = row(deltas, metric="cknna", t=0.0, block=c0["aligned_block"])
+    assert c0["b_worse_blocks"] == []
+    out += [f"**{aligned(c0, 4)}** at t = 0 ({fixed(d8['b_value'], 4)} vs {fixed(d8['a_value'], 4)}: "
+            f"{fixed(d8['b_value'] / d8['a_value'], 1)}× the vanilla value)",
+            " / ".join(signed(row(cmp, metric="cknna", t=t)["aligned_delta"], 4) for t in later),
+            f"at t = 0 REPA is better at blocks {blocks(c0['b_better_blocks'])} and worse nowhere"]
+    p0 = row(cmp, metric="probe_top1", t=0.0)
+    probes = [row(cmp, metric="probe_top1", t=t) for t in ts]
+    assert all(r["b_worse_blocks"] == [] for r in probes)
+    every = [r for r in probes if r["t"] >= 0.25]
+    assert all(r["b_better_blocks"] == list(range(1, depth + 1)) for r in every)
+    p01 = row(cmp, metric="probe_top1", t=0.1)
+    out += [f"better with REPA at blocks {blocks(p0['b_better_blocks'])} at t = 0 (largest gain "
+            f"{signed(p0['max_delta'], 1, 100)} points at block {p0['max_delta_block']})",
+            f"at every block at t ≥ 0.25 (up to {signed(max(r['max_delta'] for r in every), 1, 100)} points)",
+            f"{signed(p0['aligned_delta'], 1, 100)} points [{fixed(p0['aligned_ci_low'], 1, 100)}, "
+            f"{fixed(p0['aligned_ci_high'], 1, 100)}] at t = 0 and {aligned(p01, 1, 100)} at t = 0.1"]
+
+    # baselines at t = 0
+    def baseline(kind: str, metric: str) -> float:   # the untrained net: its block 0, the same at every block
+        return row(res, kind=kind, metric=metric, t=0.0, **({"block": 0} if kind == "untrained" else {}))["value"]
+
+    base = {kind: baseline(kind, "cknna") for kind in ("untrained", "raw-input", "raw-thumbnail")}
+    probe_base = {kind: baseline(kind, "probe_top1") for kind in ("untrained", "raw-input", "raw-thumbnail")}
+    best = max(rc[0]["best_value"], vc[0]["best_value"])
+    assert base["untrained"] < best and base["raw-input"] < best < base["raw-thumbnail"]
+    nulls = [peak("depth", ck, "cknna") for ck in ("vanilla", "repa")]
+    assert all(p["blocks_above_null"] == p["blocks_with_null"] == depth for p in nulls)
+    out += [f"({depth} of {depth} blocks, both models)", f"the untrained model ({fixed(base['untrained'], 4)})",
+            f"pooled like the blocks ({fixed(base['raw-input'], 4)})",
+            f"spatial thumbnail ({fixed(base['raw-thumbnail'], 4)})",
+            f"the best blocks ({pct(v0['best_value'])}, {pct(r0['best_value'])}) beat every baseline (untrained "
+            f"{pct(probe_base['untrained'])}, raw pooled {pct(probe_base['raw-input'])}, thumbnail "
+            f"{pct(probe_base['raw-thumbnail'])})"]
+    assert max(v0["best_value"], r0["best_value"]) > max(probe_base.values())
+
+    # the training-length knob
+    k = table("depth/knobs/knobs.csv")
+    steps = sorted(k["step"].unique())
+    n_cknna = {int(r.n_select + r.n_measure) for r in k[k.metric == "cknna"].itertuples()}
+    n_probe = {int(r.n_select + r.n_measure) for r in k[k.metric == "probe_top1"].itertuples()}
+    assert len(n_cknna) == len(n_probe) == 1
+    (n_img,), (n_test,) = n_cknna, n_probe
+    knob = lambda run, metric, t, step: row(k, run=run, metric=metric, t=t, step=step)
+    r25 = {st: knob("repa", "cknna", 0.25, st) for st in steps}
+    dropping = [st for st in steps if r25[st]["peaks_then_drops"]]
+    first = dropping[0]
+    assert dropping == [st for st in steps if st >= first] and len(dropping) == 3
+    assert all(r25[st]["best_block"] == s["aligned_blocks"]["repa"] for st in dropping)
+    before = steps[steps.index(first) - 1]
+    r0k = [st for st in steps if knob("repa", "cknna", 0.0, st)["peaks_then_drops"]]
+    rpk = [st for st in steps if knob("repa", "probe_top1", 0.0, st)["peaks_then_drops"]]
+    assert r0k == [steps[-1]] and rpk == [st for st in steps if st >= rpk[0]] and len(rpk) == 2
+    assert not k[k.run == "vanilla"]["peaks_then_drops"].any()
+    knob_replicates = setting("analyses/depth_peak.py", r"baselines=False, bootstrap=(\d+)")
+    v5 = knob("vanilla", "probe_top1", 0.0, steps[-1])
+    out += [f"{fixed(steps[0], 0)} … {fixed(steps[-1], 0)} steps", f"each analysed on {fixed(n_img, 0)} test images",
+            f"fitted on {Fraction(n_img - n_test, n_img)} of them and scored on the other {n_test}",
+            f"no drop at {fixed(steps[0], 0)} and {fixed(before, 0)} steps ("
+            f"{signed(r25[before]['drop_after'], 4)} [{fixed(r25[before]['drop_ci_low'], 4)}, "
+            f"{fixed(r25[before]['drop_ci_high'], 4)}] from block {r25[before]['selected_block']} at "
+            f"{fixed(before, 0)})",
+            f"drops from {fixed(first, 0)} steps on ({drop(r25[first], 4)} at {fixed(first, 0)}, "
+            f"{fixed(r25[dropping[1]]['drop_after'], 4)} at {fixed(dropping[1], 0)}, {drop(r25[dropping[2]], 4)} at "
+            f"{fixed(dropping[2], 0)})",
+            f"only at {fixed(steps[-1], 0)} steps ({drop(knob('repa', 'cknna', 0.0, steps[-1]), 4)})",
+            f"from {fixed(rpk[0], 0)} steps on ({drop(knob('repa', 'probe_top1', 0.0, rpk[0]), 1, 100)} and "
+            f"{drop(knob('repa', 'probe_top1', 0.0, rpk[1]), 1, 100)} points)",
+            f"any step on these {fixed(n_img, 0)} images",
+            f"its probe at {fixed(steps[-1], 0)} steps, whose {fixed(v0['drop_after'], 1, 100)}-point drop the "
+            f"{fixed(cfg['n'], 0)}-image analysis",
+            f"with {n_test} probe test images its drop is {drop(v5, 1, 100)} points",
+            f"between {fixed(before, 0)} and {fixed(first, 0)} steps",
+            f"held-out drop as above, {knob_replicates} replicates"]
+    # the largest CKNNA of any block
+    m = res[(res.kind == "model") & (res.metric == "cknna")].sort_values("value").iloc[-1]
+    assert m["checkpoint"] == "repa"
+    out.append(f"at most {fixed(m['value'], 4)} here, REPA's block {m['block']} at t = {g(m['t'])}")
+    return out
+
+
+def three_way_claims() -> list[str]:
+    s, res = summary("three_way"), table("three_way/results.csv")
+    cfg, ts = s["config"], s["config"]["ts"]
+    assert ts == summary("depth")["config"]["ts"] and res["block"].max() == table("depth/results.csv")["block"].max()
+    irepa = s["checkpoints"]["iREPA"]["args"]
+    assert (irepa["repa_coeff"], irepa["repa_depth"]) == (s["checkpoints"]["REPA"]["args"]["repa_coeff"],
+                                                          s["aligned_blocks"]["REPA"])
+    kernel = setting("analyses/cifar_runs.py", r'"--projector-kernel", "(\d+)"')
+    alpha = setting("analyses/cifar_runs.py", r'"--zscore-alpha", "([\d.]+)"')
+    tm = s["timings_s"]
+    out = [f"a {kernel}×{kernel} convolutional projector", f"(α = {alpha})",
+           f"{fixed(irepa['step'], 0)} steps", f"`python analyses/three_way.py --n {cfg['n']}`",
+           f"n = {fixed(cfg['n'], 0)} `cifar10/test` images", f"probes fitted on {fixed(cfg['probe_n_train'], 0)} "
+           f"`cifar10/train` images", f"{fixed(tm['total'], 0)} s, {fixed(tm['data+forwards'], 0)} s of them for data",
+           f"its values here (n = {fixed(cfg['n'], 0)}) are not those of `depth/` "
+           f"(n = {fixed(summary('depth')['config']['n'], 0)})"]
+
+    # the block-8 table; the untrained net is the same at every block (its blocks are the identity at init)
+    b = s["aligned_blocks"]["iREPA"]
+    at0 = res[res.t == 0.0]
+    assert (at0[at0.kind == "untrained"].groupby("metric")["value"].nunique() == 1).all()
+    ivr = table("three_way/irepa_vs_repa.csv")
+
+    def cell(checkpoint: str, metric: str, places: int) -> str:
+        hit = at0[(at0.checkpoint == checkpoint) & (at0.metric == metric) & (at0.block.isin([b, -1]))]  # -1: input
+        if hit.empty:
+            return "–"
+        return pct(hit["value"].iloc[0]) if metric == "probe_top1" else fixed(hit["value"].iloc[0], places)
+
+    # metric: its row's name, decimals of the values, decimals of iREPA − REPA, bold (the row the text is about)
+    rows = {"lds": ("LDS (spatial)", 3, 3, "**"), "cds": ("CDS (spatial)", 3, 3, ""),
+            "rmsc": ("RMSC (spatial)", 3, 3, ""), "cknna": ("CKNNA (pooled)", 4, 3, ""),
+            "token_cknna": ("token CKNNA", 4, 3, ""), "probe_top1": ("probe top-1", 1, 1, "")}
+    for metric, (name, places, dplaces, bold) in rows.items():
+        values = [cell(ck, metric, places) for ck in ("untrained", "raw thumbnail", "vanilla", "REPA")]
+        scale, unit = (100, " points") if metric == "probe_top1" else (1, "")
+        out.append(f"| {name} | {' | '.join(values)} | {bold}{cell('iREPA', metric, places)}{bold} | "
+                   f"{bold}{aligned(row(ivr, metric=metric, t=0.0), dplaces, scale)}{unit}{bold} |")
+    cos = {ck: fixed(value("three_way", ck, "proj_cosine", b), 3) for ck in ("REPA", "iREPA")}
+    out.append(f"| projector cosine | – | – | – | {cos['REPA']} | {cos['iREPA']} |")
+
+    # spatial structure
+    lds = {ck: value("three_way", ck, "lds", b) for ck in ("untrained", "vanilla", "REPA", "iREPA")}
+    thumb = float(row(at0, checkpoint="raw thumbnail", metric="lds")["value"])
+    assert 1.9 < lds["iREPA"] / lds["REPA"] < 2.1 and lds["untrained"] < lds["iREPA"] < thumb
+    assert lds["vanilla"] < lds["REPA"] < lds["untrained"]
+    cmp = table("three_way/compare.csv")
+    better = {t: set(row(ivr, metric="lds", t=t)["b_better_blocks"]) for t in ts}
+    common = set.intersection(*better.values())
+    missing = set(range(1, max(common) + 1)) - common
+    ((gap, gap_ts),) = [(x, [t for t in ts if x not in better[t]]) for x in missing]
+    enc = {m: fixed(row(at0, kind="encoder", metric=m)["value"], 3) for m in ("lds", "cds", "rmsc")}
+    late = {ck: value("three_way", ck, "lds", 24) for ck in ("vanilla", "REPA", "iREPA")}
+    assert max(late["REPA"], late["iREPA"]) < late["vanilla"]
+    out += [f"only {fixed(lds['iREPA'] - lds['untrained'], 3)} more than the untrained network "
+            f"({fixed(lds['iREPA'], 3)} against {fixed(lds['untrained'], 3)}), and less than the raw thumbnail "
+            f"({fixed(thumb, 3)})", f"at block {b} (vanilla {fixed(lds['vanilla'], 3)}, REPA {fixed(lds['REPA'], 3)})",
+            f"raises LDS over vanilla by {aligned(row(cmp, b='REPA', metric='lds', t=0.0), 3)} at block {b}",
+            f"iREPA − REPA > 0 at blocks {blocks(common | missing)} at every t (block {gap} excepted at t = "
+            f"{' / '.join(map(g, gap_ts))})", f"(LDS {enc['lds']}, CDS {enc['cds']}, RMSC {enc['rmsc']}",
+            f"below REPA at blocks {blocks(row(ivr, metric='lds', t=0.0)['b_worse_blocks'])} (t = 0)",
+            f"by block 24 both are below vanilla (LDS: iREPA {fixed(late['iREPA'], 3)}, REPA {fixed(late['REPA'], 3)}, "
+            f"vanilla {fixed(late['vanilla'], 3)})"]
+
+    # global alignment, tokens, probe
+    ck = row(ivr, metric="cknna", t=0.0)
+    assert ck["aligned_ci_low"] < 0 < ck["aligned_ci_high"] and ck["b_better_blocks"] == []
+    vs = {name: row(cmp, b=name, metric="cknna", t=0.0) for name in ("REPA", "iREPA")}
+    tok, prb = row(ivr, metric="token_cknna", t=0.0), row(ivr, metric="probe_top1", t=0.0)
+    pv = row(cmp, b="iREPA", metric="probe_top1", t=0.0)
+    assert pv["b_worse_blocks"] == [] and prb["aligned_ci_low"] > 0
+    out += [f"Pooled CKNNA at block {b}, iREPA − REPA: {aligned(ck, 3)}: its interval holds 0",
+            f"iREPA is lower at blocks {blocks(ck['b_worse_blocks'])} (t = 0) and higher at none",
+            f"(REPA {aligned(vs['REPA'], 4)}, iREPA {aligned(vs['iREPA'], 4)}; block by block REPA at blocks "
+            f"{blocks(vs['REPA']['b_better_blocks'])}, iREPA at blocks {blocks(vs['iREPA']['b_better_blocks'])})",
+            f"lower for iREPA at blocks {blocks(tok['b_worse_blocks'])} and higher at blocks "
+            f"{blocks(tok['b_better_blocks'])} (t = 0)",
+            f"positive at blocks {blocks(prb['b_better_blocks'])} and negative at blocks "
+            f"{blocks(prb['b_worse_blocks'])} (t = 0)",
+            f"positive at {len(pv['b_better_blocks'])} blocks and negative at none (up to "
+            f"{signed(pv['max_delta'], 1, 100)} points at block {pv['max_delta_block']})",
+            f"higher for iREPA than for REPA at block {b} ({aligned(prb, 1, 100)} points)",
+            f"is {cos['REPA']} for REPA", f"and {cos['iREPA']} for iREPA"]
+
+    # peak-then-drop at t = 0
+    pk = lambda ckpt, metric: peak("three_way", ckpt, metric)
+    yes = [pk("REPA", "cknna"), pk("REPA", "token_cknna"), pk("REPA", "probe_top1"), pk("iREPA", "token_cknna"),
+           pk("vanilla", "token_cknna")]
+    no = [pk("iREPA", "cknna"), pk("iREPA", "probe_top1"), pk("vanilla", "cknna"), pk("vanilla", "probe_top1")]
+    assert all(p["peaks_then_drops"] for p in yes) and not any(p["peaks_then_drops"] for p in no)
+    assert yes[0]["selected_block"] == yes[1]["selected_block"] == b
+    out += [f"peak at block {b} and drop ({drop(yes[0], 3)} and {drop(yes[1], 3)})",
+            f"({drop(yes[2], 1, 100)} points from block {yes[2]['selected_block']})",
+            f"drops by {drop(yes[3], 3)} from block {yes[3]['selected_block']}, its pooled CKNNA by {drop(no[0], 3)} "
+            f"and its probe by {drop(no[1], 1, 100)} points (neither beyond the interval)",
+            f"drops by {drop(yes[4], 3)} from block {yes[4]['selected_block']}, its pooled CKNNA ({drop(no[2], 3)}) "
+            f"and probe ({drop(no[3], 1, 100)} points) do not"]
+    return out
+
+
+def demo_claims() -> list[str]:
+    s, res = summary("demo"), table("demo/results.csv")
+    cfg, args = s["config"], s["checkpoints"]["repa"]["args"]
+    depth = int(res["block"].max())
+    demo = lambda key: setting("repa_probe/demo.py", key + r": int = (\d+)")
+    assert int(demo("depth")) == depth and int(demo("steps")) == args["step"]
+    block = s["aligned_blocks"]["repa"]
+    cmp = table("demo/compare.csv")
+    c, p = row(cmp, metric="cknna", t=0.0), row(cmp, metric="probe_top1", t=0.0)
+    assert c["b_better_blocks"] == c["b_worse_blocks"] == [] == p["b_worse_blocks"]
+    assert not any(q["peaks_then_drops"] for q in s["peaks"])
+    halves = {q["n_select"] for q in s["peaks"] if q["metric"] == "cknna"}
+    at0 = res[(res.t == 0.0) & (res.metric == "cknna")]
+    thumb, best = float(row(at0, kind="raw-thumbnail")["value"]), at0[at0.kind == "model"]["value"].max()
+    assert thumb > best
+    return [f"the analysis took {fixed(s['timings_s']['total'], 0)} s",
+            f"{depth}-block width-{demo('width')} patch-{args['model_name'].rsplit('/', 1)[1]} SiTs, "
+            f"{args['step']} steps × {demo('batch')} images each, REPA λ = {g(args['repa_coeff'])} at block {block}",
+            f"{cfg['n']} test images for CKNNA, probes on {cfg['probe_n_train']} train images",
+            f"CKNNA at block {block} is {aligned(c, 3)} (paired)",
+            f"the probe is better at blocks {blocks(p['b_better_blocks'])} ({signed(p['max_delta'], 1, 100)} points at "
+            f"block {p['max_delta_block']})", f"({depth} blocks, {halves.pop()}-image halves)",
+            f"CKNNA ({fixed(thumb, 3)}) beats every block ({fixed(best, 4)})"]
+
+
+def coverage_claims() -> list[str]:
+    j = json.loads((REPORTS / "coverage" / "coverage.json").read_text())
+    st, cov = j["settings"], j["pointwise coverage (nominal 0.95)"]
+    false = j["seeds with a false better or worse anywhere (nominal ≤ 0.05)"]
+    width = j["interval width"]["sd at n from the replicates / sd over seeds"]
+    band = j["the band alone, Gaussian replicates"]
+    cells = band["family-wise coverage (nominal ≥ 0.95)"].values()
+    bonf = [c["simultaneous (Bonferroni)"]["rate"] for c in cells]
+    maxt = [c["max-|t| from the replicates"]["rate"] for c in cells]
+    deep = summary("depth")["config"]
+    depth, n_t = int(table("depth/results.csv")["block"].max()), len(deep["ts"])
+    assert band["cells"] == depth * n_t and false["simultaneous"]["rate"] == 0
+    seeds = {c[k]["of"] for c in cells for k in c}
+    assert len(seeds) == 1
+    old = json.loads((REPORTS / "probe_intervals" / "probe_intervals.json").read_text())["sizes"]
+    size = max(old, key=int)
+    (lo_old, hi_old), (lo_new, hi_new) = old[size]["old"]["drop_ci"][0], old[size]["new"]["drop_ci"][0]
+    ratio = (hi_new - lo_new) / (hi_old - lo_old)
+    for ck in ("vanilla", "repa"):       # widened by that factor, each depth/ probe drop at t = 0 reaches 0
+        p = peak("depth", ck, "probe_top1")
+        assert p["drop_after"] - ratio * (p["drop_after"] - p["drop_ci_low"]) <= 0
+    blocks_pi = len(old[size]["new"]["value"][0]) - 1
+    return [f"n = {fixed(st['n'], 0)} images with k = {st['k']} (k/n = {g(st['k'] / st['n'])}, as {deep['k']} of "
+            f"{fixed(deep['n'], 0)})", f"(CKNNA {fixed(st['cknna'][0], 3)}–{fixed(st['cknna'][1], 3)})",
+            f"the default {st['bootstrap']} subsample replicates", f"at {st['blocks']} blocks × {st['ts']} t, "
+            f"{st['seeds']} seeds", f"quantiles, block by block (before issue 24) | "
+            f"{pct(cov['value']['percentile']['rate'])} / {pct(cov['difference']['percentile']['rate'])} | "
+            f"{pct(false['pointwise percentile']['rate'])} |",
+            f"(`ci_low`, `ci_high`) | {pct(cov['value']['normal']['rate'])} / "
+            f"{pct(cov['difference']['normal']['rate'])} | {pct(false['pointwise']['rate'])} |",
+            f"the lists the reports print) | | {pct(false['simultaneous']['rate'], 0)} |",
+            f"(an oracle) | | {pct(false['pointwise, at the true width']['rate'])} block by block, "
+            f"{pct(false['simultaneous, at the true width']['rate'])} band |",
+            f"sd is {fixed(width['value']['median'], 2)}× (values) and {fixed(width['difference']['median'], 2)}× "
+            f"(B − A)",
+            f"n^{MINUS}{fixed(j['interval width']['why (m = 3158)']['exponent a'], 2)}",
+            f"in {fixed(min(bonf), 1, 100)}–{pct(max(bonf))} of {fixed(seeds.pop(), 0)} seeds",
+            f"calibrated on the {band['bootstrap']} replicates themselves in only {fixed(min(maxt), 0, 100)}–"
+            f"{pct(max(maxt), 0)}",
+            f"{pct(cov['value']['percentile']['rate'])} coverage for the quantiles, "
+            f"{pct(cov['value']['normal']['rate'])} for the new",
+            f"(`probe_intervals/`, {fixed(int(size), 0)} probe images) the held-out drop's interval went from "
+            f"{fixed(hi_old - lo_old, 1, 100)} to {fixed(hi_new - lo_new, 1, 100)} points wide",
+            "at t = 0 (below) would reach 0", f"One {blocks_pi}-block SiT's probe"]
+
+
+def setup_claims() -> list[str]:
+    """The paragraphs that quote benchmarks/RESULTS.md and the scripts of the runs not yet made."""
+    results = source("benchmarks/RESULTS.md")
+    cpu = re.search(r"\*\*(\d+) cores of an AMD EPYC \(Zen 4, no GPU\), (\d+) GiB, torch ([\d.]+) CPU\*\*", results)
+    teacher = re.search(r"\| bundled CIFAR SSL ResNet \(real weights\)[^|]*\|[^|]*\| ([\d.]+e-\d+) \(8–64 images\) "
+                        r"\| ([\d.]+e-\d+) ÷ [\d.]+e-\d+ = ([\d.]+) \|", results)
+    gpu = source("analyses/gpu_reproduce.sh")
+    model = re.search(r"a (\d+)-block, width-(\d+) SiT/(\d+) .*?= (\d+) tokens", gpu)
+    images = setting("analyses/gpu_reproduce.sh", r"the compare report on ([\d,]+) test images")
+    minutes = setting("analyses/gpu_reproduce.sh", r"in calls of ≤ (\d+) minutes")
+    pair = f"a {model[1]}-block, width-{model[2]} SiT/{model[3]} pair"
+    cpu_preset = setting("analyses/cifar_runs.py", r'"cpu": dict\([^)]*\bdepth=(\d+)')
+    over = setting("analyses/alignment_over_training.py", r"set_defaults\([^)]*\bn=(\d+)")
+    return [f"{cpu[1]} cores of an AMD EPYC, {cpu[2]} GiB, no GPU, torch {cpu[3]}",
+            f"move by {teacher[1]} of their spread; CKNNA by at most {teacher[2]}, {teacher[3]} of the narrowest",
+            f"{pair}, chained device calls of ≤ {minutes} minutes",
+            f"{pair} on {model[4]} tokens, {images} analysis images",
+            f"both runs on {fixed(int(over), 0)} images", f"The {cpu_preset}-block reports of earlier sessions"]
+
+
+def claims() -> list[str]:
+    return depth_claims() + three_way_claims() + demo_claims() + coverage_claims() + setup_claims()
+
+
+def test_every_claim_of_reports_readme_is_rebuilt_from_its_file():
+    text = readme()
+    missing = [c for c in claims() if flat(c) not in text]
+    assert not missing, "reports/README.md does not say, as the files do:\n" + "\n".join(missing)
+
+
+def test_the_reports_lists_are_block_by_block():
+    """What the README says of depth/, three_way/ and demo/: a block is in b_better_blocks / b_worse_blocks when
+    its own paired interval in the deltas file excludes 0 (pointwise, no band)."""
+    for folder, compare, deltas in (("depth", "compare", "deltas"), ("demo", "compare", "deltas"),
+                                    ("three_way", "compare", "deltas"),
+                                    ("three_way", "irepa_vs_repa", "irepa_vs_repa_deltas")):
+        d = table(f"{folder}/{deltas}.csv")
+        for r in table(f"{folder}/{compare}.csv").itertuples():
+            cell = d[(d.a == r.a) & (d.b == r.b) & (d.metric == r.metric) & (d.t == r.t) & (d.block >= 1)]
+            assert r.b_better_blocks == sorted(cell.loc[cell.ci_low > 0, "block"]), (folder, r.b, r.metric, r.t)
+            assert r.b_worse_blocks == sorted(cell.loc[cell.ci_high < 0, "block"]), (folder, r.b, r.metric, r.t)
+
+
+def test_every_number_in_reports_readme_is_traced():
+    """Each number lies inside a rebuilt claim, a wording number or a t the reports were run at."""
+    text = readme()
+    covered = [False] * len(text)
+
+    def cover(start: int, end: int) -> None:
+        covered[start:end] = [True] * (end - start)
+
+    for c in [flat(c) for c in claims()] + [m.group(0) for p in WORDING for m in re.finditer(p, text)]:
+        for m in re.finditer(re.escape(c), text):
+            cover(*m.span())
+    ts = {g(t) for t in summary("depth")["config"]["ts"]}
+    for m in T_MENTION.finditer(text):
+        if set(m.group(1).split(" / ")) <= ts:
+            cover(*m.span())
+    stray = [f"{m.group(0)!r} in …{text[max(0, m.start() - 50):m.end() + 30]}…"
+             for m in NUMBER.finditer(text) if not all(covered[m.start():m.end()])]
+    assert not stray, "numbers in reports/README.md that no committed file supports:\n" + "\n".join(stray)
