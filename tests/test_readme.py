@@ -139,3 +139,9 @@ def test_the_probe_intervals_report_quotes_its_json():
     for size in runs.values():
         flip, half = np.array(size["flip"]), np.array(size["half_width"])
         assert (flip < 2 * half).all()
+
+
+def test_the_demos_stated_duration_is_the_committed_runs():
+    """'about ten minutes on two CPU cores' is the committed demo run's own total (reports/demo/terminal.txt)."""
+    total = int(re.search(r"\[demo\] done in (\d+) s", (REPO / "reports" / "demo" / "terminal.txt").read_text())[1])
+    assert "about ten minutes on two CPU cores" in (REPO / "README.md").read_text() and 540 <= total <= 660

@@ -398,12 +398,16 @@ def demo_claims() -> list[str]:
     at0 = res[(res.t == 0.0) & (res.metric == "cknna")]
     thumb, best = float(row(at0, kind="raw-thumbnail")["value"]), at0[at0.kind == "model"]["value"].max()
     assert thumb > best
+    terminal = (REPORTS / "demo" / "terminal.txt").read_text()
+    took = {k: re.search(rf"\[demo\] {k}:? (?:in )?(\d+) s", terminal)[1] for k in ("vanilla", "repa", "done")}
+    better = f"at blocks {blocks(p['b_better_blocks'])}" if p["b_better_blocks"] else "at no block"
     return [f"the analysis took {fixed(s['timings_s']['total'], 0)} s",
+            f"training {took['vanilla']} s and {took['repa']} s, {took['done']} s in all",
             f"{depth}-block width-{demo('width')} patch-{args['model_name'].rsplit('/', 1)[1]} SiTs, "
             f"{args['step']} steps × {demo('batch')} images each, REPA λ = {g(args['repa_coeff'])} at block {block}",
             f"{cfg['n']} test images for CKNNA, probes on {cfg['probe_n_train']} train images",
             f"CKNNA at block {block} is {aligned(c, 3)} (paired)",
-            f"the probe is better at blocks {blocks(p['b_better_blocks'])} ({signed(p['max_delta'], 1, 100)} points at "
+            f"the probe is better {better} (largest difference {signed(p['max_delta'], 1, 100)} points, at "
             f"block {p['max_delta_block']})", f"({depth} blocks, {halves.pop()}-image halves)",
             f"CKNNA ({fixed(thumb, 3)}) beats every block ({fixed(best, 4)})"]
 

@@ -157,16 +157,24 @@ def compare_sentence(comp: pd.DataFrame, pairs: list[tuple[str, str]], t: float)
     for (a, b), g in at.groupby(["a", "b"], sort=False):
         deltas = [f"{name[(r.metric, r.encoder)]} {_aligned(r)}{paren(sample(r.metric, r.n, r.k))}"
                   for r in g.itertuples() if r.aligned_delta == r.aligned_delta]
-        if one_block and deltas:                # every page-1 measure, else the first (the alignment)
-            clauses.append((f"{b} − {a}: " + ", ".join(deltas), f"{b} − {a}: {deltas[0]}"))
+        if one_block and deltas:    # every page-1 measure, else the first (the alignment), else with names cut
+            clauses.append((f"{b} − {a}: " + ", ".join(deltas), f"{b} − {a}: {deltas[0]}",
+                            f"{_cut(b)} − {_cut(a)}: {deltas[0]}"))
         hits = [(side, name[(r.metric, r.encoder)], list(blocks)) for side in ("better", "worse")
                 for r in g.itertuples() if len(blocks := getattr(r, f"b_{side}_blocks"))]
         lists = f"{b} is " + ", ".join(f"{side} {at_blocks(bl)} in {m}" for side, m, bl in hits)
         clauses.append((lists + " (jointly over blocks × t)", lists,
                         f"{b} is " + ", ".join(f"{side} at {len(bl)} block{'s' * (len(bl) > 1)} in {m}"
                                                for side, m, bl in hits))
-                       if hits else (f"no block of {b} differs significantly from {a}",))
+                       if hits else (f"no block of {b} differs significantly from {a}",
+                                     f"no block of {_cut(b)} differs significantly from {_cut(a)}"))
     return fit(head, clauses)
+
+
+def _cut(name: str, width: int = 16) -> str:
+    """A checkpoint's name shortened to `width` characters ('…' marks the cut) where a long one would push a
+    sentence past LIMIT; page 2 and the files keep the whole name."""
+    return name if len(name) <= width else name[:width - 1] + "…"
 
 
 def _and(items: list[str]) -> str:
