@@ -78,3 +78,14 @@ def test_every_family_takes_every_keyword_the_loader_passes(family):
     params = inspect.signature(family.load).parameters
     assert keywords <= set(params), f"{family.__name__}.load lacks {sorted(keywords - set(params))}"
     assert [p for p in params if p not in keywords] == ["self", "obj", "path"]
+
+
+def test_families_md_lists_the_registered_families_in_order():
+    doc = (REPO / "docs" / "families.md").read_text()
+    header = "| family | checkpoints | file |\n|---|---|---|\n"
+    assert header in doc, "docs/families.md has no table of the registered families"
+    table = doc.split(header, 1)[1].split("\n\n")[0]
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in table.splitlines()]
+    assert [row[0] for row in rows] == list(FAMILIES)
+    for name, _, file in rows:
+        assert type(FAMILIES[name]).__module__ == "repa_probe." + file.removesuffix(".py").replace("/", ".")
