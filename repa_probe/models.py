@@ -350,9 +350,6 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
-MODEL_NAMES = [f"{fam}-{s}/{p}" for fam in ("SiT", "DiT") for s in SIZES for p in (2, 4, 8)]
-
-
 def size_name(config: ModelConfig, family: str = "SiT") -> str:
     """'SiT-XL/2'-style name if the config is a standard size, else a short description."""
     for size, (hidden, depth, heads) in SIZES.items():

@@ -1,8 +1,8 @@
 """Plug-ins: modules that register model families, time conventions, alignment metrics or report figures.
 
-A plug-in is any module whose import calls the registries' `register_*` functions (docs/families.md,
-docs/metrics.md). The command line imports every plug-in before it parses its flags, so a registered
-convention or metric appears in `--convention` / `--metrics` and the analysis uses it with no other change:
+A plug-in is any module whose import calls the registries' `register_*` functions (docs/extending.md). The
+command line imports every plug-in before it parses its flags, so a registered convention or metric appears in
+`--convention` / `--metrics` and the analysis uses it with no other change:
   - installed packages declare an entry point in the group ``repa_probe.plugins``;
   - ``REPA_PROBE_PLUGINS`` lists module names or .py files, comma-separated (for a file of your own).
 In Python, importing the module is all it takes.

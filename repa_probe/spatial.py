@@ -18,7 +18,7 @@ orthogonal) and by a positive rescaling of any token. A zero token has cosine 0 
 - CDS, correlation-decay slope: minus the least-squares slope of mean K against distance;
 - RMSC, RMS spatial contrast: the spread of the unit tokens around their mean (blind to positions);
 - SRSS, semantic-region self-similarity: LDS restricted to a foreground mask (needs the mask, so it
-  is not in ``SPATIAL_METRICS``).
+  is not in ``SPATIAL_METRICS`` and no command computes it: a library function for masks of your own).
 
 The definitions follow the authors' release (End2End-Diffusion/iREPA, metrics/spatial_metrics.py), read to
 confirm them, not copied; run beside ours they agree to within 1e-7 (docs/spatial.md).

@@ -1,5 +1,5 @@
 """The statistics behind every claim a report makes: intervals, paired differences, the selection-aware peak
-and drop, the permutation null (docs/statistics.md).
+and drop (docs/statistics.md; the permutation null's targets are metrics.permuted_targets).
 
 Every number repa-probe reports is a statistic of the images analysed; its uncertainty comes from
 resampling those images.
@@ -149,12 +149,6 @@ def verdict(difference, low, high, floor):
     d, low, high, floor = (np.asarray(x, dtype=np.float64) for x in (difference, low, high, floor))
     sign = np.where((low > 0) & (d > floor), 1, np.where((high < 0) & (d < -floor), -1, 0))
     return int(sign) if sign.ndim == 0 else sign
-
-
-def permutation_p(value: float, null: np.ndarray) -> float:
-    """One-sided permutation p-value (1 + #{null ≥ value}) / (1 + P)."""
-    null = np.asarray(null)
-    return float((1 + np.sum(null >= value)) / (1 + len(null)))
 
 
 def fmt_interval(value: float, lo: float, hi: float, scale: float = 1.0, digits: int = 2) -> str:

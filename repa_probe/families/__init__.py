@@ -7,7 +7,7 @@ registered family that recognises it. Capture, analysis and sampling speak only 
     lightningdit.py  LightningDiT (hustvl): SwiGLU, RMSNorm, RoPE blocks on VA-VAE latents
     sit.py        SiT / DiT / REPA checkpoints (official releases, REPA's training dicts, ours)
     repae.py      REPA-E: SiT trained end to end with its VAE; latent BatchNorm folded into the VAE
-    diffusers.py  diffusers model folders (DiTTransformer2DModel, SD3Transformer2DModel)
+    diffusers.py  diffusers model folders (DiT, PixArt, SD3 and Flux transformers)
     module.py     any nn.Module described in Python (repa_probe.analyze), not registered
 
 A new family is one file defining a ModelFamily subclass and calling `register_family` (docs/families.md).

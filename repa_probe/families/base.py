@@ -69,8 +69,12 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load(self, obj: dict, path: Path, *, convention: str | None, weights: str,
-             device: str | torch.device = "cpu") -> LoadedCheckpoint:
-        """The model (eval mode) with its provenance; bad contents are one UserError naming the file."""
+             device: str | torch.device = "cpu", heads: int | None = None) -> LoadedCheckpoint:
+        """The model (eval mode) with its provenance; bad contents are one UserError naming the file.
+
+        `load_checkpoint` passes every keyword: `convention` (--convention, None: detect it), `weights` ("ema" or
+        "model"), `device`, `heads` (--heads, None: read them from the weights; a family whose weights always
+        tell them may ignore it)."""
 
     @abstractmethod
     def anatomy(self, model: nn.Module, meta: dict) -> Anatomy:

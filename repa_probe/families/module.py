@@ -64,7 +64,7 @@ class ModuleFamily(ModelFamily):
     def recognise(self, obj: dict, path: Path) -> bool:
         return False
 
-    def load(self, obj, path, *, convention, weights, device="cpu"):
+    def load(self, obj, path, *, convention, weights, device="cpu", heads=None):
         raise UserError("a module described in Python is not loaded from a file: use repa_probe.analyze(model, ...)")
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:

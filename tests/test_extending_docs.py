@@ -1,0 +1,104 @@
+"""docs/extending.md's examples run as printed: each registers one plug-in under a new name in its registry,
+the plug-in works through repa-probe's own entry points, and the registries are restored after."""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, tiny_config
+from repa_probe.families import FAMILIES, load_checkpoint
+from repa_probe.metrics import METRICS, alignment
+from repa_probe.models import SiT
+from repa_probe.noise import CONVENTIONS
+from repa_probe.pipeline import COLUMNS
+from repa_probe.report.compose import FIGURES
+from repa_probe.spatial import SPATIAL_METRICS, spatial_scores
+
+REGISTRIES = {"metric": METRICS, "spatial": SPATIAL_METRICS, "family": FAMILIES, "figure": FIGURES,
+              "convention": CONVENTIONS}
+EXAMPLES = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "extending.md").read_text(), re.S)
+
+
+@contextmanager
+def run_example(code: str):
+    """Execute one example → (which registry, the entry it added), the registries restored afterwards."""
+    saved = {kind: reg.copy() for kind, reg in REGISTRIES.items()}
+    try:
+        exec(compile(code, "docs/extending.md", "exec"), {"__name__": "extending_example"})
+        added = {kind: [x for x in reg if x not in saved[kind]] for kind, reg in REGISTRIES.items()}
+        changed = {kind: new for kind, new in added.items() if new or len(REGISTRIES[kind]) != len(saved[kind])}
+        assert len(changed) == 1, f"the example should add one entry to one registry, changed {sorted(changed)}"
+        (kind, new), = changed.items()
+        assert len(new) == 1 and len(REGISTRIES[kind]) == len(saved[kind]) + 1   # new, not a replacement
+        entry = REGISTRIES[kind][new[0]] if isinstance(REGISTRIES[kind], dict) else new[0]
+        yield kind, entry
+    finally:
+        for kind, reg in REGISTRIES.items():
+            if isinstance(reg, dict):
+                reg.clear(), reg.update(saved[kind])
+            else:
+                reg[:] = saved[kind]
+
+
+def check_metric(metric, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 6, generator=g), torch.randn(40, 5, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    rotated, unrelated = alignment(a, torch.stack([a @ q]), (metric.name,), clamp=False)[metric.name][0], \
+        alignment(b, a[None], (metric.name,), clamp=False)[metric.name][0]
+    assert rotated == pytest.approx(1.0) and abs(unrelated) < 0.3     # cosines are rotation-invariant
+
+
+def check_spatial(metric, tmp_path):
+    rows = torch.randn(2, 3, 1, 8).expand(2, 3, 4, 8).reshape(2, 12, 8)  # each grid row one token repeated
+    score = spatial_scores(rows, (3, 4), [metric.name])[metric.name]
+    assert score.shape == (2,) and torch.allclose(score, torch.ones(2, dtype=score.dtype))
+
+
+def check_family(family, tmp_path):
+    model = SiT(tiny_config())
+    torch.save({"net": model.state_dict()}, tmp_path / "net.pt")
+    ckpt = load_checkpoint(tmp_path / "net.pt")
+    assert ckpt.family is family and ckpt.provenance.family == family.name and ckpt.anatomy.depth == 3
+    assert torch.equal(ckpt.model.blocks[2].mlp.fc1.weight, model.blocks[2].mlp.fc1.weight)
+
+
+def check_figure(builder, tmp_path):
+    table = pd.DataFrame([dict.fromkeys(COLUMNS, 0.5) | {"kind": kind, "block": block}
+                          for kind, block in (("model", 0), ("model", 1), ("model", 1), ("untrained", 1))])
+    (name, fig), = builder(None, table)
+    assert isinstance(name, str) and [p.get_height() for p in fig.axes[0].patches] == [1, 2]
+    plt.close(fig)
+
+
+def check_convention(convention, tmp_path):
+    x, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    half = convention.model_input(x, torch.tensor([0.5, 0.5]), noise)
+    assert torch.allclose(half, math.sqrt(0.5) * (x + noise), atol=1e-6)
+    assert convention.timestep(0.25).item() == 250.0
+
+
+CHECKS = {"metric": check_metric, "spatial": check_spatial, "family": check_family, "figure": check_figure,
+          "convention": check_convention}
+
+
+def test_the_page_has_one_example_per_registry():
+    kinds = []
+    for code in EXAMPLES:
+        with run_example(code) as (kind, _):
+            kinds.append(kind)
+    assert sorted(kinds) == sorted(REGISTRIES)
+
+
+@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example{i + 1}" for i in range(len(EXAMPLES))])
+def test_each_example_registers_a_working_plug_in_and_is_taken_back(code, tmp_path):
+    before = {kind: list(reg) for kind, reg in REGISTRIES.items()}
+    with run_example(code) as (kind, entry):
+        CHECKS[kind](entry, tmp_path)
+    assert {kind: list(reg) for kind, reg in REGISTRIES.items()} == before
