@@ -23,6 +23,7 @@ from memory with the same capture code. Report composition is report/compose.py'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -36,7 +37,7 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
-from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix
+from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix, spatial_measures
 from repa_probe.capture import (DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space,
                                 make_dataset)
 from repa_probe.checkpoints import LoadedCheckpoint
@@ -417,7 +418,10 @@ class StoreSource:
         """(image ids, pooled encoder features [N, D], {"spatial": measures of its tokens [N, M] with --spatial;
         "token", "token_mean", "token_std": [N, D] at each image's sampled cell with --tokens})."""
         cfg = self.cfg
-        extras = {"spatial": spatial_matrix} if cfg.spatial else None
+        extras = None
+        if cfg.spatial:                     # keyed by the measures it computes, as the blocks' capture is
+            extras = {"spatial": functools.partial(spatial_matrix)}
+            extras["spatial"].cache_key = "spatial: " + ", ".join(spatial_measures())
         feats = encoder_features(self.store, encoder, dataset, grid, extras=extras,
                                  cell_seed=cfg.seed if cfg.tokens else None, batch_size=cfg.batch_size,
                                  num_workers=cfg.num_workers, quiet=cfg.quiet)

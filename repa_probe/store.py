@@ -824,7 +824,8 @@ def encoder_features(store: FeatureStore, encoder, dataset: Dataset, grid: int, 
                      quiet: bool = False) -> ImageFeatures:
     """Target-encoder features of a data subset, cached by (encoder.fingerprint(grid), data, grid):
     ``pooled`` [N, D] (mean of patch tokens), with tokens=True ``tokens`` [N, grid², D], for each
-    ``extras`` name its function of the tokens [N, ...] (e.g. spatial measures, without keeping the tokens),
+    ``extras`` name its function of the tokens [N, ...] (e.g. spatial measures, without keeping the tokens; a
+    function's ``cache_key`` attribute, where it has one, stands for it in the key: which measures it computes),
     and with `cell_seed` the token at each image's sampled cell with its image's channel mean and std
     (``token``, ``token_mean``, ``token_std`` [N, D]; tokens.py).
 
@@ -837,7 +838,7 @@ def encoder_features(store: FeatureStore, encoder, dataset: Dataset, grid: int, 
                 **{name: fn(tok) for name, fn in (extras or {}).items()}, **cells}
 
     fingerprint = {"encoder": encoder.fingerprint(grid), "grid": grid, "tokens": tokens,
-                   **({"extras": sorted(extras)} if extras else {}),
+                   **({"extras": sorted(getattr(fn, "cache_key", name) for name, fn in extras.items())} if extras else {}),
                    **({"cell_seed": cell_seed} if cell_seed is not None else {})}
     return cache_image_features(store, "encoder", fingerprint, dataset, fn, batch_size=batch_size,
                                 num_workers=num_workers, quiet=quiet)

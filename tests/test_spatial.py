@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 
 import pytest
 import torch
@@ -292,3 +293,27 @@ def test_a_cached_spatial_capture_is_not_served_for_another_set_of_measures(tmp_
         assert not np.array_equal(np.asarray(replaced.spatial[0])[..., -1], np.asarray(plugged.spatial[0])[..., -1])
     finally:
         del SPATIAL_METRICS[extra.name]
+
+
+def test_analyze_with_a_warm_cache_measures_a_spatial_measure_registered_since(tmp_path, cifar_dir):
+    """Blocks and the encoder's reference alike: after a first analysis with --spatial, a measure registered
+    since is computed on a rerun over the same cache (no IndexError, no missing encoder row), and the measures
+    that were there keep their values."""
+    import repa_probe
+    from conftest import randomize_, tiny_config
+    from repa_probe.checkpoints import save_checkpoint
+    from repa_probe.models import SiT
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    save_checkpoint(tmp_path / "a.pt", cfg, randomize_(SiT(cfg), seed=1).state_dict(), meta={"step": 1})
+    kw = dict(data=str(cifar_dir / "test"), encoders=["cifar-ssl-resnet"], ts=[0.5], n=24, bootstrap=0, null=0, k=5,
+              quiet=True, cache=str(tmp_path / "c"), spatial=True)
+    before = repa_probe.analyze(str(tmp_path / "a.pt"), **kw).table
+    extra = register_spatial_metric(SpatialMetric("plug", "plug-in", lambda t, g: similarity_profile(t, g)[:, 1]))
+    try:
+        after = repa_probe.analyze(str(tmp_path / "a.pt"), **kw).table
+    finally:
+        del SPATIAL_METRICS[extra.name]
+    plug = after[after["metric"] == "plug"]
+    assert {"model", "untrained", "encoder"} <= set(plug["kind"]) and plug["value"].notna().all()
+    old = before[before["metric"].isin(["lds", "cds", "rmsc"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, after[after["metric"].isin(["lds", "cds", "rmsc"])].reset_index(drop=True))

@@ -141,6 +141,6 @@ def test_probe_images_are_captured_without_the_per_image_measures(tmp_path, cifa
     pd.testing.assert_frame_equal(probe[0], probe[1])
     keys = [json.loads(m.read_text())["fingerprint"]["capture"]
             for m in (tmp_path / "c1" / "blocks").glob("*/manifest.json")]
-    entries = {(k.get("spatial", False), k.get("tokens", False), tuple(k["blocks"] or ())) for k in keys}
+    entries = {(bool(k.get("spatial")), k.get("tokens", False), tuple(k["blocks"] or ())) for k in keys}
     assert entries == {(True, True, ()), (False, False, ())}      # every block, of the model and the untrained one
     assert len(keys) == 4        # model and untrained: the alignment images measured, the probe's train images plain
