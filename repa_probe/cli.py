@@ -139,18 +139,23 @@ def cmd_encoders(args: argparse.Namespace) -> None:
 
 
 def cmd_families(args: argparse.Namespace) -> None:
-    """What this installation can analyse: model families, time conventions, alignment metrics (plug-ins included)."""
+    """What this installation can analyse and draw: model families, time conventions, alignment and spatial
+    measures, report pages (plug-ins included)."""
     from repa_probe.families import FAMILIES
     from repa_probe.metrics import METRICS
     from repa_probe.noise import CONVENTIONS
+    from repa_probe.report.compose import FIGURES
+    from repa_probe.spatial import SPATIAL_METRICS
     sections = [("model families (checkpoint files)", [(f.name, f.description) for f in FAMILIES.values()]),
                 ("any nn.Module", [("module", "repa_probe.analyze(model, blocks=..., call=..., convention=...)")]),
                 ("time conventions (--convention)", [(c.name, c.description) for c in CONVENTIONS.values()]),
-                ("alignment metrics (--metrics)", [(m.name, m.label) for m in METRICS.values()])]
+                ("alignment metrics (--metrics)", [(m.name, m.label) for m in METRICS.values()]),
+                ("spatial measures (--spatial)", [(m.name, m.label) for m in SPATIAL_METRICS.values()]),
+                ("report pages (figures)", [(f.__name__, (f.__doc__ or "").strip().split("\n")[0]) for f in FIGURES])]
     for title, rows in sections:
         print(title)
         for name, what in rows:
-            print(f"  {name:<12} {what}")
+            print(f"  {name:<16} {what}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -257,9 +262,10 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("families", help="list the model families, time conventions and metrics this installation has",
-                       description="What can be analysed: registered model families (with plug-ins), time "
-                                   "conventions and alignment metrics.")
+    p = sub.add_parser("families", help="list the model families, time conventions, measures and report pages this "
+                                        "installation has",
+                       description="What can be analysed and drawn: registered model families, time conventions, "
+                                   "alignment and spatial measures and report pages (plug-ins included).")
     p.set_defaults(func=cmd_families)
 
     p = sub.add_parser("encoders", help="list the known target encoders and whether their weights are found locally")

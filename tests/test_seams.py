@@ -117,3 +117,17 @@ def test_the_trainers_analysis_offers_the_new_measure(cifar_dir, tmp_path, toy_f
                        analyze_n=40, analyze_t=[0.5], analyze_blocks=[1, 3], analyze_metrics=["rv"], log_every=2))
     rows = [json.loads(line) for line in (run / "analysis.jsonl").read_text().splitlines()]
     assert {r["metric"] for r in rows} == {"rv", "probe_top1"} and all(0 <= r["value"] <= 1 for r in rows)
+
+
+def test_a_figure_registered_twice_is_refused_and_families_lists_every_registry():
+    """A page builder registered again under its name would give its pages twice: refused unless overwrite=True
+    replaces it in place; `repa-probe families` lists spatial measures and report pages beside the rest."""
+    from repa_probe.report.compose import FIGURES, curve_pages, register_figure
+    before = list(FIGURES)
+    with pytest.raises(ValueError, match="already registered"):
+        register_figure(curve_pages)
+    register_figure(curve_pages, overwrite=True)
+    assert FIGURES == before
+    listed = run_cli("families").stdout
+    assert "spatial measures" in listed and "lds" in listed
+    assert all(f.__name__ in listed for f in FIGURES) and listed.count("curve_pages") == 1

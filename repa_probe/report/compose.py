@@ -27,9 +27,21 @@ FigureBuilder = Callable[[Results, pd.DataFrame], list]
 FIGURES: list[FigureBuilder] = []
 
 
-def register_figure(builder: FigureBuilder) -> FigureBuilder:
-    """Add a page builder (results, table) → [(name, Figure)]; pages appear in registration order."""
-    FIGURES.append(builder)
+def figure_name(builder: FigureBuilder) -> str:
+    """A page builder's registry name: its module and qualified name."""
+    return f"{builder.__module__}.{builder.__qualname__}"
+
+
+def register_figure(builder: FigureBuilder, *, overwrite: bool = False) -> FigureBuilder:
+    """Add a page builder (results, table) → [(name, Figure)]; pages appear in registration order. A builder of a
+    registered name (`figure_name`) is refused, as its pages would appear twice, unless overwrite replaces it."""
+    same = [i for i, b in enumerate(FIGURES) if figure_name(b) == figure_name(builder)]
+    if same and not overwrite:
+        raise ValueError(f"figure {figure_name(builder)!r} is already registered (overwrite=True replaces it)")
+    if same:
+        FIGURES[same[0]] = builder
+    else:
+        FIGURES.append(builder)
     return builder
 
 
@@ -54,6 +66,7 @@ def _at_n(table: pd.DataFrame, metric: str, encoder: str) -> str:
 
 @register_figure
 def curve_pages(results: Results, table: pd.DataFrame) -> list:
+    """Each measure per block, every checkpoint and baseline overlaid, with intervals and the null."""
     return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block"
                                                     f"{_at_n(table, metric, encoder)}", aligned_blocks(results)))
             for metric, encoder in _panels(table)] + \
@@ -74,6 +87,7 @@ def seed_pages(results: Results, table: pd.DataFrame) -> list:
 
 @register_figure
 def heatmap_pages(results: Results, table: pd.DataFrame) -> list:
+    """Each checkpoint's measures over block × t."""
     figs = []
     for a in results.models:
         figs += [(f"heatmap {a.name}", fig) for fig in F.heatmaps(table, a.name, "block × t")]
@@ -84,6 +98,7 @@ def heatmap_pages(results: Results, table: pd.DataFrame) -> list:
 
 @register_figure
 def similarity_pages(results: Results, table: pd.DataFrame) -> list:
+    """Each checkpoint's block × block linear CKA at t = 0."""
     return [(f"layer similarity {a.name}", F.similarity_matrix(
         M.similarity_matrix(a.block_feats_t0, metric="cka"),
         f"{a.name}: block × block linear CKA at t = 0 (block 0 = patch embedding)"))
@@ -92,6 +107,7 @@ def similarity_pages(results: Results, table: pd.DataFrame) -> list:
 
 @register_figure
 def delta_pages(results: Results, table: pd.DataFrame) -> list:
+    """Each later checkpoint minus the first, per block, with paired intervals."""
     models = results.models
     figs = []
     for m in models[1:]:
