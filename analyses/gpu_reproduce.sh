@@ -14,7 +14,7 @@
 #   python analyses/pack_data.py pack ../shared/data/cifar10 gpu_pack/cifar10.npz          # ~54 MB
 # On the device, in calls of ≤ 10 minutes (carry gpu_pack), until it prints "done":
 #   LIMIT=540 bash analyses/gpu_reproduce.sh
-# The same steps at toy scale on a CPU (tests/test_analyses.py runs this, interrupted and resumed):
+# The same steps at toy scale on a CPU (run by hand; no test runs this script, unlike gpu_seeds.sh):
 #   TINY=1 DEVICE=cpu DATA=../shared/data/cifar10 LIMIT=600 bash analyses/gpu_reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
