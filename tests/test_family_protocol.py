@@ -89,3 +89,33 @@ def test_families_md_lists_the_registered_families_in_order():
     assert [row[0] for row in rows] == list(FAMILIES)
     for name, _, file in rows:
         assert type(FAMILIES[name]).__module__ == "repa_probe." + file.removesuffix(".py").replace("/", ".")
+
+
+def test_families_are_offered_checkpoints_by_priority_not_import_order(tmp_path):
+    """families/__init__ imports sit before lightningdit, yet LightningDiT (priority 1) is offered checkpoints
+    first; a plug-in that recognises SiT files takes them only with a priority above sit's, and only while
+    registered."""
+    from repa_probe.checkpoints import read_checkpoint
+    from repa_probe.families import detect_family
+    from repa_probe.families.base import PRIORITY
+    from repa_probe.families.sit import SiTFamily
+    from conftest import tiny_config
+    from repa_probe.models import SiT
+    assert list(FAMILIES)[:2] == ["lightningdit", "sit"]
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    path = tmp_path / "a.pt"
+    torch.save(SiT(cfg).state_dict(), path)             # a bare state dict: any SiT-like family recognises it
+
+    class Claims(SiTFamily):
+        name = "claims-sit-files"
+
+    def taker() -> str:
+        return detect_family(read_checkpoint(path), path).name
+
+    for priority, expected in ((0, "sit"), (2, "claims-sit-files")):
+        register_family(Claims(), priority=priority)
+        try:
+            assert taker() == expected
+        finally:
+            FAMILIES.pop("claims-sit-files"), PRIORITY.pop("claims-sit-files")
+    assert taker() == "sit"

@@ -21,8 +21,8 @@ import torch
 
 from repa_probe.checkpoints import LoadedCheckpoint, read_checkpoint
 from repa_probe.errors import UserError
-from repa_probe.families import lightningdit  # noqa: I001 (registration order: its keys extend SiT's)
-from repa_probe.families import sit
+from repa_probe.families import sit  # noqa: I001 (within one priority, families are offered in import order)
+from repa_probe.families import lightningdit
 from repa_probe.families import repae
 from repa_probe.families import diffusers
 from repa_probe.families.base import FAMILIES, Anatomy, InputSpace, ModelFamily, register_family

@@ -142,12 +142,18 @@ def assign_weights(make: Callable[[], nn.Module], sd: dict, path, what: str, nam
     return model
 
 
-FAMILIES: dict[str, ModelFamily] = {}
+FAMILIES: dict[str, ModelFamily] = {}     # in the order checkpoints are offered to them
+PRIORITY: dict[str, int] = {}
 
 
-def register_family(family: ModelFamily, *, overwrite: bool = False) -> ModelFamily:
-    """Add a family to the registry; checkpoints are offered to families in registration order."""
+def register_family(family: ModelFamily, *, priority: int = 0, overwrite: bool = False) -> ModelFamily:
+    """Add a family to the registry. Checkpoints are offered to families by priority, highest first, and within
+    one priority in registration order: a family whose files another would also recognise (LightningDiT's keys
+    extend SiT's) takes a higher priority than that one, whatever the order of the imports."""
     if family.name in FAMILIES and not overwrite:
         raise ValueError(f"model family {family.name!r} is already registered")
-    FAMILIES[family.name] = family
+    FAMILIES[family.name], PRIORITY[family.name] = family, priority
+    ordered = sorted(FAMILIES.items(), key=lambda item: -PRIORITY[item[0]])     # a stable sort
+    FAMILIES.clear()
+    FAMILIES.update(ordered)
     return family

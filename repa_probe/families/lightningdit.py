@@ -357,7 +357,7 @@ class LightningDiTFamily(ModelFamily):
                                           f"none, × {ckpt.meta.get('latent_multiplier')}"))]
 
 
-LIGHTNINGDIT = register_family(LightningDiTFamily())
+LIGHTNINGDIT = register_family(LightningDiTFamily(), priority=1)   # its keys extend SiT's: offered first
 
 
 #################################################################################
