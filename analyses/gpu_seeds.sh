@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The finding across training seeds, in ONE device call of at most LIMIT seconds (issue 25 §3):
+# The finding across training seeds, in ONE device call (TRAIN_S of training, then the analysis; issue 25 §3):
 #   1. SEEDS training seeds × 2 arms (vanilla, REPA λ = 0.5 at block 8 against the bundled CIFAR-10 teacher) of
 #      the deep CIFAR-10 preset (28 blocks, width 64, patch 4; analyses/cifar_runs.py), all trained at once on one
 #      GPU, one process each; within a seed the arms share init, data order, t and noise, across seeds they differ;
@@ -18,7 +18,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:-.}
-LIMIT=${LIMIT:-540}
 STATE=${STATE:-/tmp/gpu_seeds}
 OUT=${OUT:-/tmp/out}
 DEVICE=${DEVICE:-cuda}
