@@ -139,23 +139,32 @@ def cmd_encoders(args: argparse.Namespace) -> None:
 
 
 def cmd_families(args: argparse.Namespace) -> None:
-    """What this installation can analyse and draw: model families, time conventions, alignment and spatial
-    measures, report pages (plug-ins included)."""
+    """What this installation can analyse and draw: every plug-in registry (model families, time conventions,
+    alignment and spatial measures, encoders, report pages), in the order its items are offered, plug-ins
+    included."""
+    from repa_probe.encoders import ENCODERS
     from repa_probe.families import FAMILIES
     from repa_probe.metrics import METRICS
     from repa_probe.noise import CONVENTIONS
     from repa_probe.report.compose import FIGURES
     from repa_probe.spatial import SPATIAL_METRICS
-    sections = [("model families (checkpoint files)", [(f.name, f.description) for f in FAMILIES.values()]),
-                ("any nn.Module", [("module", "repa_probe.analyze(model, blocks=..., call=..., convention=...)")]),
-                ("time conventions (--convention)", [(c.name, c.description) for c in CONVENTIONS.values()]),
-                ("alignment metrics (--metrics)", [(m.name, m.label) for m in METRICS.values()]),
-                ("spatial measures (--spatial)", [(m.name, m.label) for m in SPATIAL_METRICS.values()]),
-                ("report pages (figures)", [(f.__name__, (f.__doc__ or "").strip().split("\n")[0]) for f in FIGURES])]
-    for title, rows in sections:
+
+    def first_line(f) -> str:
+        return (f.__doc__ or "").strip().split("\n")[0]
+    sections = [("model families (checkpoint files)", FAMILIES, lambda f: f.description),
+                ("time conventions (--convention)", CONVENTIONS, lambda c: c.description),
+                ("alignment metrics (--metrics)", METRICS, lambda m: m.label),
+                ("spatial measures (--spatial)", SPATIAL_METRICS, lambda m: m.label),
+                ("encoders (--encoder; details: repa-probe encoders)", ENCODERS, lambda e: e.family.name),
+                ("report pages (figures)", FIGURES, first_line)]
+    for title, registry, what in sections:
         print(title)
-        for name, what in rows:
-            print(f"  {name:<16} {what}")
+        for name, item in registry.items():
+            shown = name.rpartition(".")[2] if registry is FIGURES else name
+            priority = f" [priority {registry.priority[name]}]" if registry.priority[name] else ""
+            print(f"  {shown:<16} {what(item)}{priority}")
+        if registry is FAMILIES:
+            print(f"  {'module':<16} any nn.Module: repa_probe.analyze(model, blocks=..., call=..., convention=...)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

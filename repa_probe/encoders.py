@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from repa_probe import teacher as cifar_teacher
 from repa_probe.checkpoints import safe_torch_load
 from repa_probe.errors import UserError
+from repa_probe.registry import Registry
 
 #################################################################################
 #                          Normalisation constants                              #
@@ -196,7 +197,7 @@ def _mae(size: str, arch: str) -> EncoderSpec:
     return EncoderSpec(MAE, arch, (fname, f"mae_vit{size}.pth"), weights_url=f"{_FAIR}/mae/pretrain/{fname}")
 
 
-ENCODERS: dict[str, EncoderSpec] = {
+_BUILT_IN: dict[str, EncoderSpec] = {
     # DINOv2 (torch.hub checkpoints dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth; ViT-g uses a SwiGLU MLP)
     "dinov2-vit-s": _dinov2("s", False, "vit_small_patch14_dinov2.lvd142m"),
     "dinov2-vit-b": _dinov2("b", False, "vit_base_patch14_dinov2.lvd142m"),
@@ -239,13 +240,16 @@ ENCODERS: dict[str, EncoderSpec] = {
 ALIASES = {f"dinov2reg-vit-{s}": f"dinov2-vit-{s}-reg" for s in "sblg"}
 
 
-def register_encoder(name: str, spec: EncoderSpec, *, overwrite: bool = False) -> None:
+def register_encoder(name: str, spec: EncoderSpec, *, priority: int = 0, overwrite: bool = False) -> EncoderSpec:
     """Add an encoder to the registry (e.g. a CIFAR-10 self-supervised teacher ``cifar-ssl-...``)."""
-    if name in ENCODERS and not overwrite:
-        raise ValueError(f"encoder {name!r} is already registered")
     if not (spec.arch or spec.builder):
         raise ValueError(f"encoder {name!r}: give a timm arch or a builder")
-    ENCODERS[name] = spec
+    return ENCODERS.register(name, spec, priority=priority, overwrite=overwrite)
+
+
+ENCODERS: Registry[EncoderSpec] = Registry("encoder")
+for _name, _spec in _BUILT_IN.items():
+    register_encoder(_name, _spec)
 
 
 def _timm_family(arch: str) -> Family:

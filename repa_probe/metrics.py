@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import stats
 from .errors import UserError
+from .registry import Registry
 from .runtime import rank, sum_over_ranks_array, world_size
 
 EPS = 1e-6  # platonic-rep's denominator guard, kept so values match theirs exactly
@@ -477,14 +478,11 @@ class Metric:
     subset: Callable[[Any, torch.Tensor, torch.Tensor, int], Any] | None = None
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("alignment metric")
 
 
-def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
-    if metric.name in METRICS and not overwrite:
-        raise ValueError(f"alignment metric {metric.name!r} is already registered")
-    METRICS[metric.name] = metric
-    return metric
+def register_metric(metric: Metric, *, priority: int = 0, overwrite: bool = False) -> Metric:
+    return METRICS.register(metric.name, metric, priority=priority, overwrite=overwrite)
 
 
 def _shared(shared: dict, key: str, compute: Callable[[], Any]) -> Any:

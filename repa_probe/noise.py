@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from repa_probe.errors import UserError
+from repa_probe.registry import Registry
 
 Tensor = torch.Tensor
 
@@ -60,14 +61,11 @@ class Convention:
         return f"{self.display}: {self.description}"
 
 
-CONVENTIONS: dict[str, Convention] = {}
+CONVENTIONS: Registry[Convention] = Registry("time convention")
 
 
-def register_convention(convention: Convention, *, overwrite: bool = False) -> Convention:
-    if convention.name in CONVENTIONS and not overwrite:
-        raise ValueError(f"time convention {convention.name!r} is already registered")
-    CONVENTIONS[convention.name] = convention
-    return convention
+def register_convention(convention: Convention, *, priority: int = 0, overwrite: bool = False) -> Convention:
+    return CONVENTIONS.register(convention.name, convention, priority=priority, overwrite=overwrite)
 
 
 def get_convention(name: str | Convention, flag: str = "--convention") -> Convention:

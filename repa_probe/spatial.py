@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .registry import Registry
 from .metrics import exact_float32
 
 Grid = tuple[int, int]
@@ -230,14 +231,11 @@ class SpatialMetric:
     shares_sums: bool = False                         # fn takes sums= (distance_sums), computed once for all
 
 
-SPATIAL_METRICS: dict[str, SpatialMetric] = {}
+SPATIAL_METRICS: Registry[SpatialMetric] = Registry("spatial metric")
 
 
-def register_spatial_metric(metric: SpatialMetric, *, overwrite: bool = False) -> SpatialMetric:
-    if metric.name in SPATIAL_METRICS and not overwrite:
-        raise ValueError(f"spatial metric {metric.name!r} is already registered")
-    SPATIAL_METRICS[metric.name] = metric
-    return metric
+def register_spatial_metric(metric: SpatialMetric, *, priority: int = 0, overwrite: bool = False) -> SpatialMetric:
+    return SPATIAL_METRICS.register(metric.name, metric, priority=priority, overwrite=overwrite)
 
 
 register_spatial_metric(SpatialMetric("lds", "LDS", local_distant_similarity, shares_sums=True))

@@ -28,7 +28,7 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "extending.md").r
 @contextmanager
 def run_example(code: str):
     """Execute one example → (which registry, the entry it added), the registries restored afterwards."""
-    saved = {kind: reg.copy() for kind, reg in REGISTRIES.items()}
+    saved = {kind: dict(reg) for kind, reg in REGISTRIES.items()}
     try:
         exec(compile(code, "docs/extending.md", "exec"), {"__name__": "extending_example"})
         added = {kind: [x for x in reg if x not in saved[kind]] for kind, reg in REGISTRIES.items()}
@@ -36,14 +36,12 @@ def run_example(code: str):
         assert len(changed) == 1, f"the example should add one entry to one registry, changed {sorted(changed)}"
         (kind, new), = changed.items()
         assert len(new) == 1 and len(REGISTRIES[kind]) == len(saved[kind]) + 1   # new, not a replacement
-        entry = REGISTRIES[kind][new[0]] if isinstance(REGISTRIES[kind], dict) else new[0]
+        entry = REGISTRIES[kind][new[0]]
         yield kind, entry
     finally:
         for kind, reg in REGISTRIES.items():
-            if isinstance(reg, dict):
-                reg.clear(), reg.update(saved[kind])
-            else:
-                reg[:] = saved[kind]
+            for name in [x for x in reg if x not in saved[kind]]:
+                reg.pop(name)
 
 
 def check_metric(metric, tmp_path):

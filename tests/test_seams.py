@@ -123,11 +123,11 @@ def test_a_figure_registered_twice_is_refused_and_families_lists_every_registry(
     """A page builder registered again under its name would give its pages twice: refused unless overwrite=True
     replaces it in place; `repa-probe families` lists spatial measures and report pages beside the rest."""
     from repa_probe.report.compose import FIGURES, curve_pages, register_figure
-    before = list(FIGURES)
+    before = dict(FIGURES)
     with pytest.raises(ValueError, match="already registered"):
         register_figure(curve_pages)
     register_figure(curve_pages, overwrite=True)
     assert FIGURES == before
     listed = run_cli("families").stdout
     assert "spatial measures" in listed and "lds" in listed
-    assert all(f.__name__ in listed for f in FIGURES) and listed.count("curve_pages") == 1
+    assert all(f.__name__ in listed for f in FIGURES.values()) and listed.count("curve_pages") == 1

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from repa_probe.errors import UserError
+from repa_probe.registry import Registry
 
 if TYPE_CHECKING:
     from repa_probe.checkpoints import LoadedCheckpoint
@@ -142,18 +143,11 @@ def assign_weights(make: Callable[[], nn.Module], sd: dict, path, what: str, nam
     return model
 
 
-FAMILIES: dict[str, ModelFamily] = {}     # in the order checkpoints are offered to them
-PRIORITY: dict[str, int] = {}
+FAMILIES: Registry[ModelFamily] = Registry("model family")     # in the order checkpoints are offered to them
 
 
 def register_family(family: ModelFamily, *, priority: int = 0, overwrite: bool = False) -> ModelFamily:
     """Add a family to the registry. Checkpoints are offered to families by priority, highest first, and within
     one priority in registration order: a family whose files another would also recognise (LightningDiT's keys
     extend SiT's) takes a higher priority than that one, whatever the order of the imports."""
-    if family.name in FAMILIES and not overwrite:
-        raise ValueError(f"model family {family.name!r} is already registered")
-    FAMILIES[family.name], PRIORITY[family.name] = family, priority
-    ordered = sorted(FAMILIES.items(), key=lambda item: -PRIORITY[item[0]])     # a stable sort
-    FAMILIES.clear()
-    FAMILIES.update(ordered)
-    return family
+    return FAMILIES.register(family.name, family, priority=priority, overwrite=overwrite)

@@ -18,13 +18,14 @@ from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_
 from repa_probe.report import figures as F
 from repa_probe.report import seeds as S
 from repa_probe.report.baselines import baseline_gaps
+from repa_probe.registry import Registry
 from repa_probe.report.pdf import write_report
 from repa_probe.report.summary import compare_summary, paired_deltas, peak_summary
 from repa_probe.report.verdict import (detail_lines, gap_lines, interval, level, number, overview_sentences, paren,
                                        sample, seed_lines, what)
 
 FigureBuilder = Callable[[Results, pd.DataFrame], list]
-FIGURES: list[FigureBuilder] = []
+FIGURES: Registry[FigureBuilder] = Registry("figure")
 
 
 def figure_name(builder: FigureBuilder) -> str:
@@ -32,17 +33,11 @@ def figure_name(builder: FigureBuilder) -> str:
     return f"{builder.__module__}.{builder.__qualname__}"
 
 
-def register_figure(builder: FigureBuilder, *, overwrite: bool = False) -> FigureBuilder:
-    """Add a page builder (results, table) → [(name, Figure)]; pages appear in registration order. A builder of a
-    registered name (`figure_name`) is refused, as its pages would appear twice, unless overwrite replaces it."""
-    same = [i for i, b in enumerate(FIGURES) if figure_name(b) == figure_name(builder)]
-    if same and not overwrite:
-        raise ValueError(f"figure {figure_name(builder)!r} is already registered (overwrite=True replaces it)")
-    if same:
-        FIGURES[same[0]] = builder
-    else:
-        FIGURES.append(builder)
-    return builder
+def register_figure(builder: FigureBuilder, *, priority: int = 0, overwrite: bool = False) -> FigureBuilder:
+    """Add a page builder (results, table) → [(name, Figure)]; pages appear by priority, then in registration
+    order. A builder of a registered name (`figure_name`) is refused, as its pages would appear twice, unless
+    overwrite replaces it."""
+    return FIGURES.register(figure_name(builder), builder, priority=priority, overwrite=overwrite)
 
 
 def _panels(table: pd.DataFrame, single_block: bool = False) -> list[tuple[str, str]]:
@@ -310,7 +305,7 @@ def write(results: Results, out: str | Path, timings: dict[str, float] | None = 
                             "interval is above 0 (shaded); above null = blocks whose interval clears the permutation "
                             "null's 97.5% level.")
     figs += [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
-    for builder in FIGURES:
+    for builder in FIGURES.values():
         figs += builder(results, table)
     return write_report(out, table, summary, figs, tables, started=start)
 
