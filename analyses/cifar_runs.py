@@ -17,8 +17,10 @@ Runs resume where they stopped (the trainer continues from RUN/checkpoints), so 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,9 +95,31 @@ def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False, seed:
         if proc.wait() != 0:
             raise SystemExit(f"{name} training failed: see {out / f'{name}.train.log'}")
     wall = time.perf_counter() - start
-    (out / "runs.json").write_text(json.dumps({"preset": preset, "seed": seed, "settings": p, "wall_s_last_call": round(wall)},
-                                              indent=2) + "\n")
+    if procs:                  # a call that trained nothing keeps the record of the one that did
+        (out / "runs.json").write_text(json.dumps({"preset": preset, "seed": seed, "settings": p,
+                                                  "wall_s_last_call": round(wall)}, indent=2) + "\n")
     return {name: out / name for name in runs}
+
+
+def exported(preset: str, seed: int = 0, arms: tuple[str, ...] = ("vanilla", "repa")) -> dict[str, Path]:
+    """The final EMA weights of a seed's runs in float16 (export_weights.py), where the committed reports read
+    them: reports/weights/cifar_<preset>/<arm>-s<seed>.safetensors, with their sha256 in SHA256SUMS, beside the
+    run's training log and config. Trains or finishes the runs first if they are not there; an existing export
+    is kept (its hash is the report's)."""
+    from export_weights import export
+    folder, runs = REPO / "reports" / "weights" / f"cifar_{preset}", ensure_runs(preset, irepa="irepa" in arms, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for arm in arms:
+        dst = folder / f"{arm}-s{seed}.safetensors"
+        if not dst.exists():
+            export(runs[arm] / "checkpoints" / f"{PRESETS[preset]['steps']:07d}.pt", dst)
+            for record in ("log.jsonl", "config.json"):      # the training's losses, speed and settings
+                shutil.copyfile(runs[arm] / record, folder / f"{arm}-s{seed}.{record}")
+        out[f"{arm}-s{seed}"] = dst
+    sums = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(folder.glob("*.safetensors"))]
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    return out
 
 
 def experiment_parser(doc: str) -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@ vanilla and REPA (λ = 0.5 at block 8 against the bundled SimCLR teacher), ident
     python analyses/cifar_runs.py --preset deep      # trains both (one core each, resumable)
     python analyses/depth_peak.py                    # → reports/depth/ (+ reports/depth/knobs/)
 
-1. compare: all 10,000 cifar10/test images for CKNNA, probes fitted on 10,000 cifar10/train images and
+1. compare the runs' final EMA weights as exported in float16 to reports/weights/cifar_<preset>/ (committed, so
+   that the comparison can be re-made without training): all 10,000 cifar10/test images for CKNNA, probes fitted on 10,000 cifar10/train images and
    scored on the 10,000 test images, t ∈ {0, 0.1, 0.25, 0.5, 0.75}, the statistics of docs/statistics.md.
 2. the training-length knob: every --knob-every steps, both runs' checkpoints analysed on --knob-n test
    images (probe on a 4/5 : 1/5 split of them): the held-out drop after the peak, with its paired interval,
@@ -22,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cifar_runs import DATA, REPO, analysis_config, ensure_runs, experiment_args, experiment_parser  # noqa: E402
+from cifar_runs import DATA, REPO, analysis_config, ensure_runs, experiment_args, experiment_parser, exported  # noqa: E402
 from repa_probe.commands import compare  # noqa: E402
 from repa_probe.families import load_checkpoint  # noqa: E402
 from repa_probe.pipeline import AnalyzeConfig, Pipeline, metric_label, run  # noqa: E402
@@ -79,12 +80,12 @@ if __name__ == "__main__":
     parser.add_argument("--knob-every", type=int, default=1000, help="every this many steps (default 1000)")
     parser.add_argument("--skip-compare", action="store_true", help="only the knob")
     a = experiment_args(__doc__, parser)
-    runs = ensure_runs(a.preset)
+    runs, weights = ensure_runs(a.preset), exported(a.preset)
     report = REPO / "reports" / ("depth" if a.preset == "deep" else f"depth_{a.preset}")
     if not a.skip_compare:
         start = time.perf_counter()
-        print(compare([os.path.relpath(runs["vanilla"]), os.path.relpath(runs["repa"])],
-                      analysis_config(a.preset, a.n, bootstrap=20), str(report)), f"{time.perf_counter() - start:.0f} s")
+        print(compare([os.path.relpath(w) for w in weights.values()], analysis_config(a.preset, a.n, bootstrap=20),
+                      str(report)), f"{time.perf_counter() - start:.0f} s")
     print(knobs(runs, a.knob_n, a.knob_every, report / "knobs")[["run", "step", "metric", "t", "best_block",
                                                                   "selected_block", "drop_after", "drop_ci_low",
                                                                   "drop_ci_high", "peaks_then_drops"]])
