@@ -147,9 +147,7 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
     ``_loss_and_grad``. Returns α, δ (B, G, c), zero for inactive problems.
     """
     B, G, c, n = scores.shape
-    P, d = B * G, theta.shape[2] - 1
-    split = c <= SPLIT_MAX_CLASSES
-    f64 = torch.float64
+    P, d, split, f64 = B * G, theta.shape[2] - 1, c <= SPLIT_MAX_CLASSES, torch.float64
     w, dw = theta[:, :, :d].double(), direction[:, :, :d].double()
     w_dot, d_sq = (w * dw).sum(dim=2).view(P, c), (dw * dw).sum(dim=2).view(P, c)
     reg0 = (0.5 * lam * w.square().sum(dim=(2, 3))).view(P)
@@ -164,14 +162,13 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
     for _ in range(max_newton):                     # so a batch gives what one alone gives
         if todo.numel() == 0:
             break
-        k = todo.numel()
         s_k, z_k, lam_k, a, dl = scores[todo], z[todo], lam1[todo], alpha[todo], delta[todo]
         om = None if omega is None else omega[todo]
 
         def avg(v):   # the mean over images of v (k, ·, n), weighted by omega if given, in float64
             return v.sum(-1, dtype=f64) / n if om is None else (v * om).sum(-1, dtype=f64)
 
-        y_idx = y.view(1, 1, n).expand(k, 1, n)
+        y_idx = y.view(1, 1, n).expand(todo.numel(), 1, n)
         log_p = (s_k + a.to(s_k.dtype).unsqueeze(-1) * z_k + dl.to(s_k.dtype).unsqueeze(-1)).log_softmax(dim=1)
         phi = avg(-log_p.gather(1, y_idx))[:, 0] + reg0[todo] + \
             (lam_k * (a * w_dot[todo] + 0.5 * a.square() * d_sq[todo])).sum(dim=-1)
@@ -183,30 +180,8 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
         ba, bd = torch.where(b2, a, best_a[todo]), torch.where(b2, dl, best_d[todo])
         bphi = torch.where(better, phi, best_phi[todo])
         best_a[todo], best_d[todo], best_phi[todo] = ba, bd, bphi
-        p = log_p.exp()
-        q = p.clone().scatter_add_(1, y_idx, -torch.ones_like(y_idx, dtype=p.dtype))   # P − Y
-        pz = p * z_k
-        g_a = avg(q * z_k) + lam_k * (w_dot[todo] + a * d_sq[todo])
-        h_aa = avg(pz * z_k) + lam_k * d_sq[todo]        # diagonal parts
-        if split:
-            g_d = avg(q)
-            m = torch.cat([pz, p], dim=1)
-            hess = -torch.bmm(m / n if om is None else m * om, m.transpose(1, 2)).double()
-            diag = torch.cat([h_aa, avg(p)], dim=-1)
-            hess += torch.diag_embed(diag)
-            cross = torch.diag_embed(avg(pz))      # ∂²/∂αₐ∂δₐ
-            hess[:, :c, c:] += cross
-            hess[:, c:, :c] += cross
-            grad = torch.cat([g_a, g_d], dim=-1)
-            # adding one constant to every intercept changes nothing: a tiny ridge fixes it
-            ridge = 1e-9 * diag.amax(dim=-1, keepdim=True).clamp(min=1e-30)
-            newton = torch.linalg.solve(hess + torch.diag_embed(ridge.expand_as(diag)), grad)
-            new_a, new_d = a - newton[:, :c], dl - newton[:, c:]
-        else:
-            grad = g_a.sum(-1, keepdim=True)
-            hess = h_aa.sum(-1) - avg(pz.sum(dim=1, keepdim=True).double().square())[:, 0]
-            newton = grad / hess.clamp(min=1e-30).unsqueeze(-1)
-            new_a, new_d = a - newton, dl
+        grad, newton = _newton(log_p.exp(), y_idx, z_k, avg, lam_k, w_dot[todo], d_sq[todo], a, om, split)
+        new_a, new_d = (a - newton[:, :c], dl - newton[:, c:]) if split else (a - newton, dl)
         # done when Newton promises < 1% of what this search has gained (or nothing at all)
         decrement = (grad * newton).sum(-1)
         done = better & (decrement <= torch.maximum(1e-2 * (phi0[todo] - bphi), 1e-10 * bphi.abs().clamp(min=1.0)))
@@ -215,6 +190,32 @@ def _step_search(scores, z, y, lam, theta, direction, active, max_newton: int = 
         delta[todo] = torch.where(b2, new_d, 0.5 * (dl + bd))
         todo = todo[~done]
     return best_a.view(B, G, c), best_d.view(B, G, c)
+
+
+def _newton(p, y_idx, z_k, avg, lam_k, w_dot, d_sq, a, om, split: bool):
+    """_step_search's Newton step from the probabilities p (k, c, n) at the current point: (gradient, step) over
+    (α, δ), 2c numbers per problem (split), or over one shared α (an exact line search)."""
+    n, c = p.shape[-1], p.shape[1]
+    q = p.clone().scatter_add_(1, y_idx, -torch.ones_like(y_idx, dtype=p.dtype))   # P − Y
+    pz = p * z_k
+    g_a = avg(q * z_k) + lam_k * (w_dot + a * d_sq)
+    h_aa = avg(pz * z_k) + lam_k * d_sq        # diagonal parts
+    if not split:
+        grad = g_a.sum(-1, keepdim=True)
+        hess = h_aa.sum(-1) - avg(pz.sum(dim=1, keepdim=True).double().square())[:, 0]
+        return grad, grad / hess.clamp(min=1e-30).unsqueeze(-1)
+    g_d = avg(q)
+    m = torch.cat([pz, p], dim=1)
+    hess = -torch.bmm(m / n if om is None else m * om, m.transpose(1, 2)).double()
+    diag = torch.cat([h_aa, avg(p)], dim=-1)
+    hess += torch.diag_embed(diag)
+    cross = torch.diag_embed(avg(pz))      # ∂²/∂αₐ∂δₐ
+    hess[:, :c, c:] += cross
+    hess[:, c:, :c] += cross
+    grad = torch.cat([g_a, g_d], dim=-1)
+    # adding one constant to every intercept changes nothing: a tiny ridge fixes it
+    ridge = 1e-9 * diag.amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    return grad, torch.linalg.solve(hess + torch.diag_embed(ridge.expand_as(diag)), grad)
 
 
 def _preconditioner(x: torch.Tensor, lam: torch.Tensor, num_classes: int, rows: int = 4096):
@@ -559,6 +560,12 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
                                  np.shape(resample[1]) != (len(resample[0]), len(test_labels))):
         raise UserError(f"resample: draw counts (R, {len(train_labels)}) and (R, {len(test_labels)}) for the torch "
                         f"backend; got {np.shape(resample[0])} and {np.shape(resample[1])} for {backend!r}")
+    return _run_probes(train_feats, train_labels, test_feats, test_labels, cfg, device, backend, resample)
+
+
+def _run_probes(train_feats, train_labels, test_feats, test_labels, cfg: ProbeConfig, device, backend: str,
+                resample) -> dict[str, np.ndarray]:
+    """linear_probe's work on checked inputs: the probes in passes that fit cfg.max_batch_bytes."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     y_tr, y_te, c = _labels(train_labels, test_labels)
