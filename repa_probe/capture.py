@@ -43,8 +43,7 @@ from repa_probe.errors import UserError
 from repa_probe.families import InputSpace, load_checkpoint
 from repa_probe.noise import Convention, seeded_noise
 from repa_probe.runtime import AUTOCAST_DTYPES, init_distributed, resolve_device
-from repa_probe.spatial import spatial_matrix, spatial_measures
-from repa_probe.tokens import at_cells, sample_cells
+from repa_probe.reductions import REDUCTIONS, Batch, TokenReduction, part_name
 from repa_probe.store import Features, FeatureStore, ImageFeatures, fill, read_features, t_part
 
 DEFAULT_TS = (0.0, 0.1, 0.25, 0.5, 0.75)
@@ -100,13 +99,13 @@ class BlockCapture:
     """Context manager: hooks on a loaded model's blocks that store pooled features of the wanted blocks.
 
     blocks: indices in 0..depth (0 = tokens entering block 1), default all. After a forward pass,
-    `features[i]` holds block i's pooled output. With `cells` (each image's sampled grid cell, tokens.py),
-    `tokens[i]` holds block i's token at that cell and `projected` the model's REPA projector outputs at it
-    (when the aligned block is captured). Hooks are removed on exit, also after an error.
+    `features[i]` holds block i's pooled output, and `reduced[name][i]` each token reduction's array of it
+    (reductions.py; a projector reduction's `reduced[name]["projected{k}"]`, of the model's REPA projectors at
+    the aligned block, when it is captured). Hooks are removed on exit, also after an error.
     """
 
     def __init__(self, ckpt: LoadedCheckpoint, blocks: Sequence[int] | None = None, pooling: str = "mean",
-                 stop_early: bool = True, spatial: bool = False, cells: torch.Tensor | None = None):
+                 stop_early: bool = True, reductions: Sequence[TokenReduction] = (), batch: Batch | None = None):
         self.family, self.modules = ckpt.family, list(ckpt.family.blocks(ckpt.model))
         depth = len(self.modules)
         self.pooling = pooling
@@ -117,21 +116,20 @@ class BlockCapture:
         parse_pooling(pooling)
         self.last = max(self.blocks) if stop_early else None
         self.features: dict[int, torch.Tensor] = {}
-        self.spatial = {} if spatial else None     # block → (N, M) spatial measures of its tokens (spatial.py)
-        self.cells, self.tokens, self.projected = cells, {}, []
+        self.reductions, self.batch = list(reductions), batch
+        self.reduced: dict[str, dict] = {r.name: {} for r in self.reductions}   # name → {block or projectorK: [N, ...]}
         project = getattr(ckpt.model, "project", None)
-        self.project = project if cells is not None and callable(project) else None
+        self.project = project if callable(project) else None
         self.aligned = ckpt.anatomy.aligned_block
         self.handles = []
 
     def _record(self, index: int, h: torch.Tensor) -> None:
         self.features[index] = pool_tokens(h, self.pooling)
-        if self.spatial is not None:
-            self.spatial[index] = spatial_matrix(h.float())
-        if self.cells is not None:
-            self.tokens[index] = at_cells(h, self.cells)
-            if self.project is not None and index == self.aligned:
-                self.projected = [at_cells(z, self.cells) for z in self.project(h)]
+        for r in self.reductions:
+            if r.where == "blocks":
+                self.reduced[r.name][index] = r.fn(h, self.batch)
+            elif index == self.aligned and self.project is not None:
+                self.reduced[r.name] = {f"projected{k}": r.fn(z, self.batch) for k, z in enumerate(self.project(h))}
         if index == self.last:
             raise _StopForward
 
@@ -172,19 +170,27 @@ def noisy_input(convention: Convention, x0: torch.Tensor, ids: torch.Tensor, t: 
     return convention.model_input(x0, t_vec, noise), convention.timestep(t_vec).to(x0.device)
 
 
+def reductions_named(names: Sequence[str | TokenReduction]) -> list[TokenReduction]:
+    """Registered token reductions by name (a TokenReduction passes through); an unknown name is one line."""
+    unknown = [n for n in names if isinstance(n, str) and n not in REDUCTIONS]
+    if unknown:
+        raise UserError(f"unknown token reduction(s) {unknown}; registered: {', '.join(REDUCTIONS)}")
+    return [REDUCTIONS[n] if isinstance(n, str) else n for n in names]
+
+
 @torch.no_grad()
 def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
                   t: float, *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
-                  autocast_dtype: torch.dtype | None = None, spatial: bool = False, tokens: bool = False
+                  autocast_dtype: torch.dtype | None = None, reductions: Sequence[str | TokenReduction] = ()
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass at noise level t → (features [n_blocks, N, ...], raw baselines {name: [N, d]}), float32.
+    """One forward pass at noise level t → (features [n_blocks, N, ...], arrays {name: [...]}), float32.
 
     x0 is the clean model-space input (pixels in [−1, 1] or scaled latents); labels None = null class.
-    The model runs in eval mode and is put back in its previous mode afterwards. spatial=True adds
-    "spatial" [n_blocks, N, M] (every block's tokens, spatial.py's measures) and "raw_spatial" [N, M] (the
-    thumbnail's patches as tokens) to the second dict; tokens=True adds "tokens" [n_blocks, N, D] (each block's
-    token at the image's sampled cell, tokens.py) and, when the model has REPA projectors and the aligned block
-    is captured, "projected{k}" [N, z_k] (projector k's output at that cell).
+    The model runs in eval mode and is put back in its previous mode afterwards. `arrays` holds the raw
+    baselines "raw" and "raw_pooled" [N, d], and for each token reduction (reductions.py) NAME: "NAME"
+    [n_blocks, N, ...] of every block's tokens, with raw=True "raw_NAME" [N, ...] of the thumbnail's patches;
+    a projector reduction gives "NAME{k}" [N, ...] of projector k (when the model has REPA projectors and the
+    aligned block is captured).
     """
     model, anatomy = ckpt.model, ckpt.anatomy
     device = next(model.parameters()).device
@@ -192,23 +198,26 @@ def capture_batch(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, t, seed)
     y = None if anatomy.num_classes is None else \
         labels.to(device) if labels is not None else torch.full((len(x0),), anatomy.num_classes, device=device)
+    reductions, batch = reductions_named(reductions), Batch(ids, seed)
     was_training = model.training
     model.eval()
     try:
-        cells = sample_cells(ids, anatomy.grid ** 2, seed) if tokens else None
-        with BlockCapture(ckpt, blocks, pooling, spatial=spatial, cells=cells) as cap, \
+        with BlockCapture(ckpt, blocks, pooling, reductions=reductions, batch=batch) as cap, \
                 torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             ckpt.family.forward(model, x_t, timestep, y)
     finally:
         model.train(was_training)
-    raw = raw_baselines(x_t, anatomy.patch_size)
-    if spatial:
-        thumbnail = F.avg_pool2d(x_t.float(), anatomy.patch_size).flatten(2).transpose(1, 2)   # (N, grid², C)
-        raw |= {"spatial": torch.stack([cap.spatial[b] for b in cap.blocks]), "raw_spatial": spatial_matrix(thumbnail)}
-    if tokens:
-        raw |= {"tokens": torch.stack([cap.tokens[b] for b in cap.blocks]),
-                **{f"projected{k}": z for k, z in enumerate(cap.projected)}}
-    return torch.stack([cap.features[b] for b in cap.blocks]), raw
+    out = raw_baselines(x_t, anatomy.patch_size)
+    thumbnail = F.avg_pool2d(x_t.float(), anatomy.patch_size).flatten(2).transpose(1, 2)    # (N, grid², C)
+    for r in reductions:
+        got = cap.reduced[r.name]
+        if r.where == "projector":
+            out |= {r.name + k.removeprefix("projected"): z for k, z in got.items()}
+            continue
+        out[r.name] = torch.stack([got[b] for b in cap.blocks])
+        if r.raw:
+            out["raw_" + r.name] = r.fn(thumbnail, batch)
+    return torch.stack([cap.features[b] for b in cap.blocks]), out
 
 
 def capture_blocks(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
@@ -220,15 +229,28 @@ def capture_blocks(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tenso
     Same noise, hooks and pooling as `extract`, no store (for models that change, such as a trainer's EMA).
     `blocks` picks and orders the blocks (0..depth); `batch_size` bounds the images per forward pass.
     """
-    step = batch_size or len(x0)
-    per_t = []
+    return capture_in_memory(ckpt, x0, labels, ids, ts, seed=seed, blocks=blocks, pooling=pooling,
+                             autocast_dtype=autocast_dtype, batch_size=batch_size, out_device=out_device)[0]
+
+
+def capture_in_memory(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor,
+                      ts: Sequence[float], *, seed: int, blocks: Sequence[int] | None = None, pooling: str = "mean",
+                      autocast_dtype: torch.dtype | None = None, batch_size: int | None = None,
+                      out_device: str | torch.device = "cpu", reductions: Sequence[str | TokenReduction] = ()
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """capture_blocks, and capture_batch's other arrays of every t, stacked: {name: [n_t, ...]}."""
+    step, per_t, arrays = batch_size or len(x0), [], {}
+    by_block = {r.name for r in reductions_named(reductions) if r.where == "blocks"}     # [n_blocks, N, ...]
     for t in ts:
         parts = [capture_batch(ckpt, x0[i:i + step], None if labels is None else labels[i:i + step],
                                ids[i:i + step], t, seed=seed, blocks=blocks, pooling=pooling,
-                               autocast_dtype=autocast_dtype)[0].to(out_device)
+                               autocast_dtype=autocast_dtype, reductions=reductions)
                  for i in range(0, len(x0), step)]
-        per_t.append(torch.cat(parts, dim=1))
-    return torch.stack(per_t)
+        per_t.append(torch.cat([p[0].to(out_device) for p in parts], dim=1))
+        for name in parts[0][1]:
+            arrays.setdefault(name, []).append(torch.cat([p[1][name].to(out_device) for p in parts],
+                                                         dim=int(name in by_block)))
+    return torch.stack(per_t), {name: torch.stack(v) for name, v in arrays.items()}
 
 
 @contextlib.contextmanager
@@ -269,14 +291,16 @@ class CaptureConfig:
     dtype: str = "float32"        # storage: "float32" or "float16"
     blocks: tuple[int, ...] | None = None   # which blocks (0..depth) to keep; None = all. The pass stops
                                             # after the last one, so (0, 1) costs about one block
-    spatial: bool = False         # also every block's spatial measures per image (spatial.py)
-    tokens: bool = False          # also every block's token at each image's sampled cell (tokens.py)
+    reductions: tuple[str, ...] = ()   # token reductions to keep too (reductions.py); each is its own part of
+                                       # the entry, keyed by its name and version, so not in key()
     compile: bool = False         # torch.compile every block (compiled_blocks); equal to eager up to rounding
 
     def __post_init__(self):
         self.ts = tuple(float(t) for t in self.ts)
         if self.blocks is not None:
             self.blocks = tuple(int(b) for b in self.blocks)
+        self.reductions = tuple(dict.fromkeys(self.reductions))
+        reductions_named(self.reductions)
         parse_pooling(self.pooling)
         if any(not 0 <= t <= 1 for t in self.ts) or not self.ts:
             raise UserError(f"--t {','.join(map(str, self.ts))}: noise levels must lie in [0, 1] (0 = clean data)")
@@ -288,14 +312,10 @@ class CaptureConfig:
             raise UserError(f"--store-dtype {self.dtype!r}: use float32 or float16")
 
     def key(self) -> dict:
-        """The cache-key part of the settings (t is not in it: each t is its own part of the entry). A spatial
-        capture records which measures its columns hold (spatial_measures), so a cached entry is never served
-        for another set of them."""
-        key = {k: v for k, v in asdict(self).items()
-               if k != "ts" and not (k in ("spatial", "tokens", "compile") and not v)}
-        if self.spatial:
-            key["spatial"] = spatial_measures()
-        return key
+        """The cache-key part of the settings: not t (each t is its own part of the entry), not the reductions
+        (each one is its own part, named by its name and version: reductions.part_name)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("ts", "reductions") and not (k == "compile" and not v)}
 
 
 def model_fingerprint(ckpt) -> dict:
@@ -362,48 +382,70 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
     checkpoint: a path or a LoadedCheckpoint. data: an ImageFolder path (then n / subset_seed / skip_bad pick
     the subset) or an ImageDataset at the model's image size. mode: "pixels" | "latents" (default: the
     checkpoint's). vae: the VAE folder or hub name for latent models (default: the family's). Only chunks
-    missing from the store
-    are computed (`Features.computed` counts them); under torchrun the batches are split across ranks.
+    missing from the store are computed (`Features.computed` counts them): the pooled features of each t are
+    one part of the entry, and each token reduction of each t another (reductions.part_name), all filled from
+    one forward pass per batch and t. Under torchrun the batches are split across ranks.
     """
     config = config or CaptureConfig()
     device = resolve_device(device)
     init_distributed(device)
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
     space = input_space(ckpt, mode)
-    mode, size = space.kind, space.image_size
-    dataset = data if isinstance(data, ImageDataset) else make_dataset(data, size, n, subset_seed, skip_bad)
-    if dataset.image_size != size:
-        raise UserError(f"the dataset is cropped to {dataset.image_size}px but this {mode} model needs {size}px")
+    dataset = data if isinstance(data, ImageDataset) else make_dataset(data, space.image_size, n, subset_seed, skip_bad)
+    if dataset.image_size != space.image_size:
+        raise UserError(f"the dataset is cropped to {dataset.image_size}px but this {space.kind} model needs "
+                        f"{space.image_size}px")
     store = FeatureStore(cache_dir)
     store.check_writable()
     ckpt.model.to(device).eval()
+    rows, vae_key = _model_inputs(store, dataset, space, vae, device, batch_size, num_workers, quiet)
+    fingerprint = {"model": model_fingerprint(ckpt), "data": dataset.fingerprint(), "mode": space.kind,
+                   "vae": vae_key, "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))",
+                   "raw": RAW_VERSION}
+    entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids, row_axes={"blocks": 1})
+    reductions = reductions_named(config.reductions)
+    parts = {t_part(t): (t, None) for t in config.ts} | \
+        {part_name(t_part(t), r): (t, r) for t in config.ts for r in reductions}
+    compute = _part_computer(ckpt, config, device, entry, parts, reductions)
+    with compiled_blocks(ckpt, config.compile):
+        computed = fill(entry, list(parts), rows, compute, batch_size=batch_size, num_workers=num_workers,
+                        quiet=quiet, desc="capture")
+    reduced = {r.name: [part_name(t_part(t), r) for t in config.ts] for r in reductions}
+    features = read_features(entry, config.ts, computed, reduced)
+    features.manifest = {**features.manifest, "skipped_images": [str(p) for p in dataset.skipped]}
+    return features
 
-    rows, vae_key = dataset, None
-    if mode == "latents":
-        autoencoder = load_vae(vae or space.vae, device)
-        latents = cached_latents(store, dataset, autoencoder, space, batch_size=batch_size, num_workers=num_workers,
-                                 quiet=quiet)
-        rows = _ArrayRows(latents.path / "all" / "latents.npy", latents.labels, latents.ids)
-        vae_key = latents.fingerprint["vae"]
-        del autoencoder
 
-    fingerprint = {"model": model_fingerprint(ckpt), "data": dataset.fingerprint(), "mode": mode, "vae": vae_key,
-                   "capture": config.key(), "noise": "seeded_noise(id, salt=round(t*1e6))", "raw": RAW_VERSION}
-    entry = store.entry("blocks", fingerprint, dataset.labels, dataset.ids,
-                        row_axes={"blocks": 1, "spatial": 1, "tokens": 1})
+def _model_inputs(store: FeatureStore, dataset: ImageDataset, space: InputSpace, vae: str | None,
+                  device: torch.device, batch_size: int, num_workers: int, quiet: bool) -> tuple[Dataset, dict | None]:
+    """(the rows capture reads: the images, or for a latent model their cached VAE latents; the VAE's key)."""
+    if space.kind != "latents":
+        return dataset, None
+    autoencoder = load_vae(vae or space.vae, device)
+    latents = cached_latents(store, dataset, autoencoder, space, batch_size=batch_size, num_workers=num_workers,
+                             quiet=quiet)
+    return _ArrayRows(latents.path / "all" / "latents.npy", latents.labels, latents.ids), latents.fingerprint["vae"]
+
+
+def _part_computer(ckpt: LoadedCheckpoint, config: CaptureConfig, device: torch.device, entry, parts: dict,
+                   reductions: list[TokenReduction]):
+    """fill's compute: the arrays of one part (t, and a token reduction or None for the pooled features) of a
+    batch, rows first. fill asks for a batch's parts one after the other; one forward pass per batch and t
+    serves them all, computing every reduction of that t that is not in the store yet."""
     autocast_dtype, store_dtype = AUTOCAST_DTYPES[config.precision], np.dtype(config.dtype)
-    t_of = {t_part(t): t for t in config.ts}
+    last = {}
 
     def compute(x, labels, ids, part):
-        x = x.to(device, non_blocking=True)                               # uint8 crosses the bus: 4× fewer bytes
-        x0 = to_model_space(x, "pixels") if x.dtype == torch.uint8 else x.float()
-        feats, raw = capture_batch(ckpt, x0, labels if config.labels == "true" else None, ids,
-                                   t_of[part], seed=config.seed, pooling=config.pooling, blocks=config.blocks,
-                                   autocast_dtype=autocast_dtype, spatial=config.spatial, tokens=config.tokens)
-        for name in ("spatial", "tokens"):                                 # rows first, as the store wants
-            if name in raw:
-                raw[name] = raw[name].transpose(0, 1)
-        fetch = host_copy({"blocks": feats.transpose(0, 1), **raw})
+        t, reduction = parts[part]
+        if last.get("key") != (t, ids.numpy().tobytes()) or reduction not in last["reductions"]:
+            wanted = [r for r in reductions if r is reduction or not entry.is_complete(part_name(t_part(t), r))]
+            x = x.to(device, non_blocking=True)                           # uint8 crosses the bus: 4× fewer bytes
+            x0 = to_model_space(x, "pixels") if x.dtype == torch.uint8 else x.float()
+            feats, out = capture_batch(ckpt, x0, labels if config.labels == "true" else None, ids, t,
+                                       seed=config.seed, pooling=config.pooling, blocks=config.blocks,
+                                       autocast_dtype=autocast_dtype, reductions=wanted)
+            last.update(key=(t, ids.numpy().tobytes()), reductions=[None, *wanted], feats=feats, out=out)
+        fetch = host_copy(_part_arrays(last["feats"], last["out"], reduction))
 
         def arrays():                                                      # on the store's writer thread
             out = {k: v.astype(store_dtype, copy=False) for k, v in fetch().items()}
@@ -411,10 +453,23 @@ def extract(checkpoint, data, config: CaptureConfig | None = None, *, mode: str 
                 raise UserError("features exceed the float16 range (±65504): use --store-dtype float32")
             return out
         return arrays
+    return compute
 
-    with compiled_blocks(ckpt, config.compile):
-        computed = fill(entry, list(t_of), rows, compute, batch_size=batch_size, num_workers=num_workers,
-                        quiet=quiet, desc="capture")
-    features = read_features(entry, config.ts, computed, spatial=config.spatial, tokens=config.tokens)
-    features.manifest = {**features.manifest, "skipped_images": [str(p) for p in dataset.skipped]}
-    return features
+
+def _part_arrays(feats: torch.Tensor, out: dict[str, torch.Tensor], reduction: TokenReduction | None
+                 ) -> dict[str, torch.Tensor]:
+    """capture_batch's output as the arrays of one store part, rows first: the pooled features ("blocks") and
+    raw baselines, or one reduction's arrays (by_reduction)."""
+    if reduction is None:
+        return {"blocks": feats.transpose(0, 1), "raw": out["raw"], "raw_pooled": out["raw_pooled"]}
+    arrays = by_reduction(out, reduction)
+    return arrays | ({"blocks": arrays["blocks"].transpose(0, 1)} if "blocks" in arrays else {})
+
+
+def by_reduction(out: dict, reduction: TokenReduction) -> dict:
+    """One reduction's arrays of capture_batch's (or capture_in_memory's) output under the names Features and
+    the store give them: "blocks" (and "raw", of the thumbnail), or a projector reduction's "projected{k}"."""
+    name = reduction.name
+    if reduction.where == "projector":
+        return {f"projected{k[len(name):]}": v for k, v in out.items() if k.startswith(name) and k[len(name):].isdigit()}
+    return {"blocks": out[name], **({"raw": out["raw_" + name]} if reduction.raw else {})}

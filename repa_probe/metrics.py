@@ -458,9 +458,11 @@ class Metric:
     """An alignment measure between two feature matrices of the same images.
 
     ``part`` names what the measure needs of each (preprocessed) matrix; ``prepare(x, k)`` computes it,
-    once per matrix, and measures that name the same part share it (CKNNA and mutual kNN share the kNN
-    graph). ``score(a, b, shared)`` compares the parts of a source ``a`` and a target ``b``; ``shared`` is a
-    dict that lives for one pair, for intermediate results two measures have in common. A new measure is
+    once per matrix. Measures share a part only on purpose: when they declare the same part name with the same
+    ``prepare`` and ``subset`` functions (``part_key``; CKNNA and mutual kNN share the kNN graph), so a measure
+    that merely reuses a name, say "centred", gets a part of its own. ``score(a, b, shared)`` compares the parts
+    of a source ``a`` and a target ``b``; ``shared`` is a dict that lives for one pair and one part, for
+    intermediate results the measures of that part have in common. A new measure is
     one file that calls ``register_metric`` (docs/metrics.md); analyze, compare and the trainer's analysis
     then offer it under its name.
     """
@@ -476,6 +478,11 @@ class Metric:
     # (the full sample's part, rows, those rows' prepared features, k) → prepare(those features, k), derived more
     # cheaply from the full sample's part (FeatureKernel.subset); None: prepared anew
     subset: Callable[[Any, torch.Tensor, torch.Tensor, int], Any] | None = None
+
+    @property
+    def part_key(self) -> tuple:
+        """What the part is filed under: its name and the functions that make it (see the class docstring)."""
+        return self.part, self.prepare, self.subset
 
 
 METRICS: Registry[Metric] = Registry("alignment metric")
@@ -606,7 +613,7 @@ def _check_shape(x_shape, k: int, metrics: Sequence[str], what: str) -> int:
 
 @dataclass
 class FeatureKernel:
-    """Everything the requested metrics need from one feature matrix (its prepared parts, by name).
+    """Everything the requested metrics need from one feature matrix (its prepared parts, by Metric.part_key).
 
     Build it once for the target encoder and reuse it against every block and noise level.
     """
@@ -615,7 +622,7 @@ class FeatureKernel:
     k: int
     metrics: tuple[str, ...]
     preprocessing: tuple[bool, bool] = (True, True)  # (clamp, normalize) it was built with
-    parts: dict[str, Any] = field(default_factory=dict)
+    parts: dict[tuple, Any] = field(default_factory=dict)
     feats: torch.Tensor | None = None                # the features as given, for ``subset`` (a subset has none)
 
     @classmethod
@@ -636,8 +643,8 @@ class FeatureKernel:
                    part: Callable[[Metric], Any], feats: torch.Tensor | None = None) -> "FeatureKernel":
         fk = cls(x.shape[0], k, metrics, preprocessing, feats=feats)
         for m in metrics:
-            if METRICS[m].part not in fk.parts:
-                fk.parts[METRICS[m].part] = part(METRICS[m])
+            if METRICS[m].part_key not in fk.parts:
+                fk.parts[METRICS[m].part_key] = part(METRICS[m])
         return fk
 
     def subset(self, rows: np.ndarray, what: str = "subset") -> "FeatureKernel":
@@ -656,7 +663,7 @@ class FeatureKernel:
         def part(metric: Metric):
             if metric.subset is None:
                 return metric.prepare(x, self.k)
-            return metric.subset(self.parts[metric.part], index, x, self.k)
+            return metric.subset(self.parts[metric.part_key], index, x, self.k)
         return FeatureKernel._assembled(x, self.k, self.metrics, self.preprocessing, part)
 
 
@@ -679,13 +686,13 @@ def pair_scores(a: FeatureKernel, b: FeatureKernel, metrics: Sequence[str] | Non
                         "both must hold the same images in the same order")
     if any(METRICS[m].uses_k for m in metrics) and a.k != b.k:
         raise ValueError(f"both FeatureKernels need the same k for {[m for m in metrics if METRICS[m].uses_k]}")
-    shared: dict = {}
+    shared: dict = {}                       # per part: what the measures of one part have in common
     out = {}
     for m in metrics:
-        part = METRICS[m].part
+        part = METRICS[m].part_key
         if part not in a.parts or part not in b.parts:
-            raise ValueError(f"both FeatureKernels need their '{part}' part for {m}")
-        out[m] = METRICS[m].score(a.parts[part], b.parts[part], shared)
+            raise ValueError(f"both FeatureKernels need their '{part[0]}' part for {m}")
+        out[m] = METRICS[m].score(a.parts[part], b.parts[part], shared.setdefault(part, {}))
     return out
 
 

@@ -37,19 +37,20 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
-from repa_probe.spatial import SPATIAL_METRICS, spatial_matrix, spatial_measures
-from repa_probe.capture import (DEFAULT_TS, CaptureConfig, capture_blocks, extract, input_space,
-                                make_dataset)
+from repa_probe.capture import (DEFAULT_TS, CaptureConfig, by_reduction, capture_in_memory, extract, input_space,
+                                make_dataset, reductions_named)
 from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.curves import Curves, HeldOut
 from repa_probe.data import ImageDataset, list_images, to_model_space
 from repa_probe.errors import UserError
-from repa_probe.probe import ProbeConfig, linear_probe
+from repa_probe.measures import (DROP_RESAMPLES, PROBE_METRICS, PROJECTOR_COSINE, TOKEN_PREFIX, Source,  # noqa: F401
+                                 depends_on_n, display_scale, held_out_probe, metric_label, needed_reductions,
+                                 probe_draws, selected)
+from repa_probe.reductions import Batch
 from repa_probe.runtime import AUTOCAST_DTYPES, resolve_device, resolve_precision
-from repa_probe.store import Features, FeatureStore, encoder_features
-from repa_probe.tokens import cosine, zscored
+from repa_probe.store import Features, FeatureStore, encode_batch, encoder_features
 
 CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
-PROBE_METRICS = {"probe_top1": "linear probe top-1 (%)", "probe_top5": "linear probe top-5 (%)"}
 KINDS = {"model": "the checkpoint",
          "untrained": "the same architecture at initialisation (seeded); its zero-initialised adaLN-Zero gates get "
                       "PyTorch's default Linear init",
@@ -58,35 +59,6 @@ KINDS = {"model": "the checkpoint",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
 COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
            "null_mean", "null_high", "n", "k"]
-DROP_RESAMPLES = 100             # at least this many for the held-out drop (two sources per t)
-
-
-TOKEN_PREFIX = "token_"          # an alignment metric over the token sample: token_cknna (tokens.py)
-PROJECTOR_COSINE = "proj_cosine"  # mean cosine after the checkpoint's REPA projector (tokens.py)
-
-
-def metric_label(metric: str) -> str:
-    """How reports name a metric: the registry's label, or the probe's."""
-    if metric in SPATIAL_METRICS:
-        return f"{SPATIAL_METRICS[metric].label} (spatial)"
-    if metric.startswith(TOKEN_PREFIX):
-        return f"token {metric_label(metric.removeprefix(TOKEN_PREFIX))}"
-    if metric == PROJECTOR_COSINE:
-        return "projector cosine"
-    return M.METRICS[metric].label if metric in M.METRICS else PROBE_METRICS.get(metric, metric)
-
-
-def depends_on_n(metric: str) -> bool:
-    """Whether a measure's value depends on the number of images n (and k): every alignment metric (kNN graphs,
-    kernel biases; CKNNA ≈ n^−0.5 at fixed k). Probe accuracies and per-image means do not (docs/statistics.md)."""
-    return metric.removeprefix(TOKEN_PREFIX) in M.METRICS
-
-
-def display_scale(metric: str) -> float:
-    """Values are stored as fractions; probe accuracies are shown in percent (the labels say so)."""
-    return 100.0 if metric.startswith("probe") else 1.0
-
-
 Arg = Callable[..., str]      # names a setting (and its value) in the caller's terms: cli_arg, python_arg
 CLI_FLAGS = {"ts": "--t", "num_workers": "--workers", "alignment_metrics": "--metrics", "encoders": "--encoder",
              "probe": "--no-probe", "baselines": "--no-baselines"}     # the rest: --field-name
@@ -211,7 +183,7 @@ class AnalyzeConfig:
 
     def capture(self) -> CaptureConfig:
         return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
-                             blocks=self.blocks, spatial=self.spatial, tokens=self.tokens, compile=self.compile)
+                             blocks=self.blocks, reductions=needed_reductions(self), compile=self.compile)
 
 
 def _check_image_folder(path: str, name: str) -> int:
@@ -247,73 +219,6 @@ def _check_subsamples(cfg: AnalyzeConfig, arg: Arg) -> None:
 #################################################################################
 #                                   Results                                     #
 #################################################################################
-
-@dataclass
-class HeldOut:
-    """The selection-aware drop after the peak, per t: the peak block chosen on half A of the images (seeded,
-    class-balanced), the drop (that block − the last block) measured on the other half B, and its paired 95%
-    interval over resamples of B (docs/statistics.md). For the probe both its training and its test images are
-    halved (held_out_probe); n_select and n_measure count its test images."""
-    peak: list[int]                 # the block chosen on half A, per t
-    drop: np.ndarray                # [T]
-    ci: np.ndarray                  # [T, 2]
-    n_select: int                   # images in half A
-    n_measure: int                  # images in half B
-    best: np.ndarray | None = None             # [T] the chosen block's value on half B
-    best_replicates: np.ndarray | None = None  # [R, T] its value on each resample of B (the same for every source)
-    scale: np.ndarray | None = None            # [R] stats.subsample_scale of those resamples (None: full-size)
-
-
-@dataclass
-class Curves:
-    """One measure of one model (or baseline) over blocks × t.
-
-    value [T, B] for blocks `blocks` (block −1 = the raw input); ci [T, B, 2] (95%) or None. For paired
-    statistics: `replicates` [R, T, B], the measure on each bootstrap replicate, with `scale` [R] the factor
-    that turns their spread into the spread at the full sample (stats.subsample_scale for alignment's
-    subsamples; 1 for the probe, whose replicates refit on a full-size resample of its training images and
-    score on one of its test images); alignment curves keep `null` [P, T, B], the metric with the images
-    shuffled; probe curves keep `hits` [T, B, n_test], whether each test image was classified right. Every
-    checkpoint of one analysis sees the same images and the same replicates, so differences are paired."""
-    checkpoint: str
-    kind: str
-    metric: str
-    encoder: str
-    ts: list[float]
-    blocks: list[int]
-    value: np.ndarray
-    ci: np.ndarray | None = None
-    replicates: np.ndarray | None = None
-    scale: np.ndarray | None = None
-    hits: np.ndarray | None = None
-    null: np.ndarray | None = None
-    held_out: HeldOut | None = None
-    n: int | None = None            # images each value was computed on (a probe's: its test images)
-    k: int | None = None            # neighbours, for a kNN metric
-
-    def paired_replicates(self, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """([R, T, B] replicate values, [R] scale or None) from the same images for every checkpoint."""
-        return self.replicates, self.scale
-
-    def resolution(self, n_images: int | None = None) -> float:
-        """The largest difference of this measure that is rounding (stats.resolution): half an image for the
-        probe (of its n_test images, or of `n_images`, e.g. a held-out half), else 1e-6 of its scale."""
-        counted = self.hits is not None
-        return stats.resolution(self.value, (n_images or self.hits.shape[-1]) if counted else None)
-
-    def rows(self) -> list[dict]:
-        nan3 = np.full((3,) + self.value.shape, np.nan)
-        alpha = (1 - stats.LEVEL) / 2
-        null = np.stack([np.quantile(self.null, alpha, axis=0), self.null.mean(axis=0),
-                         np.quantile(self.null, 1 - alpha, axis=0)]) if self.null is not None and len(self.null) \
-            else nan3
-        ci = self.ci if self.ci is not None else np.full(self.value.shape + (2,), np.nan)
-        return [dict(checkpoint=self.checkpoint, kind=self.kind, block=block, t=t, metric=self.metric,
-                     encoder=self.encoder, value=float(self.value[ti, bi]), ci_low=float(ci[ti, bi, 0]),
-                     ci_high=float(ci[ti, bi, 1]), null_low=float(null[0, ti, bi]), null_mean=float(null[1, ti, bi]),
-                     null_high=float(null[2, ti, bi]), n=self.n, k=self.k)
-                for ti, t in enumerate(self.ts) for bi, block in enumerate(self.blocks)]
-
 
 @dataclass
 class Analysed:
@@ -390,6 +295,21 @@ class Target(NamedTuple):
     replicates: list[M.View]                 # (rows, kernel) of every bootstrap subsample
 
 
+def encoder_reductions(cfg: AnalyzeConfig, seed: int) -> dict:
+    """The token reductions the selected measures need of the encoders' own tokens (encoder=True), as
+    store.encoder_features' extras: {name: fn(tokens, ids)}, each keyed by its name and version."""
+    extras = {}
+    for r in reductions_named(needed_reductions(cfg)):
+        if r.encoder:
+            extras[r.name] = functools.partial(_on_encoder, r, seed)
+            extras[r.name].cache_key = r.key()
+    return extras
+
+
+def _on_encoder(reduction, seed: int, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return reduction.fn(tokens, Batch(ids, seed))
+
+
 class StoreSource:
     """Features and encoder outputs through the feature store: computed once, reused by later analyses. Under
     torchrun every rank runs the analysis (extract splits the images), so the metrics are split too."""
@@ -403,26 +323,22 @@ class StoreSource:
 
     def features(self, ckpt: LoadedCheckpoint, dataset: ImageDataset, blocks: tuple[int, ...] | None,
                  measures: bool = True) -> Features:
-        """Pooled block features of `dataset`; measures=False leaves out the per-image spatial measures and the
-        token sample (the probe's images need neither)."""
+        """Pooled block features of `dataset`, with the token reductions the measures need; measures=False
+        leaves those out (the probe's images need none)."""
         cfg = self.cfg
         capture = dataclasses.replace(cfg.capture(), blocks=blocks if blocks is not None else cfg.blocks)
         if not measures:
-            capture = dataclasses.replace(capture, spatial=False, tokens=False)
+            capture = dataclasses.replace(capture, reductions=())
         feats = extract(ckpt, dataset, capture, mode=cfg.mode, vae=cfg.vae, batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, device=cfg.device, cache_dir=cfg.cache, quiet=cfg.quiet)
         self.computed += feats.computed
         return feats
 
     def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(image ids, pooled encoder features [N, D], {"spatial": measures of its tokens [N, M] with --spatial;
+        """(image ids, pooled encoder features [N, D], {each encoder reduction the measures need: [N, ...];
         "token", "token_mean", "token_std": [N, D] at each image's sampled cell with --tokens})."""
         cfg = self.cfg
-        extras = None
-        if cfg.spatial:                     # keyed by the measures it computes, as the blocks' capture is
-            extras = {"spatial": functools.partial(spatial_matrix)}
-            extras["spatial"].cache_key = "spatial: " + ", ".join(spatial_measures())
-        feats = encoder_features(self.store, encoder, dataset, grid, extras=extras,
+        feats = encoder_features(self.store, encoder, dataset, grid, extras=encoder_reductions(cfg, cfg.seed) or None,
                                  cell_seed=cfg.seed if cfg.tokens else None, batch_size=cfg.batch_size,
                                  num_workers=cfg.num_workers, quiet=cfg.quiet)
         self.computed += feats.computed
@@ -432,8 +348,7 @@ class StoreSource:
 
 class MemorySource:
     """The same capture and encoders, in memory: for a model that changes under our feet (a trainer's EMA).
-    Images and their model-space inputs are decoded once per dataset; no raw-input baseline. A trainer's main
-    rank runs it alone."""
+    Images and their model-space inputs are decoded once per dataset. A trainer's main rank runs it alone."""
 
     collective = False
 
@@ -454,19 +369,24 @@ class MemorySource:
                                shift=space.shift).cpu() for i in range(0, len(images), cfg.batch_size)])
         labels = torch.as_tensor(dataset.labels) if cfg.labels == "true" else None
         chosen = blocks if blocks is not None else cfg.blocks
-        feats = capture_blocks(ckpt, self.inputs[key], labels, torch.as_tensor(dataset.ids), cfg.ts, seed=cfg.seed,
-                               blocks=chosen, autocast_dtype=AUTOCAST_DTYPES[cfg.precision],
-                               batch_size=cfg.batch_size)
-        return Features(blocks=feats.numpy(), raw=None, labels=np.asarray(dataset.labels),
-                        ids=np.asarray(dataset.ids), ts=list(cfg.ts), path=None,
-                        manifest={"blocks": None if chosen is None else list(chosen)})
+        reductions = reductions_named(needed_reductions(cfg) if measures else ())
+        feats, arrays = capture_in_memory(ckpt, self.inputs[key], labels, torch.as_tensor(dataset.ids), cfg.ts,
+                                          seed=cfg.seed, blocks=chosen, autocast_dtype=AUTOCAST_DTYPES[cfg.precision],
+                                          batch_size=cfg.batch_size, reductions=reductions)
+        arrays = {k: v.numpy() for k, v in arrays.items()}
+        return Features(blocks=feats.numpy(), raw=arrays["raw"], raw_pooled=arrays["raw_pooled"],
+                        labels=np.asarray(dataset.labels), ids=np.asarray(dataset.ids), ts=list(cfg.ts), path=None,
+                        manifest={"blocks": None if chosen is None else list(chosen)},
+                        reduced={r.name: by_reduction(arrays, r) for r in reductions})
 
     def encoded(self, encoder, dataset: ImageDataset, grid: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        images, b = self._images(dataset), self.cfg.batch_size
-        device = next(encoder.parameters()).device
-        pooled = torch.cat([encoder.encode(images[i:i + b].to(device).float() / 255, grid)[1].cpu()
-                            for i in range(0, len(images), b)])
-        return np.asarray(dataset.ids), pooled.numpy(), {}
+        images, b, cfg = self._images(dataset), self.cfg.batch_size, self.cfg
+        device, ids = next(encoder.parameters()).device, torch.as_tensor(dataset.ids)
+        parts = [encode_batch(encoder, images[i:i + b].to(device), ids[i:i + b], grid,
+                              extras=encoder_reductions(cfg, cfg.seed), cell_seed=cfg.seed if cfg.tokens else None)
+                 for i in range(0, len(images), b)]
+        arrays = {k: torch.cat([p[k].cpu() for p in parts]).float().numpy() for k in parts[0]}
+        return np.asarray(dataset.ids), arrays.pop("pooled"), arrays
 
 
 #################################################################################
@@ -487,7 +407,8 @@ class Pipeline:
         self.source = source(self.cfg) if source is not None else StoreSource(self.cfg)
         self.split = getattr(self.source, "collective", False)    # metrics split across torchrun's ranks
         self.encoders = encoders if encoders is not None else self._load_encoders()
-        self._targets: dict[tuple, tuple[np.ndarray, np.ndarray, M.FeatureKernel]] = {}
+        self.measures = selected(self.cfg)
+        self._targets: dict[tuple, Target] = {}
         self.timings: dict[str, float] = {"data+forwards": 0.0, "encoders": 0.0, "probes": 0.0, "metrics": 0.0}
         self.images: dict[str, int] = {}
         self._untrained_done: set[str] = set()
@@ -515,12 +436,14 @@ class Pipeline:
             train = ImageDataset(c.data, size, indices=align.ids[~held])
             test = ImageDataset(c.data, size, indices=align.ids[held])
         if len(np.unique(train.labels)) < 2:
-            note = (f"no probe: '{train.root}' has no class labels (one class); pass --probe-train/--probe-test "
-                    f"with labelled ImageFolder trees to get one")
-            if note not in c.notes:
-                c.notes.append(note)
+            self._note(f"no probe: '{train.root}' has no class labels (one class); pass --probe-train/--probe-test "
+                       f"with labelled ImageFolder trees to get one")
             return self._counted(align, None, None)
         return self._counted(align, train, test)
+
+    def _note(self, note: str) -> None:
+        if note not in self.cfg.notes:
+            self.cfg.notes.append(note)
 
     def _counted(self, align, train, test):
         """Record how many images each set really holds, and every unreadable file that was skipped."""
@@ -528,9 +451,7 @@ class Pipeline:
             if d is not None:
                 self.images[name] = len(d)
                 for path in d.skipped:
-                    note = f"skipped unreadable image (--skip-bad-images): {path}"
-                    if note not in self.cfg.notes:
-                        self.cfg.notes.append(note)
+                    self._note(f"skipped unreadable image (--skip-bad-images): {path}")
         return align, train, test
 
     def features(self, ckpt: LoadedCheckpoint, dataset, blocks: tuple[int, ...] | None = None,
@@ -585,242 +506,68 @@ class Pipeline:
         return self._targets[key]
 
     # ------------------------------------------------------------------ numbers
-    def alignment_curves(self, name: str, kind: str, src, ids, blocks: list[int], ts: list[float], dataset,
-                         grid: int, bootstrap: bool, held_out: bool = False, tokens: bool = False) -> list[Curves]:
-        """Every alignment metric × encoder for sources src [T, B, N, D]: values, the permutation null,
-        bootstrap intervals and replicates (if `bootstrap`), the held-out drop (if `held_out`). tokens=True:
-        src holds each block's token at the sampled cells, compared with the encoder's (metric "token_…")."""
-        cfg, out = self.cfg, []
-        for enc in self.encoders:
-            tg = self.target(enc, dataset, grid, tokens)
-            if not np.array_equal(tg.ids, ids):
-                raise RuntimeError("encoder and model features hold different images")  # a bug, not user input
-            start = time.perf_counter()
-            replicates = tg.replicates if cfg.bootstrap and bootstrap else []
-            drop_draws = self.held_out_draws(dataset.labels) if held_out else None
-            half_a = stats.halves(dataset.labels, cfg.seed)[0]
-            # one pass over the sources: each one's kernel, scored against the target, every permuted target,
-            # every replicate's target and the held-out drop's selection half's
-            views = [*((None, p) for p in tg.nulls), *replicates,
-                     *([(half_a, tg.kernel.subset(half_a, "encoder, half A"))] if drop_draws else [])]
-            scores, other = M.alignment(tg.kernel, src, cfg.alignment_metrics, k=cfg.k, device=self.device,
-                                        views=views, split=self.split,
-                                        desc=None if cfg.quiet else "alignment")
-            null = {m: v[:len(tg.nulls)] for m, v in other.items()}
-            reps = {m: v[len(tg.nulls):len(tg.nulls) + len(replicates)] for m, v in other.items()} if replicates else {}
-            scale = stats.subsample_scale([len(d) for d, _ in replicates], len(ids)) if replicates else None
-            cis = {m: stats.centred_interval(scores[m], r, scale) for m, r in reps.items()}
-            drops = self.held_out_alignment(src, blocks, tg.features, {m: v[-1] for m, v in other.items()},
-                                            dataset.labels, drop_draws) if drop_draws else {}
-            self.timings["metrics"] += time.perf_counter() - start
-            for metric, values in scores.items():
-                out.append(Curves(name, kind, TOKEN_PREFIX * tokens + metric, enc.name, ts, blocks, values,
-                                  cis.get(metric), reps.get(metric), scale, null=null[metric],
-                                  held_out=drops.get(metric), n=len(ids),
-                                  k=cfg.k if M.METRICS[metric].uses_k else None))
-        return out
-
-    def held_out_draws(self, labels: np.ndarray) -> list[np.ndarray] | None:
-        """The subsamples of half B behind the held-out drop's interval (DROP_RESAMPLES at least), or None, with
-        a note, when they hold too few images for k neighbours."""
-        cfg = self.cfg
-        draws = stats.subsamples(len(stats.halves(labels, cfg.seed)[1]), max(cfg.bootstrap, DROP_RESAMPLES), cfg.seed)
-        if min(len(d) for d in draws) > cfg.k + 3:
-            return draws
-        note = (f"no held-out drop for alignment: half of the {len(labels)} images is too few for k = {cfg.k} "
-                f"neighbours in its bootstrap subsamples (pass a larger --n)")
-        if note not in cfg.notes:
-            cfg.notes.append(note)
-        return None
-
-    def held_out_alignment(self, src, blocks: list[int], target: np.ndarray, on_a: dict[str, np.ndarray],
-                           labels: np.ndarray, draws: list[np.ndarray]) -> dict[str, HeldOut]:
-        """Per metric: the peak block on half A of the images (`on_a`: the values there), the drop after it on
-        half B (paired interval over the subsamples `draws` of B)."""
-        cfg = self.cfg
-        half_a, half_b = stats.halves(labels, cfg.seed)
-        scale = stats.subsample_scale([len(d) for d in draws], len(half_b))
-        out = {}
-        for m, values in on_a.items():
-            peaks = stats.argmax_blocks(values, blocks, stats.resolution(values))           # [T]
-            pairs = np.stack([np.stack([M.take_rows(src[ti, p], half_b), M.take_rows(src[ti, -1], half_b)])
-                              for ti, p in enumerate(peaks)])                            # [T, 2, n_b, D]
-            tgt = M.FeatureKernel.build(target[half_b], cfg.k, (m,), device=self.device, what="encoder, half B")
-            on_b, reps = M.alignment(tgt, pairs, (m,), k=cfg.k, device=self.device, split=self.split,
-                                     views=[(d, tgt.subset(d, "encoder, half B")) for d in draws])
-            drop = on_b[m][:, 0] - on_b[m][:, 1]
-            out[m] = HeldOut([blocks[p] for p in peaks], drop,
-                             stats.centred_interval(drop, reps[m][..., 0] - reps[m][..., 1], scale),
-                             len(half_a), len(half_b), on_b[m][:, 0], reps[m][..., 0], scale)
-        return out
-
-    def spatial_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float]) -> list[Curves]:
-        """Every spatial measure of one source, values [T, B, N, M] per image (``per_image_curves``)."""
-        return self.per_image_curves(name, kind, values, blocks, ts, list(SPATIAL_METRICS))
-
-    def per_image_curves(self, name: str, kind: str, values, blocks: list[int], ts: list[float],
-                         metrics: list[str], encoder: str = "") -> list[Curves]:
-        """Measures taken per image, values [T, B, N, M] (M = len(metrics)): the mean over images, with
-        paired subsample replicates (the same draws for every checkpoint) and their rescaled interval."""
-        values = np.asarray(values, dtype=np.float64)
-        n, cfg, out = values.shape[2], self.cfg, []
-        draws = stats.subsamples(n, cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
-        scale = stats.subsample_scale([len(d) for d in draws], n) if draws else None
-        for mi, metric in enumerate(metrics):
-            v = values[..., mi]
-            mean = np.nanmean(v, axis=-1)
-            reps = np.stack([np.nanmean(v[..., d], axis=-1) for d in draws]) if draws else None
-            ci = stats.centred_interval(mean, reps, scale) if draws else None
-            out.append(Curves(name, kind, metric, encoder, ts, blocks, mean, ci, reps, scale, n=n))
-        return out
-
-    def projector_curves(self, name: str, ckpt: LoadedCheckpoint, feats: Features, dataset, grid: int
-                         ) -> list[Curves]:
-        """The projector cosine at the aligned block (tokens.py), for each analysis encoder that one of the
-        checkpoint's projectors was trained toward: the one of the same name (else of the same width, if
-        exactly one projector has it), against the target as trained (iREPA's z-score when recorded)."""
-        p, out = ckpt.provenance, []
-        trained = [e.partition("=")[0] for e in p.encoders]
-        alpha = float(p.args.get("zscore_alpha", 0.6)) if p.args.get("spatial_norm") == "zscore" else None
-        for enc in self.encoders:
-            extras = self.target(enc, dataset, grid).extras
-            widths, width = [np.shape(z)[-1] for z in feats.projected], extras["token"].shape[1]
-            k = trained.index(enc.name) if enc.name in trained else \
-                widths.index(width) if widths.count(width) == 1 else None
-            if k is None or k >= len(widths) or widths[k] != width:
-                continue
-            z = extras["token"] if alpha is None else zscored(extras["token"], extras["token_mean"],
-                                                               extras["token_std"], alpha)
-            cos = np.stack([cosine(np.asarray(h), z) for h in feats.projected[k]])     # [T, N]
-            out += self.per_image_curves(name, "model", cos[:, None, :, None], [ckpt.anatomy.aligned_block],
-                                         feats.ts, [PROJECTOR_COSINE], enc.name)
-        return out
-
-    def probe_curves(self, name: str, kind: str, train_src, train_labels, test_src, test_labels,
-                     blocks: list[int], ts: list[float], held_out: bool = False) -> list[Curves]:
-        """Probe top-1 (top-5) per t × block, with `bootstrap` refit replicates (probe_draws) and their interval,
-        and the held-out drop (held_out_probe) if asked."""
-        cfg, start, n_test = self.cfg, time.perf_counter(), len(test_labels)
-        draws = probe_draws(len(train_labels), n_test, cfg.bootstrap, cfg.seed) if cfg.bootstrap else None
-        res = linear_probe(np.asarray(train_src), train_labels, np.asarray(test_src), test_labels,
-                           ProbeConfig(seed=cfg.seed), device=self.device, resample=draws)
-        drop = held_out_probe(np.asarray(train_src), train_labels, np.asarray(test_src), test_labels, blocks, cfg.seed,
-                              max(cfg.bootstrap, DROP_RESAMPLES), device=self.device) if held_out else None
-        self.timings["probes"] += time.perf_counter() - start
-        out = []
-        for metric in ("top1", "top5"):
-            if metric not in res:
-                continue
-            acc = np.asarray(res[metric], dtype=np.float64)
-            reps = np.moveaxis(res[f"{metric}_replicates"], -1, 0) if draws else None             # [R, T, B]
-            ci = stats.centred_interval(acc, reps) if draws else None
-            out.append(Curves(name, kind, f"probe_{metric}", "", ts, blocks, acc, ci, reps,
-                              np.ones(cfg.bootstrap) if draws else None, hits=res["hits"] if metric == "top1" else None,
-                              held_out=drop if metric == "top1" else None, n=n_test))
-        return out
-
     def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:
-        """All numbers for one checkpoint, plus (once per architecture) the untrained and raw baselines."""
-        align, train, test = self.datasets(ckpt)
-        feats = self.features(ckpt, align)
-        blocks = self.blocks(ckpt)
-        held_out = max(blocks) >= 2 and self.cfg.bootstrap > 0
-        curves = self.alignment_curves(name, "model", feats.blocks, feats.ids, blocks, feats.ts, align,
-                                       ckpt.anatomy.grid, True, held_out)
-        probe_feats = None
-        if train is not None:
-            probe_feats = self.probe_sets(feats, align, train, test, lambda d: self.features(ckpt, d, measures=False))
-            f_tr, f_te = probe_feats
-            curves += self.probe_curves(name, "model", f_tr.blocks, f_tr.labels, f_te.blocks, f_te.labels,
-                                        blocks, feats.ts, held_out)
-        if feats.spatial is not None:
-            curves += self.spatial_curves(name, "model", feats.spatial, blocks, feats.ts)
-        if feats.tokens is not None:
-            curves += self.alignment_curves(name, "model", feats.tokens, feats.ids, blocks, feats.ts, align,
-                                            ckpt.anatomy.grid, True, held_out, tokens=True)
-            curves += self.projector_curves(name, ckpt, feats, align, ckpt.anatomy.grid)
-        out = [Analysed(name, "model", ckpt, curves, np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None)]
-        arch = arch_key(ckpt)
+        """Every selected measure of one checkpoint and (once per architecture) of its baselines: the raw input
+        (pooled like the blocks, and as a thumbnail), the untrained model of the same architecture, on the same
+        images and noise, and the encoders' own tokens (report/baselines.py)."""
+        data = self.datasets(ckpt)
+        model, feats, probe_feats = self.source_of(ckpt, name, "model", data)
+        t0 = np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None
+        sources, arch = [model], arch_key(ckpt)
         if self.cfg.baselines and arch not in self._untrained_done:
             self._untrained_done.add(arch)
-            out += self.baselines(ckpt, arch, feats, align, train, test, probe_feats)
+            suffix = "" if len(self._untrained_done) == 1 else f" ({arch})"
+            sources += self.raw_sources(model, feats, probe_feats, suffix)
+            untrained = ckpt.family.untrained(ckpt, self.cfg.seed)
+            sources.append(self.source_of(untrained, f"untrained{suffix}", "untrained", data)[0])
+            sources += self.encoder_sources(model, suffix)
+        return [Analysed(s.name, s.kind, s.ckpt, [c for m in self.measures for c in m.curves(self, s)],
+                         t0 if s is model else None) for s in sources]
+
+    def source_of(self, ckpt: LoadedCheckpoint, name: str, kind: str, data) -> tuple[Source, Features, tuple | None]:
+        """A model (or its untrained twin) as a Source of the alignment images, with its Features and those of
+        the probe's train and test images (None without a probe)."""
+        align, train, test = data
+        feats, blocks = self.features(ckpt, align), self.blocks(ckpt)
+        probe_feats = None if train is None else \
+            self.probe_sets(feats, align, train, test, lambda d: self.features(ckpt, d, measures=False))
+        probe = None if train is None else \
+            (probe_feats[0].blocks, probe_feats[0].labels, probe_feats[1].blocks, probe_feats[1].labels)
+        return Source(name, kind, ckpt, blocks, feats.ts, align, ckpt.anatomy.grid, feats.ids, feats.blocks,
+                      feats.reduced, probe, max(blocks) >= 2 and self.cfg.bootstrap > 0), feats, probe_feats
+
+    def raw_sources(self, model: Source, feats: Features, probe_feats: tuple | None, suffix: str) -> list[Source]:
+        """The raw input x_t as two one-"block" (−1) sources: its patches pooled like the blocks, and the
+        thumbnail, with the token reductions applied to the thumbnail's patches (raw=True)."""
+        out = []
+        for kind, field_name in (("raw-input", "raw_pooled"), ("raw-thumbnail", "raw")):
+            def pooled(f):
+                return np.asarray(getattr(f, field_name))[:, None]
+            reduced = {} if kind == "raw-input" else \
+                {r: {"blocks": np.asarray(a["raw"])[:, None]} for r, a in feats.reduced.items() if "raw" in a}
+            probe = None if probe_feats is None else \
+                (pooled(probe_feats[0]), probe_feats[0].labels, pooled(probe_feats[1]), probe_feats[1].labels)
+            out.append(dataclasses.replace(model, name=kind.replace("-", " ") + suffix, kind=kind, blocks=[-1],
+                                           pooled=pooled(feats), reduced=reduced, probe=probe,
+                                           held_out=self.cfg.bootstrap > 0))
+        return out
+
+    def encoder_sources(self, model: Source, suffix: str) -> list[Source]:
+        """Each encoder's own tokens as a one-"block" source of the reductions applied to them (encoder=True;
+        the spatial measures' reference): the same value at every t."""
+        names = list(encoder_reductions(self.cfg, self.cfg.seed))
+        out = []
+        for enc in self.encoders if names else []:
+            extras = self.target(enc, model.dataset, model.grid).extras
+            reduced = {r: {"blocks": np.broadcast_to(extras[r][None, None], (len(model.ts), 1) + extras[r].shape)}
+                       for r in names}
+            out.append(dataclasses.replace(model, name=f"{enc.name}{suffix}", kind="encoder", blocks=[-1], pooled=None,
+                                           reduced=reduced, probe=None, held_out=False))
         return out
 
     def blocks(self, ckpt: LoadedCheckpoint) -> list[int]:
         """The blocks analysed: --blocks, or 0..depth."""
         return list(self.cfg.blocks) if self.cfg.blocks is not None else list(range(ckpt.anatomy.depth + 1))
-
-    def baselines(self, ckpt, arch, feats, align, train, test, probe_feats) -> list[Analysed]:
-        """The raw input x_t (pooled like the blocks, and as a thumbnail) and the untrained model of the same
-        architecture, on the same images and noise, each with its held-out best block (report/baselines.py)."""
-        grid, held_out = ckpt.anatomy.grid, self.cfg.bootstrap > 0
-        suffix = "" if len(self._untrained_done) == 1 else f" ({arch})"
-        out = []
-        for kind, field_name in (("raw-input", "raw_pooled"), ("raw-thumbnail", "raw")):
-            label = kind.replace("-", " ") + suffix
-            curves = self.alignment_curves(label, kind, np.asarray(getattr(feats, field_name))[:, None], feats.ids,
-                                           [-1], feats.ts, align, grid, True, held_out)
-            if train is not None:
-                f_tr, f_te = probe_feats
-                curves += self.probe_curves(label, kind, np.asarray(getattr(f_tr, field_name))[:, None], f_tr.labels,
-                                            np.asarray(getattr(f_te, field_name))[:, None], f_te.labels, [-1],
-                                            feats.ts, held_out)
-            if kind == "raw-thumbnail" and feats.raw_spatial is not None:
-                curves += self.spatial_curves(label, kind, np.asarray(feats.raw_spatial)[:, None], [-1], feats.ts)
-            out.append(Analysed(label, kind, ckpt, curves))
-        untrained = ckpt.family.untrained(ckpt, self.cfg.seed)
-        u_feats, u_name, u_blocks = self.features(untrained, align), f"untrained{suffix}", self.blocks(ckpt)
-        held_out = held_out and max(u_blocks) >= 2
-        u = self.alignment_curves(u_name, "untrained", u_feats.blocks, u_feats.ids, u_blocks, feats.ts, align, grid,
-                                  True, held_out)
-        if train is not None:
-            ut_tr, ut_te = self.probe_sets(u_feats, align, train, test,
-                                           lambda d: self.features(untrained, d, measures=False))
-            u += self.probe_curves(u_name, "untrained", ut_tr.blocks, ut_tr.labels, ut_te.blocks, ut_te.labels,
-                                   u_blocks, feats.ts, held_out)
-        if u_feats.spatial is not None:
-            u += self.spatial_curves(u_name, "untrained", u_feats.spatial, u_blocks, feats.ts)
-        if u_feats.tokens is not None:
-            u += self.alignment_curves(u_name, "untrained", u_feats.tokens, u_feats.ids, u_blocks, feats.ts, align,
-                                       grid, True, tokens=True)
-        out.append(Analysed(u_name, "untrained", untrained, u))
-        for enc in self.encoders if feats.spatial is not None else []:   # the target's own spatial structure
-            spatial = self.target(enc, align, grid).extras["spatial"]
-            reference = np.broadcast_to(spatial[None, None], (len(feats.ts), 1) + spatial.shape)
-            out.append(Analysed(f"{enc.name}{suffix}", "encoder", ckpt,
-                                self.spatial_curves(f"{enc.name}{suffix}", "encoder", reference, [-1], feats.ts)))
-        return out
-
-
-def probe_draws(n_train: int, n_test: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The probe's bootstrap replicates: draw counts of its training and of its test images, [n_boot, n_train] and
-    [n_boot, n_test] (stats.draw_counts, independent streams). They depend on the sizes and the seed only, so
-    every block, t and checkpoint of an analysis shares them, and differences are paired."""
-    return stats.draw_counts(n_train, n_boot, [seed, 1]), stats.draw_counts(n_test, n_boot, [seed, 2])
-
-
-def held_out_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
-                   blocks: list[int], seed: int, n_boot: int, config: ProbeConfig | None = None,
-                   device: torch.device | str | None = None) -> HeldOut:
-    """The held-out drop of a probe from its features [T, B, n, D]: the training and the test images are each
-    split into class-balanced halves A and B; probes fitted on training half A and scored on test half A
-    choose the peak, probes fitted on training half B and scored on test half B measure the drop (peak − last
-    block), with an interval over n_boot replicates that refit on resampled training half B and score on
-    resampled test half B. A block whose fit was lucky on A is fitted anew on B, so its luck does not carry
-    over into the drop."""
-    cfg = config or ProbeConfig(seed=seed)
-    (train_a, train_b), (test_a, test_b) = stats.halves(train_labels, seed), stats.halves(test_labels, seed)
-    on_a = linear_probe(train[..., train_a, :], train_labels[train_a], test[..., test_a, :], test_labels[test_a], cfg,
-                        device)["top1"]                                                  # [T, B]
-    peaks = stats.argmax_blocks(on_a, blocks)
-    pairs = np.stack([peaks, np.full_like(peaks, len(blocks) - 1)], axis=-1)             # [T, 2]: peak, last
-    t = np.arange(len(peaks))[:, None]
-    on_b = linear_probe(train[t, pairs][..., train_b, :], train_labels[train_b], test[t, pairs][..., test_b, :],
-                        test_labels[test_b], cfg, device, resample=probe_draws(len(train_b), len(test_b), n_boot, seed))
-    best, reps = on_b["top1"][:, 0], on_b["top1_replicates"]                                # [T], [T, 2, R]
-    drop = best - on_b["top1"][:, 1]
-    return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, (reps[:, 0] - reps[:, 1]).T),
-                   len(test_a), len(test_b), best, reps[:, 0].T)
 
 
 def arch_key(ckpt: LoadedCheckpoint) -> str:

@@ -741,10 +741,9 @@ class Features:
     raw    [n_t, N, C·(H/p)·(W/p)]    the model input x_t average-pooled per p×p patch (the thumbnail baseline)
     raw_pooled [n_t, N, C·p·p]        x_t's p×p patches mean-pooled over the grid, as the blocks are (baseline)
     labels [N], ids [N]               class label and stable image id of each row
-    spatial [n_t, n_blocks+1, N, M]   with spatial capture: every block's spatial measures per image (M of them)
-    raw_spatial [n_t, N, M]           the same measures of the thumbnail's patches
-    tokens [n_t, n_blocks+1, N, D]    with token capture: every block's token at each image's sampled cell
-    projected [[n_t, N, z_k], ...]    and the checkpoint's REPA projectors' outputs at it (tokens.py)
+    reduced {name: {array: ...}}      each token reduction captured (reductions.py): "blocks" [n_t, n_blocks+1,
+                                      N, ...] and, for one applied to the thumbnail too, "raw" [n_t, N, ...];
+                                      a projector reduction's "projected{k}" [n_t, N, ...], one per projector
     """
     blocks: Stacked
     raw: Stacked | None
@@ -755,34 +754,24 @@ class Features:
     manifest: dict
     computed: int = 0          # chunks (batch × t) computed by the call that returned this; 0 = all cached
     raw_pooled: Stacked | None = None
-    spatial: Stacked | None = None
-    raw_spatial: Stacked | None = None
-    tokens: Stacked | None = None
-    projected: list[Stacked] | None = None
+    reduced: dict[str, dict[str, Stacked]] = field(default_factory=dict)
 
 
-def read_features(entry: Entry, ts: Sequence[float], computed: int = 0, spatial: bool = False,
-                  tokens: bool = False) -> Features:
+def read_features(entry: Entry, ts: Sequence[float], computed: int = 0,
+                  reduced: dict[str, list[str]] | None = None) -> Features:
+    """The features of `entry` at `ts`; `reduced`: {reduction name: its part at each t} (capture.extract)."""
     parts = [t_part(t) for t in ts]
-    missing = [p for p in parts if not entry.is_complete(p)]
+    missing = [p for p in [*parts, *(p for ps in (reduced or {}).values() for p in ps)] if not entry.is_complete(p)]
     if missing:
         raise KeyError(f"{entry.path}: {', '.join(missing)} not extracted yet")
-    return Features(blocks=Stacked([entry.array(p, "blocks") for p in parts]),
-                    raw=Stacked([entry.array(p, "raw") for p in parts]),
-                    raw_pooled=Stacked([entry.array(p, "raw_pooled") for p in parts]),
+
+    def stacked(parts: list[str], name: str) -> Stacked:
+        return Stacked([entry.array(p, name) for p in parts])
+    return Features(blocks=stacked(parts, "blocks"), raw=stacked(parts, "raw"), raw_pooled=stacked(parts, "raw_pooled"),
                     labels=entry.labels, ids=entry.ids, ts=[float(t) for t in ts], path=entry.path,
                     manifest=entry.manifest, computed=computed,
-                    spatial=Stacked([entry.array(p, "spatial") for p in parts]) if spatial else None,
-                    raw_spatial=Stacked([entry.array(p, "raw_spatial") for p in parts]) if spatial else None,
-                    tokens=Stacked([entry.array(p, "tokens") for p in parts]) if tokens else None,
-                    projected=[Stacked([entry.array(p, f"projected{k}") for p in parts])
-                               for k in range(_count_prefixed(entry, parts[0], "projected"))] if tokens else None)
-
-
-def _count_prefixed(entry: Entry, part: str, prefix: str) -> int:
-    """How many arrays PREFIX0, PREFIX1, … a complete part holds."""
-    names = set(entry.manifest["parts"][part]["arrays"])
-    return next(k for k in range(len(names) + 1) if f"{prefix}{k}" not in names)
+                    reduced={r: {name: stacked(ps, name) for name in entry.manifest["parts"][ps[0]]["arrays"]}
+                             for r, ps in (reduced or {}).items()})
 
 
 @dataclass
@@ -819,26 +808,33 @@ def cache_image_features(store: FeatureStore, kind: str, fingerprint: dict, data
 
 
 def encoder_features(store: FeatureStore, encoder, dataset: Dataset, grid: int, *, tokens: bool = False,
-                     extras: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                     extras: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
                      cell_seed: int | None = None, batch_size: int = 64, num_workers: int = 0,
                      quiet: bool = False) -> ImageFeatures:
     """Target-encoder features of a data subset, cached by (encoder.fingerprint(grid), data, grid):
     ``pooled`` [N, D] (mean of patch tokens), with tokens=True ``tokens`` [N, grid², D], for each
-    ``extras`` name its function of the tokens [N, ...] (e.g. spatial measures, without keeping the tokens; a
-    function's ``cache_key`` attribute, where it has one, stands for it in the key: which measures it computes),
-    and with `cell_seed` the token at each image's sampled cell with its image's channel mean and std
+    ``extras`` name its function of the tokens and the image ids → [N, ...] (a token reduction, e.g. the
+    spatial measures, without keeping the tokens; a function's ``cache_key`` attribute, where it has one,
+    stands for it in the key: the reduction's name and version), and with `cell_seed` the token at each image's sampled cell with its image's channel mean and std
     (``token``, ``token_mean``, ``token_std`` [N, D]; tokens.py).
 
     `encoder` is an `encoders.Encoder` (or anything with ``encode(images01, grid) -> (tokens, pooled)``
     and ``fingerprint(grid) -> str``)."""
     def fn(images, ids):
-        tok, pooled = encoder.encode(images.float() / 255, grid)   # encoders take [0, 1]
-        cells = {} if cell_seed is None else target_cells(tok, sample_cells(ids, tok.shape[1], cell_seed))
-        return {"pooled": pooled, **({"tokens": tok} if tokens else {}),
-                **{name: fn(tok) for name, fn in (extras or {}).items()}, **cells}
+        return encode_batch(encoder, images, ids, grid, tokens=tokens, extras=extras, cell_seed=cell_seed)
 
     fingerprint = {"encoder": encoder.fingerprint(grid), "grid": grid, "tokens": tokens,
                    **({"extras": sorted(getattr(fn, "cache_key", name) for name, fn in extras.items())} if extras else {}),
                    **({"cell_seed": cell_seed} if cell_seed is not None else {})}
     return cache_image_features(store, "encoder", fingerprint, dataset, fn, batch_size=batch_size,
                                 num_workers=num_workers, quiet=quiet)
+
+
+def encode_batch(encoder, images: torch.Tensor, ids: torch.Tensor, grid: int, *, tokens: bool = False,
+                 extras: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+                 cell_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """encoder_features' arrays of one batch of uint8 images [B, 3, H, W] with image ids [B]."""
+    tok, pooled = encoder.encode(images.float() / 255, grid)   # encoders take [0, 1]
+    cells = {} if cell_seed is None else target_cells(tok, sample_cells(ids, tok.shape[1], cell_seed))
+    return {"pooled": pooled, **({"tokens": tok} if tokens else {}),
+            **{name: fn(tok, ids) for name, fn in (extras or {}).items()}, **cells}

@@ -17,11 +17,14 @@ from repa_probe.metrics import METRICS, alignment
 from repa_probe.models import SiT
 from repa_probe.noise import CONVENTIONS
 from repa_probe.pipeline import COLUMNS
+from repa_probe.measures import MEASURES, Source
+from repa_probe.pipeline import AnalyzeConfig
+from repa_probe.reductions import REDUCTIONS
 from repa_probe.report.compose import FIGURES
 from repa_probe.spatial import SPATIAL_METRICS, spatial_scores
 
 REGISTRIES = {"metric": METRICS, "spatial": SPATIAL_METRICS, "family": FAMILIES, "figure": FIGURES,
-              "convention": CONVENTIONS}
+              "convention": CONVENTIONS, "reduction": REDUCTIONS, "measure": MEASURES}
 EXAMPLES = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "extending.md").read_text(), re.S)
 
 
@@ -82,7 +85,32 @@ def check_convention(convention, tmp_path):
     assert convention.timestep(0.25).item() == 250.0
 
 
-CHECKS = {"metric": check_metric, "spatial": check_spatial, "family": check_family, "figure": check_figure,
+def check_reduction(reduction, tmp_path):
+    from conftest import hooked_tokens, randomize_
+    from repa_probe.capture import capture_batch, noisy_input
+    from repa_probe.families.sit import as_checkpoint
+    model = randomize_(SiT(tiny_config(z_dims=[], encoder_depth=0)), seed=1).eval()
+    x0, ids = torch.rand(3, 3, 16, 16) * 2 - 1, torch.arange(3)
+    _, arrays = capture_batch(as_checkpoint(model, "repa"), x0, None, ids, 0.5, seed=0, reductions=(reduction.name,))
+    x_t, timestep = noisy_input(as_checkpoint(model, "repa").convention, x0, ids, 0.5, 0)
+    tokens, _ = hooked_tokens(model, x_t, timestep, torch.full((3,), 10))
+    want = torch.stack([(h - h.mean(1, keepdim=True)).norm(dim=-1).mean(1, keepdim=True) for h in tokens])
+    torch.testing.assert_close(arrays[reduction.name], want)
+
+
+def check_measure(measure, tmp_path):
+    import types
+    import numpy as np
+    tokens = np.random.default_rng(0).normal(size=(2, 3, 10, 4))                 # [T, B, N, D]
+    pipe = types.SimpleNamespace(cfg=AnalyzeConfig(data="unused", bootstrap=0))
+    src = Source("m", "model", None, [0, 1, 2], [0.0, 0.5], None, 4, np.arange(10), reduced={"tokens": {"blocks": tokens}})
+    (curves,) = measure.curves(pipe, src)
+    np.testing.assert_allclose(curves.value, np.linalg.norm(tokens, axis=-1).mean(-1))
+    assert measure.curves(pipe, Source("r", "raw-input", None, [-1], [0.0], None, 4, np.arange(10))) == []
+    assert measure.needs == ("tokens",) and measure.selected(AnalyzeConfig(data="unused", tokens=True))
+
+
+CHECKS = {"reduction": check_reduction, "measure": check_measure, "metric": check_metric, "spatial": check_spatial, "family": check_family, "figure": check_figure,
           "convention": check_convention}
 
 

@@ -18,6 +18,8 @@ from repa_probe import metrics, stats
 from repa_probe.errors import UserError
 from repa_probe.metrics import alignment, bootstrap_ci, cka, cknna, mutual_knn, similarity_matrix, svcca
 
+KNN = metrics.METRICS["cknna"].part_key      # the kNN graph part, as FeatureKernel files it
+
 
 # ----------------------------------------------------------------------------- references
 
@@ -190,7 +192,7 @@ def test_a_subsets_kernel_equals_a_fresh_kernel_of_its_rows(clamp, normalize):
     for rows in subset_cases(len(a), seed=22):
         fresh = metrics.FeatureKernel.build(a[rows], k=5, clamp=clamp, normalize=normalize)
         got = full.subset(rows)
-        g, want = got.parts["knn"].graph, fresh.parts["knn"].graph
+        g, want = got.parts[KNN].graph, fresh.parts[KNN].graph
         np.testing.assert_array_equal(g.idx.numpy(), want.idx.numpy())
         np.testing.assert_allclose(g.vals.numpy(), want.vals.numpy(), rtol=0, atol=1e-12)
         target = metrics.FeatureKernel.build(b[rows], k=5, clamp=clamp, normalize=normalize)
@@ -206,8 +208,8 @@ def test_subsets_of_float32_features_equal_fresh_kernels_whose_clamp_moves():
     x = (rng.standard_t(2, size=(700, 24)) + rng.normal(size=(700, 1)) * 3).astype(np.float32)
     full = metrics.FeatureKernel.build(x, k=10, metrics=("cknna",))
     for rows in subset_cases(len(x), seed=24)[:5]:
-        want = metrics.FeatureKernel.build(x[rows], k=10, metrics=("cknna",)).parts["knn"]
-        got = full.subset(rows).parts["knn"]
+        want = metrics.FeatureKernel.build(x[rows], k=10, metrics=("cknna",)).parts[KNN]
+        got = full.subset(rows).parts[KNN]
         np.testing.assert_array_equal(got.graph.idx.numpy(), want.graph.idx.numpy())
         assert got.s_self == pytest.approx(want.s_self, rel=1e-12)
 
@@ -220,8 +222,8 @@ def test_a_subset_without_the_extreme_images_moves_rows_past_their_candidates():
         x = np.random.default_rng(seed).standard_t(1.5, size=(200, 3))
         rows = np.sort(np.argsort(np.abs(x).max(axis=1))[:(60, 100, 140)[seed % 3]])
         for k in (1, 2):
-            got = metrics.FeatureKernel.build(x, k=k, metrics=("cknna",)).subset(rows).parts["knn"].graph
-            want = metrics.FeatureKernel.build(x[rows], k=k, metrics=("cknna",)).parts["knn"].graph
+            got = metrics.FeatureKernel.build(x, k=k, metrics=("cknna",)).subset(rows).parts[KNN].graph
+            want = metrics.FeatureKernel.build(x[rows], k=k, metrics=("cknna",)).parts[KNN].graph
             np.testing.assert_array_equal(got.idx.numpy(), want.idx.numpy())
 
 
@@ -233,7 +235,7 @@ def test_permuted_targets_reindex_a_prepared_target():
     for permuted, features in zip(metrics.permuted_targets(target, 3, seed=4), metrics.permuted_targets(b, 3, 4, k=6)):
         fresh = metrics.FeatureKernel.build(b[rng.permutation(len(b))], k=6)
         for kernel in (permuted, features):
-            np.testing.assert_array_equal(kernel.parts["knn"].graph.idx.numpy(), fresh.parts["knn"].graph.idx.numpy())
+            np.testing.assert_array_equal(kernel.parts[KNN].graph.idx.numpy(), fresh.parts[KNN].graph.idx.numpy())
             got = metrics.pair_scores(source, kernel)
             for m, v in metrics.pair_scores(source, fresh).items():
                 assert got[m] == pytest.approx(v, abs=1e-12), m

@@ -210,7 +210,7 @@ def test_errors_and_registry():
 # ---------------------------------------------------------------------------------------------
 
 def test_capture_records_each_blocks_spatial_measures_from_its_tokens():
-    """capture_batch(spatial=True) gives, per block, the measures of exactly the tokens the block produced."""
+    """capture_batch(reductions=("spatial",)) gives, per block, the measures of exactly the tokens the block produced."""
     from conftest import hooked_tokens, randomize_, tiny_config
     from repa_probe.capture import capture_batch, noisy_input
     from repa_probe.families.sit import as_checkpoint
@@ -219,7 +219,7 @@ def test_capture_records_each_blocks_spatial_measures_from_its_tokens():
     model = randomize_(SiT(tiny_config(z_dims=[], encoder_depth=0)), seed=2).eval()
     ckpt = as_checkpoint(model, "repa")
     x0, ids = torch.rand(4, 3, 16, 16) * 2 - 1, torch.arange(4)
-    _, raw = capture_batch(ckpt, x0, None, ids, 0.5, seed=0, spatial=True)
+    _, raw = capture_batch(ckpt, x0, None, ids, 0.5, seed=0, reductions=("spatial",))
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.5, 0)
     tokens, _ = hooked_tokens(model, x_t, timestep, torch.full((4,), 10))
     want = torch.stack([spatial_matrix(h) for h in tokens])
@@ -271,7 +271,7 @@ def test_a_cached_spatial_capture_is_not_served_for_another_set_of_measures(tmp_
     from repa_probe.models import SiT
     model = randomize_(SiT(tiny_config(z_dims=[], encoder_depth=0, input_size=32, in_channels=3)), seed=1)
     ckpt = save_checkpoint(tmp_path / "m.pt", model.config, model.state_dict(), meta={"mode": "pixels"})
-    config, kw = CaptureConfig(ts=(0.5,), spatial=True), dict(n=8, cache_dir=tmp_path / "cache", quiet=True)
+    config, kw = CaptureConfig(ts=(0.5,), reductions=("spatial",)), dict(n=8, cache_dir=tmp_path / "cache", quiet=True)
     first = extract(str(ckpt), str(cifar_dir / "test"), config, **kw)
     assert extract(str(ckpt), str(cifar_dir / "test"), config, **kw).computed == 0          # a plain hit
 
@@ -281,16 +281,16 @@ def test_a_cached_spatial_capture_is_not_served_for_another_set_of_measures(tmp_
     def far(t, g):
         return similarity_profile(t, g)[:, -1]
 
-    width = first.spatial[0].shape[-1]
+    width = first.reduced["spatial"]["blocks"][0].shape[-1]
     extra = register_spatial_metric(SpatialMetric("plug", "plug-in", near))
     try:
         plugged = extract(str(ckpt), str(cifar_dir / "test"), config, **kw)
-        assert plugged.computed > 0 and plugged.spatial[0].shape[-1] == width + 1
-        np.testing.assert_array_equal(np.asarray(plugged.spatial[0])[..., :width], np.asarray(first.spatial[0]))
+        assert plugged.computed > 0 and plugged.reduced["spatial"]["blocks"][0].shape[-1] == width + 1
+        np.testing.assert_array_equal(np.asarray(plugged.reduced["spatial"]["blocks"][0])[..., :width], np.asarray(first.reduced["spatial"]["blocks"][0]))
         register_spatial_metric(SpatialMetric("plug", "plug-in", far), overwrite=True)
         replaced = extract(str(ckpt), str(cifar_dir / "test"), config, **kw)
         assert replaced.computed > 0
-        assert not np.array_equal(np.asarray(replaced.spatial[0])[..., -1], np.asarray(plugged.spatial[0])[..., -1])
+        assert not np.array_equal(np.asarray(replaced.reduced["spatial"]["blocks"][0])[..., -1], np.asarray(plugged.reduced["spatial"]["blocks"][0])[..., -1])
     finally:
         del SPATIAL_METRICS[extra.name]
 

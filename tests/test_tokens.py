@@ -35,7 +35,7 @@ def test_capture_keeps_each_blocks_token_at_the_cell_and_the_projector_output(pr
     model = randomize_(SiT(tiny_config(projector=projector, encoder_depth=2)), seed=3).eval()
     ckpt = as_checkpoint(model, "repa")
     x0, ids = torch.rand(5, 3, 16, 16) * 2 - 1, torch.tensor([4, 17, 2, 99, 1000])
-    feats, raw = capture_batch(ckpt, x0, None, ids, 0.25, seed=7, tokens=True)
+    feats, raw = capture_batch(ckpt, x0, None, ids, 0.25, seed=7, reductions=("tokens", "projected"))
     x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.25, 7)
     tokens, (_, zs) = hooked_tokens(model, x_t, timestep, torch.full((5,), 10), return_zs=True)
     cells = sample_cells(ids, 64, seed=7)
@@ -103,7 +103,7 @@ def test_analyze_tokens_gives_token_alignment_and_projector_cosine(tmp_path, cif
     images = torch.stack([data[i][0] for i in range(len(data))])
     ids = torch.as_tensor(data.ids)
     ckpt = as_checkpoint(model, "repa")
-    _, raw = capture_batch(ckpt, to_model_space(images, "pixels"), None, ids, 0.0, seed=0, tokens=True)
+    _, raw = capture_batch(ckpt, to_model_space(images, "pixels"), None, ids, 0.0, seed=0, reductions=("tokens",))
     z = at_cells(encoder.encode(images.float() / 255, 8)[0], sample_cells(ids, 64, 0))
     direct = M.cknna(raw["tokens"][1].numpy(), z.numpy(), k=5)
     value = token[(token["checkpoint"] == "a") & (token["block"] == 1) & (token["t"] == 0)]["value"].item()
@@ -139,8 +139,7 @@ def test_probe_images_are_captured_without_the_per_image_measures(tmp_path, cifa
     probe = [t[t["metric"] == "probe_top1"].reset_index(drop=True) for t in (measured.table, plain.table)]
     assert len(probe[0]) > 0
     pd.testing.assert_frame_equal(probe[0], probe[1])
-    keys = [json.loads(m.read_text())["fingerprint"]["capture"]
-            for m in (tmp_path / "c1" / "blocks").glob("*/manifest.json")]
-    entries = {(bool(k.get("spatial")), k.get("tokens", False), tuple(k["blocks"] or ())) for k in keys}
-    assert entries == {(True, True, ()), (False, False, ())}      # every block, of the model and the untrained one
-    assert len(keys) == 4        # model and untrained: the alignment images measured, the probe's train images plain
+    parts = [json.loads(m.read_text())["parts"] for m in (tmp_path / "c1" / "blocks").glob("*/manifest.json")]
+    reduced = sorted(sorted({p.split("+")[1].rsplit("-", 1)[0] for p in ps if "+" in p}) for ps in parts)
+    # model and untrained: the alignment images with their token reductions, the probe's train images plain
+    assert reduced == [[], [], ["projected", "spatial", "tokens"], ["projected", "spatial", "tokens"]]

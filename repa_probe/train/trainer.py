@@ -133,6 +133,8 @@ class TrainConfig:
     analyze_k: int = 10
     analyze_metrics: list[str] = field(default_factory=lambda: ["cknna"])
     analyze_batch: int = 64
+    analyze_spatial: bool = False        # also the spatial measures (as analyze --spatial; no flag yet)
+    analyze_tokens: bool = False         # also token alignment and the projector cosine (analyze --tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -418,7 +420,8 @@ class TrainingAnalysis:
         config = AnalyzeConfig(
             data=cfg.analyze_data or cfg.data, n=cfg.analyze_n, ts=tuple(cfg.analyze_t), encoders=[],
             alignment_metrics=tuple(cfg.analyze_metrics), k=cfg.analyze_k, bootstrap=0, baselines=False,
-            blocks=tuple(self.blocks), seed=cfg.seed, batch_size=cfg.analyze_batch, device=str(device), quiet=True)
+            blocks=tuple(self.blocks), seed=cfg.seed, batch_size=cfg.analyze_batch, device=str(device), quiet=True,
+            spatial=cfg.analyze_spatial, tokens=cfg.analyze_tokens)
         self.pipeline = Pipeline(config, source=lambda c: MemorySource(c, vae), encoders=encoders)
         self.meta, self.device = {"mode": cfg.mode, "vae": cfg.vae}, device
         self.path = Path(cfg.out) / "analysis.jsonl"
