@@ -46,9 +46,15 @@ class GaussianStats:
         stats.add(features)
         return stats
 
+    @classmethod
+    def from_moments(cls, n: int, mu: np.ndarray, sigma: np.ndarray) -> "GaussianStats":
+        """The sums behind a mean and an unbiased covariance of n samples (a reference file's mu and sigma)."""
+        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        return cls(int(n), n * mu, (n - 1) * sigma + n * np.outer(mu, mu))
+
     def add(self, features: np.ndarray | torch.Tensor) -> None:
         """Add a batch [B, D] (any float dtype; summed in float64)."""
-        x = torch.as_tensor(features).double()
+        x = features.double() if isinstance(features, torch.Tensor) else torch.from_numpy(np.array(features, np.float64))
         self.n += len(x)
         self.sum += x.sum(0).cpu().numpy()
         self.sum_outer += (x.T @ x).cpu().numpy()
