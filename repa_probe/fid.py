@@ -164,9 +164,11 @@ def paired_fd_difference(features_a: np.ndarray, features_b: np.ndarray, ref: Ga
 
 def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> float:
     """exp E_x KL(p(y|x) ‖ p(y)) in `splits` contiguous equal parts (rows i·N/splits …), averaged: the ADM
-    evaluator's at N = 50 000 (its parts are 5 000 samples). `logits`: the classifier's, before the softmax."""
+    evaluator's at N = 50 000 (its parts are 5 000 samples); fewer than `splits` samples make one part each.
+    `logits`: the classifier's, before the softmax."""
     logp = torch.log_softmax(torch.as_tensor(logits).double(), dim=1)
     n, scores = len(logp), []
+    splits = min(splits, n)
     for i in range(splits):
         part = logp[i * n // splits:(i + 1) * n // splits]
         log_marginal = torch.logsumexp(part, 0) - np.log(len(part))
