@@ -68,9 +68,18 @@ def euler_ode(velocity: VelocityFn, x1: torch.Tensor, steps: int = 50) -> torch.
     return x
 
 
+def gaussian(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal float64 noise; a list of generators draws row i from generator i (noise per sample)."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float64) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
 def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250,
-                   generator: torch.Generator | None = None, t_last: float = 0.04) -> torch.Tensor:
-    """Reverse SDE with g² = 2t from t = 1 to t_last in steps − 1 noisy steps, then one mean step to 0."""
+                   generator: torch.Generator | list[torch.Generator] | None = None,
+                   t_last: float = 0.04) -> torch.Tensor:
+    """Reverse SDE with g² = 2t from t = 1 to t_last in steps − 1 noisy steps, then one mean step to 0.
+    `generator`: one for the batch, or one per sample (`gaussian`)."""
     if steps < 2:
         raise ValueError("the SDE sampler needs at least 2 steps (the last one is deterministic)")
     ts = torch.cat([torch.linspace(1, t_last, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
@@ -83,7 +92,7 @@ def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250,
         drift = v - t_cur * score                                   # v − ½·g²·s with g² = 2t
         x = x + drift * dt
         if i < steps - 1:
-            z = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            z = gaussian(tuple(x.shape), generator).to(x.device)
             x = x + math.sqrt(2 * t_cur) * math.sqrt(abs(dt)) * z
     return x
 
@@ -143,19 +152,58 @@ def sample_images(ckpt: LoadedCheckpoint, n: int, *, vae: str | None = None, see
                   **kwargs) -> torch.Tensor:
     """n samples of a loaded checkpoint as images in [0, 1], (n, 3, H, W); latents decode through the VAE
     (`vae`, else the one its family names). kwargs go to `sample` (cfg, sampler, steps, ...)."""
-    from repa_probe.data import load_vae
-    space = ckpt.anatomy.input
     device = next(ckpt.model.parameters()).device
-    autoencoder = load_vae(vae or space.vae, device) if space.kind == "latents" else None
+    autoencoder = load_autoencoder(ckpt, vae)
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, n, batch_size):
         x0 = sample(ckpt, min(batch_size, n - start), generator=generator, device=device, **kwargs)
-        if autoencoder is not None:
-            with torch.no_grad():
-                x0 = autoencoder.decode(x0.to(device) / space.scale + space.shift).sample.float()
-        images.append(((x0 + 1) / 2).clamp(0, 1).cpu())
+        images.append(((decode(ckpt, x0, autoencoder) + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(images)
+
+
+def load_autoencoder(ckpt: LoadedCheckpoint, vae: str | None = None):
+    """The VAE that decodes a latent model's samples (`vae`, else the one its family names); None for pixels."""
+    from repa_probe.data import load_vae
+    space = ckpt.anatomy.input
+    return load_vae(vae or space.vae, next(ckpt.model.parameters()).device) if space.kind == "latents" else None
+
+
+def decode(ckpt: LoadedCheckpoint, x0: torch.Tensor, autoencoder=None) -> torch.Tensor:
+    """Samples in the model's space → images in [−1, 1] (latents through the VAE)."""
+    if autoencoder is None:
+        return x0
+    space = ckpt.anatomy.input
+    with torch.no_grad():
+        return autoencoder.decode(x0.to(next(ckpt.model.parameters()).device) / space.scale + space.shift).sample.float()
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a seeded set: one generator per sample, so sample i does not depend on the
+    batch, the rank or the other samples."""
+    return (int(seed) << 32) + int(index)
+
+
+@torch.no_grad()
+def sample_indexed(ckpt: LoadedCheckpoint, indices, *, seed: int = 0, sampler: str = "sde", steps: int | None = None,
+                   cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Samples `indices` of the seeded set: x₁, the class label and the SDE's noise of sample i come from its own
+    generator (`sample_seed`), so every checkpoint with the same input space and classes gets the same noise
+    and labels for sample i (paired), whatever the batch size or the number of ranks. (n, C, H, W) float32."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    ckpt.model.eval()
+    space, num_classes = ckpt.anatomy.input, ckpt.anatomy.num_classes
+    device = torch.device(device) if device is not None else next(ckpt.model.parameters()).device
+    gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+    x1 = torch.stack([torch.randn((space.channels, space.size, space.size), generator=g) for g in gens])
+    labels = torch.cat([torch.randint(0, num_classes, (1,), generator=g) for g in gens])
+    velocity = guided_velocity(ckpt, labels.to(device), cfg, cfg_interval)
+    steps = steps or DEFAULT_STEPS[sampler]
+    if sampler == "ode":
+        return euler_ode(velocity, x1.to(device), steps).float()
+    return euler_maruyama(velocity, x1.to(device), steps, gens).float()
 
 
 def sample_checkpoint(checkpoint: str, out: str, n: int = 64, *, cfg: float = 1.5,
