@@ -1,4 +1,4 @@
-"""Claims over training seeds (report/seeds.py): groups by name or given, the mean of per-seed estimates with a
+"""Claims over training seeds (findings/seeds.py): groups by name or given, the mean of per-seed estimates with a
 t-interval over seeds, 'k of K seeds', and a seed-level claim on page 1 only where the seeds agree."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from repa_probe.families.sit import as_checkpoint
 from repa_probe.models import SiT
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results
 from repa_probe.report.compose import seed_pages, summarise
-from repa_probe.report.seeds import check_groups, groups_by_name, seed_table, t_interval
-from repa_probe.report.summary import peak_summary
+from repa_probe.findings.seeds import check_groups, groups_by_name, seed_table, t_interval
+from repa_probe.findings.summary import peak_summary
 
 # Student's t at 97.5% by hand: with 2 df its CDF is 1/2 + t/(2·√(2 + t²)), so t = 0.95·√(2/(1 − 0.95²))
 # = 4.3027; with 1 df (Cauchy) t = tan(0.475·π) = 12.706
