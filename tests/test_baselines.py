@@ -7,10 +7,10 @@ import pytest
 
 from conftest import tiny_config
 from repa_probe.families.sit import as_checkpoint
+from repa_probe.findings.baselines import baseline_gaps
 from repa_probe.models import SiT
 from repa_probe import stats
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results
-from repa_probe.findings.baselines import baseline_gaps
 from repa_probe.report.compose import summarise
 
 DEPTH, N = 8, 400

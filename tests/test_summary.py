@@ -11,11 +11,11 @@ import torch
 import repa_probe
 from conftest import tiny_config
 from repa_probe import stats
+from repa_probe.findings.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 from repa_probe.models import SiT
 from repa_probe.errors import UserError
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, probe_draws, wilson_interval
 from repa_probe.report.compose import headline, summary_table
-from repa_probe.findings.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 from repa_probe.report.verdict import compare_sentence, detail_lines
 
 
