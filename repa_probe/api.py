@@ -153,12 +153,11 @@ def analyze(models: Any | Sequence[Any], data: str, encoders: str | Sequence[str
 def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] | None = None,
             describe: dict | None = None, arg: Arg = cli_arg) -> Analysis:
     """`analyze` and `compare`, from a config: check it (`arg` names a setting in errors: the command line's
-    flags or Python's keywords), load every model (a missing file fails before anything loads), analyse all on
-    the same images and noise. `names` default to `unique_names` of the paths as given, and a module's name."""
+    flags or Python's keywords), load every model (a missing file fails before any loads), analyse all on the
+    same images and noise. `names` default to `unique_names` of the paths as given, and a module's name."""
     start = time.perf_counter()
-    download = config.resolved(arg).download              # every setting checked before any file is looked for
-    paths = [resolve_checkpoint(str(m), download) if _is_path(m) else None for m in models]
-    pipeline = Pipeline(config, arg=arg)
+    pipeline = Pipeline(config, arg=arg)                   # every setting checked, the encoders loaded
+    paths = [resolve_checkpoint(str(m), pipeline.cfg.download) if _is_path(m) else None for m in models]
     loaded = [_load(m, p, pipeline.cfg, describe or {}, i) for i, (m, p) in enumerate(zip(models, paths))]
     if names is None:                                  # files as on the command line; modules by their name
         short = iter(unique_names([n for (_, n), p in zip(loaded, paths) if p is not None]))
