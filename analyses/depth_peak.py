@@ -26,8 +26,8 @@ import pandas as pd  # noqa: E402
 from cifar_runs import DATA, REPO, analysis_config, ensure_runs, experiment_args, experiment_parser, exported  # noqa: E402
 from repa_probe.commands import compare  # noqa: E402
 from repa_probe.families import load_checkpoint  # noqa: E402
+from repa_probe.findings.summary import peak_summary  # noqa: E402
 from repa_probe.pipeline import AnalyzeConfig, Pipeline, metric_label, run  # noqa: E402
-from repa_probe.report.summary import peak_summary  # noqa: E402
 
 
 def knobs(runs: dict[str, Path], n: int, every: int, out: Path) -> pd.DataFrame:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cifar_runs import REPO, analysis_config, ensure_runs, experiment_args, experiment_parser
 from repa_probe.families import load_checkpoint
+from repa_probe.findings.summary import compare_summary, paired_deltas
 from repa_probe.pipeline import Pipeline, run
 from repa_probe.report import compose
-from repa_probe.report.summary import compare_summary, paired_deltas
 
 NAMES = {"vanilla": "vanilla", "repa": "REPA", "irepa": "iREPA"}
 

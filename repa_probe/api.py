@@ -12,8 +12,11 @@ path or run folder (any family repa-probe loads), an already loaded checkpoint, 
 AnalyzeConfig field (n, k, bootstrap, null, probe_train, probe_test, cache, device, ...), as on the command line,
 and checked as there: a bad value ends in one UserError that names it as Python spells it ("n=0", "data=...").
 `seed_groups={"vanilla": [names of its seeds 0, 1, ...], "repa": [...]}` says which models are training seeds of
-one recipe (by default, names RECIPE-sSEED are; report/seeds.py).
+one recipe (by default, names RECIPE-sSEED are; findings/seeds.py).
 `models=`, `encoders=`, `names=` and `ts=` take one value or a list.
+
+The command line's `analyze` and `compare` are `analyse` (the same orchestration, from an AnalyzeConfig) plus
+the report; its `trajectory` is `trajectory` plus the report (commands.py).
 """
 from __future__ import annotations
 
@@ -28,14 +31,16 @@ import pandas as pd
 from torch import nn
 
 from repa_probe.checkpoints import LoadedCheckpoint
-from repa_probe.commands import resolve_checkpoint, unique_names
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
-from repa_probe.pipeline import AnalyzeConfig, Pipeline, Results, python_arg, run
+from repa_probe.findings import Findings, trajectory_findings
+from repa_probe.findings.seeds import check_groups
+from repa_probe.pipeline import AnalyzeConfig, Arg, Pipeline, Results, cli_arg, python_arg, run
 from repa_probe.report import compose
-from repa_probe.report.seeds import check_groups
+from repa_probe.runtime import find_checkpoints, latest_in_run
 
+ANALYSIS_LOG = "analysis.jsonl"   # the trainer's analysis-while-training rows (train/trainer.py)
 MODULE_KEYS = ("blocks", "call", "convention", "image_size", "channels", "grid", "num_classes", "stream",
                "image_tokens", "aligned_block")
 
@@ -62,14 +67,47 @@ class Analysis:
         return compose.write(self.results, str(out), {"total": self.seconds})
 
 
-def _load(model: Any, cfg: AnalyzeConfig, describe: dict, index: int) -> tuple[LoadedCheckpoint, str]:
+def unique_names(paths: list[str]) -> list[str]:
+    """Short distinct labels for checkpoints: file stems (run/stem for a training run's RUN/checkpoints/
+    0002500.pt, whose stem alone says nothing); when they repeat, the run folder (the folder holding
+    checkpoints/, or the file's folder), then run/stem, then numbered stems."""
+    def run_of(p: Path) -> str:
+        return p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
+
+    paths = [Path(p) for p in paths]
+    stems = [f"{run_of(p)}/{p.stem}" if p.parent.name == "checkpoints" else p.stem for p in paths]
+    for names in (stems, [run_of(p) for p in paths], [f"{run_of(p)}/{p.stem}" for p in paths]):
+        if len(set(names)) == len(names) and all(names):
+            return names
+    return [f"{i + 1}:{p.stem}" for i, p in enumerate(paths)]
+
+
+def resolve_checkpoint(arg: str, download: bool = False) -> str:
+    """A checkpoint file, a run folder's latest checkpoint, or an official checkpoint by file name (from the
+    download cache; fetched there with download=True)."""
+    from repa_probe.download import CHECKPOINTS, cache_root, official_checkpoint
+    path = latest_in_run(arg)
+    if Path(path).is_file():
+        return path
+    name = Path(arg).name
+    if name in CHECKPOINTS and (download or (cache_root() / "checkpoints" / name).is_file()):
+        return str(official_checkpoint(name))
+    hint = " (an official checkpoint: add --download to fetch it)" if name in CHECKPOINTS else ": check the path"
+    raise UserError(f"checkpoint '{path}' does not exist{hint}")
+
+
+def _is_path(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike))
+
+
+def _load(model: Any, path: str | None, cfg: AnalyzeConfig, describe: dict, index: int) -> tuple[LoadedCheckpoint, str]:
+    """(the loaded model, its default name); `path`: the resolved checkpoint file of a path or run folder."""
     if isinstance(model, LoadedCheckpoint):
         return model, Path(model.provenance.path).stem or f"model{index + 1}"
     if isinstance(model, nn.Module):
         ckpt = describe_module(model, **describe)
         return ckpt, describe.get("name") or f"{type(model).__name__}" + (f"-{index + 1}" if index else "")
-    if isinstance(model, (str, os.PathLike)):
-        path = resolve_checkpoint(str(model), cfg.download)
+    if path is not None:
         return load_checkpoint(path, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads,
                                text_embeddings=cfg.text_embeddings), str(model)
     raise UserError(f"cannot analyse a {type(model).__name__}: pass a checkpoint path, a run folder, a loaded "
@@ -89,7 +127,6 @@ def analyze(models: Any | Sequence[Any], data: str, encoders: str | Sequence[str
             **options: Any) -> Analysis:
     """Analyse one model, or compare several on the same images and noise; see the module docstring. Bad
     arguments end in one UserError that names them as here (`data=`, `ts=`), checked as the command line's."""
-    start = time.perf_counter()
     models = _listed("models", models, "a checkpoint path, run folder, loaded checkpoint or nn.Module")
     encoders = _listed("encoders", encoders, "an encoder name such as 'dinov2-vit-b'", str) if encoders else []
     if isinstance(options.get("alignment_metrics"), str):
@@ -110,15 +147,77 @@ def analyze(models: Any | Sequence[Any], data: str, encoders: str | Sequence[str
             raise UserError(f"{python_arg('names', names)} gives {len(names)} name(s) for {len(models)} model(s): "
                             f"pass one name per model")
     config = AnalyzeConfig(data=data, encoders=encoders, **options, **({"ts": ts} if ts is not None else {}))
-    pipeline = Pipeline(config, arg=python_arg)
-    loaded = [_load(m, pipeline.cfg, describe, i) for i, m in enumerate(models)]
+    return analyse(models, config, names, describe, arg=python_arg)
+
+
+def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] | None = None,
+            describe: dict | None = None, arg: Arg = cli_arg) -> Analysis:
+    """`analyze` and `compare`, from a config: check it (`arg` names a setting in errors: the command line's
+    flags or Python's keywords), load every model (a missing file fails before any loads), analyse all on the
+    same images and noise. `names` default to `unique_names` of the paths as given, and a module's name."""
+    start = time.perf_counter()
+    pipeline = Pipeline(config, arg=arg)                   # every setting checked, the encoders loaded
+    paths = [resolve_checkpoint(str(m), pipeline.cfg.download) if _is_path(m) else None for m in models]
+    loaded = [_load(m, p, pipeline.cfg, describe or {}, i) for i, (m, p) in enumerate(zip(models, paths))]
     if names is None:                                  # files as on the command line; modules by their name
-        is_path = [isinstance(m, (str, os.PathLike)) for m in models]
-        short = iter(unique_names([n for (_, n), p in zip(loaded, is_path) if p]))
-        names = [next(short) if p else n for (_, n), p in zip(loaded, is_path)]
+        short = iter(unique_names([n for (_, n), p in zip(loaded, paths) if p is not None]))
+        names = [next(short) if p is not None else n for (_, n), p in zip(loaded, paths)]
     if len(set(names)) != len(names):
         raise UserError(f"names {list(names)} repeat: pass names=[...] with one distinct name per model")
     if pipeline.cfg.seed_groups is not None:
         check_groups(pipeline.cfg.seed_groups, list(names))        # before any compute
     results = run([c for c, _ in loaded], list(names), pipeline.cfg, pipeline)
     return Analysis(results, time.perf_counter() - start)
+
+
+def trajectory(sources: Sequence[str], config: AnalyzeConfig, source: str = "auto") -> Findings:
+    """Metrics over training steps (REPA Fig. 2b) → the trajectory's Findings (`compose.write` draws them).
+
+    Each source is a run folder or a glob of checkpoints (one line style per source). source="log" reads
+    the run's analysis-while-training file (analysis.jsonl: step, block, t, metric, encoder, value),
+    "checkpoints" analyses every checkpoint (feature store: only new ones cost compute), "auto" uses the
+    log where a run folder has one and the checkpoints otherwise."""
+    frames, curves, provenance, depth, pipeline = [], {}, {}, 1, None
+    for src in sources:
+        name, log = Path(src).name if Path(src).is_dir() else src, Path(src) / ANALYSIS_LOG
+        if source != "checkpoints" and log.is_file():
+            df = pd.read_json(log, lines=True)
+            frames.append(df.assign(run=name, checkpoint=name, kind="model"))
+            depth = max(depth, int(df["block"].max()))
+            provenance[name] = {"path": str(log), "format": "analysis-while-training log"}
+            continue
+        files = _run_checkpoints(src, source, config)
+        pipeline = pipeline or Pipeline(config)
+        for file in files:
+            depth = max(depth, _analyse_step(file, name, pipeline, frames, curves, provenance))
+    cfg = pipeline.cfg if pipeline else config
+    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source)
+
+
+def _run_checkpoints(src: str, source: str, config: AnalyzeConfig) -> list[str]:
+    """The checkpoints of a source without a training log that trajectory may analyse."""
+    if source == "log":
+        raise UserError(f"'{src}' has no {ANALYSIS_LOG}: train with --analyze-every, or use --source checkpoints")
+    files = find_checkpoints(src)
+    if not files:
+        raise UserError(f"no checkpoints (.pt/.safetensors) found for '{src}': pass a run folder or a glob")
+    if not config.data:
+        raise UserError(f"'{src}' has no {ANALYSIS_LOG} (train with --analyze-every for one), so its checkpoints "
+                        f"are analysed: pass --data IMAGE_FOLDER (held-out images, e.g. cifar10/test)")
+    return files
+
+
+def _analyse_step(file: str, run_name: str, pipeline: Pipeline, frames: list, curves: dict, provenance: dict) -> int:
+    """Analyse one checkpoint of a run as RUN@STEP, adding its rows (with run and step), its curves and its
+    provenance; → its depth."""
+    cfg = pipeline.cfg
+    ckpt = load_checkpoint(file, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads)
+    step = ckpt.provenance.step
+    if step is None:
+        raise UserError(f"'{file}' records no training step: trajectory needs checkpoints from a training run")
+    for a in pipeline.analyse(ckpt, f"{run_name}@{step}"):
+        if a.kind == "model":
+            frames.append(pd.DataFrame([r for c in a.curves for r in c.rows()]).assign(run=run_name, step=step))
+            curves[(run_name, step)] = a.curves
+            provenance[a.name] = ckpt.provenance.to_dict()
+    return ckpt.anatomy.depth

@@ -178,7 +178,7 @@ def _alignment(pipe, src: Source) -> list[Curves]:
 
 
 def _token_alignment(pipe, src: Source) -> list[Curves]:
-    # the untrained twin's token curves carry no held-out drop: report/baselines.py compares pooled curves
+    # the untrained twin's token curves carry no held-out drop: findings/baselines.py compares pooled curves
     return [] if "tokens" not in src.reduced else \
         alignment_curves(pipe, src, src.reduced["tokens"]["blocks"], src.held_out and src.kind == "model", tokens=True)
 

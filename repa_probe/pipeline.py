@@ -15,7 +15,7 @@ For each checkpoint, on the same images and the same seeded noise (docs/analysis
              whose adaLN-Zero gates get PyTorch's default init (checkpoints.as_untrained: with zero gates
              every block would be the identity), each with its best block chosen on half A and measured on
              half B like a model's peak, so that "the best block beats the baseline" is a paired, held-out
-             difference (report/baselines.py).
+             difference (findings/baselines.py).
 Features come from the feature store (`extract`: re-running with another metric, encoder or checkpoint
 recomputes only what is new) or, for a model that changes under our feet (the trainer's EMA), straight
 from memory with the same capture code. Report composition is report/compose.py's business.
@@ -118,7 +118,7 @@ class AnalyzeConfig:
     text_embeddings: str | None = None          # a prompt's embeddings for text-conditioned diffusers models
     quiet: bool = False
     samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
-    seed_groups: dict[str, list[str]] | None = None   # {recipe: [name of seed 0, ...]}; None: by name (report/seeds.py)
+    seed_groups: dict[str, list[str]] | None = None   # {recipe: [name of seed 0, ...]}; None: by name (findings/seeds.py)
     notes: list[str] = field(default_factory=list)
 
     def resolved(self, arg: Arg | None = None) -> "AnalyzeConfig":
@@ -509,7 +509,7 @@ class Pipeline:
     def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:
         """Every selected measure of one checkpoint and (once per architecture) of its baselines: the raw input
         (pooled like the blocks, and as a thumbnail), the untrained model of the same architecture, on the same
-        images and noise, and the encoders' own tokens (report/baselines.py)."""
+        images and noise, and the encoders' own tokens (findings/baselines.py)."""
         data = self.datasets(ckpt)
         model, feats, probe_feats = self.source_of(ckpt, name, "model", data)
         t0 = np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None

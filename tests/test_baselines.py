@@ -1,4 +1,4 @@
-"""'The best block beats the baseline', held out and paired (report/baselines.py), on simulated probe hits with
+"""'The best block beats the baseline', held out and paired (findings/baselines.py), on simulated probe hits with
 known answers: no block better than the baseline, or one block planted better."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 
 from conftest import tiny_config
 from repa_probe.families.sit import as_checkpoint
+from repa_probe.findings.baselines import baseline_gaps
 from repa_probe.models import SiT
 from repa_probe import stats
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results
-from repa_probe.report.baselines import baseline_gaps
 from repa_probe.report.compose import summarise
 
 DEPTH, N = 8, 400

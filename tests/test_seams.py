@@ -131,3 +131,40 @@ def test_a_figure_registered_twice_is_refused_and_families_lists_every_registry(
     listed = run_cli("families").stdout
     assert "spatial measures" in listed and "lds" in listed
     assert all(f.__name__ in listed for f in FIGURES.values()) and listed.count("curve_pages") == 1
+
+
+def test_a_registered_figure_appears_in_a_trajectory_report(tmp_path, cifar_dir):
+    """One report path: a page builder registered once is a page of a trajectory over training steps too (real
+    checkpoints analysed here), drawn from that report's own table; the analysis pages draw nothing there."""
+    import matplotlib.pyplot as plt
+    from pypdf import PdfReader
+    from repa_probe.commands import trajectory
+    from repa_probe.pipeline import AnalyzeConfig
+    from repa_probe.report.compose import FIGURES, figure_name, register_figure
+    cfg = tiny_config(z_dims=[], encoder_depth=0)
+    for i, step in enumerate((10, 20)):
+        save_checkpoint(tmp_path / "run" / "checkpoints" / f"{step:07d}.pt", cfg,
+                        randomize_(SiT(cfg), seed=i).state_dict(), meta={"step": step, "mode": "pixels"})
+    drawn = {}
+
+    def values_per_step(findings, table):
+        """One page: how many values each training step has in the report."""
+        drawn[findings.kind] = counts = table.groupby("step").size()
+        fig, ax = plt.subplots()
+        ax.bar(counts.index, counts.values)
+        return [("values per step", fig)]
+
+    before = list(FIGURES)
+    register_figure(values_per_step)
+    try:
+        config = AnalyzeConfig(data=str(cifar_dir / "test"), n=40, ts=(0.0, 0.5), bootstrap=0, null=0,
+                               cache=str(tmp_path / "cache"), quiet=True)
+        out = trajectory([str(tmp_path / "run")], config, str(tmp_path / "traj"))
+    finally:
+        FIGURES.pop(figure_name(values_per_step))
+    assert list(FIGURES) == before
+    pages = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert pages == ["01_summary_1.png", "02_trajectory_probe_top1.png", "03_values_per_step.png"]
+    assert len(PdfReader(out / "report.pdf").pages) == 3
+    steps = pd.read_csv(out / "results.csv").groupby("step").size()
+    assert list(drawn) == ["trajectory"] and drawn["trajectory"].to_dict() == steps.to_dict() == {10: 6, 20: 6}   # 3 blocks × 2 t

@@ -1,4 +1,4 @@
-"""Claims over training seeds (report/seeds.py): groups by name or given, the mean of per-seed estimates with a
+"""Claims over training seeds (findings/seeds.py): groups by name or given, the mean of per-seed estimates with a
 t-interval over seeds, 'k of K seeds', and a seed-level claim on page 1 only where the seeds agree."""
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from test_report import assert_plain
 from repa_probe.checkpoints import save_checkpoint
 from repa_probe.errors import UserError
 from repa_probe.families.sit import as_checkpoint
+from repa_probe.findings import analysis_findings
+from repa_probe.findings.seeds import check_groups, groups_by_name, seed_table, t_interval
+from repa_probe.findings.summary import peak_summary
 from repa_probe.models import SiT
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results
 from repa_probe.report.compose import seed_pages, summarise
-from repa_probe.report.seeds import check_groups, groups_by_name, seed_table, t_interval
-from repa_probe.report.summary import peak_summary
 
 # Student's t at 97.5% by hand: with 2 df its CDF is 1/2 + t/(2·√(2 + t²)), so t = 0.95·√(2/(1 − 0.95²))
 # = 4.3027; with 1 df (Cauchy) t = tan(0.475·π) = 12.706
@@ -115,7 +116,7 @@ def test_no_seed_level_claim_when_seeds_disagree_though_each_seeds_own_interval_
 def test_the_seed_figure_draws_each_seed_thin_and_the_mean_over_seeds_on_top(ckpts):
     res = seed_results(ckpts, [0.05, 0.03, 0.07], [0.02, 0.03, 0.025])
     table = res.table()
-    [(name, fig)] = seed_pages(res, table)
+    [(name, fig)] = seed_pages(analysis_findings(res, table, pages=False), table)
     try:
         lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
         thin = [line for line in fig.axes[0].get_lines() if line.get_linewidth() < 1 and line.get_color() ==

@@ -13,10 +13,10 @@ from scipy.stats import norm
 
 from conftest import REPO
 from repa_probe import stats
+from repa_probe.findings.summary import compare_summary
 from repa_probe.metrics import alignment, bootstrap_alignment, bootstrap_ci, cknna, permuted_targets, svcca
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, Results, held_out_probe
 from repa_probe.probe import ProbeConfig, linear_probe
-from repa_probe.report.summary import compare_summary
 
 DEFAULT_REPLICATES = AnalyzeConfig(data="").bootstrap       # the analyses' default: the regime the reports use
 

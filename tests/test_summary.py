@@ -11,11 +11,11 @@ import torch
 import repa_probe
 from conftest import tiny_config
 from repa_probe import stats
+from repa_probe.findings.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 from repa_probe.models import SiT
 from repa_probe.errors import UserError
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Curves, HeldOut, Results, probe_draws, wilson_interval
 from repa_probe.report.compose import headline, summary_table
-from repa_probe.report.summary import block_ranges, compare_summary, paired_deltas, peak_summary
 from repa_probe.report.verdict import compare_sentence, detail_lines
 
 
@@ -177,7 +177,8 @@ def test_a_real_analysis_of_blocks_equal_but_for_rounding_claims_nothing(cifar_d
 
 
 def test_a_training_trend_within_the_resolution_is_no_change():
-    from repa_probe.commands import trajectory_summary, trend_word
+    from repa_probe.findings.trends import trajectory_summary
+    from repa_probe.report.verdict import trend_word
     rows = [dict(run="r", step=s, block=b, t=0.0, metric="cknna", encoder="e", value=0.4 + 1e-9 * s * b)
             for s in (100, 200) for b in (1, 2)]
     trend = trajectory_summary(pd.DataFrame(rows), [[1, 2]])

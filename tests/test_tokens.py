@@ -113,8 +113,9 @@ def test_analyze_tokens_gives_token_alignment_and_projector_cosine(tmp_path, cif
     assert len(tok) and (tok["delta"] == 0).all()
     # the projector cosine, at one block, is drawn against t (not as a one-point curve per t)
     import matplotlib.pyplot as plt
+    from repa_probe.findings import analysis_findings
     from repa_probe.report.compose import curve_pages
-    pages = dict(curve_pages(a.results, t))
+    pages = dict(curve_pages(analysis_findings(a.results, t, pages=False), t))
     assert not any(name.startswith("curves proj_cosine") for name in pages)
     line = pages["over t proj_cosine cifar-ssl-resnet"].axes[0].lines[0]
     np.testing.assert_allclose(np.asarray(line.get_xdata(), float), ts)

@@ -1,11 +1,14 @@
-"""Report composition: a pipeline.Results → summary tables, page 1, figures, summary.json, report.pdf.
+"""Report composition: a report's Findings (findings/: the numbers) → summary.json, the pages, report.pdf.
 
-Pages after the summary come from FIGURES, a list of builders: each takes the Results and the tidy table
-and returns (name, matplotlib Figure) pairs. A new figure is one function appended to that list
-(`register_figure`).
+Every report (analyze, compare, trajectory) is the pages of FIGURES, a registry of page builders: each takes the
+report's Findings and its tidy table (the rows of results.csv) and returns (name, matplotlib Figure) pairs, none
+when the numbers it draws are absent from that kind of report (`findings.kind`: analysis, comparison or
+trajectory). Page 1 and the summary pages are builders too, placed first by their priority. A new figure is one
+registered function (`register_figure`); it draws, it computes nothing the findings do not hold.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -13,19 +16,17 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from repa_probe import metrics as M
+from repa_probe.findings import Findings, analysis_findings, panels
 from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
-from repa_probe.report import figures as F
-from repa_probe.report import seeds as S
-from repa_probe.report.baselines import baseline_gaps
 from repa_probe.registry import Registry
+from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
-from repa_probe.report.summary import compare_summary, paired_deltas, peak_summary
 from repa_probe.report.verdict import (detail_lines, gap_lines, interval, level, number, overview_sentences, paren,
-                                       sample, seed_lines, what)
+                                       sample, seed_lines, trend_lines, trend_table, what)
 
-FigureBuilder = Callable[[Results, pd.DataFrame], list]
+FigureBuilder = Callable[[Findings, pd.DataFrame], list]
 FIGURES: Registry[FigureBuilder] = Registry("figure")
+FIRST = 2                  # the priority of page 1 (the answer); the summary pages come next, at FIRST − 1
 
 
 def figure_name(builder: FigureBuilder) -> str:
@@ -33,24 +34,13 @@ def figure_name(builder: FigureBuilder) -> str:
     return f"{builder.__module__}.{builder.__qualname__}"
 
 
-def register_figure(builder: FigureBuilder, *, priority: int = 0, overwrite: bool = False) -> FigureBuilder:
-    """Add a page builder (results, table) → [(name, Figure)]; pages appear by priority, then in registration
+def register_figure(builder: FigureBuilder | None = None, *, priority: int = 0, overwrite: bool = False):
+    """Add a page builder (findings, table) → [(name, Figure)]; pages appear by priority, then in registration
     order. A builder of a registered name (`figure_name`) is refused, as its pages would appear twice, unless
-    overwrite replaces it."""
+    overwrite replaces it. Also a decorator, bare or with keywords: @register_figure(priority=1)."""
+    if builder is None:
+        return lambda b: register_figure(b, priority=priority, overwrite=overwrite)
     return FIGURES.register(figure_name(builder), builder, priority=priority, overwrite=overwrite)
-
-
-def _panels(table: pd.DataFrame, single_block: bool = False) -> list[tuple[str, str]]:
-    """(metric, encoder) pairs measured on the models: at every block, or (single_block) at one block each."""
-    models = table[(table["kind"] == "model") & (table["block"] >= 0)]
-    blocks = models.groupby(["metric", "encoder", "checkpoint"])["block"].nunique()
-    one = blocks.groupby(["metric", "encoder"]).max() == 1
-    return sorted(pair for pair, single in one.items() if single == single_block)
-
-
-def aligned_blocks(results: Results) -> dict[str, int]:
-    """{model name: REPA's aligned block} for the models that have one."""
-    return {a.name: a.ckpt.anatomy.aligned_block for a in results.models if a.ckpt.anatomy.aligned_block}
 
 
 def _at_n(table: pd.DataFrame, metric: str, encoder: str) -> str:
@@ -59,74 +49,115 @@ def _at_n(table: pd.DataFrame, metric: str, encoder: str) -> str:
     return paren(sample(metric, rows["n"].iloc[0], rows["k"].iloc[0])) if len(rows) else ""
 
 
+@register_figure(priority=FIRST)
+def overview_page(f: Findings, table: pd.DataFrame) -> list:
+    """Page 1: the answer in at most three sentences, beside the curves they speak of."""
+    if f.peaks is None:
+        return []
+    return [("overview", F.overview_page(f.title, sentences(f)[0], table, _page1_panels(table), min(f.config.ts),
+                                         f.aligned))]
+
+
+@register_figure(priority=FIRST - 1)
+def summary_pages(f: Findings, table: pd.DataFrame) -> list:
+    """The checkpoints, data, encoders and details, then each curve's peak and the drop after it."""
+    if f.peaks is None:
+        return []
+    pages = F.summary_pages(f.title, page2_sections(f), summary_table(f.peaks),
+                            "Where each curve peaks, and the drop after it",
+                            "best block = highest value on all images (block 0 is not a candidate), with the share of "
+                            "bootstrap replicates where it is best; n, k = the images and neighbours of the values "
+                            "(CKNNA depends on both); held-out drop = that block − the last block on half the images "
+                            "(its own n; for a measure that depends on n, its two values there in parentheses), the "
+                            "block chosen on the other half; 'peaks then drops' = its paired "
+                            "interval is above 0 (shaded); above null = blocks whose interval clears the permutation "
+                            "null's 97.5% level.")
+    return [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
+
+
+@register_figure(priority=FIRST - 1)
+def trend_pages(f: Findings, table: pd.DataFrame) -> list:
+    """A trajectory's sources, and each run's change from the first step to the last per block group."""
+    if f.trend is None:
+        return []
+    sections = [("Sources", [(k, v.get("path", "")) for k, v in f.provenance.items()][:12]),
+                ("Trend (first → last step, mean over the block group)", trend_lines(f.trend)[:14])]
+    pages = F.summary_pages(f.title, sections, trend_table(f.trend), "Per run, metric, t and block group")
+    return [(f"summary {i + 1}", p) for i, p in enumerate(pages)]
+
+
 @register_figure
-def curve_pages(results: Results, table: pd.DataFrame) -> list:
+def curve_pages(f: Findings, table: pd.DataFrame) -> list:
     """Each measure per block, every checkpoint and baseline overlaid, with intervals and the null."""
+    if f.results is None:
+        return []
     return [(f"curves {metric} {encoder}", F.curves(table, metric, encoder, f"{metric_label(metric)} per block"
-                                                    f"{_at_n(table, metric, encoder)}", aligned_blocks(results)))
-            for metric, encoder in _panels(table)] + \
+                                                    f"{_at_n(table, metric, encoder)}", f.aligned))
+            for metric, encoder in panels(table)] + \
         [(f"over t {metric} {encoder}", F.values_over_t(table, metric, encoder, f"{metric_label(metric)} vs t"
                                                                                 f"{_at_n(table, metric, encoder)}"))
-         for metric, encoder in _panels(table, single_block=True)]
+         for metric, encoder in panels(table, single_block=True)]
 
 
 @register_figure
-def seed_pages(results: Results, table: pd.DataFrame) -> list:
-    """With seed groups (report/seeds.py): each seed's curve thin, each recipe's mean over seeds on top."""
-    groups = S.seed_groups(results)
+def seed_pages(f: Findings, table: pd.DataFrame) -> list:
+    """With seed groups (findings/seeds.py): each seed's curve thin, each recipe's mean over seeds on top."""
     title = "{} per block: each seed (thin), the mean over seeds (band: 95% t-interval over seeds)"
-    return [(f"seeds {metric} {encoder}", F.seed_curves(table, groups, S.mean_curves(table, groups, metric, encoder),
-                                                        metric, encoder, title.format(metric_label(metric))))
-            for metric, encoder in (_panels(table) if groups else [])]
+    return [(f"seeds {metric} {encoder}", F.seed_curves(table, f.seed_groups, means, metric, encoder,
+                                                        title.format(metric_label(metric))))
+            for (metric, encoder), means in f.seed_means.items()]
 
 
 @register_figure
-def heatmap_pages(results: Results, table: pd.DataFrame) -> list:
+def heatmap_pages(f: Findings, table: pd.DataFrame) -> list:
     """Each checkpoint's measures over block × t."""
     figs = []
-    for a in results.models:
+    for a in f.models:
         figs += [(f"heatmap {a.name}", fig) for fig in F.heatmaps(table, a.name, "block × t")]
-        figs.append((f"profile over t {a.name}", F.curves_over_t(table, a.name, _panels(table),
+        figs.append((f"profile over t {a.name}", F.curves_over_t(table, a.name, panels(table),
                                                                  "layer-wise profile vs t")))
     return figs
 
 
 @register_figure
-def similarity_pages(results: Results, table: pd.DataFrame) -> list:
+def similarity_pages(f: Findings, table: pd.DataFrame) -> list:
     """Each checkpoint's block × block linear CKA at t = 0."""
-    return [(f"layer similarity {a.name}", F.similarity_matrix(
-        M.similarity_matrix(a.block_feats_t0, metric="cka"),
-        f"{a.name}: block × block linear CKA at t = 0 (block 0 = patch embedding)"))
-        for a in results.models if a.block_feats_t0 is not None]
+    return [(f"layer similarity {name}", F.similarity_matrix(
+        sim, f"{name}: block × block linear CKA at t = 0 (block 0 = patch embedding)"))
+        for name, sim in f.similarity.items()]
 
 
 @register_figure
-def delta_pages(results: Results, table: pd.DataFrame) -> list:
+def delta_pages(f: Findings, table: pd.DataFrame) -> list:
     """Each later checkpoint minus the first, per block, with paired intervals."""
-    models = results.models
-    figs = []
-    for m in models[1:]:
-        figs += [(f"deltas {m.name}", fig) for fig in F.delta_heatmaps(paired_deltas(results, models[0].name, m.name),
-                                                                         models[0].name, m.name)]
-        if models[0].block_feats_t0 is not None and m.block_feats_t0 is not None:
-            sim = M.similarity_matrix(models[0].block_feats_t0, m.block_feats_t0, metric="cka")
-            figs.append((f"cross similarity {m.name}", F.similarity_matrix(
-                sim, f"linear CKA at t = 0: {models[0].name} block (rows) × {m.name} block (columns)",
-                xlabel=f"{m.name} block", ylabel=f"{models[0].name} block")))
+    figs, first = [], f.models[0].name if f.models else ""
+    for name, deltas in f.deltas.items():
+        figs += [(f"deltas {name}", fig) for fig in F.delta_heatmaps(deltas, first, name)]
+        if name in f.cross_similarity:
+            figs.append((f"cross similarity {name}", F.similarity_matrix(
+                f.cross_similarity[name], f"linear CKA at t = 0: {first} block (rows) × {name} block (columns)",
+                xlabel=f"{name} block", ylabel=f"{first} block")))
     return figs
 
 
 @register_figure
-def sample_pages(results: Results, table: pd.DataFrame) -> list:
-    """A grid of cfg.samples samples per model (Euler ODE, 50 steps, random classes, no guidance, seeded)."""
-    from repa_probe.sampler import image_grid, sample_images
-    cfg = results.config
-    if not cfg.samples:
+def sample_pages(f: Findings, table: pd.DataFrame) -> list:
+    """A grid of samples per model (Euler ODE, 50 steps, random classes, no guidance, seeded)."""
+    cfg = f.config
+    return [(f"samples {name}", F.image_grid(grid, f"{name}: {cfg.samples} samples (Euler ODE, 50 steps, random "
+                                                   f"classes, no guidance, seed {cfg.seed})"))
+            for name, grid in f.samples.items()]
+
+
+@register_figure
+def trajectory_pages(f: Findings, table: pd.DataFrame) -> list:
+    """Each measure over training steps, one panel per block group, one line style per run (REPA Fig. 2b)."""
+    if f.trend is None:
         return []
-    return [(f"samples {a.name}", F.image_grid(
-        image_grid(sample_images(a.ckpt, cfg.samples, vae=cfg.vae, seed=cfg.seed, cfg=1.0)),
-        f"{a.name}: {cfg.samples} samples (Euler ODE, 50 steps, random classes, no guidance, seed {cfg.seed})"))
-        for a in results.models if a.ckpt.convention.velocity is not None]
+    filled = table.fillna({"encoder": ""})
+    return [(f"trajectory {metric} {encoder}", F.trajectory(filled, metric, encoder,
+                                                            f"{metric_label(metric)} over training", f.groups))
+            for (metric, encoder), _ in filled.groupby(["metric", "encoder"])]
 
 
 #################################################################################
@@ -229,91 +260,81 @@ def baseline_lines(table: pd.DataFrame) -> list[str]:
 #                                 The report                                    #
 #################################################################################
 
-def summarise(results: Results, timings: dict[str, float] | None = None,
+def sentences(f: Findings) -> tuple[list[str], list[str]]:
+    """(page 1's sentences, page 2's details) of an analysis or comparison."""
+    t0, gaps, table = min(f.config.ts), f.baseline_gaps, f.table
+    overview = overview_sentences(f.peaks, f.compare, table, _page1_panels(table), t0, gaps, f.seeds)
+    return overview, detail_lines(f.peaks, f.compare, table, t0) + gap_lines(gaps, t0) + seed_lines(f.seeds, t0)
+
+
+def summarise(report: Results | Findings, timings: dict[str, float] | None = None,
               table: pd.DataFrame | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """summary.json's content (page-1 sentences, peaks with held-out drops, compare deltas, provenance) and the
-    extra tables (compare, deltas), without drawing anything; `table`: results.table(), if already made."""
-    cfg, table = results.config, results.table() if table is None else table
-    peaks = peak_summary(results)
-    models = results.models
-    title = f"repa-probe {'analysis' if len(models) == 1 else 'comparison'}: " + " vs ".join(a.name for a in models)
-    aligned = aligned_blocks(results)
-    extra, tables, comp = {}, {}, None
-    if len(models) > 1:
-        ref = models[0].name
-        comp = pd.concat([compare_summary(results, ref, m.name, aligned.get(m.name, aligned.get(ref)))
-                          for m in models[1:]], ignore_index=True)
-        extra["compare"] = comp.to_dict(orient="records")
-        tables["compare"] = comp
-        tables["deltas"] = pd.concat([paired_deltas(results, ref, m.name) for m in models[1:]], ignore_index=True)
-    timings = {**results.timings, **(timings or {})}
-    t0, computed = min(cfg.ts), set(table["kind"])
-    tables["baseline_gaps"], (groups, seeds) = baseline_gaps(results), S.seed_table(results, peaks, aligned)
-    if groups:
-        tables["seeds"] = seeds
-    summary = {"title": title, "config": asdict(cfg), "notes": cfg.notes,
-               "overview": overview_sentences(peaks, comp, table, _page1_panels(table), t0, tables["baseline_gaps"],
-                                              seeds),
-               "details": detail_lines(peaks, comp, table, t0) + gap_lines(tables["baseline_gaps"], t0) +
-               seed_lines(seeds, t0),
+    """summary.json's content and the report's other tables (compare, deltas, baseline gaps, seeds), without
+    drawing anything; `table`: results.table(), if already made."""
+    f = report if isinstance(report, Findings) else analysis_findings(report, table, pages=False)
+    timings = {**(f.results.timings if f.results is not None else {}), **(timings or {})}
+    timings_s = {k: round(v, 2) for k, v in timings.items()}
+    if f.trend is not None:
+        return {"title": f.title, "sources": f.sources, "source": f.source, "groups": f.groups,
+                "trend": f.trend.to_dict(orient="records"), "provenance": f.provenance, "config": asdict(f.config),
+                "timings_s": timings_s}, f.tables()
+    results, cfg, table, tables = f.results, f.config, f.table, f.tables()
+    overview, details = sentences(f)
+    summary = {"title": f.title, "config": asdict(cfg), "notes": cfg.notes, "overview": overview, "details": details,
                "checkpoints": {a.name: a.ckpt.provenance.to_dict() for a in results.analysed},
-               "aligned_blocks": aligned,
-               "baseline_kinds": {k: v for k, v in KINDS.items() if k != "model" and k in computed},
+               "aligned_blocks": f.aligned,
+               "baseline_kinds": _baseline_kinds(table),
                "images": results.images, "cache": {"chunks_computed": results.computed_chunks},
-               "n_rows": len(table), "peaks": peaks.to_dict(orient="records"),
-               "baselines": baseline_lines(table), "headline": headline(peaks),
-               "baseline_gaps": tables["baseline_gaps"].to_dict(orient="records"),
-               "seeds": {"groups": {r: {str(k): n for k, n in s.items()} for r, s in groups.items()},
-                         "rows": seeds.to_dict(orient="records")},
-               "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}
-    return summary, tables
+               "n_rows": len(table), "peaks": f.peaks.to_dict(orient="records"),
+               "baselines": baseline_lines(table), "headline": headline(f.peaks),
+               "baseline_gaps": f.baseline_gaps.to_dict(orient="records"),
+               "seeds": {"groups": {r: {str(k): n for k, n in s.items()} for r, s in f.seed_groups.items()},
+                         "rows": f.seeds.to_dict(orient="records")},
+               "timings_s": timings_s}
+    return summary | ({"compare": f.compare.to_dict(orient="records")} if f.compare is not None else {}), tables
 
 
-def write(results: Results, out: str | Path, timings: dict[str, float] | None = None) -> Path:
-    """results.csv, summary.json, figures/ and report.pdf (page 1 = the answer) in `out`."""
-    import time
+def write(report: Results | Findings, out: str | Path, timings: dict[str, float] | None = None) -> Path:
+    """results.csv, the other tables, summary.json, figures/ and report.pdf (page 1 = the answer) in `out`: the
+    pages of every registered builder, in the registry's order."""
     start = time.perf_counter()
-    cfg, table, models = results.config, results.table(), results.models
-    summary, tables = summarise(results, timings, table)
-    title, aligned, n = summary["title"], summary["aligned_blocks"], summary["images"]
-    t0 = min(cfg.ts)
-    figs = [("overview", F.overview_page(title, summary["overview"], table, _page1_panels(table), t0, aligned))]
-    page2 = [("Checkpoints", [row for a in models for row in provenance_rows(a)]),
-             ("Data", [("alignment images", f"{cfg.data} (n = {n.get('alignment', cfg.n)}, class-balanced, seed "
-                                            f"{cfg.seed})"),
-                       ("probe", f"train {cfg.probe_train or cfg.data + ' (4/5 of the n images)'} "
-                                 f"(n = {n.get('probe train', '-')}); "
-                                 f"test {cfg.probe_test or cfg.data + ' (the other 1/5)'} "
-                                 f"(n = {n.get('probe test', '-')})" if "probe train" in n else "off"),
-                       ("noise levels t", ", ".join(f"{t:g}" for t in cfg.ts) + "  (0 = clean data, 1 = pure noise; "
-                                                                             "seeded noise, null class label)"),
-                       ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
-                                      f"draws (null), paired across blocks and checkpoints; 'better at blocks' holds "
-                                      f"jointly over blocks × t")] +
-                      [(f"baseline: {k.replace('-', ' ')}", v) for k, v in summary["baseline_kinds"].items()] +
-                      [(f"seeds: {r}", ", ".join(s.values()) + " (claims over seeds: mean, t-interval)")
-                       for r, s in summary["seeds"]["groups"].items()]),
-             ("Encoders", encoder_rows(results))] + ([("Notes", [f"! {n}" for n in cfg.notes])] if cfg.notes else [])
-    page2 += [(f"Details (t = {t0:g}; paired 95% intervals)", summary["details"])] if summary["details"] else []
-    pages = F.summary_pages(title, page2, summary_table(pd.DataFrame(summary["peaks"])),
-                            "Where each curve peaks, and the drop after it",
-                            "best block = highest value on all images (block 0 is not a candidate), with the share of "
-                            "bootstrap replicates where it is best; n, k = the images and neighbours of the values "
-                            "(CKNNA depends on both); held-out drop = that block − the last block on half the images "
-                            "(its own n; for a measure that depends on n, its two values there in parentheses), the "
-                            "block chosen on the other half; 'peaks then drops' = its paired "
-                            "interval is above 0 (shaded); above null = blocks whose interval clears the permutation "
-                            "null's 97.5% level.")
-    figs += [(f"summary {i + 1}", page) for i, page in enumerate(pages)]
-    for builder in FIGURES.values():
-        figs += builder(results, table)
-    return write_report(out, table, summary, figs, tables, started=start)
+    f = report if isinstance(report, Findings) else analysis_findings(report)
+    summary, tables = summarise(f, timings)
+    figs = [page for build in FIGURES.values() for page in build(f, f.table)]
+    return write_report(out, f.table, summary, figs, tables, started=start)
+
+
+def page2_sections(f: Findings) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Page 2: the checkpoints' provenance, the data and statistics, the encoders, notes and details."""
+    cfg, n, models, t0 = f.config, f.results.images, f.models, min(f.config.ts)
+    data = [("alignment images", f"{cfg.data} (n = {n.get('alignment', cfg.n)}, class-balanced, seed {cfg.seed})"),
+            ("probe", f"train {cfg.probe_train or cfg.data + ' (4/5 of the n images)'} "
+                      f"(n = {n.get('probe train', '-')}); "
+                      f"test {cfg.probe_test or cfg.data + ' (the other 1/5)'} "
+                      f"(n = {n.get('probe test', '-')})" if "probe train" in n else "off"),
+            ("noise levels t", ", ".join(f"{t:g}" for t in cfg.ts) + "  (0 = clean data, 1 = pure noise; "
+                                                                  "seeded noise, null class label)"),
+            ("statistics", f"{cfg.bootstrap} bootstrap replicates (alignment), {cfg.null} permutation "
+                           f"draws (null), paired across blocks and checkpoints; 'better at blocks' holds "
+                           f"jointly over blocks × t")] + \
+        [(f"baseline: {k.replace('-', ' ')}", v) for k, v in _baseline_kinds(f.table).items()] + \
+        [(f"seeds: {r}", ", ".join(s.values()) + " (claims over seeds: mean, t-interval)")
+         for r, s in f.seed_groups.items()]
+    sections = [("Checkpoints", [row for a in models for row in provenance_rows(a)]), ("Data", data),
+                ("Encoders", encoder_rows(f.results))] + ([("Notes", [f"! {x}" for x in cfg.notes])] if cfg.notes else [])
+    details = sentences(f)[1]
+    return sections + ([(f"Details (t = {t0:g}; paired 95% intervals)", details)] if details else [])
+
+
+def _baseline_kinds(table: pd.DataFrame) -> dict[str, str]:
+    """{baseline kind: what it is} for the baselines in the table."""
+    return {k: v for k, v in KINDS.items() if k != "model" and k in set(table["kind"])}
 
 
 def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:
     """The first alignment metric of each encoder, then the probe's top-1 (at most three panels)."""
-    panels = _panels(table) or _panels(table, single_block=True)
-    align = list(dict.fromkeys((m, e) for m, e in panels if e))
+    panels_ = panels(table) or panels(table, single_block=True)
+    align = list(dict.fromkeys((m, e) for m, e in panels_ if e))
     first = [next(p for p in align if p[1] == enc) for enc in dict.fromkeys(e for _, e in align)]
-    probe = [p for p in panels if p[0] == "probe_top1"]
-    return (first[:2] + probe)[:3] or panels[:1]
+    probe = [p for p in panels_ if p[0] == "probe_top1"]
+    return (first[:2] + probe)[:3] or panels_[:1]

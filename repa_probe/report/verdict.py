@@ -4,8 +4,10 @@
   2. B − A at the aligned block, and at which blocks B is better or worse (a comparison only: the simultaneous
      band over blocks × t, so that a false "better" anywhere is rare);
   3. what the baselines and the permutation null say: whether the best block beats each baseline (held out:
-     the block chosen on half the images, best − baseline measured on the other half, report/baselines.py).
-When the report holds several training seeds of a recipe (report/seeds.py), sentences 1 and 2 speak of the
+     the block chosen on half the images, best − baseline measured on the other half, findings/baselines.py).
+A trajectory's lines say, per run and block group, how the values moved from the first training step to the last
+(findings/trends.py): "rises" or "falls" only when the change's paired interval excludes 0.
+When the report holds several training seeds of a recipe (findings/seeds.py), sentences 1 and 2 speak of the
 recipe: the mean over seeds with its t-interval, and how many seeds agree.
 A measure that depends on the number of images (CKNNA and the other alignment metrics) has its n and k beside
 its values: the held-out drop and best − baseline are measured on half the images, so their n is not the
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from repa_probe import stats
+from repa_probe.findings.summary import block_ranges
 from repa_probe.pipeline import PROJECTOR_COSINE, depends_on_n, display_scale, metric_label
-from repa_probe.report.summary import block_ranges
 from repa_probe.spatial import SPATIAL_METRICS
+from repa_probe.stats import fmt_interval
 
 LIMIT = 160                 # characters per page-1 sentence: two lines of page 1, one terminal line or two
 MORE = " (more on page 2)"
@@ -184,7 +188,7 @@ def _and(items: list[str]) -> str:
 
 def _point_clause(best: pd.DataFrame, base: pd.DataFrame, metric: str) -> str:
     """Without held-out values (no bootstrap, or an older summary): the baselines at or above every block, as
-    values only: a maximum over blocks compared with a value is no test (report/baselines.py)."""
+    values only: a maximum over blocks compared with a value is no test (findings/baselines.py)."""
     high = base.groupby("kind", sort=False)["value"].max()
     over = [f"the {BASELINE_NAMES.get(k, k)} ({level(metric, v)})" for k, v in high.items()
             if v >= best["best_value"].max()]
@@ -216,7 +220,7 @@ def _gap_clauses(g: pd.DataFrame, metric: str) -> tuple[str, str]:
 def baseline_sentence(peaks: pd.DataFrame, table: pd.DataFrame, pairs: list[tuple[str, str]], t: float,
                       gaps: pd.DataFrame | None = None) -> str:
     """For each page-1 measure: whether the best block beats each baseline (held out, paired; `gaps`:
-    report.baselines.baseline_gaps, else values only), and the blocks above the null."""
+    findings.baselines.baseline_gaps, else values only), and the blocks above the null."""
     name, clauses = _names(pairs), []
     for metric, encoder in pairs:
         best = peaks[(peaks["t"] == t) & (peaks["metric"] == metric) & (peaks["encoder"] == encoder)]
@@ -344,7 +348,7 @@ def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataF
 
 
 def gap_lines(gaps: pd.DataFrame, t: float) -> list[str]:
-    """Each checkpoint's best block − each baseline at noise level t, held out (report/baselines.py)."""
+    """Each checkpoint's best block − each baseline at noise level t, held out (findings/baselines.py)."""
     lines = []
     for (ckpt, metric, encoder), g in gaps[gaps["t"] == t].groupby(["checkpoint", "metric", "encoder"], sort=False):
         r = g.iloc[0]
@@ -357,7 +361,7 @@ def gap_lines(gaps: pd.DataFrame, t: float) -> list[str]:
 
 def seed_lines(seeds: pd.DataFrame, t: float) -> list[str]:
     """Per recipe × measure at noise level t: each seed's held-out drop or B − A at the aligned block, and their
-    mean with its t-interval over seeds (report/seeds.py)."""
+    mean with its t-interval over seeds (findings/seeds.py)."""
     lines = []
     for r in seeds[(seeds["t"] == t) & (seeds["seed"] == "mean")].itertuples():
         per = seeds[(seeds["t"] == t) & (seeds["seed"] != "mean") & (seeds["quantity"] == r.quantity) &
@@ -370,3 +374,37 @@ def seed_lines(seeds: pd.DataFrame, t: float) -> list[str]:
                      f"{interval(r.metric, r.value, r.ci_low, r.ci_high)} (t-interval, {int(r.n_seeds) - 1} df); "
                      f"{word} in {r.seeds_positive} of {r.n_seeds} seeds")
     return lines
+
+
+def trend_word(r) -> str:
+    """'rises' / 'falls' when the paired interval of the change excludes 0 and the change is beyond the measure's
+    resolution (stats.verdict), else 'no change beyond the interval'; without an interval, only which way the
+    values moved (a change within the resolution is none)."""
+    if r.change_ci_low == r.change_ci_low:
+        return {1: "rises", -1: "falls", 0: "no change beyond the interval"}[
+            stats.verdict(r.change, r.change_ci_low, r.change_ci_high, r.resolution)]
+    moved = r.change if abs(r.change) > r.resolution else 0.0
+    return ("higher" if moved > 0 else "lower" if moved < 0 else "unchanged") + " at the last step (values only, " \
+                                                                                "no interval)"
+
+
+def trend_lines(trend: pd.DataFrame) -> list[str]:
+    """A trajectory's page-1 lines: each run × measure × block group at the lowest t, first → last step."""
+    return [f"{r.run}: {metric_label(r.metric)}{' vs ' + r.encoder if r.encoder else ''}, t={r.t:g}, blocks "
+            f"{r.blocks}: {r.first * display_scale(r.metric):.3g} at step {r.first_step:,} → "
+            f"{r.last * display_scale(r.metric):.3g} at step {r.last_step:,}"
+            + ("" if r.change_ci_low != r.change_ci_low else
+               f", change {fmt_interval(r.change, r.change_ci_low, r.change_ci_high, display_scale(r.metric))} "
+               f"(paired 95%)") + f" — {trend_word(r)}"
+            for r in trend.itertuples() if r.t == trend["t"].min()]
+
+
+def trend_table(trend: pd.DataFrame) -> pd.DataFrame:
+    """A trajectory's summary table: per run, measure, t and block group, first and last step with the change."""
+    return pd.DataFrame([{
+        "run": r.run, "metric": metric_label(r.metric), "encoder": r.encoder or "-", "t": f"{r.t:g}",
+        "blocks": r.blocks, "first step": r.first_step, "first": f"{r.first * display_scale(r.metric):.3g}",
+        "last step": r.last_step, "last": f"{r.last * display_scale(r.metric):.3g}",
+        "change [paired 95%]": "-" if r.change_ci_low != r.change_ci_low else
+        fmt_interval(r.change, r.change_ci_low, r.change_ci_high, display_scale(r.metric)),
+        "trend": trend_word(r).split(" (")[0]} for r in trend.itertuples()])

@@ -25,7 +25,7 @@ from scipy import stats as sps
 from repa_probe import stats
 from repa_probe.errors import UserError
 from repa_probe.pipeline import Results
-from repa_probe.report.summary import compare_summary
+from repa_probe.findings.summary import compare_summary
 
 SEED_NAME = re.compile(r"^(?P<recipe>.+)-s(?P<seed>\d+)$")
 COLUMNS = ["quantity", "recipe", "reference", "metric", "encoder", "t", "seed", "checkpoint", "block", "value",
