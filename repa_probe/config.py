@@ -33,6 +33,7 @@ class Knob:
     help: str | None = None
     flag: str | None = None         # None: --field-name
     cli: bool = True                # on the command line of the commands that take this config
+    required: bool = False          # the command line needs it (a field without a default needs it anyway)
     aliases: tuple[str, ...] = ()
     kind: str | None = None         # a value of parts: "path", "levels" (distinct noise levels), "names" (comma-
                                     # separated), "blocks" (distinct, 1-based), "specs" (NAME[=WEIGHTS], repeatable and
@@ -123,12 +124,18 @@ def prefixed(prefix: str, arg: Arg = cli_arg) -> Arg:
 
 
 def check_knobs(cfg: Any, arg: Arg) -> None:
-    """Every switch is a bool and every number an integer or a finite number within its declared bounds (the
-    parser checks the same while parsing; this is for configs made in Python). Integers become plain ints."""
+    """Every switch is a bool, every number an integer or a finite number within its declared bounds, every name
+    one of its choices (the parser checks the same while parsing; this is for configs made in Python). Integers
+    become plain ints."""
     for f in dataclasses.fields(cfg):
         k, kind, value = knob_of(f), base_type(f), getattr(cfg, f.name)
         if kind == "bool" and not isinstance(value, bool):
             raise UserError(f"{arg(f.name, value)} must be True or False")
+        if k.choices and value is not None:
+            names = k.names()
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                if v not in names:
+                    raise UserError(f"{arg(f.name, v)}: choose from {', '.join(names)}")
         if value is None or kind not in ("int", "float") or (k.least, k.above, k.most) == (None, None, None):
             continue
         integer = kind == "int"
@@ -261,9 +268,6 @@ class AnalyzeConfig:
         if (cfg.probe_train is None) != (cfg.probe_test is None):
             raise UserError(f"{arg('probe_train')} and {arg('probe_test')} go together: give both, or neither to "
                             f"split {arg('data')}")
-        for m in cfg.alignment_metrics:
-            if m not in M.METRICS:
-                raise UserError(f"{arg('alignment_metrics', m)}: choose from {', '.join(M.METRICS)}")
         if cfg.n <= cfg.k + 3:
             raise UserError(f"{arg('n', cfg.n)} is too small for {arg('k', cfg.k)} nearest neighbours (need n > k + 3)")
         cfg.ts = tuple(float(t) for t in ts)
