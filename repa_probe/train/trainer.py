@@ -173,6 +173,8 @@ class TrainConfig:
         saved, names = dict(saved), {f.name for f in dataclasses.fields(cls)}
         old = {OLD_ANALYZE.get(k, k.removeprefix("analyze_")): saved.pop(k) for k in list(saved)
                if k.startswith("analyze_") and k != "analyze_every"}
+        if "blocks" in old:                          # [] stood for the default blocks
+            old["blocks"] = old["blocks"] or None
         analysis = {**old, **(saved.pop("analysis", None) or {})}
         cfg = cls(**{k: v for k, v in saved.items() if k in names})
         tuples = {f.name for f in dataclasses.fields(AnalyzeConfig) if "tuple" in str(f.type)}
