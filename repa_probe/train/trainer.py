@@ -343,12 +343,16 @@ def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) ->
 
 
 TRAIN_FLAGS = {f.name: flag_of(f) for f in dataclasses.fields(TrainConfig)}
-ANALYSIS_ARG = prefixed("analyze")          # the in-training analysis's settings: --analyze-n, --analyze-t, ...
 
 
 def train_arg(name: str, value=...) -> str:
     """A TrainConfig field as the command line spells it: '--depth 0', '--lr nan'."""
     return spell(TRAIN_FLAGS.get(name, "--" + name.replace("_", "-")), value)
+
+
+def analysis_arg(name: str, value=...) -> str:
+    """The in-training analysis's settings as train spells them: '--analyze-n 5'; its seed is the run's --seed."""
+    return train_arg(name, value) if name == "seed" else prefixed("analyze")(name, value)
 
 
 def analysis_config(cfg: TrainConfig) -> AnalyzeConfig:
@@ -376,9 +380,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.cfg_prob == 1:
         raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1) (1 would drop every label)")
     build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else [])   # bad --model, sizes or --repa-depth
-    check_knobs(cfg.analysis, ANALYSIS_ARG)
+    check_knobs(cfg.analysis, analysis_arg)
     if cfg.analyze_every:
-        analysis_config(cfg).resolved(ANALYSIS_ARG)             # its images, n and k, metrics, noise levels
+        analysis_config(cfg).resolved(analysis_arg)             # its images, n and k, metrics, noise levels
     latest = latest_checkpoint(cfg.out)
     if cfg.resume is None and latest is not None and checkpoint_step(latest) > cfg.steps:
         raise UserError(f"--out '{cfg.out}' already holds step {checkpoint_step(latest):,}, beyond --steps "
@@ -450,7 +454,7 @@ class TrainingAnalysis:
         if not all(1 <= b <= depth for b in self.blocks):
             raise UserError(f"--analyze-blocks {self.blocks}: blocks are 1-based, 1..{depth}")
         config = dataclasses.replace(analysis_config(cfg), encoders=[], blocks=tuple(self.blocks), device=str(device))
-        self.pipeline = Pipeline(config, source=lambda c: MemorySource(c, vae), encoders=encoders, arg=ANALYSIS_ARG)
+        self.pipeline = Pipeline(config, source=lambda c: MemorySource(c, vae), encoders=encoders, arg=analysis_arg)
         self.meta, self.device = {"mode": cfg.mode, "vae": cfg.vae}, device
         self.path = Path(cfg.out) / "analysis.jsonl"
 
