@@ -63,7 +63,7 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
-from repa_probe.config import (CLI_FLAGS, MAX_WORKERS, AnalyzeConfig, check_knobs, flag_of, knob, prefixed,
+from repa_probe.config import (MAX_WORKERS, AnalyzeConfig, check_knobs, flag_of, knob, prefixed,
                                resume_fields, spell)
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
@@ -177,9 +177,10 @@ class TrainConfig:
             old["blocks"] = old["blocks"] or None
         analysis = {**old, **(saved.pop("analysis", None) or {})}
         cfg = cls(**{k: v for k, v in saved.items() if k in names})
-        tuples = {f.name for f in dataclasses.fields(AnalyzeConfig) if "tuple" in str(f.type)}
-        cfg.analysis = dataclasses.replace(cfg.analysis, **{k: tuple(v) if k in tuples and v is not None else v
-                                                            for k, v in analysis.items() if k in CLI_FLAGS})
+        fields = {f.name: f for f in dataclasses.fields(AnalyzeConfig)}           # JSON has lists for tuples
+        cfg.analysis = dataclasses.replace(cfg.analysis, **{
+            k: tuple(v) if "tuple" in str(fields[k].type) and v is not None else v
+            for k, v in analysis.items() if k in fields})
         return cfg
 
 
