@@ -137,3 +137,16 @@ def test_a_checkpoint_recorded_the_old_way_resumes_and_refuses_other_settings(ci
     r = run_cli("train", *flags, "--steps", 4, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(run / "checkpoints" / "0000004.pt", weights_only=True)["step"] == 4
+
+
+def test_the_knobs_marked_cache_are_what_the_capture_keys_on():
+    """AnalyzeConfig.capture() is read from cache=True: every setting of the capture's key but extract's own
+    (pooling, storage dtype) comes from exactly those knobs, with their values."""
+    from repa_probe.capture import CaptureConfig
+    marked = {f.name for f in dataclasses.fields(AnalyzeConfig) if knob_of(f).cache}
+    assert marked == {f.name for f in dataclasses.fields(CaptureConfig)} - {"pooling", "dtype"}
+    cfg = AnalyzeConfig(data="d", ts=(0.5,), seed=3, labels="true", precision="bf16", blocks=(1, 2), spatial=True,
+                        tokens=True, compile=True)
+    capture = cfg.capture()
+    assert {name: getattr(capture, name) for name in marked} == {name: getattr(cfg, name) for name in marked}
+    assert capture.key() != dataclasses.replace(cfg, seed=4).capture().key()
