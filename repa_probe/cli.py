@@ -3,13 +3,13 @@ notebook can call too. Bad input ends with one line, `repa-probe: error: ...`, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import os
 import sys
+from typing import Callable, Sequence
 
+from repa_probe.config import AnalyzeConfig, Knob, base_type, flag_of, knob_of
 from repa_probe.errors import UserError
-from repa_probe.metrics import METRICS
-from repa_probe.noise import CONVENTIONS
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -28,14 +28,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from repa_probe.runtime import rank, resolve_device, resolve_precision, shutdown_distributed
     start = time.perf_counter()
     device = resolve_device(args.device)
-    config = CaptureConfig(ts=args.t, seed=args.seed, pooling=args.pooling, labels=args.labels,
+    config = CaptureConfig(ts=args.ts, seed=args.seed, pooling=args.pooling, labels=args.labels,
                            precision=resolve_precision(args.precision, device), dtype=args.store_dtype,
                            compile=args.compile)
     ckpt = load_checkpoint(args.checkpoint, convention=args.convention, weights=args.weights, heads=args.heads)
     try:
         features = extract(ckpt, args.data, config, mode=args.mode, vae=args.vae, n=args.n,
                            subset_seed=args.subset_seed, skip_bad=args.skip_bad_images, batch_size=args.batch_size,
-                           num_workers=args.workers, device=device, cache_dir=args.cache, quiet=args.quiet)
+                           num_workers=args.num_workers, device=device, cache_dir=args.cache, quiet=args.quiet)
         main_process = rank() == 0   # under torchrun only rank 0 reports
     finally:
         shutdown_distributed()
@@ -52,20 +52,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     import os
     from repa_probe.train.trainer import TrainConfig, train
-    cfg = TrainConfig(
-        data=args.data, image_size=args.image_size, mode="latents" if args.latents else "pixels", vae=args.latents,
-        num_classes=args.num_classes, model=args.model, depth=args.depth, width=args.width, heads=args.heads,
-        qk_norm=args.qk_norm, encoders=args.encoder or [], encoder_random_init=args.encoder_random_init,
-        repa_depth=args.repa_depth, repa_coeff=args.repa_coeff, projector_dim=args.projector_dim,
-        projector=args.projector, projector_kernel=args.projector_kernel, spatial_norm=args.spatial_norm,
-        zscore_alpha=args.zscore_alpha,
-        weighting=args.weighting, cfg_prob=args.cfg_prob, batch=args.batch, steps=args.steps, lr=args.lr,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision,
-        tf32=args.tf32, compile=args.compile, seed=args.seed, num_workers=args.workers, device=args.device,
-        out=args.out, ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
-        export_repa=args.export_repa, progress=not args.quiet, analyze_every=args.analyze_every,
-        analyze_data=args.analyze_data, analyze_n=args.analyze_n, analyze_blocks=list(args.analyze_blocks),
-        analyze_t=list(args.analyze_t), analyze_k=args.analyze_k, analyze_metrics=list(args.analyze_metrics))
+    cfg = config_from_args(TrainConfig, args, mode="latents" if args.latents else "pixels", vae=args.latents)
     last = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"last checkpoint: {last}")
@@ -85,22 +72,6 @@ def cmd_export_repa(args: argparse.Namespace) -> None:
     print(f"wrote {export_repa(args.checkpoint, args.out)} (REPA layout: model, ema, opt, args, steps)")
 
 
-def _analyze_config(args: argparse.Namespace, data: str):
-    from repa_probe.pipeline import AnalyzeConfig
-    encoders = [e for spec in (args.encoder or []) for e in spec.split(",") if e]
-    return AnalyzeConfig(
-        data=data, n=args.n, ts=args.t, encoders=encoders, encoder_random_init=args.encoder_random_init,
-        encoder_precision=args.encoder_precision, compile=args.compile,
-        download=args.download, text_embeddings=args.text_embeddings,
-        probe_train=args.probe_train, probe_test=args.probe_test, probe_n_train=args.probe_n_train,
-        probe_n_test=args.probe_n_test, probe=not args.no_probe, alignment_metrics=tuple(args.metrics), k=args.k,
-        bootstrap=args.bootstrap, null=args.null, spatial=args.spatial, tokens=args.tokens,
-        baselines=not args.no_baselines, seed=args.seed, labels=args.labels,
-        precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-        cache=args.cache, mode=args.mode, vae=args.vae, skip_bad_images=args.skip_bad_images,
-        convention=args.convention, weights=args.weights, heads=args.heads, quiet=args.quiet, samples=args.samples)
-
-
 def _report_done(out) -> None:
     import json
     from pathlib import Path
@@ -112,19 +83,19 @@ def _report_done(out) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from repa_probe.commands import analyze
-    _report_done(analyze(args.checkpoint, _analyze_config(args, args.data), args.out))
+    _report_done(analyze(args.checkpoint, config_from_args(AnalyzeConfig, args), args.out))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from repa_probe.commands import compare
     if len(args.checkpoints) < 2:
         raise UserError("compare needs at least two checkpoints: repa-probe compare A.pt B.pt [C.pt ...]")
-    _report_done(compare(args.checkpoints, _analyze_config(args, args.data), args.out))
+    _report_done(compare(args.checkpoints, config_from_args(AnalyzeConfig, args), args.out))
 
 
 def cmd_trajectory(args: argparse.Namespace) -> None:
     from repa_probe.commands import trajectory
-    out = trajectory(args.sources, _analyze_config(args, args.data), args.out, source=args.source)
+    out = trajectory(args.sources, config_from_args(AnalyzeConfig, args), args.out, source=args.source)
     print(f"report: {out / 'report.pdf'}")
 
 
@@ -174,69 +145,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _add_analysis_commands(sub) -> None:
-    """`analyze`, `compare`, `trajectory` (repa_probe/commands.py) and `encoders`."""
+    """`analyze`, `compare`, `trajectory` (repa_probe/commands.py), `demo`, `families` and `encoders`."""
     def common(p, data_required=True):
-        g = p.add_argument_group("data and encoders")
-        g.add_argument("--data", type=path, required=data_required, default=None,
-                       help="ImageFolder tree DIR/<class>/<image> for alignment (e.g. ImageNet val, cifar10/test)")
-        g.add_argument("--n", "--num-images", dest="n", type=positive_int, default=None,
-                       help="images: a class-balanced seeded subset (default: 10000 on a GPU, 500 on the CPU)")
-        g.add_argument("--encoder", action="append", metavar="NAME[=WEIGHTS]",
-                       help="target encoder(s) for CKNNA, e.g. dinov2-vit-b=/w/dinov2_vitb14_pretrain.pth; repeat or "
-                            "comma-separate for several; see `repa-probe encoders`. Without one, only probes run")
-        g.add_argument("--encoder-random-init", action="store_true",
-                       help="random encoder weights (tests only; every report then says RANDOM WEIGHTS)")
-        g.add_argument("--encoder-precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="the encoders' precision; auto: bf16 autocast where the device has native bf16 and "
-                            "the pooled features of the first 8 images move by at most 1e-2 of their spread "
-                            "from fp32 (the report says which and by how much), else fp32 (default: auto)")
-        g.add_argument("--text-embeddings", type=path, default=None, metavar="FILE",
-                       help="text-conditioned diffusers models (PixArt, SD3, Flux): a prompt's embeddings "
-                            "(prompt_embeds, pooled_prompt_embeds; .pt or .safetensors); default: zeros, as reported")
-        g.add_argument("--download", action="store_true",
-                       help="fetch what is missing: official DiT/SiT/REPA checkpoints named by file name "
-                            "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt) and encoder weights, into "
-                            "~/.cache/repa-probe (checksummed, resumable); without it nothing touches the network")
-        g = p.add_argument_group("linear probe")
-        g.add_argument("--probe-train", type=path, default=None, help="labelled ImageFolder to fit probes on (with --probe-test); "
-                                                           "default: 4/5 of the --data images")
-        g.add_argument("--probe-test", type=path, default=None, help="held-out labelled ImageFolder to score probes on "
-                                                          "(default: the other 1/5 of --data)")
-        g.add_argument("--probe-n-train", type=positive_int, default=None, help="probe training images (default: --n)")
-        g.add_argument("--probe-n-test", type=positive_int, default=None, help="probe test images (default: --n / 2)")
-        g.add_argument("--no-probe", action="store_true", help="skip the linear probes (unlabelled data)")
-        g = p.add_argument_group("metrics")
-        g.add_argument("--metrics", type=_names, default=["cknna"],
-                       help=f"alignment metrics: {', '.join(METRICS)} (default: cknna)")
-        g.add_argument("--spatial", action="store_true",
-                       help="also iREPA's spatial measures (LDS, CDS, RMSC) of every block's tokens, the input's "
-                            "and the encoder's, per image during capture (docs/spatial.md)")
-        g.add_argument("--tokens", action="store_true",
-                       help="also patch-level alignment on one seeded token per image: token-level versions of "
-                            "--metrics against the encoder's token of the same cell, and the mean cosine after "
-                            "the checkpoint's own REPA projector at its aligned block (docs/spatial.md)")
-        g.add_argument("--k", type=positive_int, default=10,
-                       help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
-        g.add_argument("--bootstrap", type=count(0, 10_000), default=20,
-                       help="bootstrap replicates for every interval (alignment subsamples, probe refits), 0 = none "
-                            "(default: 20)")
-        g.add_argument("--null", type=count(0, 10_000), default=20,
-                       help="permutation draws for the alignment null (images shuffled), 0 = none (default: 20)")
-        g.add_argument("--no-baselines", action="store_true", help="skip the untrained-model and raw-input baselines")
-        g.add_argument("--samples", type=count(0, 100_000), default=0,
-                       help="add a page with this many samples per checkpoint (Euler ODE, 50 steps; default: 0)")
-        g = p.add_argument_group("capture")
-        add_capture_options(g, precision_default="auto")
-        add_checkpoint_options(g)
-        p.add_argument("--out", type=path, required=True, help="report folder: results.csv, summary.json, figures/, report.pdf")
+        add_knobs(p, AnalyzeConfig, optional=() if data_required else ("data",))
+        p.add_argument("--out", type=path, required=True, help="report folder: results.csv, summary.json, figures/, "
+                                                               "report.pdf")
 
     p = sub.add_parser("analyze", help="probe + CKNNA at every block × t of one checkpoint; PDF report",
                        description="For every block and noise level of one checkpoint: linear-probe accuracy and "
                                    "alignment (CKNNA) with target encoders, the peak block and the drop after it, "
                                    "against untrained-model and raw-input baselines. Writes results.csv (tidy), "
                                    "summary.json, figures/ and report.pdf into --out; page 1 has the answer.")
-    p.add_argument("checkpoint", type=path, help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe checkpoint, "
-                                      "or a training run folder (its latest checkpoint)")
+    p.add_argument("checkpoint", type=path, help="official DiT/SiT, REPA (last.pt or training dict) or repa-probe "
+                                                 "checkpoint, or a training run folder (its latest checkpoint)")
     common(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -244,7 +165,7 @@ def _add_analysis_commands(sub) -> None:
                        description="Analyse every checkpoint on the same images with the same seeded noise and write "
                                    "one report overlaying them, with per block × t deltas against the first.")
     p.add_argument("checkpoints", type=path, nargs="+", help="A.pt B.pt [C.pt ...] (or run folders: their latest "
-                                                     "checkpoints); deltas are taken against A")
+                                                             "checkpoints); deltas are taken against A")
     common(p)
     p.set_defaults(func=cmd_compare)
 
@@ -252,18 +173,24 @@ def _add_analysis_commands(sub) -> None:
                        description="Metrics of a series of checkpoints over training steps. Each source is a run "
                                    "folder or a glob of checkpoints; a run folder with analysis.jsonl (from "
                                    "`train --analyze-every`) is read directly unless --source checkpoints.")
-    p.add_argument("sources", type=path, nargs="+", help="RUN_DIR or 'runs/x/checkpoints/*.pt' (one line style per source)")
+    p.add_argument("sources", type=path, nargs="+", help="RUN_DIR or 'runs/x/checkpoints/*.pt' (one line style per "
+                                                         "source)")
     p.add_argument("--source", choices=["auto", "log", "checkpoints"], default="auto",
                    help="auto: a run's analysis.jsonl when present, else its checkpoints (default: auto)")
     common(p, data_required=False)
     p.set_defaults(func=cmd_trajectory)
+    _add_listing_commands(sub)
 
+
+def _add_listing_commands(sub) -> None:
+    """`demo`, `families` and `encoders`."""
     p = sub.add_parser("demo", help="train tiny vanilla + REPA SiTs on CIFAR-10 (CPU, ~10 min), compare them",
                        description="The README's demo: trains a tiny vanilla SiT and the same SiT with REPA "
                                    "(bundled CIFAR-10 SimCLR teacher) on CIFAR-10 pixels, analyses both and writes "
                                    "a compare report (OUT/report/report.pdf).")
     p.add_argument("--data", type=path, default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
-                                                "$REPA_PROBE_DATA, or shared/data/cifar10 beside the project)")
+                                                           "$REPA_PROBE_DATA, or shared/data/cifar10 beside the "
+                                                           "project)")
     p.add_argument("--out", type=path, default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
     p.add_argument("--steps", type=count(1, 10_000_000), default=700, help="training steps per model (default: 700)")
     p.add_argument("--n", type=positive_int, default=500, help="analysis images (default: 500)")
@@ -280,6 +207,92 @@ def _add_analysis_commands(sub) -> None:
     p = sub.add_parser("encoders", help="list the known target encoders and whether their weights are found locally")
     p.add_argument("--grid", type=grid, default=16, help="token grid to size the inputs for (default: 16)")
     p.set_defaults(func=cmd_encoders)
+
+
+#################################################################################
+#        Config flags: generated from the knobs declared in config.py           #
+#################################################################################
+
+def add_knobs(p, cls, only: Sequence[str] | None = None, optional: Sequence[str] = (), grouped: bool = True,
+              custom: dict[str, Callable] | None = None, defaults: dict | None = None) -> None:
+    """The flags of config class `cls` (config.knob declares each field's flag, help, checks and default): every
+    knob on the command line, or `only` these, in field order, in --help sections by their group. A field in
+    `custom` is added by its function instead (one flag standing for two fields); `defaults` overrides."""
+    custom, defaults = custom or {}, defaults or {}
+    for f in dataclasses.fields(cls):
+        k = knob_of(f)
+        if not (k.cli if only is None else f.name in only):
+            continue
+        where = _section(p, k.group) if grouped and k.group else p
+        if f.name in custom:
+            custom[f.name](where)
+        elif k.nest:
+            inner = _default(f)                     # a config inside: --PREFIX-FLAG, without the aliases
+            fields = {g.name: g for g in dataclasses.fields(inner)}
+            for g in (fields[name] for name in k.nest):
+                _add_knob(where, f"{f.name}.{g.name}", f"--{k.prefix}-{flag_of(g)[2:]}",
+                          dataclasses.replace(knob_of(g), aliases=()), base_type(g), getattr(inner, g.name),
+                          help=k.helps.get(g.name, knob_of(g).help))
+        else:
+            default = defaults.get(f.name, k.cli_default if k.cli_default is not ... else _default(f))
+            required = k.required or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            _add_knob(where, f.name, flag_of(f), k, base_type(f), default, k.help,
+                      required=required and f.name not in optional)
+
+
+def _add_knob(p, dest: str, flag: str, k: Knob, kind: str, default, help: str | None, required: bool = False):
+    names, help = [flag, *k.aliases], help and help.replace("%(choices)s", ", ".join(k.names()))
+    if kind == "bool":
+        action = argparse.BooleanOptionalAction if k.negatable else "store_false" if default else "store_true"
+        p.add_argument(*names, dest=dest, action=action, default=default, help=help)
+        return
+    opts = dict(dest=dest, default=default, help=help, required=required,
+                metavar=k.metavar or flag[2:].replace("-", "_").upper())
+    if k.kind == "specs":
+        opts.update(action="extend", type=_specs)
+    elif k.kind == "append":
+        opts.update(action="append")
+    elif kind == "str" and k.choices:
+        opts.update(choices=k.names(), metavar=None)
+    else:
+        opts.update(type=_value_type(k, kind))
+    p.add_argument(*names, **opts)
+
+
+def _value_type(k: Knob, kind: str) -> Callable | None:
+    """What checks a flag's value while parsing: its kind, or its declared bounds."""
+    if k.kind:
+        return {"path": path, "levels": noise_levels, "names": _names, "blocks": _blocks}[k.kind]
+    if kind not in ("int", "float"):
+        return None
+    number = int if kind == "int" else float
+    if (k.least, k.above, k.most) == (None, None, None):
+        return number
+    return _number(number, k.holds, k.bounds(number is int))
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _section(p, title: str):
+    """The --help section `title` of parser p, made at first use."""
+    return next((g for g in p._action_groups if g.title == title), None) or p.add_argument_group(title)
+
+
+def config_from_args(cls, args: argparse.Namespace, **given):
+    """A config from parsed flags (each knob's dest is its field's name; a nested config's, FIELD.NAME); fields
+    the command did not set keep their defaults; `given` sets the rest."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        k = knob_of(f)
+        if k.nest:
+            values[f.name] = dataclasses.replace(_default(f), **{n: getattr(args, f"{f.name}.{n}") for n in k.nest})
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**{**values, **given})
 
 
 #################################################################################
@@ -318,9 +331,6 @@ def path(s: str) -> str:
     return s
 
 
-MAX_WORKERS = 4 * (os.cpu_count() or 1)
-workers = _number(int, lambda v: 0 <= v <= MAX_WORKERS, f"a number of worker processes in 0..{MAX_WORKERS} "
-                                                        f"(4 per CPU core)")
 grid = _number(int, lambda v: 0 < v <= 1024, "a token grid side in 1..1024")
 
 
@@ -346,11 +356,16 @@ def _blocks(s: str) -> tuple[int, ...]:
     return values
 
 
-def _names(s: str) -> list[str]:
-    names = [m.strip() for m in s.split(",") if m.strip()]
+def _names(s: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in s.split(",") if m.strip())
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names; got {s!r}")
     return names
+
+
+def _specs(s: str) -> list[str]:
+    """'a,b=W' → ['a', 'b=W']: --encoder may be repeated or comma-separated (an empty one names none)."""
+    return [e for e in s.split(",") if e]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -362,73 +377,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train_commands(sub) -> None:
     """`train`, `sample` and `export-repa` (repa_probe/train/)."""
+    from repa_probe.train.trainer import TrainConfig
     p = sub.add_parser("train", help="train a REPA (or vanilla, --repa-coeff 0) SiT; torchrun for several GPUs",
                        description="Train a SiT with REPA's objective (or vanilla SiT with --repa-coeff 0: same data "
                                    "order, t, noise and SiT init). Resumes automatically from --out's checkpoints.")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", type=path, required=True, help="ImageFolder tree DIR/<class>/<image>")
-    g.add_argument("--image-size", type=count(1, 8192), default=32, help="image side after centre crop (default: 32)")
-    m = g.add_mutually_exclusive_group()
-    m.add_argument("--pixels", action="store_true", help="train on pixels in [-1, 1] (the default)")
-    m.add_argument("--latents", type=path, metavar="VAE", default=None, help="train on SD-VAE latents; VAE = local folder")
-    g.add_argument("--num-classes", type=count(1, 10_000_000), default=None,
-                   help="default: the number of class folders")
-    g.add_argument("--workers", type=workers, default=4, help="DataLoader workers per process (default: 4)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="SiT-S/2", help="SiT-{S,B,L,XL}/{2,4,8} (default: SiT-S/2)")
-    g.add_argument("--depth", type=count(1, 1024), default=None, help="override the size's number of blocks")
-    g.add_argument("--width", type=count(1, 65_536), default=None, help="override the size's hidden size")
-    g.add_argument("--heads", type=count(1, 65_536), default=None, help="override the size's attention heads")
-    g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys (REPA default: off)")
-    g = p.add_argument_group("REPA")
-    g.add_argument("--encoder", action="append", metavar="NAME[=WEIGHTS]",
-                   help="target encoder (repeat for several, one projector each), e.g. dinov2-vit-b=/w/dinov2.pth")
-    g.add_argument("--encoder-random-init", action="store_true", help="random target encoders (tests only)")
-    g.add_argument("--repa-depth", type=positive_int, default=None,
-                   help="aligned block, 1-based (default: 4 for S/B, 8 for L/XL)")
-    g.add_argument("--repa-coeff", type=nonneg_float, default=0.5,
-                   help="λ of the alignment loss; 0 = vanilla SiT (default 0.5)")
-    g.add_argument("--projector-dim", type=count(1, 65_536), default=2048,
-                   help="projector MLP width (default: 2048, as REPA)")
-    g.add_argument("--projector", choices=["mlp", "conv"], default="mlp",
-                   help="mlp (REPA, default) or conv (iREPA: one k×k convolution over the token grid)")
-    g.add_argument("--projector-kernel", type=count(1, 15), default=3, help="conv projector kernel (default: 3)")
-    g.add_argument("--spatial-norm", choices=["none", "zscore"], default="none",
-                   help="iREPA: z-score each target channel over the image's tokens, z ← (z − α·mean)/(std + 1e-6)")
-    g.add_argument("--zscore-alpha", type=nonneg_float, default=0.6, help="α of --spatial-norm zscore (default 0.6)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch", type=count(1, 1 << 20), default=256, help="global batch size (default: 256)")
-    g.add_argument("--steps", type=positive_int, default=400_000)
-    g.add_argument("--lr", type=positive_float, default=1e-4)
-    g.add_argument("--weight-decay", type=nonneg_float, default=0.0)
-    g.add_argument("--grad-clip", type=positive_float, default=1.0)
-    g.add_argument("--ema-decay", type=fraction, default=0.9999, help="tiny runs need less, e.g. 0.99")
-    g.add_argument("--cfg-prob", type=fraction, default=0.1, help="class-label dropout (default: 0.1)")
-    g.add_argument("--weighting", choices=["uniform", "lognormal"], default="uniform", help="t distribution")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast (default: bf16 on GPUs, fp32 on CPU)")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when present, else cpu")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", type=path, required=True, help="run folder (checkpoints/, log.jsonl, analysis.jsonl)")
-    g.add_argument("--ckpt-every", type=positive_int, default=50_000)
-    g.add_argument("--log-every", type=positive_int, default=100)
-    g.add_argument("--resume", type=path, default=None, metavar="CKPT",
-                   help="resume from this checkpoint (default: the latest in --out/checkpoints, if any)")
-    g.add_argument("--export-repa", action="store_true", help="also write the final checkpoint in REPA's layout")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("analysis while training (EMA model)")
-    g.add_argument("--analyze-every", type=nonneg_int, default=0, help="probe + CKNNA every M steps (default: never)")
-    g.add_argument("--analyze-data", type=path, default=None, help="held-out ImageFolder (default: --data)")
-    g.add_argument("--analyze-n", type=positive_int, default=1000, help="held-out images (default: 1000)")
-    g.add_argument("--analyze-blocks", type=_blocks, default=(),
-                   help="1-based blocks (default: REPA depth, middle, last)")
-    g.add_argument("--analyze-t", type=noise_levels, default=(0.0, 0.5), help="noise levels (default: 0,0.5)")
-    g.add_argument("--analyze-k", type=positive_int, default=10, help="CKNNA neighbours (default: 10)")
-    g.add_argument("--analyze-metrics", type=_names, default=["cknna"],
-                   help=f"alignment metrics: {', '.join(METRICS)} (default: cknna)")
+
+    def pixels_or_latents(g):                      # one choice that sets two fields, mode and vae
+        m = g.add_mutually_exclusive_group()
+        m.add_argument("--pixels", action="store_true", help="train on pixels in [-1, 1] (the default)")
+        m.add_argument("--latents", type=path, metavar="VAE", default=None,
+                       help="train on SD-VAE latents; VAE = local folder")
+    add_knobs(p, TrainConfig, custom={"mode": pixels_or_latents})
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
@@ -446,7 +405,7 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--vae", type=path, default=None, help="latent models: AutoencoderKL folder (default: the run's)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=path, required=True, help="PNG file to write")
-    add_checkpoint_options(p)
+    add_knobs(p, AnalyzeConfig, CHECKPOINT_KNOBS, grouped=False)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export-repa", help="write a training checkpoint in REPA's layout (model/ema/opt/args/steps)")
@@ -455,41 +414,10 @@ def _add_train_commands(sub) -> None:
     p.set_defaults(func=cmd_export_repa)
 
 
-def add_capture_options(p: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
-    """Options shared by every command that runs checkpoints over images (extract, analyze, ...)."""
-    p.add_argument("--t", type=noise_levels, default=(0.0, 0.1, 0.25, 0.5, 0.75),
-                   help="noise levels, 0 = clean data, 1 = pure noise (default: 0,0.1,0.25,0.5,0.75)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; equal seeds give equal noisy inputs to every "
-                                                       "checkpoint (default: 0)")
-    p.add_argument("--labels", choices=["null", "true"], default="null",
-                   help="class label fed to the model: the null (unconditional) class or the true one (default: null)")
-    p.add_argument("--mode", choices=["pixels", "latents"], default=None,
-                   help="model input space (default: from the checkpoint; 4 input channels = SD-VAE latents)")
-    p.add_argument("--vae", type=path, default="stabilityai/sd-vae-ft-mse",
-                   help="latent models: local AutoencoderKL folder, or a hub name where the hub is reachable")
-    p.add_argument("--batch-size", type=count(1, 1 << 20), default=64)
-    p.add_argument("--workers", type=workers, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=precision_default,
-                   help=f"autocast; auto = bf16 on GPUs, fp32 on the CPU (default: {precision_default})")
-    p.add_argument("--cache", type=path, default=None, help="feature store folder (default: $XDG_CACHE_HOME/repa-probe or "
-                                                 "~/.cache/repa-probe)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's blocks (features equal eager up to rounding, cached apart; "
-                        "the first batches pay the compile time)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files and report them")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
-                   help="time convention of the checkpoint (default: detected; official SiT and DiT files "
-                        "are told apart by their released file names, otherwise it is assumed and reported)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema",
-                   help="which weights of a training checkpoint to use (default: ema)")
-    p.add_argument("--heads", type=positive_int, default=None,
-                   help="attention heads, for a custom-width checkpoint whose weights cannot tell (no qk-norm, "
-                        "none recorded)")
+# AnalyzeConfig's knobs that other commands share: how a checkpoint is captured, and how it is read
+CAPTURE_KNOBS = ("ts", "seed", "labels", "mode", "vae", "batch_size", "num_workers", "device", "precision", "cache",
+                 "compile", "skip_bad_images", "quiet")
+CHECKPOINT_KNOBS = ("convention", "weights", "heads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a checkpoint (official DiT/SiT, REPA last.pt or training dict, or "
                                    "repa-probe's own) and print what it is.")
     p.add_argument("checkpoint", type=path, help="path to a .pt or .safetensors checkpoint")
-    add_checkpoint_options(p)
+    add_knobs(p, AnalyzeConfig, CHECKPOINT_KNOBS, grouped=False)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("extract", help="capture every block's features at each noise level into the feature store",
@@ -516,12 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images to use: a class-balanced seeded subset (default: all); under torchrun spell it "
                         "--num-images (torchrun's own parser rejects the abbreviation --n)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset choice (default: 0)")
-    add_capture_options(p)
+    add_knobs(p, AnalyzeConfig, CAPTURE_KNOBS, grouped=False, defaults={"precision": "fp32"})
     p.add_argument("--pooling", default="mean",
                    help="per-image pooling of tokens: mean, tokens or grid:G (default: mean)")
     p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the stored features (default: float32)")
-    add_checkpoint_options(p)
+    add_knobs(p, AnalyzeConfig, CHECKPOINT_KNOBS, grouped=False)
     p.set_defaults(func=cmd_extract)
 
     _add_analysis_commands(sub)

@@ -25,11 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from numbers import Integral, Real
-from typing import Any, Callable, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,20 +35,18 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
-from repa_probe.capture import (DEFAULT_TS, CaptureConfig, by_reduction, capture_in_memory, extract, input_space,
-                                make_dataset, reductions_named)
+from repa_probe.capture import by_reduction, capture_in_memory, extract, input_space, make_dataset, reductions_named
 from repa_probe.checkpoints import LoadedCheckpoint
-from repa_probe.curves import Curves, HeldOut
-from repa_probe.data import ImageDataset, list_images, to_model_space
-from repa_probe.errors import UserError
+from repa_probe.config import AnalyzeConfig, Arg, cli_arg, python_arg  # noqa: F401 (from here too)
+from repa_probe.curves import Curves, HeldOut  # noqa: F401 (from here too)
+from repa_probe.data import ImageDataset, to_model_space
 from repa_probe.measures import (DROP_RESAMPLES, PROBE_METRICS, PROJECTOR_COSINE, TOKEN_PREFIX, Source,  # noqa: F401
                                  depends_on_n, display_scale, held_out_probe, metric_label, needed_reductions,
                                  probe_draws, selected)
 from repa_probe.reductions import Batch
-from repa_probe.runtime import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from repa_probe.runtime import AUTOCAST_DTYPES
 from repa_probe.store import Features, FeatureStore, encode_batch, encoder_features
 
-CPU_DEFAULT_N, GPU_DEFAULT_N = 500, 10_000
 KINDS = {"model": "the checkpoint",
          "untrained": "the same architecture at initialisation (seeded); its zero-initialised adaLN-Zero gates get "
                       "PyTorch's default Linear init",
@@ -59,161 +55,6 @@ KINDS = {"model": "the checkpoint",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
 COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
            "null_mean", "null_high", "n", "k"]
-Arg = Callable[..., str]      # names a setting (and its value) in the caller's terms: cli_arg, python_arg
-CLI_FLAGS = {"ts": "--t", "num_workers": "--workers", "alignment_metrics": "--metrics", "encoders": "--encoder",
-             "probe": "--no-probe", "baselines": "--no-baselines"}     # the rest: --field-name
-
-
-def cli_arg(name: str, value: Any = ...) -> str:
-    """An AnalyzeConfig field as the command line spells it, with its value unless none is given (...):
-    '--n 0', '--t 0,0.5', '--no-probe' (a switch takes no value)."""
-    flag = CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
-    if value is ... or isinstance(value, bool):
-        return flag
-    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)}"
-
-
-def python_arg(name: str, value: Any = ...) -> str:
-    """The same for repa_probe.analyze's keyword arguments: 'n=0', 'ts=(0.0, 2.0)', 'probe=False', 'data=...'."""
-    return f"{name}=" + ("..." if value is ... else repr(value))
-
-
-@dataclass
-class AnalyzeConfig:
-    """Every knob of an analysis; plain data, recorded in summary.json."""
-    data: str                                   # ImageFolder tree for alignment (and probes, if no probe dirs)
-    n: int | None = None                        # images (default: 10,000 on a GPU, 500 on the CPU)
-    ts: tuple[float, ...] = DEFAULT_TS
-    encoders: list[str] = field(default_factory=list)   # NAME[=WEIGHTS]
-    encoder_random_init: bool = False
-    encoder_precision: str = "auto"             # encoders: bf16 autocast where measured harmless, or fp32/bf16
-    download: bool = False                      # fetch missing official checkpoints / encoder weights (download.py)
-    probe_train: str | None = None              # ImageFolder trees for the probe; default: split --data
-    probe_test: str | None = None
-    probe_n_train: int | None = None            # default: n
-    probe_n_test: int | None = None             # default: n // 2
-    probe: bool = True
-    spatial: bool = False                       # iREPA's spatial measures of every block's tokens (spatial.py)
-    tokens: bool = False                        # token-level alignment on a seeded token sample (tokens.py)
-    alignment_metrics: tuple[str, ...] = ("cknna",)
-    k: int = 10
-    bootstrap: int = 20                         # bootstrap replicates for every interval (0 = none)
-    null: int = 20                              # permutation draws for the alignment null (0 = none)
-    baselines: bool = True
-    blocks: tuple[int, ...] | None = None       # blocks to analyse (0..depth); None = all
-    seed: int = 0                               # noise seed and subset seed
-    labels: str = "null"
-    precision: str = "auto"                     # autocast: auto = bf16 on GPUs, fp32 on the CPU
-    compile: bool = False                       # torch.compile the model's blocks during capture
-    batch_size: int = 64
-    num_workers: int = 0
-    device: str | None = None
-    cache: str | None = None
-    mode: str | None = None
-    vae: str | None = None
-    skip_bad_images: bool = False
-    convention: str | None = None
-    weights: str = "ema"
-    heads: int | None = None
-    text_embeddings: str | None = None          # a prompt's embeddings for text-conditioned diffusers models
-    quiet: bool = False
-    samples: int = 0                            # >0: a page with a grid of this many samples per checkpoint
-    seed_groups: dict[str, list[str]] | None = None   # {recipe: [name of seed 0, ...]}; None: by name (findings/seeds.py)
-    notes: list[str] = field(default_factory=list)
-
-    def resolved(self, arg: Arg | None = None) -> "AnalyzeConfig":
-        """Fill the device-dependent defaults and check every setting before any compute. `arg` names a setting
-        in the caller's terms (`cli_arg`, the default: '--n 0'; `python_arg`: 'n=0')."""
-        arg = arg or cli_arg
-        cfg = AnalyzeConfig(**{**asdict(self), "notes": list(self.notes)})
-        for f in dataclasses.fields(cfg):
-            value = getattr(cfg, f.name)
-            if f.type == "bool" and not isinstance(value, bool):
-                raise UserError(f"{arg(f.name, value)} must be True or False")
-        if not isinstance(cfg.data, (str, os.PathLike)) or not str(cfg.data).strip():
-            raise UserError(f"{arg('data', cfg.data)}: name an ImageFolder tree DIR/<class>/<image>")
-        device = resolve_device(cfg.device)
-        cfg.device = str(device)
-        if cfg.n is None:
-            cfg.n = GPU_DEFAULT_N if device.type == "cuda" else CPU_DEFAULT_N
-            if device.type != "cuda":
-                cfg.notes.append(f"no GPU: analysed n = {cfg.n} images (pass {arg('n')} for more)")
-        cfg.precision = resolve_precision(cfg.precision, device)
-        for name, least in (("n", 1), ("probe_n_train", 1), ("probe_n_test", 1), ("k", 1), ("bootstrap", 0),
-                            ("null", 0), ("samples", 0), ("batch_size", 1), ("num_workers", 0), ("heads", 1),
-                            ("seed", 0)):
-            value = getattr(cfg, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < least):
-                raise UserError(f"{arg(name, value)} must be an integer ≥ {least}")
-            setattr(cfg, name, None if value is None else int(value))
-        if cfg.bootstrap == 1:
-            raise UserError(f"{arg('bootstrap', 1)}: an interval needs at least 2 replicates; pass 0 (no intervals) or "
-                            f"2 or more (default 20)")
-        ts = cfg.ts
-        if not isinstance(ts, (tuple, list)) or not ts or \
-                any(isinstance(t, bool) or not isinstance(t, Real) or not 0 <= t <= 1 for t in ts) or \
-                len(set(ts)) != len(ts):
-            raise UserError(f"{arg('ts', ts)}: distinct noise levels in [0, 1] (0 = clean data)")
-        if (cfg.probe_train is None) != (cfg.probe_test is None):
-            raise UserError(f"{arg('probe_train')} and {arg('probe_test')} go together: give both, or neither to "
-                            f"split {arg('data')}")
-        for m in cfg.alignment_metrics:
-            if m not in M.METRICS:
-                raise UserError(f"{arg('alignment_metrics', m)}: choose from {', '.join(M.METRICS)}")
-        if cfg.n <= cfg.k + 3:
-            raise UserError(f"{arg('n', cfg.n)} is too small for {arg('k', cfg.k)} nearest neighbours (need n > k + 3)")
-        cfg.ts = tuple(float(t) for t in ts)
-        cfg.data = str(cfg.data)
-        images = {name: _check_image_folder(getattr(cfg, name), arg(name))
-                  for name in ("data", "probe_train", "probe_test") if getattr(cfg, name) is not None}
-        if cfg.n > images["data"]:
-            raise UserError(f"{arg('n', cfg.n)}: choose between 1 and the {images['data']} images in {arg('data')}")
-        if cfg.encoders and cfg.bootstrap:
-            _check_subsamples(cfg, arg)
-        return cfg
-
-    def check_measurable(self, encoders: bool, arg: Arg | None = None) -> None:
-        """Something to measure: an encoder (alignment), or labelled images (the probe)."""
-        arg = arg or cli_arg
-        if not encoders and not (self.probe and len(list_images(self.probe_train or self.data)[2]) > 1):
-            why = arg("probe", False) if not self.probe else \
-                f"'{self.probe_train or self.data}' has no class folders"
-            raise UserError(f"nothing to measure: no {arg('encoders')} for alignment, and {why} for the probe; pass "
-                            f"{arg('encoders', ['dinov2-vit-b'])} (an encoder) or labelled images")
-
-    def capture(self) -> CaptureConfig:
-        return CaptureConfig(ts=self.ts, seed=self.seed, labels=self.labels, precision=self.precision,
-                             blocks=self.blocks, reductions=needed_reductions(self), compile=self.compile)
-
-
-def _check_image_folder(path: str, name: str) -> int:
-    """The number of images in the ImageFolder tree `path`; `name` says which setting gave it."""
-    if not str(path).strip():
-        raise UserError(f"{name} is empty: name an ImageFolder tree DIR/<class>/<image>")
-    try:
-        return len(list_images(path)[0])
-    except UserError as e:
-        raise UserError(f"{name}: {e}") from None
-
-
-def _check_subsamples(cfg: AnalyzeConfig, arg: Arg) -> None:
-    """Every bootstrap subsample of the n images (stats.subsamples: about 0.63·n distinct images, fewer by
-    chance) must hold enough images for the alignment metrics: their fewest (`min_n`) and, for a kNN metric,
-    k + 1 (k neighbours besides the image itself; metrics.FeatureKernel). Checked here, before any compute,
-    rather than when the first subsample's kernel is built after the capture."""
-    metrics = [M.METRICS[m] for m in cfg.alignment_metrics]
-    need = max([m.min_n for m in metrics] + [cfg.k + 1 for m in metrics if m.uses_k])
-
-    def fewest(n: int) -> int:
-        return min(len(d) for d in stats.subsamples(n, cfg.bootstrap, cfg.seed))
-
-    if fewest(cfg.n) >= need:
-        return
-    enough = next(n for n in range(cfg.n + 1, cfg.n + 100 * need) if fewest(n) >= need)
-    raise UserError(f"{arg('n', cfg.n)} is too few for {arg('k', cfg.k)}: a bootstrap subsample "
-                    f"({arg('bootstrap', cfg.bootstrap)}) keeps as few as {fewest(cfg.n)} distinct images, and "
-                    f"{', '.join(cfg.alignment_metrics)} with k = {cfg.k} needs {need}; pass {arg('n', enough)} "
-                    f"or more, a smaller {arg('k')}, or {arg('bootstrap', 0)}")
 
 
 #################################################################################

@@ -221,7 +221,7 @@ BAD_FLAGS = [
     (["analyze", "CK", "--k", "0"], "--k"),
     (["analyze", "CK", "--samples", "-1"], "--samples"), (["analyze", "CK", "--device", "cuda"], "--device"),
     (["analyze", "CK", "--device", "gpu0"], "--device"), (["sample", "CK", "--steps", "0"], "--steps"),
-    (["analyze", "CK", "--seed", "-1"], "--seed -1"), (["analyze", "CK", "--n", "99999"], "--n 99999"),
+    (["analyze", "CK", "--seed", "-1"], "--seed"), (["analyze", "CK", "--n", "99999"], "--n 99999"),
 ]
 
 

@@ -117,11 +117,11 @@ def test_changing_a_reductions_version_recomputes_that_array_only(tmp_path, cifa
 
 
 def test_the_trainers_analysis_reports_both_plug_ins(cifar_dir, tmp_path, plugins):
-    from test_train import tiny_config as train_config
+    from test_train import analysis, tiny_config as train_config
     from repa_probe.train.trainer import train
     run = tmp_path / "run"
-    train(train_config(cifar_dir / "train", run, 0.0, steps=2, analyze_every=2, analyze_data=str(cifar_dir / "test"),
-                       analyze_n=40, analyze_t=[T], analyze_blocks=[1, 3], analyze_spatial=True, log_every=2))
+    train(train_config(cifar_dir / "train", run, 0.0, steps=2, analyze_every=2, log_every=2,
+                       analysis=analysis(data=str(cifar_dir / "test"), n=40, ts=(T,), blocks=(1, 3), spatial=True)))
     rows = pd.DataFrame([json.loads(line) for line in (run / "analysis.jsonl").read_text().splitlines()])
     rows = rows[rows["step"] == 2].assign(kind="model")
     want = direct(run / "checkpoints" / "0000002.pt", cifar_dir / "test", n=40, weights="ema")

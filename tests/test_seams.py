@@ -110,11 +110,12 @@ def test_the_toy_measure_has_its_known_answers(toy_family):
 
 
 def test_the_trainers_analysis_offers_the_new_measure(cifar_dir, tmp_path, toy_family):
-    from test_train import tiny_config as train_config
+    from test_train import analysis, tiny_config as train_config
     from repa_probe.train.trainer import train
     run = tmp_path / "run"
-    train(train_config(cifar_dir / "train", run, 0.0, steps=2, analyze_every=2, analyze_data=str(cifar_dir / "test"),
-                       analyze_n=40, analyze_t=[0.5], analyze_blocks=[1, 3], analyze_metrics=["rv"], log_every=2))
+    train(train_config(cifar_dir / "train", run, 0.0, steps=2, analyze_every=2, log_every=2,
+                       analysis=analysis(data=str(cifar_dir / "test"), n=40, ts=(0.5,), blocks=(1, 3),
+                                         alignment_metrics=("rv",))))
     rows = [json.loads(line) for line in (run / "analysis.jsonl").read_text().splitlines()]
     assert {r["metric"] for r in rows} == {"rv", "probe_top1"} and all(0 <= r["value"] <= 1 for r in rows)
 

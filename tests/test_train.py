@@ -3,6 +3,7 @@ real subprocesses (SIGKILL + resume), real torchrun on gloo."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -54,6 +55,11 @@ def tiny_config(data: Path, out: Path, repa_coeff: float, **overrides) -> TrainC
                out=str(out), progress=False)
     cfg.update(overrides)
     return TrainConfig(**cfg)
+
+
+def analysis(**knobs) -> "AnalyzeConfig":
+    """The in-training analysis's config: its defaults (TrainConfig().analysis) with these knobs."""
+    return dataclasses.replace(TrainConfig().analysis, **knobs)
 
 
 def log_rows(run: Path, event: str = "train") -> list[dict]:
@@ -253,8 +259,8 @@ def test_export_repa_layout_loads_back_as_repa_train(runs, tmp_path):
 
 def test_analysis_while_training_writes_tidy_rows(cifar_dir, tmp_path):
     run = tmp_path / "run"
-    cfg = tiny_config(cifar_dir / "train", run, 0.5, steps=4, analyze_every=4, analyze_data=str(cifar_dir / "test"),
-                      analyze_n=60, analyze_t=[0.0, 0.5], analyze_blocks=[1, 3], log_every=4)
+    cfg = tiny_config(cifar_dir / "train", run, 0.5, steps=4, analyze_every=4, log_every=4,
+                      analysis=analysis(data=str(cifar_dir / "test"), n=60, ts=(0.0, 0.5), blocks=(1, 3)))
     train(cfg)
     rows = [json.loads(line) for line in (run / "analysis.jsonl").read_text().splitlines()]
     assert {r["step"] for r in rows} == {0, 4}

@@ -51,10 +51,9 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,6 +63,8 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
+from repa_probe.config import (MAX_WORKERS, AnalyzeConfig, check_knobs, flag_of, knob, prefixed,
+                               resume_fields, spell)
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
 from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_distributed,
@@ -73,79 +74,119 @@ from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_dis
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
 
 
+DATA, MODEL, REPA, OPTIM, OUTPUT = "data", "model", "REPA", "optimisation", "output"
+ANALYSIS = "analysis while training (EMA model)"
+
+
+def _analysis() -> AnalyzeConfig:
+    """The in-training analysis's defaults: data None = the run's --data."""
+    return AnalyzeConfig(data=None, n=1000, ts=(0.0, 0.5), bootstrap=0, baselines=False, quiet=True)
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a run; defaults are REPA's where REPA has one. Plain data: it goes into checkpoints."""
-    # data
-    data: str = ""                       # ImageFolder root DIR/<class>/<image>
-    image_size: int = 32
-    mode: str = "pixels"                 # "pixels" (images in [-1, 1]) or "latents" (SD-VAE · 0.18215)
-    vae: str | None = None               # latent mode: local AutoencoderKL folder (or hub name)
-    num_classes: int | None = None       # None: the number of class folders
+    """Every knob of a run; defaults are REPA's where REPA has one. Plain data: it goes into checkpoints. The
+    fields go in --help's order; resume=True marks what a resumed run must share with its checkpoint."""
+    data: str = knob("", kind="path", required=True, resume=True, group=DATA, help="ImageFolder tree DIR/<class>/<image>")
+    image_size: int = knob(32, least=1, most=8192, resume=True, group=DATA,
+                           help="image side after centre crop (default: 32)")
+    mode: str = knob("pixels", resume=True, group=DATA,          # --pixels / --latents VAE (cli.py)
+                     help="pixels (images in [-1, 1]) or latents (SD-VAE · 0.18215)")
+    vae: str | None = knob(None, cli=False, help="latent mode: local AutoencoderKL folder (or hub name)")
+    num_classes: int | None = knob(None, least=1, most=10_000_000, resume=True, group=DATA,
+                                   help="default: the number of class folders")
+    num_workers: int = knob(4, flag="--workers", least=0, most=MAX_WORKERS, what="a number of worker processes",
+                            group=DATA, help="DataLoader workers per process (default: 4)")
     # model
-    model: str = "SiT-S/2"
-    depth: int | None = None             # overrides of the named size (CIFAR-scale experiments)
-    width: int | None = None
-    heads: int | None = None
-    qk_norm: bool = False
+    model: str = knob("SiT-S/2", resume=True, group=MODEL, help="SiT-{S,B,L,XL}/{2,4,8} (default: SiT-S/2)")
+    depth: int | None = knob(None, least=1, most=1024, resume=True, group=MODEL,
+                             help="override the size's number of blocks")
+    width: int | None = knob(None, least=1, most=65_536, resume=True, group=MODEL,
+                             help="override the size's hidden size")
+    heads: int | None = knob(None, least=1, most=65_536, resume=True, group=MODEL,
+                             help="override the size's attention heads")
+    qk_norm: bool = knob(False, resume=True, group=MODEL, help="LayerNorm on queries and keys (REPA default: off)")
     # REPA
-    encoders: list[str] = field(default_factory=list)   # "NAME" or "NAME=WEIGHTS", one projector each
-    encoder_random_init: bool = False    # tests only: random target encoders
-    repa_depth: int | None = None        # 1-based block whose output is aligned; None: REPA's for the size
-    repa_coeff: float = 0.5              # λ; 0 = vanilla SiT (encoders, if given, serve the analysis only)
-    projector_dim: int = 2048            # hidden width of the projector MLPs (REPA: 2048)
-    projector: str = "mlp"               # "mlp" (REPA) or "conv" (iREPA: a k×k convolution over the grid)
-    projector_kernel: int = 3
-    spatial_norm: str = "none"           # "zscore" (iREPA): target tokens z ← (z − α·mean_T z) / (std_T z + ε)
-    zscore_alpha: float = 0.6
-    # objective
-    weighting: str = "uniform"           # t ~ U(0, 1), or "lognormal"
-    cfg_prob: float = 0.1                # class-label dropout (null class = num_classes)
-    # optimisation
-    batch: int = 256                     # global batch, split across ranks
-    steps: int = 400_000
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    precision: str = "auto"              # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32"
-    tf32: bool = True
-    compile: bool = False
-    seed: int = 0
-    num_workers: int = 4
-    device: str | None = None            # None: cuda:LOCAL_RANK if available, else cpu
+    encoders: list[str] = knob(factory=list, flag="--encoder", kind="append", metavar="NAME[=WEIGHTS]", resume=True,
+                               group=REPA, help="target encoder (repeat for several, one projector each), e.g. "
+                                                "dinov2-vit-b=/w/dinov2.pth")
+    encoder_random_init: bool = knob(False, resume=True, group=REPA, help="random target encoders (tests only)")
+    repa_depth: int | None = knob(None, least=1, resume=True, group=REPA,
+                                  help="aligned block, 1-based (default: 4 for S/B, 8 for L/XL)")
+    repa_coeff: float = knob(0.5, least=0, resume=True, group=REPA,     # encoders of a vanilla run serve the analysis
+                             help="λ of the alignment loss; 0 = vanilla SiT (default 0.5)")
+    projector_dim: int = knob(2048, least=1, most=65_536, resume=True, group=REPA,
+                              help="projector MLP width (default: 2048, as REPA)")
+    projector: str = knob("mlp", choices=("mlp", "conv"), resume=True, group=REPA,
+                          help="mlp (REPA, default) or conv (iREPA: one k×k convolution over the token grid)")
+    projector_kernel: int = knob(3, least=1, most=15, resume=True, group=REPA, help="conv projector kernel (default: 3)")
+    spatial_norm: str = knob("none", choices=("none", "zscore"), resume=True, group=REPA,
+                             help="iREPA: z-score each target channel over the image's tokens, "
+                                  "z ← (z − α·mean)/(std + 1e-6)")
+    zscore_alpha: float = knob(0.6, least=0, resume=True, group=REPA, help="α of --spatial-norm zscore (default 0.6)")
+    # optimisation and objective
+    batch: int = knob(256, least=1, most=1 << 20, resume=True, group=OPTIM,
+                      help="global batch size, split across ranks (default: 256)")
+    steps: int = knob(400_000, least=1, group=OPTIM, help="training steps (default: 400000)")
+    lr: float = knob(1e-4, above=0, resume=True, group=OPTIM, help="AdamW learning rate (default: 1e-4)")
+    weight_decay: float = knob(0.0, least=0, resume=True, group=OPTIM, help="AdamW weight decay (default: 0)")
+    grad_clip: float = knob(1.0, above=0, resume=True, group=OPTIM, help="gradient-norm clip (default: 1.0)")
+    ema_decay: float = knob(0.9999, least=0, most=1, resume=True, group=OPTIM,
+                            help="EMA decay per step (default: 0.9999); tiny runs need less, e.g. 0.99")
+    cfg_prob: float = knob(0.1, least=0, most=1, resume=True, group=OPTIM,
+                           help="class-label dropout (default: 0.1)")
+    weighting: str = knob("uniform", choices=WEIGHTINGS, resume=True, group=OPTIM,
+                          help="t distribution (default: uniform)")
+    precision: str = knob("auto", choices=("auto", "bf16", "fp16", "fp32"), resume=True, group=OPTIM,
+                          help="autocast (default: bf16 on GPUs, fp32 on CPU)")
+    tf32: bool = knob(True, negatable=True, group=OPTIM, help="TF32 matmuls on GPUs (default: on)")
+    compile: bool = knob(False, group=OPTIM, help="torch.compile the model")
+    seed: int = knob(0, resume=True, group=OPTIM, help="seed of every random stream (default: 0)")
+    device: str | None = knob(None, group=OPTIM, help="default: cuda:LOCAL_RANK when present, else cpu")
+    beta1: float = knob(0.9, cli=False, resume=True, least=0, most=1)
+    beta2: float = knob(0.999, cli=False, resume=True, least=0, most=1)
+    adam_eps: float = knob(1e-8, cli=False, resume=True, above=0)
     # output
-    out: str = "runs/run"
-    ckpt_every: int = 50_000
-    log_every: int = 100
-    resume: str | None = None            # None: the latest checkpoint in out/checkpoints, if any
-    export_repa: bool = False
-    progress: bool = True
-    # analysis while training (on the EMA model)
-    analyze_every: int = 0               # 0 = never
-    analyze_data: str | None = None      # held-out ImageFolder; default: --data
-    analyze_n: int = 1000                # images, class-balanced; half fit the probe, half score it
-    analyze_blocks: list[int] = field(default_factory=list)   # 1-based; default: REPA depth, middle, last
-    analyze_t: list[float] = field(default_factory=lambda: [0.0, 0.5])
-    analyze_k: int = 10
-    analyze_metrics: list[str] = field(default_factory=lambda: ["cknna"])
-    analyze_batch: int = 64
-    analyze_spatial: bool = False        # also the spatial measures (as analyze --spatial; no flag yet)
-    analyze_tokens: bool = False         # also token alignment and the projector cosine (analyze --tokens)
+    out: str = knob("runs/run", kind="path", required=True, group=OUTPUT, help="run folder (checkpoints/, log.jsonl, analysis.jsonl)")
+    ckpt_every: int = knob(50_000, least=1, group=OUTPUT, help="checkpoint every N steps (default: 50000)")
+    log_every: int = knob(100, least=1, group=OUTPUT, help="log the losses every N steps (default: 100)")
+    resume: str | None = knob(None, kind="path", metavar="CKPT", group=OUTPUT,
+                              help="resume from this checkpoint (default: the latest in --out/checkpoints, if any)")
+    export_repa: bool = knob(False, group=OUTPUT, help="also write the final checkpoint in REPA's layout")
+    progress: bool = knob(True, flag="--quiet", group=OUTPUT, help="no progress bar")
+    # analysis while training (on the EMA model): the analysis pipeline's own knobs, spelled --analyze-*
+    analyze_every: int = knob(0, least=0, group=ANALYSIS, help="probe + CKNNA every M steps (default: never)")
+    analysis: AnalyzeConfig = knob(
+        factory=_analysis, nest=("data", "n", "blocks", "ts", "k", "alignment_metrics", "spatial", "tokens"),
+        prefix="analyze",
+        group=ANALYSIS, helps={"data": "held-out ImageFolder (default: --data)", "n": "held-out images (default: 1000)",
+                               "blocks": "1-based blocks (default: REPA depth, middle, last)",
+                               "ts": "noise levels (default: 0,0.5)", "k": "CKNNA neighbours (default: 10)"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainConfig":
+        """A config recorded in a checkpoint or config.json; settings added since it was saved get their
+        defaults, and a run recorded before the analysis had its own config (analyze_n, analyze_t, ...) has its
+        analyze_* settings moved into it."""
+        saved, names = dict(saved), {f.name for f in dataclasses.fields(cls)}
+        old = {OLD_ANALYZE.get(k, k.removeprefix("analyze_")): saved.pop(k) for k in list(saved)
+               if k.startswith("analyze_") and k != "analyze_every"}
+        if "blocks" in old:                          # [] stood for the default blocks
+            old["blocks"] = old["blocks"] or None
+        analysis = {**old, **(saved.pop("analysis", None) or {})}
+        cfg = cls(**{k: v for k, v in saved.items() if k in names})
+        fields = {f.name: f for f in dataclasses.fields(AnalyzeConfig)}           # JSON has lists for tuples
+        cfg.analysis = dataclasses.replace(cfg.analysis, **{
+            k: tuple(v) if "tuple" in str(fields[k].type) and v is not None else v
+            for k, v in analysis.items() if k in fields})
+        return cfg
 
-# Settings a resumed run must share with the checkpoint (the rest, e.g. steps or logging, may change).
-RESUME_MUST_MATCH = ("data", "image_size", "mode", "num_classes", "model", "depth", "width", "heads", "qk_norm",
-                     "encoders", "encoder_random_init", "repa_depth", "repa_coeff", "projector_dim", "projector",
-                     "projector_kernel", "spatial_norm", "zscore_alpha", "weighting",
-                     "cfg_prob", "batch", "lr", "beta1", "beta2", "weight_decay", "adam_eps", "grad_clip", "ema_decay",
-                     "precision", "seed")
+
+OLD_ANALYZE = {"analyze_t": "ts", "analyze_metrics": "alignment_metrics", "analyze_batch": "batch_size"}
+RESUME_MUST_MATCH = resume_fields(TrainConfig)
 
 
 #################################################################################
@@ -303,6 +344,24 @@ def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) ->
     return config
 
 
+TRAIN_FLAGS = {f.name: flag_of(f) for f in dataclasses.fields(TrainConfig)}
+
+
+def train_arg(name: str, value=...) -> str:
+    """A TrainConfig field as the command line spells it: '--depth 0', '--lr nan'."""
+    return spell(TRAIN_FLAGS.get(name, "--" + name.replace("_", "-")), value)
+
+
+def analysis_arg(name: str, value=...) -> str:
+    """The in-training analysis's settings as train spells them: '--analyze-n 5'; its seed is the run's --seed."""
+    return train_arg(name, value) if name == "seed" else prefixed("analyze")(name, value)
+
+
+def analysis_config(cfg: TrainConfig) -> AnalyzeConfig:
+    """The in-training analysis's config, its data defaulting to the run's."""
+    return dataclasses.replace(cfg.analysis, data=cfg.analysis.data or cfg.data, seed=cfg.seed)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Bad settings → one UserError line naming the flag, before anything heavy is loaded."""
     if not cfg.data:
@@ -312,41 +371,20 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.mode not in ("pixels", "latents"):
         raise UserError(f"mode {cfg.mode!r}: use --pixels or --latents VAE")
     resolve_device(cfg.device)                                  # a GPU asked for where there is none
+    check_knobs(cfg, train_arg)                                 # numbers within bounds, names among choices
     if cfg.mode == "latents" and (cfg.image_size % 8 or not cfg.vae):
         raise UserError("--latents needs a VAE (--latents VAE_DIR) and an --image-size divisible by 8")
-    if cfg.weighting not in WEIGHTINGS:
-        raise UserError(f"--weighting {cfg.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
-    if cfg.projector not in ("mlp", "conv") or cfg.spatial_norm not in ("none", "zscore"):
-        raise UserError(f"--projector {cfg.projector!r} / --spatial-norm {cfg.spatial_norm!r}: use mlp or conv / "
-                        f"none or zscore")
     if cfg.projector == "conv" and cfg.projector_kernel % 2 == 0:
         raise UserError(f"--projector-kernel {cfg.projector_kernel} must be odd (the padding keeps the token grid)")
-    if cfg.repa_coeff < 0:
-        raise UserError(f"--repa-coeff {cfg.repa_coeff} must be ≥ 0 (0 = vanilla SiT)")
     if cfg.repa_coeff > 0 and not cfg.encoders:
         raise UserError("--repa-coeff > 0 needs at least one --encoder NAME[=WEIGHTS] (or --repa-coeff 0 for "
                         "vanilla SiT)")
-    if not 0 <= cfg.cfg_prob < 1:
-        raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1)")
-    if not 0 <= cfg.ema_decay <= 1:
-        raise UserError(f"--ema-decay {cfg.ema_decay} must lie in [0, 1]")
-    for flag, value in (("--batch", cfg.batch), ("--steps", cfg.steps), ("--ckpt-every", cfg.ckpt_every),
-                        ("--log-every", cfg.log_every), ("--image-size", cfg.image_size), ("--depth", cfg.depth),
-                        ("--width", cfg.width), ("--heads", cfg.heads), ("--projector-dim", cfg.projector_dim),
-                        ("--analyze-n", cfg.analyze_n), ("--analyze-k", cfg.analyze_k)):
-        if value is not None and value <= 0:
-            raise UserError(f"{flag} {value} must be positive")
-    for flag, value, low in (("--lr", cfg.lr, 0.0), ("--weight-decay", cfg.weight_decay, -1e-300),
-                             ("--grad-clip", cfg.grad_clip, 0.0), ("--repa-coeff", cfg.repa_coeff, -1e-300)):
-        if not math.isfinite(value) or value <= low:
-            raise UserError(f"{flag} {value} must be a finite number {'≥' if low < 0 else '>'} 0")
-    if cfg.analyze_every < 0:
-        raise UserError(f"--analyze-every {cfg.analyze_every} must be ≥ 0 (0 = never)")
-    if any(not 0 <= t <= 1 for t in cfg.analyze_t) or len(set(cfg.analyze_t)) != len(cfg.analyze_t):
-        raise UserError(f"--analyze-t {cfg.analyze_t}: distinct noise levels in [0, 1]")
+    if cfg.cfg_prob == 1:
+        raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1) (1 would drop every label)")
     build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else [])   # bad --model, sizes or --repa-depth
-    if cfg.analyze_data and not Path(cfg.analyze_data).is_dir():
-        raise UserError(f"--analyze-data '{cfg.analyze_data}' is not a folder")
+    check_knobs(cfg.analysis, analysis_arg)
+    if cfg.analyze_every:
+        analysis_config(cfg).resolved(analysis_arg)             # its images, n and k, metrics, noise levels
     latest = latest_checkpoint(cfg.out)
     if cfg.resume is None and latest is not None and checkpoint_step(latest) > cfg.steps:
         raise UserError(f"--out '{cfg.out}' already holds step {checkpoint_step(latest):,}, beyond --steps "
@@ -411,18 +449,14 @@ class TrainingAnalysis:
     memory. Rows go to RUN_DIR/analysis.jsonl; tests/test_train.py checks that they equal analyze's."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, encoders: list, vae, device: torch.device):
-        from repa_probe.pipeline import AnalyzeConfig, MemorySource, Pipeline
+        from repa_probe.pipeline import MemorySource, Pipeline
         depth = model_cfg.depth
         default = [model_cfg.encoder_depth or max(1, depth // 3), (depth + 1) // 2, depth]
-        self.blocks = sorted({int(b) for b in (cfg.analyze_blocks or default)})
+        self.blocks = sorted({int(b) for b in (cfg.analysis.blocks or default)})
         if not all(1 <= b <= depth for b in self.blocks):
             raise UserError(f"--analyze-blocks {self.blocks}: blocks are 1-based, 1..{depth}")
-        config = AnalyzeConfig(
-            data=cfg.analyze_data or cfg.data, n=cfg.analyze_n, ts=tuple(cfg.analyze_t), encoders=[],
-            alignment_metrics=tuple(cfg.analyze_metrics), k=cfg.analyze_k, bootstrap=0, baselines=False,
-            blocks=tuple(self.blocks), seed=cfg.seed, batch_size=cfg.analyze_batch, device=str(device), quiet=True,
-            spatial=cfg.analyze_spatial, tokens=cfg.analyze_tokens)
-        self.pipeline = Pipeline(config, source=lambda c: MemorySource(c, vae), encoders=encoders)
+        config = dataclasses.replace(analysis_config(cfg), encoders=[], blocks=tuple(self.blocks), device=str(device))
+        self.pipeline = Pipeline(config, source=lambda c: MemorySource(c, vae), encoders=encoders, arg=analysis_arg)
         self.meta, self.device = {"mode": cfg.mode, "vae": cfg.vae}, device
         self.path = Path(cfg.out) / "analysis.jsonl"
 
@@ -554,25 +588,14 @@ def _train(cfg: TrainConfig) -> Path:
     run = setup(cfg)
     d, device, out, model, ema = run.dist, run.dist.device, run.out, run.model, run.ema
     repa, start_step = cfg.repa_coeff > 0, run.start_step
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if d.world_size > 1 else model
-    net = torch.compile(ddp) if cfg.compile else ddp
+    net = _network(run)
     sampler = ResumableShardSampler(len(run.dataset), cfg.batch, d.rank, d.world_size, cfg.seed, start_step, cfg.steps)
     loader = make_loader(run.dataset, sampler.local_batch, cfg.num_workers, sampler=sampler)
     gen = torch.Generator(device=device)
     shape = (run.model_cfg.in_channels, run.model_cfg.input_size, run.model_cfg.input_size)
     grid = run.model_cfg.input_size // run.model_cfg.patch_size
     amp = autocast(run.precision, device)
-    analysis = TrainingAnalysis(cfg, run.model_cfg, run.encoders, run.vae, device) \
-        if (d.main and cfg.analyze_every) else None
-    if d.main:
-        _append_jsonl(out / "log.jsonl", [{
-            "event": "start", "step": start_step, "world_size": d.world_size, "device": str(device),
-            "precision": run.precision, "n_images": len(run.dataset), "num_classes": run.num_classes,
-            "model": size_name(run.model_cfg), "params": sum(p.numel() for p in model.parameters()),
-            "sit_init_sha256": run.init_sha, "resumed_from": str(run.resumed_from) if run.resumed_from else None}])
-        if analysis is not None and start_step == 0:
-            analysis(ema, 0)
+    analysis = _start(run)
 
     last = latest_checkpoint(out) if start_step else None
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
@@ -614,11 +637,47 @@ def _train(cfg: TrainConfig) -> Path:
             analysis(ema, step)
     progress.close()
 
+    return _finish(run, last)
+
+
+def _network(run: Run) -> nn.Module:
+    """What runs the forward: the model, in DDP over several processes, compiled with --compile."""
+    device = run.dist.device
+    ddp = nn.parallel.DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if run.dist.world_size > 1 else run.model
+    return torch.compile(ddp) if run.cfg.compile else ddp
+
+
+def _start(run: Run) -> TrainingAnalysis | None:
+    """Rank 0 logs the (re)start and, with --analyze-every, makes the in-training analysis and, at step 0, runs
+    it once on the initial EMA model; → the analysis (None on other ranks or without one)."""
+    if not run.dist.main:
+        return None
+    analysis = TrainingAnalysis(run.cfg, run.model_cfg, run.encoders, run.vae, run.dist.device) \
+        if run.cfg.analyze_every else None
+    _log_start(run)
+    if analysis is not None and run.start_step == 0:
+        analysis(run.ema, 0)
+    return analysis
+
+
+def _log_start(run: Run) -> None:
+    """log.jsonl's row at every (re)start: who runs, on what, from where."""
+    d = run.dist
+    _append_jsonl(run.out / "log.jsonl", [{
+        "event": "start", "step": run.start_step, "world_size": d.world_size, "device": str(d.device),
+        "precision": run.precision, "n_images": len(run.dataset), "num_classes": run.num_classes,
+        "model": size_name(run.model_cfg), "params": sum(p.numel() for p in run.model.parameters()),
+        "sit_init_sha256": run.init_sha, "resumed_from": str(run.resumed_from) if run.resumed_from else None}])
+
+
+def _finish(run: Run, last: Path | None) -> Path:
+    """After the last step: the export in REPA's layout, if asked for, and the process group's end."""
     if last is None:                                                   # nothing to do: already at --steps
-        last = latest_checkpoint(out)
-    if d.main and cfg.export_repa and last is not None:
-        export_repa(last, out / "repa-export" / last.name)
-    if d.world_size > 1:
+        last = latest_checkpoint(run.out)
+    if run.dist.main and run.cfg.export_repa and last is not None:
+        export_repa(last, run.out / "repa-export" / last.name)
+    if run.dist.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return last
@@ -716,18 +775,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
                              weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
 
 
+def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings a resume must keep (declared resume=True) on which `cfg` differs from a checkpoint's recorded
+    config (TrainConfig.from_dict: older layouts too); the data folder compares however it was spelled."""
+    before = TrainConfig.from_dict(saved)
+
+    def same(name: str, value):
+        if name == "data" and value:
+            return os.path.realpath(value)
+        return list(value) if isinstance(value, tuple) else value
+    return [f"{k}: checkpoint {getattr(before, k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+            if same(k, getattr(before, k)) != same(k, getattr(cfg, k))]
+
+
 def _restore(path: Path, cfg: TrainConfig, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler) -> int:
     """Load a training checkpoint of ours into model, EMA, optimizer, scaler and RNGs; → its step."""
     obj = read_checkpoint(path)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT_TAG and "optimizer" in obj):
         raise UserError(f"--resume '{path}' is not a repa-probe training checkpoint (no optimizer state)")
-    saved, mine = dict(obj["meta"].get("train_config", {})), cfg.to_dict()
-    for d in (saved, mine):                       # the same folder, however it was spelled
-        d["data"] = os.path.realpath(d["data"]) if d.get("data") else d.get("data")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # settings added since it was saved
-    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_MUST_MATCH}
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != mine[k]]
+    diff = resume_differences(obj["meta"].get("train_config", {}), cfg)
     if diff:
         raise UserError(f"cannot resume from '{path}': settings differ ({'; '.join(diff[:3])}); use the same "
                         f"flags or a new --out")
