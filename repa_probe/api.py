@@ -31,6 +31,7 @@ import pandas as pd
 from torch import nn
 
 from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.encoders import get_encoder_spec, parse_encoder_spec
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
@@ -156,8 +157,11 @@ def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] |
     flags or Python's keywords), load every model (a missing file fails before any loads), analyse all on the
     same images and noise. `names` default to `unique_names` of the paths as given, and a module's name."""
     start = time.perf_counter()
-    pipeline = Pipeline(config, arg=arg)                   # every setting checked, the encoders loaded
-    paths = [resolve_checkpoint(str(m), pipeline.cfg.download) if _is_path(m) else None for m in models]
+    cfg = config.resolved(arg)                             # every setting checked, encoder names included,
+    for spec in cfg.encoders:                              # and every file found, before anything loads
+        get_encoder_spec(parse_encoder_spec(spec)[0])
+    paths = [resolve_checkpoint(str(m), cfg.download) if _is_path(m) else None for m in models]
+    pipeline = Pipeline(cfg, arg=arg)
     loaded = [_load(m, p, pipeline.cfg, describe or {}, i) for i, (m, p) in enumerate(zip(models, paths))]
     if names is None:                                  # files as on the command line; modules by their name
         short = iter(unique_names([n for (_, n), p in zip(loaded, paths) if p is not None]))

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import repa_probe
-from conftest import randomize_, tiny_config
+from conftest import randomize_, run_cli, tiny_config
 from repa_probe.capture import capture_blocks, noisy_input
 from repa_probe.checkpoints import save_checkpoint
+from repa_probe.encoders import load_encoder
 from repa_probe.errors import UserError
 from repa_probe.models import SiT
 from repa_probe.pipeline import AnalyzeConfig, python_arg
@@ -155,6 +156,21 @@ def test_bad_api_input_is_one_clear_error(tmp_path, cifar_dir):
         repa_probe.describe_module(ToyRegisters(), blocks="layers", image_size=16)
     with pytest.raises(UserError, match="cannot analyse a int"):
         repa_probe.analyze(3, data=str(cifar_dir / "test"))
+
+
+def test_a_missing_checkpoint_is_named_before_any_encoder_loads(tmp_path, cifar_dir):
+    """Files are looked for before the encoders load (a typo costs no DINOv2 load): with an encoder whose
+    weight file is not a weight file, the error names the missing checkpoint, not the encoder's file."""
+    junk = tmp_path / "teacher.safetensors"
+    junk.write_bytes(b"not a weight file")
+    for models in (str(tmp_path / "typo.pt"), [str(tmp_path / "typo.pt")]):
+        with pytest.raises(UserError, match="typo.pt"):
+            repa_probe.analyze(models, data=str(cifar_dir / "test"), encoders=[f"cifar-ssl-resnet={junk}"])
+    result = run_cli("analyze", tmp_path / "typo.pt", "--data", cifar_dir / "test", "--encoder",
+                     f"cifar-ssl-resnet={junk}", "--out", tmp_path / "out")
+    assert result.returncode != 0 and "typo.pt" in result.stderr and "teacher.safetensors" not in result.stderr
+    with pytest.raises(UserError, match="teacher.safetensors"):           # what loading it would have said
+        load_encoder(f"cifar-ssl-resnet={junk}")
 
 
 def test_python_arguments_get_the_command_lines_checks_and_errors_in_python_terms(tmp_path, cifar_dir):
