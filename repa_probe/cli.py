@@ -234,7 +234,7 @@ def add_knobs(p, cls, only: Sequence[str] | None = None, optional: Sequence[str]
                           dataclasses.replace(knob_of(g), aliases=()), base_type(g), getattr(inner, g.name),
                           help=k.helps.get(g.name, knob_of(g).help))
         else:
-            default = defaults.get(f.name, k.cli_default if k.cli_default is not ... else _default(f))
+            default = defaults.get(f.name, _default(f))
             required = k.required or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
             _add_knob(where, f.name, flag_of(f), k, base_type(f), default, k.help,
                       required=required and f.name not in optional)

@@ -47,7 +47,6 @@ class Knob:
     negatable: bool = False         # --x and --no-x
     metavar: str | None = None
     group: str | None = None        # its section of --help
-    cli_default: Any = ...          # the command line's default where it differs from Python's (...: none)
     resume: bool = False            # a resumed training run must have the checkpoint's value
     cache: bool = False             # enters the capture's cache key (CaptureConfig)
     nest: tuple[str, ...] = ()      # a config inside a config: the fields of it the command line sets, as
@@ -214,8 +213,10 @@ class AnalyzeConfig:
     mode: str | None = knob(None, choices=("pixels", "latents"), group=CAPTURE,
                             help="model input space (default: from the checkpoint; 4 input channels = SD-VAE "
                                  "latents)")
-    vae: str | None = knob(None, kind="path", cli_default=DEFAULT_VAE, group=CAPTURE,
-                           help="latent models: local AutoencoderKL folder, or a hub name where the hub is reachable")
+    vae: str | None = knob(None, kind="path", group=CAPTURE,
+                           help=f"latent models: local AutoencoderKL folder, or a hub name where the hub is reachable "
+                                f"(default: the checkpoint's: as its trainer recorded it, {DEFAULT_VAE} for "
+                                f"SiT/DiT/REPA; LightningDiT and REPA-E need theirs)")
     batch_size: int = knob(64, least=1, most=1 << 20, group=CAPTURE)
     num_workers: int = knob(0, flag="--workers", least=0, most=MAX_WORKERS, what="a number of worker processes",
                             group=CAPTURE, help="DataLoader worker processes (default: 0)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ONE_THREAD, run_cli
-from repa_probe.cli import build_parser
+from repa_probe.cli import build_parser, config_from_args
 from repa_probe.config import AnalyzeConfig, check_knobs, cli_arg, flag_of, knob_of
 from repa_probe.errors import UserError
 from repa_probe.train.trainer import RESUME_MUST_MATCH, TrainConfig, resume_differences
@@ -151,3 +151,13 @@ def test_the_knobs_marked_cache_are_what_the_capture_keys_on():
     assert {name: getattr(capture, name) for name in marked} == {name: getattr(cfg, name) for name in marked}
     assert capture.key() != dataclasses.replace(cfg, seed=4).capture().key()
     assert capture.reductions == ("spatial", "tokens", "projected")     # what --spatial and --tokens measure
+
+
+@pytest.mark.parametrize("command", ["analyze", "compare", "trajectory"])
+def test_the_command_lines_defaults_are_pythons(command):
+    """A flag left out means what the keyword left out means: one default per knob. (The command line once
+    defaulted --vae to SD-VAE, so LightningDiT and REPA-E latents were silently encoded with the wrong VAE.)"""
+    parser = subparsers()[command]
+    needed = {"analyze": ["x.pt"], "compare": ["x.pt", "y.pt"], "trajectory": ["run"]}[command]
+    args = parser.parse_args([*needed, "--data", "d", "--out", "o"])
+    assert config_from_args(AnalyzeConfig, args) == AnalyzeConfig(data="d")
