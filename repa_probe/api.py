@@ -36,6 +36,7 @@ from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
 from repa_probe.findings import Findings, trajectory_findings
 from repa_probe.findings.seeds import check_groups
+from repa_probe.generation import Scorer, score_models
 from repa_probe.pipeline import AnalyzeConfig, Arg, Pipeline, Results, cli_arg, python_arg, run
 from repa_probe.report import compose
 from repa_probe.runtime import find_checkpoints, latest_in_run
@@ -157,6 +158,7 @@ def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] |
     same images and noise. `names` default to `unique_names` of the paths as given, and a module's name."""
     start = time.perf_counter()
     pipeline = Pipeline(config, arg=arg)                   # every setting checked, the encoders loaded
+    scorer = Scorer(pipeline.cfg, pipeline.device) if pipeline.cfg.gen else None      # and --gen's feature spaces
     paths = [resolve_checkpoint(str(m), pipeline.cfg.download) if _is_path(m) else None for m in models]
     loaded = [_load(m, p, pipeline.cfg, describe or {}, i) for i, (m, p) in enumerate(zip(models, paths))]
     if names is None:                                  # files as on the command line; modules by their name
@@ -167,6 +169,10 @@ def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] |
     if pipeline.cfg.seed_groups is not None:
         check_groups(pipeline.cfg.seed_groups, list(names))        # before any compute
     results = run([c for c, _ in loaded], list(names), pipeline.cfg, pipeline)
+    if scorer is not None:                             # sample quality, the same samples for every checkpoint
+        gen_start = time.perf_counter()
+        results.generation = score_models(scorer, [c for c, _ in loaded], list(names))
+        results.timings["generation"] = time.perf_counter() - gen_start
     return Analysis(results, time.perf_counter() - start)
 
 
