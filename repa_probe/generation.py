@@ -13,6 +13,7 @@ Scores are keyed by space: "FD_<encoder>", "FID" (Inception pool), "sFID" (Incep
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,12 +327,12 @@ class Scorer:
         self.reference: Reference | None = None
         self.kept: dict[str, GenerationScores] = {}
 
-    def reference_for(self, ckpt: LoadedCheckpoint) -> Reference:
-        """The reference statistics, made at the first checkpoint (a folder's images at its image size)."""
+    def reference_for(self, image_size: int) -> Reference:
+        """The reference statistics, made once (a folder's images at the first checkpoint's image size)."""
         if self.reference is None:
             cfg = self.cfg
             self.reference = load_reference(cfg.gen_reference or cfg.data, self.spaces,
-                                            image_size=ckpt.anatomy.input.image_size, n=cfg.gen_reference_n,
+                                            image_size=image_size, n=cfg.gen_reference_n,
                                             seed=cfg.seed, cache=cfg.cache, batch_size=cfg.batch_size,
                                             quiet=cfg.quiet)
         return self.reference
@@ -342,7 +343,7 @@ class Scorer:
         checkpoint the paired difference FD(this) − FD(against) with its interval."""
         if self.device is not None:
             ckpt.model.to(self.device)
-        reference = self.reference_for(ckpt)
+        reference = self.reference_for(ckpt.anatomy.input.image_size)
         scores = generation_scores(ckpt, self.sampling, self.spaces, reference, name=name, vae=self.cfg.vae,
                                    device=self.device)
         if keep:
@@ -388,3 +389,13 @@ def score_models(scorer: Scorer, checkpoints, names) -> pd.DataFrame:
     for i, (ckpt, name) in enumerate(zip(checkpoints, names)):
         rows += scorer.score(ckpt, name, keep=i == 0, against=names[0] if i else None)
     return pd.DataFrame(rows, columns=GEN_COLUMNS)
+
+
+def logged_generation(log: Path, run: str) -> list[dict]:
+    """gen.csv's rows from a training run's log.jsonl: its {"event": "eval", ...} rows (`train --eval-every`),
+    named RUN@STEP."""
+    if not Path(log).is_file():
+        return []
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    return [{**{c: row.get(c) for c in GEN_COLUMNS}, "checkpoint": f"{run}@{row['step']}", "run": run}
+            for row in rows if row.get("event") == "eval"]

@@ -4,7 +4,8 @@ Each checkpoint of a report (a model of `compare`, a run × step of `trajectory`
 −FD in the first FD score of gen.csv (lower FD = better samples), and each representation measure at its peak
 over blocks (≥ 1) at the report's lowest t. Over those points, the rank correlation (Spearman ρ) between sample
 quality and each measure, with a 95% percentile interval from a bootstrap that resamples the points: whole seeds
-(every checkpoint of a seed together) where the report has three or more seeds, else single checkpoints. With
+(every checkpoint of a seed together) where the report has three or more seeds, else single checkpoints; a
+replicate that ranks nothing (one side flat) counts as ρ = 0. With
 fewer than MIN_POINTS checkpoints no correlation is computed. The interval covers which checkpoints were
 measured, not the images or samples each number rests on (those have intervals of their own).
 """
@@ -67,7 +68,8 @@ def seed_of(key: str) -> str | None:
 def rank_correlation(quality: np.ndarray, measure: np.ndarray, units: np.ndarray, seed: int = 0,
                      n_boot: int = CORR_BOOT) -> tuple[float, float, float]:
     """ρ(quality, measure) and its percentile interval, resampling whole units (seeds, or single checkpoints)
-    with replacement; replicates where one side is flat are dropped."""
+    with replacement; a replicate where one side is flat (it ranks nothing) counts as ρ = 0, which widens the
+    interval towards 0 rather than dropping the replicates that would."""
     rho = spearman(quality, measure)
     names = np.unique(units)
     rows = [np.flatnonzero(units == u) for u in names]
@@ -76,9 +78,7 @@ def rank_correlation(quality: np.ndarray, measure: np.ndarray, units: np.ndarray
     for _ in range(n_boot):
         pick = np.concatenate([rows[i] for i in rng.integers(0, len(names), len(names))])
         reps.append(spearman(quality[pick], measure[pick]))
-    reps = np.array([r for r in reps if r == r])
-    if not len(reps):
-        return rho, float("nan"), float("nan")
+    reps = np.nan_to_num(np.array(reps), nan=0.0)
     low, high = np.quantile(reps, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return rho, float(low), float(high)
 
