@@ -169,6 +169,8 @@ def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] |
         raise UserError(f"names {list(names)} repeat: pass names=[...] with one distinct name per model")
     if pipeline.cfg.seed_groups is not None:
         check_groups(pipeline.cfg.seed_groups, list(names))        # before any compute
+    if scorer is not None:
+        scorer.reference_for(loaded[0][0].anatomy.input.image_size)     # the real images' statistics (cached)
     results = run([c for c, _ in loaded], list(names), pipeline.cfg, pipeline)
     if scorer is not None:                             # sample quality, the same samples for every checkpoint
         gen_start = time.perf_counter()
