@@ -177,7 +177,8 @@ class AnalyzeConfig:
                                             "default: zeros, as reported")
     download: bool = knob(False, group=DATA,
                           help="fetch what is missing: official DiT/SiT/REPA checkpoints named by file name "
-                               "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt) and encoder weights, into "
+                               "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt), encoder weights and "
+                               "--gen's Inception weights, into "
                                "~/.cache/repa-probe (checksummed, resumable); without it nothing touches the network")
     probe_train: str | None = knob(None, kind="path", group=PROBE,
                                    help="labelled ImageFolder to fit probes on (with --probe-test); default: 4/5 of "

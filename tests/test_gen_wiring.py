@@ -76,7 +76,8 @@ def test_gen_settings_are_checked_before_any_compute(pair, cifar_dir, tmp_path, 
 
 def test_gen_knobs_do_not_enter_the_captures_cache_key():
     base = AnalyzeConfig(data="d", precision="fp32")
-    other = AnalyzeConfig(data="d", precision="fp32", gen=100, gen_spaces=("inception",), gen_steps=3, gen_sampler="ode")
+    other = AnalyzeConfig(data="d", precision="fp32", gen=100, gen_spaces=("inception",), gen_steps=3,
+                          gen_sampler="ode")
     assert base.capture() == other.capture()
 
 
@@ -140,7 +141,8 @@ def evals(run) -> list[dict]:
 def test_train_logs_fd_resumes_and_trajectory_reads_it(cifar_dir, tmp_path):
     data = cifar_dir / "test"
     result = run_cli("train", "--data", data, "--image-size", "16", "--model", "SiT-S/2", "--depth", "3", "--width",
-                     "64", "--heads", "4", "--qk-norm", "--projector-dim", "64", "--batch", "16", "--steps", "2", "--ckpt-every", "2",
+                     "64", "--heads", "4", "--qk-norm", "--projector-dim", "64", "--batch", "16", "--steps", "2",
+                     "--ckpt-every", "2",
                      "--workers", "0", "--ema-decay", "0.9", "--lr", "1e-3", "--repa-coeff", "0", "--encoder", TEACHER,
                      "--eval-every", "2", "--eval-gen", "16", "--analyze-gen-sampler", "ode", "--analyze-gen-steps",
                      "2", "--analyze-gen-reference-n", "40", "--quiet", "--out", tmp_path / "resumed", env=ONE_THREAD)

@@ -54,7 +54,7 @@ class Findings:
     sources: list[str] = field(default_factory=list)
     source: str = ""                           # auto, log or checkpoints
     # --gen (any report)
-    generation: pd.DataFrame | None = None     # gen.csv: a row per checkpoint × score, FDs with N and paired differences
+    generation: pd.DataFrame | None = None     # gen.csv: checkpoint × score, FDs with N, paired differences
     gen_points: pd.DataFrame | None = None     # generation.side_by_side: each checkpoint's FD and measures
     gen_correlation: pd.DataFrame | None = None    # generation.correlations: ρ(−FD, measure) with intervals
 

@@ -160,8 +160,9 @@ def generation_pages(f: Findings, table: pd.DataFrame) -> list:
     if f.gen_points is None or f.gen_points.empty:
         return []
     title = "Sample quality beside representation" + (f" ({f.title.split(': ', 1)[-1]})" if f.title else "")
-    return [("generation and representation", F.generation_side_by_side(
-        f.gen_points, f.kind == "trajectory", title, generation_sentences(f)[1:] + correlation_lines(f.gen_correlation)))]
+    lines = generation_sentences(f)[1:] + correlation_lines(f.gen_correlation)
+    return [("generation and representation", F.generation_side_by_side(f.gen_points, f.kind == "trajectory", title,
+                                                                         lines))]
 
 
 @register_figure
