@@ -37,11 +37,13 @@ from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
 from repa_probe.findings import Findings, trajectory_findings
 from repa_probe.findings.seeds import check_groups
+from repa_probe.generation import GEN_COLUMNS, Scorer, logged_generation, score_models
 from repa_probe.pipeline import AnalyzeConfig, Arg, Pipeline, Results, cli_arg, python_arg, run
 from repa_probe.report import compose
 from repa_probe.runtime import find_checkpoints, latest_in_run
 
 ANALYSIS_LOG = "analysis.jsonl"   # the trainer's analysis-while-training rows (train/trainer.py)
+TRAIN_LOG = "log.jsonl"           # the trainer's log, with its sample-quality rows ({"event": "eval", ...})
 MODULE_KEYS = ("blocks", "call", "convention", "image_size", "channels", "grid", "num_classes", "stream",
                "image_tokens", "aligned_block")
 
@@ -162,6 +164,7 @@ def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] |
         get_encoder_spec(parse_encoder_spec(spec)[0])
     paths = [resolve_checkpoint(str(m), cfg.download) if _is_path(m) else None for m in models]
     pipeline = Pipeline(cfg, arg=arg)
+    scorer = Scorer(pipeline.cfg, pipeline.device) if pipeline.cfg.gen else None      # and --gen's feature spaces
     loaded = [_load(m, p, pipeline.cfg, describe or {}, i) for i, (m, p) in enumerate(zip(models, paths))]
     if names is None:                                  # files as on the command line; modules by their name
         short = iter(unique_names([n for (_, n), p in zip(loaded, paths) if p is not None]))
@@ -170,7 +173,13 @@ def analyse(models: Sequence[Any], config: AnalyzeConfig, names: Sequence[str] |
         raise UserError(f"names {list(names)} repeat: pass names=[...] with one distinct name per model")
     if pipeline.cfg.seed_groups is not None:
         check_groups(pipeline.cfg.seed_groups, list(names))        # before any compute
+    if scorer is not None:
+        scorer.reference_for(loaded[0][0].anatomy.input.image_size)     # the real images' statistics (cached)
     results = run([c for c, _ in loaded], list(names), pipeline.cfg, pipeline)
+    if scorer is not None:                             # sample quality, the same samples for every checkpoint
+        gen_start = time.perf_counter()
+        results.generation = score_models(scorer, [c for c, _ in loaded], list(names))
+        results.timings["generation"] = time.perf_counter() - gen_start
     return Analysis(results, time.perf_counter() - start)
 
 
@@ -180,22 +189,71 @@ def trajectory(sources: Sequence[str], config: AnalyzeConfig, source: str = "aut
     Each source is a run folder or a glob of checkpoints (one line style per source). source="log" reads
     the run's analysis-while-training file (analysis.jsonl: step, block, t, metric, encoder, value),
     "checkpoints" analyses every checkpoint (feature store: only new ones cost compute), "auto" uses the
-    log where a run folder has one and the checkpoints otherwise."""
+    log where a run folder has one and the checkpoints otherwise. With config.gen every checkpoint's samples
+    are scored (each later run's step differenced, paired, against the first run's same step); without it, the
+    FDs a run's log.jsonl holds (`train --eval-every`) are read."""
     frames, curves, provenance, depth, pipeline = [], {}, {}, 1, None
+    gen = GenSteps(_run_name(sources[0]))
     for src in sources:
-        name, log = Path(src).name if Path(src).is_dir() else src, Path(src) / ANALYSIS_LOG
+        name, log = _run_name(src), Path(src) / ANALYSIS_LOG
+        if not config.gen:
+            gen.rows += logged_generation(Path(src) / TRAIN_LOG, name)
         if source != "checkpoints" and log.is_file():
             df = pd.read_json(log, lines=True)
             frames.append(df.assign(run=name, checkpoint=name, kind="model"))
             depth = max(depth, int(df["block"].max()))
             provenance[name] = {"path": str(log), "format": "analysis-while-training log"}
+            gen.score_run(src, name, config)
             continue
         files = _run_checkpoints(src, source, config)
         pipeline = pipeline or Pipeline(config)
+        gen.start(pipeline.cfg, pipeline.device)
         for file in files:
-            depth = max(depth, _analyse_step(file, name, pipeline, frames, curves, provenance))
+            depth = max(depth, _analyse_step(file, name, pipeline, frames, curves, provenance, gen))
     cfg = pipeline.cfg if pipeline else config
-    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source)
+    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source, gen.table())
+
+
+def _run_name(src: str) -> str:
+    return Path(src).name if Path(src).is_dir() else src
+
+
+@dataclasses.dataclass
+class GenSteps:
+    """A trajectory's gen.csv rows: with --gen each run's checkpoints scored, RUN@STEP, the first run's kept so
+    that every later run's step is differenced against the first run's same step (the same samples: paired);
+    without it, the FDs logged by `train --eval-every` (log.jsonl)."""
+    first: str
+    scorer: Scorer | None = None
+    rows: list = dataclasses.field(default_factory=list)
+
+    def start(self, cfg: AnalyzeConfig, device=None) -> None:
+        if cfg.gen and self.scorer is None:
+            self.scorer = Scorer(cfg, device)
+
+    def score(self, ckpt: LoadedCheckpoint, run: str, step: int) -> None:
+        if self.scorer is not None:
+            self.rows += self.scorer.score(ckpt, f"{run}@{step}", run=run, step=step, keep=run == self.first,
+                                           against=None if run == self.first else f"{self.first}@{step}")
+
+    def score_run(self, src: str, run: str, config: AnalyzeConfig) -> None:
+        """With --gen, the checkpoints of a run whose measures come from its log."""
+        if not config.gen:
+            return
+        cfg = config.resolved()
+        self.start(cfg, cfg.device)
+        for file in find_checkpoints(src):
+            ckpt = load_checkpoint(file, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads)
+            self.score(ckpt, run, _step_of(ckpt, file))
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=GEN_COLUMNS)
+
+
+def _step_of(ckpt: LoadedCheckpoint, file: str) -> int:
+    if ckpt.provenance.step is None:
+        raise UserError(f"'{file}' records no training step: trajectory needs checkpoints from a training run")
+    return ckpt.provenance.step
 
 
 def _run_checkpoints(src: str, source: str, config: AnalyzeConfig) -> list[str]:
@@ -211,14 +269,14 @@ def _run_checkpoints(src: str, source: str, config: AnalyzeConfig) -> list[str]:
     return files
 
 
-def _analyse_step(file: str, run_name: str, pipeline: Pipeline, frames: list, curves: dict, provenance: dict) -> int:
-    """Analyse one checkpoint of a run as RUN@STEP, adding its rows (with run and step), its curves and its
-    provenance; → its depth."""
+def _analyse_step(file: str, run_name: str, pipeline: Pipeline, frames: list, curves: dict, provenance: dict,
+                  gen: GenSteps) -> int:
+    """Analyse one checkpoint of a run as RUN@STEP, adding its rows (with run and step), its curves, its
+    provenance and, with --gen, its sample quality; → its depth."""
     cfg = pipeline.cfg
     ckpt = load_checkpoint(file, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads)
-    step = ckpt.provenance.step
-    if step is None:
-        raise UserError(f"'{file}' records no training step: trajectory needs checkpoints from a training run")
+    step = _step_of(ckpt, file)
+    gen.score(ckpt, run_name, step)
     for a in pipeline.analyse(ckpt, f"{run_name}@{step}"):
         if a.kind == "model":
             frames.append(pd.DataFrame([r for c in a.curves for r in c.rows()]).assign(run=run_name, step=step))

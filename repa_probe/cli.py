@@ -262,7 +262,7 @@ def _add_knob(p, dest: str, flag: str, k: Knob, kind: str, default, help: str | 
 def _value_type(k: Knob, kind: str) -> Callable | None:
     """What checks a flag's value while parsing: its kind, or its declared bounds."""
     if k.kind:
-        return {"path": path, "levels": noise_levels, "names": _names, "blocks": _blocks}[k.kind]
+        return {"path": path, "levels": noise_levels, "names": _names, "blocks": _blocks, "interval": _interval}[k.kind]
     if kind not in ("int", "float"):
         return None
     number = int if kind == "int" else float

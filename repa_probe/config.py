@@ -13,12 +13,14 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from repa_probe import metrics as M
 from repa_probe import stats
 from repa_probe.capture import DEFAULT_TS, CaptureConfig
 from repa_probe.data import DEFAULT_VAE, list_images
+from repa_probe.encoders import ENCODERS
 from repa_probe.errors import UserError
 from repa_probe.measures import needed_reductions
 from repa_probe.noise import CONVENTIONS
@@ -37,8 +39,8 @@ class Knob:
     required: bool = False          # the command line needs it (a field without a default needs it anyway)
     aliases: tuple[str, ...] = ()
     kind: str | None = None         # a value of parts: "path", "levels" (distinct noise levels), "names" (comma-
-                                    # separated), "blocks" (distinct, 1-based), "specs" (NAME[=WEIGHTS], repeatable and
-                                    # comma-separated), "append" (repeatable)
+                                    # separated), "blocks" (distinct, 1-based), "interval" (LOW,HIGH in [0, 1]),
+                                    # "specs" (NAME[=WEIGHTS], repeatable and comma-separated), "append" (repeatable)
     least: float | None = None      # the smallest value
     above: float | None = None      # a value must exceed it
     most: float | None = None       # the largest value (beyond it no run could finish)
@@ -146,6 +148,8 @@ def check_knobs(cfg: Any, arg: Arg) -> None:
 
 
 DATA, PROBE, METRICS, CAPTURE = "data and encoders", "linear probe", "metrics", "capture"
+GENERATION = "sample quality (--gen; docs/generation.md)"
+GEN_SPACES = lambda: (*ENCODERS, "inception")       # noqa: E731 (the registry's names, read when checked)
 
 
 @dataclass
@@ -172,7 +176,8 @@ class AnalyzeConfig:
                                             "default: zeros, as reported")
     download: bool = knob(False, group=DATA,
                           help="fetch what is missing: official DiT/SiT/REPA checkpoints named by file name "
-                               "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt) and encoder weights, into "
+                               "(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, repa-last.pt), encoder weights and "
+                               "--gen's Inception weights, into "
                                "~/.cache/repa-probe (checksummed, resumable); without it nothing touches the network")
     probe_train: str | None = knob(None, kind="path", group=PROBE,
                                    help="labelled ImageFolder to fit probes on (with --probe-test); default: 4/5 of "
@@ -239,6 +244,35 @@ class AnalyzeConfig:
     heads: int | None = knob(None, least=1, group=CAPTURE,
                              help="attention heads, for a custom-width checkpoint whose weights cannot tell (no "
                                   "qk-norm, none recorded)")
+    gen: int = knob(0, least=0, most=1_000_000, metavar="N", group=GENERATION,
+                    help="score N seeded samples per checkpoint (the same noise and labels for each): FD in every "
+                         "--gen-spaces space against --gen-reference, each beside its N, and paired differences "
+                         "with bootstrap intervals; gen.csv (default: 0 = off)")
+    gen_reference: str | None = knob(None, kind="path", metavar="DIR|NPZ", group=GENERATION,
+                                     help="real images: an ImageFolder (its features cached in --cache) or an ADM "
+                                          "reference batch .npz (default: --data)")
+    gen_reference_n: int | None = knob(None, least=2, group=GENERATION,
+                                       help="reference images of a folder: a class-balanced seeded subset "
+                                            "(default: all)")
+    gen_spaces: tuple[str, ...] | None = knob(None, kind="names", choices=GEN_SPACES, group=GENERATION,
+                                              help="feature spaces: registered encoder names (FD_<encoder>; "
+                                                   "weights as --encoder gives them, else found locally) and/or "
+                                                   "inception (FID, sFID, IS, precision/recall) (default: the "
+                                                   "--encoder(s))")
+    inception_weights: str | None = knob(None, kind="path", metavar="PATH", group=GENERATION,
+                                         help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for the inception "
+                                              "space (default: found in the weights folders, or fetched with "
+                                              "--download)")
+    gen_sampler: str = knob("sde", choices=("ode", "sde"), group=GENERATION,
+                            help="Euler ODE or Euler-Maruyama SDE (default: sde, as REPA's FID)")
+    gen_steps: int | None = knob(None, least=1, most=100_000, group=GENERATION,
+                                 help="sampler steps (default: 250 for sde, 50 for ode, as REPA)")
+    gen_cfg: float = knob(1.0, least=0, group=GENERATION, help="guidance scale; 1 = none (default: 1)")
+    gen_cfg_interval: tuple[float, float] = knob((0.0, 1.0), kind="interval", metavar="LOW,HIGH", group=GENERATION,
+                                                 help="guide only for t in [LOW, HIGH] (default: 0,1)")
+    gen_bootstrap: int = knob(200, least=0, most=100_000, group=GENERATION,
+                              help="replicates of a paired FD difference's bootstrap over sample indices, 0 = no "
+                                   "intervals (default: 200)")
     blocks: tuple[int, ...] | None = knob(None, kind="blocks", cache=True, cli=False,
                                           help="blocks to analyse (0..depth); None = all")
     seed_groups: dict[str, list[str]] | None = None   # {recipe: [name of seed 0, ...]}; None: by name (findings/seeds.py)
@@ -280,6 +314,8 @@ class AnalyzeConfig:
             raise UserError(f"{arg('n', cfg.n)}: choose between 1 and the {images['data']} images in {arg('data')}")
         if cfg.encoders and cfg.bootstrap:
             _check_subsamples(cfg, arg)
+        if cfg.gen:
+            check_generation(cfg, arg)
         return cfg
 
     def check_measurable(self, encoders: bool, arg: Arg | None = None) -> None:
@@ -309,6 +345,27 @@ def _check_image_folder(path: str, name: str) -> int:
         return len(list_images(path)[0])
     except UserError as e:
         raise UserError(f"{name}: {e}") from None
+
+
+def check_generation(cfg: AnalyzeConfig, arg: Arg) -> None:
+    """--gen's settings, before any compute: a feature space, real images to score against, a sampler that can
+    run, and a pair of guidance bounds."""
+    if not (cfg.gen_spaces or cfg.encoders):
+        raise UserError(f"{arg('gen', cfg.gen)} needs a feature space: pass {arg('gen_spaces', ['inception'])} or an "
+                        f"{arg('encoders', ['cifar-ssl-resnet'])}")
+    if cfg.gen < 2:
+        raise UserError(f"{arg('gen', cfg.gen)}: a Fréchet distance needs at least 2 samples")
+    reference = cfg.gen_reference or cfg.data
+    if not reference:
+        raise UserError(f"{arg('gen', cfg.gen)} needs real images: pass {arg('gen_reference')} (an ImageFolder or an "
+                        f"ADM .npz) or {arg('data')}")
+    if not (Path(reference).is_dir() or (str(reference).endswith(".npz") and Path(reference).is_file())):
+        raise UserError(f"{arg('gen_reference', str(reference))} is neither an image folder nor an ADM .npz file")
+    if cfg.gen_sampler == "sde" and cfg.gen_steps == 1:
+        raise UserError(f"{arg('gen_steps', 1)}: the sde sampler needs at least 2 steps")
+    low_high = tuple(cfg.gen_cfg_interval)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] <= 1:
+        raise UserError(f"{arg('gen_cfg_interval', low_high)}: LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
 
 
 def _check_subsamples(cfg: AnalyzeConfig, arg: Arg) -> None:

@@ -13,11 +13,13 @@ Scores are keyed by space: "FD_<encoder>", "FID" (Inception pool), "sFID" (Incep
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -278,3 +280,122 @@ def compare_fd(a: GenerationScores, b: GenerationScores, reference: Reference, s
 def _score_of(key: str) -> str:
     space, part = key.split("/")
     return INCEPTION_KEYS.get(part, "") if space == "inception" else f"FD_{space}"
+
+
+#################################################################################
+#              A report's sample quality: --gen N (analyze, compare, trajectory)  #
+#################################################################################
+
+GEN_GRID = 16          # an encoder space sees the images at 16×16 tokens (REPA's grid at 256 px)
+GEN_COLUMNS = ["checkpoint", "run", "step", "space", "score", "N", "value", "against", "difference", "ci_low",
+               "ci_high", "level", "n_boot", "sampler", "steps", "cfg", "cfg_interval", "seed", "reference"]
+
+
+def sampling_of(cfg) -> Sampling:
+    """An AnalyzeConfig's --gen settings as a Sampling (its seed is the analysis's --seed)."""
+    return Sampling(cfg.gen, seed=cfg.seed, sampler=cfg.gen_sampler, steps=cfg.gen_steps, cfg=cfg.gen_cfg,
+                    cfg_interval=tuple(cfg.gen_cfg_interval), batch_size=cfg.batch_size)
+
+
+def load_spaces(cfg, device: torch.device | str | None = None) -> list:
+    """--gen-spaces (default: the --encoder names) as feature spaces: an encoder with the weights its --encoder
+    spec names (else found locally), in fp32; `inception` from --inception-weights, a weights folder or
+    --download."""
+    from repa_probe.encoders import load_encoder
+    from repa_probe.inception import load_inception
+    specs = {spec.split("=")[0]: spec for spec in cfg.encoders}
+    spaces = []
+    for name in cfg.gen_spaces or list(specs):
+        if name == "inception":
+            spaces.append(InceptionSpace(load_inception(cfg.inception_weights, download=cfg.download,
+                                                        device=device)))
+        else:
+            spaces.append(EncoderSpace(load_encoder(specs.get(name, name), random_init=cfg.encoder_random_init,
+                                                    pretrained_download=cfg.download, device=device), GEN_GRID))
+    return spaces
+
+
+class Scorer:
+    """Every checkpoint of one report scored alike (docs/generation.md): one Sampling, the same feature spaces
+    and reference, and each checkpoint's FDs differenced, paired, against the checkpoint it is compared with.
+    `score` returns gen.csv's rows for one checkpoint; the features of checkpoints named `keep` stay for the
+    later checkpoints compared with them."""
+
+    def __init__(self, cfg, device: torch.device | str | None = None):
+        self.cfg, self.device = cfg, device
+        self.sampling, self.spaces = sampling_of(cfg), load_spaces(cfg, device)
+        self.reference: Reference | None = None
+        self.kept: dict[str, GenerationScores] = {}
+
+    def reference_for(self, image_size: int) -> Reference:
+        """The reference statistics, made once (a folder's images at the first checkpoint's image size)."""
+        if self.reference is None:
+            cfg = self.cfg
+            self.reference = load_reference(cfg.gen_reference or cfg.data, self.spaces,
+                                            image_size=image_size, n=cfg.gen_reference_n,
+                                            seed=cfg.seed, cache=cfg.cache, batch_size=cfg.batch_size,
+                                            quiet=cfg.quiet)
+        return self.reference
+
+    def score(self, ckpt: LoadedCheckpoint, name: str, *, run: str = "", step: int | None = None,
+              against: str | None = None, keep: bool = False) -> list[dict]:
+        """gen.csv's rows of one checkpoint: a row per score, FDs with their N, and where `against` names a kept
+        checkpoint the paired difference FD(this) − FD(against) with its interval."""
+        if self.device is not None:
+            ckpt.model.to(self.device)
+        reference = self.reference_for(ckpt.anatomy.input.image_size)
+        scores = generation_scores(ckpt, self.sampling, self.spaces, reference, name=name, vae=self.cfg.vae,
+                                   device=self.device)
+        if keep:
+            self.kept[name] = scores
+        rows = score_rows(scores, run=run, step=step)
+        if against is not None and against in self.kept:
+            for row in rows:
+                if row["score"] in FD_SCORES or row["score"].startswith("FD_"):
+                    row.update(self.difference(self.kept[against], scores, row["score"]))
+        return rows
+
+    def difference(self, a: GenerationScores, b: GenerationScores, score: str) -> dict:
+        """FD(b) − FD(a) with compare_fd's paired interval (none with --gen-bootstrap 0)."""
+        n_boot = self.cfg.gen_bootstrap
+        d = compare_fd(a, b, self.reference, score, n_boot=max(n_boot, 2), seed=self.cfg.seed)
+        low, high = (d["low"], d["high"]) if n_boot else (float("nan"), float("nan"))
+        return {"against": a.checkpoint, "difference": d["difference"], "ci_low": low, "ci_high": high,
+                "level": d["level"], "n_boot": n_boot}
+
+
+FD_SCORES = ("FID", "sFID")
+
+
+def score_rows(s: GenerationScores, *, run: str = "", step: int | None = None) -> list[dict]:
+    """One gen.csv row per score of a checkpoint: its value and N, how the samples were drawn, the reference."""
+    how = s.sampling.describe()
+    rows = []
+    for score, value in s.scores.items():
+        space = "inception" if score in (*FD_SCORES, "IS", "precision", "recall") else score.removeprefix("FD_")
+        rows.append({"checkpoint": s.checkpoint, "run": run, "step": step, "space": space, "score": score,
+                     "N": s.n, "value": float(value.value if isinstance(value, FD) else value), "against": "",
+                     "difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+                     "level": float("nan"), "n_boot": 0, "sampler": how["sampler"], "steps": how["steps"],
+                     "cfg": how["cfg"], "cfg_interval": ",".join(f"{x:g}" for x in how["cfg_interval"]),
+                     "seed": how["seed"], "reference": s.reference})
+    return rows
+
+
+def score_models(scorer: Scorer, checkpoints, names) -> pd.DataFrame:
+    """analyze's and compare's gen.csv: every checkpoint scored alike, each later one's FDs differenced (paired)
+    against the first's."""
+    rows = []
+    for i, (ckpt, name) in enumerate(zip(checkpoints, names)):
+        rows += scorer.score(ckpt, name, keep=i == 0, against=names[0] if i else None)
+    return pd.DataFrame(rows, columns=GEN_COLUMNS)
+
+
+def logged_generation(log: Path, run: str) -> list[dict]:
+    """gen.csv's rows from a training run's log.jsonl: its {"event": "eval", ...} rows (`train --eval-every`),
+    named RUN@STEP."""
+    if not Path(log).is_file():
+        return []
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    return [{**{c: row.get(c) for c in GEN_COLUMNS}, "checkpoint": f"{run}@{row['step']}", "run": run}
+            for row in rows if row.get("event") == "eval"]

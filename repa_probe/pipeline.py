@@ -81,6 +81,7 @@ class Results:
     timings: dict[str, float]
     images: dict[str, int] = field(default_factory=dict)   # images each set really held (after skipping)
     computed_chunks: int = 0                                # cache chunks this analysis computed itself
+    generation: pd.DataFrame | None = None                  # --gen: gen.csv's rows (generation.score_models)
 
     @property
     def models(self) -> list[Analysed]:

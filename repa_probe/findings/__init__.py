@@ -5,6 +5,7 @@
   baselines.py  the best block against each baseline of its architecture, held out and paired
   seeds.py      claims about a training recipe: statistics over its seeds
   trends.py     each run's change from the first training step to the last, per block group
+  generation.py sample quality (gen.csv) beside the representation measures: their rank correlation
   (here)        Findings, which gathers them with the block × block similarity at t = 0 and the samples
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 
 from repa_probe import metrics as M
 from repa_probe.findings.baselines import baseline_gaps
+from repa_probe.findings.generation import correlations, side_by_side
 from repa_probe.findings.seeds import Groups, mean_curves, seed_table
 from repa_probe.findings.summary import compare_summary, paired_deltas, peak_summary
 from repa_probe.findings.trends import block_groups, steps_table, trajectory_summary
@@ -51,6 +53,10 @@ class Findings:
     provenance: dict[str, dict] = field(default_factory=dict)    # {source or run@step: where its values came from}
     sources: list[str] = field(default_factory=list)
     source: str = ""                           # auto, log or checkpoints
+    # --gen (any report)
+    generation: pd.DataFrame | None = None     # gen.csv: checkpoint × score, FDs with N, paired differences
+    gen_points: pd.DataFrame | None = None     # generation.side_by_side: each checkpoint's FD and measures
+    gen_correlation: pd.DataFrame | None = None    # generation.correlations: ρ(−FD, measure) with intervals
 
     @property
     def models(self) -> list[Analysed]:
@@ -62,6 +68,8 @@ class Findings:
             if self.compare is not None else {}
         if self.baseline_gaps is not None:
             tables["baseline_gaps"] = self.baseline_gaps
+        if self.generation is not None:
+            tables.update(gen=self.generation, gen_correlation=self.gen_correlation)
         return {**tables, **({"seeds": self.seeds} if self.seed_groups else {})}
 
 
@@ -92,10 +100,20 @@ def analysis_findings(results: Results, table: pd.DataFrame | None = None, *, pa
                      deltas={m.name: paired_deltas(results, ref, m.name) for m in models[1:]},
                      baseline_gaps=baseline_gaps(results), seed_groups=groups, seeds=seeds,
                      seed_means={pair: mean_curves(table, groups, *pair) for pair in panels(table)} if groups else {})
+    if results.generation is not None:
+        with_generation(found, results.generation)
     if pages:
         found.similarity, found.cross_similarity = block_similarity(models)
         found.samples = samples(results)
     return found
+
+
+def with_generation(f: Findings, gen: pd.DataFrame) -> Findings:
+    """Add gen.csv's rows and what they say beside the representation measures (findings/generation.py)."""
+    f.generation = gen
+    f.gen_points = side_by_side(gen, f.table, f.kind == "trajectory")
+    f.gen_correlation = correlations(f.gen_points, f.config.seed)
+    return f
 
 
 def block_similarity(models: list[Analysed]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -121,10 +139,13 @@ def samples(results: Results) -> dict[str, np.ndarray]:
 
 
 def trajectory_findings(frames: list[pd.DataFrame], curves: dict, provenance: dict[str, dict], depth: int,
-                        config: AnalyzeConfig, sources: list[str], source: str) -> Findings:
+                        config: AnalyzeConfig, sources: list[str], source: str,
+                        generation: pd.DataFrame | None = None) -> Findings:
     """A trajectory's numbers: the rows of every run × step (`frames`, each with run and step columns), the
-    curves of the steps analysed here ({(run, step): [Curves]}, for paired changes) and the deepest depth."""
+    curves of the steps analysed here ({(run, step): [Curves]}, for paired changes), the deepest depth, and
+    gen.csv's rows where the steps' samples were scored."""
     traj, groups = steps_table(frames), block_groups(depth)
     trend = trajectory_summary(traj.fillna({"encoder": ""}), groups, curves, config.seed)
-    return Findings("trajectory", "repa-probe trajectory: " + ", ".join(dict.fromkeys(traj["run"])), traj, config,
-                    groups=groups, trend=trend, provenance=provenance, sources=sources, source=source)
+    found = Findings("trajectory", "repa-probe trajectory: " + ", ".join(dict.fromkeys(traj["run"])), traj, config,
+                     groups=groups, trend=trend, provenance=provenance, sources=sources, source=source)
+    return with_generation(found, generation) if generation is not None and len(generation) else found

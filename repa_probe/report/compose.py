@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 
 from repa_probe.findings import Findings, analysis_findings, panels
+from repa_probe.findings.generation import headline_correlation
 from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
 from repa_probe.registry import Registry
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
-from repa_probe.report.verdict import (detail_lines, gap_lines, interval, level, number, overview_sentences, paren,
-                                       sample, seed_lines, trend_lines, trend_table, what)
+from repa_probe.report.verdict import (correlation_lines, correlation_sentence, detail_lines, fd_sentence, gap_lines,
+                                       interval, level, number, overview_sentences, paren, sample, seed_lines,
+                                       trend_lines, trend_table, what)
 
 FigureBuilder = Callable[[Findings, pd.DataFrame], list]
 FIGURES: Registry[FigureBuilder] = Registry("figure")
@@ -82,6 +84,8 @@ def trend_pages(f: Findings, table: pd.DataFrame) -> list:
         return []
     sections = [("Sources", [(k, v.get("path", "")) for k, v in f.provenance.items()][:12]),
                 ("Trend (first → last step, mean over the block group)", trend_lines(f.trend)[:14])]
+    if f.generation is not None:
+        sections.insert(0, ("Sample quality and representation", generation_sentences(f)))
     pages = F.summary_pages(f.title, sections, trend_table(f.trend), "Per run, metric, t and block group")
     return [(f"summary {i + 1}", p) for i, p in enumerate(pages)]
 
@@ -147,6 +151,18 @@ def sample_pages(f: Findings, table: pd.DataFrame) -> list:
     return [(f"samples {name}", F.image_grid(grid, f"{name}: {cfg.samples} samples (Euler ODE, 50 steps, random "
                                                    f"classes, no guidance, seed {cfg.seed})"))
             for name, grid in f.samples.items()]
+
+
+@register_figure
+def generation_pages(f: Findings, table: pd.DataFrame) -> list:
+    """With --gen: sample quality (FD, beside its N) and each representation measure at its peak block, per
+    checkpoint or over training steps, side by side, and their rank correlation with its interval."""
+    if f.gen_points is None or f.gen_points.empty:
+        return []
+    title = "Sample quality beside representation" + (f" ({f.title.split(': ', 1)[-1]})" if f.title else "")
+    lines = generation_sentences(f)[1:] + correlation_lines(f.gen_correlation)
+    return [("generation and representation", F.generation_side_by_side(f.gen_points, f.kind == "trajectory", title,
+                                                                         lines))]
 
 
 @register_figure
@@ -264,7 +280,26 @@ def sentences(f: Findings) -> tuple[list[str], list[str]]:
     """(page 1's sentences, page 2's details) of an analysis or comparison."""
     t0, gaps, table = min(f.config.ts), f.baseline_gaps, f.table
     overview = overview_sentences(f.peaks, f.compare, table, _page1_panels(table), t0, gaps, f.seeds)
-    return overview, detail_lines(f.peaks, f.compare, table, t0) + gap_lines(gaps, t0) + seed_lines(f.seeds, t0)
+    gen = generation_sentences(f)
+    return overview + gen[:1], detail_lines(f.peaks, f.compare, table, t0) + gap_lines(gaps, t0) + \
+        seed_lines(f.seeds, t0) + gen[1:]
+
+
+def generation_sentences(f: Findings) -> list[str]:
+    """With --gen, page 1's one sentence (the rank correlation's, else the FDs beside their N), then the FDs."""
+    if f.generation is None:
+        return []
+    lines = [correlation_sentence(headline_correlation(f.gen_correlation)), fd_sentence(f.generation)]
+    return [line for line in lines if line]
+
+
+def generation_summary(f: Findings) -> dict:
+    """summary.json's "generation": page 1's sentence, gen.csv's rows, the rank correlations."""
+    if f.generation is None:
+        return {}
+    lines = generation_sentences(f)
+    return {"generation": {"sentence": lines[0] if lines else "", "rows": f.generation.to_dict(orient="records"),
+                           "correlation": f.gen_correlation.to_dict(orient="records")}}
 
 
 def summarise(report: Results | Findings, timings: dict[str, float] | None = None,
@@ -277,7 +312,7 @@ def summarise(report: Results | Findings, timings: dict[str, float] | None = Non
     if f.trend is not None:
         return {"title": f.title, "sources": f.sources, "source": f.source, "groups": f.groups,
                 "trend": f.trend.to_dict(orient="records"), "provenance": f.provenance, "config": asdict(f.config),
-                "timings_s": timings_s}, f.tables()
+                "timings_s": timings_s} | generation_summary(f), f.tables()
     results, cfg, table, tables = f.results, f.config, f.table, f.tables()
     overview, details = sentences(f)
     summary = {"title": f.title, "config": asdict(cfg), "notes": cfg.notes, "overview": overview, "details": details,
@@ -291,7 +326,8 @@ def summarise(report: Results | Findings, timings: dict[str, float] | None = Non
                "seeds": {"groups": {r: {str(k): n for k, n in s.items()} for r, s in f.seed_groups.items()},
                          "rows": f.seeds.to_dict(orient="records")},
                "timings_s": timings_s}
-    return summary | ({"compare": f.compare.to_dict(orient="records")} if f.compare is not None else {}), tables
+    return summary | ({"compare": f.compare.to_dict(orient="records")} if f.compare is not None else {}) | \
+        generation_summary(f), tables
 
 
 def write(report: Results | Findings, out: str | Path, timings: dict[str, float] | None = None) -> Path:

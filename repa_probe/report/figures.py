@@ -367,3 +367,36 @@ def image_grid(images: np.ndarray, title: str) -> plt.Figure:
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def generation_side_by_side(points: pd.DataFrame, trajectory: bool, title: str, lines: list[str]) -> plt.Figure:
+    """Sample quality (FD, lower is better) and up to three representation measures (each at its peak block)
+    side by side: over training steps, one line per run (trajectory), or one point per checkpoint (compare);
+    the rank correlations below them."""
+    fig = _page(title)
+    measures = list(dict.fromkeys(zip(points["metric"], points["encoder"])))[:3]
+    fd = points.drop_duplicates("key")
+    panels = [("fd", "", fd)] + [(m, e, points[(points["metric"] == m) & (points["encoder"] == e)])
+                                 for m, e in measures]
+    width = 0.92 / len(panels)
+    for i, (metric, encoder, rows) in enumerate(panels):
+        ax = fig.add_axes([0.06 + i * width, 0.36, width - 0.06, 0.52])
+        column = "fd" if metric == "fd" else "measure"
+        scale = 1 if metric == "fd" else display_scale(metric)
+        if trajectory:
+            for run, r in rows.groupby("run", sort=False):
+                r = r.sort_values("step")
+                ax.plot(r["step"], r[column] * scale, marker="o", ms=3, label=run)
+            ax.set_xlabel("training step")
+        else:
+            ax.plot(range(len(rows)), rows[column].to_numpy() * scale, marker="o", ls="-", color="0.3")
+            ax.set_xticks(range(len(rows)), rows["checkpoint"], rotation=30, ha="right", fontsize=7)
+        label = f"{fd['score'].iloc[0]} (N = {int(fd['N'].iloc[0]):,}; lower = better)" if metric == "fd" else \
+            f"{metric_label(metric)}{' vs ' + encoder if encoder else ''} (peak block)"
+        ax.set_title(label, fontsize=8.5)
+        ax.grid(alpha=0.3)
+    if trajectory and fd["run"].nunique() > 1:
+        fig.axes[1].legend(fontsize=7)
+    for j, line in enumerate((lines or ["fewer than 4 checkpoints: no rank correlation"])[:8]):
+        fig.text(0.05, 0.25 - 0.025 * j, textwrap.shorten(line, 190), fontsize=7.5, family="monospace", va="top")
+    return fig

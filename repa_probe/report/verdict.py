@@ -408,3 +408,44 @@ def trend_table(trend: pd.DataFrame) -> pd.DataFrame:
         "change [paired 95%]": "-" if r.change_ci_low != r.change_ci_low else
         fmt_interval(r.change, r.change_ci_low, r.change_ci_high, display_scale(r.metric)),
         "trend": trend_word(r).split(" (")[0]} for r in trend.itertuples()])
+
+
+#################################################################################
+#              Sample quality beside representation (--gen; issue 27)           #
+#################################################################################
+
+def fd_sentence(gen: pd.DataFrame) -> str | None:
+    """Each checkpoint's first FD beside its N, and each paired difference with its interval."""
+    score = next((s for s in dict.fromkeys(gen["score"]) if s.startswith("FD_") or s in ("FID", "sFID")), None)
+    if score is None:
+        return None
+    rows = gen[gen["score"] == score]
+    values = ", ".join(f"{r.checkpoint} {r.value:.4g}" for r in rows.head(6).itertuples())
+    more = f" (and {len(rows) - 6} more, gen.csv)" if len(rows) > 6 else ""
+    diffs = [f"{r.checkpoint} − {r.against} {r.difference:+.3g}" + ("" if r.ci_low != r.ci_low else
+                                                                    f" [{r.ci_low:+.3g}, {r.ci_high:+.3g}]")
+             for r in rows[rows["against"].fillna("") != ""].head(3).itertuples()]
+    paired = f"; {', '.join(diffs)} (paired 95%, bootstrap over sample indices)" if diffs else ""
+    return f"Sample quality ({score}, N = {int(rows['N'].iloc[0]):,} samples each): {values}{more}{paired}."
+
+
+def correlation_sentence(r: pd.Series | None) -> str | None:
+    """Page 1's one sentence on "better generation, better representation": claimed (or refuted) only when ρ's
+    interval excludes 0; otherwise it says the run does not settle it."""
+    if r is None:
+        return None
+    rho = f"Spearman ρ = {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] over {r.points} checkpoints (95% " \
+          f"bootstrap over {r.over}; {what(r.metric, r.encoder)} at its peak block, t = {r.t:g}; −{r.score}, " \
+          f"N = {int(r.N):,})"
+    if r.ci_low > 0:
+        return f"Better generation, better representation holds in this run: {rho}."
+    if r.ci_high < 0:
+        return f"Better generation, better representation does not hold in this run, the order is reversed: {rho}."
+    return f"This run does not settle whether better generation goes with better representation: {rho}."
+
+
+def correlation_lines(corr: pd.DataFrame) -> list[str]:
+    """Every measure's rank correlation with sample quality, one line each."""
+    return [f"−{r.score} (N = {int(r.N):,}) vs {what(r.metric, r.encoder)} at its peak block, t = {r.t:g}: "
+            f"ρ = {r.rho:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] over {r.points} checkpoints ({r.over})"
+            for r in corr.itertuples()]

@@ -63,8 +63,8 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
-from repa_probe.config import (MAX_WORKERS, AnalyzeConfig, check_knobs, flag_of, knob, prefixed,
-                               resume_fields, spell)
+from repa_probe.config import (MAX_WORKERS, AnalyzeConfig, check_generation, check_knobs, flag_of, knob,
+                               prefixed, resume_fields, spell)
 from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
 from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_distributed,
@@ -156,12 +156,23 @@ class TrainConfig:
     progress: bool = knob(True, flag="--quiet", group=OUTPUT, help="no progress bar")
     # analysis while training (on the EMA model): the analysis pipeline's own knobs, spelled --analyze-*
     analyze_every: int = knob(0, least=0, group=ANALYSIS, help="probe + CKNNA every M steps (default: never)")
+    eval_every: int = knob(0, least=0, group=ANALYSIS,
+                           help="sample quality of the EMA model every M steps: FD of --eval-gen seeded samples in "
+                                "each --analyze-gen-spaces space (default: the --encoder(s)), rows {event: eval} "
+                                "in log.jsonl (default: never)")
+    eval_gen: int = knob(0, least=0, most=1_000_000, metavar="N", group=ANALYSIS,
+                         help="samples per --eval-every evaluation (the same noise and labels at every step)")
     analysis: AnalyzeConfig = knob(
-        factory=_analysis, nest=("data", "n", "blocks", "ts", "k", "alignment_metrics", "spatial", "tokens"),
+        factory=_analysis, nest=("data", "n", "blocks", "ts", "k", "alignment_metrics", "spatial", "tokens",
+                                 "gen_reference", "gen_reference_n", "gen_spaces", "gen_sampler", "gen_steps"),
         prefix="analyze",
         group=ANALYSIS, helps={"data": "held-out ImageFolder (default: --data)", "n": "held-out images (default: 1000)",
                                "blocks": "1-based blocks (default: REPA depth, middle, last)",
-                               "ts": "noise levels (default: 0,0.5)", "k": "CKNNA neighbours (default: 10)"})
+                               "ts": "noise levels (default: 0,0.5)", "k": "CKNNA neighbours (default: 10)",
+                               "gen_reference": "--eval-gen's real images: an ImageFolder or an ADM .npz (default: "
+                                                "--analyze-data, else --data)",
+                               "gen_spaces": "--eval-gen's feature spaces: encoder names and/or inception "
+                                             "(default: the run's --encoder(s))"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -362,6 +373,20 @@ def analysis_config(cfg: TrainConfig) -> AnalyzeConfig:
     return dataclasses.replace(cfg.analysis, data=cfg.analysis.data or cfg.data, seed=cfg.seed)
 
 
+def eval_config(cfg: TrainConfig) -> AnalyzeConfig:
+    """--eval-every's config: the in-training analysis's, scoring --eval-gen samples in the run's encoders'
+    spaces (or --analyze-gen-spaces), without intervals (one checkpoint at a time)."""
+    return dataclasses.replace(analysis_config(cfg), gen=cfg.eval_gen, encoders=list(cfg.encoders),
+                               encoder_random_init=cfg.encoder_random_init, gen_bootstrap=0, quiet=True,
+                               device=cfg.device)
+
+
+def eval_arg(name: str, value=...) -> str:
+    """--eval-every's settings as train spells them: '--eval-gen 1', '--encoder ...', '--analyze-gen-steps 1'."""
+    return train_arg({"gen": "eval_gen"}.get(name, name), value) if name in ("gen", "encoders") else \
+        analysis_arg(name, value)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Bad settings → one UserError line naming the flag, before anything heavy is loaded."""
     if not cfg.data:
@@ -385,6 +410,11 @@ def check_config(cfg: TrainConfig) -> None:
     check_knobs(cfg.analysis, analysis_arg)
     if cfg.analyze_every:
         analysis_config(cfg).resolved(analysis_arg)             # its images, n and k, metrics, noise levels
+    if cfg.eval_every or cfg.eval_gen:
+        if not (cfg.eval_every and cfg.eval_gen):
+            raise UserError(f"{train_arg('eval_every')} and {train_arg('eval_gen')} go together: evaluate every M "
+                            f"steps on N samples (--eval-every M --eval-gen N)")
+        check_generation(eval_config(cfg), eval_arg)            # a feature space, real images, a sampler
     latest = latest_checkpoint(cfg.out)
     if cfg.resume is None and latest is not None and checkpoint_step(latest) > cfg.steps:
         raise UserError(f"--out '{cfg.out}' already holds step {checkpoint_step(latest):,}, beyond --steps "
@@ -470,6 +500,38 @@ class TrainingAnalysis:
                  "value": r["value"], "weights": "ema", "n": n} for c in model.curves for r in c.rows()]
         _append_jsonl(self.path, rows)
         return rows
+
+
+class TrainingEval:
+    """Sample quality of the EMA model every `eval_every` steps: FD of `eval_gen` seeded samples (sample i has the
+    same noise and label at every step) in each feature space, by generation.Scorer, as `repa-probe analyze
+    CKPT --gen N` scores a checkpoint. Every rank draws its share (the statistics are summed over ranks); rank 0
+    appends the rows {"event": "eval", step, space, score, N, value, ...} to log.jsonl."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo):
+        from repa_probe.generation import Scorer
+        self.scorer, self.main = Scorer(eval_config(cfg), dist_info.device), dist_info.main
+        self.meta, self.path = {"mode": cfg.mode, "vae": cfg.vae}, Path(cfg.out) / "log.jsonl"
+        size = cfg.image_size
+        for first in (True, False):                # rank 0 makes the reference (cached), then the others read it
+            if self.main == first:
+                self.scorer.reference_for(size)
+            if dist_info.world_size > 1:
+                dist.barrier()
+
+    @torch.no_grad()
+    def __call__(self, ema: SiT, step: int) -> list[dict]:
+        from repa_probe.families.sit import as_checkpoint
+        device = self.scorer.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            rows = self.scorer.score(as_checkpoint(ema, "repa", self.meta), f"step {step}", step=step)
+        rows = [{"event": "eval", "step": step, "weights": "ema", **{k: r[k] for k in EVAL_KEYS}} for r in rows]
+        if self.main:
+            _append_jsonl(self.path, rows)
+        return rows
+
+
+EVAL_KEYS = ("space", "score", "N", "value", "sampler", "steps", "cfg", "cfg_interval", "seed", "reference")
 
 
 #################################################################################
@@ -595,7 +657,7 @@ def _train(cfg: TrainConfig) -> Path:
     shape = (run.model_cfg.in_channels, run.model_cfg.input_size, run.model_cfg.input_size)
     grid = run.model_cfg.input_size // run.model_cfg.patch_size
     amp = autocast(run.precision, device)
-    analysis = _start(run)
+    analysis, evaluation = _start(run)
 
     last = latest_checkpoint(out) if start_step else None
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
@@ -635,6 +697,8 @@ def _train(cfg: TrainConfig) -> Path:
             last = run.save(step, sampler)
         if analysis is not None and step % cfg.analyze_every == 0:
             analysis(ema, step)
+        if evaluation is not None and step % cfg.eval_every == 0:
+            evaluation(ema, step)
     progress.close()
 
     return _finish(run, last)
@@ -648,17 +712,20 @@ def _network(run: Run) -> nn.Module:
     return torch.compile(ddp) if run.cfg.compile else ddp
 
 
-def _start(run: Run) -> TrainingAnalysis | None:
-    """Rank 0 logs the (re)start and, with --analyze-every, makes the in-training analysis and, at step 0, runs
-    it once on the initial EMA model; → the analysis (None on other ranks or without one)."""
-    if not run.dist.main:
-        return None
+def _start(run: Run) -> tuple[TrainingAnalysis | None, TrainingEval | None]:
+    """Rank 0 logs the (re)start and, with --analyze-every, makes the in-training analysis; every rank, with
+    --eval-every, the sample-quality evaluation. At step 0 each runs once on the initial EMA model; → (the
+    analysis, None on other ranks or without one; the evaluation, None without one)."""
+    evaluation = TrainingEval(run.cfg, run.model_cfg, run.dist) if run.cfg.eval_every else None
     analysis = TrainingAnalysis(run.cfg, run.model_cfg, run.encoders, run.vae, run.dist.device) \
-        if run.cfg.analyze_every else None
-    _log_start(run)
-    if analysis is not None and run.start_step == 0:
-        analysis(run.ema, 0)
-    return analysis
+        if run.cfg.analyze_every and run.dist.main else None
+    if run.dist.main:
+        _log_start(run)
+    if run.start_step == 0:
+        for job in (analysis, evaluation):
+            if job is not None:
+                job(run.ema, 0)
+    return analysis, evaluation
 
 
 def _log_start(run: Run) -> None:

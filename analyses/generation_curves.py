@@ -1,0 +1,78 @@
+"""Generation beside representation over training (issue 27, item 5): every saved checkpoint of the CIFAR-10 deep
+pair (runs/cifar_deep/{vanilla,repa}, seed 1 in runs/cifar_deep/seed1/) scored with FD in the teacher's space
+(cifar-ssl-resnet) at one N for all, against cifar10/test, beside probe and CKNNA with the teacher, in one
+trajectory report with the page "generation and representation" (FD vs step, alignment/probe vs step, their rank
+correlation over checkpoints).
+
+    python analyses/generation_curves.py                         # N = 1000, REPA's SDE (250 steps)
+    python analyses/generation_curves.py --gen 2000 --out reports/generation_curves
+
+The runs are named RECIPE-sSEED (vanilla-s0, repa-s0, vanilla-s1, repa-s1) through links in OUT/.runs, and
+vanilla-s0 comes first: every other run's FD at a step is differenced, paired (the same sample indices: the same
+noise and labels), against vanilla-s0's at that step (gen.csv: difference, ci_low, ci_high). Nothing is trained
+here; a missing run is skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from repa_probe.commands import trajectory
+from repa_probe.config import AnalyzeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.path.relpath(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")))
+TEACHER = "cifar-ssl-resnet"
+RUNS = {"vanilla-s0": "vanilla", "repa-s0": "repa", "vanilla-s1": "seed1/vanilla", "repa-s1": "seed1/repa"}
+
+
+def linked_runs(root: Path, links: Path) -> list[str]:
+    """The runs under `root` that exist, as links named RECIPE-sSEED in `links` (vanilla-s0 first)."""
+    links.mkdir(parents=True, exist_ok=True)
+    found = []
+    for name, folder in RUNS.items():
+        run = root / folder
+        if not (run / "checkpoints").is_dir():
+            print(f"skipped {name}: no {run / 'checkpoints'}")
+            continue
+        link = links / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(run.resolve(), target_is_directory=True)
+        found.append(str(link))
+    return found
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=REPO / "runs" / "cifar_deep", help="the preset's runs")
+    p.add_argument("--data", type=Path, default=DATA / "test", help="held-out images: alignment, probe, FD reference")
+    p.add_argument("--gen", type=int, default=1000, help="samples per checkpoint, the same N for all (default 1000)")
+    p.add_argument("--gen-sampler", choices=("ode", "sde"), default="sde")
+    p.add_argument("--gen-steps", type=int, default=None, help="default: 250 (sde), 50 (ode), as REPA")
+    p.add_argument("--gen-reference-n", type=int, default=None, help="reference images (default: all of --data)")
+    p.add_argument("--gen-bootstrap", type=int, default=200)
+    p.add_argument("--n", type=int, default=1000, help="images for probe and CKNNA (default 1000)")
+    p.add_argument("--t", type=float, nargs="+", default=[0.0], help="noise levels of the measures (default 0)")
+    p.add_argument("--bootstrap", type=int, default=20)
+    p.add_argument("--cache", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=REPO / "reports" / "generation_curves")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parser().parse_args(argv)
+    sources = linked_runs(a.root, a.out.parent / f".{a.out.name}-runs")
+    if not sources:
+        raise SystemExit(f"no runs under {a.root} (expected {', '.join(RUNS.values())})")
+    config = AnalyzeConfig(data=str(a.data), n=a.n, encoders=[TEACHER], ts=tuple(a.t), bootstrap=a.bootstrap, null=0,
+                           baselines=False, gen=a.gen, gen_spaces=(TEACHER,), gen_reference=str(a.data),
+                           gen_reference_n=a.gen_reference_n, gen_sampler=a.gen_sampler, gen_steps=a.gen_steps,
+                           gen_bootstrap=a.gen_bootstrap, cache=a.cache, device=a.device, quiet=True)
+    return trajectory(sources, config, str(a.out), source="checkpoints")
+
+
+if __name__ == "__main__":
+    print(f"report: {main() / 'report.pdf'}")
