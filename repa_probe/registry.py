@@ -38,8 +38,13 @@ class Registry(dict, Generic[T]):
         self.pop(name)
 
     def __setitem__(self, name: str, item: T) -> None:
-        raise TypeError(f"add a {self.kind} with register(), which refuses duplicates")
+        """registry[name] = item replaces on purpose (as register(..., overwrite=True), keeping the priority);
+        register() is the way to add a plug-in, refusing a name that is taken."""
+        self.register(name, item, priority=self.priority.get(name, 0), overwrite=True)
 
-    def describe(self) -> list[tuple[str, int]]:
-        """(name, priority) in the order items are offered."""
-        return [(name, self.priority[name]) for name in self]
+    def copy(self) -> "Registry[T]":
+        """A registry of the same kind, items and priorities (a test registers into it and throws it away)."""
+        new = Registry(self.kind)
+        for name, item in self.items():
+            new.register(name, item, priority=self.priority[name])
+        return new

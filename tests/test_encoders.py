@@ -400,7 +400,7 @@ class _PatchMean(nn.Module):
 
 
 def test_registered_custom_encoder_builds_loads_and_encodes(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "ENCODERS", dict(E.ENCODERS))
+    monkeypatch.setattr(E, "ENCODERS", E.ENCODERS.copy())
     spec = E.EncoderSpec(E.Family("cifar-ssl", weights_hint="our CIFAR-10 teacher run"), builder=_PatchMean,
                          patch_size=4, embed_dim=8, weight_files=("cifar_ssl_tiny.pth",))
     E.register_encoder("cifar-ssl-tiny", spec)

@@ -169,3 +169,23 @@ def test_a_registered_figure_appears_in_a_trajectory_report(tmp_path, cifar_dir)
     assert len(PdfReader(out / "report.pdf").pages) == 3
     steps = pd.read_csv(out / "results.csv").groupby("step").size()
     assert list(drawn) == ["trajectory"] and drawn["trajectory"].to_dict() == steps.to_dict() == {10: 6, 20: 6}   # 3 blocks × 2 t
+
+
+def test_a_registry_refuses_a_taken_name_and_orders_by_priority():
+    """register() refuses a name that is taken unless overwrite=True; items come by priority, then in registration
+    order; item assignment replaces on purpose and keeps the priority; copy() keeps kind, items and priorities."""
+    from repa_probe.registry import Registry
+    r = Registry("widget")
+    r.register("a", 1)
+    r.register("b", 2, priority=5)
+    r.register("c", 3)
+    assert list(r) == ["b", "a", "c"]
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        r.register("a", 9)
+    r["b"] = 20
+    assert list(r.items()) == [("b", 20), ("a", 1), ("c", 3)]
+    copy = r.copy()
+    copy.register("d", 4, priority=9)
+    assert list(copy) == ["d", "b", "a", "c"] and list(r) == ["b", "a", "c"]
+    del r["b"]
+    assert "b" not in r.priority and list(r) == ["a", "c"]
