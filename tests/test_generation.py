@@ -304,7 +304,7 @@ torch.set_num_threads(1)
 from repa_probe import generation as G
 from repa_probe.encoders import load_encoder
 from repa_probe.families import load_checkpoint
-from repa_probe.runtime import init_distributed, rank
+from repa_probe.runtime import init_distributed, rank, shutdown_distributed
 init_distributed()
 ckpt = load_checkpoint(sys.argv[1])
 stats, feats = G.sample_features(ckpt, [G.EncoderSpace(load_encoder("cifar-ssl-resnet"), 16)],
@@ -312,6 +312,7 @@ stats, feats = G.sample_features(ckpt, [G.EncoderSpace(load_encoder("cifar-ssl-r
 s = stats["cifar-ssl-resnet/pool"]
 if rank() == 0:
     np.savez(sys.argv[2], n=s.n, sum=s.sum, sum_outer=s.sum_outer, features=feats["cifar-ssl-resnet/pool"])
+shutdown_distributed()   # as the CLI does: a rank leaving a live gloo group may abort
 """
 
 
