@@ -191,11 +191,14 @@ def trajectory(sources: Sequence[str], config: AnalyzeConfig, source: str = "aut
     "checkpoints" analyses every checkpoint (feature store: only new ones cost compute), "auto" uses the
     log where a run folder has one and the checkpoints otherwise. With config.gen every checkpoint's samples
     are scored (each later run's step differenced, paired, against the first run's same step); without it, the
-    FDs a run's log.jsonl holds (`train --eval-every`) are read."""
-    frames, curves, provenance, depth, pipeline = [], {}, {}, 1, None
+    FDs a run's log.jsonl holds (`train --eval-every`) are read. With a vanilla and a REPA run folder, their
+    log.jsonl's losses say from which step the alignment term stops paying (findings/monitor.py)."""
+    frames, curves, provenance, depth, pipeline, logs = [], {}, {}, 1, None, {}
     gen = GenSteps(_run_name(sources[0]))
     for src in sources:
         name, log = _run_name(src), Path(src) / ANALYSIS_LOG
+        if (Path(src) / TRAIN_LOG).is_file():
+            logs[name] = Path(src) / TRAIN_LOG
         if not config.gen:
             gen.rows += logged_generation(Path(src) / TRAIN_LOG, name)
         if source != "checkpoints" and log.is_file():
@@ -211,7 +214,7 @@ def trajectory(sources: Sequence[str], config: AnalyzeConfig, source: str = "aut
         for file in files:
             depth = max(depth, _analyse_step(file, name, pipeline, frames, curves, provenance, gen))
     cfg = pipeline.cfg if pipeline else config
-    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source, gen.table())
+    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source, gen.table(), logs)
 
 
 def _run_name(src: str) -> str:

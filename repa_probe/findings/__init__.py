@@ -6,6 +6,7 @@
   seeds.py      claims about a training recipe: statistics over its seeds
   trends.py     each run's change from the first training step to the last, per block group
   generation.py sample quality (gen.csv) beside the representation measures: their rank correlation
+  monitor.py    over training: the step from which REPA's benefit over vanilla stops improving (--align-until)
   (here)        Findings, which gathers them with the block × block similarity at t = 0 and the samples
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from repa_probe import metrics as M
 from repa_probe.findings.baselines import baseline_gaps
 from repa_probe.findings.generation import correlations, side_by_side
+from repa_probe.findings.monitor import monitor_runs
 from repa_probe.findings.seeds import Groups, mean_curves, seed_table
 from repa_probe.findings.summary import compare_summary, paired_deltas, peak_summary
 from repa_probe.findings.trends import block_groups, steps_table, trajectory_summary
@@ -53,6 +55,7 @@ class Findings:
     provenance: dict[str, dict] = field(default_factory=dict)    # {source or run@step: where its values came from}
     sources: list[str] = field(default_factory=list)
     source: str = ""                           # auto, log or checkpoints
+    monitor: list[dict] = field(default_factory=list)   # monitor.monitor_runs: each REPA run against vanilla
     # --gen (any report)
     generation: pd.DataFrame | None = None     # gen.csv: checkpoint × score, FDs with N, paired differences
     gen_points: pd.DataFrame | None = None     # generation.side_by_side: each checkpoint's FD and measures
@@ -140,12 +143,14 @@ def samples(results: Results) -> dict[str, np.ndarray]:
 
 def trajectory_findings(frames: list[pd.DataFrame], curves: dict, provenance: dict[str, dict], depth: int,
                         config: AnalyzeConfig, sources: list[str], source: str,
-                        generation: pd.DataFrame | None = None) -> Findings:
+                        generation: pd.DataFrame | None = None, logs: dict | None = None) -> Findings:
     """A trajectory's numbers: the rows of every run × step (`frames`, each with run and step columns), the
-    curves of the steps analysed here ({(run, step): [Curves]}, for paired changes), the deepest depth, and
-    gen.csv's rows where the steps' samples were scored."""
+    curves of the steps analysed here ({(run, step): [Curves]}, for paired changes), the deepest depth,
+    gen.csv's rows where the steps' samples were scored, and the monitor over the runs' training logs
+    ({run: log.jsonl}): from which step each REPA run's alignment term stops paying against vanilla."""
     traj, groups = steps_table(frames), block_groups(depth)
     trend = trajectory_summary(traj.fillna({"encoder": ""}), groups, curves, config.seed)
     found = Findings("trajectory", "repa-probe trajectory: " + ", ".join(dict.fromkeys(traj["run"])), traj, config,
-                     groups=groups, trend=trend, provenance=provenance, sources=sources, source=source)
+                     groups=groups, trend=trend, provenance=provenance, sources=sources, source=source,
+                     monitor=monitor_runs(logs or {}))
     return with_generation(found, generation) if generation is not None and len(generation) else found

@@ -86,6 +86,9 @@ def trend_pages(f: Findings, table: pd.DataFrame) -> list:
                 ("Trend (first → last step, mean over the block group)", trend_lines(f.trend)[:14])]
     if f.generation is not None:
         sections.insert(0, ("Sample quality and representation", generation_sentences(f)))
+    if f.monitor:
+        sections.insert(0, ("When alignment stops paying (REPA against vanilla, same batches)",
+                            [m["sentence"] for m in f.monitor]))
     pages = F.summary_pages(f.title, sections, trend_table(f.trend), "Per run, metric, t and block group")
     return [(f"summary {i + 1}", p) for i, p in enumerate(pages)]
 
@@ -311,7 +314,8 @@ def summarise(report: Results | Findings, timings: dict[str, float] | None = Non
     timings_s = {k: round(v, 2) for k, v in timings.items()}
     if f.trend is not None:
         return {"title": f.title, "sources": f.sources, "source": f.source, "groups": f.groups,
-                "trend": f.trend.to_dict(orient="records"), "provenance": f.provenance, "config": asdict(f.config),
+                "trend": f.trend.to_dict(orient="records"), "monitor": f.monitor, "provenance": f.provenance,
+                "config": asdict(f.config),
                 "timings_s": timings_s} | generation_summary(f), f.tables()
     results, cfg, table, tables = f.results, f.config, f.table, f.tables()
     overview, details = sentences(f)
