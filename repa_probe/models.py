@@ -290,17 +290,23 @@ class SiT(nn.Module):
         return [projector(h) if isinstance(projector, ConvProjector) else
                 projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False):
-        """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False,
+                return_hidden: bool = False):
+        """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels.
+        return_hidden=True returns (out, zs, hidden): hidden[b − 1] is block b's output (N, T, D), for the
+        trainer's regularisation terms (zs is [] unless return_zs)."""
         h, c = self.embed(x, t, y)
-        zs = []
+        zs, hidden = [], []
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                           # (N, T, D)
+            hidden.append(h)
             if return_zs and i + 1 == self.config.encoder_depth:
                 zs = self.project(h)
         out = self.unpatchify(self.final_layer(h, c))                 # (N, out_channels, H, W)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]                   # drop the variance half
+        if return_hidden:
+            return out, zs, hidden
         return (out, zs) if return_zs else out
 
 
