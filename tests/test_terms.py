@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from repa_probe.checkpoints import read_checkpoint
+from repa_probe.families import load_checkpoint
 from repa_probe.data import ImageDataset
 from repa_probe.models import ModelConfig
 from repa_probe.train.terms import TERMS
 from repa_probe.train.terms.dispersive import dispersive_loss
-from repa_probe.train.trainer import init_model, replay_batch, train
+from repa_probe.train.trainer import export_repa, init_model, replay_batch, stream_seed, train
 from test_train import log_rows, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,16 +65,18 @@ def test_dispersive_is_zero_for_a_collapsed_batch_negative_otherwise_and_has_fin
 
 @pytest.fixture(scope="module")
 def arms(cifar_dir, tmp_path_factory):
-    """Four 10-step runs of one seed: vanilla, vanilla + dispersive, REPA, REPA switched off after step 5."""
+    """10-step runs of one seed: vanilla, + dispersive, + SRA (blocks 1 → 3), REPA, REPA switched off after
+    step 5."""
     root, data = tmp_path_factory.mktemp("arms"), cifar_dir / "test"
     settings = {"vanilla": (0.0, {}), "dispersive": (0.0, dict(dispersive=0.25)),
+                "sra": (0.0, dict(self_align=0.5, self_align_blocks=(1, 3))),
                 "repa": (0.5, {}), "until5": (0.5, dict(align_until=5))}
     return {name: train(tiny_config(data, root / name, coeff, steps=10, ckpt_every=5, **extra)).parents[1]
             for name, (coeff, extra) in settings.items()} | {"data": data}
 
 
 def test_every_arm_starts_from_the_same_sit_and_sees_the_same_batches(arms):
-    names = ("vanilla", "dispersive", "repa", "until5")
+    names = ("vanilla", "dispersive", "sra", "repa", "until5")
     assert len({log_rows(arms[n], "start")[0]["sit_init_sha256"] for n in names}) == 1
     assert len({tuple(r["inputs_sha256"] for r in log_rows(arms[n])) for n in names}) == 1
 
@@ -102,6 +105,51 @@ def test_step_1s_logged_dispersive_loss_equals_the_hand_computation_on_the_first
     # the term changes training: the weights part from vanilla's after the same 10 batches
     a, b = (read_checkpoint(arms[n] / "checkpoints" / f"{10:07d}.pt")["model"] for n in ("vanilla", "dispersive"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_1s_logged_self_alignment_equals_the_hand_computation_on_the_first_batch(arms):
+    """SRA: the head on block 1 of the model at t against block 3 of the EMA (at step 1 the initial weights) at
+    t' = clamp(t − 0.2·r, 0, 1), r from the run's stream "self_align"; 1 − cosine over the tokens of each channel."""
+    obj = read_checkpoint(arms["sra"] / "checkpoints" / f"{10:07d}.pt")
+    config = ModelConfig.from_dict(obj["config"])
+    assert config.sra_head and any(k.startswith("ap_head.linear1") for k in obj["model"])
+    cfg = tiny_config(arms["data"], arms["sra"], 0.0, self_align=0.5, self_align_blocks=(1, 3))
+    _, x, y, t, noise = replay_batch(cfg, ImageDataset(arms["data"], 16), step=1)
+    r = torch.rand(16, generator=torch.Generator().manual_seed(stream_seed(0, "self_align", 0)))
+    t_teacher = (t - 0.2 * r).clamp(0, 1)
+    model = init_model(config, seed=0)
+    with torch.no_grad():
+        def blocks(x_t, t_):
+            h, c = model.embed(x_t, t_, y)
+            out = []
+            for block in model.blocks:
+                h = block(h, c)
+                out.append(h)
+            return out
+        student = model.ap_head(blocks((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise, t)[0])
+        teacher = blocks((1 - t_teacher.view(-1, 1, 1, 1)) * x + t_teacher.view(-1, 1, 1, 1) * noise, t_teacher)[2]
+        cos = (student * teacher).sum(1) / (student.norm(dim=1) * teacher.norm(dim=1))     # (N, D): over tokens
+        expected = (1 - cos).mean()
+    first = log_rows(arms["sra"])[0]
+    assert first["loss_self_align"] == pytest.approx(expected.item(), abs=1e-6)
+    assert first["loss"] == pytest.approx(first["loss_denoise"] + 0.5 * expected.item(), abs=1e-5)
+    # the head trains and the SiT's weights part from vanilla's
+    init = init_model(config, seed=0).state_dict()
+    assert not torch.equal(obj["model"]["ap_head.linear1.weight"], init["ap_head.linear1.weight"])
+
+
+def test_checkpoints_of_every_term_load_into_the_analysis_also_in_repas_layout(arms, tmp_path):
+    """Our checkpoint and its REPA-layout export load with every weight, SRA's head included, and give the
+    same outputs."""
+    for name in ("dispersive", "sra"):
+        ours = arms[name] / "checkpoints" / f"{10:07d}.pt"
+        exported = export_repa(ours, tmp_path / f"{name}.pt")
+        a, b = load_checkpoint(ours), load_checkpoint(exported)
+        assert b.provenance.format == "repa-train"
+        assert a.model.state_dict().keys() == b.model.state_dict().keys() == read_checkpoint(ours)["ema"].keys()
+        x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.7]), torch.tensor([1, 2])
+        with torch.no_grad():
+            assert torch.equal(a.model(x, t, y), b.model(x, t, y))
 
 
 def test_align_until_trains_repa_to_its_step_then_denoising_alone_with_the_projectors_frozen(arms):
@@ -135,7 +183,7 @@ def test_a_run_resumed_after_its_switch_off_continues_bit_for_bit(arms, cifar_di
         assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
 
 
-def test_the_terms_registry_lists_dispersive_and_refuses_a_second_of_its_name():
-    assert "dispersive" in TERMS
+def test_the_terms_registry_lists_its_terms_and_refuses_a_second_of_a_name():
+    assert {"dispersive", "self_align"} <= set(TERMS)
     with pytest.raises(ValueError, match="already registered"):
         TERMS.register("dispersive", TERMS["dispersive"])

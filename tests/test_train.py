@@ -221,7 +221,10 @@ def test_resume_after_sigkill_is_bitwise_identical(cifar_dir, tmp_path):
 def test_torchrun_two_processes_match_one_process(cifar_dir, tmp_path):
     data = cifar_dir / "test"
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = repa_flags() + ["--ckpt-every", "4", "--align-until", "2"]   # DDP goes on without the projectors
+    # REPA switched off after step 2 (DDP goes on without the projectors) and SRA composed with it (a head used
+    # outside DDP's forward, an EMA teacher; per-sample terms, so 1 and 2 processes agree)
+    flags = repa_flags() + ["--ckpt-every", "4", "--align-until", "2", "--self-align", "0.5",
+                            "--self-align-blocks", "1,3"]
     env = {**os.environ, **ONE_THREAD}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "repa_probe", "train", *tiny_flags(data, two, **{"--steps": 4}), *flags],
@@ -325,6 +328,8 @@ def test_train_bad_input_is_one_line_exit_2(case, cifar_dir, tmp_path):
     ({"--repa-coeff": 0, "--align-until": 5}, "--align-until 5 switches off an alignment term"),
     ({"--repa-coeff": 0, "--dispersive": 0.25, "--dispersive-block": 4}, "--dispersive-block 4 is not a block"),
     ({"--repa-coeff": 0, "--dispersive-variant": "hinge"}, "--dispersive-variant"),
+    ({"--repa-coeff": 0, "--self-align": 0.5, "--self-align-blocks": "1,4"}, "--self-align-blocks 1,4"),
+    ({"--repa-coeff": 0, "--self-align": 0.5, "--self-align-blocks": "2"}, "give two blocks"),
 ])
 def test_train_rejects_bad_settings_before_loading_anything(flags, needle, cifar_dir, tmp_path, capsys):
     from repa_probe.cli import main

@@ -93,7 +93,7 @@ def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
     parts = {"denoise": denoising_loss(out, velocity_target(x, noise)).mean(),
              "repa": repa_loss(zs, targets).mean() if targets else torch.zeros((), device=x.device)}
     loss = parts["denoise"] + repa_coeff * parts["repa"]
-    forward = Forward(hidden, t)
+    forward = Forward(hidden, x, noise, t, y)
     for name, (weight, term) in terms.items():
         parts[name] = term(forward)
         loss = loss + weight * parts[name]

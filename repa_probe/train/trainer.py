@@ -69,13 +69,13 @@ from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
 from repa_probe.config import (MAX_WORKERS, AnalyzeConfig, check_generation, check_knobs, flag_of, knob,
                                prefixed, resume_fields, spell)
 from repa_probe.errors import UserError
-from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
+from repa_probe.models import SiT, ModelConfig, SRAHead, build_projector, model_config, size_name
 from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_distributed,
                                 latest_checkpoint, local_rank, no_space_is_one_line, rank, remove_stale_tmp,
                                 resolve_device, resolve_precision, state_dict_sha256, torch_save_atomic, world_size,
                                 write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
-from repa_probe.train.terms import Term, active_terms
+from repa_probe.train.terms import Context, Term, active_terms
 from repa_probe.train.terms.dispersive import VARIANTS as DISPERSIVE_VARIANTS
 
 
@@ -145,6 +145,15 @@ class TrainConfig:
     dispersive_variant: str = knob("infonce-l2", choices=DISPERSIVE_VARIANTS, resume=True, group=TERMS_GROUP,
                                    help="infonce-l2 (the authors' code, default) or infonce-cos (the paper's "
                                         "cosine InfoNCE)")
+    self_align: float = knob(0.0, least=0, resume=True, metavar="COEFF", group=TERMS_GROUP,
+                             help="λ of SRA's self-alignment: a head on block STUDENT of the model aligned to block "
+                                  "TEACHER of its EMA at a lower noise level; the authors use 0.5 (default 0: off)")
+    self_align_blocks: tuple[int, ...] | None = knob(None, kind="blocks", resume=True, metavar="STUDENT,TEACHER",
+                                                     group=TERMS_GROUP,
+                                                     help="SRA's blocks (default: 2/7 and 5/7 of the depth, 8,20 "
+                                                          "for 28 blocks as the authors' SiT-XL/2)")
+    self_align_offset: float = knob(0.2, least=0, most=1, resume=True, metavar="DT", group=TERMS_GROUP,
+                                    help="SRA's largest noise offset: the teacher sees t − DT·U(0, 1) (default 0.2)")
     # optimisation and objective
     batch: int = knob(256, least=1, most=1 << 20, resume=True, group=OPTIM,
                       help="global batch size, split across ranks (default: 256)")
@@ -247,6 +256,13 @@ def draw_step_randomness(generator: torch.Generator, seed: int, step: int, n: in
     return t, noise, drop
 
 
+def draw_uniform(generator: torch.Generator, seed: int, step: int, n: int, part: slice, stream: str) -> torch.Tensor:
+    """U(0, 1) draws of this process's samples `part` of 0-based step `step`'s global batch of n, from the named
+    stream: what a training term asks for by name (Context.uniform), the same whichever process draws it."""
+    generator.manual_seed(stream_seed(seed, stream, step))
+    return torch.rand(n, generator=generator, device=generator.device)[part]
+
+
 def replay_batch(cfg: TrainConfig, dataset, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor, torch.Tensor]:
     """Step `step` (1-based) of a single-process pixel-mode run rebuilt from its dataset and seed: (uint8
@@ -306,31 +322,35 @@ class ResumableShardSampler(Sampler[int]):
 
 
 def init_model(config: ModelConfig, seed: int) -> SiT:
-    """A SiT whose own weights depend on `seed` alone, with REPA projectors drawn from a separate stream.
+    """A SiT whose own weights depend on `seed` alone, with REPA projectors and SRA's head drawn from separate
+    streams.
 
     The vanilla SiT (no projectors) is built from torch.manual_seed(seed); the projectors (Xavier-uniform
-    weights, zero biases, as REPA's initialize_weights) then come from stream (seed, "projectors"). So
-    the same seed gives the same SiT with or without REPA, whatever the encoders. The global RNG is left
-    as it was.
+    weights, zero biases, as REPA's initialize_weights) then come from stream (seed, "projectors"), SRA's head
+    from (seed, "sra_head"). So the same seed gives the same SiT with or without REPA or SRA, whatever the
+    encoders. The global RNG is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SiT(dataclasses.replace(config, z_dims=[]))
-        g = torch.Generator().manual_seed(stream_seed(seed, "projectors"))
+        model = SiT(dataclasses.replace(config, z_dims=[], sra_head=False))
         projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z, config.projector,
                                                     config.projector_kernel) for z in config.z_dims])
-    for module in projectors.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(module.weight, generator=g)
-            nn.init.zeros_(module.bias)
-    model.projectors = projectors              # same slot as SiT(config) would fill: identical key order
+        head = SRAHead(config.hidden_size) if config.sra_head else None
+    for stream, heads in (("projectors", projectors), ("sra_head", head)):   # each head from its own stream
+        g = torch.Generator().manual_seed(stream_seed(seed, stream))
+        for module in heads.modules() if heads is not None else ():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight, generator=g)
+                nn.init.zeros_(module.bias)
+    model.projectors = projectors              # same slots as SiT(config) would fill: identical key order
+    model.ap_head = head
     model.config = config
     return model
 
 
 def sit_sha256(model: SiT) -> str:
-    """Hash of the SiT's own weights (projectors excluded): equal for a vanilla/REPA pair at init."""
-    return state_dict_sha256(model.state_dict(), skip=lambda name: name.startswith("projectors."))
+    """Hash of the SiT's own weights (REPA's projectors and SRA's head excluded): equal for every arm at init."""
+    return state_dict_sha256(model.state_dict(), skip=lambda name: name.startswith(("projectors.", "ap_head.")))
 
 
 @torch.no_grad()
@@ -374,7 +394,8 @@ def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) ->
     latent = cfg.mode == "latents"
     overrides = dict(input_size=cfg.image_size // 8 if latent else cfg.image_size, in_channels=4 if latent else 3,
                      num_classes=num_classes, qk_norm=cfg.qk_norm, z_dims=z_dims,
-                     projector_dim=cfg.projector_dim, projector=cfg.projector, projector_kernel=cfg.projector_kernel)
+                     projector_dim=cfg.projector_dim, projector=cfg.projector, projector_kernel=cfg.projector_kernel,
+                     sra_head=cfg.self_align > 0)
     for key, value in (("depth", cfg.depth), ("hidden_size", cfg.width), ("num_heads", cfg.heads),
                        ("encoder_depth", cfg.repa_depth)):
         if value is not None:
@@ -726,8 +747,9 @@ def _train(cfg: TrainConfig) -> Path:
         if cfg.spatial_norm == "zscore":
             targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
         weights = [term.weight(cfg, step) for term in terms]
+        context = Context(model, ema, functools.partial(draw_uniform, gen, cfg.seed, b, cfg.batch, part))
         losses = train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
-                            targets, cfg, dict(zip(terms, weights)))
+                            targets, cfg, dict(zip(terms, weights)), context)
         sums += losses
         n_sum += 1
         counts = [c + on for c, on in zip(counts, [not past_alignment(cfg, step), *(w > 0 for w in weights)])]
@@ -880,15 +902,18 @@ def encoder_targets(encoders: list, images_uint8: torch.Tensor, grid: int, autoc
 
 def train_step(net: nn.Module, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                autocast, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-               targets: list[torch.Tensor], cfg: TrainConfig, terms: dict[Term, float] | None = None) -> torch.Tensor:
+               targets: list[torch.Tensor], cfg: TrainConfig, terms: dict[Term, float] | None = None,
+               context: Context | None = None) -> torch.Tensor:
     """One update: loss under autocast, backward (scaled for fp16), clip, AdamW, EMA.
 
     `net` is what runs the forward (the model, or its DDP / compiled wrapper); `y` holds the dropped labels;
-    `terms` the run's further terms with their weights at this step (a weight 0 leaves the term out).
+    `terms` the run's further terms with their weights at this step (a weight 0 leaves the term out), `context`
+    what they may need beyond the forward (the EMA teacher, this step's draws).
     Returns [L, L_denoise, grad norm before clipping, L_repa, L_term...] as one detached tensor (no host sync).
     """
     terms = terms or {}
-    used = {term.name: (weight, functools.partial(term, cfg=cfg)) for term, weight in terms.items() if weight > 0}
+    used = {term.name: (weight, functools.partial(term, cfg=cfg, context=context))
+            for term, weight in terms.items() if weight > 0}
     with autocast:
         loss, parts = training_loss(net, x, y, t, noise, targets, cfg.repa_coeff, used)
     scaler.scale(loss).backward()

@@ -2,18 +2,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
+import torch.nn as nn
 
 from repa_probe.registry import Registry
 
 
 @dataclass
 class Forward:
-    """One training forward, as the terms see it (all tensors carry gradients)."""
+    """One training forward, as the terms see it (hidden carries gradients)."""
     hidden: list[torch.Tensor]      # hidden[b − 1]: block b's output tokens (N, T, D)
+    x: torch.Tensor                 # (N, C, H, W) clean input
+    noise: torch.Tensor             # (N, C, H, W) ε of x_t = (1 − t)·x + t·ε
     t: torch.Tensor                 # (N,) canonical t (0 = data, 1 = noise)
+    y: torch.Tensor                 # (N,) labels as fed (dropped ones are the null class)
+
+
+@dataclass
+class Context:
+    """What the trainer adds for a step: the model being trained (unwrapped: its heads), its EMA (a teacher), and
+    uniform draws U(0, 1) of this process's samples from a named stream of (seed, name, step), the same for a
+    sample whichever process draws it."""
+    model: nn.Module
+    ema: nn.Module
+    uniform: Callable[[str], torch.Tensor]
 
 
 class Term(Protocol):
@@ -29,7 +43,7 @@ class Term(Protocol):
     def check(self, cfg: Any, depth: int) -> None:
         """Bad knobs → one UserError line naming the flag (`depth`: the model's number of blocks)."""
 
-    def __call__(self, forward: Forward, cfg: Any) -> torch.Tensor:
+    def __call__(self, forward: Forward, cfg: Any, context: Context) -> torch.Tensor:
         """The term's value on this batch: a scalar."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from repa_probe.errors import UserError
-from repa_probe.train.terms.base import TERMS, Forward
+from repa_probe.train.terms.base import TERMS, Context, Forward
 
 VARIANTS = ("infonce-l2", "infonce-cos")
 
@@ -57,7 +57,7 @@ class Dispersive:
             raise UserError(f"--dispersive-block {cfg.dispersive_block} is not a block of this {depth}-block "
                             f"model: pass 1..{depth} (default: the last)")
 
-    def __call__(self, forward: Forward, cfg: Any) -> torch.Tensor:
+    def __call__(self, forward: Forward, cfg: Any, context: Context) -> torch.Tensor:
         block = cfg.dispersive_block or len(forward.hidden)
         return dispersive_loss(forward.hidden[block - 1], cfg.dispersive_tau, cfg.dispersive_variant)
 
