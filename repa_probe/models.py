@@ -42,6 +42,7 @@ class ModelConfig:
     encoder_depth: int = 0        # REPA: projectors read the output of this block (1-based); 0 = none
     projector: str = "mlp"        # "mlp" (REPA) or "conv" (iREPA: one k×k convolution over the token grid)
     projector_kernel: int = 3
+    sra_head: bool = False        # SRA: a head on the student block's tokens (the authors' `ap_head`)
 
     @property
     def num_patches(self) -> int:
@@ -211,6 +212,20 @@ class ConvProjector(nn.Module):
         return self.conv(grid).flatten(2).transpose(1, 2)           # (N, T, z_dim)
 
 
+class SRAHead(nn.Module):
+    """SRA's head on the student block's tokens (N, T, D) → (N, T, D): Linear(D, 2D), SiLU, Linear(2D, D), named
+    as the authors' SimpleHead so that their weights load (train/terms/self_align.py)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_size, 2 * hidden_size)
+        self.linear2 = nn.Linear(2 * hidden_size, hidden_size)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.act(self.linear1(x)))
+
+
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int, kind: str = "mlp",
                     kernel: int = 3) -> nn.Module:
     """REPA's projector h_φ: Linear D→2048, SiLU, Linear 2048→2048, SiLU, Linear 2048→z_dim (tokens one by
@@ -247,6 +262,7 @@ class SiT(nn.Module):
             [build_projector(D, config.projector_dim, z, config.projector, config.projector_kernel)
              for z in config.z_dims])
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.ap_head = SRAHead(D) if config.sra_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -290,17 +306,23 @@ class SiT(nn.Module):
         return [projector(h) if isinstance(projector, ConvProjector) else
                 projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False):
-        """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False,
+                return_hidden: bool = False):
+        """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels.
+        return_hidden=True returns (out, zs, hidden): hidden[b − 1] is block b's output (N, T, D), for the
+        trainer's regularisation terms (zs is [] unless return_zs)."""
         h, c = self.embed(x, t, y)
-        zs = []
+        zs, hidden = [], []
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                           # (N, T, D)
+            hidden.append(h)
             if return_zs and i + 1 == self.config.encoder_depth:
                 zs = self.project(h)
         out = self.unpatchify(self.final_layer(h, c))                 # (N, out_channels, H, W)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]                   # drop the variance half
+        if return_hidden:
+            return out, zs, hidden
         return (out, zs) if return_zs else out
 
 

@@ -152,7 +152,8 @@ def test_first_logged_loss_equals_hand_computation_on_the_first_batch(runs, name
         mse = ((out - (noise - x)) ** 2).mean()
         cos = (z * tokens).sum(-1) / (z.norm(dim=-1) * tokens.norm(dim=-1))
         expected = mse - 0.5 * cos.mean()
-        loss, denoise, align = training_loss(model, x, y, t, noise, [tokens], 0.5)
+        loss, parts = training_loss(model, x, y, t, noise, [tokens], 0.5)
+        align = parts["repa"]
     assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(align, -cos.mean(), atol=1e-6)
     first = log_rows(runs[name])[0]
     assert first["step"] == 1
@@ -180,7 +181,7 @@ def test_repa_loss_is_minus_cosine_averaged_over_tokens_samples_and_encoders():
     targets = [torch.randn(4, 16, 8, generator=g), torch.randn(4, 16, 16, generator=g) + 0.5]
     _, zs = model((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise, t, y, return_zs=True)
     cosines = [F.cosine_similarity(z.double(), tgt.double(), dim=-1).mean() for z, tgt in zip(zs, targets)]
-    _, _, align = training_loss(model, x, y, t, noise, targets, 1.0)
+    align = training_loss(model, x, y, t, noise, targets, 1.0)[1]["repa"]
     assert align.item() == pytest.approx(-(cosines[0] + cosines[1]).item() / 2, abs=1e-5)
 
 
@@ -220,7 +221,10 @@ def test_resume_after_sigkill_is_bitwise_identical(cifar_dir, tmp_path):
 def test_torchrun_two_processes_match_one_process(cifar_dir, tmp_path):
     data = cifar_dir / "test"
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = repa_flags() + ["--ckpt-every", "4"]
+    # REPA switched off after step 2 (DDP goes on without the projectors) and SRA composed with it (a head used
+    # outside DDP's forward, an EMA teacher; per-sample terms, so 1 and 2 processes agree)
+    flags = repa_flags() + ["--ckpt-every", "4", "--align-until", "2", "--self-align", "0.5",
+                            "--self-align-blocks", "1,3"]
     env = {**os.environ, **ONE_THREAD}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "repa_probe", "train", *tiny_flags(data, two, **{"--steps": 4}), *flags],
@@ -321,6 +325,11 @@ def test_train_bad_input_is_one_line_exit_2(case, cifar_dir, tmp_path):
     ({"--repa-coeff": 0, "--model": "DiT-S/2"}, "SiT"),
     ({"--repa-coeff": 0, "--batch": 0}, "--batch"),
     ({"--repa-coeff": 0, "--projector": "conv", "--projector-kernel": 2}, "--projector-kernel 2 must be odd"),
+    ({"--repa-coeff": 0, "--align-until": 5}, "--align-until 5 switches off an alignment term"),
+    ({"--repa-coeff": 0, "--dispersive": 0.25, "--dispersive-block": 4}, "--dispersive-block 4 is not a block"),
+    ({"--repa-coeff": 0, "--dispersive-variant": "hinge"}, "--dispersive-variant"),
+    ({"--repa-coeff": 0, "--self-align": 0.5, "--self-align-blocks": "1,4"}, "--self-align-blocks 1,4"),
+    ({"--repa-coeff": 0, "--self-align": 0.5, "--self-align-blocks": "2"}, "give two blocks"),
 ])
 def test_train_rejects_bad_settings_before_loading_anything(flags, needle, cifar_dir, tmp_path, capsys):
     from repa_probe.cli import main
@@ -364,9 +373,9 @@ def test_compiled_model_gives_the_eager_training_loss_and_gradients(cifar_dir):
     results = []
     for net in (model, torch.compile(model)):
         model.zero_grad()
-        loss, denoise, align = training_loss(net, x, y, t, noise, targets, repa_coeff=0.5)
+        loss, parts = training_loss(net, x, y, t, noise, targets, repa_coeff=0.5)
         loss.backward()
-        results.append((torch.stack([loss, denoise, align]).detach(),
+        results.append((torch.stack([loss, parts["denoise"], parts["repa"]]).detach(),
                         torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (eager, eager_grad), (compiled, compiled_grad) = results
     assert eager[2] != 0                                         # the REPA term is really in the loss

@@ -240,7 +240,7 @@ def config_from_state_dict(sd: dict, path: str | Path = "<state dict>", hints: d
                        num_classes=(table.shape[0] - 1) if table is not None else 1000,
                        learn_sigma=out_rows == 2 * patch * patch * in_ch, qk_norm=qk_norm,
                        z_dims=z_dims, projector_dim=proj_dim, encoder_depth=int(enc_depth or 0), projector=kind,
-                       projector_kernel=kernel)
+                       projector_kernel=kernel, sra_head="ap_head.linear1.weight" in sd)   # SRA's head (its layout)
 
 
 def _heads(sd: dict, hidden: int, depth: int, qk_norm: bool, hints: dict, path) -> int:

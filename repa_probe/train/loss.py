@@ -11,14 +11,18 @@ encoder's MLP h_φ [N, T, D_f]:
     L_repa = −(1 / (E·N·T)) Σ_e Σ_n Σ_τ cos(h_φ(h)[n, τ], y*[n, τ]),   L = L_denoise + λ·L_repa
 
 (mean over encoders, samples and tokens). The cosine is taken on features normalised in float32:
-under fp16 autocast the squared norm of a 768-d vector overflows (REPA's notes say so too).
+under fp16 autocast the squared norm of a 768-d vector overflows (REPA's notes say so too). The trainer's
+further terms (Dispersive Loss, ...) live in train/terms/, one file each, and are added with their weights.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from repa_probe.noise import interpolate, velocity_target
+from repa_probe.train.terms import Forward
 from repa_probe.tokens import ZSCORE_EPS, zscored
 
 WEIGHTINGS = ("uniform", "lognormal")
@@ -66,19 +70,31 @@ def spatial_zscore(z: torch.Tensor, alpha: float = 0.6, eps: float = ZSCORE_EPS)
 
 
 def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                  targets: list[torch.Tensor] | None = None, repa_coeff: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L, L_denoise, L_repa), each a scalar: batch means of the per-sample terms above.
+                  targets: list[torch.Tensor] | None = None, repa_coeff: float = 0.0,
+                  terms: dict[str, tuple[float, Callable[[Forward], torch.Tensor]]] | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(L, parts): L = L_denoise + λ·L_repa + Σ w·L_term, and parts {"denoise", "repa", term names...}, each a
+    scalar batch mean.
 
     `model` is a SiT (or a DDP/compiled wrapper of one) fed canonical t; `y` already holds the dropped
-    labels; `targets` are the encoders' patch tokens (None or [] for vanilla SiT, then L_repa = 0).
+    labels; `targets` are the encoders' patch tokens (None or [] for vanilla SiT, then L_repa = 0);
+    `terms` maps a term's name to (weight, term): the trainer's registered terms (train/terms/), each given
+    the forward's block outputs.
     """
     x_t = interpolate(x, t, noise)
-    if targets:
+    terms = terms or {}
+    zs, hidden = [], []
+    if terms:
+        out, zs, hidden = model(x_t, t, y, return_zs=bool(targets), return_hidden=True)
+    elif targets:
         out, zs = model(x_t, t, y, return_zs=True)
-        repa = repa_loss(zs, targets).mean()
     else:
         out = model(x_t, t, y)
-        repa = torch.zeros((), device=x.device)
-    denoise = denoising_loss(out, velocity_target(x, noise)).mean()
-    return denoise + repa_coeff * repa, denoise, repa
+    parts = {"denoise": denoising_loss(out, velocity_target(x, noise)).mean(),
+             "repa": repa_loss(zs, targets).mean() if targets else torch.zeros((), device=x.device)}
+    loss = parts["denoise"] + repa_coeff * parts["repa"]
+    forward = Forward(hidden, x, noise, t, y)
+    for name, (weight, term) in terms.items():
+        parts[name] = term(forward)
+        loss = loss + weight * parts[name]
+    return loss, parts

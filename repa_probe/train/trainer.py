@@ -29,9 +29,11 @@ Files in RUN_DIR (only rank 0 writes):
                                model_name, train_config (the whole TrainConfig as plain data).
     log.jsonl                  one object per line. {"event": "start", step, world_size, n_images, params,
                                sit_init_sha256, ...} at every (re)start, then {"event": "train", step,
-                               loss, loss_denoise, loss_repa, grad_norm (mean over the interval, before
-                               clipping), img_per_s (global), lr, epoch, elapsed_s, inputs_sha256 (hash of
-                               this step's global batch: image ids, t, ε, dropped-label mask)}.
+                               loss, loss_denoise, loss_repa (null once --align-until has passed),
+                               loss_<term> for each further term (train/terms/), grad_norm (mean over the
+                               interval, before clipping), img_per_s (global), lr, epoch, elapsed_s,
+                               inputs_sha256 (hash of this step's global batch: image ids, t, ε, dropped-label
+                               mask)}.
     analysis.jsonl             tidy rows {step, block, t, metric, encoder, value, weights: "ema", n}: metric
                                "cknna" (k = --analyze-k, per encoder) or "probe_top1" (encoder null); block
                                is 1-based (the output of block b). `repa-probe trajectory RUN_DIR` reads it.
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -66,15 +69,18 @@ from repa_probe.checkpoints import FORMAT_TAG, read_checkpoint, save_checkpoint
 from repa_probe.config import (MAX_WORKERS, AnalyzeConfig, check_generation, check_knobs, flag_of, knob,
                                prefixed, resume_fields, spell)
 from repa_probe.errors import UserError
-from repa_probe.models import SiT, ModelConfig, build_projector, model_config, size_name
+from repa_probe.models import SiT, ModelConfig, SRAHead, build_projector, model_config, size_name
 from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_distributed,
                                 latest_checkpoint, local_rank, no_space_is_one_line, rank, remove_stale_tmp,
                                 resolve_device, resolve_precision, state_dict_sha256, torch_save_atomic, world_size,
                                 write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
+from repa_probe.train.terms import Context, Term, active_terms
+from repa_probe.train.terms.dispersive import VARIANTS as DISPERSIVE_VARIANTS
 
 
 DATA, MODEL, REPA, OPTIM, OUTPUT = "data", "model", "REPA", "optimisation", "output"
+TERMS_GROUP = "REPA's successors (train/terms/)"
 ANALYSIS = "analysis while training (EMA model)"
 
 
@@ -124,6 +130,30 @@ class TrainConfig:
                              help="iREPA: z-score each target channel over the image's tokens, "
                                   "z ← (z − α·mean)/(std + 1e-6)")
     zscore_alpha: float = knob(0.6, least=0, resume=True, group=REPA, help="α of --spatial-norm zscore (default 0.6)")
+    align_until: int = knob(0, least=0, metavar="STEP", group=REPA,
+                            help="HASTE's switch-off: the alignment term acts on steps 1..STEP only, then training "
+                                 "is denoising alone (default 0: every step)")
+    # further terms, one file each in train/terms/
+    dispersive: float = knob(0.0, least=0, resume=True, metavar="COEFF", group=TERMS_GROUP,
+                             help="λ of Dispersive Loss (Wang & He 2025) on --dispersive-block's tokens; the "
+                                  "authors' PyTorch runs use 0.25 (default 0: off)")
+    dispersive_block: int | None = knob(None, least=1, resume=True, metavar="BLOCK", group=TERMS_GROUP,
+                                        help="1-based block of the dispersive term (default: the last, as the "
+                                             "authors' PyTorch code)")
+    dispersive_tau: float = knob(1.0, above=0, resume=True, metavar="TAU", group=TERMS_GROUP,
+                                 help="temperature τ of the dispersive term (default: 1)")
+    dispersive_variant: str = knob("infonce-l2", choices=DISPERSIVE_VARIANTS, resume=True, group=TERMS_GROUP,
+                                   help="infonce-l2 (the authors' code, default) or infonce-cos (the paper's "
+                                        "cosine InfoNCE)")
+    self_align: float = knob(0.0, least=0, resume=True, metavar="COEFF", group=TERMS_GROUP,
+                             help="λ of SRA's self-alignment: a head on block STUDENT of the model aligned to block "
+                                  "TEACHER of its EMA at a lower noise level; the authors use 0.5 (default 0: off)")
+    self_align_blocks: tuple[int, ...] | None = knob(None, kind="blocks", resume=True, metavar="STUDENT,TEACHER",
+                                                     group=TERMS_GROUP,
+                                                     help="SRA's blocks (default: 2/7 and 5/7 of the depth, 8,20 "
+                                                          "for 28 blocks as the authors' SiT-XL/2)")
+    self_align_offset: float = knob(0.2, least=0, most=1, resume=True, metavar="DT", group=TERMS_GROUP,
+                                    help="SRA's largest noise offset: the teacher sees t − DT·U(0, 1) (default 0.2)")
     # optimisation and objective
     batch: int = knob(256, least=1, most=1 << 20, resume=True, group=OPTIM,
                       help="global batch size, split across ranks (default: 256)")
@@ -226,6 +256,29 @@ def draw_step_randomness(generator: torch.Generator, seed: int, step: int, n: in
     return t, noise, drop
 
 
+def draw_uniform(generator: torch.Generator, seed: int, step: int, n: int, part: slice, stream: str) -> torch.Tensor:
+    """U(0, 1) draws of this process's samples `part` of 0-based step `step`'s global batch of n, from the named
+    stream: what a training term asks for by name (Context.uniform), the same whichever process draws it."""
+    generator.manual_seed(stream_seed(seed, stream, step))
+    return torch.rand(n, generator=generator, device=generator.device)[part]
+
+
+def replay_batch(cfg: TrainConfig, dataset, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    """Step `step` (1-based) of a single-process pixel-mode run rebuilt from its dataset and seed: (uint8
+    images, x in [-1, 1], y with the dropped labels as the null class, t, ε), what the loop fed the model.
+    For checks by hand (tests, analyses/parity_terms.py)."""
+    b = step - 1
+    ids = ResumableShardSampler(len(dataset), cfg.batch, 0, 1, cfg.seed, b, step).global_batch_indices(b)
+    images = torch.stack([dataset[i][0] for i in ids.tolist()])
+    labels = torch.tensor([dataset[i][1] for i in ids.tolist()])
+    shape = tuple(images.shape[1:])
+    t, noise, drop = draw_step_randomness(torch.Generator(), cfg.seed, b, cfg.batch, shape, cfg.weighting,
+                                          cfg.cfg_prob)
+    num_classes = cfg.num_classes or len(dataset.classes)
+    return images, images.float() / 127.5 - 1, torch.where(drop, num_classes, labels), t, noise
+
+
 class ResumableShardSampler(Sampler[int]):
     """Indices of this rank's share of each global batch, from a given step on, across epochs.
 
@@ -269,31 +322,35 @@ class ResumableShardSampler(Sampler[int]):
 
 
 def init_model(config: ModelConfig, seed: int) -> SiT:
-    """A SiT whose own weights depend on `seed` alone, with REPA projectors drawn from a separate stream.
+    """A SiT whose own weights depend on `seed` alone, with REPA projectors and SRA's head drawn from separate
+    streams.
 
     The vanilla SiT (no projectors) is built from torch.manual_seed(seed); the projectors (Xavier-uniform
-    weights, zero biases, as REPA's initialize_weights) then come from stream (seed, "projectors"). So
-    the same seed gives the same SiT with or without REPA, whatever the encoders. The global RNG is left
-    as it was.
+    weights, zero biases, as REPA's initialize_weights) then come from stream (seed, "projectors"), SRA's head
+    from (seed, "sra_head"). So the same seed gives the same SiT with or without REPA or SRA, whatever the
+    encoders. The global RNG is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SiT(dataclasses.replace(config, z_dims=[]))
-        g = torch.Generator().manual_seed(stream_seed(seed, "projectors"))
+        model = SiT(dataclasses.replace(config, z_dims=[], sra_head=False))
         projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z, config.projector,
                                                     config.projector_kernel) for z in config.z_dims])
-    for module in projectors.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(module.weight, generator=g)
-            nn.init.zeros_(module.bias)
-    model.projectors = projectors              # same slot as SiT(config) would fill: identical key order
+        head = SRAHead(config.hidden_size) if config.sra_head else None
+    for stream, heads in (("projectors", projectors), ("sra_head", head)):   # each head from its own stream
+        g = torch.Generator().manual_seed(stream_seed(seed, stream))
+        for module in heads.modules() if heads is not None else ():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight, generator=g)
+                nn.init.zeros_(module.bias)
+    model.projectors = projectors              # same slots as SiT(config) would fill: identical key order
+    model.ap_head = head
     model.config = config
     return model
 
 
 def sit_sha256(model: SiT) -> str:
-    """Hash of the SiT's own weights (projectors excluded): equal for a vanilla/REPA pair at init."""
-    return state_dict_sha256(model.state_dict(), skip=lambda name: name.startswith("projectors."))
+    """Hash of the SiT's own weights (REPA's projectors and SRA's head excluded): equal for every arm at init."""
+    return state_dict_sha256(model.state_dict(), skip=lambda name: name.startswith(("projectors.", "ap_head.")))
 
 
 @torch.no_grad()
@@ -337,7 +394,8 @@ def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) ->
     latent = cfg.mode == "latents"
     overrides = dict(input_size=cfg.image_size // 8 if latent else cfg.image_size, in_channels=4 if latent else 3,
                      num_classes=num_classes, qk_norm=cfg.qk_norm, z_dims=z_dims,
-                     projector_dim=cfg.projector_dim, projector=cfg.projector, projector_kernel=cfg.projector_kernel)
+                     projector_dim=cfg.projector_dim, projector=cfg.projector, projector_kernel=cfg.projector_kernel,
+                     sra_head=cfg.self_align > 0)
     for key, value in (("depth", cfg.depth), ("hidden_size", cfg.width), ("num_heads", cfg.heads),
                        ("encoder_depth", cfg.repa_depth)):
         if value is not None:
@@ -406,7 +464,12 @@ def check_config(cfg: TrainConfig) -> None:
                         "vanilla SiT)")
     if cfg.cfg_prob == 1:
         raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1) (1 would drop every label)")
-    build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else [])   # bad --model, sizes or --repa-depth
+    depth = build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else []).depth   # bad --model, sizes, --repa-depth
+    if cfg.align_until and cfg.repa_coeff == 0:
+        raise UserError(f"--align-until {cfg.align_until} switches off an alignment term this run does not have: "
+                        f"add --repa-coeff COEFF and --encoder NAME, or leave --align-until out")
+    for term in active_terms(cfg):
+        term.check(cfg, depth)
     check_knobs(cfg.analysis, analysis_arg)
     if cfg.analyze_every:
         analysis_config(cfg).resolved(analysis_arg)             # its images, n and k, metrics, noise levels
@@ -649,8 +712,8 @@ def _train(cfg: TrainConfig) -> Path:
 
     run = setup(cfg)
     d, device, out, model, ema = run.dist, run.dist.device, run.out, run.model, run.ema
-    repa, start_step = cfg.repa_coeff > 0, run.start_step
-    net = _network(run)
+    start_step, terms = run.start_step, active_terms(cfg)
+    net = _network(run, start_step + 1)
     sampler = ResumableShardSampler(len(run.dataset), cfg.batch, d.rank, d.world_size, cfg.seed, start_step, cfg.steps)
     loader = make_loader(run.dataset, sampler.local_batch, cfg.num_workers, sampler=sampler)
     gen = torch.Generator(device=device)
@@ -662,8 +725,9 @@ def _train(cfg: TrainConfig) -> Path:
     last = latest_checkpoint(out) if start_step else None
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
                     desc="train")
-    sums, n_sum, t_mark = torch.zeros(3, device=device), 0, time.perf_counter()
-    rates = BarRates(cfg.batch, cfg.repa_coeff)
+    sums, counts, n_sum, t_mark = torch.zeros(4 + len(terms), device=device), [0] * (1 + len(terms)), 0, \
+        time.perf_counter()
+    rates = BarRates(cfg.batch)
     batches = iter(loader)
     for step in range(start_step + 1, cfg.steps + 1):
         images, labels, _ = next(batches)
@@ -677,22 +741,27 @@ def _train(cfg: TrainConfig) -> Path:
         posterior = torch.Generator().manual_seed(stream_seed(cfg.seed, "posterior", b, d.rank)) if run.vae else None
         x = to_model_space(images, cfg.mode, run.vae, generator=posterior)
         y = torch.where(drop_all[part], run.num_classes, labels)
-        targets = encoder_targets(run.encoders, images, grid, amp) if repa else []
+        if step == cfg.align_until + 1 and step > start_step + 1:
+            net = _network(run, step)                                  # the projectors leave the update
+        targets = encoder_targets(run.encoders, images, grid, amp) if aligning(cfg, step) else []
         if cfg.spatial_norm == "zscore":
             targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
+        weights = [term.weight(cfg, step) for term in terms]
+        context = Context(model, ema, functools.partial(draw_uniform, gen, cfg.seed, b, cfg.batch, part))
         losses = train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
-                            targets, cfg)
+                            targets, cfg, dict(zip(terms, weights)), context)
         sums += losses
         n_sum += 1
+        counts = [c + on for c, on in zip(counts, [not past_alignment(cfg, step), *(w > 0 for w in weights)])]
         if not progress.disable:
             progress.set_postfix(rates.step(losses), refresh=False)   # drawn by update(), at tqdm's pace
         progress.update(1)
         if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.steps:
-            _log_row(run, step, sums, n_sum, time.perf_counter() - t_mark,
+            _log_row(run, step, sums, n_sum, counts, terms, time.perf_counter() - t_mark,
                      _batch_sha256(sampler.global_batch_indices(b), t_all, noise_all, drop_all),
                      sampler.position(b)["epoch"])
             sums.zero_()
-            n_sum, t_mark = 0, time.perf_counter()
+            counts, n_sum, t_mark = [0] * len(counts), 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             last = run.save(step, sampler)
         if analysis is not None and step % cfg.analyze_every == 0:
@@ -704,9 +773,23 @@ def _train(cfg: TrainConfig) -> Path:
     return _finish(run, last)
 
 
-def _network(run: Run) -> nn.Module:
-    """What runs the forward: the model, in DDP over several processes, compiled with --compile."""
+def past_alignment(cfg: TrainConfig, step: int) -> bool:
+    """Whether --align-until has switched the alignment term off by (1-based) `step`."""
+    return bool(cfg.align_until) and step > cfg.align_until
+
+
+def aligning(cfg: TrainConfig, step: int) -> bool:
+    """Whether step `step` has an alignment term (a REPA run before its --align-until)."""
+    return cfg.repa_coeff > 0 and not past_alignment(cfg, step)
+
+
+def _network(run: Run, step: int) -> nn.Module:
+    """What runs the forward at `step`: the model, in DDP over several processes, compiled with --compile. Once
+    --align-until has passed, the projectors are frozen first: they no longer take part in the loss, and DDP
+    must not wait for their gradients (AdamW leaves a parameter without a gradient as it is, frozen or not)."""
     device = run.dist.device
+    if past_alignment(run.cfg, step):
+        run.model.projectors.requires_grad_(False)
     ddp = nn.parallel.DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
         if run.dist.world_size > 1 else run.model
     return torch.compile(ddp) if run.cfg.compile else ddp
@@ -757,8 +840,8 @@ class BarRates:
     step, which also paid for the start-up, gives none. A GPU's losses are copied to pinned host memory
     without blocking and enter the averages once their copy has landed, a step or so later."""
 
-    def __init__(self, global_batch: int, repa_coeff: float, decay: float = 0.9):
-        self.batch, self.coeff, self.decay = global_batch, repa_coeff, decay
+    def __init__(self, global_batch: int, decay: float = 0.9):
+        self.batch, self.decay = global_batch, decay
         self.mean: dict[str, float] = {}
         self.copies: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []   # host copies, oldest first
         self.last: float | None = None                                          # when the previous step ended
@@ -768,38 +851,41 @@ class BarRates:
         self.mean[name] = value if old is None else self.decay * old + (1 - self.decay) * value
 
     def step(self, losses: torch.Tensor) -> dict[str, str]:
-        """One step's [L_denoise, L_repa, ...] (on the training device) → the bar's postfix."""
+        """One step's [L, L_denoise, grad norm, L_repa, ...] (on the training device) → the bar's postfix."""
         now = time.perf_counter()
         if self.last is not None:
             self._add("img_s", self.batch / max(now - self.last, 1e-9))
         self.last = now
         if losses.is_cuda:
             host, landed = torch.empty(2, pin_memory=True), torch.cuda.Event()
-            host.copy_(losses[:2], non_blocking=True)
+            host.copy_(losses[[0, 3]], non_blocking=True)
             landed.record()
             self.copies.append((host, landed))
         else:
-            self.copies.append((losses[:2], None))
+            self.copies.append((losses[[0, 3]], None))
         while self.copies and (self.copies[0][1] is None or self.copies[0][1].query()):
-            denoise, align = self.copies.pop(0)[0].tolist()
-            self._add("loss", denoise + self.coeff * align)
+            total, align = self.copies.pop(0)[0].tolist()
+            self._add("loss", total)
             self._add("repa", align)
         return {k: f"{self.mean[k]:.0f}" if k == "img_s" else f"{self.mean[k]:.4f}"
                 for k in ("loss", "repa", "img_s") if k in self.mean}
 
 
-def _log_row(run: Run, step: int, sums: torch.Tensor, n: int, elapsed: float, inputs_sha: str,
-             epoch: int) -> dict | None:
-    """Average the interval's [L_denoise, L_repa, grad norm] over steps (and ranks); rank 0 logs the row."""
+def _log_row(run: Run, step: int, sums: torch.Tensor, n: int, counts: list[int], terms: list[Term], elapsed: float,
+             inputs_sha: str, epoch: int) -> dict | None:
+    """Average the interval's [L, L_denoise, grad norm] over its n steps and L_repa and each term's L over the
+    steps that had them (`counts`; null if none: after --align-until), and over ranks; rank 0 logs the row."""
     if run.dist.world_size > 1:
         dist.all_reduce(sums)
         sums /= run.dist.world_size
-    denoise, align, grad_norm = (sums / n).tolist()
+    total, denoise, grad_norm, *parts = sums.tolist()
     if not run.dist.main:
         return None
     cfg = run.cfg
-    row = {"event": "train", "step": step, "loss": denoise + cfg.repa_coeff * align, "loss_denoise": denoise,
-           "loss_repa": align, "grad_norm": grad_norm, "img_per_s": n * cfg.batch / max(elapsed, 1e-9),
+    align, *extra = (value / count if count else None for value, count in zip(parts, counts))
+    row = {"event": "train", "step": step, "loss": total / n, "loss_denoise": denoise / n, "loss_repa": align,
+           **{f"loss_{term.name}": value for term, value in zip(terms, extra)},
+           "grad_norm": grad_norm / n, "img_per_s": n * cfg.batch / max(elapsed, 1e-9),
            "lr": run.optimizer.param_groups[0]["lr"], "epoch": epoch, "elapsed_s": elapsed, "inputs_sha256": inputs_sha}
     _append_jsonl(run.out / "log.jsonl", [row])
     return row
@@ -816,14 +902,20 @@ def encoder_targets(encoders: list, images_uint8: torch.Tensor, grid: int, autoc
 
 def train_step(net: nn.Module, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                autocast, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-               targets: list[torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+               targets: list[torch.Tensor], cfg: TrainConfig, terms: dict[Term, float] | None = None,
+               context: Context | None = None) -> torch.Tensor:
     """One update: loss under autocast, backward (scaled for fp16), clip, AdamW, EMA.
 
-    `net` is what runs the forward (the model, or its DDP / compiled wrapper); `y` holds the dropped labels.
-    Returns [L_denoise, L_repa, grad norm before clipping] as one detached tensor (no host sync).
+    `net` is what runs the forward (the model, or its DDP / compiled wrapper); `y` holds the dropped labels;
+    `terms` the run's further terms with their weights at this step (a weight 0 leaves the term out), `context`
+    what they may need beyond the forward (the EMA teacher, this step's draws).
+    Returns [L, L_denoise, grad norm before clipping, L_repa, L_term...] as one detached tensor (no host sync).
     """
+    terms = terms or {}
+    used = {term.name: (weight, functools.partial(term, cfg=cfg, context=context))
+            for term, weight in terms.items() if weight > 0}
     with autocast:
-        loss, denoise, align = training_loss(net, x, y, t, noise, targets, cfg.repa_coeff)
+        loss, parts = training_loss(net, x, y, t, noise, targets, cfg.repa_coeff, used)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -831,7 +923,8 @@ def train_step(net: nn.Module, model: SiT, ema: SiT, optimizer: torch.optim.Opti
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     update_ema(ema, model, cfg.ema_decay)
-    return torch.stack([denoise.detach(), align.detach(), grad_norm.detach().float()])
+    values = [parts.get(term.name, torch.zeros((), device=loss.device)) for term in terms]
+    return torch.stack([v.detach().float() for v in (loss, parts["denoise"], grad_norm, parts["repa"], *values)])
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -919,6 +1012,6 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["TrainConfig", "train", "train_step", "encoder_targets", "make_optimizer", "export_repa",
+__all__ = ["TrainConfig", "train", "train_step", "replay_batch", "encoder_targets", "make_optimizer", "export_repa",
            "init_model", "draw_step_randomness", "stream_seed", "ResumableShardSampler", "TrainingAnalysis",
            "update_ema", "latest_checkpoint", "sit_sha256"]

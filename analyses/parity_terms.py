@@ -1,0 +1,155 @@
+"""Step 1 of our trainer against the authors' own loss functions, run beside ours from their code.
+
+    git clone https://github.com/raywang4/DispLoss /tmp/displ      # or its mirror whaletech-ai/Disperse-Loss
+    python analyses/parity_terms.py dispersive --authors /tmp/displ
+    git clone https://github.com/vvvvvjdy/SRA /tmp/sra
+    python analyses/parity_terms.py self_align --authors /tmp/sra
+
+For a method, this trains one step of the deep CIFAR preset's SiT (28 blocks of width 64, 64 images; the
+method's flag at the authors' default) with `repa-probe train`, rebuilds step 1's batch (images, t, ε,
+dropped labels, the term's own draws) from the run's seed, feeds the authors' loss function the same model
+and tensors and compares it with the term our trainer logged at step 1. Their code runs from their files as
+written (nothing of it is copied here); where it draws its own randomness (SRA's t, offset and ε) the draws
+are made ours, and a `.cuda()` becomes a no-op on a machine without a GPU. Writes reports/parity/<method>.json: both values, their difference, the authors'
+commit and file hash.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from repa_probe.checkpoints import read_checkpoint          # noqa: E402
+from repa_probe.data import ImageDataset                     # noqa: E402
+from repa_probe.models import ModelConfig                    # noqa: E402
+from repa_probe.noise import interpolate                     # noqa: E402
+from repa_probe.train.terms.self_align import self_align_blocks  # noqa: E402
+from repa_probe.train.trainer import TrainConfig, init_model, replay_batch, stream_seed  # noqa: E402
+
+DATA = Path(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")) / "train"
+DEEP = ["--model", "SiT-S/4", "--width", "64", "--depth", "28", "--heads", "2", "--batch", "64", "--lr", "3e-4",
+        "--image-size", "32", "--workers", "0", "--repa-coeff", "0", "--steps", "1", "--ckpt-every", "1",
+        "--log-every", "1", "--quiet"]
+# method → (our flags at the authors' defaults, the authors' file, our log key)
+METHODS = {"dispersive": (["--dispersive", "0.25"], "transport/transport.py", "loss_dispersive"),
+           "self_align": (["--self-align", "0.5"], "SiT-SRA/loss.py", "loss_self_align")}
+REPOSITORIES = {"dispersive": "raywang4/DispLoss (checked on its mirror whaletech-ai/Disperse-Loss)",
+                "self_align": "vvvvvjdy/SRA"}
+
+
+def authors_function(path: Path, name: str):
+    """The function (or method) `name` of the authors' file, compiled from their source text alone."""
+    tree = ast.parse(path.read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = {"th": torch, "torch": torch}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    return scope[name]
+
+
+def authors_dispersive(source: Path, batch: dict, model, cfg) -> tuple[float, float]:
+    """Their disp_loss on the last block's tokens (their code places one tensor with .cuda(): a no-op here
+    without a GPU), weighted 0.25 as their transport adds it; → (term, step-1 loss)."""
+    disp_loss = authors_function(source, "disp_loss")
+    with torch.no_grad():
+        out, _, hidden = model(batch["x_t"], batch["t"], batch["y"], return_hidden=True)
+        cuda = torch.Tensor.cuda
+        if not torch.cuda.is_available():
+            torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            term = disp_loss(None, hidden[-1])
+        finally:
+            torch.Tensor.cuda = cuda
+        denoise = ((out - (batch["noise"] - batch["x"])) ** 2).mean()
+    return term.item(), (denoise + 0.25 * term).item()
+
+
+def authors_self_align(source: Path, batch: dict, model, cfg) -> tuple[float, float]:
+    """Their SRALoss.__call__ (defaults: linear path, v, uniform t, loss type "cos", blocks 8 → 20 of 28, t_max
+    0.2) with the student and the EMA teacher (at step 1 the initial weights) as their SiT's forward returns
+    them, and its draws (t, the teacher's offset, ε) made ours; weighted 0.5 as their train.py does for "cos"."""
+    spec = importlib.util.spec_from_file_location("sra_loss", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def sit(head: bool):                                   # their SiT: forward(x, t, y, ad) → (out, xr, labels)
+        def forward(x, t, y, ad):
+            out, _, hidden = model(x, t, y, return_hidden=True)
+            return out, model.ap_head(hidden[ad - 1]) if head else hidden[ad - 1], y
+        return forward
+
+    n = len(batch["t"])
+    draws = {"rand": lambda *a, **k: batch["t"].view(n, 1, 1, 1).clone(),
+             "rand_like": lambda x, **k: batch["r"].view_as(x).clone(),
+             "randn_like": lambda x, **k: batch["noise"].clone()}
+    saved = {name: getattr(torch, name) for name in draws}
+    student, teacher = self_align_blocks(cfg, model.config.depth)
+    loss = module.SRALoss(block_out_s=student, block_out_t=teacher, t_max=cfg.self_align_offset, loss_type="cos")
+    try:
+        for name, draw in draws.items():
+            setattr(torch, name, draw)
+        with torch.no_grad():
+            denoise, align = loss(sit(True), batch["x"], sit(False), batch["y"])
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+    return align.mean().item(), (denoise.mean() + 0.5 * align.mean()).item()
+
+
+AUTHORS = {"dispersive": authors_dispersive, "self_align": authors_self_align}
+
+
+def git_commit(folder: Path) -> str | None:
+    r = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("method", choices=list(METHODS))
+    ap.add_argument("--authors", required=True, type=Path, help="a checkout of the method's authors' repository")
+    ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10 train ImageFolder (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=REPO / "reports" / "parity")
+    args = ap.parse_args()
+    flags, file, key = METHODS[args.method]
+    source = args.authors / file
+    if not source.is_file():
+        sys.exit(f"parity_terms: --authors {args.authors} has no {file}: pass a checkout of the authors' repository")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        subprocess.run([sys.executable, "-m", "repa_probe", "train", "--data", str(args.data), "--out", str(run),
+                        *DEEP, *flags], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        first = next(r for r in rows if r["event"] == "train")
+        config_json = json.loads((run / "config.json").read_text())
+        model_cfg = ModelConfig.from_dict(read_checkpoint(run / "checkpoints" / f"{1:07d}.pt")["config"])
+    cfg = TrainConfig.from_dict(config_json)
+    _, x, y, t, noise = replay_batch(cfg, ImageDataset(args.data, cfg.image_size), step=1)
+    r = torch.rand(cfg.batch, generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "self_align", 0)))
+    batch = {"x": x, "y": y, "t": t, "noise": noise, "r": r, "x_t": interpolate(x, t, noise)}
+    model = init_model(model_cfg, cfg.seed).train()
+    term, loss = AUTHORS[args.method](source, batch, model, cfg)
+    result = {"method": args.method, "flags": flags, "authors_repository": REPOSITORIES[args.method],
+              "authors_commit": git_commit(args.authors), "authors_file": file,
+              "authors_file_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+              "ours_step1": first[key], "authors_step1": term, "difference": first[key] - term,
+              "ours_step1_loss": first["loss"], "authors_step1_loss": loss, "loss_difference": first["loss"] - loss,
+              "batch": cfg.batch, "model": f"{model_cfg.depth} blocks × {model_cfg.hidden_size}"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.method}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
