@@ -187,3 +187,12 @@ def test_the_terms_registry_lists_its_terms_and_refuses_a_second_of_a_name():
     assert {"dispersive", "self_align"} <= set(TERMS)
     with pytest.raises(ValueError, match="already registered"):
         TERMS.register("dispersive", TERMS["dispersive"])
+
+
+def test_the_monitor_pairs_only_the_steps_before_the_switch_off(arms):
+    """A run trained with --align-until logs loss_repa null afterwards: the monitor's paired series stops there."""
+    from repa_probe.findings.monitor import paired_series, train_rows
+    steps, benefit, alignment = paired_series(train_rows(arms["vanilla"] / "log.jsonl"),
+                                              train_rows(arms["until5"] / "log.jsonl"), ("vanilla", "until5"))
+    rows = {r["step"]: r for r in log_rows(arms["until5"])}
+    assert steps == [1, 5] and alignment == [-rows[1]["loss_repa"], -rows[5]["loss_repa"]]

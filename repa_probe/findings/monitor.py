@@ -281,9 +281,10 @@ def has_alignment(rows: dict[int, dict]) -> bool:
 def paired_series(vanilla: dict[int, dict], repa: dict[int, dict], names: tuple[str, str]
                   ) -> tuple[list[int], list[float], list[float]]:
     """(steps, benefit, alignment) of one seed's two arms (`train_rows`): vanilla − REPA denoising loss at every
-    step both logs hold, and REPA's alignment −loss_repa (the projector's cosine at the aligned block). Arms that
+    step both logs hold while REPA's term was on (train --align-until ends it), and REPA's alignment −loss_repa (the
+    projector's cosine at the aligned block). Arms that
     hashed different batches (inputs_sha256), or a "vanilla" run with an alignment term, are refused."""
-    steps = sorted(set(vanilla) & set(repa))
+    steps = sorted(s for s in set(vanilla) & set(repa) if repa[s].get("loss_repa") is not None)  # not past --align-until
     unpaired = [s for s in steps if vanilla[s].get("inputs_sha256") != repa[s].get("inputs_sha256")]
     if unpaired:
         raise UserError(f"{names[0]} and {names[1]} saw different batches at {len(unpaired)} logged step(s) (first: "
