@@ -4,9 +4,11 @@
     python analyses/parity_terms.py dispersive --authors /tmp/displ
     git clone https://github.com/vvvvvjdy/SRA /tmp/sra
     python analyses/parity_terms.py self_align --authors /tmp/sra
+    git clone https://github.com/NUS-HPC-AI-Lab/HASTE /tmp/haste
+    python analyses/parity_terms.py attn_align --authors /tmp/haste
 
-For a method, this trains one step of the deep CIFAR preset's SiT (28 blocks of width 64, 64 images; the
-method's flag at the authors' default) with `repa-probe train`, rebuilds step 1's batch (images, t, ε,
+For a method, this trains one step of the deep CIFAR preset's SiT (28 blocks of width 64, 64 images; HASTE: a
+shape its loss hard-codes, see below; the method's flag at the authors' default) with `repa-probe train`, rebuilds step 1's batch (images, t, ε,
 dropped labels, the term's own draws) from the run's seed, feeds the authors' loss function the same model
 and tensors and compares it with the term our trainer logged at step 1. Their code runs from their files as
 written (nothing of it is copied here); where it draws its own randomness (SRA's t, offset and ε) the draws
@@ -38,14 +40,19 @@ from repa_probe.train.terms.self_align import self_align_blocks  # noqa: E402
 from repa_probe.train.trainer import TrainConfig, init_model, replay_batch, stream_seed  # noqa: E402
 
 DATA = Path(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")) / "train"
-DEEP = ["--model", "SiT-S/4", "--width", "64", "--depth", "28", "--heads", "2", "--batch", "64", "--lr", "3e-4",
-        "--image-size", "32", "--workers", "0", "--repa-coeff", "0", "--steps", "1", "--ckpt-every", "1",
-        "--log-every", "1", "--quiet"]
+COMMON = ["--image-size", "32", "--workers", "0", "--steps", "1", "--ckpt-every", "1", "--log-every", "1", "--lr",
+          "3e-4", "--quiet"]
+DEEP = ["--model", "SiT-S/4", "--width", "64", "--depth", "28", "--heads", "2", "--batch", "64", "--repa-coeff", "0"]
+# HASTE's loss hard-codes SiT-XL/2's shapes (256 tokens, blocks 5–8 from the encoder's 9–12, 12 heads): an 8-block
+# SiT/2 with 12 heads on 32 px (16 × 16 tokens) beside a randomly initialised DINOv2-B at 224 px (16 × 16 patches)
+HASTE = ["--model", "SiT-S/2", "--width", "192", "--depth", "8", "--heads", "12", "--batch", "8", "--encoder",
+         "dinov2-vit-b", "--encoder-random-init", "--repa-coeff", "0.5", "--repa-depth", "8"]
 # method → (our flags at the authors' defaults, the authors' file, our log key)
-METHODS = {"dispersive": (["--dispersive", "0.25"], "transport/transport.py", "loss_dispersive"),
-           "self_align": (["--self-align", "0.5"], "SiT-SRA/loss.py", "loss_self_align")}
+METHODS = {"dispersive": ([*DEEP, "--dispersive", "0.25"], "transport/transport.py", "loss_dispersive"),
+           "self_align": ([*DEEP, "--self-align", "0.5"], "SiT-SRA/loss.py", "loss_self_align"),
+           "attn_align": ([*HASTE, "--attn-align", "0.5"], "loss.py", "loss_attn_align")}
 REPOSITORIES = {"dispersive": "raywang4/DispLoss (checked on its mirror whaletech-ai/Disperse-Loss)",
-                "self_align": "vvvvvjdy/SRA"}
+                "self_align": "vvvvvjdy/SRA", "attn_align": "NUS-HPC-AI-Lab/HASTE"}
 
 
 def authors_function(path: Path, name: str):
@@ -62,7 +69,7 @@ def authors_dispersive(source: Path, batch: dict, model, cfg) -> tuple[float, fl
     without a GPU), weighted 0.25 as their transport adds it; → (term, step-1 loss)."""
     disp_loss = authors_function(source, "disp_loss")
     with torch.no_grad():
-        out, _, hidden = model(batch["x_t"], batch["t"], batch["y"], return_hidden=True)
+        out, _, hidden, _ = model(batch["x_t"], batch["t"], batch["y"], return_hidden=True)
         cuda = torch.Tensor.cuda
         if not torch.cuda.is_available():
             torch.Tensor.cuda = lambda self, *a, **k: self
@@ -84,8 +91,8 @@ def authors_self_align(source: Path, batch: dict, model, cfg) -> tuple[float, fl
 
     def sit(head: bool):                                   # their SiT: forward(x, t, y, ad) → (out, xr, labels)
         def forward(x, t, y, ad):
-            out, _, hidden = model(x, t, y, return_hidden=True)
-            return out, model.ap_head(hidden[ad - 1]) if head else hidden[ad - 1], y
+            out, _, hidden, _ = model(x, t, y, return_hidden=True)
+            return out, model.ap_head(hidden[ad]) if head else hidden[ad], y
         return forward
 
     n = len(batch["t"])
@@ -106,7 +113,42 @@ def authors_self_align(source: Path, batch: dict, model, cfg) -> tuple[float, fl
     return align.mean().item(), (denoise.mean() + 0.5 * align.mean()).item()
 
 
-AUTHORS = {"dispersive": authors_dispersive, "self_align": authors_self_align}
+def authors_attn_align(source: Path, batch: dict, model, cfg) -> tuple[float, float]:
+    """Their SILoss.__call__ (HASTE's loss.py: denoising, attention distillation of blocks 5–8 from the encoder's
+    9–12, REPA's term) with our SiT as their forward returns it (out, attention logits of blocks 1..8, projector
+    outputs), the encoder's 12 blocks' attention scores and patch tokens from one forward of our encoder, and
+    their draws of t and ε made ours; weighted 0.5 and 0.5 as their train.py. The encoder's scores are our
+    hook's (Encoder.attention_logits), checked against timm's own attention by tests/test_terms.py."""
+    from repa_probe.encoders import load_encoder
+    spec = importlib.util.spec_from_file_location("haste_loss", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    encoder = load_encoder(cfg.encoders[0], random_init=cfg.encoder_random_init)
+    grid = model.config.input_size // model.config.patch_size
+    with torch.no_grad(), encoder.attention_logits(range(1, len(encoder.model.blocks) + 1)) as maps:
+        tokens = encoder.encode(batch["images"].float() / 255, grid)[0]
+
+    def sit(x, t, return_act, y):
+        out, zs, hidden, c = model(x, t, y, return_zs=True, return_hidden=True)
+        logits = [block.attention_logits(h, c) for block, h in zip(model.blocks, hidden)]
+        return out, logits, zs
+
+    n = len(batch["t"])
+    draws = {"rand": lambda *a, **k: batch["t"].view(n, 1, 1, 1).clone(),
+             "randn_like": lambda x, **k: batch["noise"].clone()}
+    saved = {name: getattr(torch, name) for name in draws}
+    try:
+        for name, draw in draws.items():
+            setattr(torch, name, draw)
+        with torch.no_grad():
+            denoise, attn, proj = module.SILoss()(sit, batch["x"], dict(y=batch["y"]), zs=[list(maps)], proj_s=[tokens])
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+    return attn.item(), (denoise.mean() + 0.5 * proj.mean() + 0.5 * attn).item()
+
+
+AUTHORS = {"dispersive": authors_dispersive, "self_align": authors_self_align, "attn_align": authors_attn_align}
 
 
 def git_commit(folder: Path) -> str | None:
@@ -129,15 +171,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         subprocess.run([sys.executable, "-m", "repa_probe", "train", "--data", str(args.data), "--out", str(run),
-                        *DEEP, *flags], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                        *COMMON, *flags], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         first = next(r for r in rows if r["event"] == "train")
         config_json = json.loads((run / "config.json").read_text())
         model_cfg = ModelConfig.from_dict(read_checkpoint(run / "checkpoints" / f"{1:07d}.pt")["config"])
     cfg = TrainConfig.from_dict(config_json)
-    _, x, y, t, noise = replay_batch(cfg, ImageDataset(args.data, cfg.image_size), step=1)
+    images, x, y, t, noise = replay_batch(cfg, ImageDataset(args.data, cfg.image_size), step=1)
     r = torch.rand(cfg.batch, generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "self_align", 0)))
-    batch = {"x": x, "y": y, "t": t, "noise": noise, "r": r, "x_t": interpolate(x, t, noise)}
+    batch = {"images": images, "x": x, "y": y, "t": t, "noise": noise, "r": r, "x_t": interpolate(x, t, noise)}
     model = init_model(model_cfg, cfg.seed).train()
     term, loss = AUTHORS[args.method](source, batch, model, cfg)
     result = {"method": args.method, "flags": flags, "authors_repository": REPOSITORIES[args.method],

@@ -40,9 +40,10 @@ import math
 import os
 import re
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import timm
 import torch
@@ -499,6 +500,36 @@ class Encoder(nn.Module):
             raise RuntimeError(f"{self.name}: expected {grid * grid} patch tokens, got {tokens.shape[1]}")
         tokens = tokens.float()
         return tokens, tokens.mean(dim=1)
+
+    @contextmanager
+    def attention_logits(self, blocks: Sequence[int]) -> Iterator[list[Tensor]]:
+        """While open, every encode() also fills the yielded list with the pre-softmax attention scores
+        q·kᵀ·scale (N, heads, T, T), float32, of these 1-based blocks, between patch tokens only (CLS and register
+        rows and columns removed): what HASTE distils (train/terms/attn_align.py). A ViT of timm's layout only."""
+        attns = [getattr(block, "attn", None) for block in getattr(self.model, "blocks", [])]
+        if not all(hasattr(a, "qkv") and hasattr(a, "scale") for a in attns) or not attns:
+            raise UserError(f"encoder {self.name}: --attn-align needs a ViT encoder with attention maps (e.g. "
+                            f"dinov2-vit-b); {self.arch} has none")
+        bad = [b for b in blocks if not 1 <= b <= len(attns)]
+        if bad:
+            raise UserError(f"encoder {self.name} has {len(attns)} blocks: no block {bad[0]}")
+        maps: list[Tensor] = [None] * len(blocks)
+        p = self.num_prefix_tokens
+
+        def record(i: int):
+            def hook(attn: nn.Module, args: tuple) -> None:
+                (x,) = args[:1]
+                N, T, D = x.shape
+                qkv = attn.qkv(x).reshape(N, T, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)
+                q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+                maps[i] = ((q * attn.scale) @ k.transpose(-2, -1))[:, :, p:, p:].float()
+            return hook
+        handles = [attns[b - 1].register_forward_pre_hook(record(i)) for i, b in enumerate(blocks)]
+        try:
+            yield maps
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def describe(self, grid: int | None = None) -> dict[str, Any]:
         """Plain data for provenance: what network, which weights, what preprocessing."""

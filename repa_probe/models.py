@@ -143,12 +143,21 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                       # (N, heads, T, head_dim)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's pre-softmax scores q·kᵀ/√d (N, heads, T, T), what HASTE distils."""
+        q, k, _ = self._qkv(x)
+        return (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
 
 
 class Mlp(nn.Module):
@@ -181,6 +190,11 @@ class SiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def attention_logits(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The pre-softmax attention scores (N, heads, T, T) of this block for its input tokens x and condition c."""
+        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=-1)[:2]
+        return self.attn.logits(modulate(self.norm1(x), shift_msa, scale_msa))
 
 
 class FinalLayer(nn.Module):
@@ -309,10 +323,10 @@ class SiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False,
                 return_hidden: bool = False):
         """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels.
-        return_hidden=True returns (out, zs, hidden): hidden[b − 1] is block b's output (N, T, D), for the
-        trainer's regularisation terms (zs is [] unless return_zs)."""
+        return_hidden=True returns (out, zs, hidden, c) for the trainer's further terms: hidden[b] is block b's
+        output (N, T, D), hidden[0] the tokens entering block 1, c the condition (zs is [] unless return_zs)."""
         h, c = self.embed(x, t, y)
-        zs, hidden = [], []
+        zs, hidden = [], [h]
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                           # (N, T, D)
             hidden.append(h)
@@ -322,7 +336,7 @@ class SiT(nn.Module):
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]                   # drop the variance half
         if return_hidden:
-            return out, zs, hidden
+            return out, zs, hidden, c
         return (out, zs) if return_zs else out
 
 

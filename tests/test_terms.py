@@ -70,13 +70,15 @@ def arms(cifar_dir, tmp_path_factory):
     root, data = tmp_path_factory.mktemp("arms"), cifar_dir / "test"
     settings = {"vanilla": (0.0, {}), "dispersive": (0.0, dict(dispersive=0.25)),
                 "sra": (0.0, dict(self_align=0.5, self_align_blocks=(1, 3))),
-                "repa": (0.5, {}), "until5": (0.5, dict(align_until=5))}
+                "repa": (0.5, {}), "until5": (0.5, dict(align_until=5)),
+                "haste": (0.5, dict(attn_align=0.5, attn_align_blocks=(2, 3), attn_align_teacher_blocks=(5, 6),
+                                    align_until=5))}
     return {name: train(tiny_config(data, root / name, coeff, steps=10, ckpt_every=5, **extra)).parents[1]
             for name, (coeff, extra) in settings.items()} | {"data": data}
 
 
 def test_every_arm_starts_from_the_same_sit_and_sees_the_same_batches(arms):
-    names = ("vanilla", "dispersive", "sra", "repa", "until5")
+    names = ("vanilla", "dispersive", "sra", "repa", "until5", "haste")
     assert len({log_rows(arms[n], "start")[0]["sit_init_sha256"] for n in names}) == 1
     assert len({tuple(r["inputs_sha256"] for r in log_rows(arms[n])) for n in names}) == 1
 
@@ -196,3 +198,76 @@ def test_the_monitor_pairs_only_the_steps_before_the_switch_off(arms):
                                               train_rows(arms["until5"] / "log.jsonl"), ("vanilla", "until5"))
     rows = {r["step"]: r for r in log_rows(arms["until5"])}
     assert steps == [1, 5] and alignment == [-rows[1]["loss_repa"], -rows[5]["loss_repa"]]
+
+
+def test_the_sits_attention_logits_are_the_attention_it_applies():
+    """softmax(logits) · V through the output projection gives the block's attention output exactly."""
+    from conftest import randomize_, tiny_config as tiny_model
+    from repa_probe.models import SiT, modulate
+    model = randomize_(SiT(tiny_model()))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(3, model.config.num_patches, model.config.hidden_size, generator=g), \
+        torch.randn(3, model.config.hidden_size, generator=g)
+    block = model.blocks[1]
+    with torch.no_grad():
+        shift, scale = block.adaLN_modulation(c).chunk(6, dim=-1)[:2]
+        h = modulate(block.norm1(x), shift, scale)
+        attn = block.attn
+        v = attn.qkv(h).reshape(3, h.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)[2]
+        out = (block.attention_logits(x, c).softmax(-1) @ v).transpose(1, 2).reshape(h.shape)
+        torch.testing.assert_close(attn.proj(out), attn(h), rtol=1e-5, atol=1e-6)
+
+
+def test_the_encoders_attention_logits_give_timms_own_attention_between_patches():
+    """The hook's scores, softmaxed, equal timm's explicit attention probabilities renormalised over the patch
+    tokens (CLS row and column removed)."""
+    from repa_probe.encoders import load_encoder
+    encoder = load_encoder("test_vit", random_init=True)
+    probs = {}
+    for b in (2, 6):
+        attn = encoder.model.blocks[b - 1].attn
+        attn.fused_attn = False
+        attn.attn_drop.register_forward_hook(lambda m, a, out, b=b: probs.__setitem__(b, out))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with encoder.attention_logits([2, 6]) as maps:
+        encoder.encode(images, 8)
+    for (b, p), logits in zip(sorted(probs.items()), maps):
+        patches = p[:, :, 1:, 1:] / p[:, :, 1:, 1:].sum(-1, keepdim=True)
+        assert logits.shape == (2, encoder.model.blocks[0].attn.num_heads, 64, 64)
+        torch.testing.assert_close(logits.softmax(-1), patches, rtol=1e-4, atol=1e-6)
+
+
+def test_step_1s_logged_attention_distillation_equals_the_hand_computation(arms):
+    """HASTE: the SiT's blocks 2 and 3 at t against the ViT's blocks 5 and 6 on the same images; the cross-entropy
+    of the student's attention rows under the teacher's, the teacher's first H heads paired one to one."""
+    from repa_probe.encoders import load_encoder
+    obj = read_checkpoint(arms["haste"] / "checkpoints" / f"{10:07d}.pt")
+    config = ModelConfig.from_dict(obj["config"])
+    cfg = tiny_config(arms["data"], arms["haste"], 0.5)
+    images, x, y, t, noise = replay_batch(cfg, ImageDataset(arms["data"], 16), step=1)
+    encoder = load_encoder("test_vit", random_init=True)
+    with encoder.attention_logits([5, 6]) as teacher:
+        encoder.encode(images.float() / 255, 8)
+    model = init_model(config, seed=0)
+    with torch.no_grad():
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+        h, c = model.embed(x_t, t, y)
+        h1 = model.blocks[0](h, c)
+        h2 = model.blocks[1](h1, c)
+        heads = teacher[0].shape[1]
+        ce = [-(u.softmax(-1) * torch.log(model.blocks[b].attention_logits(inp, c)[:, :heads].softmax(-1))).sum(-1).mean()
+              for b, inp, u in ((1, h1, teacher[0]), (2, h2, teacher[1]))]
+    rows = log_rows(arms["haste"])
+    assert rows[0]["loss_attn_align"] == pytest.approx(((ce[0] + ce[1]) / 2).item(), abs=1e-6)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["loss_denoise"] + 0.5 * rows[0]["loss_repa"]
+                                            + 0.5 * rows[0]["loss_attn_align"], abs=1e-5)
+    assert rows[-1]["step"] == 10 and rows[-1]["loss_attn_align"] is None and rows[-1]["loss_repa"] is None
+
+
+def test_attention_alignment_with_an_encoder_without_attention_is_one_line(cifar_dir, tmp_path):
+    from conftest import ONE_THREAD, run_cli
+    from test_train import tiny_flags
+    result = run_cli("train", *tiny_flags(cifar_dir / "test", tmp_path / "o", **{"--steps": 1}), "--encoder",
+                     "cifar-ssl-resnet", "--repa-depth", "1", "--attn-align", "0.5", env=ONE_THREAD)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "needs a ViT encoder" in lines[0], result.stderr

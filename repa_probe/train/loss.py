@@ -83,9 +83,9 @@ def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
     """
     x_t = interpolate(x, t, noise)
     terms = terms or {}
-    zs, hidden = [], []
+    zs, hidden, c = [], [], None
     if terms:
-        out, zs, hidden = model(x_t, t, y, return_zs=bool(targets), return_hidden=True)
+        out, zs, hidden, c = model(x_t, t, y, return_zs=bool(targets), return_hidden=True)
     elif targets:
         out, zs = model(x_t, t, y, return_zs=True)
     else:
@@ -93,7 +93,7 @@ def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
     parts = {"denoise": denoising_loss(out, velocity_target(x, noise)).mean(),
              "repa": repa_loss(zs, targets).mean() if targets else torch.zeros((), device=x.device)}
     loss = parts["denoise"] + repa_coeff * parts["repa"]
-    forward = Forward(hidden, x, noise, t, y)
+    forward = Forward(hidden, c, x, noise, t, y)
     for name, (weight, term) in terms.items():
         parts[name] = term(forward)
         loss = loss + weight * parts[name]

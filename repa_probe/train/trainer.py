@@ -49,6 +49,7 @@ when RUN_DIR/checkpoints holds a checkpoint; log rows past the resumed step are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -75,7 +76,8 @@ from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_dis
                                 resolve_device, resolve_precision, state_dict_sha256, torch_save_atomic, world_size,
                                 write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
-from repa_probe.train.terms import Context, Term, active_terms
+from repa_probe.train.terms import Context, Term, active_terms, past_alignment
+from repa_probe.train.terms.attn_align import encoder_blocks
 from repa_probe.train.terms.dispersive import VARIANTS as DISPERSIVE_VARIANTS
 
 
@@ -145,6 +147,18 @@ class TrainConfig:
     dispersive_variant: str = knob("infonce-l2", choices=DISPERSIVE_VARIANTS, resume=True, group=TERMS_GROUP,
                                    help="infonce-l2 (the authors' code, default) or infonce-cos (the paper's "
                                         "cosine InfoNCE)")
+    attn_align: float = knob(0.0, least=0, resume=True, metavar="COEFF", group=TERMS_GROUP,
+                             help="λ of HASTE's attention distillation: the SiT's attention maps at "
+                                  "--attn-align-blocks from the first --encoder's (a ViT); HASTE uses 0.5 beside "
+                                  "REPA's 0.5 and --align-until (default 0: off)")
+    attn_align_blocks: tuple[int, ...] | None = knob(None, kind="blocks", resume=True, metavar="BLOCKS",
+                                                     group=TERMS_GROUP,
+                                                     help="the SiT's blocks (default: the four ending at "
+                                                          "--repa-depth, 5–8 for 8 as HASTE)")
+    attn_align_teacher_blocks: tuple[int, ...] | None = knob(None, kind="blocks", resume=True, metavar="BLOCKS",
+                                                             group=TERMS_GROUP,
+                                                             help="the encoder's blocks, paired in order (default: "
+                                                                  "its last ones, 9–12 of 12 as HASTE)")
     self_align: float = knob(0.0, least=0, resume=True, metavar="COEFF", group=TERMS_GROUP,
                              help="λ of SRA's self-alignment: a head on block STUDENT of the model aligned to block "
                                   "TEACHER of its EMA at a lower noise level; the authors use 0.5 (default 0: off)")
@@ -465,9 +479,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.cfg_prob == 1:
         raise UserError(f"--cfg-prob {cfg.cfg_prob} must lie in [0, 1) (1 would drop every label)")
     depth = build_model_config(cfg, 10, [1] if cfg.repa_coeff > 0 else []).depth   # bad --model, sizes, --repa-depth
-    if cfg.align_until and cfg.repa_coeff == 0:
+    if cfg.align_until and cfg.repa_coeff == 0 and cfg.attn_align == 0:
         raise UserError(f"--align-until {cfg.align_until} switches off an alignment term this run does not have: "
-                        f"add --repa-coeff COEFF and --encoder NAME, or leave --align-until out")
+                        f"add --repa-coeff COEFF (or --attn-align COEFF) and --encoder NAME, or leave --align-until "
+                        f"out")
     for term in active_terms(cfg):
         term.check(cfg, depth)
     check_knobs(cfg.analysis, analysis_arg)
@@ -658,8 +673,10 @@ def setup(cfg: TrainConfig) -> Run:
     vae = load_vae(cfg.vae, device) if cfg.mode == "latents" else None
     repa = cfg.repa_coeff > 0
     encoders = [load_encoder(spec, random_init=cfg.encoder_random_init, device=device) for spec in cfg.encoders] \
-        if (repa or cfg.analyze_every) else []
+        if (repa or cfg.attn_align or cfg.analyze_every) else []
     model_cfg = build_model_config(cfg, num_classes, [e.embed_dim for e in encoders] if repa else [])
+    if cfg.attn_align:
+        encoder_blocks(cfg, encoders[0], model_cfg)          # a ViT teacher whose blocks and heads fit
     model = init_model(model_cfg, cfg.seed)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -743,11 +760,9 @@ def _train(cfg: TrainConfig) -> Path:
         y = torch.where(drop_all[part], run.num_classes, labels)
         if step == cfg.align_until + 1 and step > start_step + 1:
             net = _network(run, step)                                  # the projectors leave the update
-        targets = encoder_targets(run.encoders, images, grid, amp) if aligning(cfg, step) else []
-        if cfg.spatial_norm == "zscore":
-            targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
+        targets, attention = teacher_signals(run, images, grid, amp, step)
         weights = [term.weight(cfg, step) for term in terms]
-        context = Context(model, ema, functools.partial(draw_uniform, gen, cfg.seed, b, cfg.batch, part))
+        context = Context(model, ema, functools.partial(draw_uniform, gen, cfg.seed, b, cfg.batch, part), attention)
         losses = train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
                             targets, cfg, dict(zip(terms, weights)), context)
         sums += losses
@@ -771,16 +786,6 @@ def _train(cfg: TrainConfig) -> Path:
     progress.close()
 
     return _finish(run, last)
-
-
-def past_alignment(cfg: TrainConfig, step: int) -> bool:
-    """Whether --align-until has switched the alignment term off by (1-based) `step`."""
-    return bool(cfg.align_until) and step > cfg.align_until
-
-
-def aligning(cfg: TrainConfig, step: int) -> bool:
-    """Whether step `step` has an alignment term (a REPA run before its --align-until)."""
-    return cfg.repa_coeff > 0 and not past_alignment(cfg, step)
 
 
 def _network(run: Run, step: int) -> nn.Module:
@@ -889,6 +894,21 @@ def _log_row(run: Run, step: int, sums: torch.Tensor, n: int, counts: list[int],
            "lr": run.optimizer.param_groups[0]["lr"], "epoch": epoch, "elapsed_s": elapsed, "inputs_sha256": inputs_sha}
     _append_jsonl(run.out / "log.jsonl", [row])
     return row
+
+
+def teacher_signals(run: Run, images: torch.Tensor, grid: int, autocast, step: int
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What the encoders give step `step`: REPA's targets (z-scored for iREPA) and, with --attn-align, the first
+    encoder's attention maps at --attn-align-teacher-blocks; nothing past --align-until (the encoders do not run)."""
+    cfg = run.cfg
+    if past_alignment(cfg, step) or not (cfg.repa_coeff > 0 or cfg.attn_align > 0):
+        return [], []
+    blocks = encoder_blocks(cfg, run.encoders[0], run.model_cfg) if cfg.attn_align > 0 else ()
+    with run.encoders[0].attention_logits(blocks) if blocks else contextlib.nullcontext([]) as attention:
+        targets = encoder_targets(run.encoders, images, grid, autocast)
+    if cfg.spatial_norm == "zscore":
+        targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
+    return (targets if cfg.repa_coeff > 0 else []), list(attention)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The protocol of a training term: what it is given, how it says whether it acts, and its registry."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -13,7 +13,8 @@ from repa_probe.registry import Registry
 @dataclass
 class Forward:
     """One training forward, as the terms see it (hidden carries gradients)."""
-    hidden: list[torch.Tensor]      # hidden[b − 1]: block b's output tokens (N, T, D)
+    hidden: list[torch.Tensor]      # hidden[b]: block b's output tokens (N, T, D); hidden[0]: those entering block 1
+    c: torch.Tensor                 # (N, D) the blocks' condition (t and label embeddings)
     x: torch.Tensor                 # (N, C, H, W) clean input
     noise: torch.Tensor             # (N, C, H, W) ε of x_t = (1 − t)·x + t·ε
     t: torch.Tensor                 # (N,) canonical t (0 = data, 1 = noise)
@@ -28,6 +29,12 @@ class Context:
     model: nn.Module
     ema: nn.Module
     uniform: Callable[[str], torch.Tensor]
+    attention: list[torch.Tensor] = field(default_factory=list)   # the encoder's (--attn-align), (N, H, T, T)
+
+
+def past_alignment(cfg: Any, step: int) -> bool:
+    """Whether --align-until has switched the alignment terms (REPA's, HASTE's) off by (1-based) `step`."""
+    return bool(cfg.align_until) and step > cfg.align_until
 
 
 class Term(Protocol):

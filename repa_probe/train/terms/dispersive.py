@@ -58,8 +58,8 @@ class Dispersive:
                             f"model: pass 1..{depth} (default: the last)")
 
     def __call__(self, forward: Forward, cfg: Any, context: Context) -> torch.Tensor:
-        block = cfg.dispersive_block or len(forward.hidden)
-        return dispersive_loss(forward.hidden[block - 1], cfg.dispersive_tau, cfg.dispersive_variant)
+        block = cfg.dispersive_block or len(forward.hidden) - 1
+        return dispersive_loss(forward.hidden[block], cfg.dispersive_tau, cfg.dispersive_variant)
 
 
 TERMS.register("dispersive", Dispersive())

@@ -52,13 +52,13 @@ class SelfAlign:
                                 f"STUDENT,TEACHER in 1..{depth}, e.g. 8,20 for 28 blocks")
 
     def __call__(self, forward: Forward, cfg: Any, context: Context) -> torch.Tensor:
-        s, u = self_align_blocks(cfg, len(forward.hidden))
-        student = context.model.ap_head(forward.hidden[s - 1])                       # (N, T, D)
+        s, u = self_align_blocks(cfg, len(forward.hidden) - 1)
+        student = context.model.ap_head(forward.hidden[s])                           # (N, T, D)
         t_teacher = (forward.t - cfg.self_align_offset * context.uniform("self_align")).clamp(0, 1)
         with torch.no_grad():
             x_teacher = interpolate(forward.x, t_teacher, forward.noise)
-            _, _, hidden = context.ema(x_teacher, t_teacher, forward.y, return_hidden=True)
-        return sra_loss(student, hidden[u - 1])
+            hidden = context.ema(x_teacher, t_teacher, forward.y, return_hidden=True)[2]
+        return sra_loss(student, hidden[u])
 
 
 TERMS.register("self_align", SelfAlign())
