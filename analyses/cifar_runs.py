@@ -40,6 +40,10 @@ PRESETS = {
     # REPA at block 8 as REPA does for depth 28. A checkpoint every 500 steps: the training-length knob.
     "deep": dict(model="SiT-S/4", width=64, depth=28, heads=2, batch=64, steps=5000, lr=3e-4, ema=0.999,
                  ckpt_every=500, analyze_every=0, repa_depth=8, projector_dim=128, threads=1, parallel=True),
+    # 2 CPU cores, about half an hour for the five arms of analyses/successors.py side by side: the demo's 6-block
+    # width-128 SiT (patch 4, 64 tokens), 1,000 steps of 64 images, REPA at block 2.
+    "small": dict(model="SiT-S/4", width=128, depth=6, heads=2, batch=64, steps=1000, lr=3e-4, ema=0.999,
+                  ckpt_every=250, analyze_every=0, repa_depth=2, projector_dim=256, threads=1, parallel=True),
     # One H100, a few minutes per run: the reference run of docs/probe.md, 12 blocks of width 384, patch 2 (256 tokens).
     "gpu": dict(model="SiT-S/2", width=384, depth=12, heads=6, batch=256, steps=6000, lr=2e-4, ema=0.9995,
                 ckpt_every=1000, analyze_every=1000, repa_depth=4, projector_dim=2048, threads=0, parallel=False),
@@ -51,6 +55,11 @@ PRESETS = {
 RUNS = {"vanilla": (0.0, []), "repa": (0.5, []),
         "irepa": (0.5, ["--projector", "conv", "--projector-kernel", "3", "--spatial-norm", "zscore",
                         "--zscore-alpha", "0.6"])}
+# REPA's successors (docs/training.md), one flag each on the same seeds; "repa-stop" is REPA switched off halfway
+# (HASTE's --align-until, here at half of the preset's steps: the step is filled in by train_args)
+SUCCESSORS = {"repa-stop": (0.5, ["--align-until", "HALF"]), "sra": (0.0, ["--self-align", "0.5"]),
+              "dispersive": (0.0, ["--dispersive", "0.25"])}
+RUNS.update(SUCCESSORS)
 
 
 def finished(run: Path, steps: int) -> bool:
@@ -65,19 +74,21 @@ def train_args(p: dict, name: str, coeff: float, out: Path, extra: list[str] = (
             "--encoder", "cifar-ssl-resnet", "--repa-depth", str(p["repa_depth"]), "--repa-coeff", str(coeff),
             "--projector-dim", str(p["projector_dim"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
             "--lr", str(p["lr"]), "--ema-decay", str(p["ema"]), "--ckpt-every", str(p["ckpt_every"]),
-            "--log-every", "50", "--workers", "1", "--seed", str(seed), "--out", str(out / name), "--quiet", *extra] + ([
+            "--log-every", "50", "--workers", "1", "--seed", str(seed), "--out", str(out / name), "--quiet",
+            *[str(p["steps"] // 2) if a == "HALF" else a for a in extra]] + ([
             "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(DATA / "test"), "--analyze-n", "1000",
             "--analyze-blocks", ",".join(str(b) for b in range(1, depth + 1)), "--analyze-t", "0,0.25,0.5"]
             if p["analyze_every"] else [])
 
 
-def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False, seed: int = 0) -> dict[str, Path]:
-    """Train (or finish) the vanilla and REPA runs of a preset and training seed, and iREPA if asked;
-    → {name: run folder}."""
+def ensure_runs(preset: str, out: Path | None = None, irepa: bool = False, seed: int = 0,
+                arms: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Train (or finish) the vanilla and REPA runs of a preset and training seed, and iREPA if asked (or the
+    given `arms` of RUNS); → {name: run folder}."""
     p = PRESETS[preset]
     out = out or REPO / "runs" / f"cifar_{preset}" / (f"seed{seed}" if seed else "")
     out.mkdir(parents=True, exist_ok=True)
-    runs = {name: RUNS[name] for name in (RUNS if irepa else ["vanilla", "repa"])}
+    runs = {name: RUNS[name] for name in (arms or (["vanilla", "repa", "irepa"] if irepa else ["vanilla", "repa"]))}
     env = dict(os.environ)
     if p["threads"]:
         env["OMP_NUM_THREADS"] = str(p["threads"])
@@ -107,7 +118,7 @@ def exported(preset: str, seed: int = 0, arms: tuple[str, ...] = ("vanilla", "re
     run's training log and config. Trains or finishes the runs first if they are not there; an existing export
     is kept (its hash is the report's)."""
     from export_weights import export
-    folder, runs = REPO / "reports" / "weights" / f"cifar_{preset}", ensure_runs(preset, irepa="irepa" in arms, seed=seed)
+    folder, runs = REPO / "reports" / "weights" / f"cifar_{preset}", ensure_runs(preset, seed=seed, arms=arms)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for arm in arms:
