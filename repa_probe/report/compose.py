@@ -8,6 +8,7 @@ registered function (`register_figure`); it draws, it computes nothing the findi
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -128,10 +129,18 @@ def heatmap_pages(f: Findings, table: pd.DataFrame) -> list:
 
 @register_figure
 def similarity_pages(f: Findings, table: pd.DataFrame) -> list:
-    """Each checkpoint's block × block linear CKA at t = 0."""
-    return [(f"layer similarity {name}", F.similarity_matrix(
-        sim, f"{name}: block × block linear CKA at t = 0 (block 0 = patch embedding)"))
-        for name, sim in f.similarity.items()]
+    """The SRA view of each checkpoint (findings/similarity.py): block × block linear CKA at each t, and t × t
+    of each block."""
+    pages = []
+    for name, s in f.similarity.items():
+        ts = [f"{t:g}" for t in s.ts]
+        pages.append((f"layer similarity {name}", F.similarity_matrices(
+            list(s.by_t), [f"t = {t}" for t in ts], f"{name}: block × block linear CKA (block 0 = patch embedding)")))
+        if len(ts) > 1:
+            pages.append((f"noise similarity {name}", F.similarity_matrices(
+                list(s.by_block), [f"block {b}" for b in s.blocks], f"{name}: t × t linear CKA of each block",
+                xlabel="t", ylabel="t", labels=ts, max_cols=math.ceil(math.sqrt(len(s.blocks) * 1.5)))))
+    return pages
 
 
 @register_figure
@@ -142,7 +151,8 @@ def delta_pages(f: Findings, table: pd.DataFrame) -> list:
         figs += [(f"deltas {name}", fig) for fig in F.delta_heatmaps(deltas, first, name)]
         if name in f.cross_similarity:
             figs.append((f"cross similarity {name}", F.similarity_matrix(
-                f.cross_similarity[name], f"linear CKA at t = 0: {first} block (rows) × {name} block (columns)",
+                f.cross_similarity[name], f"linear CKA at t = {f.config.ts[0]:g}: {first} block (rows) × {name} "
+                                          f"block (columns)",
                 xlabel=f"{name} block", ylabel=f"{first} block")))
     return figs
 
