@@ -86,3 +86,23 @@ def test_dispersion_reaches_analyze_with_its_batch_size_and_an_interval(tmp_path
     batches = dispersion_batches(np.arange(n), size, [0, 8191])
     want = [dispersion(h.mean(1).numpy(), batches) for h in tokens]
     np.testing.assert_allclose(model["value"], want, rtol=1e-5)
+
+
+def test_the_trainers_analysis_reports_the_dispersion_of_its_ema(cifar_dir, tmp_path):
+    """`train --analyze-dispersion`: the rows of analysis.jsonl hold the EMA's dispersion at the blocks analysed."""
+    from test_train import analysis, tiny_config as train_config
+    from repa_probe.train.trainer import train
+    run, n, t = tmp_path / "run", 40, 0.5
+    train(train_config(cifar_dir / "train", run, 0.0, steps=2, analyze_every=2, log_every=2,
+                       analysis=analysis(data=str(cifar_dir / "test"), n=n, ts=(t,), blocks=(1, 3), dispersion=True)))
+    rows = pd.DataFrame([json.loads(line) for line in (run / "analysis.jsonl").read_text().splitlines()])
+    rows = rows[(rows["step"] == 2) & (rows["metric"] == "dispersion")].sort_values("block")
+    assert list(rows["block"]) == [1, 3]
+    ckpt = load_checkpoint(run / "checkpoints" / "0000002.pt", weights="ema")
+    data = make_dataset(cifar_dir / "test", 16, n, 0, False)
+    images, ids = torch.stack([data[i][0] for i in range(len(data))]), torch.as_tensor(data.ids)
+    x_t, timestep = noisy_input(ckpt.convention, to_model_space(images, "pixels"), ids, t, 0)
+    tokens, _ = hooked_tokens(ckpt.model.eval(), x_t, timestep, torch.full((n,), 10))
+    batches = dispersion_batches(np.arange(n), int(rows["n"].iloc[0]), [0, 8191])
+    np.testing.assert_allclose(rows["value"], [dispersion(tokens[b].mean(1).numpy(), batches) for b in (1, 3)],
+                               rtol=1e-5)
