@@ -10,7 +10,7 @@ that lacks what a measure reads gets no curves from it.
 Built in, in report order: the alignment metrics (one measure over the metrics registry, metrics.py), the
 linear probe (probe.py), the spatial measures (one measure over the spatial registry, spatial.py), token
 alignment and the projector cosine (tokens.py), the dispersion of each block (what Dispersive Loss minimises,
-train/terms/dispersive.py). A new measure is one file that calls `register_measure`
+train/terms/dispersive.py), attention-map alignment (attention.py). A new measure is one file that calls `register_measure`
 (docs/extending.md).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
+from repa_probe.attention import METRICS as ATTENTION_METRICS, attention_values
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.curves import Curves, HeldOut
 from repa_probe.probe import ProbeConfig, linear_probe
@@ -363,6 +364,7 @@ register_measure(Measure("projector cosine", _projector_cosine, lambda: {PROJECT
 register_measure(Measure("dispersion", _dispersion,
                          lambda: {DISPERSION: "dispersion (Dispersive Loss, InfoNCE-L2, τ = 1)"},
                          lambda cfg: cfg.dispersion, depends_on_n=True))
+register_measure(Measure("attention", attention_values, lambda: ATTENTION_METRICS, lambda cfg: cfg.attention))
 
 
 def selected(cfg) -> list[Measure]:

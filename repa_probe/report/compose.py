@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from repa_probe import metrics as M
 from repa_probe.findings import Findings, analysis_findings, panels
 from repa_probe.findings.generation import headline_correlation
 from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
@@ -382,9 +383,11 @@ def _baseline_kinds(table: pd.DataFrame) -> dict[str, str]:
 
 
 def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:
-    """The first alignment metric of each encoder, then the probe's top-1 (at most three panels)."""
+    """The first alignment metric of each encoder (another measure against it where it has none), then the
+    probe's top-1 (at most three panels)."""
     panels_ = panels(table) or panels(table, single_block=True)
-    align = list(dict.fromkeys((m, e) for m, e in panels_ if e))
+    against = [(m, e) for m, e in panels_ if e]
+    align = list(dict.fromkeys([p for p in against if p[0] in M.METRICS] + against))
     first = [next(p for p in align if p[1] == enc) for enc in dict.fromkeys(e for _, e in align)]
     probe = [p for p in panels_ if p[0] == "probe_top1"]
     return (first[:2] + probe)[:3] or panels_[:1]
