@@ -10,8 +10,8 @@ that lacks what a measure reads gets no curves from it.
 Built in, in report order: the alignment metrics (one measure over the metrics registry, metrics.py), the
 linear probe (probe.py), the spatial measures (one measure over the spatial registry, spatial.py), token
 alignment and the projector cosine (tokens.py), the dispersion of each block (what Dispersive Loss minimises,
-train/terms/dispersive.py), attention-map alignment (attention.py). A new measure is one file that calls `register_measure`
-(docs/extending.md).
+train/terms/dispersive.py), attention-map alignment (attention.py). A new measure is one file that calls
+`register_measure` (docs/extending.md).
 """
 from __future__ import annotations
 

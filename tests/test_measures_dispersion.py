@@ -37,7 +37,8 @@ def test_two_points_and_their_scaling_have_the_closed_form():
     x = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 2.0, 0.0]])
     s = 6.0 / 4
     for a in (1.0, 0.5, 3.0):
-        assert dispersion(a * x, np.array([[0, 1]])) == pytest.approx(math.log((1 + math.exp(-a * a * s)) / 2), rel=1e-6)
+        want = math.log((1 + math.exp(-a * a * s)) / 2)
+        assert dispersion(a * x, np.array([[0, 1]])) == pytest.approx(want, rel=1e-6)
 
 
 def test_it_is_the_mean_over_batches_of_the_trainers_loss_and_of_the_formula():

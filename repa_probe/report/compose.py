@@ -136,7 +136,8 @@ def similarity_pages(f: Findings, table: pd.DataFrame) -> list:
     for name, s in f.similarity.items():
         ts = [f"{t:g}" for t in s.ts]
         pages.append((f"layer similarity {name}", F.similarity_matrices(
-            list(s.by_t), [f"t = {t}" for t in ts], f"{name}: block × block linear CKA (block 0 = patch embedding)")))
+            list(s.by_t), [f"t = {t}" for t in ts],
+            f"{name}: block × block linear CKA (block 0 = patch embedding)")))
         if len(ts) > 1:
             pages.append((f"noise similarity {name}", F.similarity_matrices(
                 list(s.by_block), [f"block {b}" for b in s.blocks], f"{name}: t × t linear CKA of each block",
