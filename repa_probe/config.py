@@ -198,6 +198,14 @@ class AnalyzeConfig:
                         help="also patch-level alignment on one seeded token per image: token-level versions of "
                              "--metrics against the encoder's token of the same cell, and the mean cosine after "
                              "the checkpoint's own REPA projector at its aligned block (docs/spatial.md)")
+    dispersion: bool = knob(False, group=METRICS,
+                            help="also each block's dispersion: what Dispersive Loss minimises (InfoNCE-L2, τ = 1) "
+                                 "on the pooled features, averaged over seeded disjoint batches of 64 images "
+                                 "(docs/metrics.md)")
+    attention: bool = knob(False, group=METRICS,
+                           help="also each block's attention map (averaged over heads) against the encoder's last "
+                                "block's, as HASTE distils it: row-wise KL and cosine per image, from one more pass "
+                                "per batch and t (docs/metrics.md)")
     k: int = knob(10, least=1, group=METRICS, help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
     bootstrap: int = knob(20, least=0, most=10_000, group=METRICS,
                           help="bootstrap replicates for every interval (alignment subsamples, probe refits), 0 = "

@@ -9,8 +9,9 @@ that lacks what a measure reads gets no curves from it.
 
 Built in, in report order: the alignment metrics (one measure over the metrics registry, metrics.py), the
 linear probe (probe.py), the spatial measures (one measure over the spatial registry, spatial.py), token
-alignment and the projector cosine (tokens.py). A new measure is one file that calls `register_measure`
-(docs/extending.md).
+alignment and the projector cosine (tokens.py), the dispersion of each block (what Dispersive Loss minimises,
+train/terms/dispersive.py), attention-map alignment (attention.py). A new measure is one file that calls
+`register_measure` (docs/extending.md).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
+from repa_probe.attention import METRICS as ATTENTION_METRICS, attention_values
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.curves import Curves, HeldOut
 from repa_probe.probe import ProbeConfig, linear_probe
@@ -299,6 +301,56 @@ def _projector_cosine(pipe, src: Source) -> list[Curves]:
     return out
 
 
+#################################################################################
+#                                   Dispersion                                  #
+#################################################################################
+
+DISPERSION = "dispersion"
+DISPERSION_BATCH = 64            # images per log-mean: the dispersive term's is over one training batch
+
+
+def dispersion_batches(rows: np.ndarray, size: int, seed: list[int]) -> np.ndarray:
+    """`rows` in a seeded order, cut into len(rows) // size disjoint batches (the rest left out): [K, size]."""
+    order = np.random.default_rng(seed).permutation(np.asarray(rows))
+    return order[:len(order) // size * size].reshape(-1, size)
+
+
+def dispersion(features, batches: np.ndarray) -> float:
+    """What Dispersive Loss minimises (InfoNCE-L2, τ = 1: train/terms/dispersive.py's dispersive_loss), of the
+    rows of `features` [N, D] in each batch [K, size], averaged over the K batches:
+    mean_k log( (1/size²) Σ_i,j∈k exp(−‖z_i − z_j‖² / D) ). 0 when the rows coincide, ≥ −log size."""
+    from repa_probe.train.terms.dispersive import dispersive_loss       # the trainer's, imported when used
+    z = torch.as_tensor(np.asarray(features))[torch.as_tensor(batches)]  # [K, size, D]
+    return float(torch.vmap(dispersive_loss)(z).double().mean())
+
+
+def _dispersion(pipe, src: Source) -> list[Curves]:
+    """The dispersion of every block's pooled features per t, on the same seeded batches of DISPERSION_BATCH
+    images for every source, with paired subsample replicates (each re-batched with its own seed)."""
+    if src.pooled is None:
+        return []
+    cfg, n = pipe.cfg, len(src.ids)
+    draws = stats.subsamples(n, cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
+    size = min(DISPERSION_BATCH, n, *(len(d) for d in draws))
+    if size < DISPERSION_BATCH:
+        note = (f"dispersion on batches of {size} images, not {DISPERSION_BATCH}: the fewest that every bootstrap "
+                f"subsample of the n = {n} images holds (pass a larger --n)")
+        cfg.notes += [] if note in cfg.notes else [note]
+    full = dispersion_batches(np.arange(n), size, [cfg.seed, 8191])
+    batches = [dispersion_batches(d, size, [cfg.seed, 8191, r + 1]) for r, d in enumerate(draws)]
+    value = np.zeros((len(src.ts), len(src.blocks)))
+    reps = np.zeros((len(draws),) + value.shape)
+    for index in np.ndindex(*value.shape):
+        x = np.asarray(src.pooled[index])                                  # [N, D]
+        value[index] = dispersion(x, full)
+        for r, b in enumerate(batches):
+            reps[(r,) + index] = dispersion(x, b)
+    scale = stats.subsample_scale([len(d) for d in draws], n) if draws else None
+    ci = stats.centred_interval(value, reps, scale) if draws else None
+    return [Curves(src.name, src.kind, DISPERSION, "", src.ts, src.blocks, value, ci, reps if draws else None, scale,
+                   n=size)]
+
+
 register_measure(Measure("alignment", _alignment, lambda: {m: M.METRICS[m].label for m in M.METRICS},
                          lambda cfg: True, depends_on_n=True))
 register_measure(Measure("probe", _probe, lambda: PROBE_METRICS, lambda cfg: cfg.probe, display_scale=100.0))
@@ -309,6 +361,10 @@ register_measure(Measure("token alignment", _token_alignment,
                          lambda cfg: cfg.tokens, needs=("tokens",), depends_on_n=True))
 register_measure(Measure("projector cosine", _projector_cosine, lambda: {PROJECTOR_COSINE: "projector cosine"},
                          lambda cfg: cfg.tokens, needs=("projected",)))
+register_measure(Measure("dispersion", _dispersion,
+                         lambda: {DISPERSION: "dispersion (Dispersive Loss, InfoNCE-L2, τ = 1)"},
+                         lambda cfg: cfg.dispersion, depends_on_n=True))
+register_measure(Measure("attention", attention_values, lambda: ATTENTION_METRICS, lambda cfg: cfg.attention))
 
 
 def selected(cfg) -> list[Measure]:

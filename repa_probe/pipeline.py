@@ -63,13 +63,14 @@ COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci
 
 @dataclass
 class Analysed:
-    """What one checkpoint (or baseline) contributes: its name, kind, loaded checkpoint and curves, plus the
-    t = 0 block features for the block × block similarity figures."""
+    """What one checkpoint (or baseline) contributes: its name, kind, loaded checkpoint and curves, plus a model's
+    pooled block features [T, B, N, D] (every block analysed) for the block × block and t × t similarity
+    (findings/similarity.py)."""
     name: str
     kind: str
     ckpt: LoadedCheckpoint
     curves: list[Curves]
-    block_feats_t0: np.ndarray | None = None
+    block_feats: np.ndarray | None = None
 
 
 @dataclass
@@ -354,7 +355,7 @@ class Pipeline:
         images and noise, and the encoders' own tokens (findings/baselines.py)."""
         data = self.datasets(ckpt)
         model, feats, probe_feats = self.source_of(ckpt, name, "model", data)
-        t0 = np.asarray(feats.blocks[0]) if self.cfg.blocks is None else None
+        pooled = feats.blocks if self.cfg.blocks is None else None
         sources, arch = [model], arch_key(ckpt)
         if self.cfg.baselines and arch not in self._untrained_done:
             self._untrained_done.add(arch)
@@ -364,7 +365,7 @@ class Pipeline:
             sources.append(self.source_of(untrained, f"untrained{suffix}", "untrained", data)[0])
             sources += self.encoder_sources(model, suffix)
         return [Analysed(s.name, s.kind, s.ckpt, [c for m in self.measures for c in m.curves(self, s)],
-                         t0 if s is model else None) for s in sources]
+                         pooled if s is model else None) for s in sources]
 
     def source_of(self, ckpt: LoadedCheckpoint, name: str, kind: str, data) -> tuple[Source, Features, tuple | None]:
         """A model (or its untrained twin) as a Source of the alignment images, with its Features and those of

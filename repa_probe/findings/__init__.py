@@ -7,7 +7,8 @@
   trends.py     each run's change from the first training step to the last, per block group
   generation.py sample quality (gen.csv) beside the representation measures: their rank correlation
   monitor.py    over training: the step from which REPA's benefit over vanilla stops improving (--align-until)
-  (here)        Findings, which gathers them with the block × block similarity at t = 0 and the samples
+  similarity.py the SRA view: each model's block × block (per t) and t × t (per block) linear CKA
+  (here)        Findings, which gathers them with the samples
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from repa_probe import metrics as M
 from repa_probe.findings.baselines import baseline_gaps
 from repa_probe.findings.generation import correlations, side_by_side
 from repa_probe.findings.monitor import monitor_runs
 from repa_probe.findings.seeds import Groups, mean_curves, seed_table
+from repa_probe.findings.similarity import SelfSimilarity, block_similarity, similarity_table
 from repa_probe.findings.summary import compare_summary, paired_deltas, peak_summary
 from repa_probe.findings.trends import block_groups, steps_table, trajectory_summary
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Results
@@ -46,7 +47,7 @@ class Findings:
     seed_groups: Groups = field(default_factory=dict)
     seeds: pd.DataFrame | None = None          # seeds.csv
     seed_means: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)   # {(metric, encoder): means}
-    similarity: dict[str, np.ndarray] = field(default_factory=dict)          # {model: block × block CKA, t = 0}
+    similarity: dict[str, SelfSimilarity] = field(default_factory=dict)     # {model: block × block, t × t CKA}
     cross_similarity: dict[str, np.ndarray] = field(default_factory=dict)    # {later model: first's × its blocks}
     samples: dict[str, np.ndarray] = field(default_factory=dict)             # {model: uint8 image grid}
     # trajectory
@@ -71,6 +72,8 @@ class Findings:
             if self.compare is not None else {}
         if self.baseline_gaps is not None:
             tables["baseline_gaps"] = self.baseline_gaps
+        if self.similarity:
+            tables["self_similarity"] = similarity_table(self.similarity)
         if self.generation is not None:
             tables.update(gen=self.generation, gen_correlation=self.gen_correlation)
         return {**tables, **({"seeds": self.seeds} if self.seed_groups else {})}
@@ -91,7 +94,8 @@ def aligned_blocks(results: Results) -> dict[str, int]:
 
 def analysis_findings(results: Results, table: pd.DataFrame | None = None, *, pages: bool = True) -> Findings:
     """An analysis's or comparison's numbers (deltas are each later model − the first); `table`: results.table(),
-    if already made. pages=False leaves out what only the pages show (block similarity, samples)."""
+    if already made. pages=False leaves out what only the pages and their tables show (block similarity,
+    samples)."""
     table, models, aligned = results.table() if table is None else table, results.models, aligned_blocks(results)
     peaks, ref = peak_summary(results), models[0].name
     compare = pd.concat([compare_summary(results, ref, m.name, aligned.get(m.name, aligned.get(ref)))
@@ -106,7 +110,8 @@ def analysis_findings(results: Results, table: pd.DataFrame | None = None, *, pa
     if results.generation is not None:
         with_generation(found, results.generation)
     if pages:
-        found.similarity, found.cross_similarity = block_similarity(models)
+        found.similarity, found.cross_similarity = block_similarity(models, list(results.config.ts),
+                                                                    results.config.device)
         found.samples = samples(results)
     return found
 
@@ -117,17 +122,6 @@ def with_generation(f: Findings, gen: pd.DataFrame) -> Findings:
     f.gen_points = side_by_side(gen, f.table, f.kind == "trajectory")
     f.gen_correlation = correlations(f.gen_points, f.config.seed)
     return f
-
-
-def block_similarity(models: list[Analysed]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Linear CKA at t = 0 between blocks: each model's block × block, and the first model's blocks (rows) × each
-    later model's (columns); block 0 is the patch embedding."""
-    feats = {a.name: a.block_feats_t0 for a in models if a.block_feats_t0 is not None}
-    first = models[0].name
-    within = {name: M.similarity_matrix(x, metric="cka") for name, x in feats.items()}
-    cross = {m.name: M.similarity_matrix(feats[first], feats[m.name], metric="cka")
-             for m in models[1:] if first in feats and m.name in feats}
-    return within, cross
 
 
 def samples(results: Results) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ registered function (`register_figure`); it draws, it computes nothing the findi
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from repa_probe import metrics as M
 from repa_probe.findings import Findings, analysis_findings, panels
 from repa_probe.findings.generation import headline_correlation
 from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
@@ -128,10 +130,19 @@ def heatmap_pages(f: Findings, table: pd.DataFrame) -> list:
 
 @register_figure
 def similarity_pages(f: Findings, table: pd.DataFrame) -> list:
-    """Each checkpoint's block × block linear CKA at t = 0."""
-    return [(f"layer similarity {name}", F.similarity_matrix(
-        sim, f"{name}: block × block linear CKA at t = 0 (block 0 = patch embedding)"))
-        for name, sim in f.similarity.items()]
+    """The SRA view of each checkpoint (findings/similarity.py): block × block linear CKA at each t, and t × t
+    of each block."""
+    pages = []
+    for name, s in f.similarity.items():
+        ts = [f"{t:g}" for t in s.ts]
+        pages.append((f"layer similarity {name}", F.similarity_matrices(
+            list(s.by_t), [f"t = {t}" for t in ts],
+            f"{name}: block × block linear CKA (block 0 = patch embedding)")))
+        if len(ts) > 1:
+            pages.append((f"noise similarity {name}", F.similarity_matrices(
+                list(s.by_block), [f"block {b}" for b in s.blocks], f"{name}: t × t linear CKA of each block",
+                xlabel="t", ylabel="t", labels=ts, max_cols=math.ceil(math.sqrt(len(s.blocks) * 1.5)))))
+    return pages
 
 
 @register_figure
@@ -142,7 +153,8 @@ def delta_pages(f: Findings, table: pd.DataFrame) -> list:
         figs += [(f"deltas {name}", fig) for fig in F.delta_heatmaps(deltas, first, name)]
         if name in f.cross_similarity:
             figs.append((f"cross similarity {name}", F.similarity_matrix(
-                f.cross_similarity[name], f"linear CKA at t = 0: {first} block (rows) × {name} block (columns)",
+                f.cross_similarity[name], f"linear CKA at t = {f.config.ts[0]:g}: {first} block (rows) × {name} "
+                                          f"block (columns)",
                 xlabel=f"{name} block", ylabel=f"{first} block")))
     return figs
 
@@ -372,9 +384,11 @@ def _baseline_kinds(table: pd.DataFrame) -> dict[str, str]:
 
 
 def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:
-    """The first alignment metric of each encoder, then the probe's top-1 (at most three panels)."""
+    """The first alignment metric of each encoder (another measure against it where it has none), then the
+    probe's top-1 (at most three panels)."""
     panels_ = panels(table) or panels(table, single_block=True)
-    align = list(dict.fromkeys((m, e) for m, e in panels_ if e))
+    against = [(m, e) for m, e in panels_ if e]
+    align = list(dict.fromkeys([p for p in against if p[0] in M.METRICS] + against))
     first = [next(p for p in align if p[1] == enc) for enc in dict.fromkeys(e for _, e in align)]
     probe = [p for p in panels_ if p[0] == "probe_top1"]
     return (first[:2] + probe)[:3] or panels_[:1]

@@ -315,15 +315,26 @@ def curves_over_t(results: pd.DataFrame, checkpoint: str, metrics: list[tuple[st
 def similarity_matrix(matrix: np.ndarray, title: str, xlabel: str = "block", ylabel: str = "block",
                       metric: str = "CKA") -> plt.Figure:
     """Layer × layer (or model A block × model B block) similarity heatmap."""
-    fig, ax = plt.subplots(figsize=(PAGE[1] * 1.1, PAGE[1]))
+    return similarity_matrices([matrix], [""], title, xlabel, ylabel, metric)
+
+
+def similarity_matrices(matrices: list[np.ndarray], titles: list[str], title: str, xlabel: str = "block",
+                        ylabel: str = "block", metric: str = "CKA", labels: list[str] | None = None,
+                        max_cols: int = 3) -> plt.Figure:
+    """One page of similarity heatmaps on one colour scale, one panel each (`labels`: both axes' ticks)."""
+    fig, axes = _panel_grid(len(matrices), max_cols)
     # the colour range follows the data: mean-pooled blocks of one residual stream are often all above 0.9
-    sns.heatmap(matrix, ax=ax, cmap="rocket", vmin=float(np.floor(np.nanmin(matrix) * 20) / 20), vmax=1,
-                square=True, cbar_kws={"label": metric})
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
-    ax.invert_yaxis()
-    fig.tight_layout()
+    vmin = float(np.floor(np.nanmin(np.stack(matrices)) * 20) / 20)
+    ticks = labels if labels is not None else "auto"
+    for ax, matrix, sub in zip(axes, matrices, titles):
+        sns.heatmap(matrix, ax=ax, cmap="rocket", vmin=vmin, vmax=1, square=True, cbar=False,
+                    xticklabels=ticks, yticklabels=ticks)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(sub, fontsize=9)
+        ax.invert_yaxis()
+    fig.colorbar(axes[0].collections[0], ax=list(axes), shrink=0.8, label=metric)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 

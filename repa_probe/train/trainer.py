@@ -208,7 +208,8 @@ class TrainConfig:
                          help="samples per --eval-every evaluation (the same noise and labels at every step)")
     analysis: AnalyzeConfig = knob(
         factory=_analysis, nest=("data", "n", "blocks", "ts", "k", "alignment_metrics", "spatial", "tokens",
-                                 "gen_reference", "gen_reference_n", "gen_spaces", "gen_sampler", "gen_steps"),
+                                 "dispersion", "attention", "gen_reference", "gen_reference_n", "gen_spaces",
+                                 "gen_sampler", "gen_steps"),
         prefix="analyze",
         group=ANALYSIS, helps={"data": "held-out ImageFolder (default: --data)", "n": "held-out images (default: 1000)",
                                "blocks": "1-based blocks (default: REPA depth, middle, last)",
