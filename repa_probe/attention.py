@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from repa_probe.capture import capture_batch, input_space
 from repa_probe.data import load_vae, to_model_space
+from repa_probe.models import attention_logits
 from repa_probe.runtime import AUTOCAST_DTYPES
 
 METRICS = {"attention_kl": "attention-map KL, encoder ‖ block (0 = equal)",
@@ -40,12 +41,8 @@ def log_attention(attn: nn.Module, x: Tensor, prefix: int = 0) -> Tensor:
     """log of the head-averaged attention map (N, T', T') of a timm-style attention module on its input x (N, T, D),
     in float32, the first `prefix` tokens dropped from rows and columns before the softmax."""
     with torch.autocast(x.device.type, enabled=False):
-        n, t, _ = x.shape
-        heads = attn.num_heads
-        q, k, _ = attn.qkv(x.float()).reshape(n, t, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)                               # (N, heads, T, d_head)
-        logits = (q @ k.transpose(-2, -1))[:, :, prefix:, prefix:] / math.sqrt(q.shape[-1])
-        return torch.logsumexp(logits.log_softmax(-1), dim=1) - math.log(heads)   # log mean_h softmax
+        logits = attention_logits(attn, x.float(), prefix)                  # (N, heads, T', T')
+        return torch.logsumexp(logits.log_softmax(-1), dim=1) - math.log(attn.num_heads)   # log mean_h softmax
 
 
 def attention_scores(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from repa_probe import teacher as cifar_teacher
 from repa_probe.checkpoints import safe_torch_load
 from repa_probe.errors import UserError
+from repa_probe.models import attention_logits
 from repa_probe.registry import Registry
 
 #################################################################################
@@ -518,11 +519,7 @@ class Encoder(nn.Module):
 
         def record(i: int):
             def hook(attn: nn.Module, args: tuple) -> None:
-                (x,) = args[:1]
-                N, T, D = x.shape
-                qkv = attn.qkv(x).reshape(N, T, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)
-                q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-                maps[i] = ((q * attn.scale) @ k.transpose(-2, -1))[:, :, p:, p:].float()
+                maps[i] = attention_logits(attn, args[0], p).float()
             return hook
         handles = [attns[b - 1].register_forward_pre_hook(record(i)) for i, b in enumerate(blocks)]
         try:

@@ -130,6 +130,16 @@ class LabelEmbedder(nn.Module):
 #                                 Core SiT Model                                #
 #################################################################################
 
+def attention_logits(attn: nn.Module, x: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """The pre-softmax scores q·kᵀ/√d_head (N, heads, T − prefix, T − prefix) of a timm-style attention module
+    (`qkv`, `num_heads`, `q_norm`, `k_norm`: ours and timm's ViTs) on its input x (N, T, D), the first `prefix`
+    tokens (CLS, registers) dropped from rows and columns."""
+    n, t, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(n, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)                               # (N, heads, T, d_head)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1))[:, :, prefix:, prefix:]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention (flash/fused when available)."""
 
@@ -143,21 +153,12 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                       # (N, heads, T, head_dim)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention's pre-softmax scores q·kᵀ/√d (N, heads, T, T), what HASTE distils."""
-        q, k, _ = self._qkv(x)
-        return (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
 class Mlp(nn.Module):
@@ -194,7 +195,7 @@ class SiTBlock(nn.Module):
     def attention_logits(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The pre-softmax attention scores (N, heads, T, T) of this block for its input tokens x and condition c."""
         shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=-1)[:2]
-        return self.attn.logits(modulate(self.norm1(x), shift_msa, scale_msa))
+        return attention_logits(self.attn, modulate(self.norm1(x), shift_msa, scale_msa))
 
 
 class FinalLayer(nn.Module):
