@@ -224,7 +224,8 @@ def main() -> None:
               "authors_file_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
               "ours_step1": first[key], "authors_step1": term, "difference": first[key] - term,
               "ours_step1_loss": first["loss"], "authors_step1_loss": loss, "loss_difference": first["loss"] - loss,
-              "batch": cfg.batch, "model": f"{model_cfg.depth} blocks × {model_cfg.hidden_size}", **(checks or [{}])[0]}
+              "batch": cfg.batch, "model": f"{model_cfg.depth} blocks × {model_cfg.hidden_size}",
+              **(checks[0] if checks else {})}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.method}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

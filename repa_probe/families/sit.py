@@ -13,9 +13,9 @@ REG's checkpoints (Martinser/REG: the repa-train layout plus the class token's `
 token; the analysis sees the image tokens only (`block_tokens`).
 
 The architecture is read off the tensor shapes: width, depth, patch, channels, input size, classes,
-learn-sigma, qk-norm, projector dims, REG's class-token width. The number of attention heads is not in the shapes (unless qk-norm
-is on): it comes from the file's config or args, from `heads`, or from the standard sizes (an assumption
-every report states); a custom width without any of these is refused rather than guessed.
+learn-sigma, qk-norm, projector dims, REG's class-token width. The number of attention heads is not in the
+shapes (unless qk-norm is on): it comes from the file's config or args, from `heads`, or from the standard sizes
+(an assumption every report states); a custom width without any of these is refused rather than guessed.
 """
 from __future__ import annotations
 

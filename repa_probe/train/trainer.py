@@ -349,8 +349,8 @@ def init_model(config: ModelConfig, seed: int) -> SiT:
         projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z, config.projector,
                                                     config.projector_kernel) for z in config.z_dims])
         head = SRAHead(config.hidden_size) if config.sra_head else None
-        cls_in, cls_out = (nn.Linear(config.cls_token_dim, config.hidden_size),
-                           nn.Linear(config.hidden_size, config.cls_token_dim)) if config.cls_token_dim else (None, None)
+        width, cls_dim = config.hidden_size, config.cls_token_dim
+        cls_in, cls_out = (nn.Linear(cls_dim, width), nn.Linear(width, cls_dim)) if cls_dim else (None, None)
     for stream, heads in (("projectors", projectors), ("sra_head", head), ("reg_cls", cls_in)):  # own streams
         g = torch.Generator().manual_seed(stream_seed(seed, stream))
         for module in heads.modules() if heads is not None else ():
@@ -363,9 +363,9 @@ def init_model(config: ModelConfig, seed: int) -> SiT:
         nn.init.zeros_(cls_out.weight)
         nn.init.zeros_(cls_out.bias)
         model.final_layer.linear_cls = cls_out
-        model.cls_projectors2, model.wg_norm = cls_in, nn.LayerNorm(config.hidden_size, eps=1e-6)
+        model.cls_projectors2, model.wg_norm = cls_in, nn.LayerNorm(width, eps=1e-6)
         pos = model.pos_embed.data
-        model.pos_embed = nn.Parameter(torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1), requires_grad=False)
+        model.pos_embed = nn.Parameter(torch.cat([pos.new_zeros(1, 1, width), pos], dim=1), requires_grad=False)
     model.config = config
     return model
 
