@@ -430,13 +430,21 @@ def _few(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def _timm_patch_tokens(model: nn.Module, x: Tensor, final_norm: bool) -> Tensor:
-    """Last block's patch tokens [N, T, D] (CLS and registers removed), optionally after the final norm."""
-    return model.forward_intermediates(x, indices=1, norm=final_norm, output_fmt="NLC", intermediates_only=True)[-1]
+def _timm_tokens(model: nn.Module, x: Tensor, final_norm: bool) -> tuple[Tensor, Tensor | None]:
+    """Last block's patch tokens [N, T, D] (CLS and registers removed) and its CLS token [N, D] (None without
+    one), optionally after the final norm."""
+    out = model.forward_intermediates(x, indices=1, norm=final_norm, output_fmt="NLC", intermediates_only=True,
+                                      return_prefix_tokens=True)[-1]
+    tokens, prefix = out if isinstance(out, tuple) else (out, None)
+    has_cls = prefix is not None and getattr(model, "cls_token", None) is not None    # timm puts CLS first
+    return tokens, prefix[:, 0] if has_cls else None
 
 
-def _builder_tokens(model: nn.Module, x: Tensor) -> Tensor:
-    return model.forward_features(x)[:, getattr(model, "num_prefix_tokens", 0):]
+def _builder_tokens(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A builder's patch tokens and the first of its prefix tokens as its CLS (None without prefix tokens)."""
+    n = getattr(model, "num_prefix_tokens", 0)
+    out = model.forward_features(x)
+    return out[:, n:], out[:, 0] if n else None
 
 #################################################################################
 #                                    Encoder                                    #
@@ -479,6 +487,19 @@ class Encoder(nn.Module):
         """Patch tokens [N, grid², D] and their mean [N, D], both float32, for images in [0, 1].
 
         check_range=False skips the [0, 1] check, which waits for the GPU (the trainer's hot loop)."""
+        tokens, _ = self._encode(images01, grid, check_range)
+        return tokens, tokens.mean(dim=1)
+
+    @torch.no_grad()
+    def encode_with_class(self, images01: Tensor, grid: int, check_range: bool = True) -> tuple[Tensor, Tensor]:
+        """Patch tokens [N, grid², D] and the class token [N, D] (REG's), both float32: the encoder's CLS token
+        after the same final norm as its patch tokens (DINOv2's x_norm_clstoken), or, for an encoder without one
+        (a CNN such as cifar-ssl-resnet, a mean-pooled ViT), the mean of its patch tokens (`encode`'s pooled)."""
+        tokens, cls = self._encode(images01, grid, check_range)
+        return tokens, tokens.mean(dim=1) if cls is None else cls
+
+    def _encode(self, images01: Tensor, grid: int, check_range: bool) -> tuple[Tensor, Tensor | None]:
+        """(patch tokens, CLS token or None), float32."""
         if images01.ndim != 4 or images01.shape[1] != 3:
             raise ValueError(f"encode expects images [N, 3, H, W]; got {tuple(images01.shape)}")
         if check_range:
@@ -492,15 +513,14 @@ class Encoder(nn.Module):
         x = self.preprocess(images01.to(param.device), grid).to(param.dtype)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             if self.spec.tokens is not None:
-                tokens = self.spec.tokens(self.model, x)
+                tokens, cls = self.spec.tokens(self.model, x), None
             elif self.spec.builder is not None:
-                tokens = _builder_tokens(self.model, x)
+                tokens, cls = _builder_tokens(self.model, x)
             else:
-                tokens = _timm_patch_tokens(self.model, x, self.spec.family.final_norm)  # (N, grid², D)
+                tokens, cls = _timm_tokens(self.model, x, self.spec.family.final_norm)  # (N, grid², D), (N, D)
         if tokens.shape[1] != grid * grid:
             raise RuntimeError(f"{self.name}: expected {grid * grid} patch tokens, got {tokens.shape[1]}")
-        tokens = tokens.float()
-        return tokens, tokens.mean(dim=1)
+        return tokens.float(), None if cls is None else cls.float()
 
     @contextmanager
     def attention_logits(self, blocks: Sequence[int]) -> Iterator[list[Tensor]]:

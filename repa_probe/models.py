@@ -9,6 +9,10 @@ their released state dicts load as they are:
     blocks.{i}.{attn.qkv, attn.proj, [attn.q_norm, attn.k_norm], mlp.fc1, mlp.fc2, adaLN_modulation.1}.*,
     final_layer.{adaLN_modulation.1, linear}.*, projectors.{k}.{0,2,4}.*
 
+and the heads of REPA's successors under their authors' names: SRA's `ap_head.*`, REG's class-token embedding
+`cls_projectors2.*`, `wg_norm.*` and output `final_layer.linear_cls.*` (with REG's pos_embed of T + 1 rows, the
+class token's row zero, as their checkpoints store it).
+
 The model works in its own native time (whatever its checkpoint was trained with); `noise.py` maps the
 canonical t (0 = data, 1 = noise) to it.
 """
@@ -43,10 +47,16 @@ class ModelConfig:
     projector: str = "mlp"        # "mlp" (REPA) or "conv" (iREPA: one k×k convolution over the token grid)
     projector_kernel: int = 3
     sra_head: bool = False        # SRA: a head on the student block's tokens (the authors' `ap_head`)
+    cls_token_dim: int = 0        # REG: width of the encoder class token entangled as a first token (0 = none)
 
     @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens ahead of the image tokens in the blocks' sequence: REG's class token, or none."""
+        return 1 if self.cls_token_dim else 0
 
     @property
     def out_channels(self) -> int:
@@ -199,17 +209,23 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear map from each token to its p×p×C output patch."""
+    """adaLN-modulated LayerNorm, then a linear map from each token to its p×p×C output patch. With REG's
+    `linear_cls` (cls_dim > 0) the sequence starts with the class token, mapped by it to the class token's
+    velocity: forward then returns (patches of the image tokens, (N, cls_dim)), as REG's FinalLayer does."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cls_dim: int = 0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear_cls = nn.Linear(hidden_size, cls_dim) if cls_dim else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if self.linear_cls is None:
+            return self.linear(x)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
 class ConvProjector(nn.Module):
@@ -260,6 +276,11 @@ class SiT(nn.Module):
     forward(x, t, y) returns the prediction (velocity for SiT/REPA, noise for DiT) with the
     learned-sigma half dropped, as SiT's official forward does; with return_zs=True it also returns
     the REPA projector outputs [(N, T, z_dim), ...] read after block `encoder_depth`.
+
+    REG (Wu et al. 2025, arXiv 2507.01467; config.cls_token_dim > 0): an encoder's class token c (N, cls_dim),
+    noised like the image, enters as the first token, wg_norm(cls_projectors2(c)), with a zero position; it goes
+    through every block with the image tokens and leaves through final_layer.linear_cls as its velocity. Without
+    a class token the input is 0 (the mean of the noise it starts from in sampling).
     """
 
     def __init__(self, config: ModelConfig):
@@ -270,14 +291,17 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D)
         # Fixed 2-D sin-cos embedding, stored (like the official code) as a frozen parameter.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, D), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.prefix_tokens + config.num_patches, D),
+                                      requires_grad=False)
         self.blocks = nn.ModuleList(
             [SiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)])
         self.projectors = nn.ModuleList(
             [build_projector(D, config.projector_dim, z, config.projector, config.projector_kernel)
              for z in config.z_dims])
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, config.cls_token_dim)
         self.ap_head = SRAHead(D) if config.sra_head else None
+        self.cls_projectors2 = nn.Linear(config.cls_token_dim, D) if config.cls_token_dim else None  # REG
+        self.wg_norm = nn.LayerNorm(D, eps=1e-6) if config.cls_token_dim else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -287,7 +311,8 @@ class SiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         grid = int(self.config.num_patches ** 0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
+        self.pos_embed.data[:, self.config.prefix_tokens:] = torch.from_numpy(
+            get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()       # a class token's row stays 0
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))     # patch embedding initialised like a Linear
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -297,9 +322,10 @@ class SiT(nn.Module):
         for block in self.blocks:                            # adaLN-Zero: every block starts as identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for p in (self.final_layer.adaLN_modulation[-1].weight, self.final_layer.adaLN_modulation[-1].bias,
-                  self.final_layer.linear.weight, self.final_layer.linear.bias):
-            nn.init.zeros_(p)
+        for linear in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear, self.final_layer.linear_cls):
+            if linear is not None:
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p·p·C) → (N, C, H, W)."""
@@ -309,11 +335,17 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens entering block 1 (patch embedding + positions) and the conditioning vector c."""
-        tokens = self.x_embedder(x) + self.pos_embed                  # (N, T, D)
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+              cls_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens entering block 1 (patch embedding + positions; REG's class token first) and the conditioning
+        vector c."""
+        tokens = self.x_embedder(x)                                   # (N, T, D)
+        if self.cls_projectors2 is not None:
+            if cls_token is None:
+                cls_token = tokens.new_zeros(len(x), self.config.cls_token_dim)
+            tokens = torch.cat([self.wg_norm(self.cls_projectors2(cls_token))[:, None], tokens], dim=1)
         c = self.t_embedder(t) + self.y_embedder(y)                   # (N, D)
-        return tokens, c
+        return tokens + self.pos_embed, c
 
     def project(self, h: torch.Tensor) -> list[torch.Tensor]:
         """The REPA projectors' outputs [(N, T, z_dim), ...] for tokens h (N, T, D) of block `encoder_depth`."""
@@ -322,23 +354,28 @@ class SiT(nn.Module):
                 projector(h.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_zs: bool = False,
-                return_hidden: bool = False):
+                return_hidden: bool = False, cls_token: torch.Tensor | None = None, return_cls: bool = False):
         """x: (N, C, H, W) input in the model's own time; t: (N,) native timestep; y: (N,) labels.
         return_hidden=True returns (out, zs, hidden, c) for the trainer's further terms: hidden[b] is block b's
-        output (N, T, D), hidden[0] the tokens entering block 1, c the condition (zs is [] unless return_zs)."""
-        h, c = self.embed(x, t, y)
-        zs, hidden = [], [h]
+        image tokens (N, T, D), hidden[0] those entering block 1, c the condition (zs is [] unless return_zs). REG:
+        `cls_token` (N, cls_dim) is the noisy class token fed with x (default 0), the projectors read it too (REG
+        aligns it to the encoder's), and return_cls=True appends its predicted velocity (N, cls_dim) to what is
+        returned (None without REG)."""
+        h, c = self.embed(x, t, y, cls_token)
+        n = self.config.prefix_tokens
+        zs, hidden = [], [h[:, n:]]
         for i, block in enumerate(self.blocks):
-            h = block(h, c)                                           # (N, T, D)
-            hidden.append(h)
+            h = block(h, c)                                           # (N, n + T, D)
+            hidden.append(h[:, n:])
             if return_zs and i + 1 == self.config.encoder_depth:
                 zs = self.project(h)
-        out = self.unpatchify(self.final_layer(h, c))                 # (N, out_channels, H, W)
+        out, cls_out = self.final_layer(h, c) if n else (self.final_layer(h, c), None)
+        out = self.unpatchify(out)                                    # (N, out_channels, H, W)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]                   # drop the variance half
-        if return_hidden:
-            return out, zs, hidden, c
-        return (out, zs) if return_zs else out
+        result = (out, zs, hidden, c) if return_hidden else (out, zs) if return_zs else (out,)
+        result += (cls_out,) if return_cls else ()
+        return result if len(result) > 1 else out
 
 
 #################################################################################

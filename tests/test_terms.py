@@ -1,23 +1,33 @@
 """The trainer's further terms (train/terms/) and HASTE's --align-until, on real CIFAR-10 images and tiny SiTs:
 each term against its authors' formula written out here, step 1's logged loss by hand, the same seeds as the
-other arms, and the switch-off freezing exactly what it should."""
+other arms, and the switch-off freezing exactly what it should; REG's class token through the SiT, the encoder and
+the analysis."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import repa_probe
+from conftest import randomize_
+from conftest import tiny_config as tiny_model_config
+from repa_probe.capture import capture_batch, noisy_input
 from repa_probe.checkpoints import read_checkpoint
+from repa_probe.encoders import load_encoder
+from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
+from repa_probe.families.sit import as_checkpoint
 from repa_probe.data import ImageDataset
-from repa_probe.models import ModelConfig
-from repa_probe.train.terms import TERMS
+from repa_probe.models import ModelConfig, SiT, modulate
+from repa_probe.train.terms import TERMS, Context, Forward
 from repa_probe.train.terms.dispersive import dispersive_loss
-from repa_probe.train.trainer import export_repa, init_model, replay_batch, stream_seed, train
-from test_train import log_rows, tiny_config
+from repa_probe.train.trainer import check_config, export_repa, init_model, replay_batch, stream_seed, train
+from test_train import ENCODER, log_rows, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,11 +76,11 @@ def test_dispersive_is_zero_for_a_collapsed_batch_negative_otherwise_and_has_fin
 @pytest.fixture(scope="module")
 def arms(cifar_dir, tmp_path_factory):
     """10-step runs of one seed: vanilla, + dispersive, + SRA (blocks 1 → 3), REPA, REPA switched off after
-    step 5."""
+    step 5, REPA + REG's class token (the authors' REG)."""
     root, data = tmp_path_factory.mktemp("arms"), cifar_dir / "test"
     settings = {"vanilla": (0.0, {}), "dispersive": (0.0, dict(dispersive=0.25)),
                 "sra": (0.0, dict(self_align=0.5, self_align_blocks=(1, 3))),
-                "repa": (0.5, {}), "until5": (0.5, dict(align_until=5)),
+                "repa": (0.5, {}), "until5": (0.5, dict(align_until=5)), "reg": (0.5, dict(reg_cls=0.03)),
                 "haste": (0.5, dict(attn_align=0.5, attn_align_blocks=(2, 3), attn_align_teacher_blocks=(5, 6),
                                     align_until=5))}
     return {name: train(tiny_config(data, root / name, coeff, steps=10, ckpt_every=5, **extra)).parents[1]
@@ -78,7 +88,7 @@ def arms(cifar_dir, tmp_path_factory):
 
 
 def test_every_arm_starts_from_the_same_sit_and_sees_the_same_batches(arms):
-    names = ("vanilla", "dispersive", "sra", "repa", "until5", "haste")
+    names = ("vanilla", "dispersive", "sra", "repa", "until5", "haste", "reg")
     assert len({log_rows(arms[n], "start")[0]["sit_init_sha256"] for n in names}) == 1
     assert len({tuple(r["inputs_sha256"] for r in log_rows(arms[n])) for n in names}) == 1
 
@@ -143,7 +153,7 @@ def test_step_1s_logged_self_alignment_equals_the_hand_computation_on_the_first_
 def test_checkpoints_of_every_term_load_into_the_analysis_also_in_repas_layout(arms, tmp_path):
     """Our checkpoint and its REPA-layout export load with every weight, SRA's head included, and give the
     same outputs."""
-    for name in ("dispersive", "sra"):
+    for name in ("dispersive", "sra", "reg"):
         ours = arms[name] / "checkpoints" / f"{10:07d}.pt"
         exported = export_repa(ours, tmp_path / f"{name}.pt")
         a, b = load_checkpoint(ours), load_checkpoint(exported)
@@ -271,3 +281,140 @@ def test_attention_alignment_with_an_encoder_without_attention_is_one_line(cifar
                      "cifar-ssl-resnet", "--repa-depth", "1", "--attn-align", "0.5", env=ONE_THREAD)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "needs a ViT encoder" in lines[0], result.stderr
+
+
+def test_the_class_token_is_the_vits_cls_after_its_final_norm_and_the_cifar_teachers_mean_token():
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    vit = load_encoder(ENCODER, random_init=True)
+    tokens, cls = vit.encode_with_class(images, grid=8)
+    with torch.no_grad():
+        full = vit.model.forward_features(vit.preprocess(images, 8))       # timm: [CLS, patches] after the norm
+    torch.testing.assert_close(cls, full[:, 0])
+    torch.testing.assert_close(tokens, full[:, 1:])
+    assert torch.equal(tokens, vit.encode(images, grid=8)[0])
+    cnn = load_encoder("cifar-ssl-resnet")                                   # no CLS: its pooled feature
+    tokens, cls = cnn.encode_with_class(images, grid=8)
+    assert torch.equal(cls, tokens.mean(dim=1)) and torch.equal(cls, cnn.encode(images, grid=8)[1])
+
+
+def reg_forward_by_hand(model: SiT, x_t, t, y, cls_t):
+    """REG's SiT written out: the embedded class token first with a zero position, every block over T + 1
+    tokens, the projector on block 1's T + 1 tokens, the final layer's modulation of all, the image tokens to
+    patches and the class token to its velocity. → (out, zs, per-block image tokens, class velocity)."""
+    h = torch.cat([model.wg_norm(model.cls_projectors2(cls_t))[:, None], model.x_embedder(x_t)], 1) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    hidden = []
+    for i, block in enumerate(model.blocks):
+        h = block(h, c)
+        hidden.append(h[:, 1:])
+        if i == 0:
+            zs = [projector(h) for projector in model.projectors]
+    shift, scale = model.final_layer.adaLN_modulation(c).chunk(2, dim=-1)
+    f = modulate(model.final_layer.norm_final(h), shift, scale)
+    return model.unpatchify(model.final_layer.linear(f[:, 1:])), zs, hidden, model.final_layer.linear_cls(f[:, 0])
+
+
+def test_a_reg_sit_carries_its_class_token_first_through_every_block_and_returns_its_velocity():
+    config = tiny_model_config(cls_token_dim=12, sra_head=True)
+    model = randomize_(SiT(config), seed=2).train()
+    assert config.prefix_tokens == 1 and model.pos_embed.shape[1] == 65 and not model.pos_embed[:, 0].any()
+    g = torch.Generator().manual_seed(1)
+    x_t, cls_t = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 12, generator=g)
+    t, y = torch.rand(4, generator=g), torch.tensor([0, 3, 10, 7])
+    with torch.no_grad():
+        out, zs, hidden, c, v = model(x_t, t, y, return_zs=True, return_hidden=True, cls_token=cls_t,
+                                      return_cls=True)
+        hidden = hidden[1:]                                                 # the blocks' outputs
+        hand = reg_forward_by_hand(model, x_t, t, y, cls_t)
+        torch.testing.assert_close(out, hand[0])
+        torch.testing.assert_close(zs[0], hand[1][0])                       # (4, 65, 32): the class token's too
+        assert zs[0].shape == (4, 65, 32) and [h.shape for h in hidden] == [(4, 64, 64)] * 3
+        for h, h_hand in zip(hidden, hand[2]):
+            torch.testing.assert_close(h, h_hand)
+        torch.testing.assert_close(v, hand[3])
+        # no class token given: its input is 0; the class token changes the image's prediction (attention)
+        torch.testing.assert_close(model(x_t, t, y), model(x_t, t, y, cls_token=torch.zeros(4, 12)))
+        assert not torch.allclose(model(x_t, t, y), out)
+        # SRA's teacher composed with REG sees the class token noised at its own t'
+        r = torch.rand(4, generator=g)
+        cls, cls_noise, x, noise = torch.randn(4, 12, generator=g), torch.randn(4, 12, generator=g), x_t, x_t.flip(0)
+        cfg = SimpleNamespace(self_align_blocks=(1, 3), self_align_offset=0.2)
+        forward = Forward([None, *hidden], c, x, noise, t, y, cls, cls_noise, v)
+        term = TERMS["self_align"](forward, cfg, Context(model, model, lambda name: r))
+        t2 = (t - 0.2 * r).clamp(0, 1)
+        tt2 = t2.view(-1, 1, 1, 1)
+        teacher = reg_forward_by_hand(model, (1 - tt2) * x + tt2 * noise, t2, y,
+                                      (1 - t2[:, None]) * cls + t2[:, None] * cls_noise)[2][2]
+        student = model.ap_head(hidden[0])
+        expected = (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+        assert term.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_the_analysis_captures_a_reg_models_image_tokens_without_its_class_token():
+    config = tiny_model_config(cls_token_dim=12)
+    model = randomize_(SiT(config), seed=3).eval()
+    ckpt = as_checkpoint(model)
+    x0, ids, labels = torch.rand(5, 3, 16, 16) * 2 - 1, torch.arange(5), torch.tensor([0, 1, 2, 3, 4])
+    features, _ = capture_batch(ckpt, x0, labels, ids, 0.5, seed=0)
+    x_t, timestep = noisy_input(ckpt.convention, x0, ids, 0.5, seed=0)
+    with torch.no_grad():
+        hidden = model(x_t, timestep, labels, return_hidden=True)[2]
+        embedded = model.embed(x_t, timestep, labels)[0][:, 1:]                 # block 0: the image tokens
+    torch.testing.assert_close(hidden[0], embedded)
+    expected = torch.stack([h.mean(1) for h in hidden])
+    assert features.shape == (4, 5, 64)
+    torch.testing.assert_close(features, expected)
+
+
+def test_step_1s_logged_reg_loss_equals_the_hand_computation_on_the_first_batch(arms):
+    """REG + REPA at step 1: the ViT's CLS of each image noised at the image's t with ε from the run's stream
+    "cls_noise", the class token's velocity error, REPA's cosine over the class token and the patch tokens."""
+    obj = read_checkpoint(arms["reg"] / "checkpoints" / f"{10:07d}.pt")
+    config = ModelConfig.from_dict(obj["config"])
+    assert config.cls_token_dim == 64 and obj["meta"]["reg_encoder"] == ENCODER
+    cfg = tiny_config(arms["data"], arms["reg"], 0.5, reg_cls=0.03)
+    images, x, y, t, noise = replay_batch(cfg, ImageDataset(arms["data"], 16), step=1)
+    tokens, cls = load_encoder(ENCODER, random_init=True).encode_with_class(images.float() / 255, grid=8)
+    cls_noise = torch.randn(16, 64, generator=torch.Generator().manual_seed(stream_seed(0, "cls_noise", 0)))
+    model = init_model(config, seed=0).train()
+    with torch.no_grad():
+        tt = t.view(-1, 1, 1, 1)
+        out, (z,), _, v = reg_forward_by_hand(model, (1 - tt) * x + tt * noise, t, y,
+                                               (1 - t[:, None]) * cls + t[:, None] * cls_noise)
+        mse = ((out - (noise - x)) ** 2).mean()
+        reg = ((v - (cls_noise - cls)) ** 2).mean()
+        cos = F.cosine_similarity(z, torch.cat([cls[:, None], tokens], 1), dim=-1).mean()       # over 65 tokens
+    first = log_rows(arms["reg"])[0]
+    assert first["loss_reg_cls"] == pytest.approx(reg.item(), abs=1e-6)
+    assert first["loss_repa"] == pytest.approx(-cos.item(), abs=1e-6)
+    assert first["loss_denoise"] == pytest.approx(mse.item(), abs=1e-5)
+    assert first["loss"] == pytest.approx((mse - 0.5 * cos + 0.03 * reg).item(), abs=1e-5)
+    # the class token's embedding and output train
+    init = model.state_dict()
+    for key in ("cls_projectors2.weight", "wg_norm.weight", "final_layer.linear_cls.weight"):
+        assert not torch.equal(obj["model"][key], init[key]), key
+    assert not obj["model"]["pos_embed"][:, 0].any()
+
+
+def test_a_reg_checkpoint_is_analysed_in_both_layouts(arms, tmp_path, cifar_dir):
+    """Exported in REPA's (and REG's) layout, a REG run's checkpoint records the authors' --cls; the analysis runs
+    on its image tokens (block 0..3, the encoder's 8 × 8 grid)."""
+    ours = arms["reg"] / "checkpoints" / f"{10:07d}.pt"
+    exported = load_checkpoint(export_repa(ours, tmp_path / "reg.pt"))
+    assert exported.config.cls_token_dim == 64 and exported.provenance.args["cls"] == 0.03
+    common = dict(data=str(cifar_dir / "test"), encoders=["cifar-ssl-resnet"], ts=[0.5], n=24, bootstrap=0, null=0,
+                  k=5, quiet=True, cache=str(tmp_path / "cache"))
+    result = repa_probe.analyze([str(ours), str(tmp_path / "reg.pt")], names=["ours", "repa"], **common)
+    table = result.table.query("kind == 'model'")
+    assert set(table["block"]) == {0, 1, 2, 3} and np.isfinite(table["value"]).all()
+    a, b = (table[table["checkpoint"] == n].sort_values(["block", "metric"])["value"].to_numpy()
+            for n in ("ours", "repa"))
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a, b)
+
+
+def test_reg_needs_an_encoder_and_an_mlp_projector(arms, tmp_path):
+    with pytest.raises(UserError, match="--reg-cls 0.03 .* --encoder"):
+        check_config(tiny_config(arms["data"], tmp_path / "a", 0.0, encoders=[], reg_cls=0.03))
+    with pytest.raises(UserError, match="--projector conv"):
+        check_config(tiny_config(arms["data"], tmp_path / "b", 0.5, reg_cls=0.03, projector="conv"))

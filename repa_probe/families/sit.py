@@ -8,14 +8,19 @@ Formats (all with DiT's parameter names; docs/checkpoints.md):
                  (older ones name blocks after the aligned depth: decoder_blocks.{j} = blocks.{j+depth})
   repa-probe     ours: plain-data config + weights (weights-only .pt, or .safetensors with JSON metadata)
 
+REG's checkpoints (Martinser/REG: the repa-train layout plus the class token's `cls_projectors2`, `wg_norm`,
+`final_layer.linear_cls` and a pos_embed of T + 1 rows) and ours with --reg-cls load as the same SiT with its class
+token; the analysis sees the image tokens only (`block_tokens`).
+
 The architecture is read off the tensor shapes: width, depth, patch, channels, input size, classes,
-learn-sigma, qk-norm, projector dims. The number of attention heads is not in the shapes (unless qk-norm
-is on): it comes from the file's config or args, from `heads`, or from the standard sizes (an assumption
-every report states); a custom width without any of these is refused rather than guessed.
+learn-sigma, qk-norm, projector dims, REG's class-token width. The number of attention heads is not in the
+shapes (unless qk-norm is on): it comes from the file's config or args, from `heads`, or from the standard sizes
+(an assumption every report states); a custom width without any of these is refused rather than guessed.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -91,6 +96,12 @@ class SiTFamily(ModelFamily):
                        grid=c.input_size // c.patch_size, patch_size=c.patch_size, input=space,
                        num_classes=c.num_classes, aligned_block=c.encoder_depth if c.z_dims else None)
 
+    def input_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return image_tokens(super().input_tokens(args, kwargs))
+
+    def block_tokens(self, output: torch.Tensor) -> torch.Tensor:
+        return image_tokens(output)
+
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """DiT's initialisation, seeded, with the adaLN-Zero gates given PyTorch's default init (as_untrained)."""
         torch.manual_seed(seed)
@@ -107,10 +118,19 @@ class SiTFamily(ModelFamily):
                           f"{c.num_patches} tokens"),
                 ("classes", f"{c.num_classes} (+1 null)"), ("learn sigma", str(c.learn_sigma)),
                 ("qk-norm", str(c.qk_norm)), ("REPA projectors", proj),
-                ("REPA depth", str(c.encoder_depth) if c.z_dims else "-")]
+                ("REPA depth", str(c.encoder_depth) if c.z_dims else "-"),
+                ("REG class token", f"{c.cls_token_dim}-d, first in the sequence (analysed: the image tokens)"
+                                    if c.cls_token_dim else "-")]
 
 
 SIT = register_family(SiTFamily())
+
+
+def image_tokens(h: torch.Tensor) -> torch.Tensor:
+    """A SiT block's image tokens (N, T, D): all its tokens, or, for a REG model, all but its class token, which
+    comes first. The image grid is square and T + 1 never is, so the count tells the two apart."""
+    side = math.isqrt(h.shape[1])
+    return h[:, h.shape[1] - side * side:]
 
 
 def as_checkpoint(model: SiT, convention: str = "repa", meta: dict | None = None) -> LoadedCheckpoint:
@@ -210,7 +230,8 @@ def config_from_state_dict(sd: dict, path: str | Path = "<state dict>", hints: d
         raise UserError(f"'{path}' is not a DiT/SiT state dict: missing key 'x_embedder.proj.weight'; its first "
                         f"key is '{first}' with shape {list(sd[first].shape)}")
     hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
-    tokens = sd["pos_embed"].shape[1]
+    cls_dim = int(sd["cls_projectors2.weight"].shape[1]) if "cls_projectors2.weight" in sd else 0   # REG
+    tokens = sd["pos_embed"].shape[1] - (1 if cls_dim else 0)
     grid = int(round(tokens ** 0.5))
     depth = 1 + max((int(k.split(".")[1]) for k in sd if re.match(r"blocks\.\d+\.", k)), default=-1)
     if depth == 0:
@@ -240,7 +261,8 @@ def config_from_state_dict(sd: dict, path: str | Path = "<state dict>", hints: d
                        num_classes=(table.shape[0] - 1) if table is not None else 1000,
                        learn_sigma=out_rows == 2 * patch * patch * in_ch, qk_norm=qk_norm,
                        z_dims=z_dims, projector_dim=proj_dim, encoder_depth=int(enc_depth or 0), projector=kind,
-                       projector_kernel=kernel, sra_head="ap_head.linear1.weight" in sd)   # SRA's head (its layout)
+                       projector_kernel=kernel, sra_head="ap_head.linear1.weight" in sd,   # SRA's head (its layout)
+                       cls_token_dim=cls_dim)
 
 
 def _heads(sd: dict, hidden: int, depth: int, qk_norm: bool, hints: dict, path) -> int:

@@ -12,7 +12,8 @@ encoder's MLP h_φ [N, T, D_f]:
 
 (mean over encoders, samples and tokens). The cosine is taken on features normalised in float32:
 under fp16 autocast the squared norm of a 768-d vector overflows (REPA's notes say so too). The trainer's
-further terms (Dispersive Loss, ...) live in train/terms/, one file each, and are added with their weights.
+further terms (Dispersive Loss, SRA, REG's class token, ...) live in train/terms/, one file each, and are added
+with their weights.
 """
 from __future__ import annotations
 
@@ -71,30 +72,27 @@ def spatial_zscore(z: torch.Tensor, alpha: float = 0.6, eps: float = ZSCORE_EPS)
 
 def training_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                   targets: list[torch.Tensor] | None = None, repa_coeff: float = 0.0,
-                  terms: dict[str, tuple[float, Callable[[Forward], torch.Tensor]]] | None = None
+                  terms: dict[str, tuple[float, Callable[[Forward], torch.Tensor]]] | None = None,
+                  cls_token: torch.Tensor | None = None, cls_noise: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(L, parts): L = L_denoise + λ·L_repa + Σ w·L_term, and parts {"denoise", "repa", term names...}, each a
     scalar batch mean.
 
     `model` is a SiT (or a DDP/compiled wrapper of one) fed canonical t; `y` already holds the dropped
-    labels; `targets` are the encoders' patch tokens (None or [] for vanilla SiT, then L_repa = 0);
-    `terms` maps a term's name to (weight, term): the trainer's registered terms (train/terms/), each given
-    the forward's block outputs.
+    labels; `targets` are the encoders' patch tokens (None or [] for vanilla SiT, then L_repa = 0; with REG each
+    has its class token first); `terms` maps a term's name to (weight, term): the trainer's registered terms
+    (train/terms/), each given the forward's block outputs. REG: `cls_token` (N, D_c) is the encoder's class
+    token, fed noised with ε = `cls_noise` at the image's t; its predicted velocity goes to the terms.
     """
     x_t = interpolate(x, t, noise)
-    terms = terms or {}
-    zs, hidden, c = [], [], None
-    if terms:
-        out, zs, hidden, c = model(x_t, t, y, return_zs=bool(targets), return_hidden=True)
-    elif targets:
-        out, zs = model(x_t, t, y, return_zs=True)
-    else:
-        out = model(x_t, t, y)
+    cls_t = None if cls_token is None else interpolate(cls_token, t, cls_noise)
+    out, zs, hidden, c, cls_out = model(x_t, t, y, return_zs=bool(targets), return_hidden=True, cls_token=cls_t,
+                                        return_cls=True)
     parts = {"denoise": denoising_loss(out, velocity_target(x, noise)).mean(),
              "repa": repa_loss(zs, targets).mean() if targets else torch.zeros((), device=x.device)}
     loss = parts["denoise"] + repa_coeff * parts["repa"]
-    forward = Forward(hidden, c, x, noise, t, y)
-    for name, (weight, term) in terms.items():
+    forward = Forward(hidden, c, x, noise, t, y, cls_token, cls_noise, cls_out)
+    for name, (weight, term) in (terms or {}).items():
         parts[name] = term(forward)
         loss = loss + weight * parts[name]
     return loss, parts

@@ -24,7 +24,8 @@ Files in RUN_DIR (only rank 0 writes):
                                torch.load(weights_only=True)): config, ema, model, optimizer, scaler, step,
                                rng {torch_cpu, torch_cuda: generator state tensors}, data_position
                                {epoch, batch_in_epoch, samples_seen}; meta keys: convention ("repa"), step,
-                               encoders, encoder_specs, encoder_random_init, repa_coeff, repa_depth, data, mode
+                               encoders, encoder_specs, encoder_random_init, repa_coeff, repa_depth, reg_cls,
+                               reg_encoder (REG's class token's encoder, else null), data, mode
                                ("pixels"/"latents"), image_size, num_classes, classes, vae, world_size,
                                model_name, train_config (the whole TrainConfig as plain data).
     log.jsonl                  one object per line. {"event": "start", step, world_size, n_images, params,
@@ -168,6 +169,10 @@ class TrainConfig:
                                                           "for 28 blocks as the authors' SiT-XL/2)")
     self_align_offset: float = knob(0.2, least=0, most=1, resume=True, metavar="DT", group=TERMS_GROUP,
                                     help="SRA's largest noise offset: the teacher sees t − DT·U(0, 1) (default 0.2)")
+    reg_cls: float = knob(0.0, least=0, resume=True, metavar="COEFF", group=TERMS_GROUP,
+                          help="λ of REG's class-token denoising: the first --encoder's class token (CLS, else its "
+                               "mean token) noised with the image, denoised as an extra first token and aligned "
+                               "by REPA's term; the authors use 0.03 (default 0: off)")
     # optimisation and objective
     batch: int = knob(256, least=1, most=1 << 20, resume=True, group=OPTIM,
                       help="global batch size, split across ranks (default: 256)")
@@ -271,6 +276,13 @@ def draw_step_randomness(generator: torch.Generator, seed: int, step: int, n: in
     return t, noise, drop
 
 
+def draw_class_noise(generator: torch.Generator, seed: int, step: int, n: int, dim: int) -> torch.Tensor:
+    """REG's ε of the class token [n, dim] for the whole global batch of 0-based step `step`, from its own stream
+    (so the other streams, and the other arms' draws, stay as they are)."""
+    generator.manual_seed(stream_seed(seed, "cls_noise", step))
+    return torch.randn((n, dim), generator=generator, device=generator.device)
+
+
 def draw_uniform(generator: torch.Generator, seed: int, step: int, n: int, part: slice, stream: str) -> torch.Tensor:
     """U(0, 1) draws of this process's samples `part` of 0-based step `step`'s global batch of n, from the named
     stream: what a training term asks for by name (Context.uniform), the same whichever process draws it."""
@@ -337,21 +349,24 @@ class ResumableShardSampler(Sampler[int]):
 
 
 def init_model(config: ModelConfig, seed: int) -> SiT:
-    """A SiT whose own weights depend on `seed` alone, with REPA projectors and SRA's head drawn from separate
-    streams.
+    """A SiT whose own weights depend on `seed` alone, with REPA projectors, SRA's head and REG's class-token
+    embedding drawn from separate streams.
 
     The vanilla SiT (no projectors) is built from torch.manual_seed(seed); the projectors (Xavier-uniform
     weights, zero biases, as REPA's initialize_weights) then come from stream (seed, "projectors"), SRA's head
-    from (seed, "sra_head"). So the same seed gives the same SiT with or without REPA or SRA, whatever the
-    encoders. The global RNG is left as it was.
+    from (seed, "sra_head"), REG's `cls_projectors2` from (seed, "reg_cls") (its wg_norm and the zero
+    final_layer.linear_cls need no draws; its pos_embed gains the class token's zero row). So the same seed gives
+    the same SiT with or without REPA, SRA or REG, whatever the encoders. The global RNG is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SiT(dataclasses.replace(config, z_dims=[], sra_head=False))
+        model = SiT(dataclasses.replace(config, z_dims=[], sra_head=False, cls_token_dim=0))
         projectors = nn.ModuleList([build_projector(config.hidden_size, config.projector_dim, z, config.projector,
                                                     config.projector_kernel) for z in config.z_dims])
         head = SRAHead(config.hidden_size) if config.sra_head else None
-    for stream, heads in (("projectors", projectors), ("sra_head", head)):   # each head from its own stream
+        width, cls_dim = config.hidden_size, config.cls_token_dim
+        cls_in, cls_out = (nn.Linear(cls_dim, width), nn.Linear(width, cls_dim)) if cls_dim else (None, None)
+    for stream, heads in (("projectors", projectors), ("sra_head", head), ("reg_cls", cls_in)):  # own streams
         g = torch.Generator().manual_seed(stream_seed(seed, stream))
         for module in heads.modules() if heads is not None else ():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -359,13 +374,26 @@ def init_model(config: ModelConfig, seed: int) -> SiT:
                 nn.init.zeros_(module.bias)
     model.projectors = projectors              # same slots as SiT(config) would fill: identical key order
     model.ap_head = head
+    if cls_in is not None:               # REG: the class token's embedding, zero output layer and zero position
+        nn.init.zeros_(cls_out.weight)
+        nn.init.zeros_(cls_out.bias)
+        model.final_layer.linear_cls = cls_out
+        model.cls_projectors2, model.wg_norm = cls_in, nn.LayerNorm(width, eps=1e-6)
+        pos = model.pos_embed.data
+        model.pos_embed = nn.Parameter(torch.cat([pos.new_zeros(1, 1, width), pos], dim=1), requires_grad=False)
     model.config = config
     return model
 
 
+EXTRA_HEADS = ("projectors.", "ap_head.", "cls_projectors2.", "wg_norm.", "final_layer.linear_cls.")
+
+
 def sit_sha256(model: SiT) -> str:
-    """Hash of the SiT's own weights (REPA's projectors and SRA's head excluded): equal for every arm at init."""
-    return state_dict_sha256(model.state_dict(), skip=lambda name: name.startswith(("projectors.", "ap_head.")))
+    """Hash of the SiT's own weights (REPA's projectors, SRA's head, REG's class-token embedding and output and
+    its position row excluded): equal for every arm at init."""
+    sd = model.state_dict()
+    sd["pos_embed"] = sd["pos_embed"][:, model.config.prefix_tokens:]
+    return state_dict_sha256(sd, skip=lambda name: name.startswith(EXTRA_HEADS))
 
 
 @torch.no_grad()
@@ -401,8 +429,8 @@ def setup_distributed(device: str | None) -> DistInfo:
     return DistInfo(rank(), world_size(), local_rank(), dev)
 
 
-def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) -> ModelConfig:
-    """The SiT's ModelConfig from the run's settings (named size, overrides, data mode)."""
+def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int], cls_token_dim: int = 0) -> ModelConfig:
+    """The SiT's ModelConfig from the run's settings (named size, overrides, data mode; REG's class token width)."""
     if not cfg.model.startswith("SiT-"):
         raise UserError(f"--model {cfg.model!r}: the trainer trains SiT models (SiT-S/2, SiT-B/2, SiT-L/2, "
                         f"SiT-XL/2, patch 2/4/8)")
@@ -410,7 +438,7 @@ def build_model_config(cfg: TrainConfig, num_classes: int, z_dims: list[int]) ->
     overrides = dict(input_size=cfg.image_size // 8 if latent else cfg.image_size, in_channels=4 if latent else 3,
                      num_classes=num_classes, qk_norm=cfg.qk_norm, z_dims=z_dims,
                      projector_dim=cfg.projector_dim, projector=cfg.projector, projector_kernel=cfg.projector_kernel,
-                     sra_head=cfg.self_align > 0)
+                     sra_head=cfg.self_align > 0, cls_token_dim=cls_token_dim)
     for key, value in (("depth", cfg.depth), ("hidden_size", cfg.width), ("num_heads", cfg.heads),
                        ("encoder_depth", cfg.repa_depth)):
         if value is not None:
@@ -672,10 +700,11 @@ def setup(cfg: TrainConfig) -> Run:
     if int(dataset.labels.max()) >= num_classes:
         raise UserError(f"--num-classes {num_classes} is smaller than the {len(dataset.classes)} class folders")
     vae = load_vae(cfg.vae, device) if cfg.mode == "latents" else None
-    repa = cfg.repa_coeff > 0
+    repa, reg = cfg.repa_coeff > 0, cfg.reg_cls > 0
     encoders = [load_encoder(spec, random_init=cfg.encoder_random_init, device=device) for spec in cfg.encoders] \
-        if (repa or cfg.attn_align or cfg.analyze_every) else []
-    model_cfg = build_model_config(cfg, num_classes, [e.embed_dim for e in encoders] if repa else [])
+        if (repa or reg or cfg.attn_align or cfg.analyze_every) else []
+    model_cfg = build_model_config(cfg, num_classes, [e.embed_dim for e in encoders] if repa else [],
+                                   encoders[0].embed_dim if reg else 0)
     if cfg.attn_align:
         encoder_blocks(cfg, encoders[0], model_cfg)          # a ViT teacher whose blocks and heads fit
     model = init_model(model_cfg, cfg.seed)
@@ -684,6 +713,7 @@ def setup(cfg: TrainConfig) -> Run:
     meta = dict(convention="repa", encoders=[e.name for e in encoders] if repa else [],
                 encoder_specs=list(cfg.encoders) if repa else [], encoder_random_init=cfg.encoder_random_init,
                 repa_coeff=cfg.repa_coeff, repa_depth=model_cfg.encoder_depth if repa else None,
+                reg_cls=cfg.reg_cls, reg_encoder=encoders[0].name if reg else None,
                 data=cfg.data, mode=cfg.mode, image_size=cfg.image_size, num_classes=num_classes,
                 classes=list(dataset.classes), vae=cfg.vae, world_size=d.world_size, model_name=cfg.model,
                 train_config=cfg.to_dict())
@@ -761,11 +791,11 @@ def _train(cfg: TrainConfig) -> Path:
         y = torch.where(drop_all[part], run.num_classes, labels)
         if step == cfg.align_until + 1 and step > start_step + 1:
             net = _network(run, step)                                  # the projectors leave the update
-        targets, attention = teacher_signals(run, images, grid, amp, step)
+        targets, attention, cls = teacher_signals(run, images, grid, amp, step, gen, part)
         weights = [term.weight(cfg, step) for term in terms]
         context = Context(model, ema, functools.partial(draw_uniform, gen, cfg.seed, b, cfg.batch, part), attention)
         losses = train_step(net, model, ema, run.optimizer, run.scaler, amp, x, y, t_all[part], noise_all[part],
-                            targets, cfg, dict(zip(terms, weights)), context)
+                            targets, cfg, dict(zip(terms, weights)), context, *cls)
         sums += losses
         n_sum += 1
         counts = [c + on for c, on in zip(counts, [not past_alignment(cfg, step), *(w > 0 for w in weights)])]
@@ -897,46 +927,67 @@ def _log_row(run: Run, step: int, sums: torch.Tensor, n: int, counts: list[int],
     return row
 
 
-def teacher_signals(run: Run, images: torch.Tensor, grid: int, autocast, step: int
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """What the encoders give step `step`: REPA's targets (z-scored for iREPA) and, with --attn-align, the first
-    encoder's attention maps at --attn-align-teacher-blocks; nothing past --align-until (the encoders do not run)."""
+def teacher_signals(run: Run, images: torch.Tensor, grid: int, autocast, step: int, generator: torch.Generator,
+                    part: slice) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
+    """What the encoders give step `step`: REPA's targets (z-scored for iREPA; with REG the class token first, as
+    the authors' zs), with --attn-align the first encoder's attention maps at --attn-align-teacher-blocks, with
+    --reg-cls the first encoder's class token and its ε (else (None, None)). Past --align-until only REG's class
+    token is left; when nothing needs them the encoders do not run."""
     cfg = run.cfg
-    if past_alignment(cfg, step) or not (cfg.repa_coeff > 0 or cfg.attn_align > 0):
-        return [], []
-    blocks = encoder_blocks(cfg, run.encoders[0], run.model_cfg) if cfg.attn_align > 0 else ()
+    on = not past_alignment(cfg, step)
+    repa, attn, reg = cfg.repa_coeff > 0 and on, cfg.attn_align > 0 and on, cfg.reg_cls > 0
+    if not (repa or attn or reg):
+        return [], [], (None, None)
+    blocks = encoder_blocks(cfg, run.encoders[0], run.model_cfg) if attn else ()
     with run.encoders[0].attention_logits(blocks) if blocks else contextlib.nullcontext([]) as attention:
-        targets = encoder_targets(run.encoders, images, grid, autocast)
-    if cfg.spatial_norm == "zscore":
-        targets = [spatial_zscore(z, cfg.zscore_alpha) for z in targets]
-    return (targets if cfg.repa_coeff > 0 else []), list(attention)
+        targets, classes = encoder_outputs(run.encoders, images, grid, autocast, reg)
+    targets = [spatial_zscore(z, cfg.zscore_alpha) if cfg.spatial_norm == "zscore" else z
+               for z in targets] if repa else []
+    if not classes:
+        return targets, list(attention), (None, None)
+    targets = [torch.cat([c[:, None], z], dim=1) for c, z in zip(classes, targets)]
+    b = step - 1
+    return targets, list(attention), (classes[0], draw_class_noise(generator, cfg.seed, b, cfg.batch,
+                                                                    classes[0].shape[1])[part])
 
 
 @torch.no_grad()
 def encoder_targets(encoders: list, images_uint8: torch.Tensor, grid: int, autocast) -> list[torch.Tensor]:
     """Each frozen encoder's patch tokens (N, grid², D_e), float32, for uint8 images (any size: REPA's raw
     images in latent mode, the training images themselves in pixel mode); encoders run under `autocast`."""
+    return encoder_outputs(encoders, images_uint8, grid, autocast)[0]
+
+
+@torch.no_grad()
+def encoder_outputs(encoders: list, images_uint8: torch.Tensor, grid: int, autocast,
+                    with_class: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """encoder_targets, and with_class=True each encoder's class token (N, D_e) from the same forward
+    (Encoder.encode_with_class: REG's), else []."""
     images01 = images_uint8.float() / 255
     with autocast:
-        return [enc.encode(images01, grid, check_range=False)[0] for enc in encoders]
+        out = [(enc.encode_with_class if with_class else enc.encode)(images01, grid, check_range=False)
+               for enc in encoders]
+    return [tokens for tokens, _ in out], [cls for _, cls in out] if with_class else []
 
 
 def train_step(net: nn.Module, model: SiT, ema: SiT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                autocast, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                targets: list[torch.Tensor], cfg: TrainConfig, terms: dict[Term, float] | None = None,
-               context: Context | None = None) -> torch.Tensor:
+               context: Context | None = None, cls_token: torch.Tensor | None = None,
+               cls_noise: torch.Tensor | None = None) -> torch.Tensor:
     """One update: loss under autocast, backward (scaled for fp16), clip, AdamW, EMA.
 
     `net` is what runs the forward (the model, or its DDP / compiled wrapper); `y` holds the dropped labels;
     `terms` the run's further terms with their weights at this step (a weight 0 leaves the term out), `context`
-    what they may need beyond the forward (the EMA teacher, this step's draws).
+    what they may need beyond the forward (the EMA teacher, this step's draws); `cls_token`, `cls_noise` REG's
+    class token and its ε (None without REG).
     Returns [L, L_denoise, grad norm before clipping, L_repa, L_term...] as one detached tensor (no host sync).
     """
     terms = terms or {}
     used = {term.name: (weight, functools.partial(term, cfg=cfg, context=context))
             for term, weight in terms.items() if weight > 0}
     with autocast:
-        loss, parts = training_loss(net, x, y, t, noise, targets, cfg.repa_coeff, used)
+        loss, parts = training_loss(net, x, y, t, noise, targets, cfg.repa_coeff, used, cls_token, cls_noise)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1023,6 +1074,8 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
         enc_type=",".join(meta.get("encoders") or []) or "None", proj_coeff=meta.get("repa_coeff"),
         weighting=tc.get("weighting"), legacy=False,
         hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads, mode=meta.get("mode"))
+    if config.cls_token_dim:                                           # REG's train.py: its weight --cls
+        args.cls = meta.get("reg_cls")
     repa = {"model": obj["model"], "ema": obj["ema"], "opt": obj["optimizer"], "args": args, "steps": obj["step"]}
     out = Path(out)
     try:
@@ -1033,6 +1086,6 @@ def export_repa(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["TrainConfig", "train", "train_step", "replay_batch", "encoder_targets", "make_optimizer", "export_repa",
-           "init_model", "draw_step_randomness", "stream_seed", "ResumableShardSampler", "TrainingAnalysis",
-           "update_ema", "latest_checkpoint", "sit_sha256"]
+__all__ = ["TrainConfig", "train", "train_step", "replay_batch", "encoder_targets", "encoder_outputs", "make_optimizer",
+           "export_repa", "init_model", "draw_step_randomness", "draw_class_noise", "stream_seed",
+           "ResumableShardSampler", "TrainingAnalysis", "update_ema", "latest_checkpoint", "sit_sha256"]

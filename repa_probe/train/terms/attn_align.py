@@ -81,6 +81,9 @@ class AttnAlign:
                             f"blocks with {len(blocks)} SiT blocks (--attn-align-blocks): give as many of each")
         if not cfg.encoders:
             raise UserError("--attn-align needs a ViT --encoder NAME[=WEIGHTS] whose attention maps it distils")
+        if cfg.reg_cls > 0:
+            raise UserError("--attn-align with --reg-cls: REG's class token would enter the attention maps HASTE "
+                            "distils between image tokens; use one of the two")
 
     def __call__(self, forward: Forward, cfg: Any, context: Context) -> torch.Tensor:
         blocks = student_blocks(cfg, len(forward.hidden) - 1)

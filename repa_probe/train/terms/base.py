@@ -19,6 +19,9 @@ class Forward:
     noise: torch.Tensor             # (N, C, H, W) ε of x_t = (1 − t)·x + t·ε
     t: torch.Tensor                 # (N,) canonical t (0 = data, 1 = noise)
     y: torch.Tensor                 # (N,) labels as fed (dropped ones are the null class)
+    cls: torch.Tensor | None = None         # REG: the encoder's clean class token (N, D_c); None without REG
+    cls_noise: torch.Tensor | None = None   # REG: its ε, noised with the image's t
+    cls_out: torch.Tensor | None = None     # REG: the model's predicted velocity of the class token (N, D_c)
 
 
 @dataclass

@@ -3,7 +3,8 @@ block of the model at a higher noise level is aligned to a later block of its ow
 
 For x_t = (1 − t)·x + t·ε, the student is the head h_φ (Linear, SiLU, Linear; the model's `ap_head`) on block s's
 tokens of the model being trained; the teacher is block u's tokens of the EMA model, without gradients, at
-t' = clamp(t − Δ·r, 0, 1) with r ~ U(0, 1) and the same ε, x and fed labels:
+t' = clamp(t − Δ·r, 0, 1) with r ~ U(0, 1) and the same ε, x and fed labels (and, with REG, its class token
+noised at t'):
 
     L_sra = mean_{n, d} [ 1 − cos_T( h_φ(h_s(x_t, t))[n, :, d], h_u^EMA(x_t', t')[n, :, d] ) ]
 
@@ -57,7 +58,8 @@ class SelfAlign:
         t_teacher = (forward.t - cfg.self_align_offset * context.uniform("self_align")).clamp(0, 1)
         with torch.no_grad():
             x_teacher = interpolate(forward.x, t_teacher, forward.noise)
-            hidden = context.ema(x_teacher, t_teacher, forward.y, return_hidden=True)[2]
+            cls = None if forward.cls is None else interpolate(forward.cls, t_teacher, forward.cls_noise)  # REG
+            hidden = context.ema(x_teacher, t_teacher, forward.y, return_hidden=True, cls_token=cls)[2]
         return sra_loss(student, hidden[u])
 
 
