@@ -15,10 +15,15 @@
 #   bash analyses/gpu_seeds.sh
 # The same steps at toy scale on a CPU (tests/test_gpu_seeds.py runs this):
 #   TINY=1 DEVICE=cpu DATA=../shared/data/cifar10 bash analyses/gpu_seeds.sh
+# Other arms (ARMS="name:trainer flags;..."; HALF in them is half of the run's --steps), another preset
+# (PRESET=wide28: 28 blocks of width 384, patch 2) and another name (NAME: the state folder and the tarball):
+# analyses/gpu_successors.sh is this script with REPA's successors as its arms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:-.}
-STATE=${STATE:-/tmp/gpu_seeds}
+NAME=${NAME:-gpu_seeds}
+ARMS=${ARMS:-"vanilla:--repa-coeff 0;repa:--repa-coeff 0.5"}
+STATE=${STATE:-/tmp/$NAME}
 OUT=${OUT:-/tmp/out}
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-$STATE/data/cifar10}
@@ -27,13 +32,19 @@ start=$(date +%s)
 mkdir -p "$STATE/runs" "$STATE/at_step" "$OUT"
 
 if [[ ${TINY:-0} == 1 ]]; then   # every step, at a scale a CPU runs in a minute
-    SEEDS=${SEEDS:-2}; N=${N:-60}; TRAIN_S=${TRAIN_S:-120}; CKPT_EVERY=3; REPA_DEPTH=1; T=0,0.5
-    SIT=(--model SiT-S/4 --depth 3 --width 32 --heads 2 --batch 16 --steps 6 --projector-dim 32 --workers 0)
+    SEEDS=${SEEDS:-2}; N=${N:-60}; TRAIN_S=${TRAIN_S:-120}; CKPT_EVERY=3; REPA_DEPTH=1; T=0,0.5; STEPS=6
+    SIT=(--model SiT-S/4 --depth 3 --width 32 --heads 2 --batch 16 --projector-dim 32 --workers 0)
+elif [[ ${PRESET:-deep} == wide28 ]]; then   # 28 blocks of width 384 (unmeasured: no GPU session yet)
+    SEEDS=${SEEDS:-1}; N=${N:-10000}; TRAIN_S=${TRAIN_S:-300}; CKPT_EVERY=250; REPA_DEPTH=8; T=0,0.25,0.5; STEPS=4000
+    SIT=(--model SiT-S/2 --depth 28 --width 384 --heads 6 --batch 256 --projector-dim 2048 --lr 2e-4
+         --ema-decay 0.9995 --workers 2 --precision bf16)
 else                             # sized for one H200: the deep preset (unmeasured: no GPU session yet)
     SEEDS=${SEEDS:-5}; N=${N:-10000}; TRAIN_S=${TRAIN_S:-300}; CKPT_EVERY=250; REPA_DEPTH=8; T=0,0.1,0.25,0.5,0.75
-    SIT=(--model SiT-S/4 --depth 28 --width 64 --heads 2 --batch 64 --steps 5000 --projector-dim 128 --lr 3e-4
+    STEPS=5000
+    SIT=(--model SiT-S/4 --depth 28 --width 64 --heads 2 --batch 64 --projector-dim 128 --lr 3e-4
          --ema-decay 0.999 --workers 1 --precision bf16)
 fi
+IFS=';' read -ra ARM_SPECS <<< "$ARMS"
 
 # 0. data
 if [[ ! -d $DATA/train ]]; then
@@ -43,17 +54,17 @@ fi
 # 1. all runs at once, each stopped after TRAIN_S seconds (a stopped run keeps its last checkpoint)
 pids=()
 for seed in $(seq 0 $((SEEDS - 1))); do
-    for arm in "vanilla 0" "repa 0.5"; do
-        set -- $arm
+    for spec in "${ARM_SPECS[@]}"; do
+        arm=${spec%%:*}; flags=${spec#*:}; flags=${flags//HALF/$((STEPS / 2))}
         timeout --signal=INT --kill-after=20 "$TRAIN_S" $PY -m repa_probe train --data "$DATA/train" \
-            --image-size 32 "${SIT[@]}" --encoder cifar-ssl-resnet --repa-depth "$REPA_DEPTH" --repa-coeff "$2" \
-            --ckpt-every "$CKPT_EVERY" --log-every 50 --seed "$seed" --device "$DEVICE" \
-            --out "$STATE/runs/$1-s$seed" --quiet > "$STATE/runs/$1-s$seed.log" 2>&1 &
+            --image-size 32 "${SIT[@]}" --steps "$STEPS" --encoder cifar-ssl-resnet --repa-depth "$REPA_DEPTH" \
+            $flags --ckpt-every "$CKPT_EVERY" --log-every 50 --seed "$seed" --device "$DEVICE" \
+            --out "$STATE/runs/$arm-s$seed" --quiet > "$STATE/runs/$arm-s$seed.log" 2>&1 &
         pids+=($!)
     done
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done   # a run cut by the timeout exits non-zero
-echo "trained $((2 * SEEDS)) runs in $(( $(date +%s) - start )) s"
+echo "trained ${#pids[@]} runs in $(( $(date +%s) - start )) s"
 
 # 2. the last step every run reached; each run's checkpoint of that step, named ARM-sSEED
 step=$($PY - "$STATE/runs" <<'EOF'
@@ -66,7 +77,8 @@ EOF
 )
 if (( step == 0 )); then echo "no run reached its first checkpoint: see $STATE/runs/*.log"; exit 1; fi
 ckpts=()
-for arm in vanilla repa; do           # vanilla first: compare's deltas are against its first checkpoint
+for spec in "${ARM_SPECS[@]}"; do      # the first arm first: compare's deltas are against its first checkpoint
+    arm=${spec%%:*}
     for seed in $(seq 0 $((SEEDS - 1))); do
         ln -sfn "$STATE/runs/$arm-s$seed/checkpoints/$(printf %07d "$step").pt" "$STATE/at_step/$arm-s$seed.pt"
         ckpts+=("$STATE/at_step/$arm-s$seed.pt")
@@ -83,7 +95,7 @@ $PY -m repa_probe compare "${ckpts[@]}" --data "$DATA/test" --n "$N" --probe-tra
 $PY analyses/export_weights.py "$STATE/weights" "${ckpts[@]}"
 cat > "$STATE/report/COMMAND.txt" <<EOF
 $(git rev-parse HEAD 2>/dev/null || echo "(no git)") SEEDS=$SEEDS N=$N TRAIN_S=$TRAIN_S step=$step
-bash analyses/gpu_seeds.sh   # ${SIT[*]}
+bash analyses/$NAME.sh   # ${SIT[*]} --steps $STEPS; ARMS=$ARMS
 EOF
-tar -czf "$OUT/gpu_seeds.tar.gz" -C "$STATE" report weights $(cd "$STATE" && ls runs/*.log runs/*/log.jsonl)
-echo "done: $OUT/gpu_seeds.tar.gz ($(( $(date +%s) - start )) s)"
+tar -czf "$OUT/$NAME.tar.gz" -C "$STATE" report weights $(cd "$STATE" && ls runs/*.log runs/*/log.jsonl)
+echo "done: $OUT/$NAME.tar.gz ($(( $(date +%s) - start )) s)"
