@@ -58,7 +58,7 @@ RUNS = {"vanilla": (0.0, []), "repa": (0.5, []),
 # REPA's successors (docs/training.md), one flag each on the same seeds; "repa-stop" is REPA switched off halfway
 # (HASTE's --align-until, here at half of the preset's steps: the step is filled in by train_args)
 SUCCESSORS = {"repa-stop": (0.5, ["--align-until", "HALF"]), "sra": (0.0, ["--self-align", "0.5"]),
-              "dispersive": (0.0, ["--dispersive", "0.25"])}
+              "dispersive": (0.0, ["--dispersive", "0.25"]), "reg": (0.5, ["--reg-cls", "0.03"])}
 RUNS.update(SUCCESSORS)
 
 

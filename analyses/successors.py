@@ -4,7 +4,8 @@
     python analyses/successors.py --preset deep      # the 28-block preset (hours of CPU)
 
 Trains (or finishes) vanilla, REPA (λ 0.5), REPA switched off at half the steps (HASTE's --align-until), SRA
-(--self-align 0.5) and Dispersive Loss (--dispersive 0.25) with analyses/cifar_runs.py: one seed, so every arm
+(--self-align 0.5), Dispersive Loss (--dispersive 0.25) and REG (REPA + the teacher's pooled feature as its class
+token, --reg-cls 0.03) with analyses/cifar_runs.py: one seed, so every arm
 starts from the same SiT and sees the same images, t and noise. Then one `compare` of their final EMA models on
 the same n cifar10/test images and noise: CKNNA against the bundled teacher and the linear probe at every block,
 paired intervals against vanilla, and sample quality (FD in the teacher's space, --gen samples each, the same
@@ -23,7 +24,7 @@ from cifar_runs import DATA, REPO, analysis_config, experiment_args, experiment_
 sys.path.insert(0, str(REPO))
 from repa_probe.commands import compare  # noqa: E402
 
-ARMS = ("vanilla", "repa", "repa-stop", "sra", "dispersive")
+ARMS = ("vanilla", "repa", "repa-stop", "sra", "dispersive", "reg")
 
 
 def main() -> None:

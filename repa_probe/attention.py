@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from repa_probe.capture import capture_batch, input_space
+from repa_probe.curves import per_image_curves
 from repa_probe.data import load_vae, to_model_space
+from repa_probe.measures import Measure, register_measure
 from repa_probe.models import attention_logits
 from repa_probe.runtime import AUTOCAST_DTYPES
 
@@ -97,7 +99,6 @@ def block_attention(ckpt, blocks: Sequence[int]) -> dict[int, nn.Module] | None:
 def attention_values(pipe, src) -> list:
     """The measure (measures.py): per encoder, attention_kl and attention_cos of every block ≥ 1 per t, from one
     more pass of the model and the encoder per batch."""
-    from repa_probe.measures import per_image_curves
     if src.kind not in ("model", "untrained") or not pipe.encoders:
         return []
     modules = block_attention(src.ckpt, src.blocks)
@@ -141,3 +142,6 @@ def _scores(pipe, src, enc, modules: dict[int, nn.Module]) -> np.ndarray | None:
 
 def _note(cfg, note: str) -> None:
     cfg.notes += [] if note in cfg.notes else [note]
+
+
+register_measure(Measure("attention", attention_values, lambda: METRICS, lambda cfg: cfg.attention))

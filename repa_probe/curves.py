@@ -75,3 +75,22 @@ class Curves:
                      ci_high=float(ci[ti, bi, 1]), null_low=float(null[0, ti, bi]), null_mean=float(null[1, ti, bi]),
                      null_high=float(null[2, ti, bi]), n=self.n, k=self.k)
                 for ti, t in enumerate(self.ts) for bi, block in enumerate(self.blocks)]
+
+
+def per_image_curves(pipe, src, values, metrics: list[str], encoder: str = "",
+                     blocks: list[int] | None = None) -> list[Curves]:
+    """Measures taken per image, values [T, B, N, M] (M = len(metrics)), of source `src` (measures.Source) in
+    pipeline `pipe`: the mean over images, with paired subsample replicates (the same draws for every checkpoint,
+    from the pipeline's seed) and their rescaled interval."""
+    values = np.asarray(values, dtype=np.float64)
+    n, cfg, out = values.shape[2], pipe.cfg, []
+    draws = stats.subsamples(n, cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
+    scale = stats.subsample_scale([len(d) for d in draws], n) if draws else None
+    for mi, metric in enumerate(metrics):
+        v = values[..., mi]
+        mean = np.nanmean(v, axis=-1)
+        reps = np.stack([np.nanmean(v[..., d], axis=-1) for d in draws]) if draws else None
+        ci = stats.centred_interval(mean, reps, scale) if draws else None
+        out.append(Curves(src.name, src.kind, metric, encoder, src.ts, blocks or src.blocks, mean, ci, reps, scale,
+                          n=n))
+    return out

@@ -10,8 +10,8 @@ that lacks what a measure reads gets no curves from it.
 Built in, in report order: the alignment metrics (one measure over the metrics registry, metrics.py), the
 linear probe (probe.py), the spatial measures (one measure over the spatial registry, spatial.py), token
 alignment and the projector cosine (tokens.py), the dispersion of each block (what Dispersive Loss minimises,
-train/terms/dispersive.py), attention-map alignment (attention.py). A new measure is one file that calls
-`register_measure` (docs/extending.md).
+metrics.dispersive_loss), attention-map alignment (attention.py, which registers itself like a plug-in:
+pipeline.py imports it). A new measure is one file that calls `register_measure` (docs/extending.md).
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ import torch
 
 from repa_probe import metrics as M
 from repa_probe import stats
-from repa_probe.attention import METRICS as ATTENTION_METRICS, attention_values
 from repa_probe.checkpoints import LoadedCheckpoint
-from repa_probe.curves import Curves, HeldOut
+from repa_probe.curves import Curves, HeldOut, per_image_curves
 from repa_probe.probe import ProbeConfig, linear_probe
 from repa_probe.registry import Registry
 from repa_probe.spatial import SPATIAL_METRICS
@@ -250,24 +249,6 @@ def _probe(pipe, src: Source) -> list[Curves]:
 #                              Per-image measures                               #
 #################################################################################
 
-def per_image_curves(pipe, src: Source, values, metrics: list[str], encoder: str = "",
-                     blocks: list[int] | None = None) -> list[Curves]:
-    """Measures taken per image, values [T, B, N, M] (M = len(metrics)): the mean over images, with paired
-    subsample replicates (the same draws for every checkpoint) and their rescaled interval."""
-    values = np.asarray(values, dtype=np.float64)
-    n, cfg, out = values.shape[2], pipe.cfg, []
-    draws = stats.subsamples(n, cfg.bootstrap, cfg.seed) if cfg.bootstrap else []
-    scale = stats.subsample_scale([len(d) for d in draws], n) if draws else None
-    for mi, metric in enumerate(metrics):
-        v = values[..., mi]
-        mean = np.nanmean(v, axis=-1)
-        reps = np.stack([np.nanmean(v[..., d], axis=-1) for d in draws]) if draws else None
-        ci = stats.centred_interval(mean, reps, scale) if draws else None
-        out.append(Curves(src.name, src.kind, metric, encoder, src.ts, blocks or src.blocks, mean, ci, reps, scale,
-                          n=n))
-    return out
-
-
 def _spatial(pipe, src: Source) -> list[Curves]:
     """Every spatial measure (the "spatial" reduction's columns, in registry order: its version)."""
     return [] if "spatial" not in src.reduced else \
@@ -316,12 +297,11 @@ def dispersion_batches(rows: np.ndarray, size: int, seed: list[int]) -> np.ndarr
 
 
 def dispersion(features, batches: np.ndarray) -> float:
-    """What Dispersive Loss minimises (InfoNCE-L2, τ = 1: train/terms/dispersive.py's dispersive_loss), of the
+    """What Dispersive Loss minimises (InfoNCE-L2, τ = 1: metrics.dispersive_loss, the trainer's term), of the
     rows of `features` [N, D] in each batch [K, size], averaged over the K batches:
     mean_k log( (1/size²) Σ_i,j∈k exp(−‖z_i − z_j‖² / D) ). 0 when the rows coincide, ≥ −log size."""
-    from repa_probe.train.terms.dispersive import dispersive_loss       # the trainer's, imported when used
     z = torch.as_tensor(np.asarray(features))[torch.as_tensor(batches)]  # [K, size, D]
-    return float(torch.vmap(dispersive_loss)(z).double().mean())
+    return float(torch.vmap(M.dispersive_loss)(z).double().mean())
 
 
 def _dispersion(pipe, src: Source) -> list[Curves]:
@@ -364,7 +344,6 @@ register_measure(Measure("projector cosine", _projector_cosine, lambda: {PROJECT
 register_measure(Measure("dispersion", _dispersion,
                          lambda: {DISPERSION: "dispersion (Dispersive Loss, InfoNCE-L2, τ = 1)"},
                          lambda cfg: cfg.dispersion, depends_on_n=True))
-register_measure(Measure("attention", attention_values, lambda: ATTENTION_METRICS, lambda cfg: cfg.attention))
 
 
 def selected(cfg) -> list[Measure]:

@@ -953,3 +953,32 @@ def bootstrap_alignment(target, sources, metrics: Sequence[str] = ("cknna",), k:
     intervals = {m: _interval(reps[m], level, None if around is None else around[m], n, draws, dedupe)
                  for m in metrics}
     return (intervals, reps) if replicates else intervals
+
+
+#################################################################################
+#                 Dispersion: one representation, no target                     #
+#################################################################################
+
+DISPERSIVE_VARIANTS = ("infonce-l2", "infonce-cos")
+
+
+def dispersive_loss(z: torch.Tensor, tau: float = 1.0, variant: str = "infonce-l2") -> torch.Tensor:
+    """Dispersive Loss (Wang & He 2025, arXiv 2506.09027) of a batch z (B, T, D) (or any (B, ...)), flattened to
+    z_i ∈ R^M: log( (1/B²) Σ_i Σ_j exp(−‖z_i − z_j‖² / M / τ) ) (infonce-l2), or with cos(z_i, z_j) / τ in the
+    exponent (infonce-cos); 0 when the rows coincide. What the trainer's --dispersive term minimises
+    (train/terms/dispersive.py) and the dispersion measure reports (measures.py). A float32 scalar. The B × B Gram matrix is taken in
+    float64 (‖z_i‖² + ‖z_j‖² − 2 z_i·z_j cancels), with an exact zero diagonal (what the authors' pdist leaves
+    out and pads back), whose gradient is then zero rather than sqrt's 0/0."""
+    z = z.double().flatten(1)                                          # (B, T·D)
+    gram = z @ z.T                                                     # (B, B)
+    norms = gram.diagonal()
+    if variant == "infonce-l2":
+        off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+        squared = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) * off
+        logits = -squared / z.shape[1]                                 # −‖z_i − z_j‖² / (T·D)
+    elif variant == "infonce-cos":
+        unit = norms.clamp_min(1e-24).rsqrt()
+        logits = gram * unit[:, None] * unit[None, :]                  # cos(z_i, z_j)
+    else:
+        raise ValueError(f"unknown dispersive variant {variant!r}: use one of {', '.join(DISPERSIVE_VARIANTS)}")
+    return (torch.logsumexp(logits.flatten() / tau, dim=0) - math.log(logits.numel())).float()

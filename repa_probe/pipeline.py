@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from repa_probe import attention  # noqa: F401  (registers the attention-map measure)
 from repa_probe import metrics as M
 from repa_probe import stats
 from repa_probe.capture import by_reduction, capture_in_memory, extract, input_space, make_dataset, reductions_named

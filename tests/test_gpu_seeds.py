@@ -61,7 +61,7 @@ def test_the_gpu_successors_script_trains_every_arm_on_one_seed_and_compares_the
     with tarfile.open(tmp_path / "out" / "gpu_successors.tar.gz") as tar:
         tar.extractall(tmp_path / "back", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     back = tmp_path / "back"
-    arms = ("vanilla", "repa", "repa-stop", "sra", "dispersive")
+    arms = ("vanilla", "repa", "repa-stop", "sra", "dispersive", "reg")
     logs = {arm: [json.loads(line) for line in (back / "runs" / f"{arm}-s0" / "log.jsonl").read_text().splitlines()]
             for arm in arms}
     rows = {arm: [r for r in log if r["event"] == "train"] for arm, log in logs.items()}

@@ -13,35 +13,13 @@ the L2 one). Minimising it pushes samples apart: L_disp ≤ 0, and = 0 when all 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from repa_probe.errors import UserError
+from repa_probe.metrics import DISPERSIVE_VARIANTS as VARIANTS, dispersive_loss  # noqa: F401 (from here too)
 from repa_probe.train.terms.base import TERMS, Context, Forward
-
-VARIANTS = ("infonce-l2", "infonce-cos")
-
-
-def dispersive_loss(z: torch.Tensor, tau: float = 1.0, variant: str = "infonce-l2") -> torch.Tensor:
-    """L_disp of tokens z (B, T, D) (or any (B, ...)): a float32 scalar. The B × B Gram matrix is taken in
-    float64 (‖z_i‖² + ‖z_j‖² − 2 z_i·z_j cancels), with an exact zero diagonal (what the authors' pdist leaves
-    out and pads back), whose gradient is then zero rather than sqrt's 0/0."""
-    z = z.double().flatten(1)                                          # (B, T·D)
-    gram = z @ z.T                                                     # (B, B)
-    norms = gram.diagonal()
-    if variant == "infonce-l2":
-        off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
-        squared = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) * off
-        logits = -squared / z.shape[1]                                 # −‖z_i − z_j‖² / (T·D)
-    elif variant == "infonce-cos":
-        unit = norms.clamp_min(1e-24).rsqrt()
-        logits = gram * unit[:, None] * unit[None, :]                  # cos(z_i, z_j)
-    else:
-        raise ValueError(f"unknown dispersive variant {variant!r}: use one of {', '.join(VARIANTS)}")
-    return (torch.logsumexp(logits.flatten() / tau, dim=0) - math.log(logits.numel())).float()
-
 
 class Dispersive:
     name = "dispersive"
