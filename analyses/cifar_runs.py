@@ -40,9 +40,9 @@ PRESETS = {
     # REPA at block 8 as REPA does for depth 28. A checkpoint every 500 steps: the training-length knob.
     "deep": dict(model="SiT-S/4", width=64, depth=28, heads=2, batch=64, steps=5000, lr=3e-4, ema=0.999,
                  ckpt_every=500, analyze_every=0, repa_depth=8, projector_dim=128, threads=1, parallel=True),
-    # 2 CPU cores, about half an hour for the five arms of analyses/successors.py side by side: the demo's 6-block
-    # width-128 SiT (patch 4, 64 tokens), 1,000 steps of 64 images, REPA at block 2.
-    "small": dict(model="SiT-S/4", width=128, depth=6, heads=2, batch=64, steps=1000, lr=3e-4, ema=0.999,
+    # 2 CPU cores, about an hour for the six arms of analyses/successors.py side by side: the demo's 6-block
+    # width-128 SiT (patch 4, 64 tokens), 500 steps of 64 images, REPA at block 2.
+    "small": dict(model="SiT-S/4", width=128, depth=6, heads=2, batch=64, steps=500, lr=3e-4, ema=0.999,
                   ckpt_every=250, analyze_every=0, repa_depth=2, projector_dim=256, threads=1, parallel=True),
     # One H100, a few minutes per run: the reference run of docs/probe.md, 12 blocks of width 384, patch 2 (256 tokens).
     "gpu": dict(model="SiT-S/2", width=384, depth=12, heads=6, batch=256, steps=6000, lr=2e-4, ema=0.9995,

@@ -1,6 +1,6 @@
 """REPA's successors on the same seeds, analysed together (issue 29, item 5):
 
-    python analyses/successors.py                    # the "small" preset on 2 CPU cores → reports/successors/
+    python analyses/successors.py --n 2000          # the "small" preset on 2 CPU cores → reports/successors/
     python analyses/successors.py --preset deep      # the 28-block preset (hours of CPU)
 
 Trains (or finishes) vanilla, REPA (λ 0.5), REPA switched off at half the steps (HASTE's --align-until), SRA
@@ -14,17 +14,71 @@ logs, configs and SHA256SUMS into reports/weights/cifar_<preset>/ (cifar_runs.ex
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from cifar_runs import DATA, REPO, analysis_config, experiment_args, experiment_parser, exported
+from cifar_runs import DATA, PRESETS, REPO, analysis_config, experiment_args, experiment_parser, exported
 
 sys.path.insert(0, str(REPO))
 from repa_probe.commands import compare  # noqa: E402
 
 ARMS = ("vanilla", "repa", "repa-stop", "sra", "dispersive", "reg")
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def readme(out: Path, command: str) -> str:
+    """reports/successors/README.md from what the report holds (summary.json, gen.csv, the weights' SHA256SUMS):
+    every number below is read from those files, none typed."""
+    import pandas as pd
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = summary["config"]
+    p = PRESETS["small"]
+    lines = [f"# REPA's successors on one training seed (issue 29, item 5)", "",
+             f"Arms of one seed of the `small` preset (the demo's {p['depth']}-block width-{p['width']} SiT, patch 4, "
+             f"{p['steps']:,} steps of {p['batch']} CIFAR-10 images, REPA λ 0.5 at block {p['repa_depth']} against the "
+             "bundled teacher `cifar-ssl-resnet`): every arm starts from the same SiT and sees the same images, t and "
+             "noise; they differ by one flag (docs/training.md): `repa-stop` is REPA with `--align-until "
+             f"{p['steps'] // 2}`, `sra` `--self-align 0.5`, `dispersive` `--dispersive 0.25`, `reg` REPA with "
+             "`--reg-cls 0.03` (the teacher's pooled feature as its class token). "
+             "The runs of this session were launched for twice the steps and stopped at this step's checkpoint "
+             "(their logs cut there; the learning rate is constant, so nothing else depends on the total), "
+             "`repa-stop` branched from its half-way checkpoint. "
+             "Compared on the same images and noise; intervals are paired 95% intervals over the test images "
+             "(docs/statistics.md), over two files, not over training seeds: they say how these checkpoints differ, "
+             "not how the methods do.", "", "    " + command, "",
+             f"n = {cfg['n']:,} cifar10/test images (probe fitted on as many train images), t ∈ "
+             f"{{{', '.join(f'{t:g}' for t in cfg['ts'])}}}; weights (fp16 EMA) and their sha256 in "
+             f"`reports/weights/cifar_small/` (SHA256SUMS), training logs beside them.", "", "## Page 1", ""]
+    lines += [f"- {sentence}" for sentence in summary["overview"]]
+    lines += ["", "## Each arm against vanilla at its aligned block (t = 0)", "",
+              "| arm | measure | aligned block | arm − vanilla [95%] | better at blocks (family-wise) | "
+              "worse at blocks (family-wise) |", "|---|---|---|---|---|---|"]
+    for row in summary["compare"]:
+        if row["t"] != 0 or row["a"] != "vanilla-s0":
+            continue
+        scale, digits, unit = (100, 1, " pts") if row["metric"].startswith("probe") else (1, 4, "")
+        delta = "–" if row.get("aligned_delta") is None else \
+            f"{fmt(scale * row['aligned_delta'], digits)}{unit} [{fmt(scale * row['aligned_ci_low'], digits)}, " \
+            f"{fmt(scale * row['aligned_ci_high'], digits)}]"
+        lines.append(f"| {row['b']} | {row['metric']} | {row.get('aligned_block') or '–'} | {delta} | "
+                     f"{', '.join(map(str, row['b_better_blocks'])) or '–'} | "
+                     f"{', '.join(map(str, row['b_worse_blocks'])) or '–'} |")
+    gen = out / "gen.csv"
+    if gen.exists():
+        g = pd.read_csv(gen)
+        g = g[g["score"].str.startswith("FD")]
+        lines += ["", "## Sample quality", "", "| arm | score | N | value | arm − vanilla [95%] |", "|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            diff = "–" if pd.isna(r["difference"]) else \
+                f"{fmt(r['difference'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
+            lines.append(f"| {r['checkpoint']} | {r['score']} | {int(r['N']):,} | {r['value']:.2f} | {diff} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -41,6 +95,8 @@ def main() -> None:
     start = time.perf_counter()
     print(compare([os.path.relpath(w) for w in weights.values()], config, os.path.relpath(a.out)),
           f"{time.perf_counter() - start:.0f} s")
+    command = "python analyses/successors.py " + " ".join(sys.argv[1:])
+    (a.out / "README.md").write_text(readme(a.out, command))
 
 
 if __name__ == "__main__":
