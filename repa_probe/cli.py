@@ -140,8 +140,9 @@ def cmd_families(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from repa_probe.demo import DemoConfig, run_demo
-    _report_done(run_demo(DemoConfig(data=args.data, out=args.out, steps=args.steps, n=args.n, device=args.device,
-                                     quiet=args.quiet)))
+    for report in run_demo(DemoConfig(data=args.data, out=args.out, steps=args.steps, n=args.n,
+                                      shipped_n=args.shipped_n, device=args.device, quiet=args.quiet)):
+        _report_done(report)                  # the shipped pair's page 1 last: it shows the finding
 
 
 def _add_analysis_commands(sub) -> None:
@@ -184,16 +185,22 @@ def _add_analysis_commands(sub) -> None:
 
 def _add_listing_commands(sub) -> None:
     """`demo`, `families` and `encoders`."""
-    p = sub.add_parser("demo", help="train tiny vanilla + REPA SiTs on CIFAR-10 (CPU, ~10 min), compare them",
+    p = sub.add_parser("demo", help="train tiny vanilla + REPA SiTs on CIFAR-10 (CPU, ~10 min), compare them, "
+                                    "then the shipped 28-block pair",
                        description="The README's demo: trains a tiny vanilla SiT and the same SiT with REPA "
                                    "(bundled CIFAR-10 SimCLR teacher) on CIFAR-10 pixels, analyses both and writes "
-                                   "a compare report (OUT/report/report.pdf).")
+                                   "a compare report (OUT/report/report.pdf); then compares the shipped pair, "
+                                   "28-block SiTs trained 5,000 steps by the same trainer, at t = 0 "
+                                   "(OUT/shipped/report.pdf).")
     p.add_argument("--data", type=path, default=None, help="CIFAR-10 ImageFolder with train/ and test/ (default: "
                                                            "$REPA_PROBE_DATA, or shared/data/cifar10 beside the "
                                                            "project)")
     p.add_argument("--out", type=path, default="repa-probe-demo", help="output folder (default: repa-probe-demo)")
-    p.add_argument("--steps", type=count(1, 10_000_000), default=700, help="training steps per model (default: 700)")
+    p.add_argument("--steps", type=count(1, 10_000_000), default=300, help="training steps per model (default: 300)")
     p.add_argument("--n", type=positive_int, default=500, help="analysis images (default: 500)")
+    p.add_argument("--shipped-n", type=count(0, 10_000), default=5000,
+                   help="the shipped pair's analysis images, probes fitted on as many train images (default: 5000; "
+                        "0 = skip it)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

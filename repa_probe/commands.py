@@ -26,11 +26,12 @@ def analyze(checkpoint: str, config: AnalyzeConfig, out: str) -> Path:
     return compare([checkpoint], config, out)
 
 
-def compare(checkpoints: list[str], config: AnalyzeConfig, out: str) -> Path:
-    """`repa-probe compare A B [C ...]`: the same images and noise for all; deltas are (B − A) etc."""
+def compare(checkpoints: list[str], config: AnalyzeConfig, out: str, names: list[str] | None = None) -> Path:
+    """`repa-probe compare A B [C ...]`: the same images and noise for all; deltas are (B − A) etc. `names`
+    default to the files' (api.unique_names)."""
     check_writable(out)
     with hold_folder(out):                 # a second analysis into `out` stops at once, naming this one
-        return api.analyse(checkpoints, config).report(out)
+        return api.analyse(checkpoints, config, names).report(out)
 
 
 def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str = "auto") -> Path:

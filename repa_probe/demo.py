@@ -3,13 +3,18 @@
 1. trains a tiny vanilla SiT and the same SiT with REPA on CIFAR-10 pixels (same init, data order, t and
    noise: a controlled pair), aligned to the bundled self-supervised CIFAR-10 teacher (cifar-ssl-resnet);
 2. analyses both on the same held-out images and noise (linear probe + CKNNA at every block × t, with
-   untrained-model and raw-input baselines);
-3. writes one compare report (results.csv, summary.json, figures/, report.pdf) and prints page 1's verdict;
-   OUT/cifar10 links to the data it used (the README's notebook example runs on OUT).
+   untrained-model and raw-input baselines) into one compare report (OUT/report: results.csv, summary.json,
+   figures/, report.pdf);
+3. analyses the shipped pair the same way at t = 0 on more images, without baselines (OUT/shipped): a 28-block
+   SiT trained 5,000 steps by this trainer, vanilla and REPA λ = 0.5 at block 8 (analyses/cifar_runs.py, preset
+   deep, seed 0), whose float16 EMA weights the package carries (assets/cifar_deep/, the files of
+   reports/weights/cifar_deep/ with their training logs, configs and SHA256SUMS);
+4. prints each report's page-1 verdict, the shipped pair's last; OUT/cifar10 links to the data it used (the
+   README's notebook example runs on OUT).
 
-The model is deliberately small (6 blocks of width 128, patch 4 → an 8×8 grid of 64 tokens, which is the
-teacher's own feature-map grid) so that a few hundred steps fit in minutes; at this scale REPA's effect
-shows up first as alignment at and around the aligned block. Real-scale runs are in analyses/.
+The tiny model (6 blocks of width 128, patch 4 → an 8×8 grid of 64 tokens, the teacher's own feature-map grid)
+trains in minutes and shows the workflow; a few hundred steps are too few for REPA's effect, which the shipped
+pair shows: REPA's lift at its aligned block, and curves that peak, then drop. Real-scale runs are in analyses/.
 """
 from __future__ import annotations
 
@@ -18,17 +23,23 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from repa_probe.errors import UserError
 
+if TYPE_CHECKING:
+    from repa_probe.pipeline import AnalyzeConfig
+
 TEACHER = "cifar-ssl-resnet"
+SHIPPED = Path(__file__).resolve().parent / "assets" / "cifar_deep"
+SHIPPED_RUNS = ("vanilla", "repa")        # SHIPPED/<name>-s0.safetensors, compared in this order
 
 
 @dataclass
 class DemoConfig:
     data: str | None = None        # CIFAR-10 ImageFolder root with train/ and test/
     out: str = "repa-probe-demo"
-    steps: int = 700
+    steps: int = 300
     batch: int = 64
     lr: float = 3e-4               # above REPA's 1e-4: a few hundred steps must show learning
     width: int = 128
@@ -38,6 +49,7 @@ class DemoConfig:
     repa_depth: int = 2            # about a third of the depth, as REPA's 8 of 28 / 4 of 12
     repa_coeff: float = 0.5
     n: int = 500                   # analysis images (cifar10/test), probe trained on as many train images
+    shipped_n: int = 5000          # the shipped pair's analysis images (as n); 0 = not analysed
     seed: int = 0
     device: str | None = None
     quiet: bool = False
@@ -87,16 +99,40 @@ def link_data(root: Path, out: Path) -> None:
         link.symlink_to(root.resolve(), target_is_directory=True)
 
 
-def run_demo(cfg: DemoConfig) -> Path:
-    """Train vanilla + REPA, compare them, return the report folder."""
-    from repa_probe.commands import compare
+def shipped_pair() -> tuple[list[str], str]:
+    """The shipped pair's files as paths from where the demo runs (what its report records), and a note that
+    says, from the REPA file's own training settings, what they are."""
+    from repa_probe.checkpoints import read_checkpoint
+    files = [SHIPPED / f"{name}-s0.safetensors" for name in SHIPPED_RUNS]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"the package's shipped checkpoints are missing ({', '.join(missing)}): reinstall "
+                        f"repa-probe, or pass --shipped-n 0")
+    t = read_checkpoint(files[-1])["meta"]["train_config"]
+    note = (f"shipped: {t['depth']}-block width-{t['width']} SiTs trained {t['steps']:,} steps × {t['batch']} images "
+            f"by repa-probe's trainer (seed {t['seed']}), vanilla and REPA λ = {t['repa_coeff']:g} at block "
+            f"{t['repa_depth']}; their float16 EMA weights")
+    return [os.path.relpath(f) for f in files], note
+
+
+def analysis(cfg: DemoConfig, root: Path, n: int, **extra) -> AnalyzeConfig:
+    """n cifar10/test images against the teacher, probes fitted on n train images and scored on the n test ones."""
     from repa_probe.pipeline import AnalyzeConfig
+    return AnalyzeConfig(data=str(root / "test"), n=n, encoders=[TEACHER], probe_train=str(root / "train"),
+                         probe_test=str(root / "test"), probe_n_train=n, probe_n_test=n, seed=cfg.seed,
+                         device=cfg.device, cache=str(Path(cfg.out) / "cache"), quiet=cfg.quiet, **extra)
+
+
+def run_demo(cfg: DemoConfig) -> list[Path]:
+    """Train vanilla + REPA and compare them, then compare the shipped pair; return the report folders."""
+    from repa_probe.commands import compare
     from repa_probe.report.pdf import check_writable
     from repa_probe.train.trainer import TrainConfig, train
 
     root = find_cifar(cfg.data)
     out = Path(cfg.out)
     check_writable(out)
+    shipped, note = shipped_pair() if cfg.shipped_n else ([], "")
     start = time.perf_counter()
     plans = {name: TrainConfig(
         data=str(root / "train"), image_size=32, mode="pixels", model=f"SiT-S/{cfg.patch}", depth=cfg.depth,
@@ -115,14 +151,17 @@ def run_demo(cfg: DemoConfig) -> Path:
         runs[name] = train(plan)
         print(f"[demo] {name}: {time.perf_counter() - t0:.0f} s → {runs[name]}", flush=True)
     print(f"[demo] analysing both on {cfg.n} cifar10/test images (probe: {cfg.n} train images)", flush=True)
-    report = compare([str(out / "runs" / name) for name in runs],         # run folders: named vanilla, repa
-                     AnalyzeConfig(data=str(root / "test"), n=cfg.n, encoders=[TEACHER],
-                                   probe_train=str(root / "train"), probe_test=str(root / "test"),
-                                   probe_n_train=cfg.n, probe_n_test=cfg.n, seed=cfg.seed, device=cfg.device,
-                                   cache=str(out / "cache"), quiet=cfg.quiet,
-                                   notes=[f"demo: {cfg.steps} training steps per model on a CPU-sized SiT, a budget "
-                                          f"that shows the workflow; REPA's effect needs longer runs (reports/)"]),
-                     str(out / "report"))
+    reports = [compare([str(out / "runs" / name) for name in runs],        # run folders: named vanilla, repa
+                       analysis(cfg, root, cfg.n, notes=[
+                           f"demo: {cfg.steps} training steps per model on a CPU-sized SiT, a budget that shows "
+                           f"the workflow, not REPA's effect, which needs longer runs ("
+                           f"{'the shipped pair below, ' if shipped else ''}reports/)"]),
+                       str(out / "report"))]
+    if shipped:
+        print(f"[demo] analysing the shipped pair at t = 0 on {cfg.shipped_n} cifar10/test images (probe: "
+              f"{cfg.shipped_n} train images)", flush=True)
+        reports.append(compare(shipped, analysis(cfg, root, cfg.shipped_n, ts=(0.0,), baselines=False, notes=[note]),
+                               str(out / "shipped"), names=list(SHIPPED_RUNS)))
     link_data(root, out)
     print(f"[demo] done in {time.perf_counter() - start:.0f} s", flush=True)
-    return report
+    return reports

@@ -92,6 +92,45 @@ def test_the_committed_demo_sentences_say_what_its_numbers_say():
     assert baselines.startswith("In CKNNA") and "(more on page 2)" in baselines
 
 
+def test_page_1_names_the_curves_that_fall_when_their_drops_do_not_fit():
+    """On the committed deep pair's numbers with chosen curves falling: one fall is said with its drop; two whose
+    drops do not fit in the sentence are named, checkpoint by checkpoint; a single checkpoint's curves are named
+    without it; only when the names do not fit either are the falls counted."""
+    summary, table = committed("depth")
+    peaks, comp, pairs = pd.DataFrame(summary["peaks"]), pd.DataFrame(summary["compare"]), _page1_panels(table)
+
+    def first(falling: list[tuple[str, str]], rows: pd.DataFrame = peaks) -> str:
+        rows = rows.assign(peaks_then_drops=[(r.checkpoint, r.metric) in falling and r.t == 0
+                                             for r in rows.itertuples()])
+        sentence = overview_sentences(rows, comp, table, pairs, 0.0)[0]
+        assert len(sentence) <= LIMIT
+        return sentence
+
+    one = first([("repa", "cknna")])
+    r = peaks[(peaks.t == 0) & (peaks.checkpoint == "repa") & (peaks.metric == "cknna")].iloc[0]
+    assert one.startswith(f"At t = 0, after the peak repa's CKNNA falls {r.drop_after:.3f} [") and "significantly" not in one
+    two = first([("vanilla", "probe_top1"), ("repa", "cknna")])
+    assert two.startswith("At t = 0, vanilla's probe top-1 and repa's CKNNA fall significantly after their peaks; ")
+    alone = first([("repa", "cknna"), ("repa", "probe_top1")], peaks[peaks.checkpoint == "repa"])
+    assert alone.startswith("At t = 0, CKNNA and probe top-1 fall significantly after their peaks; ")
+    three = first([("vanilla", "probe_top1"), ("repa", "cknna"), ("repa", "probe_top1")])
+    assert three.startswith("At t = 0, 3 of 4 curves fall significantly after their peak; ")
+
+
+def test_the_shipped_demo_page_1_names_what_falls_and_reads_at_a_glance():
+    """reports/demo/shipped (the README's picture): page 1 as the rules want it, naming every curve whose held-out
+    drop after its peak is beyond its interval, and only those."""
+    summary = json.loads((REPO / "reports" / "demo" / "shipped" / "summary.json").read_text())
+    assert_plain(summary["overview"], compare=True)
+    peak = summary["overview"][0]
+    at0 = [p for p in summary["peaks"] if p["t"] == 0]
+    label = {"cknna": "CKNNA", "probe_top1": "probe top-1"}
+    for p in at0:
+        named = f"{p['checkpoint']}'s {label[p['metric']]}" in peak
+        assert named == bool(p["peaks_then_drops"]), (p["checkpoint"], p["metric"], peak)
+    assert any(p["peaks_then_drops"] for p in at0)
+
+
 def covered_lines(fig) -> list[str]:
     """Labels of the lines that a legend of the drawn figure covers: each line's path in display coordinates
     against the part of the legend's box inside that line's axes (lines are clipped to their axes)."""

@@ -28,11 +28,13 @@ WORDING = {  # numbers that are words, not results
     r"2\.5% / 97\.5%": "the two tails of a 95% interval (how the old intervals were made)",
     r"2026-11-30": "the date of the change the sentence describes",
     r"issue 24": "the issue that changed the statistics",
-    r"page[- ]1": "the report's first page",
+    r"[Pp]ages?[- ]1": "the report's first page",
     r"top-1": "the probe's metric, top-1 accuracy",
     r"SiT-XL/2": "the paper's model (patch 2 is part of its name)",
     r"Fig\. 2": "the figure of REPA's paper that is cited",
     r"1/n": "the variance law of a mean, notation",
+    r"OMP_NUM_THREADS=1": "the environment setting a run was made with (one thread)",
+    r"seed-0": "the training seed a pair of checkpoints is named by",
 }
 
 
@@ -89,7 +91,7 @@ def summary(folder: str) -> dict:
 @cache
 def table(path: str) -> pd.DataFrame:
     df = pd.read_csv(REPORTS / path)
-    for col in ("b_better_blocks", "b_worse_blocks"):
+    for col in ("b_better_blocks", "b_worse_blocks", "b_better_blocks_pointwise", "b_worse_blocks_pointwise"):
         if col in df:
             df[col] = df[col].map(json.loads)
     return df
@@ -393,23 +395,68 @@ def demo_claims() -> list[str]:
     cmp = table("demo/compare.csv")
     c, p = row(cmp, metric="cknna", t=0.0), row(cmp, metric="probe_top1", t=0.0)
     assert c["b_better_blocks"] == c["b_worse_blocks"] == [] == p["b_worse_blocks"]
-    assert not any(q["peaks_then_drops"] for q in s["peaks"])
+    fell = [q for q in s["peaks"] if q["peaks_then_drops"]]
+    assert len(fell) == 1 and fell[0]["t"] > 0 and fell[0]["metric"] == "probe_top1"
     halves = {q["n_select"] for q in s["peaks"] if q["metric"] == "cknna"}
     at0 = res[(res.t == 0.0) & (res.metric == "cknna")]
     thumb, best = float(row(at0, kind="raw-thumbnail")["value"]), at0[at0.kind == "model"]["value"].max()
     assert thumb > best
     terminal = (REPORTS / "demo" / "terminal.txt").read_text()
-    took = {k: re.search(rf"\[demo\] {k}:? (?:in )?(\d+) s", terminal)[1] for k in ("vanilla", "repa", "done")}
+    took = {k: int(re.search(rf"\[demo\] {k}:? (?:in )?(\d+) s", terminal)[1]) for k in ("vanilla", "repa", "done")}
     better = f"at blocks {blocks(p['b_better_blocks'])}" if p["b_better_blocks"] else "at no block"
-    return [f"the analysis took {fixed(s['timings_s']['total'], 0)} s",
-            f"training {took['vanilla']} s and {took['repa']} s, {took['done']} s in all",
+    return [f"the analyses took {fixed(s['timings_s']['total'], 0)} s (its own pair) and "
+            f"{fixed(summary('demo/shipped')['timings_s']['total'], 0)} s (the shipped pair)",
+            f"training {took['vanilla']} s and {took['repa']} s, {fixed(took['done'], 0)} s in all",
             f"{depth}-block width-{demo('width')} patch-{args['model_name'].rsplit('/', 1)[1]} SiTs, "
             f"{args['step']} steps × {demo('batch')} images each, REPA λ = {g(args['repa_coeff'])} at block {block}",
             f"{cfg['n']} test images for CKNNA, probes on {cfg['probe_n_train']} train images",
             f"CKNNA at block {block} is {aligned(c, 3)} (paired)",
             f"the probe is better {better} (largest difference {signed(p['max_delta'], 1, 100)} points, at "
-            f"block {p['max_delta_block']})", f"({depth} blocks, {halves.pop()}-image halves)",
-            f"CKNNA ({fixed(thumb, 3)}) beats every block ({fixed(best, 4)})"]
+            f"block {p['max_delta_block']})", f"No curve peaks then drops at t = 0 ({depth} blocks, "
+            f"{halves.pop()}-image halves); one of the {len(s['peaks'])} curves over the {len(cfg['ts'])} t does: "
+            f"{fell[0]['checkpoint']}'s probe at t = {g(fell[0]['t'])}, by {drop(fell[0], 1, 100)} points from block "
+            f"{fell[0]['selected_block']}",
+            f"CKNNA ({fixed(thumb, 3)}) beats every block ({fixed(best, 4)})"] + shipped_claims()
+
+
+def shipped_claims() -> list[str]:
+    """demo/shipped: the package's copy of the seed-0 deep pair (its hashes those of SHA256SUMS), at t = 0."""
+    s, folder = summary("demo/shipped"), REPORTS / "weights" / "cifar_deep"
+    trained = json.loads((folder / "repa-s0.config.json").read_text())
+    sums = dict(reversed(line.split()) for line in (folder / "SHA256SUMS").read_text().splitlines())
+    assert all(s["checkpoints"][n]["sha256"] == sums[f"{n}-s0.safetensors"] for n in ("vanilla", "repa"))
+    cfg, block = s["config"], s["aligned_blocks"]["repa"]
+    assert cfg["ts"] == [0.0] and not cfg["baselines"] and block == trained["repa_depth"]
+    cmp, d = table("demo/shipped/compare.csv"), table("demo/shipped/deltas.csv")
+    c, p = row(cmp, metric="cknna", t=0.0), row(cmp, metric="probe_top1", t=0.0)
+
+    def listed(r: pd.Series) -> tuple[str, str]:
+        """The band's blocks and the pointwise ones, each checked against the deltas file."""
+        cell = d[(d.metric == r["metric"]) & (d.t == r["t"]) & (d.block >= 1)]
+        assert r["b_better_blocks"] == sorted(cell.loc[cell.sim_low > 0, "block"]) and r["b_worse_blocks"] == []
+        assert r["b_better_blocks_pointwise"] == sorted(cell.loc[cell.ci_low > 0, "block"])
+        band = f"blocks {blocks(r['b_better_blocks'])}" if r["b_better_blocks"] else "no block"
+        return band, blocks(r["b_better_blocks_pointwise"])
+
+    (cb, cp), (pb, pp) = listed(c), listed(p)
+    falls = {(q["checkpoint"], q["metric"]): q for q in s["peaks"] if q["t"] == 0}
+    yes = [falls[k] for k in (("vanilla", "probe_top1"), ("repa", "cknna"))]
+    no = [falls[k] for k in (("vanilla", "cknna"), ("repa", "probe_top1"))]
+    assert all(q["peaks_then_drops"] for q in yes) and not any(q["peaks_then_drops"] for q in no)
+    halves = {(q["n_select"], q["n_measure"], q["last_block"]) for q in falls.values()}
+    (select, measure, last), = halves
+    return [f"{trained['depth']}-block width-{trained['width']} patch-{trained['model'].rsplit('/', 1)[1]} SiTs, "
+            f"{fixed(trained['steps'], 0)} steps × {trained['batch']} images each, REPA λ = "
+            f"{g(trained['repa_coeff'])} at block {trained['repa_depth']}",
+            f"at t = 0 on {fixed(cfg['n'], 0)} test images for CKNNA (k = {cfg['k']}), probes fitted on "
+            f"{fixed(cfg['probe_n_train'], 0)} train images and scored on the {fixed(cfg['probe_n_test'], 0)} test",
+            f"CKNNA at block {block} is {aligned(c, 3)} (paired); REPA is better at {cb} under the simultaneous "
+            f"band ({cp} block by block)", f"in the probe it is better at {pb} under the band ({pp} block by block)",
+            f"the peak chosen on {fixed(select, 0)} images and the drop to block {last} measured on the other "
+            f"{fixed(measure, 0)}",
+            f"vanilla's probe falls from block {yes[0]['selected_block']} by {drop(yes[0], 1, 100)} points and "
+            f"REPA's CKNNA from block {yes[1]['selected_block']} by {drop(yes[1], 3)}",
+            f"vanilla's CKNNA ({drop(no[0], 3)}) and REPA's probe ({drop(no[1], 1, 100)} points) do not fall"]
 
 
 def coverage_claims() -> list[str]:

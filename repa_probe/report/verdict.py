@@ -1,6 +1,7 @@
 """Page 1's verdict in at most three short sentences, and page 2's details, in plain words.
 
-  1. where the page-1 curves peak, and whether any falls after its peak (held-out, paired 95%);
+  1. where the page-1 curves peak, and which fall after their peak (held-out, paired 95%), with their drops
+     where the sentence has room;
   2. B − A at the aligned block, and at which blocks B is better or worse (a comparison only: the simultaneous
      band over blocks × t, so that a false "better" anywhere is rare);
   3. what the baselines and the permutation null say: whether the best block beats each baseline (held out:
@@ -134,11 +135,14 @@ def peak_sentence(peaks: pd.DataFrame, pairs: list[tuple[str, str]], t: float) -
     if not len(at):
         return f"At t = {t:g}, no measure has a curve over blocks."
     single = at["checkpoint"].nunique() == 1
-    falls = [("its " if single else f"{r.checkpoint}'s ") + f"{name[(r.metric, r.encoder)]} falls "
+    fell = list(at[at["peaks_then_drops"].astype(bool)].itertuples())
+    curves = [("" if single else f"{r.checkpoint}'s ") + name[(r.metric, r.encoder)] for r in fell]
+    falls = [f"{'its ' if single else ''}{c} falls "
              f"{interval(r.metric, r.drop_after, r.drop_ci_low, r.drop_ci_high, signed=False)}"
-             f"{paren(sample(r.metric, r.n_measure, r.k))}"
-             for r in at[at["peaks_then_drops"].astype(bool)].itertuples()]
+             f"{paren(sample(r.metric, r.n_measure, r.k))}" for c, r in zip(curves, fell)]
+    one = len(fell) == 1
     drop = ("after the peak " + ", ".join(falls),
+            f"{_and(curves)} {'falls' if one else 'fall'} significantly after {'its peak' if one else 'their peaks'}",
             f"{len(falls)} of {len(at)} curves fall significantly after their peak") if falls else \
         ("no curve falls significantly after its peak",)
     where = [f"{name[p]}{' peaks' if i == 0 else ''} at {_peak_blocks(g['best_block'])}" +
