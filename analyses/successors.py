@@ -56,17 +56,20 @@ def readme(out: Path, command: str) -> str:
              f"{{{', '.join(f'{t:g}' for t in cfg['ts'])}}}; weights (fp16 EMA) and their sha256 in "
              f"`reports/weights/cifar_small/` (SHA256SUMS), training logs beside them.", "", "## Page 1", ""]
     lines += [f"- {sentence}" for sentence in summary["overview"]]
-    lines += ["", "## Each arm against vanilla at its aligned block (t = 0)", "",
-              "| arm | measure | aligned block | arm − vanilla [95%] | better at blocks (family-wise) | "
-              "worse at blocks (family-wise) |", "|---|---|---|---|---|---|"]
+    block = PRESETS["small"]["repa_depth"]
+    deltas = pd.read_csv(out / "deltas.csv")
+    lines += ["", f"## Each arm against vanilla at REPA's aligned block {block} (t = 0)", "",
+              "| arm | measure | arm − vanilla [95%] | better at blocks (family-wise) | worse at blocks (family-wise) |",
+              "|---|---|---|---|---|"]
     for row in summary["compare"]:
         if row["t"] != 0 or row["a"] != "vanilla-s0":
             continue
+        d = deltas[(deltas.b == row["b"]) & (deltas.metric == row["metric"]) & (deltas.t == 0) &
+                   (deltas.block == block)].iloc[0]
         scale, digits, unit = (100, 1, " pts") if row["metric"].startswith("probe") else (1, 4, "")
-        delta = "–" if row.get("aligned_delta") is None else \
-            f"{fmt(scale * row['aligned_delta'], digits)}{unit} [{fmt(scale * row['aligned_ci_low'], digits)}, " \
-            f"{fmt(scale * row['aligned_ci_high'], digits)}]"
-        lines.append(f"| {row['b']} | {row['metric']} | {row.get('aligned_block') or '–'} | {delta} | "
+        where = f" (n = {int(d['n']):,}, k = {int(d['k'])})" if row["metric"] == "cknna" else ""
+        lines.append(f"| {row['b']} | {row['metric']} | {fmt(scale * d['delta'], digits)}{unit} "
+                     f"[{fmt(scale * d['ci_low'], digits)}, {fmt(scale * d['ci_high'], digits)}]{where} | "
                      f"{', '.join(map(str, row['b_better_blocks'])) or '–'} | "
                      f"{', '.join(map(str, row['b_worse_blocks'])) or '–'} |")
     gen = out / "gen.csv"
@@ -78,6 +81,10 @@ def readme(out: Path, command: str) -> str:
             diff = "–" if pd.isna(r["difference"]) else \
                 f"{fmt(r['difference'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
             lines.append(f"| {r['checkpoint']} | {r['score']} | {int(r['N']):,} | {r['value']:.2f} | {diff} |")
+        lines += ["", "Lower FD is better. Each interval resamples the N samples, drawn with the same noise and labels "
+                  "for every arm; it covers the sampling of these two files, not training seeds. A REG model is "
+                  "sampled with its class-token input at 0 rather than denoising its class token along with the "
+                  "image (REG's own sampler), so its FD is not REG's generation."]
     return "\n".join(lines) + "\n"
 
 
