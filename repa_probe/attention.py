@@ -21,6 +21,7 @@ ViTs). A model or encoder without them gets no values, and a note.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -32,7 +33,7 @@ from repa_probe.capture import capture_batch, input_space
 from repa_probe.curves import per_image_curves
 from repa_probe.data import load_vae, to_model_space
 from repa_probe.measures import Measure, register_measure
-from repa_probe.models import attention_logits
+from repa_probe.models import attention_hooks, attention_logits, has_attention
 from repa_probe.runtime import AUTOCAST_DTYPES
 
 METRICS = {"attention_kl": "attention-map KL, encoder ‖ block (0 = equal)",
@@ -55,28 +56,6 @@ def attention_scores(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.stack([kl, cos], dim=-1)
 
 
-class AttentionMaps:
-    """Context manager: pre-forward hooks on attention modules that keep each one's log_attention of its input
-    (`maps[key]`); removed on exit."""
-
-    def __init__(self, modules: dict, prefix: int = 0):
-        self.modules, self.prefix, self.maps, self.handles = modules, prefix, {}, []
-
-    def __enter__(self) -> "AttentionMaps":
-        for key, m in self.modules.items():
-            self.handles.append(m.register_forward_pre_hook(
-                lambda mod, args, key=key: self.maps.__setitem__(key, log_attention(mod, args[0], self.prefix))))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def has_attention(m: nn.Module | None) -> bool:
-    return m is not None and all(hasattr(m, a) for a in ("qkv", "num_heads", "q_norm", "k_norm"))
-
-
 def encoder_attention(encoder, images01: Tensor, grid: int) -> Tensor | None:
     """The encoder's last block's log attention map over its patch tokens (N, grid², grid²), or None when it has
     no timm-style attention."""
@@ -84,9 +63,9 @@ def encoder_attention(encoder, images01: Tensor, grid: int) -> Tensor | None:
     attn = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) else None
     if not has_attention(attn):
         return None
-    with AttentionMaps({"last": attn}, prefix=encoder.num_prefix_tokens) as cap:
+    with attention_hooks({"last": attn}, functools.partial(log_attention, prefix=encoder.num_prefix_tokens)) as maps:
         encoder.encode(images01, grid)
-    return cap.maps["last"]
+    return maps["last"]
 
 
 def block_attention(ckpt, blocks: Sequence[int]) -> dict[int, nn.Module] | None:
@@ -128,15 +107,15 @@ def _scores(pipe, src, enc, modules: dict[int, nn.Module]) -> np.ndarray | None:
             return _note(cfg, f"no attention alignment against {enc.name}: it has no timm-style attention")
         x0 = to_model_space(images, space.kind, vae, scale=space.scale, shift=space.shift)
         for ti, t in enumerate(src.ts):
-            with AttentionMaps(modules) as cap:
+            with attention_hooks(modules, log_attention) as maps:
                 capture_batch(src.ckpt, x0, None if labels is None else labels[rows],
                               torch.as_tensor(src.dataset.ids[rows]), t, seed=cfg.seed, blocks=[max(modules)],
                               autocast_dtype=AUTOCAST_DTYPES[cfg.precision])
             for bi, b in enumerate(modules):
-                if cap.maps[b].shape != teacher.shape:
+                if maps[b].shape != teacher.shape:
                     return _note(cfg, f"no attention alignment against {enc.name}: its {teacher.shape[-1]} tokens "
-                                      f"are not {src.name}'s {cap.maps[b].shape[-1]}")
-                values[ti, bi, rows] = attention_scores(teacher, cap.maps[b]).cpu().numpy()
+                                      f"are not {src.name}'s {maps[b].shape[-1]}")
+                values[ti, bi, rows] = attention_scores(teacher, maps[b]).cpu().numpy()
     return values
 
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from repa_probe import teacher as cifar_teacher
 from repa_probe.checkpoints import safe_torch_load
 from repa_probe.errors import UserError
-from repa_probe.models import attention_logits
+from repa_probe.models import attention_hooks, attention_logits, has_attention
 from repa_probe.registry import Registry
 
 #################################################################################
@@ -528,25 +528,16 @@ class Encoder(nn.Module):
         q·kᵀ·scale (N, heads, T, T), float32, of these 1-based blocks, between patch tokens only (CLS and register
         rows and columns removed): what HASTE distils (train/terms/attn_align.py). A ViT of timm's layout only."""
         attns = [getattr(block, "attn", None) for block in getattr(self.model, "blocks", [])]
-        if not all(hasattr(a, "qkv") and hasattr(a, "scale") for a in attns) or not attns:
+        if not attns or not all(map(has_attention, attns)):
             raise UserError(f"encoder {self.name}: --attn-align needs a ViT encoder with attention maps (e.g. "
                             f"dinov2-vit-b); {self.arch} has none")
         bad = [b for b in blocks if not 1 <= b <= len(attns)]
         if bad:
             raise UserError(f"encoder {self.name} has {len(attns)} blocks: no block {bad[0]}")
-        maps: list[Tensor] = [None] * len(blocks)
         p = self.num_prefix_tokens
-
-        def record(i: int):
-            def hook(attn: nn.Module, args: tuple) -> None:
-                maps[i] = attention_logits(attn, args[0], p).float()
-            return hook
-        handles = [attns[b - 1].register_forward_pre_hook(record(i)) for i, b in enumerate(blocks)]
-        try:
+        with attention_hooks({i: attns[b - 1] for i, b in enumerate(blocks)},
+                             lambda attn, x: attention_logits(attn, x, p).float(), [None] * len(blocks)) as maps:
             yield maps
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def describe(self, grid: int | None = None) -> dict[str, Any]:
         """Plain data for provenance: what network, which weights, what preprocessing."""

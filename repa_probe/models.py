@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -148,6 +150,26 @@ def attention_logits(attn: nn.Module, x: torch.Tensor, prefix: int = 0) -> torch
     q, k, _ = attn.qkv(x).reshape(n, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)                               # (N, heads, T, d_head)
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1))[:, :, prefix:, prefix:]
+
+
+def has_attention(attn: nn.Module | None) -> bool:
+    """Whether `attn` is a timm-style attention module that attention_logits can read."""
+    return attn is not None and all(hasattr(attn, a) for a in ("qkv", "num_heads", "q_norm", "k_norm"))
+
+
+@contextmanager
+def attention_hooks(modules: Mapping[Any, nn.Module], score: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                    into: Any = None) -> Iterator[Any]:
+    """While open, every forward of `modules[key]` stores score(module, its input) at `into[key]` (a new dict
+    unless given, e.g. a list indexed by position), which is yielded; the hooks go on exit."""
+    into = {} if into is None else into
+    handles = [m.register_forward_pre_hook(lambda mod, args, key=key: into.__setitem__(key, score(mod, args[0])))
+               for key, m in modules.items()]
+    try:
+        yield into
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Attention(nn.Module):

@@ -664,6 +664,7 @@ class Run:
     init_sha: str = ""                  # of the SiT's own weights at initialisation (equal for a vanilla/REPA pair)
     start_step: int = 0
     resumed_from: Path | None = None
+    attention_blocks: tuple[int, ...] = ()  # --attn-align: the first encoder's blocks it distils (checked at setup)
 
     @property
     def out(self) -> Path:
@@ -705,8 +706,7 @@ def setup(cfg: TrainConfig) -> Run:
         if (repa or reg or cfg.attn_align or cfg.analyze_every) else []
     model_cfg = build_model_config(cfg, num_classes, [e.embed_dim for e in encoders] if repa else [],
                                    encoders[0].embed_dim if reg else 0)
-    if cfg.attn_align:
-        encoder_blocks(cfg, encoders[0], model_cfg)          # a ViT teacher whose blocks and heads fit
+    attention_blocks = encoder_blocks(cfg, encoders[0], model_cfg) if cfg.attn_align else ()   # a ViT that fits
     model = init_model(model_cfg, cfg.seed)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -719,7 +719,7 @@ def setup(cfg: TrainConfig) -> Run:
                 train_config=cfg.to_dict())
     run = Run(cfg, d, precision, dataset, num_classes, vae, encoders, model_cfg, model, ema,
               make_optimizer(model, cfg, device), torch.amp.GradScaler(device.type, enabled=precision == "fp16"), meta,
-              sit_sha256(model))
+              sit_sha256(model), attention_blocks=attention_blocks)
     run.resumed_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(run.out)
     if run.resumed_from is not None:
         run.start_step = _restore(run.resumed_from, cfg, model, ema, run.optimizer, run.scaler)
@@ -938,7 +938,7 @@ def teacher_signals(run: Run, images: torch.Tensor, grid: int, autocast, step: i
     repa, attn, reg = cfg.repa_coeff > 0 and on, cfg.attn_align > 0 and on, cfg.reg_cls > 0
     if not (repa or attn or reg):
         return [], [], (None, None)
-    blocks = encoder_blocks(cfg, run.encoders[0], run.model_cfg) if attn else ()
+    blocks = run.attention_blocks if attn else ()
     with run.encoders[0].attention_logits(blocks) if blocks else contextlib.nullcontext([]) as attention:
         targets, classes = encoder_outputs(run.encoders, images, grid, autocast, reg)
     targets = [spatial_zscore(z, cfg.zscore_alpha) if cfg.spatial_norm == "zscore" else z
