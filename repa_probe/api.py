@@ -37,7 +37,9 @@ from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
 from repa_probe.findings import Findings, trajectory_findings
 from repa_probe.findings.seeds import check_groups
-from repa_probe.generation import GEN_COLUMNS, Scorer, logged_generation, score_models
+from repa_probe.fid import fd_replicates
+from repa_probe.findings.generation import quality_score, steps_to_reach
+from repa_probe.generation import GEN_COLUMNS, Scorer, feature_key, logged_generation, score_models
 from repa_probe.pipeline import AnalyzeConfig, Arg, Pipeline, Results, cli_arg, python_arg, run
 from repa_probe.report import compose
 from repa_probe.runtime import find_checkpoints, latest_in_run
@@ -214,7 +216,8 @@ def trajectory(sources: Sequence[str], config: AnalyzeConfig, source: str = "aut
         for file in files:
             depth = max(depth, _analyse_step(file, name, pipeline, frames, curves, provenance, gen))
     cfg = pipeline.cfg if pipeline else config
-    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source, gen.table(), logs)
+    return trajectory_findings(frames, curves, provenance, depth, cfg, list(sources), source, gen.table(), logs,
+                               gen.reach())
 
 
 def _run_name(src: str) -> str:
@@ -229,6 +232,7 @@ class GenSteps:
     first: str
     scorer: Scorer | None = None
     rows: list = dataclasses.field(default_factory=list)
+    reached: dict = dataclasses.field(default_factory=dict)     # {run: {step: (FD, its bootstrap replicates)}}
 
     def start(self, cfg: AnalyzeConfig, device=None) -> None:
         if cfg.gen and self.scorer is None:
@@ -236,8 +240,17 @@ class GenSteps:
 
     def score(self, ckpt: LoadedCheckpoint, run: str, step: int) -> None:
         if self.scorer is not None:
-            self.rows += self.scorer.score(ckpt, f"{run}@{step}", run=run, step=step, keep=run == self.first,
-                                           against=None if run == self.first else f"{self.first}@{step}")
+            name = f"{run}@{step}"
+            rows = self.scorer.score(ckpt, name, run=run, step=step, keep=True,
+                                     against=None if run == self.first else f"{self.first}@{step}")
+            self.rows += rows
+            scores, score = self.scorer.kept[name], quality_score(pd.DataFrame(rows))
+            reps = fd_replicates(scores.features[feature_key(scores, score)],
+                                 self.scorer.reference.stats[feature_key(scores, score)],
+                                 self.scorer.cfg.gen_bootstrap, self.scorer.cfg.seed)
+            self.reached.setdefault(run, {})[step] = (scores.scores[score].value, reps)
+            if run != self.first:              # only the first run's samples are compared with later ones
+                del self.scorer.kept[name]
 
     def score_run(self, src: str, run: str, config: AnalyzeConfig) -> None:
         """With --gen, the checkpoints of a run whose measures come from its log."""
@@ -251,6 +264,14 @@ class GenSteps:
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=GEN_COLUMNS)
+
+    def reach(self) -> pd.DataFrame | None:
+        """With --gen: the step at which each later run reaches the first run's last FD (the first FD score),
+        paired over the sample indices every checkpoint shares (findings/generation.py's steps_to_reach)."""
+        if self.scorer is None or not self.rows:
+            return None
+        runs = {self.first: self.reached[self.first], **self.reached} if self.first in self.reached else self.reached
+        return steps_to_reach(runs, quality_score(self.table()), self.scorer.sampling.n, self.scorer.cfg.gen_bootstrap)
 
 
 def _step_of(ckpt: LoadedCheckpoint, file: str) -> int:

@@ -16,6 +16,7 @@ precision and recall, and the paired interval of an FD difference (docs/generati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -131,6 +132,25 @@ def same_n(*scores: FD) -> int:
     return ns[0]
 
 
+def fd_against(ref: GaussianStats) -> Callable[[np.ndarray], float]:
+    """features [N, D] → their Gaussian's FD to `ref`, with ref's square root taken once (for many FDs to it)."""
+    mu_r, sigma_r = ref.mu, ref.sigma
+    root_r = psd_sqrt(sigma_r)
+
+    def fd(x: np.ndarray) -> float:
+        s = GaussianStats.of(x)
+        return _fd(s.mu, s.sigma, mu_r, sigma_r, root_r)
+    return fd
+
+
+def fd_replicates(features: np.ndarray, ref: GaussianStats, n_boot: int, seed: int = 0) -> np.ndarray:
+    """The FDs to `ref` of `n_boot` resamples of the rows of `features` [N, D] (stats.resamples(N, n_boot,
+    seed)): every checkpoint scored with the same N and seed is resampled at the same sample indices, so the
+    replicates of two checkpoints pair up."""
+    fd = fd_against(ref)
+    return np.array([fd(features[rows]) for rows in resamples(len(features), n_boot, seed)])
+
+
 def paired_fd_difference(features_a: np.ndarray, features_b: np.ndarray, ref: GaussianStats, *,
                          n_boot: int = 200, seed: int = 0, level: float = LEVEL, space: str = "") -> dict:
     """FD(b) − FD(a) against a fixed reference, with a paired bootstrap interval.
@@ -143,16 +163,9 @@ def paired_fd_difference(features_a: np.ndarray, features_b: np.ndarray, ref: Ga
     if features_a.shape != features_b.shape:
         same_n(FD(0.0, len(features_a)), FD(0.0, len(features_b)))
         raise ValueError(f"features of different shapes: {features_a.shape} vs {features_b.shape}")
-    n = len(features_a)
-    mu_r, sigma_r = ref.mu, ref.sigma
-    root_r = psd_sqrt(sigma_r)
-
-    def fd(x: np.ndarray) -> float:
-        s = GaussianStats.of(x)
-        return _fd(s.mu, s.sigma, mu_r, sigma_r, root_r)
-
+    n, fd = len(features_a), fd_against(ref)
     fd_a, fd_b = fd(features_a), fd(features_b)
-    reps = np.array([fd(features_b[rows]) - fd(features_a[rows]) for rows in resamples(n, n_boot, seed)])
+    reps = fd_replicates(features_b, ref, n_boot, seed) - fd_replicates(features_a, ref, n_boot, seed)
     low, high = centred_interval(fd_b - fd_a, reps, level=level)
     return {"space": space, "n": n, "fd_a": fd_a, "fd_b": fd_b, "difference": fd_b - fd_a, "low": float(low),
             "high": float(high), "level": level, "n_boot": n_boot, "replicates": reps}

@@ -272,9 +272,14 @@ def compare_fd(a: GenerationScores, b: GenerationScores, reference: Reference, s
     if a.reference != b.reference:
         raise UserError(f"'{a.checkpoint}' and '{b.checkpoint}' were scored against different references "
                         f"('{a.reference}', '{b.reference}')")
-    key = next(k for k in a.features if _score_of(k) == score)
+    key = feature_key(a, score)
     return paired_fd_difference(a.features[key], b.features[key], reference.stats[key], n_boot=n_boot, seed=seed,
                                 level=level, space=score)
+
+
+def feature_key(s: GenerationScores, score: str) -> str:
+    """The features ("<space>/<key>") behind a score ("FD_<encoder>", "FID", "sFID") of a checkpoint."""
+    return next(k for k in s.features if _score_of(k) == score)
 
 
 def _score_of(key: str) -> str:

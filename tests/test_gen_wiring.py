@@ -22,6 +22,7 @@ from repa_probe.config import AnalyzeConfig
 from repa_probe.encoders import load_encoder
 from repa_probe.families import load_checkpoint
 from repa_probe.findings import Findings, with_generation
+from repa_probe.findings.generation import first_reach
 from repa_probe.report.compose import FIGURES, generation_sentences
 from repa_probe.train.trainer import TrainConfig, train
 
@@ -188,6 +189,16 @@ def test_generation_curves_script_end_to_end_on_tiny_runs(cifar_dir, tmp_path):
     assert list(dict.fromkeys(gen["run"])) == ["vanilla-s0", "repa-s0", "vanilla-s1"] and (gen["N"] == 16).all()
     later = gen[gen["run"] != "vanilla-s0"]
     assert (later["against"] == "vanilla-s0@" + later["step"].astype(str)).all() and later["ci_low"].notna().all()
+    reach = pd.read_csv(out / "gen_reach.csv")                  # when each later run reaches vanilla-s0's last FD
+    assert reach["run"].tolist() == ["repa-s0", "vanilla-s1"] and (reach["N"] == 16).all()
+    fd = gen[gen["score"] == f"FD_{TEACHER}"]
+    first = fd[fd["run"] == "vanilla-s0"]
+    for r in reach.itertuples():
+        mine = fd[fd["run"] == r.run]
+        level = first["value"].iloc[-1]
+        assert r.level == level and r.step == first_reach(mine["step"].to_numpy(), mine["value"].to_numpy(), level)
+        assert r.ci_low <= r.ci_high and r.n_boot == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generation"]["correlation"] and "N = 16" in summary["generation"]["sentence"]
+    assert len(summary["generation"]["reach"]) == 2
     assert any(p.name.endswith("generation_and_representation.png") for p in (out / "figures").iterdir())

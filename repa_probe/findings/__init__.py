@@ -61,6 +61,7 @@ class Findings:
     generation: pd.DataFrame | None = None     # gen.csv: checkpoint × score, FDs with N, paired differences
     gen_points: pd.DataFrame | None = None     # generation.side_by_side: each checkpoint's FD and measures
     gen_correlation: pd.DataFrame | None = None    # generation.correlations: ρ(−FD, measure) with intervals
+    gen_reach: pd.DataFrame | None = None      # generation.steps_to_reach: when each later run reaches the first's FD
 
     @property
     def models(self) -> list[Analysed]:
@@ -76,6 +77,8 @@ class Findings:
             tables["self_similarity"] = similarity_table(self.similarity)
         if self.generation is not None:
             tables.update(gen=self.generation, gen_correlation=self.gen_correlation)
+        if self.gen_reach is not None and len(self.gen_reach):
+            tables["gen_reach"] = self.gen_reach
         return {**tables, **({"seeds": self.seeds} if self.seed_groups else {})}
 
 
@@ -137,14 +140,16 @@ def samples(results: Results) -> dict[str, np.ndarray]:
 
 def trajectory_findings(frames: list[pd.DataFrame], curves: dict, provenance: dict[str, dict], depth: int,
                         config: AnalyzeConfig, sources: list[str], source: str,
-                        generation: pd.DataFrame | None = None, logs: dict | None = None) -> Findings:
+                        generation: pd.DataFrame | None = None, logs: dict | None = None,
+                        reach: pd.DataFrame | None = None) -> Findings:
     """A trajectory's numbers: the rows of every run × step (`frames`, each with run and step columns), the
     curves of the steps analysed here ({(run, step): [Curves]}, for paired changes), the deepest depth,
     gen.csv's rows where the steps' samples were scored, and the monitor over the runs' training logs
-    ({run: log.jsonl}): from which step each REPA run's alignment term stops paying against vanilla."""
+    ({run: log.jsonl}): from which step each REPA run's alignment term stops paying against vanilla, and with
+    --gen the step at which each later run reaches the first run's last FD (`reach`)."""
     traj, groups = steps_table(frames), block_groups(depth)
     trend = trajectory_summary(traj.fillna({"encoder": ""}), groups, curves, config.seed)
     found = Findings("trajectory", "repa-probe trajectory: " + ", ".join(dict.fromkeys(traj["run"])), traj, config,
                      groups=groups, trend=trend, provenance=provenance, sources=sources, source=source,
-                     monitor=monitor_runs(logs or {}))
+                     monitor=monitor_runs(logs or {}), gen_reach=reach)
     return with_generation(found, generation) if generation is not None and len(generation) else found

@@ -8,6 +8,12 @@ quality and each measure, with a 95% percentile interval from a bootstrap that r
 replicate that ranks nothing (one side flat) counts as ρ = 0. With
 fewer than MIN_POINTS checkpoints no correlation is computed. The interval covers which checkpoints were
 measured, not the images or samples each number rests on (those have intervals of their own).
+
+In a trajectory, "does a run reach a given FD in fewer steps?" (REPA's headline): the level is the first run's FD
+at its last step, each run's step is the first at which its FD is at or below that level (linear between the
+two checkpoints around the crossing), and each later run's step and its ratio to the first run's come with a
+95% percentile interval from a bootstrap over sample indices shared by every checkpoint (the same noise and
+labels: paired), the level recomputed in every replicate. It covers which samples were drawn, not training.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from repa_probe.findings.seeds import SEED_NAME
 MIN_POINTS = 4          # fewer checkpoints rank too few ways for an interval
 CORR_BOOT = 2000        # replicates of the rank correlation's bootstrap (cheap: ranks of a few dozen numbers)
 LEVEL = 0.95
+REACH_COLUMNS = ["run", "against", "score", "N", "level", "step_against", "step", "ci_low", "ci_high", "speedup",
+                 "speedup_low", "speedup_high", "n_boot"]
 CORR_COLUMNS = ["score", "N", "metric", "encoder", "t", "points", "rho", "ci_low", "ci_high", "over", "units",
                 "n_boot"]
 
@@ -108,3 +116,46 @@ def headline_correlation(corr: pd.DataFrame | None) -> pd.Series | None:
         return None
     aligned = corr[corr["encoder"] != ""]
     return (aligned if len(aligned) else corr).iloc[0]
+
+
+def first_reach(steps: np.ndarray, fds: np.ndarray, level: float) -> float:
+    """The first step at which the FD curve is at or below `level`, linear between the checkpoints around the
+    crossing (the first checkpoint's step if it starts there); inf if it never gets there."""
+    below = np.flatnonzero(fds <= level)
+    if not len(below):
+        return float("inf")
+    i = below[0]
+    if i == 0:
+        return float(steps[0])
+    frac = (fds[i - 1] - level) / (fds[i - 1] - fds[i])
+    return float(steps[i - 1] + frac * (steps[i] - steps[i - 1]))
+
+
+def steps_to_reach(runs: dict[str, dict[int, tuple[float, np.ndarray]]], score: str, n: int,
+                   n_boot: int) -> pd.DataFrame:
+    """{run: {step: (FD, its replicates [n_boot] on the shared resamples of sample indices)}}, the first run
+    first → per later run: the step at which it reaches the first run's last FD, with its interval, beside the
+    first run's own step and their ratio (module docstring)."""
+    names = list(runs)
+    if len(names) < 2:
+        return pd.DataFrame(columns=REACH_COLUMNS)
+    steps = {r: np.array(sorted(runs[r])) for r in names}
+    fds = {r: np.array([runs[r][s][0] for s in steps[r]]) for r in names}
+    reps = {r: np.stack([runs[r][s][1] for s in steps[r]], axis=1) if n_boot else None for r in names}   # [B, S]
+
+    def reach(curves: dict[str, np.ndarray]) -> dict[str, float]:
+        level = curves[names[0]][-1]
+        return {"level": level, **{r: first_reach(steps[r], curves[r], level) for r in names}}
+
+    full = reach(fds)
+    replicates = [reach({r: reps[r][b] for r in names}) for b in range(n_boot)]
+    first, out = names[0], []
+    for r in names[1:]:
+        got = np.array([[x[r], x[first] / x[r]] for x in replicates]) if replicates else np.full((1, 2), np.nan)
+        # order statistics, not interpolated: a replicate that never reaches the level is a step of inf
+        low, s_low = np.quantile(got, (1 - LEVEL) / 2, axis=0, method="lower")
+        high, s_high = np.quantile(got, (1 + LEVEL) / 2, axis=0, method="higher")
+        out.append(dict(run=r, against=first, score=score, N=n, level=full["level"], step_against=full[first],
+                        step=full[r], ci_low=low, ci_high=high, speedup=full[first] / full[r],
+                        speedup_low=s_low, speedup_high=s_high, n_boot=n_boot))
+    return pd.DataFrame(out, columns=REACH_COLUMNS)

@@ -25,8 +25,8 @@ from repa_probe.registry import Registry
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
 from repa_probe.report.verdict import (correlation_lines, correlation_sentence, detail_lines, fd_sentence, gap_lines,
-                                       interval, level, number, overview_sentences, paren, sample, seed_lines,
-                                       trend_lines, trend_table, what)
+                                       interval, level, number, overview_sentences, paren, reach_lines, sample,
+                                       seed_lines, trend_lines, trend_table, what)
 
 FigureBuilder = Callable[[Findings, pd.DataFrame], list]
 FIGURES: Registry[FigureBuilder] = Registry("figure")
@@ -305,6 +305,7 @@ def generation_sentences(f: Findings) -> list[str]:
     if f.generation is None:
         return []
     lines = [correlation_sentence(headline_correlation(f.gen_correlation)), fd_sentence(f.generation)]
+    lines += reach_lines(f.gen_reach)
     return [line for line in lines if line]
 
 
@@ -314,7 +315,8 @@ def generation_summary(f: Findings) -> dict:
         return {}
     lines = generation_sentences(f)
     return {"generation": {"sentence": lines[0] if lines else "", "rows": f.generation.to_dict(orient="records"),
-                           "correlation": f.gen_correlation.to_dict(orient="records")}}
+                           "correlation": f.gen_correlation.to_dict(orient="records"),
+                           "reach": [] if f.gen_reach is None else f.gen_reach.to_dict(orient="records")}}
 
 
 def summarise(report: Results | Findings, timings: dict[str, float] | None = None,

@@ -433,6 +433,24 @@ def fd_sentence(gen: pd.DataFrame) -> str | None:
     return f"Sample quality ({score}, N = {int(rows['N'].iloc[0]):,} samples each): {values}{more}{paired}."
 
 
+def reach_lines(reach: pd.DataFrame | None) -> list[str]:
+    """Per later run of a trajectory: the step at which it reaches the first run's last FD, with its interval,
+    and "in fewer steps" only where the interval ends before the first run's own step."""
+    out = []
+    for r in ([] if reach is None else reach.itertuples()):
+        def step(x: float) -> str:
+            return "never" if x == float("inf") else f"{x:,.0f}"
+        where = f"at step {step(r.step)} [{step(r.ci_low)}, {step(r.ci_high)}]" if r.n_boot else \
+            f"at step {step(r.step)} (no interval: --gen-bootstrap 0)"
+        verdict = "in fewer steps" if r.n_boot and r.ci_high < r.step_against else \
+            "in more steps" if r.n_boot and r.ci_low > r.step_against else "in no resolved difference of steps"
+        ratio = f" ({r.speedup:.2g}× [{r.speedup_low:.2g}, {r.speedup_high:.2g}])" if r.n_boot else ""
+        out.append(f"{r.run} reaches {r.against}'s last {r.score} ({r.level:.4g}, N = {int(r.N):,}, first reached "
+                   f"by {r.against} at step {step(r.step_against)}) {where}: {verdict}{ratio}; 95% bootstrap over "
+                   f"the sample indices both share, not over training seeds.")
+    return out
+
+
 def correlation_sentence(r: pd.Series | None) -> str | None:
     """Page 1's one sentence on "better generation, better representation": claimed (or refuted) only when ρ's
     interval excludes 0; otherwise it says the run does not settle it."""
