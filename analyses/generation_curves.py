@@ -5,7 +5,10 @@ trajectory report with the page "generation and representation" (FD vs step, ali
 correlation over checkpoints).
 
     python analyses/generation_curves.py                         # N = 1000, REPA's SDE (250 steps)
-    python analyses/generation_curves.py --gen 2000 --out reports/generation_curves
+    python analyses/generation_curves.py --gen-sampler ode --out reports/generation_curves   # the committed one
+
+The report's README.md is rendered from its own files (summary.json, gen.csv, gen_reach.csv; `readme`), with the
+sha256 of every scored checkpoint in checkpoints.sha256.
 
 The runs are named RECIPE-sSEED (vanilla-s0, repa-s0, vanilla-s1, repa-s1) through links in OUT/.runs, and
 vanilla-s0 comes first: every other run's FD at a step is differenced, paired (the same sample indices: the same
@@ -15,11 +18,17 @@ here; a missing run is skipped with a note.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 from pathlib import Path
+
+import pandas as pd
 
 from repa_probe.commands import trajectory
 from repa_probe.config import AnalyzeConfig
+from repa_probe.findings.generation import quality_score
+from repa_probe.report.verdict import correlation_lines, reach_lines
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.path.relpath(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")))
@@ -62,6 +71,54 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def fmt(x: float, digits: int = 2) -> str:
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def readme(out: Path, command: str) -> str:
+    """OUT/README.md from the report's own files (summary.json, gen.csv, gen_reach.csv): no number typed."""
+    summary, gen = json.loads((out / "summary.json").read_text()), pd.read_csv(out / "gen.csv")
+    cfg, score = summary["config"], quality_score(gen)
+    fd = gen[gen["score"] == score]
+    runs, how = list(dict.fromkeys(fd["run"])), fd.iloc[0]
+    lines = ["# Sample quality beside representation over training (issue 27, item 5)", "",
+             f"Every saved checkpoint of {', '.join(runs)} (the CIFAR-10 `deep` preset of analyses/cifar_runs.py: "
+             "within a seed both runs start from the same SiT and see the same images, t and noise) scored with "
+             f"{score} against {how['reference']} at N = {int(how['N']):,} samples each ({how['sampler']}, "
+             f"{int(how['steps'])} steps, CFG {how['cfg']:g}; sample i has the same noise and label at every "
+             f"checkpoint), beside CKNNA and the linear probe on n = {cfg['n']:,} cifar10/test images at t = "
+             f"{', '.join(f'{t:g}' for t in cfg['ts'])}. Intervals resample the N samples (paired across "
+             "checkpoints); they cover the sampling of these files, not training seeds.", "", "    " + command, "",
+             "The scored checkpoints' sha256 are in `checkpoints.sha256`, their final EMA weights (fp16) in "
+             "`reports/weights/cifar_deep/`.", "", f"## {score} over training", "",
+             f"| step | {' | '.join(runs)} | {' | '.join(f'{r} − {runs[0]} [95%]' for r in runs[1:])} |",
+             "|---" * (2 * len(runs)) + "|"]
+    for step, g in fd.groupby("step", sort=True):
+        by_run = g.set_index("run")
+        values = [f"{by_run.loc[r, 'value']:.2f}" if r in by_run.index else "–" for r in runs]
+        diffs = [f"{fmt(by_run.loc[r, 'difference'])} [{fmt(by_run.loc[r, 'ci_low'])}, {fmt(by_run.loc[r, 'ci_high'])}]"
+                 if r in by_run.index and not pd.isna(by_run.loc[r, "difference"]) else "–" for r in runs[1:]]
+        lines.append(f"| {int(step):,} | {' | '.join(values)} | {' | '.join(diffs)} |")
+    reach = out / "gen_reach.csv"
+    if reach.exists():
+        lines += ["", "## Does a run reach the same FD in fewer steps?", ""]
+        lines += [f"- {line}" for line in reach_lines(pd.read_csv(reach))]
+    generation = summary["generation"]
+    lines += ["", "## Better generation, better representation?", "", generation["sentence"], ""]
+    lines += [f"- {line}" for line in correlation_lines(pd.DataFrame(generation["correlation"]))]
+    if summary.get("monitor"):
+        lines += ["", "## When the alignment term stops paying (training logs)", ""]
+        lines += [f"- {m['sentence']}" for m in summary["monitor"]]
+    return "\n".join(lines) + "\n"
+
+
+def checksums(sources: list[str]) -> str:
+    """sha256 and path of every checkpoint a trajectory of these run folders scores."""
+    from repa_probe.runtime import file_sha256, find_checkpoints
+    return "".join(f"{file_sha256(f)}  {Path(src).name}/{Path(f).name}\n" for src in sources
+                   for f in find_checkpoints(src))
+
+
 def main(argv: list[str] | None = None) -> Path:
     a = parser().parse_args(argv)
     sources = linked_runs(a.root, a.out.parent / f".{a.out.name}-runs")
@@ -71,7 +128,11 @@ def main(argv: list[str] | None = None) -> Path:
                            baselines=False, gen=a.gen, gen_spaces=(TEACHER,), gen_reference=str(a.data),
                            gen_reference_n=a.gen_reference_n, gen_sampler=a.gen_sampler, gen_steps=a.gen_steps,
                            gen_bootstrap=a.gen_bootstrap, cache=a.cache, device=a.device, quiet=True)
-    return trajectory(sources, config, str(a.out), source="checkpoints")
+    report = trajectory(sources, config, str(a.out), source="checkpoints")
+    (a.out / "checkpoints.sha256").write_text(checksums(sources))
+    command = "python analyses/generation_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (a.out / "README.md").write_text(readme(a.out, command))
+    return report
 
 
 if __name__ == "__main__":

@@ -202,3 +202,10 @@ def test_generation_curves_script_end_to_end_on_tiny_runs(cifar_dir, tmp_path):
     assert summary["generation"]["correlation"] and "N = 16" in summary["generation"]["sentence"]
     assert len(summary["generation"]["reach"]) == 2
     assert any(p.name.endswith("generation_and_representation.png") for p in (out / "figures").iterdir())
+    sys.path.insert(0, str(REPO / "analyses"))
+    from generation_curves import readme
+    text = (out / "README.md").read_text()
+    command = next(line.strip() for line in text.splitlines() if line.strip().startswith("python analyses/"))
+    assert readme(out, command) == text and "| 4 | " in text and "reaches vanilla-s0's last FD" in text
+    sums = (out / "checkpoints.sha256").read_text().splitlines()
+    assert len(sums) == 6 and sums[0].endswith("vanilla-s0/0000002.pt")       # 3 runs × steps 2 and 4
