@@ -163,3 +163,17 @@ def test_legends_cover_no_line_on_page_1_and_the_curve_pages():
             assert covered_lines(fig) == []
     finally:
         plt.close("all")
+
+
+def test_a_long_title_is_shortened_to_the_page_width():
+    """A comparison of six long checkpoint names made a page title that ran past the page's right edge."""
+    names = " vs ".join(f"reports/weights/cifar_small/{arm}-s0.safetensors" for arm in
+                        ("vanilla", "repa", "repa-stop", "sra", "dispersive", "reg"))
+    for size, make in ((15, lambda t: F.overview_page(t, [], pd.DataFrame(columns=["kind", "checkpoint"]), [], 0.0,
+                                                      {})),
+                       (12, lambda t: F._page(t, 12))):
+        fig = make("repa-probe comparison: " + names)
+        text = fig.texts[0]
+        box = text.get_window_extent(renderer=fig.canvas.get_renderer())
+        assert text.get_text().endswith("…") and box.x1 <= fig.bbox.width, (box.x1, fig.bbox.width)
+        plt.close(fig)

@@ -45,8 +45,15 @@ def _panel_grid(n: int, max_cols: int = 3):
 def _page(title: str, size: float = 12) -> plt.Figure:
     """A blank page with its title at the top."""
     fig = plt.figure(figsize=PAGE)
-    fig.text(0.04, 0.965, title, fontsize=size, weight="bold", va="top")
+    _title(fig, title, size)
     return fig
+
+
+def _title(fig: plt.Figure, title: str, size: float) -> None:
+    """A page's title, shortened with "…" to what fits the page's width (a bold character is about 0.58 of the
+    font size wide at most): a comparison of many checkpoints names them all."""
+    fits = int(0.92 * PAGE[0] * 72 / (0.58 * size))
+    fig.text(0.04, 0.965, textwrap.shorten(title, fits, placeholder=" …"), fontsize=size, weight="bold", va="top")
 
 
 def _text_rows(sections):
@@ -271,7 +278,7 @@ def overview_page(title: str, sentences: list[str], results: pd.DataFrame, panel
     """Page 1: the title, the curves over blocks at one t (one panel per metric), their legend under them and
     the verdict's (at most three) short sentences."""
     fig = plt.figure(figsize=PAGE)
-    fig.text(0.04, 0.965, title, fontsize=15, weight="bold", va="top")
+    _title(fig, title, 15)
     colours = checkpoint_colours(list(dict.fromkeys(results.loc[results["kind"] == "model", "checkpoint"])))
     n = max(1, len(panels))
     axes = []
