@@ -89,6 +89,9 @@ def guided_velocity(ckpt: LoadedCheckpoint, y: torch.Tensor, cfg: float = 1.0,
     cls_cfg = cfg if cls_cfg is None else cls_cfg
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        if cls_dim and x.shape[1:] != (math.prod(shape) + cls_dim,):
+            raise ValueError(f"a REG model's state is its images and class tokens packed (`pack`): "
+                             f"(N, {math.prod(shape) + cls_dim}), not {tuple(x.shape)}")
         guided = cfg > 1.0 and low <= t <= high
         x, cls = unpack(x, shape) if cls_dim else (x, None)
         x_in, y_in = (torch.cat([x, x]), torch.cat([y, y_null])) if guided else (x, y)

@@ -164,3 +164,11 @@ def test_the_class_token_changes_a_reg_models_samples():
         joint, zero_fed = sample_indexed(ckpt, [0, 1, 2], **knobs), sample_indexed(as_plain(ckpt), [0, 1, 2], **knobs)
         assert (joint - zero_fed).abs().max() > 1e-2, sampler
     assert class_token_seed(0, 1) not in (sample_seed(0, 1), class_token_seed(0, 2), class_token_seed(1, 1))
+
+
+def test_a_reg_models_velocity_refuses_a_state_without_its_class_token():
+    ckpt = as_checkpoint(reg_model(), "repa")
+    velocity = guided_velocity(ckpt, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="packed"):
+        velocity(torch.zeros(2, *SHAPE, dtype=torch.float64), 1.0)
+    assert velocity(pack(torch.zeros(2, *SHAPE), torch.zeros(2, CLS_DIM)).double(), 1.0).shape == (2, 768 + CLS_DIM)
