@@ -8,6 +8,7 @@
     python analyses/parity_terms.py attn_align --authors /tmp/haste
     git clone https://github.com/Martinser/REG /tmp/reg
     python analyses/parity_terms.py reg --authors /tmp/reg
+    python analyses/parity_terms.py reg-sampler --authors /tmp/reg
 
 For a method, this trains one step of the deep CIFAR preset's SiT (28 blocks of width 64, 64 images; HASTE: a
 shape its loss hard-codes, see below; the method's flag at the authors' default) with `repa-probe train`, rebuilds step 1's batch (images, t, ε,
@@ -18,12 +19,17 @@ are made ours, and a `.cuda()` becomes a no-op on a machine without a GPU. REG a
 (models/sit.py) holding our weights: their loss on their model at step 1, and their forward against ours on the
 weights after step 1 (whose blocks are no longer the identity). Writes reports/parity/<method>.json: both values,
 their difference, the authors' commit and file hash.
+
+`reg-sampler` is REG's sampling rather than a term: the REG run's step-1 checkpoint, loaded as `--gen` loads it,
+sampled by their euler_maruyama_sampler (samplers.py) and by our sampler.sample with the same draws
+(reports/parity/reg_sampler.json).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -40,8 +47,10 @@ sys.path.insert(0, str(REPO))
 from repa_probe.checkpoints import read_checkpoint          # noqa: E402
 from repa_probe.data import ImageDataset                     # noqa: E402
 from repa_probe.encoders import load_encoder                 # noqa: E402
+from repa_probe.families import load_checkpoint              # noqa: E402
 from repa_probe.models import ModelConfig                    # noqa: E402
 from repa_probe.noise import interpolate                     # noqa: E402
+from repa_probe.sampler import sample, sample_indexed        # noqa: E402
 from repa_probe.train.terms.self_align import self_align_blocks  # noqa: E402
 from repa_probe.train.trainer import (TrainConfig, draw_class_noise, init_model, replay_batch,  # noqa: E402
                                       stream_seed)
@@ -64,6 +73,8 @@ METHODS = {"dispersive": ([*DEEP, "--repa-coeff", "0", "--dispersive", "0.25"], 
                     "--projector-dim", "128", "--reg-cls", "0.03"], "loss.py", "loss_reg_cls")}
 REPOSITORIES = {"dispersive": "raywang4/DispLoss (checked on its mirror whaletech-ai/Disperse-Loss)",
                 "self_align": "vvvvvjdy/SRA", "attn_align": "NUS-HPC-AI-Lab/HASTE", "reg": "Martinser/REG"}
+# REG's sampler: SDE, a guidance interval that leaves steps unguided, the class token's scale apart from the image's
+REG_SAMPLING = dict(n=8, steps=20, cfg=1.8, cls_cfg=1.4, cfg_interval=(0.0, 0.7), seed=0)
 
 
 def authors_function(path: Path, name: str):
@@ -212,6 +223,49 @@ def authors_reg(source: Path, batch: dict, model, cfg) -> tuple[float, float, di
         "authors_model_file_sha256": hashlib.sha256((source.parent / "models" / "sit.py").read_bytes()).hexdigest()}
 
 
+def authors_reg_sampler(source: Path, ckpt) -> dict:
+    """Their euler_maruyama_sampler (samplers.py, run from their file) on our REG model as their SiT's forward
+    returns it, (out, zs, cls_out), their null label 1000 (ImageNet's) read as ours, against our sampler.sample:
+    x₁, the labels and the class token's start drawn from one generator in their generate.py's order and their
+    torch.randn_like (the image's ε, then the class token's, at every step) made draws of that generator. Once on
+    the weights after step 1, once with every weight redrawn (N(0, 0.2²)); each with how far our samples are
+    from those of the class token fed as 0 (sample_indexed, whose image draws are the same for both: what the
+    check could see)."""
+    module = authors_module(source, "reg_samplers")
+    model, knobs = ckpt.model.eval(), REG_SAMPLING
+    n, seed, cls_dim, classes = knobs["n"], knobs["seed"], ckpt.config.cls_token_dim, ckpt.config.num_classes
+    assert ckpt.convention.name == "repa", "their sampler feeds t as ours does under the 'repa' convention"
+    zero_fed = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, cls_token_dim=0))
+    ours_kwargs = dict(sampler="sde", steps=knobs["steps"], cfg=knobs["cfg"], cls_cfg=knobs["cls_cfg"],
+                       cfg_interval=knobs["cfg_interval"])
+
+    def theirs_forward(x, t, y, cls_token):
+        out, cls_out = model(x, t, torch.where(y == 1000, classes, y), cls_token=cls_token, return_cls=True)
+        return out, None, cls_out
+
+    def compare() -> tuple[float, float]:
+        ours = sample(ckpt, n, generator=torch.Generator().manual_seed(seed), **ours_kwargs)
+        g = torch.Generator().manual_seed(seed)
+        x1 = torch.randn((n, *ours.shape[1:]), generator=g)
+        y = torch.randint(0, classes, (n,), generator=g)
+        cls1 = torch.randn((n, cls_dim), generator=g)
+        with draws_made_ours(randn_like=lambda x, **k: torch.randn(x.shape, generator=g, dtype=x.dtype)):
+            theirs = module.euler_maruyama_sampler(
+                theirs_forward, x1, y, num_steps=knobs["steps"], cfg_scale=knobs["cfg"],
+                guidance_low=knobs["cfg_interval"][0], guidance_high=knobs["cfg_interval"][1], path_type="linear",
+                cls_latents=cls1, args=SimpleNamespace(cls_cfg_scale=knobs["cls_cfg"])).to(torch.float32)
+        joint, plain = (sample_indexed(c, range(n), seed=seed, **ours_kwargs) for c in (ckpt, zero_fed))
+        return (ours - theirs).abs().max().item(), (joint - plain).abs().max().item()
+
+    difference, effect = compare()
+    g = torch.Generator().manual_seed(0)
+    model.load_state_dict({k: v if k == "pos_embed" else torch.randn(v.shape, generator=g) * 0.2
+                           for k, v in model.state_dict().items()})
+    redrawn, redrawn_effect = compare()
+    return {"sampling": knobs, "difference": difference, "class_token_effect": effect,
+            "difference_redrawn_weights": redrawn, "class_token_effect_redrawn_weights": redrawn_effect}
+
+
 AUTHORS = {"dispersive": authors_dispersive, "self_align": authors_self_align, "attn_align": authors_attn_align,
            "reg": authors_reg}
 
@@ -223,12 +277,13 @@ def git_commit(folder: Path) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("method", choices=list(METHODS))
+    ap.add_argument("method", choices=[*METHODS, "reg-sampler"])
     ap.add_argument("--authors", required=True, type=Path, help="a checkout of the method's authors' repository")
     ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10 train ImageFolder (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "parity")
     args = ap.parse_args()
-    flags, file, key = METHODS[args.method]
+    sampler = args.method == "reg-sampler"
+    flags, file, key = (METHODS["reg"][0], "samplers.py", None) if sampler else METHODS[args.method]
     source = args.authors / file
     if not source.is_file():
         sys.exit(f"parity_terms: --authors {args.authors} has no {file}: pass a checkout of the authors' repository")
@@ -237,6 +292,13 @@ def main() -> None:
         run = Path(tmp) / "run"
         subprocess.run([sys.executable, "-m", "repa_probe", "train", "--data", str(args.data), "--out", str(run),
                         *COMMON, *flags], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if sampler:
+            ckpt = load_checkpoint(str(run / "checkpoints" / f"{1:07d}.pt"), weights="model")   # after step 1
+            header = {"method": args.method, "flags": flags, "authors_repository": REPOSITORIES["reg"],
+                      "authors_commit": git_commit(args.authors), "authors_file": file,
+                      "authors_file_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                      "model": f"{ckpt.config.depth} blocks × {ckpt.config.hidden_size}"}
+            return write_result(args.out, "reg_sampler", {**header, **authors_reg_sampler(source, ckpt)})
         rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         first = next(r for r in rows if r["event"] == "train")
         config_json = json.loads((run / "config.json").read_text())
@@ -261,8 +323,12 @@ def main() -> None:
               "ours_step1_loss": first["loss"], "authors_step1_loss": loss, "loss_difference": first["loss"] - loss,
               "batch": cfg.batch, "model": f"{model_cfg.depth} blocks × {model_cfg.hidden_size}",
               **(checks[0] if checks else {})}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.method}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, args.method, result)
+
+
+def write_result(folder: Path, name: str, result: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

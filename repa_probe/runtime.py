@@ -24,6 +24,13 @@ import torch.distributed as dist
 
 from repa_probe.errors import UserError
 
+
+def stream_seed(seed: int, stream: str, *keys: int) -> int:
+    """A 63-bit seed for one named random stream at given keys (step, epoch, ...): independent streams."""
+    text = "/".join([str(seed), stream, *map(str, keys)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
 #################################################################################
 #                              Device and precision                             #
 #################################################################################

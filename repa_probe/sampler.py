@@ -14,6 +14,14 @@ Same semantics as REPA's samplers.py (canonical time, t = 1 noise → t = 0 data
 The state is kept in float64 and the model is fed float32, as REPA does. The model is run through its
 family (families/) and its output turned into the canonical velocity by its time convention (noise.py):
 official SiT checkpoints, for instance, are fed s = 1 − t and their velocity is negated.
+
+REG models (our SiT with a class token, config.cls_token_dim > 0) are sampled as REG's samplers.py does: the
+class token c starts from N(0, I) and is denoised jointly with the image. The state is the image and c packed
+into one row per sample (`pack`), which both integrators step elementwise: c gets the image's update (the same
+score from its velocity, the same g² = 2t, its own Gaussian noise), with CFG at its own scale `cls_cfg` where the
+image is guided (None: the image's `cfg`, as REG's eval.sh sets both; ≤ 0: the conditional velocity alone, as
+REG's sampler does). The samples returned are the image part. REG's code has the SDE only; the joint ODE is
+REPA's Euler sampler over the same packed state.
 """
 from __future__ import annotations
 
@@ -28,15 +36,48 @@ from PIL import Image
 
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.errors import UserError
+from repa_probe.runtime import stream_seed
 
 SAMPLERS = ("ode", "sde")
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+Noise = torch.Generator | list[torch.Generator] | NoiseFn | None
+
+
+def class_token_dim(ckpt: LoadedCheckpoint) -> int:
+    """The width of a REG model's class token (our SiT with config.cls_token_dim > 0); 0 for any other model."""
+    return int(getattr(ckpt.config, "cls_token_dim", 0) or 0)
+
+
+def image_shape(ckpt: LoadedCheckpoint) -> tuple[int, int, int]:
+    """(C, H, W) of the model's input."""
+    space = ckpt.anatomy.input
+    return space.channels, space.size, space.size
+
+
+def pack(x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """A REG model's joint state: the images (N, C, H, W) and their class tokens (N, D_c) as (N, C·H·W + D_c)."""
+    return torch.cat([x.flatten(1), cls.to(x.dtype)], dim=1)
+
+
+def unpack(state: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A joint state → (images (N, *shape), class tokens (N, D_c))."""
+    size = math.prod(shape)
+    return state[:, :size].unflatten(1, shape), state[:, size:]
+
+
+def guide(v: torch.Tensor, scale: float) -> torch.Tensor:
+    """CFG of a doubled batch [conditional; unconditional]: v_∅ + scale·(v_y − v_∅); scale ≤ 0: v_y alone (REG)."""
+    v_cond, v_uncond = v.chunk(2)
+    return v_cond if scale <= 0 else v_uncond + scale * (v_cond - v_uncond)
 
 
 def guided_velocity(ckpt: LoadedCheckpoint, y: torch.Tensor, cfg: float = 1.0,
-                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
-    """v(x, t) in canonical time for labels y, with CFG scale `cfg` applied for t inside `cfg_interval`."""
+                    cfg_interval: tuple[float, float] = (0.0, 1.0), cls_cfg: float | None = None) -> VelocityFn:
+    """v(x, t) in canonical time for labels y, with CFG scale `cfg` applied for t inside `cfg_interval`.
+    A REG model's x is the joint state (`pack`) and so is v: the class token's velocity is guided at `cls_cfg`
+    (None: `cfg`) wherever the image's is."""
     conv, model, family = ckpt.convention, ckpt.model, ckpt.family
     if conv.velocity is None:
         raise UserError(f"the '{conv.name}' time convention ({conv.description}) is not a flow model: the samplers "
@@ -44,17 +85,29 @@ def guided_velocity(ckpt: LoadedCheckpoint, y: torch.Tensor, cfg: float = 1.0,
     dtype = next(model.parameters()).dtype
     y_null = torch.full_like(y, ckpt.anatomy.num_classes)
     low, high = cfg_interval
+    cls_dim, shape = class_token_dim(ckpt), image_shape(ckpt)
+    cls_cfg = cfg if cls_cfg is None else cls_cfg
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        if cls_dim and x.shape[1:] != (math.prod(shape) + cls_dim,):
+            raise ValueError(f"a REG model's state is its images and class tokens packed (`pack`): "
+                             f"(N, {math.prod(shape) + cls_dim}), not {tuple(x.shape)}")
         guided = cfg > 1.0 and low <= t <= high
+        x, cls = unpack(x, shape) if cls_dim else (x, None)
         x_in, y_in = (torch.cat([x, x]), torch.cat([y, y_null])) if guided else (x, y)
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.float64)
-        out = family.forward(model, x_in.to(dtype), conv.timestep(t_in).to(x.device, dtype), y_in)
+        timestep = conv.timestep(t_in).to(x.device, dtype)
+        if cls_dim:                      # REG: our SiT is fed the class token and returns its velocity too
+            cls_in = torch.cat([cls, cls]) if guided else cls
+            out, cls_out = model(x_in.to(dtype), timestep, y_in, cls_token=cls_in.to(dtype), return_cls=True)
+        else:
+            out = family.forward(model, x_in.to(dtype), timestep, y_in)
         v = conv.velocity(out.to(torch.float64), x_in, t_in.to(x.device))
-        if guided:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + cfg * (v_cond - v_uncond)
-        return v
+        v = guide(v, cfg) if guided else v
+        if not cls_dim:
+            return v
+        v_cls = conv.velocity(cls_out.to(torch.float64), cls_in, t_in.to(x.device))
+        return pack(v, guide(v_cls, cls_cfg) if guided else v_cls)
 
     return velocity
 
@@ -75,11 +128,21 @@ def gaussian(shape: tuple[int, ...], generator: torch.Generator | list[torch.Gen
     return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
-def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250,
-                   generator: torch.Generator | list[torch.Generator] | None = None,
+def joint_noise(image: torch.Generator | list[torch.Generator], cls: torch.Generator | list[torch.Generator],
+                shape: tuple[int, ...]) -> NoiseFn:
+    """The SDE noise of a joint state (`pack`): the images' (N, *shape) drawn from `image`, then the class
+    tokens' from `cls`, each as `gaussian` draws it."""
+    def noise(state_shape: tuple[int, ...]) -> torch.Tensor:
+        z = gaussian((state_shape[0], *shape), image).flatten(1)
+        return torch.cat([z, gaussian((state_shape[0], state_shape[1] - z.shape[1]), cls)], dim=1)
+    return noise
+
+
+def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250, generator: Noise = None,
                    t_last: float = 0.04) -> torch.Tensor:
     """Reverse SDE with g² = 2t from t = 1 to t_last in steps − 1 noisy steps, then one mean step to 0.
-    `generator`: one for the batch, or one per sample (`gaussian`)."""
+    `generator`: one for the batch, one per sample (`gaussian`), or a function of the state's shape that returns
+    the noise (`joint_noise`)."""
     if steps < 2:
         raise ValueError("the SDE sampler needs at least 2 steps (the last one is deterministic)")
     ts = torch.cat([torch.linspace(1, t_last, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
@@ -92,41 +155,59 @@ def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250,
         drift = v - t_cur * score                                   # v − ½·g²·s with g² = 2t
         x = x + drift * dt
         if i < steps - 1:
-            z = gaussian(tuple(x.shape), generator).to(x.device)
+            shape = tuple(x.shape)
+            z = (generator(shape) if callable(generator) else gaussian(shape, generator)).to(x.device)
             x = x + math.sqrt(2 * t_cur) * math.sqrt(abs(dt)) * z
     return x
+
+
+def integrate(ckpt: LoadedCheckpoint, x1: torch.Tensor, labels: torch.Tensor, noise: Noise,
+              cls1: torch.Tensor | None = None, cls_noise: Noise = None, *, sampler: str, steps: int | None,
+              cfg: float, cfg_interval: tuple[float, float], cls_cfg: float | None,
+              device: torch.device) -> torch.Tensor:
+    """x₁ (and a REG model's class token c₁) → the images x₀ (N, C, H, W) float32 by `sampler`; the SDE's noise
+    from `noise` (and the class token's from `cls_noise`, after the image's at every step)."""
+    velocity = guided_velocity(ckpt, labels.to(device), cfg, cfg_interval, cls_cfg)
+    if cls1 is not None:
+        noise = joint_noise(noise, cls_noise, image_shape(ckpt))
+        x1 = pack(x1, cls1)
+    steps = steps or DEFAULT_STEPS[sampler]
+    if sampler == "ode":
+        x0 = euler_ode(velocity, x1.to(device), steps)
+    else:
+        x0 = euler_maruyama(velocity, x1.to(device), steps, noise)
+    return (x0 if cls1 is None else unpack(x0, image_shape(ckpt))[0]).float()
 
 
 @torch.no_grad()
 def sample(ckpt: LoadedCheckpoint, n: int = 16, *, labels: torch.Tensor | int | None = None, sampler: str = "ode",
            steps: int | None = None, cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
-           generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+           cls_cfg: float | None = None, generator: torch.Generator | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Draw n samples x₀ in the model's space (pixels in [−1, 1] or scaled VAE latents): (n, C, H, W) float32.
 
     labels: a tensor of n class indices, one class for all, or None (drawn uniformly from `generator`).
     The starting noise and labels come from `generator` (a CPU torch.Generator), so a seed gives the same
-    samples on any device. steps defaults to 50 (ODE) or 250 (SDE).
+    samples on any device. steps defaults to 50 (ODE) or 250 (SDE). A REG model's class token (guided at
+    `cls_cfg`, None: `cfg`) starts from a draw after the labels and its SDE noise follows the image's at every
+    step, the order of REG's generate.py and samplers.py.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     ckpt.model.eval()
-    space, num_classes = ckpt.anatomy.input, ckpt.anatomy.num_classes
+    num_classes, cls_dim = ckpt.anatomy.num_classes, class_token_dim(ckpt)
     device = torch.device(device) if device is not None else next(ckpt.model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    x1 = torch.randn((n, space.channels, space.size, space.size), generator=generator)
+    x1 = torch.randn((n, *image_shape(ckpt)), generator=generator)
     if labels is None:
         labels = torch.randint(0, num_classes, (n,), generator=generator)
     elif isinstance(labels, int):
         labels = torch.full((n,), labels)
     if not (0 <= int(labels.min()) and int(labels.max()) <= num_classes):
         raise ValueError(f"class labels must lie in [0, {num_classes}] ({num_classes} = unconditional)")
-    velocity = guided_velocity(ckpt, labels.to(device), cfg, cfg_interval)
-    steps = steps or DEFAULT_STEPS[sampler]
-    if sampler == "ode":
-        x0 = euler_ode(velocity, x1.to(device), steps)
-    else:
-        x0 = euler_maruyama(velocity, x1.to(device), steps, generator)
-    return x0.float()
+    cls1 = torch.randn((n, cls_dim), generator=generator) if cls_dim else None
+    return integrate(ckpt, x1, labels, generator, cls1, generator, sampler=sampler, steps=steps, cfg=cfg,
+                     cfg_interval=cfg_interval, cls_cfg=cls_cfg, device=device)
 
 
 def image_grid(images01: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
@@ -184,26 +265,34 @@ def sample_seed(seed: int, index: int) -> int:
     return (int(seed) << 32) + int(index)
 
 
+def class_token_seed(seed: int, index: int) -> int:
+    """The seed of sample `index`'s REG class token (its start and SDE noise): the stream "class_token" of
+    sample_seed(seed, index) (runtime.stream_seed), apart from the image's generator so that the image's draws
+    stay those of a model without a class token."""
+    return stream_seed(sample_seed(seed, index), "class_token")
+
+
 @torch.no_grad()
 def sample_indexed(ckpt: LoadedCheckpoint, indices, *, seed: int = 0, sampler: str = "sde", steps: int | None = None,
-                   cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+                   cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), cls_cfg: float | None = None,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """Samples `indices` of the seeded set: x₁, the class label and the SDE's noise of sample i come from its own
     generator (`sample_seed`), so every checkpoint with the same input space and classes gets the same noise
-    and labels for sample i (paired), whatever the batch size or the number of ranks. (n, C, H, W) float32."""
+    and labels for sample i (paired), whatever the batch size or the number of ranks. A REG model's class token
+    (guided at `cls_cfg`, None: `cfg`) draws its start and noise from a second generator (`class_token_seed`),
+    so its image draws are a plain model's. (n, C, H, W) float32."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     ckpt.model.eval()
-    space, num_classes = ckpt.anatomy.input, ckpt.anatomy.num_classes
+    num_classes, cls_dim = ckpt.anatomy.num_classes, class_token_dim(ckpt)
     device = torch.device(device) if device is not None else next(ckpt.model.parameters()).device
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
-    x1 = torch.stack([torch.randn((space.channels, space.size, space.size), generator=g) for g in gens])
+    x1 = torch.stack([torch.randn(image_shape(ckpt), generator=g) for g in gens])
     labels = torch.cat([torch.randint(0, num_classes, (1,), generator=g) for g in gens])
-    velocity = guided_velocity(ckpt, labels.to(device), cfg, cfg_interval)
-    steps = steps or DEFAULT_STEPS[sampler]
-    if sampler == "ode":
-        return euler_ode(velocity, x1.to(device), steps).float()
-    return euler_maruyama(velocity, x1.to(device), steps, gens).float()
+    cls_gens = [torch.Generator().manual_seed(class_token_seed(seed, i)) for i in indices] if cls_dim else None
+    cls1 = torch.stack([torch.randn((cls_dim,), generator=g) for g in cls_gens]) if cls_dim else None
+    return integrate(ckpt, x1, labels, gens, cls1, cls_gens, sampler=sampler, steps=steps, cfg=cfg,
+                     cfg_interval=cfg_interval, cls_cfg=cls_cfg, device=device)
 
 
 def sample_checkpoint(checkpoint: str, out: str, n: int = 64, *, cfg: float = 1.5,

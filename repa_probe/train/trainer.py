@@ -74,8 +74,8 @@ from repa_probe.errors import UserError
 from repa_probe.models import SiT, ModelConfig, SRAHead, build_projector, model_config, size_name
 from repa_probe.runtime import (autocast, checkpoint_step, hold_folder, init_distributed,
                                 latest_checkpoint, local_rank, no_space_is_one_line, rank, remove_stale_tmp,
-                                resolve_device, resolve_precision, state_dict_sha256, torch_save_atomic, world_size,
-                                write_text_atomic)
+                                resolve_device, resolve_precision, state_dict_sha256, stream_seed, torch_save_atomic,
+                                world_size, write_text_atomic)
 from repa_probe.train.loss import WEIGHTINGS, sample_t, spatial_zscore, training_loss
 from repa_probe.train.terms import Context, Term, active_terms, past_alignment
 from repa_probe.train.terms.attn_align import encoder_blocks
@@ -253,12 +253,6 @@ RESUME_MUST_MATCH = resume_fields(TrainConfig)
 #################################################################################
 #                     Random streams, data order, initialisation                #
 #################################################################################
-
-def stream_seed(seed: int, stream: str, *keys: int) -> int:
-    """A 63-bit seed for one named random stream at given keys (step, epoch, ...): independent streams."""
-    text = "/".join([str(seed), stream, *map(str, keys)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
 
 def draw_step_randomness(generator: torch.Generator, seed: int, step: int, n: int, shape: tuple[int, ...],
                          weighting: str, cfg_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
