@@ -259,10 +259,15 @@ def decode(ckpt: LoadedCheckpoint, x0: torch.Tensor, autoencoder=None) -> torch.
         return autoencoder.decode(x0.to(next(ckpt.model.parameters()).device) / space.scale + space.shift).sample.float()
 
 
+SEED_STRIDE = 0x9E3779B1      # odd (the golden ratio × 2³²): seeds' index ranges start far apart
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index` of a seeded set: one generator per sample, so sample i does not depend on the
-    batch, the rank or the other samples."""
-    return (int(seed) << 32) + int(index)
+    batch, the rank or the other samples. A CPU torch.Generator keeps only the low 32 bits of its seed, so the
+    set's seed moves the start of the index range within them (seed 0: sample i's generator is seeded with i);
+    within a set no two samples share a generator."""
+    return (int(index) + int(seed) * SEED_STRIDE) % (1 << 32)
 
 
 def class_token_seed(seed: int, index: int) -> int:

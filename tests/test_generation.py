@@ -264,9 +264,16 @@ def test_fd_in_an_encoders_space_equals_a_direct_computation(tiny, teacher, refe
     assert abs(fd.value - direct) < 1e-4 * max(1.0, direct)
 
 
-def test_every_checkpoint_gets_the_same_noise_and_labels():
+def test_the_seed_changes_the_samples_and_seed_0_keeps_its_draws(tiny):
+    """A CPU torch.Generator keeps only the low 32 bits of its seed: with the set's seed in the high bits,
+    --seed 1 drew exactly --seed 0's samples."""
     from repa_probe.sampler import sample_seed
-    assert sample_seed(0, 5) != sample_seed(1, 5) and sample_seed(0, 5) != sample_seed(0, 6)
+    a, b = (sample_indexed(tiny[0], range(4), seed=seed, **FAST) for seed in (0, 1))
+    assert not torch.equal(a, b)
+    assert sample_indexed(tiny[0], range(4), seed=1, **FAST).equal(b)
+    assert [sample_seed(0, i) for i in range(4)] == [0, 1, 2, 3]      # seed 0: the committed reports' draws
+    draws = {sample_seed(s, i) for s in range(3) for i in range(1000)}
+    assert len(draws) == 3000 and max(draws) < 2 ** 32
 
 
 def test_paired_interval_of_an_fd_difference(tiny, teacher, reference):
