@@ -82,9 +82,10 @@ def readme(out: Path, command: str) -> str:
                 f"{fmt(r['difference'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
             lines.append(f"| {r['checkpoint']} | {r['score']} | {int(r['N']):,} | {r['value']:.2f} | {diff} |")
         lines += ["", "Lower FD is better. Each interval resamples the N samples, drawn with the same noise and labels "
-                  "for every arm; it covers the sampling of these two files, not training seeds. A REG model is "
-                  "sampled with its class-token input at 0 rather than denoising its class token along with the "
-                  "image (REG's own sampler), so its FD is not REG's generation."]
+                  "for every arm; it covers the sampling of these two files, not training seeds. This report's REG "
+                  "model was sampled with its class-token input at 0, before the sampler denoised REG's class token "
+                  "along with the image as REG's own sampler does: its FD is not REG's generation, and re-running "
+                  "this script now samples it REG's way (a different FD for `reg` only)."]
     return "\n".join(lines) + "\n"
 
 
