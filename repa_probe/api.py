@@ -301,7 +301,7 @@ def _analyse_step(file: str, run_name: str, pipeline: Pipeline, frames: list, cu
     ckpt = load_checkpoint(file, convention=cfg.convention, weights=cfg.weights, heads=cfg.heads)
     step = _step_of(ckpt, file)
     gen.score(ckpt, run_name, step)
-    for a in pipeline.analyse(ckpt, f"{run_name}@{step}"):
+    for a in pipeline.analyse(ckpt, f"{run_name}@{step}", class_token=False):      # the models' rows only
         if a.kind == "model":
             frames.append(pd.DataFrame([r for c in a.curves for r in c.rows()]).assign(run=run_name, step=step))
             curves[(run_name, step)] = a.curves

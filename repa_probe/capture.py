@@ -319,9 +319,11 @@ class CaptureConfig:
 
 
 def model_fingerprint(ckpt) -> dict:
-    """What identifies a loaded checkpoint's function: its file hash, which weights, its time convention."""
-    p = ckpt.provenance
-    return {"sha256": p.sha256, "weights": p.weights, "convention": p.convention, "format": p.format}
+    """What identifies a loaded checkpoint's function: its file hash, which weights, its time convention, and
+    which of its tokens are captured where not the image tokens (a family's class-token view: `class_token`)."""
+    p, tokens = ckpt.provenance, ckpt.family.tokens
+    return {"sha256": p.sha256, "weights": p.weights, "convention": p.convention, "format": p.format} | \
+        ({"tokens": tokens} if tokens != "image" else {})
 
 
 def input_space(ckpt: LoadedCheckpoint, mode: str | None = None) -> InputSpace:

@@ -3,9 +3,10 @@
 A measure says what it reads of a source (the pooled block features, the probe's images, named token
 reductions: reductions.py), how it turns that into Curves, the metrics it reports with their labels, their
 display scale and whether their values depend on the number of images. The pipeline captures the union of
-what the selected measures need and applies every selected measure to every source: the model, its untrained
-twin, the raw input (pooled, and as a thumbnail) and the target encoders' own tokens (pipeline.py). A source
-that lacks what a measure reads gets no curves from it.
+what the selected measures need and applies every selected measure to every source: the model, a REG model's
+class token, its untrained twin, the raw input (pooled, and as a thumbnail) and the target encoders' own tokens
+(pipeline.py). A source that lacks what a measure reads gets no curves from it (the class token: no token
+reductions).
 
 Built in, in report order: the alignment metrics (one measure over the metrics registry, metrics.py), the
 linear probe (probe.py), the spatial measures (one measure over the spatial registry, spatial.py), token
@@ -43,7 +44,7 @@ class Source:
     reference), token reductions {name: {array: [T, B, N, ...] "blocks", or [T, N, ...] "projected{k}"}}, and
     the probe's (train features, train labels, test features, test labels) or None."""
     name: str
-    kind: str                       # model, untrained, raw-input, raw-thumbnail, encoder (pipeline.KINDS)
+    kind: str                       # model, class-token, untrained, raw-input, raw-thumbnail, encoder (pipeline.KINDS)
     ckpt: LoadedCheckpoint
     blocks: list[int]               # block −1: the raw input
     ts: list[float]

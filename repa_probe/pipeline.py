@@ -10,6 +10,9 @@ For each checkpoint, on the same images and the same seeded noise (docs/analysis
   peak/drop  the peak block chosen on half the images and the drop after it measured, with a paired
              interval, on the other half (for the probe: fitted and scored on the other halves of its
              training and test images; stats.py, docs/statistics.md);
+  cls token  for a model that carries a class token beside its image tokens (REG's; the family's `class_token`),
+             the same measures of that token's hidden state after every block, as a source of its own (kind
+             "class-token"), on the same images and noise;
   baselines  the same numbers for the raw input x_t (its patches mean-pooled like the blocks, and the
              spatial thumbnail) and for the untrained model of the same architecture and initialisation,
              whose adaLN-Zero gates get PyTorch's default init (checkpoints.as_untrained: with zero gates
@@ -49,11 +52,16 @@ from repa_probe.runtime import AUTOCAST_DTYPES
 from repa_probe.store import Features, FeatureStore, encode_batch, encoder_features
 
 KINDS = {"model": "the checkpoint",
+         "class-token": "the class token a REG checkpoint carries first through its blocks (its input 0, as when it is "
+                        "run without an encoder): its hidden state after each block (entering block 1 it is the "
+                        "same for every image)",
          "untrained": "the same architecture at initialisation (seeded); its zero-initialised adaLN-Zero gates get "
                       "PyTorch's default Linear init",
          "raw-input": "the noisy input x_t, its patches mean-pooled over the grid like the blocks",
          "raw-thumbnail": "the noisy input x_t average-pooled per patch (keeps the spatial layout)",
          "encoder": "the target encoder's own patch tokens (spatial measures, with --spatial)"}
+BASELINES = ("untrained", "raw-input", "raw-thumbnail", "encoder")   # the kinds a model's best block is held against
+CLASS_TOKEN = " · class token"                                        # a class-token source's name: its model's + this
 COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci_low", "ci_high", "null_low",
            "null_mean", "null_high", "n", "k"]
 
@@ -350,14 +358,21 @@ class Pipeline:
         return self._targets[key]
 
     # ------------------------------------------------------------------ numbers
-    def analyse(self, ckpt: LoadedCheckpoint, name: str) -> list[Analysed]:
-        """Every selected measure of one checkpoint and (once per architecture) of its baselines: the raw input
-        (pooled like the blocks, and as a thumbnail), the untrained model of the same architecture, on the same
-        images and noise, and the encoders' own tokens (findings/baselines.py)."""
+    def analyse(self, ckpt: LoadedCheckpoint, name: str, class_token: bool = True) -> list[Analysed]:
+        """Every selected measure of one checkpoint, of its class token if it carries one (and `class_token`), and
+        (once per architecture) of its baselines: the raw input (pooled like the blocks, and as a thumbnail), the
+        untrained model of the same architecture, on the same images and noise, and the encoders' own tokens
+        (findings/baselines.py)."""
         data = self.datasets(ckpt)
         model, feats, probe_feats = self.source_of(ckpt, name, "model", data)
         pooled = feats.blocks if self.cfg.blocks is None else None
         sources, arch = [model], arch_key(ckpt)
+        # a class token (REG's) as a source of its own, without token reductions, from block 1: entering it, the
+        # token (fed 0) is one vector for every image, nothing to measure
+        view = ckpt.family.class_token(ckpt) if class_token else None
+        blocks = tuple(b for b in self.blocks(ckpt) if b >= 1)
+        if view is not None and blocks:
+            sources.append(self.source_of(view, name + CLASS_TOKEN, "class-token", data, blocks, measures=False)[0])
         if self.cfg.baselines and arch not in self._untrained_done:
             self._untrained_done.add(arch)
             suffix = "" if len(self._untrained_done) == 1 else f" ({arch})"
@@ -368,17 +383,20 @@ class Pipeline:
         return [Analysed(s.name, s.kind, s.ckpt, [c for m in self.measures for c in m.curves(self, s)],
                          pooled if s is model else None) for s in sources]
 
-    def source_of(self, ckpt: LoadedCheckpoint, name: str, kind: str, data) -> tuple[Source, Features, tuple | None]:
-        """A model (or its untrained twin) as a Source of the alignment images, with its Features and those of
-        the probe's train and test images (None without a probe)."""
+    def source_of(self, ckpt: LoadedCheckpoint, name: str, kind: str, data, blocks: tuple[int, ...] | None = None,
+                  measures: bool = True) -> tuple[Source, Features, tuple | None]:
+        """A model (its untrained twin, its class token) as a Source of the alignment images, with its Features
+        and those of the probe's train and test images (None without a probe); `blocks`: those analysed (default
+        `self.blocks`); measures=False: without the token reductions the measures need."""
         align, train, test = data
-        feats, blocks = self.features(ckpt, align), self.blocks(ckpt)
+        feats = self.features(ckpt, align, blocks, measures)
         probe_feats = None if train is None else \
-            self.probe_sets(feats, align, train, test, lambda d: self.features(ckpt, d, measures=False))
+            self.probe_sets(feats, align, train, test, lambda d: self.features(ckpt, d, blocks, measures=False))
         probe = None if train is None else \
             (probe_feats[0].blocks, probe_feats[0].labels, probe_feats[1].blocks, probe_feats[1].labels)
-        return Source(name, kind, ckpt, blocks, feats.ts, align, ckpt.anatomy.grid, feats.ids, feats.blocks,
-                      feats.reduced, probe, max(blocks) >= 2 and self.cfg.bootstrap > 0), feats, probe_feats
+        analysed = list(blocks) if blocks is not None else self.blocks(ckpt)
+        return Source(name, kind, ckpt, analysed, feats.ts, align, ckpt.anatomy.grid, feats.ids, feats.blocks,
+                      feats.reduced, probe, max(analysed) >= 2 and self.cfg.bootstrap > 0), feats, probe_feats
 
     def raw_sources(self, model: Source, feats: Features, probe_feats: tuple | None, suffix: str) -> list[Source]:
         """The raw input x_t as two one-"block" (−1) sources: its patches pooled like the blocks, and the

@@ -6,6 +6,8 @@ A family (SiT/DiT/REPA in ``sit.py``; a new one is one file and a `register_fami
   describe    its anatomy: blocks, token grid, patch size, input space, classes, REPA's aligned block,
   run         it: the list of blocks to hook, a forward call with (x_t, timestep, label), and how to read the
               image tokens out of a block's input and output (tuples, text or register tokens),
+  view        a model that carries a class token beside its image tokens (REG's) through that token alone
+              (`class_token`: the analysis measures it as a source of its own),
   initialise  an untrained model of the same architecture (a baseline in every report).
 docs/families.md walks through adding one.
 """
@@ -63,6 +65,8 @@ class ModelFamily(ABC):
     """Base class of a model family: implement the abstract methods, override what else differs."""
     name = ""
     description = ""
+    tokens = "image"        # which tokens input_tokens / block_tokens give: "image", or "class token" in the view
+                            # `class_token` returns (in the capture's cache key when not "image")
 
     @abstractmethod
     def recognise(self, obj: dict, path: Path) -> bool:
@@ -95,6 +99,12 @@ class ModelFamily(ABC):
     def block_tokens(self, output: Any) -> torch.Tensor:
         """The image tokens (N, T, D) in a block's output."""
         return output
+
+    def class_token(self, ckpt: LoadedCheckpoint) -> LoadedCheckpoint | None:
+        """`ckpt` seen through the class token its model carries beside the image tokens (REG's): the same model,
+        whose family's `input_tokens` and `block_tokens` give that token alone, (N, 1, D), and whose `tokens` is
+        "class token". None for a model without one (the default)."""
+        return None
 
     @abstractmethod
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:

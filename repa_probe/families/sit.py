@@ -10,7 +10,8 @@ Formats (all with DiT's parameter names; docs/checkpoints.md):
 
 REG's checkpoints (Martinser/REG: the repa-train layout plus the class token's `cls_projectors2`, `wg_norm`,
 `final_layer.linear_cls` and a pos_embed of T + 1 rows) and ours with --reg-cls load as the same SiT with its class
-token; the analysis sees the image tokens only (`block_tokens`).
+token; the analysis measures the image tokens as the model (`block_tokens`) and the class token as a source of its own
+(`class_token`: the same model seen through its first token).
 
 The architecture is read off the tensor shapes: width, depth, patch, channels, input size, classes,
 learn-sigma, qk-norm, projector dims, REG's class-token width. The number of attention heads is not in the
@@ -20,6 +21,8 @@ shapes (unless qk-norm is on): it comes from the file's config or args, from `he
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -97,10 +100,23 @@ class SiTFamily(ModelFamily):
                        num_classes=c.num_classes, aligned_block=c.encoder_depth if c.z_dims else None)
 
     def input_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        return image_tokens(super().input_tokens(args, kwargs))
+        return self.selected(super().input_tokens(args, kwargs))
 
     def block_tokens(self, output: torch.Tensor) -> torch.Tensor:
-        return image_tokens(output)
+        return self.selected(output)
+
+    def selected(self, h: torch.Tensor) -> torch.Tensor:
+        """The tokens analysed of a block's sequence: the image tokens, or in the class-token view its class token."""
+        return image_tokens(h) if self.tokens == "image" else prefix_tokens(h)
+
+    def class_token(self, ckpt: LoadedCheckpoint) -> LoadedCheckpoint | None:
+        """A REG model seen through its class token (fed 0, as in every analysis): a copy of this family whose
+        tokens are the prefix, on the same model object."""
+        if not getattr(ckpt.config, "cls_token_dim", 0):
+            return None
+        view = copy.copy(self)
+        view.tokens = "class token"
+        return dataclasses.replace(ckpt, family=view)
 
     def untrained(self, ckpt: LoadedCheckpoint, seed: int) -> LoadedCheckpoint:
         """DiT's initialisation, seeded, with the adaLN-Zero gates given PyTorch's default init (as_untrained)."""
@@ -119,7 +135,8 @@ class SiTFamily(ModelFamily):
                 ("classes", f"{c.num_classes} (+1 null)"), ("learn sigma", str(c.learn_sigma)),
                 ("qk-norm", str(c.qk_norm)), ("REPA projectors", proj),
                 ("REPA depth", str(c.encoder_depth) if c.z_dims else "-"),
-                ("REG class token", f"{c.cls_token_dim}-d, first in the sequence (analysed: the image tokens)"
+                ("REG class token", f"{c.cls_token_dim}-d, first in the sequence (analysed: the image tokens as the "
+                                    f"model, the class token as its own row, kind class-token)"
                                     if c.cls_token_dim else "-")]
 
 
@@ -131,6 +148,12 @@ def image_tokens(h: torch.Tensor) -> torch.Tensor:
     comes first. The image grid is square and T + 1 never is, so the count tells the two apart."""
     side = math.isqrt(h.shape[1])
     return h[:, h.shape[1] - side * side:]
+
+
+def prefix_tokens(h: torch.Tensor) -> torch.Tensor:
+    """The tokens before a SiT block's image tokens (N, T' − T, D): REG's class token, (N, 1, D); none otherwise."""
+    side = math.isqrt(h.shape[1])
+    return h[:, :h.shape[1] - side * side]
 
 
 def as_checkpoint(model: SiT, convention: str = "repa", meta: dict | None = None) -> LoadedCheckpoint:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 from repa_probe import stats
-from repa_probe.pipeline import Curves, Results, arch_key
+from repa_probe.pipeline import BASELINES, Curves, Results, arch_key
 
 COLUMNS = ["checkpoint", "baseline", "kind", "metric", "encoder", "t", "block", "baseline_block", "n_select",
            "n_measure", "value", "baseline_value", "gap", "ci_low", "ci_high", "resolution", "verdict", "k"]
@@ -47,7 +47,7 @@ def baseline_gaps(results: Results) -> pd.DataFrame:
     resolution, and the verdict (+1 the model beats the baseline, −1 the baseline beats it, 0 neither)."""
     records = []
     for a in results.models:
-        mine = [x for x in results.analysed if x.kind != "model" and arch_key(x.ckpt) == arch_key(a.ckpt)]
+        mine = [x for x in results.analysed if x.kind in BASELINES and arch_key(x.ckpt) == arch_key(a.ckpt)]
         for c in filter(_held_out, a.curves):
             for x in mine:
                 for b in x.curves:

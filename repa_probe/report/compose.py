@@ -20,7 +20,7 @@ import pandas as pd
 from repa_probe import metrics as M
 from repa_probe.findings import Findings, analysis_findings, panels
 from repa_probe.findings.generation import headline_correlation
-from repa_probe.pipeline import KINDS, Analysed, Results, display_scale, metric_label
+from repa_probe.pipeline import BASELINES, KINDS, Analysed, Results, display_scale, metric_label
 from repa_probe.registry import Registry
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
@@ -382,7 +382,7 @@ def page2_sections(f: Findings) -> list[tuple[str, list[tuple[str, str]]]]:
 
 def _baseline_kinds(table: pd.DataFrame) -> dict[str, str]:
     """{baseline kind: what it is} for the baselines in the table."""
-    return {k: v for k, v in KINDS.items() if k != "model" and k in set(table["kind"])}
+    return {k: v for k, v in KINDS.items() if k in BASELINES and k in set(table["kind"])}
 
 
 def _page1_panels(table: pd.DataFrame) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from repa_probe.pipeline import display_scale, metric_label  # noqa: E402
+from repa_probe.pipeline import CLASS_TOKEN, display_scale, metric_label  # noqa: E402
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 
@@ -171,8 +171,9 @@ BASELINE_STYLE = {"untrained": dict(ls="--", color="grey", label="untrained mode
 
 
 def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dict[str, int]):
-    """One panel: metric vs block at one t; models with 95% bands, the permutation null as a grey band,
-    baselines in grey, REPA's aligned block(s) as vertical lines. Its legend goes outside (shared_legend)."""
+    """One panel: metric vs block at one t; models with 95% bands, a REG model's class token dashed in its colour,
+    the permutation null as a grey band, baselines in grey, REPA's aligned block(s) as vertical lines. Its legend
+    goes outside (shared_legend)."""
     s = display_scale(metric)
     for name, colour in colours.items():
         c = rows[(rows["checkpoint"] == name) & (rows["block"] >= 0)].sort_values("block")
@@ -182,6 +183,10 @@ def curve_panel(ax, rows: pd.DataFrame, metric: str, colours: dict, aligned: dic
         if c["null_high"].notna().any():
             ax.fill_between(c["block"], c["null_low"] * s, c["null_high"] * s, color="black", alpha=0.08, lw=0,
                             label="permutation null (95%)" if name == next(iter(colours)) else None)
+    for name, c in rows[rows["kind"] == "class-token"].groupby("checkpoint", sort=False):
+        c = c.sort_values("block")
+        ax.plot(c["block"], c["value"] * s, marker="x", ms=3, ls="--", lw=1,
+                color=colours.get(name.removesuffix(CLASS_TOKEN), "black"), label=name)
     for kind, style in BASELINE_STYLE.items():
         b = rows[rows["kind"] == kind].sort_values("block")
         for i, (name, g) in enumerate(b.groupby("checkpoint", sort=False)):
@@ -284,7 +289,8 @@ def overview_page(title: str, sentences: list[str], results: pd.DataFrame, panel
     axes = []
     for i, (metric, encoder) in enumerate(panels):
         ax = fig.add_axes([0.06 + i * 0.92 / n, 0.5, 0.92 / n - 0.07, 0.39])
-        rows = results[(results["metric"] == metric) & (results["encoder"] == encoder) & (results["t"] == t)]
+        rows = results[(results["metric"] == metric) & (results["encoder"] == encoder) & (results["t"] == t) &
+                       (results["kind"] != "class-token")]                   # page 1: the models and baselines
         curve_panel(ax, rows, metric, colours, aligned)
         ax.set_title(f"{metric_label(metric)}{' vs ' + encoder if encoder else ''}, t = {t:g}", fontsize=10)
         axes.append(ax)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from repa_probe import stats
 from repa_probe.findings.summary import block_ranges
-from repa_probe.pipeline import PROJECTOR_COSINE, depends_on_n, display_scale, metric_label
+from repa_probe.pipeline import BASELINES, PROJECTOR_COSINE, depends_on_n, display_scale, metric_label
 from repa_probe.spatial import SPATIAL_METRICS
 from repa_probe.stats import fmt_interval
 
@@ -228,7 +228,7 @@ def baseline_sentence(peaks: pd.DataFrame, table: pd.DataFrame, pairs: list[tupl
     name, clauses = _names(pairs), []
     for metric, encoder in pairs:
         best = peaks[(peaks["t"] == t) & (peaks["metric"] == metric) & (peaks["encoder"] == encoder)]
-        base = table[(table["t"] == t) & (table["kind"] != "model") & (table["metric"] == metric) &
+        base = table[(table["t"] == t) & table["kind"].isin(BASELINES) & (table["metric"] == metric) &
                      (table["encoder"] == encoder)]
         g = gaps[(gaps["t"] == t) & (gaps["metric"] == metric) & (gaps["encoder"] == encoder)] \
             if gaps is not None and len(gaps) else []
@@ -326,7 +326,7 @@ def overview_sentences(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd
 
 def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataFrame, t: float) -> list[str]:
     """Every measure at noise level t: B − A at the aligned block and block by block, the projector's cosine,
-    the baselines and the blocks above the permutation null."""
+    a REG checkpoint's class token, the baselines and the blocks above the permutation null."""
     lines = []
     for r in ([] if comp is None else comp[comp["t"] == t].itertuples()):
         at = "" if r.aligned_delta != r.aligned_delta else f"at the aligned block {r.aligned_block} {_aligned(r)}; "
@@ -339,7 +339,8 @@ def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataF
             number(r.metric, r.value)
         lines.append(f"{r.checkpoint}: mean cosine to {r.encoder}'s tokens after its own projector at block "
                      f"{r.block} {cosine}")
-    base = table[(table["t"] == t) & (table["kind"] != "model")]
+    lines += class_token_lines(table, t)
+    base = table[(table["t"] == t) & table["kind"].isin(BASELINES)]
     for (metric, encoder), g in base.groupby(["metric", "encoder"], sort=False):
         best = peaks[(peaks["t"] == t) & (peaks["metric"] == metric) & (peaks["encoder"] == encoder)]
         values = ", ".join(f"{BASELINE_NAMES.get(kind, kind)} {level(metric, h['value'].max())}"
@@ -348,6 +349,23 @@ def detail_lines(peaks: pd.DataFrame, comp: pd.DataFrame | None, table: pd.DataF
         null = f"; blocks above the permutation null: {_above_null(best)}" if len(best) and _above_null(best) else ""
         lines.append(f"baselines, {what(metric, encoder)}{paren(sample(metric, g['n'].iloc[0], g['k'].iloc[0]))}: "
                      f"{values}{top}{null}")
+    return lines
+
+
+def class_token_lines(table: pd.DataFrame, t: float) -> list[str]:
+    """Each class-token source's measures at noise level t: at its first block, its highest, its last."""
+    rows = table[(table["t"] == t) & (table["kind"] == "class-token")]
+    if rows.empty:
+        return []
+    lines = []
+    for (name, metric, encoder), g in rows.groupby(["checkpoint", "metric", "encoder"], sort=False):
+        g = g.dropna(subset=["value"]).sort_values("block")
+        if g.empty:
+            continue
+        first, top, last = g.iloc[0], g.loc[g["value"].idxmax()], g.iloc[-1]
+        lines.append(f"{name}, {what(metric, encoder)}{paren(sample(metric, first.n, first.k))}: block "
+                     f"{first.block} {level(metric, first.value)}, highest at block {top.block} "
+                     f"{level(metric, top.value)}, last block {last.block} {level(metric, last.value)}")
     return lines
 
 

@@ -595,7 +595,8 @@ class TrainingAnalysis:
     def __call__(self, ema: SiT, step: int) -> list[dict]:
         from repa_probe.families.sit import as_checkpoint
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            (model,) = self.pipeline.analyse(as_checkpoint(ema, "repa", self.meta), f"step {step}")
+            (model,) = self.pipeline.analyse(as_checkpoint(ema, "repa", self.meta), f"step {step}",
+                                             class_token=False)
         n = self.pipeline.cfg.n
         rows = [{"step": step, "block": r["block"], "t": r["t"], "metric": r["metric"], "encoder": r["encoder"] or None,
                  "value": r["value"], "weights": "ema", "n": n} for c in model.curves for r in c.rows()]
