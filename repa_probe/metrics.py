@@ -543,9 +543,10 @@ def _mutual_knn(a: _KnnPart, b: _KnnPart, shared: dict) -> float:
 
 
 def _cka(a: _CentredPart, b: _CentredPart, shared: dict) -> float:
-    """tr(KHLH) / √(tr(KHKH)·tr(LHLH))."""
+    """tr(KHLH) / √(tr(KHKH)·tr(LHLH)); nan where either side is constant over the images (no kernel to align)."""
     biased, _ = _shared(shared, "hsic", lambda: _hsic_pair(a.centred, b.centred))
-    return biased / math.sqrt(a.hsic_self[0] * b.hsic_self[0])
+    norm = math.sqrt(a.hsic_self[0] * b.hsic_self[0])
+    return biased / norm if norm > 0 else float("nan")
 
 
 def _cka_unbiased(a: _CentredPart, b: _CentredPart, shared: dict) -> float:

@@ -393,6 +393,12 @@ def test_cka_matches_centering_matrix_and_literal_hsic_u(clamp):
                                                                   abs=1e-10)
 
 
+def test_cka_of_features_constant_over_the_images_is_nan_not_a_crash():
+    """A REG model's class token entering block 1 is the same vector for every image (fed 0)."""
+    _, b = correlated_pair(50, seed=9)
+    assert np.isnan(cka(np.ones((50, 24)), b)) and np.isnan(cka(b, np.zeros((50, 24))))
+
+
 def test_cka_in_float32_is_close_to_float64():
     a, b = correlated_pair(500, seed=8)
     assert cka(a.astype(np.float32), b.astype(np.float32), unbiased=True) == pytest.approx(
