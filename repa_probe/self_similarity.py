@@ -13,8 +13,8 @@ Its curves over t × block are entries of the two matrices:
 with intervals over the alignment measure's bootstrap subsamples of the images (the same draws: differences are
 paired). The matrices ride on both curves (Curves.similarity), from which findings/similarity.py writes
 self_similarity.csv and report/compose.py draws two pages. Only the checkpoint itself (kind "model") is measured,
-and only when every block 0..depth is analysed; its baselines, the encoders and the trainer's analysis (a few
-blocks) get no values.
+and only when every block 0..depth is analysed; its baselines, its class token (kind "class-token"), the encoders
+and the trainer's analysis (a few blocks) get no values.
 """
 from __future__ import annotations
 
