@@ -206,6 +206,10 @@ class AnalyzeConfig:
                            help="also each block's attention map (averaged over heads) against the encoder's last "
                                 "block's, as HASTE distils it: row-wise KL and cosine per image, from one more pass "
                                 "per batch and t (docs/metrics.md)")
+    self_similarity: bool = knob(True, flag="--no-self-similarity", group=METRICS,
+                                 help="skip the SRA view: each model's block × block and t × t linear CKA "
+                                      "(self_similarity.csv, two pages; curves self_cka_prev, self_cka_tmin), "
+                                      "computed when every block is analysed (docs/metrics.md)")
     k: int = knob(10, least=1, group=METRICS, help="nearest neighbours for CKNNA / mutual k-NN (default: 10)")
     bootstrap: int = knob(20, least=0, most=10_000, group=METRICS,
                           help="bootstrap replicates for every interval (alignment subsamples, probe refits), 0 = "

@@ -1,6 +1,6 @@
 """What an analysis measures, as data: one measure of one model (or baseline) over blocks × t (`Curves`), with the
-selection-aware drop after its peak (`HeldOut`). Below the measures (measures.py) and the pipeline, which make
-them, and the reports, which read them."""
+selection-aware drop after its peak (`HeldOut`) or the matrices its values are entries of (`SelfSimilarity`). Below
+the measures (measures.py) and the pipeline, which make them, and the reports, which read them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,6 +27,26 @@ class HeldOut:
 
 
 @dataclass
+class SelfSimilarity:
+    """One model's similarity between (t, block) pairs of its pooled features (self_similarity.py): by_t[ti] = block
+    × block at ts[ti], by_block[bi] = t × t of block blocks[bi] (index 0 = the patch embedding)."""
+    ts: list[float]
+    blocks: list[int]
+    by_t: np.ndarray          # [T, B, B]
+    by_block: np.ndarray      # [B, T, T]
+    metric: str = "cka"
+
+    def rows(self, checkpoint: str) -> list[dict]:
+        """Every (t, block) × (t', block') pair of either view once: t' = t (block × block) or block' = block
+        (t × t); the diagonal (t, block) × (t, block) once."""
+        rows = [(ti, bi, ti, bj, v) for ti, m in enumerate(self.by_t) for (bi, bj), v in np.ndenumerate(m)]
+        rows += [(ti, bi, tj, bi, v) for bi, m in enumerate(self.by_block) for (ti, tj), v in np.ndenumerate(m)
+                 if ti != tj]
+        return [dict(checkpoint=checkpoint, t=self.ts[ti], block=self.blocks[bi], t_other=self.ts[tj],
+                     block_other=self.blocks[bj], metric=self.metric, value=float(v)) for ti, bi, tj, bj, v in rows]
+
+
+@dataclass
 class Curves:
     """One measure of one model (or baseline) over blocks × t.
 
@@ -35,7 +55,8 @@ class Curves:
     that turns their spread into the spread at the full sample (stats.subsample_scale for alignment's
     subsamples; 1 for the probe, whose replicates refit on a full-size resample of its training images and
     score on one of its test images); alignment curves keep `null` [P, T, B], the metric with the images
-    shuffled; probe curves keep `hits` [T, B, n_test], whether each test image was classified right. Every
+    shuffled; probe curves keep `hits` [T, B, n_test], whether each test image was classified right; the
+    self-similarity curves keep the `similarity` matrices they are entries of (one object for both). Every
     checkpoint of one analysis sees the same images and the same replicates, so differences are paired."""
     checkpoint: str
     kind: str
@@ -52,6 +73,7 @@ class Curves:
     held_out: HeldOut | None = None
     n: int | None = None            # images each value was computed on (a probe's: its test images)
     k: int | None = None            # neighbours, for a kNN metric
+    similarity: SelfSimilarity | None = None
 
     def paired_replicates(self, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """([R, T, B] replicate values, [R] scale or None) from the same images for every checkpoint."""

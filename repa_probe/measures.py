@@ -11,8 +11,9 @@ reductions).
 Built in, in report order: the alignment metrics (one measure over the metrics registry, metrics.py), the
 linear probe (probe.py), the spatial measures (one measure over the spatial registry, spatial.py), token
 alignment and the projector cosine (tokens.py), the dispersion of each block (what Dispersive Loss minimises,
-metrics.dispersive_loss), attention-map alignment (attention.py, which registers itself like a plug-in:
-pipeline.py imports it). A new measure is one file that calls `register_measure` (docs/extending.md).
+metrics.dispersive_loss), attention-map alignment (attention.py) and the SRA view (self_similarity.py), the last two
+registering themselves like plug-ins: pipeline.py imports them. A new measure is one file that calls
+`register_measure` (docs/extending.md).
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from repa_probe import attention  # noqa: F401  (registers the attention-map measure)
+from repa_probe import self_similarity  # noqa: F401  (registers the SRA view's measure)
 from repa_probe import metrics as M
 from repa_probe import stats
 from repa_probe.capture import by_reduction, capture_in_memory, extract, input_space, make_dataset, reductions_named
@@ -73,7 +74,7 @@ COLUMNS = ["checkpoint", "kind", "block", "t", "metric", "encoder", "value", "ci
 @dataclass
 class Analysed:
     """What one checkpoint (or baseline) contributes: its name, kind, loaded checkpoint and curves, plus a model's
-    pooled block features [T, B, N, D] (every block analysed) for the block × block and t × t similarity
+    pooled block features [T, B, N, D] (every block analysed) for compare's blocks of one model × another's
     (findings/similarity.py)."""
     name: str
     kind: str

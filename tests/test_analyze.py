@@ -76,8 +76,8 @@ def test_analyze_writes_every_row_and_a_summary_that_matches_the_table(workdir, 
 
     summary = json.loads((out / "summary.json").read_text())
     peaks = summary["peaks"]
-    assert len(peaks) == 4  # (cknna, probe_top1) × 2 t for the one checkpoint
-    for p in peaks:
+    assert len(peaks) == 4 + 3  # (cknna, probe_top1, self_cka_prev) × 2 t, self_cka_tmin at t = 0.5
+    for p in (p for p in peaks if not p["metric"].startswith("self_cka_")):     # the two with a held-out drop
         curve = model[(model["metric"] == p["metric"]) & (model["t"] == p["t"]) & (model["block"] >= 1)]
         curve = curve.sort_values("block")
         assert p["best_block"] == int(curve["block"].iloc[int(np.argmax(curve["value"].to_numpy()))])
@@ -150,7 +150,7 @@ def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
         delta = delta[delta.index >= 1]
         assert row["max_delta"] == pytest.approx(delta.max())
         assert row["mean_delta"] == pytest.approx(delta.mean())
-    assert len(comp) == len(summary["compare"]) == 4
+    assert len(comp) == len(summary["compare"]) == 4 + 3       # and self_cka_prev × 2 t, self_cka_tmin at t = 0.5
     # per-block deltas with paired intervals, strictly narrower than the marginal rule's (B's low end above
     # A's high end, i.e. a difference interval as wide as both intervals together): the same images, noise
     # and replicates for both checkpoints
@@ -228,12 +228,13 @@ def test_unlabelled_images_still_get_cknna_and_no_encoder_still_gets_probes(work
                 "--out", tmp_path / "unlabelled")
     assert r.returncode == 0, r.stderr
     res = pd.read_csv(tmp_path / "unlabelled" / "results.csv")
-    assert set(res["metric"]) == {"cknna"}
+    assert set(res["metric"]) == {"cknna", "self_cka_prev"}       # at one t, no self_cka_tmin
     assert any("no probe" in note for note in json.loads((tmp_path / "unlabelled" / "summary.json").read_text())["notes"])
     fast[fast.index("--cache") + 1] = tmp_path / "cache"
     r = run_cli("analyze", ckpt, "--data", cifar_dir / "test", "--n", "40", *fast, "--out", tmp_path / "no_encoder")
     assert r.returncode == 0, r.stderr
-    assert set(pd.read_csv(tmp_path / "no_encoder" / "results.csv")["metric"]) == {"probe_top1"}
+    no_encoder = pd.read_csv(tmp_path / "no_encoder" / "results.csv")
+    assert set(no_encoder["metric"]) == {"probe_top1", "self_cka_prev"}
     # the probe splits the 40 images: their features are read once, not captured again per split
     assert len(list((tmp_path / "cache" / "blocks").iterdir())) == 1
 

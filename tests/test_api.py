@@ -129,7 +129,7 @@ def test_a_module_and_its_checkpoint_file_give_identical_numbers(tmp_path, cifar
         x, y = a[a["kind"] == kind], b[b["kind"] == kind]
         assert len(x) == len(y) > 0
         np.testing.assert_array_equal(x["value"].to_numpy(), y["value"].to_numpy())
-    assert set(a["metric"]) == {"cknna", "probe_top1"}
+    assert set(a["metric"]) == {"cknna", "probe_top1", "self_cka_prev", "self_cka_tmin"}
 
     both = repa_probe.analyze([str(path), model], blocks="blocks", image_size=16, num_classes=10, name="notebook",
                               convention=convention, **common)

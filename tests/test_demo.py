@@ -55,7 +55,7 @@ def test_demo_trains_both_models_and_writes_a_compare_report(demo):
     assert set(res["kind"]) == {"model", "untrained", "raw-input", "raw-thumbnail"}
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["checkpoints"]["repa"]["repa_coeff"] == 0.5 and summary["checkpoints"]["vanilla"]["repa_coeff"] == 0
-    assert {row["metric"] for row in summary["compare"]} == {"cknna", "probe_top1"}
+    assert {row["metric"] for row in summary["compare"]} == {"cknna", "probe_top1", "self_cka_prev", "self_cka_tmin"}
     assert "RANDOM" not in PdfReader(out / "report" / "report.pdf").pages[0].extract_text()
     assert untracked(project) == ["?? .gitignore"]
 

@@ -61,9 +61,11 @@ def test_analyze_and_self_compare(family, tmp_path, cifar_dir):
     one = repa_probe.analyze(str(path), **common)
     depth = one.results.models[0].ckpt.anatomy.depth
     table = one.table.query("kind == 'model'")
-    assert set(table["block"]) == set(range(depth + 1)) and set(table["metric"]) == {"cknna", "probe_top1"}
+    assert set(table["block"]) == set(range(depth + 1))
+    assert set(table["metric"]) == {"cknna", "probe_top1", "self_cka_prev", "self_cka_tmin"}
     assert np.isfinite(table["value"]).all()
     both = repa_probe.analyze([str(path), str(path)], names=["a", "b"], **common)
     from repa_probe.report.compose import summarise
     deltas = summarise(both.results)[1]["deltas"]
-    assert len(deltas) == 2 * 2 * (depth + 1) and (deltas["delta"] == 0).all()
+    # cknna and probe at 2 t × every block, self_cka_prev at 2 t × blocks ≥ 1, self_cka_tmin at t = 0.5 × every block
+    assert len(deltas) == 2 * 2 * (depth + 1) + 2 * depth + (depth + 1) and (deltas["delta"] == 0).all()

@@ -71,7 +71,8 @@ def test_analyze_and_compare_run_a_new_family_and_a_new_measure_given_as_plug_in
     assert r.returncode == 0, r.stderr
     res = pd.read_csv(tmp_path / "a" / "results.csv").fillna({"encoder": ""})
     model = res[res["kind"] == "model"]
-    assert set(model["metric"]) == {"cknna", "rv", "probe_top1"} and set(model["block"]) == {0, 1, 2, 3}
+    assert set(model["metric"]) == {"cknna", "rv", "probe_top1", "self_cka_prev", "self_cka_tmin"}
+    assert set(model["block"]) == {0, 1, 2, 3}
     untrained = res[(res["kind"] == "untrained") & (res["metric"] == "rv")]
     assert np.ptp(untrained["value"]) > 0            # no adaLN-Zero here: every untrained block is captured
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
@@ -159,7 +160,7 @@ def test_a_registered_figure_appears_in_a_trajectory_report(tmp_path, cifar_dir)
     register_figure(values_per_step)
     try:
         config = AnalyzeConfig(data=str(cifar_dir / "test"), n=40, ts=(0.0, 0.5), bootstrap=0, null=0,
-                               cache=str(tmp_path / "cache"), quiet=True)
+                               self_similarity=False, cache=str(tmp_path / "cache"), quiet=True)    # the probe alone
         out = trajectory([str(tmp_path / "run")], config, str(tmp_path / "traj"))
     finally:
         FIGURES.pop(figure_name(values_per_step))

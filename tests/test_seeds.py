@@ -154,8 +154,9 @@ def test_an_analysis_of_checkpoints_named_by_seed_reports_them_at_the_seed_level
     assert summary["seeds"]["groups"] == {"vanilla": {"0": "vanilla-s0", "1": "vanilla-s1"},
                                           "repa": {"0": "repa-s0", "1": "repa-s1"}}
     seeds = tables["seeds"]                                               # written as seeds.csv
-    assert list(seeds["seed"]) == ["0", "1", "mean"] * 3                 # drops of 2 recipes, 1 delta; probe only
-    assert list(seeds["quantity"]) == ["drop"] * 6 + ["delta"] * 3
+    assert list(seeds["seed"]) == ["0", "1", "mean"] * 4        # the probe's drops of 2 recipes and its delta,
+    assert list(seeds["quantity"]) == ["drop"] * 6 + ["delta"] * 6     # self_cka_prev's delta (it has no drop)
+    assert list(seeds["metric"]) == ["probe_top1"] * 9 + ["self_cka_prev"] * 3
     assert seeds.to_dict("records") == summary["seeds"]["rows"]
     assert summary["overview"][0].startswith("At t = 0, over 2 seeds, ")
     assert summary["overview"][1].startswith("At the aligned block 1, over 2 seed pairs, repa − vanilla: probe "

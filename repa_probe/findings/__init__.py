@@ -7,7 +7,7 @@
   trends.py     each run's change from the first training step to the last, per block group
   generation.py sample quality (gen.csv) beside the representation measures: their rank correlation
   monitor.py    over training: the step from which REPA's benefit over vanilla stops improving (--align-until)
-  similarity.py the SRA view: each model's block × block (per t) and t × t (per block) linear CKA
+  similarity.py the SRA view (the self-similarity measure's matrices) and compare's blocks of one model × another's
   (here)        Findings, which gathers them with the samples
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from repa_probe.findings.baselines import baseline_gaps
 from repa_probe.findings.generation import correlations, side_by_side
 from repa_probe.findings.monitor import monitor_runs
 from repa_probe.findings.seeds import Groups, mean_curves, seed_table
-from repa_probe.findings.similarity import SelfSimilarity, block_similarity, similarity_table
+from repa_probe.findings.similarity import SelfSimilarity, cross_similarity, self_similarities, similarity_table
 from repa_probe.findings.summary import compare_summary, paired_deltas, peak_summary
 from repa_probe.findings.trends import block_groups, steps_table, trajectory_summary
 from repa_probe.pipeline import AnalyzeConfig, Analysed, Results
@@ -97,7 +97,7 @@ def aligned_blocks(results: Results) -> dict[str, int]:
 
 def analysis_findings(results: Results, table: pd.DataFrame | None = None, *, pages: bool = True) -> Findings:
     """An analysis's or comparison's numbers (deltas are each later model − the first); `table`: results.table(),
-    if already made. pages=False leaves out what only the pages and their tables show (block similarity,
+    if already made. pages=False leaves out what only the pages show (compare's cross-model block similarity,
     samples)."""
     table, models, aligned = results.table() if table is None else table, results.models, aligned_blocks(results)
     peaks, ref = peak_summary(results), models[0].name
@@ -109,12 +109,12 @@ def analysis_findings(results: Results, table: pd.DataFrame | None = None, *, pa
                      results=results, aligned=aligned, peaks=peaks, compare=compare,
                      deltas={m.name: paired_deltas(results, ref, m.name) for m in models[1:]},
                      baseline_gaps=baseline_gaps(results), seed_groups=groups, seeds=seeds,
-                     seed_means={pair: mean_curves(table, groups, *pair) for pair in panels(table)} if groups else {})
+                     seed_means={pair: mean_curves(table, groups, *pair) for pair in panels(table)} if groups else {},
+                     similarity=self_similarities(models))
     if results.generation is not None:
         with_generation(found, results.generation)
     if pages:
-        found.similarity, found.cross_similarity = block_similarity(models, list(results.config.ts),
-                                                                    results.config.device)
+        found.cross_similarity = cross_similarity(models, results.config.device)
         found.samples = samples(results)
     return found
 

@@ -95,13 +95,14 @@ def _mean_row(rows: list[dict], **keys) -> dict:
 
 
 def seed_drops(results: Results, peaks: pd.DataFrame, groups: Groups) -> list[dict]:
-    """Per recipe × metric × encoder × t: each seed's held-out drop after its peak (peak_summary), then the mean."""
+    """Per recipe × metric × encoder × t: each seed's held-out drop after its peak (peak_summary), then the mean;
+    nothing for a measure without a held-out drop (the SRA view's curves)."""
     out = []
     for recipe, seeds in groups.items():
         mine = peaks[peaks["checkpoint"].isin(seeds.values())]
         for (metric, encoder, t), g in mine.groupby(["metric", "encoder", "t"], sort=False):
             by_name = {r.checkpoint: r for r in g.itertuples()}
-            if set(by_name) != set(seeds.values()):
+            if set(by_name) != set(seeds.values()) or g["selected_block"].isna().all():
                 continue
             keys = dict(quantity="drop", recipe=recipe, reference="", metric=metric, encoder=encoder, t=float(t))
             rows = []

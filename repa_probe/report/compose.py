@@ -130,8 +130,8 @@ def heatmap_pages(f: Findings, table: pd.DataFrame) -> list:
 
 @register_figure
 def similarity_pages(f: Findings, table: pd.DataFrame) -> list:
-    """The SRA view of each checkpoint (findings/similarity.py): block × block linear CKA at each t, and t × t
-    of each block."""
+    """The SRA view of each checkpoint (the self-similarity measure's matrices, self_similarity.py): block × block
+    linear CKA at each t, and t × t of each block."""
     pages = []
     for name, s in f.similarity.items():
         ts = [f"{t:g}" for t in s.ts]
