@@ -8,6 +8,12 @@ they agree and prints the largest difference. Medians over repeats; wall time an
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generation.py \\
         --weights reports/weights/cifar_deep/vanilla-s0.safetensors [--n 64] [--steps 25] [--sampler sde]
+
+On a GPU, REPA's FID setting for SiT-XL/2 (random weights, 32×32×4 latents, 1,000 classes; the VAE decode and
+Inception features are not in it): `--model SiT-XL/2 --device cuda --precision bf16 [--compile] --n 256
+--batch-size 256 --steps 10 --no-single --no-fd`, which prints the measured samples/s, the estimated time of 50,000
+samples at 250 SDE steps and the model FLOP utilisation (analytic forward FLOPs, bench_train.block_flops, against
+--peak-tflops).
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ from repa_probe import generation as G
 from repa_probe.encoders import load_encoder
 from repa_probe.families import load_checkpoint
 from repa_probe.fid import GaussianStats, frechet_distance
+from repa_probe.families.sit import as_checkpoint
 from repa_probe.sampler import DEFAULT_STEPS, sample_indexed
+from bench_capture import random_sit  # noqa: E402  (benchmarks/ is the script's folder)
+from bench_train import block_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "cifar-ssl-resnet"
@@ -39,9 +48,18 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     return statistics.median(walls), statistics.median(cpus), out
 
 
-def sampling(ckpt, n: int, batch: int, sampler: str, steps: int) -> torch.Tensor:
-    return torch.cat([sample_indexed(ckpt, range(i, min(i + batch, n)), sampler=sampler, steps=steps)
-                      for i in range(0, n, batch)])
+def sampling(ckpt, n: int, batch: int, sampler: str, steps: int, precision: str = "fp32",
+             compile: bool = False) -> torch.Tensor:
+    out = torch.cat([sample_indexed(ckpt, range(i, min(i + batch, n)), sampler=sampler, steps=steps,
+                                    precision=precision, compile=compile) for i in range(0, n, batch)])
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+def sample_flops(config) -> float:
+    """Analytic forward FLOPs of one sample at one sampler step (no guidance: one forward)."""
+    return block_flops(config.hidden_size, (config.input_size // config.patch_size) ** 2, config.depth)
 
 
 def fd_parts(samples: torch.Tensor, reference: GaussianStats, repeats: int) -> dict[str, float]:
@@ -71,21 +89,39 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25, help="sampler steps (REPA's FID: 250 SDE; time is linear in it)")
     p.add_argument("--reference-n", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default=None, help="a random SiT of this size (e.g. SiT-XL/2) instead of --weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="the model's autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (the first repeat compiles)")
+    p.add_argument("--no-single", action="store_true", help="skip the one-sample-at-a-time baseline")
+    p.add_argument("--no-fd", action="store_true", help="skip the FD timing (the teacher sees 32×32 pixels only)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100/H200 SXM bf16)")
     a = p.parse_args()
     torch.manual_seed(0)
-    ckpt = load_checkpoint(a.weights)
+    device = torch.device(a.device)
+    ckpt = as_checkpoint(random_sit(a.model, 4, device), "repa") if a.model else load_checkpoint(a.weights,
+                                                                                               device=device)
     an = ckpt.anatomy
-    print(f"{a.weights}: {an.name}, width {an.width}, {an.depth} blocks, {an.grid ** 2} tokens; torch threads "
-          f"{torch.get_num_threads()}; {a.n} samples, {a.sampler} {a.steps} steps")
-    batched = timed(lambda: sampling(ckpt, a.n, a.batch_size, a.sampler, a.steps), a.repeats)
-    single = timed(lambda: sampling(ckpt, a.n, 1, a.sampler, a.steps), max(1, a.repeats - 1))
-    same = float((batched[2] - single[2]).abs().max())
-    print(f"sampling, batch {a.batch_size}: {a.n / batched[0]:.2f} samples/s (wall {batched[0]:.2f} s, CPU "
-          f"{batched[1]:.2f} s); batch 1: {a.n / single[0]:.2f} samples/s (wall {single[0]:.2f} s); batched ÷ one at "
-          f"a time: {single[0] / batched[0]:.2f}× faster; max |difference| {same:.2e}")
+    print(f"{a.model or a.weights}: {an.name}, width {an.width}, {an.depth} blocks, {an.grid ** 2} tokens; "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}"
+          f"; {a.n} samples, {a.sampler} {a.steps} steps, {a.precision}{', compiled' if a.compile else ''}")
+    batched = timed(lambda: sampling(ckpt, a.n, a.batch_size, a.sampler, a.steps, a.precision, a.compile),
+                    a.repeats)
+    line = f"sampling, batch {a.batch_size}: {a.n / batched[0]:.2f} samples/s (wall {batched[0]:.2f} s, CPU " \
+           f"{batched[1]:.2f} s)"
+    if not a.no_single:
+        single = timed(lambda: sampling(ckpt, a.n, 1, a.sampler, a.steps), max(1, a.repeats - 1))
+        same = float((batched[2] - single[2]).abs().max())
+        line += f"; batch 1: {a.n / single[0]:.2f} samples/s (wall {single[0]:.2f} s); batched ÷ one at a time: " \
+                f"{single[0] / batched[0]:.2f}× faster; max |difference| {same:.2e}"
+    print(line)
     full = DEFAULT_STEPS["sde"] / a.steps
+    flops = sample_flops(ckpt.config) * a.steps * a.n / batched[0]
     print(f"  → REPA's setting (SDE {DEFAULT_STEPS['sde']} steps): about {a.n / batched[0] / full:.2f} samples/s, "
-          f"{1000 * full * batched[0] / a.n:.0f} s per 1,000 samples per checkpoint")
+          f"{1000 * full * batched[0] / a.n:.0f} s per 1,000 samples, {50_000 * full * batched[0] / a.n / 60:.1f} min "
+          f"per 50,000; model FLOP utilisation {flops / (a.peak_tflops * 1e12):.1%} of {a.peak_tflops:g} TFLOP/s")
+    if a.no_fd:
+        return
     space = G.EncoderSpace(load_encoder(TEACHER), grid=G.GEN_GRID)
     reference = G.reference_from_folder(a.data, [space], image_size=an.input.image_size, n=a.reference_n)
     parts = fd_parts(batched[2], reference.stats[f"{TEACHER}/pool"], a.repeats)

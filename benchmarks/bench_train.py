@@ -132,11 +132,16 @@ def official_step(repa_dir: str, config, encoders, images, x, labels, grid: int,
     return step
 
 
+def block_flops(width: int, tokens: int, depth: int) -> float:
+    """Analytic forward FLOPs of `depth` transformer blocks for one image (2 per multiply-add): qkv + proj +
+    MLP (4×) + attention scores and values."""
+    return depth * tokens * (2 * 12 * width ** 2 + 2 * 2 * tokens * width)
+
+
 def step_flops(config, encoder) -> float:
     """Analytic FLOPs of one training image (2 per multiply-add): the student's blocks, projector and final
     layer forward × 3 (backward ≈ 2 × forward), plus the teacher's forward (its blocks at its token count)."""
-    def blocks(width: int, tokens: int, depth: int) -> float:     # qkv + proj + MLP(4×) + attention scores/values
-        return depth * tokens * (2 * 12 * width ** 2 + 2 * 2 * tokens * width)
+    blocks = block_flops
     tokens = (config.input_size // config.patch_size) ** 2
     d = config.hidden_size
     student = blocks(d, tokens, config.depth) + tokens * 2 * (d * config.projector_dim +

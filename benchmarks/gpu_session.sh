@@ -44,7 +44,12 @@ step train 170 python benchmarks/bench_train.py --models B/2,XL/2 --compile --of
 step curve 60 python benchmarks/bench_train.py --models B/2 --batch 32 --curve 100
 step capture_compile 80 python benchmarks/bench_capture.py --device cuda --precision bf16 --model SiT-XL/2 \
     --batch-size 256 --n 2048 --ts 0.25,0.5 --workers 8 --repeats 3 --compile --data "$DATA/test"
-# 4. analyze end to end with what is left (189.5 s before: it needs a second call when under ~200 s are left)
+# 4. sample quality's sampler (issue 27, item 7): SiT-XL/2, bf16, eager then compiled; 50k × 250 SDE steps estimated
+step generation 40 python benchmarks/bench_generation.py --model SiT-XL/2 --device cuda --precision bf16 --n 256 \
+    --batch-size 256 --steps 10 --repeats 2 --no-single --no-fd
+step generation_compile 60 python benchmarks/bench_generation.py --model SiT-XL/2 --device cuda --precision bf16 \
+    --compile --n 256 --batch-size 256 --steps 10 --repeats 2 --no-single --no-fd
+# 5. analyze end to end with what is left (189.5 s before: it needs a second call when under ~200 s are left)
 left=$(( BUDGET - ($(date +%s) - t0) ))
 step analyze $(( left > 30 ? left : 30 )) python benchmarks/bench_analyze.py --model SiT-XL/2 --n 10000 \
     --encoder dinov2-vit-l --device cuda --data "$DATA/test" --workers 8 --progress

@@ -25,11 +25,10 @@ store (store.py) for analysis at scale, resumably and, under torchrun, split acr
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from repa_probe.background import host_copy
-from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.checkpoints import LoadedCheckpoint, compiled_blocks
 from repa_probe.data import ImageDataset, list_images, load_vae, select_subset, to_model_space, vae_fingerprint
 from repa_probe.errors import UserError
 from repa_probe.families import InputSpace, load_checkpoint
@@ -251,29 +250,6 @@ def capture_in_memory(ckpt: LoadedCheckpoint, x0: torch.Tensor, labels: torch.Te
             arrays.setdefault(name, []).append(torch.cat([p[1][name].to(out_device) for p in parts],
                                                          dim=int(name in by_block)))
     return torch.stack(per_t), {name: torch.stack(v) for name, v in arrays.items()}
-
-
-@contextlib.contextmanager
-def compiled_blocks(ckpt: LoadedCheckpoint, enabled: bool = True) -> Iterator[None]:
-    """Within: every block's forward runs torch.compile'd (the capture hooks stay outside it, eager); the
-    blocks get their own forward back on exit. A compiler that cannot run here is one UserError line."""
-    blocks = list(ckpt.family.blocks(ckpt.model)) if enabled else []
-    saved = [b.__dict__.get("forward") for b in blocks]
-    for b in blocks:
-        b.forward = torch.compile(b.forward)
-    try:
-        yield
-    except Exception as e:
-        if enabled and type(e).__name__ in ("InductorError", "BackendCompilerFailed"):   # e.g. no C++ compiler
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"--compile: torch.compile cannot compile here ({why[:200]}); run without --compile") \
-                from None
-        raise
-    finally:
-        for b, forward in zip(blocks, saved):
-            del b.forward
-            if forward is not None:
-                b.forward = forward
 
 
 #################################################################################

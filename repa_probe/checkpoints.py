@@ -14,6 +14,7 @@ Our format (written by the trainer): a weights-only .pt {format: "repa-probe", v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -22,7 +23,7 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -222,3 +223,26 @@ def save_checkpoint(path: str | os.PathLike, config, ema: dict, *, model: dict |
                "ema": ema, **({"model": model} if model is not None else {}), **extra}
         torch_save_atomic(path, obj)
     return path
+
+
+@contextlib.contextmanager
+def compiled_blocks(ckpt: LoadedCheckpoint, enabled: bool = True) -> Iterator[None]:
+    """Within: every block's forward runs torch.compile'd (the capture hooks stay outside it, eager); the
+    blocks get their own forward back on exit. A compiler that cannot run here is one UserError line."""
+    blocks = list(ckpt.family.blocks(ckpt.model)) if enabled else []
+    saved = [b.__dict__.get("forward") for b in blocks]
+    for b in blocks:
+        b.forward = torch.compile(b.forward)
+    try:
+        yield
+    except Exception as e:
+        if enabled and type(e).__name__ in ("InductorError", "BackendCompilerFailed"):   # e.g. no C++ compiler
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--compile: torch.compile cannot compile here ({why[:200]}); run without --compile") \
+                from None
+        raise
+    finally:
+        for b, forward in zip(blocks, saved):
+            del b.forward
+            if forward is not None:
+                b.forward = forward

@@ -27,7 +27,7 @@ from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.errors import UserError
 from repa_probe.fid import FD, GaussianStats, frechet_distance, inception_score, paired_fd_difference, \
     precision_recall, same_n
-from repa_probe.runtime import rank, world_size
+from repa_probe.runtime import rank, resolve_precision, world_size
 from repa_probe.sampler import DEFAULT_STEPS, SAMPLERS, decode, load_autoencoder, sample_indexed
 from repa_probe.stats import LEVEL
 
@@ -44,6 +44,8 @@ class Sampling:
     cfg: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     batch_size: int = 64
+    precision: str = "fp32"          # the model's autocast while sampling: fp32 (off), bf16 or fp16
+    compile: bool = False            # torch.compile the model's blocks while sampling
 
     def __post_init__(self):
         if self.n < 2:
@@ -229,7 +231,8 @@ def sample_features(ckpt: LoadedCheckpoint, spaces, sampling: Sampling, *, vae: 
     for start in range(0, len(indices), sampling.batch_size):
         batch = indices[start:start + sampling.batch_size]
         x0 = sample_indexed(ckpt, batch, seed=sampling.seed, sampler=sampling.sampler, steps=sampling.steps,
-                            cfg=sampling.cfg, cfg_interval=sampling.cfg_interval, device=device)
+                            cfg=sampling.cfg, cfg_interval=sampling.cfg_interval, device=device,
+                            precision=sampling.precision, compile=sampling.compile)
         for k, v in space_features(spaces, to_uint8(decode(ckpt, x0, autoencoder))).items():
             stats.setdefault(k, GaussianStats.empty(v.shape[1])).add(v)
             rows.setdefault(k, []).append(v.numpy())
@@ -293,13 +296,17 @@ def _score_of(key: str) -> str:
 
 GEN_GRID = 16          # an encoder space sees the images at 16×16 tokens (REPA's grid at 256 px)
 GEN_COLUMNS = ["checkpoint", "run", "step", "space", "score", "N", "value", "against", "difference", "ci_low",
-               "ci_high", "level", "n_boot", "sampler", "steps", "cfg", "cfg_interval", "seed", "reference"]
+               "ci_high", "level", "n_boot", "sampler", "steps", "cfg", "cfg_interval", "seed", "precision",
+               "reference"]
 
 
-def sampling_of(cfg) -> Sampling:
-    """An AnalyzeConfig's --gen settings as a Sampling (its seed is the analysis's --seed)."""
+def sampling_of(cfg, device: torch.device | str | None = None) -> Sampling:
+    """An AnalyzeConfig's --gen settings as a Sampling: its seed, --precision (auto: bf16 on a GPU) and --compile
+    are the analysis's."""
+    device = torch.device(device or cfg.device or "cpu")
     return Sampling(cfg.gen, seed=cfg.seed, sampler=cfg.gen_sampler, steps=cfg.gen_steps, cfg=cfg.gen_cfg,
-                    cfg_interval=tuple(cfg.gen_cfg_interval), batch_size=cfg.batch_size)
+                    cfg_interval=tuple(cfg.gen_cfg_interval), batch_size=cfg.batch_size,
+                    precision=resolve_precision(cfg.precision, device), compile=cfg.compile)
 
 
 def load_spaces(cfg, device: torch.device | str | None = None) -> list:
@@ -328,7 +335,7 @@ class Scorer:
 
     def __init__(self, cfg, device: torch.device | str | None = None):
         self.cfg, self.device = cfg, device
-        self.sampling, self.spaces = sampling_of(cfg), load_spaces(cfg, device)
+        self.sampling, self.spaces = sampling_of(cfg, device), load_spaces(cfg, device)
         self.reference: Reference | None = None
         self.kept: dict[str, GenerationScores] = {}
 
@@ -383,7 +390,7 @@ def score_rows(s: GenerationScores, *, run: str = "", step: int | None = None) -
                      "difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
                      "level": float("nan"), "n_boot": 0, "sampler": how["sampler"], "steps": how["steps"],
                      "cfg": how["cfg"], "cfg_interval": ",".join(f"{x:g}" for x in how["cfg_interval"]),
-                     "seed": how["seed"], "reference": s.reference})
+                     "seed": how["seed"], "precision": how["precision"], "reference": s.reference})
     return rows
 
 

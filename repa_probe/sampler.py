@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repa_probe.checkpoints import LoadedCheckpoint
+from repa_probe.checkpoints import LoadedCheckpoint, compiled_blocks
 from repa_probe.errors import UserError
-from repa_probe.runtime import stream_seed
+from repa_probe.runtime import autocast, stream_seed
 
 SAMPLERS = ("ode", "sde")
 DEFAULT_STEPS = {"ode": 50, "sde": 250}
@@ -164,18 +164,21 @@ def euler_maruyama(velocity: VelocityFn, x1: torch.Tensor, steps: int = 250, gen
 def integrate(ckpt: LoadedCheckpoint, x1: torch.Tensor, labels: torch.Tensor, noise: Noise,
               cls1: torch.Tensor | None = None, cls_noise: Noise = None, *, sampler: str, steps: int | None,
               cfg: float, cfg_interval: tuple[float, float], cls_cfg: float | None,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, precision: str = "fp32", compile: bool = False) -> torch.Tensor:
     """x₁ (and a REG model's class token c₁) → the images x₀ (N, C, H, W) float32 by `sampler`; the SDE's noise
-    from `noise` (and the class token's from `cls_noise`, after the image's at every step)."""
+    from `noise` (and the class token's from `cls_noise`, after the image's at every step). The model runs under
+    `precision`'s autocast ("fp32": off; "bf16", "fp16") with its blocks torch.compile'd if `compile`, the trainer's
+    and the capture's fast paths; the state stays float64."""
     velocity = guided_velocity(ckpt, labels.to(device), cfg, cfg_interval, cls_cfg)
     if cls1 is not None:
         noise = joint_noise(noise, cls_noise, image_shape(ckpt))
         x1 = pack(x1, cls1)
     steps = steps or DEFAULT_STEPS[sampler]
-    if sampler == "ode":
-        x0 = euler_ode(velocity, x1.to(device), steps)
-    else:
-        x0 = euler_maruyama(velocity, x1.to(device), steps, noise)
+    with compiled_blocks(ckpt, compile), autocast(precision, device):
+        if sampler == "ode":
+            x0 = euler_ode(velocity, x1.to(device), steps)
+        else:
+            x0 = euler_maruyama(velocity, x1.to(device), steps, noise)
     return (x0 if cls1 is None else unpack(x0, image_shape(ckpt))[0]).float()
 
 
@@ -280,12 +283,13 @@ def class_token_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def sample_indexed(ckpt: LoadedCheckpoint, indices, *, seed: int = 0, sampler: str = "sde", steps: int | None = None,
                    cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), cls_cfg: float | None = None,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+                   device: torch.device | str | None = None, precision: str = "fp32",
+                   compile: bool = False) -> torch.Tensor:
     """Samples `indices` of the seeded set: x₁, the class label and the SDE's noise of sample i come from its own
     generator (`sample_seed`), so every checkpoint with the same input space and classes gets the same noise
     and labels for sample i (paired), whatever the batch size or the number of ranks. A REG model's class token
     (guided at `cls_cfg`, None: `cfg`) draws its start and noise from a second generator (`class_token_seed`),
-    so its image draws are a plain model's. (n, C, H, W) float32."""
+    so its image draws are a plain model's. `precision` and `compile` as `integrate`. (n, C, H, W) float32."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     ckpt.model.eval()
@@ -297,7 +301,7 @@ def sample_indexed(ckpt: LoadedCheckpoint, indices, *, seed: int = 0, sampler: s
     cls_gens = [torch.Generator().manual_seed(class_token_seed(seed, i)) for i in indices] if cls_dim else None
     cls1 = torch.stack([torch.randn((cls_dim,), generator=g) for g in cls_gens]) if cls_dim else None
     return integrate(ckpt, x1, labels, gens, cls1, cls_gens, sampler=sampler, steps=steps, cfg=cfg,
-                     cfg_interval=cfg_interval, cls_cfg=cls_cfg, device=device)
+                     cfg_interval=cfg_interval, cls_cfg=cls_cfg, device=device, precision=precision, compile=compile)
 
 
 def sample_checkpoint(checkpoint: str, out: str, n: int = 64, *, cfg: float = 1.5,

@@ -21,6 +21,7 @@ from conftest import REPO, randomize_, tiny_config
 from test_download import server  # noqa: F401  (the local HTTP server fixture)
 from repa_probe import generation as G
 from repa_probe.checkpoints import save_checkpoint
+from repa_probe.config import AnalyzeConfig
 from repa_probe.encoders import load_encoder
 from repa_probe.errors import UserError
 from repa_probe.families import load_checkpoint
@@ -262,6 +263,33 @@ def test_fd_in_an_encoders_space_equals_a_direct_computation(tiny, teacher, refe
     np.testing.assert_allclose(scores.features[f"{TEACHER}/pool"], fake, rtol=1e-4, atol=1e-5)   # batches of 10 vs 7
     direct, _ = scipy_fd(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
     assert abs(fd.value - direct) < 1e-4 * max(1.0, direct)
+
+
+def test_sampling_runs_the_model_under_the_analysis_precision_and_compiled_blocks(tiny):
+    """--gen samples with the fast paths of the trainer and the capture (issue 27, item 7): bf16 autocast (the
+    blocks' matmuls compute in bf16, the state stays float64 and the samples stay close) and torch.compile'd blocks (the
+    eager samples up to rounding, the model's own forward back afterwards)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    ckpt, seen = tiny[0], []
+    block = ckpt.family.blocks(ckpt.model)[0]
+    linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        eager = sample_indexed(ckpt, range(3), **FAST)
+        bf16 = sample_indexed(ckpt, range(3), **FAST, precision="bf16")
+    finally:
+        handle.remove()
+    assert seen[:3] == [torch.float32] * 3 and set(seen[3:]) == {torch.bfloat16}
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, eager)
+    assert (bf16 - eager).abs().max() < 0.1 * eager.abs().max()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = sample_indexed(ckpt, range(3), **FAST, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1 and "forward" not in block.__dict__
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert G.sampling_of(AnalyzeConfig(data="d", gen=8, precision="auto"), "cpu").precision == "fp32"
+    assert G.sampling_of(AnalyzeConfig(data="d", gen=8, precision="auto", compile=True), "cuda").precision == "bf16"
 
 
 def test_the_seed_changes_the_samples_and_seed_0_keeps_its_draws(tiny):
