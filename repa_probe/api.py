@@ -37,9 +37,8 @@ from repa_probe.families import load_checkpoint
 from repa_probe.families.module import describe_module
 from repa_probe.findings import Findings, trajectory_findings
 from repa_probe.findings.seeds import check_groups
-from repa_probe.fid import fd_replicates
 from repa_probe.findings.generation import quality_score, steps_to_reach
-from repa_probe.generation import GEN_COLUMNS, Scorer, feature_key, logged_generation, score_models
+from repa_probe.generation import GEN_COLUMNS, Scorer, logged_generation, score_models
 from repa_probe.pipeline import AnalyzeConfig, Arg, Pipeline, Results, cli_arg, python_arg, run
 from repa_probe.report import compose
 from repa_probe.runtime import find_checkpoints, latest_in_run
@@ -244,10 +243,8 @@ class GenSteps:
             rows = self.scorer.score(ckpt, name, run=run, step=step, keep=True,
                                      against=None if run == self.first else f"{self.first}@{step}")
             self.rows += rows
-            scores, score = self.scorer.kept[name], quality_score(pd.DataFrame(rows))
-            reps = fd_replicates(scores.features[feature_key(scores, score)],
-                                 self.scorer.reference.stats[feature_key(scores, score)],
-                                 self.scorer.cfg.gen_bootstrap, self.scorer.cfg.seed)
+            scores, score, cfg = self.scorer.kept[name], quality_score(pd.DataFrame(rows)), self.scorer.cfg
+            reps = scores.fd_replicates(self.scorer.reference, score, cfg.gen_bootstrap, cfg.seed)
             self.reached.setdefault(run, {})[step] = (scores.scores[score].value, reps)
             if run != self.first:              # only the first run's samples are compared with later ones
                 del self.scorer.kept[name]

@@ -152,20 +152,24 @@ def fd_replicates(features: np.ndarray, ref: GaussianStats, n_boot: int, seed: i
 
 
 def paired_fd_difference(features_a: np.ndarray, features_b: np.ndarray, ref: GaussianStats, *,
-                         n_boot: int = 200, seed: int = 0, level: float = LEVEL, space: str = "") -> dict:
+                         n_boot: int = 200, seed: int = 0, level: float = LEVEL, space: str = "",
+                         replicates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """FD(b) − FD(a) against a fixed reference, with a paired bootstrap interval.
 
     Row i of `features_a` and of `features_b` must come from the same noise and class label (the same sample
     index): each replicate draws sample indices with replacement, takes those rows from both checkpoints and
     recomputes both FDs; the interval is the full-sample difference ± t·sd of the replicates' differences
     (stats.centred_interval). It covers the variance from which samples were drawn, not that of the reference
-    statistics (held fixed) nor of training (docs/generation.md)."""
+    statistics (held fixed) nor of training (docs/generation.md). `replicates`: both sides' fd_replicates with
+    the same n_boot and seed, where already computed."""
     if features_a.shape != features_b.shape:
         same_n(FD(0.0, len(features_a)), FD(0.0, len(features_b)))
         raise ValueError(f"features of different shapes: {features_a.shape} vs {features_b.shape}")
     n, fd = len(features_a), fd_against(ref)
     fd_a, fd_b = fd(features_a), fd(features_b)
-    reps = fd_replicates(features_b, ref, n_boot, seed) - fd_replicates(features_a, ref, n_boot, seed)
+    rep_a, rep_b = replicates or (fd_replicates(features_a, ref, n_boot, seed), fd_replicates(features_b, ref, n_boot,
+                                                                                               seed))
+    reps = rep_b - rep_a
     low, high = centred_interval(fd_b - fd_a, reps, level=level)
     return {"space": space, "n": n, "fd_a": fd_a, "fd_b": fd_b, "difference": fd_b - fd_a, "low": float(low),
             "high": float(high), "level": level, "n_boot": n_boot, "replicates": reps}

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.errors import UserError
-from repa_probe.fid import FD, GaussianStats, frechet_distance, inception_score, paired_fd_difference, \
-    precision_recall, same_n
+from repa_probe.fid import (FD, GaussianStats, fd_replicates, frechet_distance, inception_score,
+                            paired_fd_difference, precision_recall, same_n)
 from repa_probe.runtime import rank, resolve_precision, world_size
 from repa_probe.sampler import DEFAULT_STEPS, SAMPLERS, decode, load_autoencoder, sample_indexed
 from repa_probe.stats import LEVEL
@@ -198,10 +198,20 @@ class GenerationScores:
     reference: str
     scores: dict[str, FD | float]
     features: dict[str, np.ndarray]
+    replicates: dict[tuple, np.ndarray] = field(default_factory=dict)   # fd_replicates by (score, n_boot, seed)
 
     @property
     def n(self) -> int:
         return self.sampling.n
+
+    def fd_replicates(self, reference: "Reference", score: str, n_boot: int, seed: int) -> np.ndarray:
+        """The FDs of `score` on the shared bootstrap resamples of the sample indices (fid.fd_replicates), computed
+        once per checkpoint however many differences and crossings use them."""
+        key = (score, n_boot, seed)
+        if key not in self.replicates:
+            k = feature_key(self, score)
+            self.replicates[key] = fd_replicates(self.features[k], reference.stats[k], n_boot, seed)
+        return self.replicates[key]
 
 
 def my_indices(n: int) -> np.ndarray:
@@ -276,8 +286,9 @@ def compare_fd(a: GenerationScores, b: GenerationScores, reference: Reference, s
         raise UserError(f"'{a.checkpoint}' and '{b.checkpoint}' were scored against different references "
                         f"('{a.reference}', '{b.reference}')")
     key = feature_key(a, score)
+    replicates = tuple(s.fd_replicates(reference, score, n_boot, seed) for s in (a, b))
     return paired_fd_difference(a.features[key], b.features[key], reference.stats[key], n_boot=n_boot, seed=seed,
-                                level=level, space=score)
+                                level=level, space=score, replicates=replicates)
 
 
 def feature_key(s: GenerationScores, score: str) -> str:

@@ -324,6 +324,10 @@ def test_paired_interval_of_an_fd_difference(tiny, teacher, reference):
     assert abs(d["replicates"][3] - by_hand) < 1e-6
     same = G.compare_fd(a, again, reference, score, n_boot=4)
     assert same["difference"] == 0 and same["low"] == same["high"] == 0
+    # each checkpoint's replicates are computed once and shared by every difference that uses them
+    kept = a.replicates[(score, 8, 0)]
+    assert G.compare_fd(a, again, reference, score, n_boot=8, seed=0)["replicates"].shape == (8,)
+    assert a.replicates[(score, 8, 0)] is kept and np.array_equal(d["replicates"], b.replicates[(score, 8, 0)] - kept)
 
     fewer = dataclasses.replace(b, sampling=G.Sampling(16, **FAST), scores={score: FD(b.scores[score].value, 16)})
     with pytest.raises(UserError, match="different numbers of samples"):
