@@ -104,7 +104,7 @@ def readme(summary: dict) -> str:
         "",
         *(per + [""] if per else []),
         f"In words: {found}. The fitted benefit goes from {number_text(m['benefit_start'])} at step {m['start']:,} to "
-        f"{number_text(m['benefit_last'])} at step {m['last']:,} (below 0: REPA's denoising loss above "
+        f"{number_text(m['benefit_last'])} at step {m['last']:,} (a benefit below 0 means REPA's denoising loss is above "
         f"vanilla's){later}. "
         f"The intervals cover the logged values' noise around the fitted curve, by a bootstrap over steps "
         f"({seeds}).",

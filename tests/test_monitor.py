@@ -156,8 +156,10 @@ def test_the_monitor_report_is_what_its_script_makes_from_the_logs(tmp_path):
     assert (tmp_path / "README.md").read_text() == (committed / "README.md").read_text()
     summary = json.loads((committed / "summary.json").read_text())
     assert summary["monitor"]["sentence"] in (committed / "README.md").read_text()
-    assert summary["monitor"] == from_logs(LOGS / "vanilla-s0.log.jsonl", LOGS / "repa-s0.log.jsonl",
-                                           every=500).to_dict()
+    seeds = sorted(summary["logs"], key=int)                       # every seed pair committed (0 and 1 so far)
+    assert seeds[0] == "0" and len(seeds) == len(list(LOGS.glob("repa-s*.log.jsonl")))
+    assert summary["monitor"] == from_logs([LOGS / f"vanilla-s{s}.log.jsonl" for s in seeds],
+                                           [LOGS / f"repa-s{s}.log.jsonl" for s in seeds], every=500).to_dict()
 
 
 def test_trajectory_states_the_monitor_of_two_run_folders(tmp_path, cifar_dir):
