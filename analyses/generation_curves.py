@@ -1,19 +1,21 @@
 """Generation beside representation over training (issue 27, item 5): every saved checkpoint of the CIFAR-10 deep
-pair (runs/cifar_deep/{vanilla,repa}, seed 1 in runs/cifar_deep/seed1/) scored with FD in the teacher's space
+pair (runs/cifar_deep/{vanilla,repa}, seed s in runs/cifar_deep/seed<s>/) scored with FD in the teacher's space
 (cifar-ssl-resnet) at one N for all, against cifar10/test, beside probe and CKNNA with the teacher, in one
 trajectory report with the page "generation and representation" (FD vs step, alignment/probe vs step, their rank
 correlation over checkpoints).
 
     python analyses/generation_curves.py                         # N = 1000, REPA's SDE (250 steps)
-    python analyses/generation_curves.py --gen-sampler ode --out reports/generation_curves   # the committed one
+    python analyses/generation_curves.py --seeds 2 --gen-sampler ode   # the committed report (seed 2 of the deep pair)
 
 The report's README.md is rendered from its own files (summary.json, gen.csv, gen_reach.csv; `readme`), with the
 sha256 of every scored checkpoint in checkpoints.sha256.
 
-The runs are named RECIPE-sSEED (vanilla-s0, repa-s0, vanilla-s1, repa-s1) through links in OUT/.runs, and
-vanilla-s0 comes first: every other run's FD at a step is differenced, paired (the same sample indices: the same
-noise and labels), against vanilla-s0's at that step (gen.csv: difference, ci_low, ci_high). Nothing is trained
-here; a missing run is skipped with a note.
+The runs are found under --root as cifar_runs.py lays them out (seed 0 in ROOT/{vanilla,repa}, seed s in
+ROOT/seed<s>/{vanilla,repa}; --seeds picks some) and named RECIPE-sSEED (vanilla-s0, repa-s0, vanilla-s2, ...)
+through links in OUT/.runs; the first seed's vanilla run comes first: every other run's FD at a step is
+differenced, paired (the same sample indices: the same noise and labels), against that run's at that step (gen.csv:
+difference, ci_low, ci_high); within one seed that is the controlled pair. Nothing is trained here; a seed that
+lacks an arm is scored without it, with a note.
 """
 from __future__ import annotations
 
@@ -33,29 +35,46 @@ from repa_probe.report.verdict import correlation_lines, reach_lines
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.path.relpath(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")))
 TEACHER = "cifar-ssl-resnet"
-RUNS = {"vanilla-s0": "vanilla", "repa-s0": "repa", "vanilla-s1": "seed1/vanilla", "repa-s1": "seed1/repa"}
+ARMS = ("vanilla", "repa")
 
 
-def linked_runs(root: Path, links: Path) -> list[str]:
-    """The runs under `root` that exist, as links named RECIPE-sSEED in `links` (vanilla-s0 first)."""
+def seed_folders(root: Path) -> dict[int, Path]:
+    """{training seed: its folder} under a preset's runs (seed 0 is the root itself, seed s is ROOT/seed<s>)."""
+    found = {0: root} if any((root / arm).is_dir() for arm in ARMS) else {}
+    for folder in root.glob("seed*"):
+        if folder.name[4:].isdigit() and any((folder / arm).is_dir() for arm in ARMS):
+            found[int(folder.name[4:])] = folder
+    return dict(sorted(found.items()))
+
+
+def linked_runs(root: Path, links: Path, seeds: list[int] | None = None) -> list[str]:
+    """The runs under `root` of the given training seeds (default: every seed found), as links named RECIPE-sSEED
+    in `links` (the first seed's vanilla first)."""
     links.mkdir(parents=True, exist_ok=True)
-    found = []
-    for name, folder in RUNS.items():
-        run = root / folder
-        if not (run / "checkpoints").is_dir():
-            print(f"skipped {name}: no {run / 'checkpoints'}")
-            continue
-        link = links / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(run.resolve(), target_is_directory=True)
-        found.append(str(link))
+    folders, found = seed_folders(root), []
+    for seed in seeds if seeds is not None else list(folders):
+        if seed not in folders:
+            raise SystemExit(f"--seeds: no runs of seed {seed} under {root} (found seeds: "
+                             f"{', '.join(map(str, folders)) or 'none'}); train them with analyses/cifar_runs.py "
+                             f"--preset deep --seed {seed}")
+        for arm in ARMS:
+            name, run = f"{arm}-s{seed}", folders[seed] / arm
+            if not (run / "checkpoints").is_dir():
+                print(f"skipped {name}: no {run / 'checkpoints'}")
+                continue
+            link = links / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(run.resolve(), target_is_directory=True)
+            found.append(str(link))
     return found
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=REPO / "runs" / "cifar_deep", help="the preset's runs")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="training seeds to score, comma-separated (default: every seed under --root)")
     p.add_argument("--data", type=Path, default=DATA / "test", help="held-out images: alignment, probe, FD reference")
     p.add_argument("--gen", type=int, default=1000, help="samples per checkpoint, the same N for all (default 1000)")
     p.add_argument("--gen-sampler", choices=("ode", "sde"), default="sde")
@@ -121,9 +140,10 @@ def checksums(sources: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     a = parser().parse_args(argv)
-    sources = linked_runs(a.root, a.out.parent / f".{a.out.name}-runs")
+    sources = linked_runs(a.root, a.out.parent / f".{a.out.name}-runs", a.seeds)
     if not sources:
-        raise SystemExit(f"no runs under {a.root} (expected {', '.join(RUNS.values())})")
+        raise SystemExit(f"--root: no runs under {a.root} (expected {a.root}/vanilla, {a.root}/seed1/repa, ...; "
+                         "train them with analyses/cifar_runs.py --preset deep)")
     config = AnalyzeConfig(data=str(a.data), n=a.n, encoders=[TEACHER], ts=tuple(a.t), bootstrap=a.bootstrap, null=0,
                            baselines=False, gen=a.gen, gen_spaces=(TEACHER,), gen_reference=str(a.data),
                            gen_reference_n=a.gen_reference_n, gen_sampler=a.gen_sampler, gen_steps=a.gen_steps,

@@ -16,7 +16,11 @@ SHARED_DATA = Path(os.environ.get("REPA_PROBE_SHARED_DATA", REPO.parent / "share
 CIFAR = SHARED_DATA / "cifar10"
 IMAGENETTE = SHARED_DATA / "imagenette"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):     # one of pytest -n's processes (one per core): one thread each, and
+    os.environ["OMP_NUM_THREADS"] = "1"       # for the subprocesses it starts, so that workers do not contend
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -209,3 +210,19 @@ def test_generation_curves_script_end_to_end_on_tiny_runs(cifar_dir, tmp_path):
     assert readme(out, command) == text and "| 4 | " in text and "reaches vanilla-s0's last FD" in text
     sums = (out / "checkpoints.sha256").read_text().splitlines()
     assert len(sums) == 6 and sums[0].endswith("vanilla-s0/0000002.pt")       # 3 runs × steps 2 and 4
+
+
+def test_generation_curves_finds_every_seed_and_refuses_a_missing_one(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "analyses"))
+    from generation_curves import linked_runs
+    root = tmp_path / "cifar_deep"
+    for folder in ("vanilla", "repa", "seed2/vanilla", "seed2/repa", "seed10/repa", "seedling/vanilla"):
+        (root / folder / "checkpoints").mkdir(parents=True)
+    links = tmp_path / "links"
+    names = [Path(p).name for p in linked_runs(root, links)]
+    assert names == ["vanilla-s0", "repa-s0", "vanilla-s2", "repa-s2", "repa-s10"]
+    assert "skipped vanilla-s10" in capsys.readouterr().out
+    assert [Path(p).resolve() for p in linked_runs(root, links, [2])] == [(root / "seed2" / a).resolve()
+                                                                       for a in ("vanilla", "repa")]
+    with pytest.raises(SystemExit, match=r"--seeds: no runs of seed 1 under .*found seeds: 0, 2, 10"):
+        linked_runs(root, links, [1])
