@@ -2,6 +2,7 @@
 t-interval over seeds, 'k of K seeds', and a seed-level claim on page 1 only where the seeds agree."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import matplotlib.pyplot as plt
@@ -187,3 +188,46 @@ def test_page_2_of_many_checkpoints_continues_on_further_pages_instead_of_below_
         assert "seeds (continued)" in [text for text, _ in texts]
     finally:
         plt.close("all")
+
+
+def test_the_seed_report_readme_is_rendered_from_its_files(tmp_path, cifar_dir):
+    """analyses/seed_report.py's README on a real tiny seed analysis: the page-1 sentences, and a table row per
+    seeds.csv row group whose cells are that file's values (each seed's, the mean with its t-interval, k of K)."""
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "analyses"))
+    from seed_report import readme
+    from repa_probe.report.verdict import interval
+    paths = []
+    for arm, extra in (("vanilla", dict(z_dims=[], encoder_depth=0)), ("repa", {})):
+        for k in range(3):
+            cfg = tiny_config(**extra)
+            paths.append(str(tmp_path / f"{arm}-s{k}.pt"))
+            save_checkpoint(paths[-1], cfg, randomize_(SiT(cfg), seed=k).state_dict(),
+                            meta={"step": 4, "mode": "pixels", "convention": "repa"})
+    data = tmp_path / "data"
+    for folder in sorted((cifar_dir / "test").iterdir()):
+        (data / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:4]:
+            shutil.copy(image, data / folder.name / image.name)
+    out = tmp_path / "report"
+    repa_probe.analyze(paths, data=str(data), n=40, ts=0, bootstrap=2, null=0, baselines=False, quiet=True,
+                       cache=str(tmp_path / "cache"), self_similarity=False).report(out)
+    text = readme(out, "python analyses/seed_report.py --seeds 0,1,2")
+    summary, seeds = json.loads((out / "summary.json").read_text()), pd.read_csv(out / "seeds.csv", dtype={"seed": str})
+    assert " vs nan" not in text and "linear probe top-1 (points)" in text
+    assert text.startswith("# The finding over 3 training seeds (vanilla, repa)")
+    assert all(f"- {s}" in text for s in summary["overview"]) and "2 degrees of freedom" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| vanilla", "| repa"))]
+    means = seeds[seeds["seed"] == "mean"]
+    assert len(rows) == len(means) > 0
+    for line, m in zip(rows, means.itertuples()):
+        per = seeds[(seeds["seed"] != "mean") & (seeds["quantity"] == m.quantity) & (seeds["recipe"] == m.recipe)
+                    & (seeds["metric"] == m.metric) & (seeds["t"] == m.t)]
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        signed = m.quantity == "delta"
+        expect = [interval(m.metric, r.value, r.ci_low, r.ci_high, signed).removesuffix(" points")
+                  for r in per.itertuples()]
+        assert cells[3:6] == expect and cells[6] == "**" + interval(m.metric, m.value, m.ci_low, m.ci_high,
+                                                                    signed).removesuffix(" points") + "**"
+        assert cells[7] == f"{m.seeds_positive} of 3"
