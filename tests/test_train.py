@@ -239,8 +239,14 @@ def test_torchrun_two_processes_match_one_process(cifar_dir, tmp_path):
     assert [r["inputs_sha256"] for r in log_rows(one)] == [r["inputs_sha256"] for r in log_rows(two)]
     a, b = (training_state(run / "checkpoints" / f"{4:07d}.pt") for run in (one, two))
     assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst < 1e-5, f"1 vs 2 processes differ by {worst}"          # measured: 1e-7
+    # Two processes sum the gradients in another order than one (all-reduce). Adam divides by √v + ε, so a weight
+    # whose gradient cancels to rounding level (ε = 1e-8) can move by a fraction of lr on that rounding alone
+    # (measured: 2 elements of 288,652 beyond 1e-6, the largest 1.5e-5 on an AMD EPYC, 1e-7 elsewhere). A split
+    # batch, an unsynchronised term or a switch-off on one rank only moves most weights by ~lr (1e-3).
+    d = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max().item())
+    assert (d > 1e-6).float().mean() < 1e-4, f"{(d > 1e-6).sum()} of {d.numel()} values differ by over 1e-6"
+    assert d.max() < 1e-4, f"1 vs 2 processes differ by {d.max():.3g} at {worst} (a tenth of lr at most)"
 
 
 def test_export_repa_layout_loads_back_as_repa_train(runs, tmp_path):
