@@ -116,18 +116,20 @@ def exported(preset: str, seed: int = 0, arms: tuple[str, ...] = ("vanilla", "re
     """The final EMA weights of a seed's runs in float16 (export_weights.py), where the committed reports read
     them: reports/weights/cifar_<preset>/<arm>-s<seed>.safetensors, with their sha256 in SHA256SUMS, beside the
     run's training log and config. Trains or finishes the runs first if they are not there; an existing export
-    is kept (its hash is the report's)."""
+    is kept (its hash is the report's), and where every arm's is there nothing is trained."""
     from export_weights import export
-    folder, runs = REPO / "reports" / "weights" / f"cifar_{preset}", ensure_runs(preset, seed=seed, arms=arms)
+    folder = REPO / "reports" / "weights" / f"cifar_{preset}"
+    out = {f"{arm}-s{seed}": folder / f"{arm}-s{seed}.safetensors" for arm in arms}
+    if all(dst.exists() for dst in out.values()):
+        return out
+    runs = ensure_runs(preset, seed=seed, arms=arms)
     folder.mkdir(parents=True, exist_ok=True)
-    out = {}
     for arm in arms:
-        dst = folder / f"{arm}-s{seed}.safetensors"
+        dst = out[f"{arm}-s{seed}"]
         if not dst.exists():
             export(runs[arm] / "checkpoints" / f"{PRESETS[preset]['steps']:07d}.pt", dst)
             for record in ("log.jsonl", "config.json"):      # the training's losses, speed and settings
                 shutil.copyfile(runs[arm] / record, folder / f"{arm}-s{seed}.{record}")
-        out[f"{arm}-s{seed}"] = dst
     sums = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(folder.glob("*.safetensors"))]
     (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     return out

@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> Path:
     if not sources:
         raise SystemExit(f"--root: no runs under {a.root} (expected {a.root}/vanilla, {a.root}/seed1/repa, ...; "
                          "train them with analyses/cifar_runs.py --preset deep)")
+    # probe and CKNNA are what FD is set beside; the SRA view's block × block matrices would only cost time here
     config = AnalyzeConfig(data=str(a.data), n=a.n, encoders=[TEACHER], ts=tuple(a.t), bootstrap=a.bootstrap, null=0,
-                           baselines=False, gen=a.gen, gen_spaces=(TEACHER,), gen_reference=str(a.data),
-                           gen_reference_n=a.gen_reference_n, gen_sampler=a.gen_sampler, gen_steps=a.gen_steps,
-                           gen_bootstrap=a.gen_bootstrap, cache=a.cache, device=a.device, quiet=True)
+                           baselines=False, self_similarity=False, gen=a.gen, gen_spaces=(TEACHER,),
+                           gen_reference=str(a.data), gen_reference_n=a.gen_reference_n, gen_sampler=a.gen_sampler,
+                           gen_steps=a.gen_steps, gen_bootstrap=a.gen_bootstrap, cache=a.cache, device=a.device, quiet=True)
     report = trajectory(sources, config, str(a.out), source="checkpoints")
     (a.out / "checkpoints.sha256").write_text(checksums(sources))
     command = "python analyses/generation_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)

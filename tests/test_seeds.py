@@ -134,21 +134,28 @@ def test_t_interval_needs_two_finite_values():
     assert t_interval([1.0, 3.0]) == pytest.approx((2.0, 2.0 - T975_1DF, 2.0 + T975_1DF), abs=1e-12)   # s/√2 = 1
 
 
-def test_an_analysis_of_checkpoints_named_by_seed_reports_them_at_the_seed_level(tmp_path, cifar_dir):
-    """Real tiny checkpoint files vanilla-s0/s1 and repa-s0/s1, grouped by their names: the tables that become
-    seeds.csv, summary.json's seeds and page 1's seed-level sentences."""
+def seed_files(tmp_path, cifar_dir, seeds: int) -> tuple[list[str], object]:
+    """Real tiny checkpoint files vanilla-sK and repa-sK (K < seeds; REPA aligned at block 1), and 40 real images
+    (quick to list): (their paths, the image folder)."""
     paths = []
     for arm, extra in (("vanilla", dict(z_dims=[], encoder_depth=0)), ("repa", {})):
-        for k in range(2):
+        for k in range(seeds):
             cfg = tiny_config(**extra)
             paths.append(str(tmp_path / f"{arm}-s{k}.pt"))
             save_checkpoint(paths[-1], cfg, randomize_(SiT(cfg), seed=k).state_dict(),
                             meta={"step": 4, "mode": "pixels", "convention": "repa"})
-    data = tmp_path / "data"                                             # 40 real images: quick to list
+    data = tmp_path / "data"
     for folder in sorted((cifar_dir / "test").iterdir()):
         (data / folder.name).mkdir(parents=True)
         for image in sorted(folder.iterdir())[:4]:
             shutil.copy(image, data / folder.name / image.name)
+    return paths, data
+
+
+def test_an_analysis_of_checkpoints_named_by_seed_reports_them_at_the_seed_level(tmp_path, cifar_dir):
+    """Real tiny checkpoint files vanilla-s0/s1 and repa-s0/s1, grouped by their names: the tables that become
+    seeds.csv, summary.json's seeds and page 1's seed-level sentences."""
+    paths, data = seed_files(tmp_path, cifar_dir, 2)
     a = repa_probe.analyze(paths, data=str(data), n=40, ts=0, bootstrap=2, null=0, baselines=False, quiet=True,
                            cache=str(tmp_path / "cache"))
     summary, tables = summarise(a.results)
@@ -198,18 +205,7 @@ def test_the_seed_report_readme_is_rendered_from_its_files(tmp_path, cifar_dir):
     sys.path.insert(0, str(REPO / "analyses"))
     from seed_report import readme
     from repa_probe.report.verdict import interval
-    paths = []
-    for arm, extra in (("vanilla", dict(z_dims=[], encoder_depth=0)), ("repa", {})):
-        for k in range(3):
-            cfg = tiny_config(**extra)
-            paths.append(str(tmp_path / f"{arm}-s{k}.pt"))
-            save_checkpoint(paths[-1], cfg, randomize_(SiT(cfg), seed=k).state_dict(),
-                            meta={"step": 4, "mode": "pixels", "convention": "repa"})
-    data = tmp_path / "data"
-    for folder in sorted((cifar_dir / "test").iterdir()):
-        (data / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:4]:
-            shutil.copy(image, data / folder.name / image.name)
+    paths, data = seed_files(tmp_path, cifar_dir, 3)
     out = tmp_path / "report"
     repa_probe.analyze(paths, data=str(data), n=40, ts=0, bootstrap=2, null=0, baselines=False, quiet=True,
                        cache=str(tmp_path / "cache"), self_similarity=False).report(out)

@@ -1,0 +1,40 @@
+"""Each committed report's README.md is what its analyses/ script renders from the report's own files (summary.json,
+gen.csv, seeds.csv, ...): no number in it is typed by hand. Re-rendered here and compared, with the command the
+README records."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "analyses"))
+
+RENDERED = {"successors": "successors", "generation_curves": "generation_curves"}    # report folder → its script
+
+
+@pytest.mark.parametrize("folder", sorted(RENDERED))
+def test_a_committed_readme_is_rendered_from_its_files(folder):
+    readme = importlib.import_module(RENDERED[folder]).readme
+    out = REPO / "reports" / folder
+    text = (out / "README.md").read_text()
+    command = next(line.strip() for line in text.splitlines() if line.strip().startswith("python analyses/"))
+    assert command.startswith(f"python analyses/{RENDERED[folder]}.py")
+    assert readme(out, command) == text
+
+
+def test_committed_weights_are_read_without_training(tmp_path):
+    """cifar_runs.exported on a seed whose fp16 weights are committed returns them and trains nothing, so that a
+    report re-makes on a fresh clone (the data folder points nowhere: a training run would fail at once)."""
+    import os
+    import subprocess
+    code = ("from cifar_runs import exported; paths = exported('deep', seed=1); "
+            "print(sorted(str(p.relative_to(p.parents[3])) for p in paths.values()))")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'analyses'}", "REPA_PROBE_DATA": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(["reports/weights/cifar_deep/repa-s1.safetensors",
+                                         "reports/weights/cifar_deep/vanilla-s1.safetensors"])
