@@ -5,7 +5,8 @@ trajectory report with the page "generation and representation" (FD vs step, ali
 correlation over checkpoints).
 
     python analyses/generation_curves.py                         # N = 1000, REPA's SDE (250 steps)
-    python analyses/generation_curves.py --seeds 2 --gen-sampler ode   # the committed report (seed 2 of the deep pair)
+    python analyses/generation_curves.py --seeds 2 --gen 500 --gen-sampler ode   # the committed report (seed 2)
+    torchrun --nproc_per_node=2 analyses/generation_curves.py -- --seeds 2 --gen 500 --gen-sampler ode  # one process a core
 
 The report's README.md is rendered from its own files (summary.json, gen.csv, gen_reach.csv; `readme`), with the
 sha256 of every scored checkpoint in checkpoints.sha256.
@@ -31,6 +32,7 @@ from repa_probe.commands import trajectory
 from repa_probe.config import AnalyzeConfig
 from repa_probe.findings.generation import quality_score
 from repa_probe.report.verdict import correlation_lines, reach_lines
+from repa_probe.runtime import rank, shutdown_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.path.relpath(os.environ.get("REPA_PROBE_DATA", REPO.parent / "shared" / "data" / "cifar10")))
@@ -62,10 +64,9 @@ def linked_runs(root: Path, links: Path, seeds: list[int] | None = None) -> list
             if not (run / "checkpoints").is_dir():
                 print(f"skipped {name}: no {run / 'checkpoints'}")
                 continue
-            link = links / name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(run.resolve(), target_is_directory=True)
+            link, tmp = links / name, links / f".{name}.{os.getpid()}"    # replaced atomically: under torchrun
+            tmp.symlink_to(run.resolve(), target_is_directory=True)        # every rank makes the same links
+            os.replace(tmp, link)
             found.append(str(link))
     return found
 
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> Path:
                            gen_reference=str(a.data), gen_reference_n=a.gen_reference_n, gen_sampler=a.gen_sampler,
                            gen_steps=a.gen_steps, gen_bootstrap=a.gen_bootstrap, cache=a.cache, device=a.device, quiet=True)
     report = trajectory(sources, config, str(a.out), source="checkpoints")
+    if rank() != 0:                                    # under torchrun rank 0 alone writes
+        return report
     (a.out / "checkpoints.sha256").write_text(checksums(sources))
     command = "python analyses/generation_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (a.out / "README.md").write_text(readme(a.out, command))
@@ -157,4 +160,9 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(f"report: {main() / 'report.pdf'}")
+    try:
+        done = main()
+        if rank() == 0:
+            print(f"report: {done / 'report.pdf'}")
+    finally:
+        shutdown_distributed()

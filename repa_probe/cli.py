@@ -75,6 +75,9 @@ def cmd_export_repa(args: argparse.Namespace) -> None:
 def _report_done(out) -> None:
     import json
     from pathlib import Path
+    from repa_probe.runtime import rank
+    if rank() != 0:                              # under torchrun rank 0 wrote the report and alone reports it
+        return
     summary = json.loads((Path(out) / "summary.json").read_text())
     for line in summary.get("notes", []) + summary.get("overview", []):     # the notes, then page 1's verdict
         print(line)

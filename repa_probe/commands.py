@@ -8,6 +8,7 @@ answer. A command checks that its report folder is writable and holds it against
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -16,9 +17,15 @@ from repa_probe.errors import UserError
 from repa_probe.pipeline import AnalyzeConfig
 from repa_probe.report import compose
 from repa_probe.report.pdf import check_writable
-from repa_probe.runtime import hold_folder
+from repa_probe.runtime import hold_folder, rank
 
 __all__ = ["AnalyzeConfig", "analyze", "compare", "trajectory"]
+
+
+def held(out: str):
+    """Hold the report folder against a second analysis; under torchrun rank 0 holds it (and alone writes the
+    report), the other ranks compute their share beside it."""
+    return hold_folder(out) if rank() == 0 else contextlib.nullcontext(Path(out))
 
 
 def analyze(checkpoint: str, config: AnalyzeConfig, out: str) -> Path:
@@ -30,7 +37,7 @@ def compare(checkpoints: list[str], config: AnalyzeConfig, out: str, names: list
     """`repa-probe compare A B [C ...]`: the same images and noise for all; deltas are (B − A) etc. `names`
     default to the files' (api.unique_names)."""
     check_writable(out)
-    with hold_folder(out):                 # a second analysis into `out` stops at once, naming this one
+    with held(out):                        # a second analysis into `out` stops at once, naming this one
         return api.analyse(checkpoints, config, names).report(out)
 
 
@@ -40,6 +47,6 @@ def trajectory(sources: list[str], config: AnalyzeConfig, out: str, source: str 
     check_writable(out)
     if source not in ("auto", "log", "checkpoints"):
         raise UserError(f"--source {source!r}: use auto, log or checkpoints")
-    with hold_folder(out):
+    with held(out):
         start = time.perf_counter()
         return compose.write(api.trajectory(sources, config, source), out, {"total": time.perf_counter() - start})

@@ -27,7 +27,7 @@ from repa_probe.checkpoints import LoadedCheckpoint
 from repa_probe.errors import UserError
 from repa_probe.fid import (FD, GaussianStats, fd_replicates, frechet_distance, inception_score,
                             paired_fd_difference, precision_recall, same_n)
-from repa_probe.runtime import rank, resolve_precision, world_size
+from repa_probe.runtime import init_distributed, rank, resolve_precision, world_size
 from repa_probe.sampler import DEFAULT_STEPS, SAMPLERS, decode, load_autoencoder, sample_indexed
 from repa_probe.stats import LEVEL
 
@@ -345,6 +345,7 @@ class Scorer:
     later checkpoints compared with them."""
 
     def __init__(self, cfg, device: torch.device | str | None = None):
+        init_distributed(torch.device(device) if device is not None else None)  # torchrun: samples split by rank
         self.cfg, self.device = cfg, device
         self.sampling, self.spaces = sampling_of(cfg, device), load_spaces(cfg, device)
         self.reference: Reference | None = None

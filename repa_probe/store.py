@@ -65,8 +65,8 @@ from torch.utils.data import Dataset, Sampler
 from repa_probe.background import Prefetcher, Writer, host_copy
 from repa_probe.data import make_loader
 from repa_probe.errors import UserError
-from repa_probe.runtime import (atomic_write, barrier, digest, no_space_is_one_line, pid_alive, process_start, rank,
-                                remove_stale_tmp, sum_over_ranks, world_size, write_json_atomic)
+from repa_probe.runtime import (atomic_write, barrier, digest, init_distributed, no_space_is_one_line, pid_alive,
+                                process_start, rank, remove_stale_tmp, sum_over_ranks, world_size, write_json_atomic)
 from repa_probe.tokens import sample_cells, target_cells
 
 MANIFEST = "manifest.json"
@@ -617,6 +617,7 @@ def fill(entry: Entry, parts: Sequence[str], dataset: Dataset, compute: Compute,
 
     Merged arrays are checked first and chunks when merged: a damaged one is moved aside and computed again.
     """
+    init_distributed()                 # under torchrun: the group the batches are dealt over (a no-op otherwise)
     if rank() == 0:
         entry.verify(parts)
     barrier()

@@ -264,3 +264,26 @@ def test_the_untrained_baseline_has_its_gates_initialised_per_block_seeded_and_c
     assert all(np.abs(blocks[i + 1] - blocks[i]).max() > 1e-3 for i in range(cfg.depth))
     manifests = [m.read_text() for m in tmp_path.glob("blocks/*/manifest.json")]
     assert len(manifests) == 1 and UNTRAINED_INIT in manifests[0]
+
+
+def test_compare_under_torchrun_writes_one_report_with_the_numbers_of_one_process(workdir, cifar_dir, tmp_path):
+    """Two gloo processes: rank 0 holds --out and writes the report, rank 1 computes its share beside it (it used
+    to stop on the folder's lock); every value equals one process's. (`--` keeps torchrun's own parser off --n.)"""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    ckpts = [workdir / "run/checkpoints/0000010.pt", workdir / "run/checkpoints/0000030.pt"]
+    args = ["compare", *ckpts, *common(workdir, cifar_dir), "--no-self-similarity"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "repa_probe", "--", *map(str, args), "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report:") == 1                       # rank 0 alone reports
+    one = run_cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    a, b = (pd.read_csv(tmp_path / side / "results.csv") for side in ("one", "two"))
+    assert a.drop(columns=["value", "ci_low", "ci_high"]).equals(b.drop(columns=["value", "ci_low", "ci_high"]))
+    for column in ("value", "ci_low", "ci_high"):
+        np.testing.assert_allclose(b[column], a[column], rtol=1e-5, atol=1e-6)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no partial folder left behind

@@ -178,14 +178,16 @@ def test_generation_curves_script_end_to_end_on_tiny_runs(cifar_dir, tmp_path):
         cfg.eval_every, cfg.eval_gen = 0, 0
         train(cfg)
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, str(REPO / "analyses" / "generation_curves.py"), "--root", str(root),
+    # under torchrun (2 gloo processes, as the committed report was made): rank 0 alone writes
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "analyses" / "generation_curves.py"), "--", "--root", str(root),
                              "--data", str(data), "--gen", "16", "--gen-sampler", "ode", "--gen-steps", "2",
                              "--gen-reference-n", "40", "--gen-bootstrap", "4", "--n", "24", "--bootstrap", "0",
                              "--device", "cpu", "--cache", str(tmp_path / "cache"), "--out", str(out)],
                             capture_output=True, text=True, env={**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)},
                             timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "skipped repa-s1" in result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped repa-s1" in result.stdout and result.stdout.count("report: ") == 1
     gen = pd.read_csv(out / "gen.csv")
     assert list(dict.fromkeys(gen["run"])) == ["vanilla-s0", "repa-s0", "vanilla-s1"] and (gen["N"] == 16).all()
     later = gen[gen["run"] != "vanilla-s0"]

@@ -24,6 +24,7 @@ from repa_probe.pipeline import BASELINES, KINDS, Analysed, Results, display_sca
 from repa_probe.registry import Registry
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
+from repa_probe.runtime import rank
 from repa_probe.report.verdict import (correlation_lines, correlation_sentence, detail_lines, fd_sentence, gap_lines,
                                        interval, level, number, overview_sentences, paren, reach_lines, sample,
                                        seed_lines, trend_lines, trend_table, what)
@@ -352,7 +353,9 @@ def write(report: Results | Findings, out: str | Path, timings: dict[str, float]
     """results.csv, the other tables, summary.json, figures/ and report.pdf (page 1 = the answer) in `out`: the
     pages of every registered builder, in the registry's order."""
     start = time.perf_counter()
-    f = report if isinstance(report, Findings) else analysis_findings(report)
+    f = report if isinstance(report, Findings) else analysis_findings(report)     # every rank: it may all-reduce
+    if rank() != 0:                               # under torchrun rank 0 alone writes (and holds `out`)
+        return Path(out)
     summary, tables = summarise(f, timings)
     figs = [page for build in FIGURES.values() for page in build(f, f.table)]
     return write_report(out, f.table, summary, figs, tables, started=start)
