@@ -24,6 +24,7 @@ import pandas as pd
 from cifar_runs import PRESETS, REPO, analysis_config, experiment_args, experiment_parser, exported
 from repa_probe.commands import compare
 from repa_probe.report.verdict import interval, sample, what
+from repa_probe.runtime import rank, shutdown_distributed
 
 
 def _cell(metric: str, r, signed: bool) -> str:
@@ -100,5 +101,8 @@ if __name__ == "__main__":
     # the finding is the probe's and CKNNA's peak and REPA's lift; the SRA view's matrices would only cost time here
     config = analysis_config(a.preset, a.n, bootstrap=20, self_similarity=False)
     report = compare([os.path.relpath(weights[name]) for name in order], config, str(out))
-    (Path(out) / "README.md").write_text(readme(Path(out), "python analyses/seed_report.py " + " ".join(sys.argv[1:])))
-    print(report, f"{time.perf_counter() - start:.0f} s")
+    if rank() == 0:                      # under torchrun (`torchrun ... seed_report.py -- --seeds ...`) rank 0 writes
+        (Path(out) / "README.md").write_text(readme(Path(out), "python analyses/seed_report.py "
+                                                    + " ".join(sys.argv[1:])))
+        print(report, f"{time.perf_counter() - start:.0f} s")
+    shutdown_distributed()
