@@ -67,7 +67,7 @@ def linked_runs(root: Path, links: Path, seeds: list[int] | None = None) -> list
             link, tmp = links / name, links / f".{name}.{os.getpid()}"    # replaced atomically: under torchrun
             tmp.symlink_to(run.resolve(), target_is_directory=True)        # every rank makes the same links
             os.replace(tmp, link)
-            found.append(str(link))
+            found.append(os.path.relpath(link))           # reports record paths as given, relative
     return found
 
 

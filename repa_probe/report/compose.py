@@ -24,10 +24,10 @@ from repa_probe.pipeline import BASELINES, KINDS, Analysed, Results, display_sca
 from repa_probe.registry import Registry
 from repa_probe.report import figures as F
 from repa_probe.report.pdf import write_report
-from repa_probe.runtime import rank
 from repa_probe.report.verdict import (correlation_lines, correlation_sentence, detail_lines, fd_sentence, gap_lines,
                                        interval, level, number, overview_sentences, paren, reach_lines, sample,
                                        seed_lines, trend_lines, trend_table, what)
+from repa_probe.runtime import rank
 
 FigureBuilder = Callable[[Findings, pd.DataFrame], list]
 FIGURES: Registry[FigureBuilder] = Registry("figure")
