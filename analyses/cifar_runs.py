@@ -68,15 +68,15 @@ def finished(run: Path, steps: int) -> bool:
 
 
 def train_args(p: dict, name: str, coeff: float, out: Path, extra: list[str] = (), seed: int = 0) -> list[str]:
-    depth = p["depth"]
-    return [sys.executable, "-m", "repa_probe", "train", "--data", str(DATA / "train"), "--image-size", "32",
+    depth, data = p["depth"], Path(os.path.relpath(DATA.resolve(), REPO))   # the runs start in REPO
+    return [sys.executable, "-m", "repa_probe", "train", "--data", str(data / "train"), "--image-size", "32",
             "--model", p["model"], "--width", str(p["width"]), "--depth", str(depth), "--heads", str(p["heads"]),
             "--encoder", "cifar-ssl-resnet", "--repa-depth", str(p["repa_depth"]), "--repa-coeff", str(coeff),
             "--projector-dim", str(p["projector_dim"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
             "--lr", str(p["lr"]), "--ema-decay", str(p["ema"]), "--ckpt-every", str(p["ckpt_every"]),
             "--log-every", "50", "--workers", "1", "--seed", str(seed), "--out", str(out / name), "--quiet",
             *[str(p["steps"] // 2) if a == "HALF" else a for a in extra]] + ([
-            "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(DATA / "test"), "--analyze-n", "1000",
+            "--analyze-every", str(p["analyze_every"]), "--analyze-data", str(data / "test"), "--analyze-n", "1000",
             "--analyze-blocks", ",".join(str(b) for b in range(1, depth + 1)), "--analyze-t", "0,0.25,0.5"]
             if p["analyze_every"] else [])
 

@@ -421,6 +421,10 @@ def generation_side_by_side(points: pd.DataFrame, trajectory: bool, title: str, 
         ax.grid(alpha=0.3)
     if trajectory and fd["run"].nunique() > 1:
         fig.axes[1].legend(fontsize=7)
-    for j, line in enumerate((lines or ["fewer than 4 checkpoints: no rank correlation"])[:8]):
-        fig.text(0.05, 0.25 - 0.025 * j, textwrap.shorten(line, 190), fontsize=7.5, family="monospace", va="top")
+    rows = [part for line in lines or ["fewer than 4 checkpoints: no rank correlation"]
+            for part in textwrap.wrap(line, 170, subsequent_indent="    ")]      # wrapped within the page
+    if len(rows) > 11:
+        rows = rows[:10] + ["… (the rest in gen.csv and gen_correlation.csv)"]
+    for j, part in enumerate(rows):
+        fig.text(0.05, 0.26 - 0.021 * j, part, fontsize=7.5, family="monospace", va="top")
     return fig
