@@ -199,7 +199,7 @@ def probe_draws(n_train: int, n_test: int, n_boot: int, seed: int) -> tuple[np.n
 
 def held_out_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
                    blocks: list[int], seed: int, n_boot: int, config: ProbeConfig | None = None,
-                   device: torch.device | str | None = None) -> HeldOut:
+                   device: torch.device | str | None = None, split: bool = False) -> HeldOut:
     """The held-out drop of a probe from its features [T, B, n, D]: the training and the test images are each
     split into class-balanced halves A and B; probes fitted on training half A and scored on test half A
     choose the peak, probes fitted on training half B and scored on test half B measure the drop (peak − last
@@ -209,12 +209,13 @@ def held_out_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray
     cfg = config or ProbeConfig(seed=seed)
     (train_a, train_b), (test_a, test_b) = stats.halves(train_labels, seed), stats.halves(test_labels, seed)
     on_a = linear_probe(train[..., train_a, :], train_labels[train_a], test[..., test_a, :], test_labels[test_a], cfg,
-                        device)["top1"]                                                  # [T, B]
+                        device, split=split)["top1"]                                                # [T, B]
     peaks = stats.argmax_blocks(on_a, blocks)
     pairs = np.stack([peaks, np.full_like(peaks, len(blocks) - 1)], axis=-1)             # [T, 2]: peak, last
     t = np.arange(len(peaks))[:, None]
     on_b = linear_probe(train[t, pairs][..., train_b, :], train_labels[train_b], test[t, pairs][..., test_b, :],
-                        test_labels[test_b], cfg, device, resample=probe_draws(len(train_b), len(test_b), n_boot, seed))
+                        test_labels[test_b], cfg, device, resample=probe_draws(len(train_b), len(test_b), n_boot, seed),
+                        split=split)
     best, reps = on_b["top1"][:, 0], on_b["top1_replicates"]                                # [T], [T, 2, R]
     drop = best - on_b["top1"][:, 1]
     return HeldOut([blocks[p] for p in peaks], drop, stats.centred_interval(drop, (reps[:, 0] - reps[:, 1]).T),
@@ -230,9 +231,10 @@ def _probe(pipe, src: Source) -> list[Curves]:
     train, train_labels, test, test_labels = (np.asarray(x) for x in src.probe)
     draws = probe_draws(len(train_labels), len(test_labels), cfg.bootstrap, cfg.seed) if cfg.bootstrap else None
     res = linear_probe(train, train_labels, test, test_labels, ProbeConfig(seed=cfg.seed), device=pipe.device,
-                       resample=draws)
+                       resample=draws, split=pipe.split)           # under torchrun each rank fits a share
     drop = held_out_probe(train, train_labels, test, test_labels, src.blocks, cfg.seed,
-                          max(cfg.bootstrap, DROP_RESAMPLES), device=pipe.device) if src.held_out else None
+                          max(cfg.bootstrap, DROP_RESAMPLES), device=pipe.device, split=pipe.split) \
+        if src.held_out else None
     pipe.timings["probes"] += time.perf_counter() - start
     out = []
     for metric in ("top1", "top5"):

@@ -32,6 +32,7 @@ import torch
 
 from .errors import UserError
 from .metrics import exact_float32
+from .runtime import rank, sum_over_ranks_array, world_size
 
 DEFAULT_LAMBDAS = tuple(10.0 ** (k / 3) for k in range(-12, 1))   # 1e-4 … 1, three per decade (docs/probe.md)
 VAL_TIE = 0.005   # validation top-1 within this share of the validation images (at least one) is a tie
@@ -533,8 +534,8 @@ def _probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg: ProbeConfig, fit_idx, val_idx
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels,
                  config: ProbeConfig | None = None, device: torch.device | str | None = None,
-                 backend: str = "torch", resample: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> dict[str, np.ndarray]:
+                 backend: str = "torch", resample: tuple[np.ndarray, np.ndarray] | None = None,
+                 split: bool = False) -> dict[str, np.ndarray]:
     """Top-1 (and top-5 with more than 10 classes) of a linear probe for every feature matrix.
 
     train_feats (..., n_train, d) and test_feats (..., n_test, d): numpy arrays, float16 memmaps
@@ -551,6 +552,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
     weighted by theirs. Adds "top1_replicates" (and "top5_replicates") [..., R]: the spread of a probe's
     accuracy over new training and test images, fitting and the choice of λ included (docs/statistics.md).
     backend="sklearn" runs the same protocol with scikit-learn, for cross-checking (without replicates).
+    split: under torchrun (a process group), every rank calls this with the same arguments, each one fits its
+    share of the passes (the groups of probes fitted together, as one process forms them) and every rank
+    returns all the values: exactly one process's, since each probe is fitted in the same company.
     """
     cfg = config or ProbeConfig()
     _check_inputs(train_feats, train_labels, test_feats, test_labels)
@@ -560,11 +564,11 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
                                  np.shape(resample[1]) != (len(resample[0]), len(test_labels))):
         raise UserError(f"resample: draw counts (R, {len(train_labels)}) and (R, {len(test_labels)}) for the torch "
                         f"backend; got {np.shape(resample[0])} and {np.shape(resample[1])} for {backend!r}")
-    return _run_probes(train_feats, train_labels, test_feats, test_labels, cfg, device, backend, resample)
+    return _run_probes(train_feats, train_labels, test_feats, test_labels, cfg, device, backend, resample, split)
 
 
 def _run_probes(train_feats, train_labels, test_feats, test_labels, cfg: ProbeConfig, device, backend: str,
-                resample) -> dict[str, np.ndarray]:
+                resample, split: bool = False) -> dict[str, np.ndarray]:
     """linear_probe's work on checked inputs: the probes in passes that fit cfg.max_batch_bytes."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -587,9 +591,10 @@ def _run_probes(train_feats, train_labels, test_feats, test_labels, cfg: ProbeCo
     per_probe = 4 * ((n_tr + n_te) * d + 10 * fits * c * n_tr + (d > n_tr) * d * n_tr +
                      2 * cfg.history * fits * (d + 1) * c)
     per_pass = max(1, cfg.max_batch_bytes // per_probe)
+    passes = [(p0, min(p0 + per_pass, n_probes)) for p0 in range(0, n_probes, per_pass)]
+    ranks = world_size() if split and len(passes) >= world_size() else 1    # else every rank fits them all
     parts = []
-    for p0 in range(0, n_probes, per_pass):
-        p1 = min(p0 + per_pass, n_probes)
+    for p0, p1 in passes[rank() if ranks > 1 else 0::ranks]:
         x_tr = _as_batch(x_tr_all, p0, p1, device)
         x_te = _as_batch(x_te_all, p0, p1, device)
         if not (bool(torch.isfinite(x_tr).all()) and bool(torch.isfinite(x_te).all())):
@@ -599,4 +604,22 @@ def _run_probes(train_feats, train_labels, test_feats, test_labels, cfg: ProbeCo
             parts.append(_probe_torch(x_tr, y_tr, x_te, y_te, c, cfg, fit_idx_t, val_idx_t, resample))
         else:
             parts.append(_probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg, fit_idx, val_idx))
-    return {k: np.concatenate([p[k] for p in parts]).reshape(lead + parts[0][k].shape[1:]) for k in parts[0]}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if ranks > 1:
+        out = _gather_passes(out, passes[rank()::ranks], n_probes)
+    return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
+
+
+def _gather_passes(mine: dict[str, np.ndarray], passes: list[tuple[int, int]], n_probes: int) -> dict[str, np.ndarray]:
+    """Every rank's probes of `passes` (its share, in order) into arrays of all n_probes, on every rank: a sum over
+    ranks with one non-zero term per entry, which is exact (booleans and integers travel as float64)."""
+    rows = np.concatenate([np.arange(p0, p1) for p0, p1 in passes])
+    full = {k: np.zeros((n_probes,) + v.shape[1:]) for k, v in mine.items()}
+    for k, v in mine.items():
+        full[k][rows] = v
+    flat = sum_over_ranks_array(np.concatenate([v.ravel() for v in full.values()]))
+    out, offset = {}, 0
+    for k, v in full.items():
+        out[k] = flat[offset:offset + v.size].reshape(v.shape).astype(mine[k].dtype)
+        offset += v.size
+    return out

@@ -404,3 +404,66 @@ def test_the_replicates_spread_like_new_training_images_on_real_features(real_fe
     over_draws = np.std(values, axis=0, ddof=1)
     ratio = np.mean(spread, axis=0) / over_draws
     assert (over_draws > 0.015).all() and ((0.5 < ratio) & (ratio < 2)).all()
+
+
+RANK_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from repa_probe import probe
+from repa_probe.runtime import init_distributed, rank, shutdown_distributed
+
+init_distributed(torch.device("cpu"))
+d = np.load(sys.argv[1])
+fitted, fit = [], probe._probe_torch
+
+def counting(x_tr, *args, **kw):            # how many probes each pass of this rank fits
+    fitted.append(x_tr.shape[0])
+    return fit(x_tr, *args, **kw)
+
+probe._probe_torch = counting
+cfg = probe.ProbeConfig(max_batch_bytes=int(sys.argv[3]))
+args = (d["train"], d["y_train"], d["test"], d["y_test"], cfg)
+split = probe.linear_probe(*args, resample=(d["draws_train"], d["draws_test"]), split=True)
+mine = list(fitted)
+alone = probe.linear_probe(*args, resample=(d["draws_train"], d["draws_test"]))      # this rank, unsplit
+np.savez(sys.argv[2] + f"{rank()}.npz", fitted=np.array(mine), **{f"split_{k}": v for k, v in split.items()},
+         **{f"alone_{k}": v for k, v in alone.items()})
+shutdown_distributed()
+"""
+
+
+def test_torchrun_splits_the_probes_by_pass_and_every_rank_gets_one_process_values(digits, tmp_path):
+    """linear_probe(split=True) under torchrun with two gloo processes: each rank fits its share of the passes
+    (3 and 2 of 5, each pass the probes one process would fit together), and both return exactly what one
+    process returns, replicates, hits and λ included."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    x_tr, y_tr, x_te, y_te = digits
+    x_tr, y_tr, x_te, y_te = x_tr[:300], y_tr[:300], x_te[:200], y_te[:200]
+    feats = [(x_tr * s, x_te * s) for s in (1.0, 0.5, 2.0, 3.0, 0.25, 4.0, 1.5, 0.75, 5.0, 6.0)]
+    train = np.stack([np.sqrt(a) if i % 2 else a for i, (a, _) in enumerate(feats)]).astype(np.float32)
+    test = np.stack([np.sqrt(b) if i % 2 else b for i, (_, b) in enumerate(feats)]).astype(np.float32)
+    draws = stats.draw_counts(300, 4, [0, 1]), stats.draw_counts(200, 4, [0, 2])
+    np.savez(tmp_path / "data.npz", train=train.reshape(5, 2, 300, 64), y_train=y_tr, test=test.reshape(5, 2, 200, 64),
+             y_test=y_te, draws_train=draws[0], draws_test=draws[1])
+    n, fits = 300 + 200, len(ProbeConfig().lambdas)
+    per_probe = 4 * (n * 64 + 10 * fits * 10 * 300 + 2 * ProbeConfig().history * fits * 65 * 10)
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "rank.py"), str(tmp_path / "data.npz"), str(tmp_path / "out"),
+                        str(2 * per_probe)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
+    assert [list(out["fitted"]) for out in ranks] == [[2, 2, 2], [2, 2]]
+    keys = [k.removeprefix("alone_") for k in ranks[0].files if k.startswith("alone_")]
+    assert {"top1", "hits", "lambda", "top1_replicates"} <= set(keys)
+    for out in ranks:
+        for k in keys:
+            assert out[f"split_{k}"].dtype == out[f"alone_{k}"].dtype and out[f"split_{k}"].shape[:2] == (5, 2)
+            np.testing.assert_array_equal(out[f"split_{k}"], ranks[0][f"alone_{k}"])
