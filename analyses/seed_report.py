@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cifar_runs import PRESETS, REPO, analysis_config, experiment_args, experiment_parser, exported
+from cifar_runs import PRESETS, REPO, RUNS, analysis_config, experiment_args, experiment_parser, exported
 from repa_probe.commands import compare
 from repa_probe.report.verdict import interval, sample, what
 from repa_probe.runtime import rank, shutdown_distributed
@@ -67,8 +67,9 @@ def readme(out: Path, command: str) -> str:
     p = PRESETS[preset]
     k = min(len(s) for s in groups.values())
     lines = [f"# The finding over {k} training seeds ({', '.join(groups)})", "",
-             f"The `{preset}` preset of analyses/cifar_runs.py ({p['depth']} blocks of width {p['width']}, patch 4, "
-             f"{p['steps']:,} steps of {p['batch']} CIFAR-10 images; REPA λ 0.5 at block {p['repa_depth']} against the "
+             f"The `{preset}` preset of analyses/cifar_runs.py ({p['depth']} blocks of width {p['width']}, patch "
+             f"{p['model'].rsplit('/', 1)[1]}, {p['steps']:,} steps of {p['batch']} CIFAR-10 images; REPA λ "
+             f"{RUNS['repa'][0]:g} at block {p['repa_depth']} against the "
              "bundled teacher `cifar-ssl-resnet`), trained once per seed: within a seed both arms start from the same "
              "SiT and see the same images, t and noise; seeds differ in all of them. Each seed gives one estimate with "
              "its own interval over the test images; the claim about the recipe rests on the mean over seeds and its "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cifar_runs import REPO, analysis_config, experiment_args, experiment_parser, exported
+from cifar_runs import REPO, RUNS, analysis_config, experiment_args, experiment_parser, exported
 from repa_probe.families import load_checkpoint
 from repa_probe.findings.summary import compare_summary, paired_deltas
 from repa_probe.pipeline import PROJECTOR_COSINE, Pipeline, run
@@ -60,10 +60,13 @@ def readme(out: Path, command: str) -> str:
     res = pd.read_csv(out / "results.csv").fillna({"encoder": ""})
     deltas = pd.read_csv(out / "irepa_vs_repa_deltas.csv").fillna({"encoder": ""})
     lists = pd.read_csv(out / "irepa_vs_repa.csv").fillna({"encoder": ""})
+    flags = RUNS["irepa"][1]
+    kernel, alpha = (flags[flags.index(f) + 1] for f in ("--projector-kernel", "--zscore-alpha"))
     lines = ["# Vanilla, REPA and iREPA on one training seed of the deep preset", "",
              "The `deep` preset of analyses/cifar_runs.py, three arms of one seed (the same SiT init, images, t and "
-             f"noise): vanilla; REPA (λ 0.5 at block {block}, MLP projector, cosine to the teacher's tokens); iREPA "
-             "(the same with a 3×3 convolutional projector and the teacher's tokens z-scored over the grid). Paired "
+             f"noise): vanilla; REPA (λ {RUNS['repa'][0]:g} at block {block}, MLP projector, cosine to the teacher's "
+             f"tokens); iREPA (the same with a {kernel}×{kernel} convolutional projector and the teacher's tokens "
+             f"z-scored over the grid, α = {alpha}). Paired "
              "95% intervals over the test images (docs/statistics.md), over these three files, not over training "
              "seeds: they say how these checkpoints differ, not how the methods do.", "", "    " + command, "",
              f"n = {cfg['n']:,} images of `{cfg['data']}`, probes fitted on {cfg['probe_n_train'] or cfg['n']:,} "

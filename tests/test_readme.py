@@ -89,7 +89,8 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
     """Every number of the paragraph under the demo command comes from a committed report or the shipped pair's
     training config: the shipped pair's REPA − vanilla CKNNA at the aligned block as page 1 prints it, beyond its
     interval (REPA's lift), and the drop of every curve that page 1 says falls; the demo's own pair's steps,
-    blocks and difference; the 28-block runs' difference. The picture is the shipped pair's page 1."""
+    blocks and difference; the seed report's means over seeds at t = 0 (seeds.csv), with how many seeds agree.
+    The picture is the shipped pair's page 1."""
     import json
 
     import pandas as pd
@@ -97,8 +98,10 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
 
     readme = (REPO / "README.md").read_text()
     para = " ".join(readme.split("Page 1 of the report it writes", 1)[1].split("![page 1", 1)[0].split())
-    demo, shipped, deep = (json.loads((REPO / "reports" / name / "summary.json").read_text())
-                           for name in ("demo", "demo/shipped", "depth"))
+    demo, shipped = (json.loads((REPO / "reports" / name / "summary.json").read_text())
+                     for name in ("demo", "demo/shipped"))
+    seeds = pd.read_csv(REPO / "reports" / "seeds" / "seeds.csv", dtype={"seed": str}).fillna({"encoder": ""})
+    means = seeds[(seeds["seed"] == "mean") & (seeds["t"] == 0)]
     trained = json.loads((REPO / "reports" / "weights" / "cifar_deep" / "repa-s0.config.json").read_text())
 
     def at_aligned_block(summary: dict) -> dict:
@@ -107,7 +110,11 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
     def quoted(r: dict) -> str:
         return interval("cknna", r["aligned_delta"], r["aligned_ci_low"], r["aligned_ci_high"])
 
-    lift, here, deep_run = (quoted(at_aligned_block(s)) for s in (shipped, demo, deep))
+    lift, here = (quoted(at_aligned_block(s)) for s in (shipped, demo))
+    over_seeds = {(r.quantity, r.recipe, r.metric): interval(r.metric, r.value, r.ci_low, r.ci_high,
+                                                             signed=r.quantity == "delta") for r in means.itertuples()}
+    quoted_seeds = [q for q in over_seeds.values() if q in para]
+    assert over_seeds[("delta", "repa", "cknna")] in para and len(quoted_seeds) >= 2
     r = at_aligned_block(shipped)
     assert f"{lift} at block {r['aligned_block']}" in para and r["aligned_ci_low"] > 0
     assert f"n = {r['n']:,}, k = {r['k']}" in para and shipped["config"]["n"] == r["n"]
@@ -117,15 +124,16 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
     assert falls and all(d in para for d in drops) and all(p["drop_ci_low"] > 0 for p in falls)
     assert (f"{trained['depth']}-block SiTs trained {trained['steps']:,} steps of {trained['batch']} images, vanilla "
             f"and REPA λ = {trained['repa_coeff']:g} at block {trained['repa_depth']}") in para
-    assert f"(this run: {here} at its aligned block;" in para and f"({deep_run} at the" in para
+    assert f"(this run: {here} at its aligned block;" in para
     steps = {demo["checkpoints"][name]["step"] for name in ("vanilla", "repa")}
-    blocks = {name: pd.read_csv(REPO / "reports" / name / "results.csv")["block"].max() for name in ("demo", "depth")}
+    blocks = {name: pd.read_csv(REPO / "reports" / name / "results.csv")["block"].max() for name in ("demo", "seeds")}
     assert len(steps) == 1 and f"{min(steps)} steps of a {blocks['demo']}-block SiT" in para
-    assert f"the {blocks['depth']}-block runs" in para
+    agree = {str(int(x)) for x in (*means["seeds_positive"], *means["n_seeds"])}
+    seed_n = json.loads((REPO / "reports" / "seeds" / "summary.json").read_text())["config"]["n"]
     from_files = ({str(x) for x in (*blocks.values(), *steps, r["aligned_block"], r["k"], trained["depth"],
-                                    trained["batch"], trained["repa_depth"], trained["repa_coeff"])}
-                  | {f"{x:,}" for x in (r["n"], trained["steps"])}
-                  | set(re.findall(r"\d+\.\d+", lift + here + deep_run + "".join(drops))))
+                                    trained["batch"], trained["repa_depth"], trained["repa_coeff"])} | agree
+                  | {f"{x:,}" for x in (r["n"], trained["steps"], seed_n)}
+                  | set(re.findall(r"\d+\.\d+", lift + here + "".join(drops + quoted_seeds))))
     wording = {"1", "95", "0"}                  # "page 1", "95% intervals", "seed-0" and "t = 0"
     assert set(re.findall(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?", para)) <= from_files | wording
     assert "![page 1 of the shipped pair's report](reports/demo/shipped/figures/01_overview.png)" in readme

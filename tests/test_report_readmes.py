@@ -12,7 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "analyses"))
 
-RENDERED = {"successors": "successors", "generation_curves": "generation_curves"}    # report folder → its script
+RENDERED = {"successors": "successors", "generation_curves": "generation_curves", "seeds": "seed_report"}    # report folder → its script
 
 
 @pytest.mark.parametrize("folder", sorted(RENDERED))

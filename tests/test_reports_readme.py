@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from decimal import ROUND_HALF_EVEN, Decimal
-from fractions import Fraction
 from functools import cache
 
 import pandas as pd
@@ -34,7 +33,10 @@ WORDING = {  # numbers that are words, not results
     r"Fig\. 2": "the figure of REPA's paper that is cited",
     r"1/n": "the variance law of a mean, notation",
     r"OMP_NUM_THREADS=1": "the environment setting a run was made with (one thread)",
+    r"--nproc_per_node=2 analyses/seed_report\.py -- --seeds 0,1,2": "the command seeds/ was made with (its README "
+                                                                      "records it, tests/test_report_readmes.py)",
     r"seed-0": "the training seed a pair of checkpoints is named by",
+    r"of seed 0": "the training seed a run is named by",
 }
 
 
@@ -134,161 +136,10 @@ def setting(path: str, pattern: str) -> str:
     return m.group(1)
 
 
-def depth_claims() -> list[str]:
-    s, res = summary("depth"), table("depth/results.csv")
-    cfg, ts = s["config"], s["config"]["ts"]
-    depth = int(res["block"].max())
-    deep = lambda key: setting("analyses/cifar_runs.py", r'"deep": dict\([^)]*\b' + key + r"=([\w.\-\"/]+)")
-    args = s["checkpoints"]["repa"]["args"]
-    patch, size = int(args["model_name"].rsplit("/", 1)[1]), args["image_size"]
-    grid = size // patch
-    assert int(deep("depth")) == depth and int(deep("steps")) == args["step"] == s["checkpoints"]["vanilla"]["step"]
-    tm = s["timings_s"]
-    out = [f"{depth}-block", f"{depth} blocks × {len(ts)} t", f"{fixed(tm['total'], 0)} s on the two cores, of which "
-           f"{fixed(tm['metrics'], 0)} s for the metrics", f"then {fixed(tm['report'], 0)} s for the report",
-           f"{depth} blocks, width {deep('width')}, {deep('heads')} heads, patch {patch} ({grid}×{grid} = {grid ** 2} "
-           f"tokens)", f"{grid ** 2} tokens", f"an MLP projector of width {deep('projector_dim')}",
-           f"none (λ = {g(s['checkpoints']['vanilla']['repa_coeff'])})",
-           f"λ = {g(args['repa_coeff'])} at block {args['repa_depth']}", f"{size}×{size}",
-           f"{fixed(args['step'], 0)} steps × {deep('batch')} images", f"AdamW {g(float(deep('lr')))}, "
-           f"EMA {g(float(deep('ema')))}", f"block {s['aligned_blocks']['repa']}",
-           f"all {fixed(cfg['n'], 0)} `cifar10/test` images for CKNNA (k = {cfg['k']})",
-           f"fitted on {fixed(cfg['probe_n_train'], 0)} `cifar10/train` images and scored on the "
-           f"{fixed(cfg['probe_n_test'], 0)} test images", "t ∈ {" + ", ".join(g(t) for t in ts) + "}",
-           f"{cfg['bootstrap']} subsample replicates, {cfg['null']} permutation draws"]
-
-    # the peak table, row by row
-    def top(p: dict) -> str:
-        return f"{p['best_block']}, {pct(p['best_value'])} ({pct(p['best_frequency'], 0)})"
-
-    later = [t for t in ts if t > 0]
-    out.append(f"held-out drop to block {depth} |")
-    for ck, name in (("vanilla", "vanilla"), ("repa", "REPA")):
-        p = peak("depth", ck, "probe_top1")
-        assert p["peaks_then_drops"] and p["last_block"] == depth
-        out.append(f"| {name}, probe top-1 | 0 | {top(p)} | **{fixed(p['drop_after'], 1, 100)} points "
-                   f"[{fixed(p['drop_ci_low'], 1, 100)}, {fixed(p['drop_ci_high'], 1, 100)}]** from block "
-                   f"{p['selected_block']} — peaks, then drops |")
-    vp = [peak("depth", "vanilla", "probe_top1", t) for t in later]
-    assert not any(p["peaks_then_drops"] for p in vp)
-    out.append(f"| vanilla, probe top-1 | {' / '.join(map(g, later))} | "
-               f"{' / '.join(str(p['best_block']) for p in vp)} | none beyond its interval |")
-    vc = [peak("depth", "vanilla", "cknna", t) for t in ts]
-    assert not any(p["peaks_then_drops"] for p in vc)
-    freq = [p["best_frequency"] for p in vc]
-    out.append(f"| vanilla, CKNNA | {' / '.join(map(g, ts))} | {' / '.join(str(p['best_block']) for p in vc)} "
-               f"({fixed(min(freq), 0, 100)}–{pct(max(freq), 0)}) |")
-    rc = [peak("depth", "repa", "cknna", t) for t in ts]
-    assert all(p["peaks_then_drops"] for p in rc) and rc[0]["best_block"] == s["aligned_blocks"]["repa"]
-    out += [f"| REPA, CKNNA | 0 | **{rc[0]['best_block']}** = the aligned block, {fixed(rc[0]['best_value'], 4)} "
-            f"({pct(rc[0]['best_frequency'], 0)}) | **{drop(rc[0], 4)}** — peaks, then drops |",
-            f"| REPA, CKNNA | {' / '.join(map(g, later))} | {' / '.join(str(p['best_block']) for p in rc[1:])} | "
-            f"{' / '.join(fixed(p['drop_after'], 4) for p in rc[1:])}, all beyond their intervals |",
-            f"falls at all {len(ts)} t"]
-    rp = {t: peak("depth", "repa", "probe_top1", t) for t in later}
-    shown = [t for t in later if rp[t]["peaks_then_drops"]]
-    assert [t for t in later if t not in shown] == [later[-1]]
-    out += [f"| REPA, probe top-1 | {' / '.join(map(g, shown))} | "
-            f"{' / '.join(str(rp[t]['best_block']) for t in shown)} | "
-            f"{' / '.join(fixed(rp[t]['drop_after'], 1, 100) for t in shown)} points, beyond their intervals "
-            f"(not at {g(later[-1])}) |", f"at {len(shown)} of the {len(later)} other t"]
-    # the prose after it: the vanilla probe drops at t = 0 alone
-    v0, r0 = peak("depth", "vanilla", "probe_top1"), peak("depth", "repa", "probe_top1")
-    vanilla_drops = [t for t in ts if peak("depth", "vanilla", "probe_top1", t)["peaks_then_drops"]]
-    assert vanilla_drops == [0.0]
-    out += [f"peaks (block {v0['best_block']} vanilla, {r0['best_block']} REPA) and falls from the selection half's "
-            f"peak (block {v0['selected_block']}, {r0['selected_block']}) to block {depth} by "
-            f"{fixed(v0['drop_after'], 1, 100)} and {fixed(r0['drop_after'], 1, 100)} points in both runs",
-            f"at t = 0 alone, {len(vanilla_drops)} of the {len(ts)} t"]
-
-    # REPA − vanilla
-    cmp, deltas = table("depth/compare.csv"), table("depth/deltas.csv")
-    c0 = row(cmp, metric="cknna", t=0.0)
-    d8 = row(deltas, metric="cknna", t=0.0, block=c0["aligned_block"])
-    assert c0["b_worse_blocks"] == []
-    out += [f"**{aligned(c0, 4)}** at t = 0 ({fixed(d8['b_value'], 4)} vs {fixed(d8['a_value'], 4)}: "
-            f"{fixed(d8['b_value'] / d8['a_value'], 1)}× the vanilla value)",
-            " / ".join(signed(row(cmp, metric="cknna", t=t)["aligned_delta"], 4) for t in later),
-            f"at t = 0 REPA is better at blocks {blocks(c0['b_better_blocks'])} and worse nowhere"]
-    p0 = row(cmp, metric="probe_top1", t=0.0)
-    probes = [row(cmp, metric="probe_top1", t=t) for t in ts]
-    assert all(r["b_worse_blocks"] == [] for r in probes)
-    every = [r for r in probes if r["t"] >= 0.25]
-    assert all(r["b_better_blocks"] == list(range(1, depth + 1)) for r in every)
-    p01 = row(cmp, metric="probe_top1", t=0.1)
-    out += [f"better with REPA at blocks {blocks(p0['b_better_blocks'])} at t = 0 (largest gain "
-            f"{signed(p0['max_delta'], 1, 100)} points at block {p0['max_delta_block']})",
-            f"at every block at t ≥ 0.25 (up to {signed(max(r['max_delta'] for r in every), 1, 100)} points)",
-            f"{signed(p0['aligned_delta'], 1, 100)} points [{fixed(p0['aligned_ci_low'], 1, 100)}, "
-            f"{fixed(p0['aligned_ci_high'], 1, 100)}] at t = 0 and {aligned(p01, 1, 100)} at t = 0.1"]
-
-    # baselines at t = 0
-    def baseline(kind: str, metric: str) -> float:   # the untrained net: its block 0, the same at every block
-        return row(res, kind=kind, metric=metric, t=0.0, **({"block": 0} if kind == "untrained" else {}))["value"]
-
-    base = {kind: baseline(kind, "cknna") for kind in ("untrained", "raw-input", "raw-thumbnail")}
-    probe_base = {kind: baseline(kind, "probe_top1") for kind in ("untrained", "raw-input", "raw-thumbnail")}
-    best = max(rc[0]["best_value"], vc[0]["best_value"])
-    assert base["untrained"] < best and base["raw-input"] < best < base["raw-thumbnail"]
-    nulls = [peak("depth", ck, "cknna") for ck in ("vanilla", "repa")]
-    assert all(p["blocks_above_null"] == p["blocks_with_null"] == depth for p in nulls)
-    out += [f"({depth} of {depth} blocks, both models)", f"the untrained model ({fixed(base['untrained'], 4)})",
-            f"pooled like the blocks ({fixed(base['raw-input'], 4)})",
-            f"spatial thumbnail ({fixed(base['raw-thumbnail'], 4)})",
-            f"the best blocks ({pct(v0['best_value'])}, {pct(r0['best_value'])}) beat every baseline (untrained "
-            f"{pct(probe_base['untrained'])}, raw pooled {pct(probe_base['raw-input'])}, thumbnail "
-            f"{pct(probe_base['raw-thumbnail'])})"]
-    assert max(v0["best_value"], r0["best_value"]) > max(probe_base.values())
-
-    # the training-length knob
-    k = table("depth/knobs/knobs.csv")
-    steps = sorted(k["step"].unique())
-    n_cknna = {int(r.n_select + r.n_measure) for r in k[k.metric == "cknna"].itertuples()}
-    n_probe = {int(r.n_select + r.n_measure) for r in k[k.metric == "probe_top1"].itertuples()}
-    assert len(n_cknna) == len(n_probe) == 1
-    (n_img,), (n_test,) = n_cknna, n_probe
-    knob = lambda run, metric, t, step: row(k, run=run, metric=metric, t=t, step=step)
-    r25 = {st: knob("repa", "cknna", 0.25, st) for st in steps}
-    dropping = [st for st in steps if r25[st]["peaks_then_drops"]]
-    first = dropping[0]
-    assert dropping == [st for st in steps if st >= first] and len(dropping) == 3
-    assert all(r25[st]["best_block"] == s["aligned_blocks"]["repa"] for st in dropping)
-    before = steps[steps.index(first) - 1]
-    r0k = [st for st in steps if knob("repa", "cknna", 0.0, st)["peaks_then_drops"]]
-    rpk = [st for st in steps if knob("repa", "probe_top1", 0.0, st)["peaks_then_drops"]]
-    assert r0k == [steps[-1]] and rpk == [st for st in steps if st >= rpk[0]] and len(rpk) == 2
-    assert not k[k.run == "vanilla"]["peaks_then_drops"].any()
-    knob_replicates = setting("analyses/depth_peak.py", r"baselines=False, bootstrap=(\d+)")
-    v5 = knob("vanilla", "probe_top1", 0.0, steps[-1])
-    out += [f"{fixed(steps[0], 0)} … {fixed(steps[-1], 0)} steps", f"each analysed on {fixed(n_img, 0)} test images",
-            f"fitted on {Fraction(n_img - n_test, n_img)} of them and scored on the other {n_test}",
-            f"no drop at {fixed(steps[0], 0)} and {fixed(before, 0)} steps ("
-            f"{signed(r25[before]['drop_after'], 4)} [{fixed(r25[before]['drop_ci_low'], 4)}, "
-            f"{fixed(r25[before]['drop_ci_high'], 4)}] from block {r25[before]['selected_block']} at "
-            f"{fixed(before, 0)})",
-            f"drops from {fixed(first, 0)} steps on ({drop(r25[first], 4)} at {fixed(first, 0)}, "
-            f"{fixed(r25[dropping[1]]['drop_after'], 4)} at {fixed(dropping[1], 0)}, {drop(r25[dropping[2]], 4)} at "
-            f"{fixed(dropping[2], 0)})",
-            f"only at {fixed(steps[-1], 0)} steps ({drop(knob('repa', 'cknna', 0.0, steps[-1]), 4)})",
-            f"from {fixed(rpk[0], 0)} steps on ({drop(knob('repa', 'probe_top1', 0.0, rpk[0]), 1, 100)} and "
-            f"{drop(knob('repa', 'probe_top1', 0.0, rpk[1]), 1, 100)} points)",
-            f"any step on these {fixed(n_img, 0)} images",
-            f"its probe at {fixed(steps[-1], 0)} steps, whose {fixed(v0['drop_after'], 1, 100)}-point drop the "
-            f"{fixed(cfg['n'], 0)}-image analysis",
-            f"with {n_test} probe test images its drop is {drop(v5, 1, 100)} points",
-            f"between {fixed(before, 0)} and {fixed(first, 0)} steps",
-            f"held-out drop as above, {knob_replicates} replicates"]
-    # the largest CKNNA of any block
-    m = res[(res.kind == "model") & (res.metric == "cknna")].sort_values("value").iloc[-1]
-    assert m["checkpoint"] == "repa"
-    out.append(f"at most {fixed(m['value'], 4)} here, REPA's block {m['block']} at t = {g(m['t'])}")
-    return out
-
-
 def three_way_claims() -> list[str]:
     s, res = summary("three_way"), table("three_way/results.csv")
     cfg, ts = s["config"], s["config"]["ts"]
-    assert ts == summary("depth")["config"]["ts"] and res["block"].max() == table("depth/results.csv")["block"].max()
+    assert ts == summary("seeds")["config"]["ts"] and res["block"].max() == table("seeds/results.csv")["block"].max()
     irepa = s["checkpoints"]["iREPA"]["args"]
     assert (irepa["repa_coeff"], irepa["repa_depth"]) == (s["checkpoints"]["REPA"]["args"]["repa_coeff"],
                                                           s["aligned_blocks"]["REPA"])
@@ -299,8 +150,8 @@ def three_way_claims() -> list[str]:
            f"{fixed(irepa['step'], 0)} steps", f"`python analyses/three_way.py --n {cfg['n']}`",
            f"n = {fixed(cfg['n'], 0)} `cifar10/test` images", f"probes fitted on {fixed(cfg['probe_n_train'], 0)} "
            f"`cifar10/train` images", f"{fixed(tm['total'], 0)} s, {fixed(tm['data+forwards'], 0)} s of them for data",
-           f"its values here (n = {fixed(cfg['n'], 0)}) are not those of `depth/` "
-           f"(n = {fixed(summary('depth')['config']['n'], 0)})"]
+           f"its values here (n = {fixed(cfg['n'], 0)}) are not those of `seeds/` "
+           f"(n = {fixed(summary('seeds')['config']['n'], 0)})"]
 
     # the block-8 table; the untrained net is the same at every block (its blocks are the identity at init)
     b = s["aligned_blocks"]["iREPA"]
@@ -468,18 +319,14 @@ def coverage_claims() -> list[str]:
     cells = band["family-wise coverage (nominal ≥ 0.95)"].values()
     bonf = [c["simultaneous (Bonferroni)"]["rate"] for c in cells]
     maxt = [c["max-|t| from the replicates"]["rate"] for c in cells]
-    deep = summary("depth")["config"]
-    depth, n_t = int(table("depth/results.csv")["block"].max()), len(deep["ts"])
+    deep = summary("seeds")["config"]
+    depth, n_t = int(table("seeds/results.csv")["block"].max()), len(deep["ts"])
     assert band["cells"] == depth * n_t and false["simultaneous"]["rate"] == 0
     seeds = {c[k]["of"] for c in cells for k in c}
     assert len(seeds) == 1
     old = json.loads((REPORTS / "probe_intervals" / "probe_intervals.json").read_text())["sizes"]
     size = max(old, key=int)
     (lo_old, hi_old), (lo_new, hi_new) = old[size]["old"]["drop_ci"][0], old[size]["new"]["drop_ci"][0]
-    ratio = (hi_new - lo_new) / (hi_old - lo_old)
-    for ck in ("vanilla", "repa"):       # widened by that factor, each depth/ probe drop at t = 0 reaches 0
-        p = peak("depth", ck, "probe_top1")
-        assert p["drop_after"] - ratio * (p["drop_after"] - p["drop_ci_low"]) <= 0
     blocks_pi = len(old[size]["new"]["value"][0]) - 1
     return [f"n = {fixed(st['n'], 0)} images with k = {st['k']} (k/n = {g(st['k'] / st['n'])}, as {deep['k']} of "
             f"{fixed(deep['n'], 0)})", f"(CKNNA {fixed(st['cknna'][0], 3)}–{fixed(st['cknna'][1], 3)})",
@@ -502,7 +349,7 @@ def coverage_claims() -> list[str]:
             f"{pct(cov['value']['normal']['rate'])} for the new",
             f"(`probe_intervals/`, {fixed(int(size), 0)} probe images) the held-out drop's interval went from "
             f"{fixed(hi_old - lo_old, 1, 100)} to {fixed(hi_new - lo_new, 1, 100)} points wide",
-            "at t = 0 (below) would reach 0", f"One {blocks_pi}-block SiT's probe"]
+            f"One {blocks_pi}-block SiT's probe"]
 
 
 def setup_claims() -> list[str]:
@@ -525,8 +372,21 @@ def setup_claims() -> list[str]:
             f"both runs on {fixed(int(over), 0)} images", f"The {cpu_preset}-block reports of earlier sessions"]
 
 
+def retired_claims() -> list[str]:
+    """What the README says of the retired depth/ and of the seed report that replaced it, and the three_way/
+    settings it quotes, from the seed report's and three_way/'s own files."""
+    seeds, tw = summary("seeds")["config"], summary("three_way")
+    depth, n_t = int(table("seeds/results.csv")["block"].max()), len(seeds["ts"])
+    irepa, b = tw["checkpoints"]["iREPA"]["args"], tw["aligned_blocks"]["iREPA"]
+    return [f"one training seed's {depth}-block pair", f"so over {depth} blocks × {n_t} t",
+            f"on the same {depth}-block SiT", f"at the reports' {depth} blocks × {n_t} t",
+            f"λ = {g(irepa['repa_coeff'])} at block {irepa['repa_depth']}",
+            "t ∈ {" + ", ".join(g(t) for t in tw["config"]["ts"]) + "}", f"At block {b} (the aligned block)",
+            f"Both beat vanilla at block {b}"]
+
+
 def claims() -> list[str]:
-    return depth_claims() + three_way_claims() + demo_claims() + coverage_claims() + setup_claims()
+    return retired_claims() + three_way_claims() + demo_claims() + coverage_claims() + setup_claims()
 
 
 def test_every_claim_of_reports_readme_is_rebuilt_from_its_file():
@@ -536,9 +396,9 @@ def test_every_claim_of_reports_readme_is_rebuilt_from_its_file():
 
 
 def test_the_reports_lists_are_block_by_block():
-    """What the README says of depth/, three_way/ and demo/: a block is in b_better_blocks / b_worse_blocks when
+    """What the README says of three_way/ and demo/: a block is in b_better_blocks / b_worse_blocks when
     its own paired interval in the deltas file excludes 0 (pointwise, no band)."""
-    for folder, compare, deltas in (("depth", "compare", "deltas"), ("demo", "compare", "deltas"),
+    for folder, compare, deltas in (("demo", "compare", "deltas"),
                                     ("three_way", "compare", "deltas"),
                                     ("three_way", "irepa_vs_repa", "irepa_vs_repa_deltas")):
         d = table(f"{folder}/{deltas}.csv")
@@ -559,7 +419,7 @@ def test_every_number_in_reports_readme_is_traced():
     for c in [flat(c) for c in claims()] + [m.group(0) for p in WORDING for m in re.finditer(p, text)]:
         for m in re.finditer(re.escape(c), text):
             cover(*m.span())
-    ts = {g(t) for t in summary("depth")["config"]["ts"]}
+    ts = {g(t) for t in summary("three_way")["config"]["ts"]}
     for m in T_MENTION.finditer(text):
         if set(m.group(1).split(" / ")) <= ts:
             cover(*m.span())
