@@ -7,10 +7,11 @@ z-scored over the grid, α = 0.6).
 
 It reads the seed's final EMA weights as exported in float16 to reports/weights/cifar_<preset>/ (vanilla and REPA
 are committed there for seeds 0–2; the iREPA run of the seed is trained first, resumably, if its export is
-missing: about 85 minutes on one core for the deep preset). One analysis of the three final checkpoints on n cifar10/test images (probes fitted on n cifar10/train images,
-scored on n test images), t ∈ {0, 0.1, 0.25, 0.5, 0.75}: pooled CKNNA and probe, iREPA's spatial measures of every
-block (--spatial) and patch-level alignment (--tokens: token CKNNA on one seeded token per image, and the
-cosine after each run's own projector at block 8), with the statistics of docs/statistics.md. The report
+missing: hours of CPU for the deep preset). One analysis of the three final checkpoints on n cifar10/test images
+(probes fitted on n cifar10/train images, scored on n test images), t ∈ {0, 0.1, 0.25, 0.5, 0.75}: pooled CKNNA
+and probe, iREPA's spatial measures of every block (--spatial) and patch-level alignment (--tokens: token CKNNA
+on one seeded token per image, and the cosine after each run's own projector at block 8), with the statistics of
+docs/statistics.md. The report
 compares REPA and iREPA with vanilla; irepa_vs_repa.csv and irepa_vs_repa_deltas.csv hold iREPA − REPA, paired
 the same way. Its README.md is rendered from the report's own files (`readme`): no number in it is typed.
 """
@@ -44,9 +45,11 @@ def block_table(res: pd.DataFrame, deltas: pd.DataFrame, block: int, t: float) -
         cells = [rows[(rows["kind"] == kind) & (rows["checkpoint"] == name)]["value"] for kind, name in COLUMNS]
         d = deltas[(deltas["metric"] == metric) & (deltas["encoder"] == encoder) & (deltas["t"] == t)
                    & (deltas["block"] == block)]
+        if metric == PROJECTOR_COSINE:
+            diff = "not comparable (each run's own target)"
+        else:
+            diff = "–" if d.empty else interval(metric, *d.iloc[0][["delta", "ci_low", "ci_high"]])
         r = rows.iloc[0]
-        diff = ("not comparable (each run's own target)" if metric == PROJECTOR_COSINE else "–") if d.empty or \
-            metric == PROJECTOR_COSINE else interval(metric, *d.iloc[0][["delta", "ci_low", "ci_high"]])
         where = sample(metric, r.get("n"), r.get("k"))
         out.append(f"| {what(metric, encoder, False)}{f' ({where})' if where else ''} | "
                    + " | ".join(level(metric, c.iloc[0]) if len(c) else "–" for c in cells) + f" | {diff} |")

@@ -814,11 +814,11 @@ def alignment(target, sources, metrics: Sequence[str] | None = None, k: int = 10
             for m, v in pair_scores(src if rows is None else src.subset(rows, what), kernel, metrics).items():
                 other[m][(p,) + index] = v
     if ranks > 1:
-        _gather_ranks([*out.values(), *other.values()])
+        gather_ranks([*out.values(), *other.values()])
     return (out, other) if given else out
 
 
-def _gather_ranks(arrays: list[np.ndarray]) -> None:
+def gather_ranks(arrays: list[np.ndarray]) -> None:
     """Each rank filled the entries of its own sources (zeros elsewhere): give every rank all of them, in
     place. A sum with one non-zero term per entry is exact."""
     total, offset = sum_over_ranks_array(np.concatenate([a.ravel() for a in arrays])), 0

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .metrics import exact_float32
-from .runtime import rank, sum_over_ranks_array, world_size
+from .metrics import exact_float32, gather_ranks
+from .runtime import rank, world_size
 
 DEFAULT_LAMBDAS = tuple(10.0 ** (k / 3) for k in range(-12, 1))   # 1e-4 … 1, three per decade (docs/probe.md)
 VAL_TIE = 0.005   # validation top-1 within this share of the validation images (at least one) is a tie
@@ -593,8 +593,9 @@ def _run_probes(train_feats, train_labels, test_feats, test_labels, cfg: ProbeCo
     per_pass = max(1, cfg.max_batch_bytes // per_probe)
     passes = [(p0, min(p0 + per_pass, n_probes)) for p0 in range(0, n_probes, per_pass)]
     ranks = world_size() if split and len(passes) >= world_size() else 1    # else every rank fits them all
+    mine = passes[rank() if ranks > 1 else 0::ranks]
     parts = []
-    for p0, p1 in passes[rank() if ranks > 1 else 0::ranks]:
+    for p0, p1 in mine:
         x_tr = _as_batch(x_tr_all, p0, p1, device)
         x_te = _as_batch(x_te_all, p0, p1, device)
         if not (bool(torch.isfinite(x_tr).all()) and bool(torch.isfinite(x_te).all())):
@@ -605,21 +606,11 @@ def _run_probes(train_feats, train_labels, test_feats, test_labels, cfg: ProbeCo
         else:
             parts.append(_probe_sklearn(x_tr, y_tr, x_te, y_te, c, cfg, fit_idx, val_idx))
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if ranks > 1:
-        out = _gather_passes(out, passes[rank()::ranks], n_probes)
+    if ranks > 1:     # each rank's probes into arrays of all of them (float64 carries booleans exactly), shared
+        rows = np.concatenate([np.arange(p0, p1) for p0, p1 in mine])
+        full = {k: np.zeros((n_probes,) + v.shape[1:]) for k, v in out.items()}
+        for k, v in out.items():
+            full[k][rows] = v
+        gather_ranks(list(full.values()))
+        out = {k: v.astype(out[k].dtype) for k, v in full.items()}
     return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
-
-
-def _gather_passes(mine: dict[str, np.ndarray], passes: list[tuple[int, int]], n_probes: int) -> dict[str, np.ndarray]:
-    """Every rank's probes of `passes` (its share, in order) into arrays of all n_probes, on every rank: a sum over
-    ranks with one non-zero term per entry, which is exact (booleans and integers travel as float64)."""
-    rows = np.concatenate([np.arange(p0, p1) for p0, p1 in passes])
-    full = {k: np.zeros((n_probes,) + v.shape[1:]) for k, v in mine.items()}
-    for k, v in mine.items():
-        full[k][rows] = v
-    flat = sum_over_ranks_array(np.concatenate([v.ravel() for v in full.values()]))
-    out, offset = {}, 0
-    for k, v in full.items():
-        out[k] = flat[offset:offset + v.size].reshape(v.shape).astype(mine[k].dtype)
-        offset += v.size
-    return out
