@@ -31,7 +31,7 @@ from repa_probe.findings.summary import compare_summary, paired_deltas
 from repa_probe.pipeline import PROJECTOR_COSINE, Pipeline, run
 from repa_probe.report import compose
 from repa_probe.report.verdict import at_blocks, interval, level, sample, what
-from repa_probe.runtime import rank
+from repa_probe.runtime import rank, shutdown_distributed
 
 NAMES = {"vanilla": "vanilla", "repa": "REPA", "irepa": "iREPA"}
 COLUMNS = [("untrained", "untrained"), ("raw-thumbnail", "raw thumbnail"), *(("model", n) for n in NAMES.values())]
@@ -56,6 +56,23 @@ def block_table(res: pd.DataFrame, deltas: pd.DataFrame, block: int, t: float) -
     return out
 
 
+def same_start(summary: dict) -> str:
+    """What the runs' training logs (beside their weights) say of the trio's start: one SiT init and one first batch
+    (the first step's denoising loss, before any alignment term acts on the weights), or that they differ."""
+    first = []
+    for name in NAMES.values():
+        log = REPO / summary["checkpoints"][name]["path"].replace(".safetensors", ".log.jsonl")
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        start = next(e for e in events if e["event"] == "start")
+        step1 = next(e for e in events if e["event"] == "train" and e["step"] == 1)
+        first.append((start["sit_init_sha256"], step1["loss_denoise"]))
+    if len(set(first)) == 1:
+        return (f"Their training logs record one SiT init (sha256 `{first[0][0][:16]}…`) and one first-step "
+                f"denoising loss ({first[0][1]!r}) for the three.")
+    return "Their training logs record different starts: " + "; ".join(f"{n}: init {h[:16]}…, first-step denoising "
+                                                                      f"loss {l!r}" for n, (h, l) in zip(NAMES.values(), first))
+
+
 def readme(out: Path, command: str) -> str:
     """OUT/README.md from the report's own files (summary.json, results.csv, irepa_vs_repa*.csv): no number typed."""
     s = json.loads((out / "summary.json").read_text())
@@ -76,7 +93,8 @@ def readme(out: Path, command: str) -> str:
              f"images of `{cfg['probe_train']}`, t ∈ {{{', '.join(f'{x:g}' for x in cfg['ts'])}}}; the final EMA "
              "weights in fp16 with their sha256 in `reports/weights/cifar_deep/` (SHA256SUMS). The untrained network is "
              "the same architecture at initialisation with its zero-initialised gates given a standard init "
-             "(docs/statistics.md); the raw thumbnail is the noisy input average-pooled per patch.", "", "## Page 1", ""]
+             "(docs/statistics.md); the raw thumbnail is the noisy input average-pooled per patch. " + same_start(s), "",
+             "## Page 1", ""]
     lines += [f"- {sentence}" for sentence in s["overview"]]
     lines += ["", f"## At the aligned block {block}, t = {t:g}", ""] + block_table(res, deltas, block, t)
     lines += ["", f"## iREPA − REPA block by block (t = {t:g}; the simultaneous band over blocks × t)", ""]
@@ -100,9 +118,10 @@ if __name__ == "__main__":
     loaded = [load_checkpoint(os.path.relpath(weights[f"{name}-s{a.seed}"])) for name in NAMES]
     results = run(loaded, list(NAMES.values()), cfg, pipeline)
     out = compose.write(results, a.out, {"total": time.perf_counter() - start})
-    aligned = loaded[1].anatomy.aligned_block
-    compare_summary(results, "REPA", "iREPA", aligned).to_csv(Path(out) / "irepa_vs_repa.csv", index=False)
-    paired_deltas(results, "REPA", "iREPA").to_csv(Path(out) / "irepa_vs_repa_deltas.csv", index=False)
-    if rank() == 0:
+    if rank() == 0:                      # under torchrun (`torchrun ... three_way.py -- --n 3000`) rank 0 writes
+        aligned = loaded[1].anatomy.aligned_block
+        compare_summary(results, "REPA", "iREPA", aligned).to_csv(Path(out) / "irepa_vs_repa.csv", index=False)
+        paired_deltas(results, "REPA", "iREPA").to_csv(Path(out) / "irepa_vs_repa_deltas.csv", index=False)
         (Path(out) / "README.md").write_text(readme(Path(out), "python analyses/three_way.py " + " ".join(sys.argv[1:])))
         print(out, f"{time.perf_counter() - start:.0f} s")
+    shutdown_distributed()
