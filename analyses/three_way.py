@@ -70,7 +70,7 @@ def same_start(summary: dict) -> str:
         return (f"Their training logs record one SiT init (sha256 `{first[0][0][:16]}…`) and one first-step "
                 f"denoising loss ({first[0][1]!r}) for the three.")
     return "Their training logs record different starts: " + "; ".join(f"{n}: init {h[:16]}…, first-step denoising "
-                                                                      f"loss {l!r}" for n, (h, l) in zip(NAMES.values(), first))
+                                                                      f"loss {l!r}" for n, (h, l) in zip(NAMES.values(), first)) + "."
 
 
 def readme(out: Path, command: str) -> str:

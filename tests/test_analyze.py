@@ -135,9 +135,15 @@ def assert_held_out_gaps(out, summary, depth) -> None:
 def test_compare_overlays_checkpoints_with_deltas(workdir, cifar_dir):
     out = workdir / "report_ab"
     # a run folder stands for its latest checkpoint (step 30) and is named after the run
+    # matplotlib warns when more than figure.max_open_warning figures are open (20 by default; 5 here, set through
+    # its own config file): each page is drawn as it is saved, so a report of more pages than that gives none
+    mpl = workdir / "mplconfig"
+    mpl.mkdir(exist_ok=True)
+    (mpl / "matplotlibrc").write_text("figure.max_open_warning: 5\n")
     r = run_cli("compare", workdir / "run/checkpoints/0000010.pt", workdir / "run",
-                *common(workdir, cifar_dir), "--out", out)
+                *common(workdir, cifar_dir), "--out", out, env={"MPLCONFIGDIR": str(mpl)})
     assert r.returncode == 0, r.stderr
+    assert len(list((out / "figures").glob("*.png"))) > 5 and "figures have been opened" not in r.stderr
     res = pd.read_csv(out / "results.csv")
     assert {"run/0000010", "run"} <= set(res["checkpoint"])
     summary = json.loads((out / "summary.json").read_text())

@@ -357,7 +357,7 @@ def write(report: Results | Findings, out: str | Path, timings: dict[str, float]
     if rank() != 0:                               # under torchrun rank 0 alone writes (and holds `out`)
         return Path(out)
     summary, tables = summarise(f, timings)
-    figs = [page for build in FIGURES.values() for page in build(f, f.table)]
+    figs = (page for build in FIGURES.values() for page in build(f, f.table))     # drawn as they are saved
     return write_report(out, f.table, summary, figs, tables, started=start)
 
 

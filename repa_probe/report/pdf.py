@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -44,11 +45,12 @@ def _slug(title: str) -> str:
 
 
 def write_report(out: str | os.PathLike, results: pd.DataFrame, summary: dict,
-                 figures: list[tuple[str, plt.Figure]], extra_tables: dict[str, pd.DataFrame] | None = None,
+                 figures: Iterable[tuple[str, plt.Figure]], extra_tables: dict[str, pd.DataFrame] | None = None,
                  started: float | None = None) -> Path:
     """Write results.csv, summary.json, one PNG per figure (numbered in page order) and report.pdf.
 
-    figures: (name, figure) in page order; page 1 should be the provenance + summary page.
+    figures: (name, figure) in page order; page 1 should be the provenance + summary page. A generator is drawn
+    page by page as it is saved, so a long report never holds all its figures open at once.
     started: ``time.perf_counter()`` when the report began; summary.json's ``timings_s.report`` then counts
     the figures' drawing too (summary.json is written after them).
     """
