@@ -139,6 +139,31 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
     assert "![page 1 of the shipped pair's report](reports/demo/shipped/figures/01_overview.png)" in readme
 
 
+def test_the_three_way_sentence_quotes_its_report():
+    """The README's sentence on reports/three_way/ gives iREPA − REPA at the aligned block as irepa_vs_repa.csv has
+    it (spatial structure and pooled CKNNA at the report's first t, CKNNA with its n and k), and no other number."""
+    import json
+
+    import pandas as pd
+    from repa_probe.report.verdict import interval, sample
+
+    folder = REPO / "reports" / "three_way"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    para = readme.split("`reports/three_way/` adds iREPA", 1)[1].split("Run the tests", 1)[0]
+    summary = json.loads((folder / "summary.json").read_text())
+    t, block = min(summary["config"]["ts"]), summary["aligned_blocks"]["iREPA"]
+    rows = pd.read_csv(folder / "irepa_vs_repa.csv")
+    at = {m: rows[(rows["metric"] == m) & (rows["t"] == t)].iloc[0] for m in ("lds", "cknna")}
+    lds, cknna = (interval(m, r["aligned_delta"], r["aligned_ci_low"], r["aligned_ci_high"]) for m, r in at.items())
+    where = sample("cknna", at["cknna"]["n"], at["cknna"]["k"])
+    said = (f"at the aligned block {block}, iREPA − REPA is {lds} in spatial structure (LDS, t = {t:g}) and {cknna} "
+            f"in pooled CKNNA ({where})")
+    assert said in para, said
+    assert at["lds"]["aligned_block"] == at["cknna"]["aligned_block"] == block
+    numbers = set(re.findall(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?", para))
+    assert numbers <= set(re.findall(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?", said)) | {"0"}    # "seed-0"
+
+
 def test_the_probe_intervals_report_quotes_its_json():
     """reports/probe_intervals/README.md's drops and intervals are those of its probe_intervals.json, whose new
     intervals overlap across the two probe sizes (issue 24's check) and whose λ flips stay inside every interval."""

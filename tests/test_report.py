@@ -62,7 +62,7 @@ def test_page_1_is_at_most_three_short_sentences_at_one_precision(name):
     peaks, comp, t = pd.DataFrame(summary["peaks"]), pd.DataFrame(summary["compare"]), min(summary["config"]["ts"])
     sentences = overview_sentences(peaks, comp, table, _page1_panels(table), t)
     assert_plain(sentences, compare=True)
-    # these summaries predate the held-out baseline comparison: values only, no 'beats' (findings/baselines.py)
+    # without the held-out baseline gaps (gaps=None) page 1 states values only, no 'beats' (findings/baselines.py)
     assert "the raw thumbnail" in sentences[2] and "is at or above every block (no interval)" in sentences[2]
     assert "beats" not in sentences[2]
     long = {n: f"{n}-{'x' * (39 - len(n))}" for n in summary["checkpoints"]}

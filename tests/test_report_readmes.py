@@ -12,7 +12,8 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "analyses"))
 
-RENDERED = {"successors": "successors", "generation_curves": "generation_curves", "seeds": "seed_report"}    # report folder → its script
+RENDERED = {"successors": "successors", "generation_curves": "generation_curves", "seeds": "seed_report",
+            "three_way": "three_way"}    # report folder → its script
 
 
 @pytest.mark.parametrize("folder", sorted(RENDERED))
@@ -38,3 +39,19 @@ def test_committed_weights_are_read_without_training(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(["reports/weights/cifar_deep/repa-s1.safetensors",
                                          "reports/weights/cifar_deep/vanilla-s1.safetensors"])
+
+
+@pytest.mark.parametrize("folder", ["seeds", "successors", "three_way", "demo/shipped"])
+def test_a_committed_report_reads_committed_weights_with_the_recorded_hashes(folder):
+    """What re-makes a report travels with it: every checkpoint its summary.json names is a committed file under
+    reports/weights/ (or the package's copy of one) whose sha256 is the one the summary and SHA256SUMS record
+    (the untrained baseline, `<untrained>`, is drawn from a seed, not read)."""
+    import hashlib
+    import json
+    checkpoints = json.loads((REPO / "reports" / folder / "summary.json").read_text())["checkpoints"]
+    for name, ck in ((n, ck) for n, ck in checkpoints.items() if ck["path"] != "<untrained>"):
+        path = REPO / ck["path"]
+        assert ck["path"].startswith(("reports/weights/", "repa_probe/assets/")) and path.is_file(), (name, ck["path"])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        sums = (REPO / "reports" / "weights" / path.parent.name / "SHA256SUMS").read_text().split()
+        assert digest == ck["sha256"] and sums[sums.index(path.name) - 1] == digest, (name, ck["path"])

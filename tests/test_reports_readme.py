@@ -107,22 +107,12 @@ def row(df: pd.DataFrame, **where) -> pd.Series:
     return hit.iloc[0]
 
 
-def peak(folder: str, checkpoint: str, metric: str, t: float = 0.0) -> dict:
-    hits = [p for p in summary(folder)["peaks"] if (p["checkpoint"], p["metric"], p["t"]) == (checkpoint, metric, t)]
-    assert len(hits) == 1
-    return {k: int(v) if k.endswith("_block") else v for k, v in hits[0].items()}  # three_way/ writes 21.0
-
-
 def drop(p: dict, places: int, scale: int = 1) -> str:
     return ci(p["drop_after"], p["drop_ci_low"], p["drop_ci_high"], places, scale)
 
 
 def aligned(r: pd.Series, places: int, scale: int = 1) -> str:
     return ci(r["aligned_delta"], r["aligned_ci_low"], r["aligned_ci_high"], places, scale, sign=True)
-
-
-def value(folder: str, checkpoint: str, metric: str, block: int, t: float = 0.0) -> float:
-    return float(row(table(f"{folder}/results.csv"), checkpoint=checkpoint, metric=metric, block=block, t=t)["value"])
 
 
 def source(path: str) -> str:
@@ -134,106 +124,6 @@ def setting(path: str, pattern: str) -> str:
     m = re.search(pattern, source(path))
     assert m, (path, pattern)
     return m.group(1)
-
-
-def three_way_claims() -> list[str]:
-    s, res = summary("three_way"), table("three_way/results.csv")
-    cfg, ts = s["config"], s["config"]["ts"]
-    assert ts == summary("seeds")["config"]["ts"] and res["block"].max() == table("seeds/results.csv")["block"].max()
-    irepa = s["checkpoints"]["iREPA"]["args"]
-    assert (irepa["repa_coeff"], irepa["repa_depth"]) == (s["checkpoints"]["REPA"]["args"]["repa_coeff"],
-                                                          s["aligned_blocks"]["REPA"])
-    kernel = setting("analyses/cifar_runs.py", r'"--projector-kernel", "(\d+)"')
-    alpha = setting("analyses/cifar_runs.py", r'"--zscore-alpha", "([\d.]+)"')
-    tm = s["timings_s"]
-    out = [f"a {kernel}×{kernel} convolutional projector", f"(α = {alpha})",
-           f"{fixed(irepa['step'], 0)} steps", f"`python analyses/three_way.py --n {cfg['n']}`",
-           f"n = {fixed(cfg['n'], 0)} `cifar10/test` images", f"probes fitted on {fixed(cfg['probe_n_train'], 0)} "
-           f"`cifar10/train` images", f"{fixed(tm['total'], 0)} s, {fixed(tm['data+forwards'], 0)} s of them for data",
-           f"its values here (n = {fixed(cfg['n'], 0)}) are not those of `seeds/` "
-           f"(n = {fixed(summary('seeds')['config']['n'], 0)})"]
-
-    # the block-8 table; the untrained net is the same at every block (its blocks are the identity at init)
-    b = s["aligned_blocks"]["iREPA"]
-    at0 = res[res.t == 0.0]
-    assert (at0[at0.kind == "untrained"].groupby("metric")["value"].nunique() == 1).all()
-    ivr = table("three_way/irepa_vs_repa.csv")
-
-    def cell(checkpoint: str, metric: str, places: int) -> str:
-        hit = at0[(at0.checkpoint == checkpoint) & (at0.metric == metric) & (at0.block.isin([b, -1]))]  # -1: input
-        if hit.empty:
-            return "–"
-        return pct(hit["value"].iloc[0]) if metric == "probe_top1" else fixed(hit["value"].iloc[0], places)
-
-    # metric: its row's name, decimals of the values, decimals of iREPA − REPA, bold (the row the text is about)
-    rows = {"lds": ("LDS (spatial)", 3, 3, "**"), "cds": ("CDS (spatial)", 3, 3, ""),
-            "rmsc": ("RMSC (spatial)", 3, 3, ""), "cknna": ("CKNNA (pooled)", 4, 3, ""),
-            "token_cknna": ("token CKNNA", 4, 3, ""), "probe_top1": ("probe top-1", 1, 1, "")}
-    for metric, (name, places, dplaces, bold) in rows.items():
-        values = [cell(ck, metric, places) for ck in ("untrained", "raw thumbnail", "vanilla", "REPA")]
-        scale, unit = (100, " points") if metric == "probe_top1" else (1, "")
-        out.append(f"| {name} | {' | '.join(values)} | {bold}{cell('iREPA', metric, places)}{bold} | "
-                   f"{bold}{aligned(row(ivr, metric=metric, t=0.0), dplaces, scale)}{unit}{bold} |")
-    cos = {ck: fixed(value("three_way", ck, "proj_cosine", b), 3) for ck in ("REPA", "iREPA")}
-    out.append(f"| projector cosine | – | – | – | {cos['REPA']} | {cos['iREPA']} |")
-
-    # spatial structure
-    lds = {ck: value("three_way", ck, "lds", b) for ck in ("untrained", "vanilla", "REPA", "iREPA")}
-    thumb = float(row(at0, checkpoint="raw thumbnail", metric="lds")["value"])
-    assert 1.9 < lds["iREPA"] / lds["REPA"] < 2.1 and lds["untrained"] < lds["iREPA"] < thumb
-    assert lds["vanilla"] < lds["REPA"] < lds["untrained"]
-    cmp = table("three_way/compare.csv")
-    better = {t: set(row(ivr, metric="lds", t=t)["b_better_blocks"]) for t in ts}
-    common = set.intersection(*better.values())
-    missing = set(range(1, max(common) + 1)) - common
-    ((gap, gap_ts),) = [(x, [t for t in ts if x not in better[t]]) for x in missing]
-    enc = {m: fixed(row(at0, kind="encoder", metric=m)["value"], 3) for m in ("lds", "cds", "rmsc")}
-    late = {ck: value("three_way", ck, "lds", 24) for ck in ("vanilla", "REPA", "iREPA")}
-    assert max(late["REPA"], late["iREPA"]) < late["vanilla"]
-    out += [f"only {fixed(lds['iREPA'] - lds['untrained'], 3)} more than the untrained network "
-            f"({fixed(lds['iREPA'], 3)} against {fixed(lds['untrained'], 3)}), and less than the raw thumbnail "
-            f"({fixed(thumb, 3)})", f"at block {b} (vanilla {fixed(lds['vanilla'], 3)}, REPA {fixed(lds['REPA'], 3)})",
-            f"raises LDS over vanilla by {aligned(row(cmp, b='REPA', metric='lds', t=0.0), 3)} at block {b}",
-            f"iREPA − REPA > 0 at blocks {blocks(common | missing)} at every t (block {gap} excepted at t = "
-            f"{' / '.join(map(g, gap_ts))})", f"(LDS {enc['lds']}, CDS {enc['cds']}, RMSC {enc['rmsc']}",
-            f"below REPA at blocks {blocks(row(ivr, metric='lds', t=0.0)['b_worse_blocks'])} (t = 0)",
-            f"by block 24 both are below vanilla (LDS: iREPA {fixed(late['iREPA'], 3)}, REPA {fixed(late['REPA'], 3)}, "
-            f"vanilla {fixed(late['vanilla'], 3)})"]
-
-    # global alignment, tokens, probe
-    ck = row(ivr, metric="cknna", t=0.0)
-    assert ck["aligned_ci_low"] < 0 < ck["aligned_ci_high"] and ck["b_better_blocks"] == []
-    vs = {name: row(cmp, b=name, metric="cknna", t=0.0) for name in ("REPA", "iREPA")}
-    tok, prb = row(ivr, metric="token_cknna", t=0.0), row(ivr, metric="probe_top1", t=0.0)
-    pv = row(cmp, b="iREPA", metric="probe_top1", t=0.0)
-    assert pv["b_worse_blocks"] == [] and prb["aligned_ci_low"] > 0
-    out += [f"Pooled CKNNA at block {b}, iREPA − REPA: {aligned(ck, 3)}: its interval holds 0",
-            f"iREPA is lower at blocks {blocks(ck['b_worse_blocks'])} (t = 0) and higher at none",
-            f"(REPA {aligned(vs['REPA'], 4)}, iREPA {aligned(vs['iREPA'], 4)}; block by block REPA at blocks "
-            f"{blocks(vs['REPA']['b_better_blocks'])}, iREPA at blocks {blocks(vs['iREPA']['b_better_blocks'])})",
-            f"lower for iREPA at blocks {blocks(tok['b_worse_blocks'])} and higher at blocks "
-            f"{blocks(tok['b_better_blocks'])} (t = 0)",
-            f"positive at blocks {blocks(prb['b_better_blocks'])} and negative at blocks "
-            f"{blocks(prb['b_worse_blocks'])} (t = 0)",
-            f"positive at {len(pv['b_better_blocks'])} blocks and negative at none (up to "
-            f"{signed(pv['max_delta'], 1, 100)} points at block {pv['max_delta_block']})",
-            f"higher for iREPA than for REPA at block {b} ({aligned(prb, 1, 100)} points)",
-            f"is {cos['REPA']} for REPA", f"and {cos['iREPA']} for iREPA"]
-
-    # peak-then-drop at t = 0
-    pk = lambda ckpt, metric: peak("three_way", ckpt, metric)
-    yes = [pk("REPA", "cknna"), pk("REPA", "token_cknna"), pk("REPA", "probe_top1"), pk("iREPA", "token_cknna"),
-           pk("vanilla", "token_cknna")]
-    no = [pk("iREPA", "cknna"), pk("iREPA", "probe_top1"), pk("vanilla", "cknna"), pk("vanilla", "probe_top1")]
-    assert all(p["peaks_then_drops"] for p in yes) and not any(p["peaks_then_drops"] for p in no)
-    assert yes[0]["selected_block"] == yes[1]["selected_block"] == b
-    out += [f"peak at block {b} and drop ({drop(yes[0], 3)} and {drop(yes[1], 3)})",
-            f"({drop(yes[2], 1, 100)} points from block {yes[2]['selected_block']})",
-            f"drops by {drop(yes[3], 3)} from block {yes[3]['selected_block']}, its pooled CKNNA by {drop(no[0], 3)} "
-            f"and its probe by {drop(no[1], 1, 100)} points (neither beyond the interval)",
-            f"drops by {drop(yes[4], 3)} from block {yes[4]['selected_block']}, its pooled CKNNA ({drop(no[2], 3)}) "
-            f"and probe ({drop(no[3], 1, 100)} points) do not"]
-    return out
 
 
 def demo_claims() -> list[str]:
@@ -324,10 +214,8 @@ def coverage_claims() -> list[str]:
     assert band["cells"] == depth * n_t and false["simultaneous"]["rate"] == 0
     seeds = {c[k]["of"] for c in cells for k in c}
     assert len(seeds) == 1
-    old = json.loads((REPORTS / "probe_intervals" / "probe_intervals.json").read_text())["sizes"]
-    size = max(old, key=int)
-    (lo_old, hi_old), (lo_new, hi_new) = old[size]["old"]["drop_ci"][0], old[size]["new"]["drop_ci"][0]
-    blocks_pi = len(old[size]["new"]["value"][0]) - 1
+    sizes = json.loads((REPORTS / "probe_intervals" / "probe_intervals.json").read_text())["sizes"]
+    blocks_pi = len(sizes[max(sizes, key=int)]["new"]["value"][0]) - 1
     return [f"n = {fixed(st['n'], 0)} images with k = {st['k']} (k/n = {g(st['k'] / st['n'])}, as {deep['k']} of "
             f"{fixed(deep['n'], 0)})", f"(CKNNA {fixed(st['cknna'][0], 3)}–{fixed(st['cknna'][1], 3)})",
             f"the default {st['bootstrap']} subsample replicates", f"at {st['blocks']} blocks × {st['ts']} t, "
@@ -345,10 +233,6 @@ def coverage_claims() -> list[str]:
             f"in {fixed(min(bonf), 1, 100)}–{pct(max(bonf))} of {fixed(seeds.pop(), 0)} seeds",
             f"calibrated on the {band['bootstrap']} replicates themselves in only {fixed(min(maxt), 0, 100)}–"
             f"{pct(max(maxt), 0)}",
-            f"{pct(cov['value']['percentile']['rate'])} coverage for the quantiles, "
-            f"{pct(cov['value']['normal']['rate'])} for the new",
-            f"(`probe_intervals/`, {fixed(int(size), 0)} probe images) the held-out drop's interval went from "
-            f"{fixed(hi_old - lo_old, 1, 100)} to {fixed(hi_new - lo_new, 1, 100)} points wide",
             f"One {blocks_pi}-block SiT's probe"]
 
 
@@ -356,8 +240,6 @@ def setup_claims() -> list[str]:
     """The paragraphs that quote benchmarks/RESULTS.md and the scripts of the runs not yet made."""
     results = source("benchmarks/RESULTS.md")
     cpu = re.search(r"\*\*(\d+) cores of an AMD EPYC \(Zen 4, no GPU\), (\d+) GiB, torch ([\d.]+) CPU\*\*", results)
-    teacher = re.search(r"\| bundled CIFAR SSL ResNet \(real weights\)[^|]*\|[^|]*\| ([\d.]+e-\d+) \(8–64 images\) "
-                        r"\| ([\d.]+e-\d+) ÷ [\d.]+e-\d+ = ([\d.]+) \|", results)
     gpu = source("analyses/gpu_reproduce.sh")
     model = re.search(r"a (\d+)-block, width-(\d+) SiT/(\d+) .*?= (\d+) tokens", gpu)
     images = setting("analyses/gpu_reproduce.sh", r"the compare report on ([\d,]+) test images")
@@ -366,27 +248,20 @@ def setup_claims() -> list[str]:
     cpu_preset = setting("analyses/cifar_runs.py", r'"cpu": dict\([^)]*\bdepth=(\d+)')
     over = setting("analyses/alignment_over_training.py", r"set_defaults\([^)]*\bn=(\d+)")
     return [f"{cpu[1]} cores of an AMD EPYC, {cpu[2]} GiB, no GPU, torch {cpu[3]}",
-            f"move by {teacher[1]} of their spread; CKNNA by at most {teacher[2]}, {teacher[3]} of the narrowest",
             f"{pair}, chained device calls of ≤ {minutes} minutes",
             f"{pair} on {model[4]} tokens, {images} analysis images",
             f"both runs on {fixed(int(over), 0)} images", f"The {cpu_preset}-block reports of earlier sessions"]
 
 
 def retired_claims() -> list[str]:
-    """What the README says of the retired depth/ and of the seed report that replaced it, and the three_way/
-    settings it quotes, from the seed report's and three_way/'s own files."""
-    seeds, tw = summary("seeds")["config"], summary("three_way")
+    """What the README says of the retired depth/ and of the seed report that replaced it."""
+    seeds = summary("seeds")["config"]
     depth, n_t = int(table("seeds/results.csv")["block"].max()), len(seeds["ts"])
-    irepa, b = tw["checkpoints"]["iREPA"]["args"], tw["aligned_blocks"]["iREPA"]
-    return [f"one training seed's {depth}-block pair", f"so over {depth} blocks × {n_t} t",
-            f"on the same {depth}-block SiT", f"at the reports' {depth} blocks × {n_t} t",
-            f"λ = {g(irepa['repa_coeff'])} at block {irepa['repa_depth']}",
-            "t ∈ {" + ", ".join(g(t) for t in tw["config"]["ts"]) + "}", f"At block {b} (the aligned block)",
-            f"Both beat vanilla at block {b}"]
+    return [f"one training seed's {depth}-block pair", f"at the reports' {depth} blocks × {n_t} t"]
 
 
 def claims() -> list[str]:
-    return retired_claims() + three_way_claims() + demo_claims() + coverage_claims() + setup_claims()
+    return retired_claims() + demo_claims() + coverage_claims() + setup_claims()
 
 
 def test_every_claim_of_reports_readme_is_rebuilt_from_its_file():
@@ -395,17 +270,20 @@ def test_every_claim_of_reports_readme_is_rebuilt_from_its_file():
     assert not missing, "reports/README.md does not say, as the files do:\n" + "\n".join(missing)
 
 
-def test_the_reports_lists_are_block_by_block():
-    """What the README says of three_way/ and demo/: a block is in b_better_blocks / b_worse_blocks when
-    its own paired interval in the deltas file excludes 0 (pointwise, no band)."""
-    for folder, compare, deltas in (("demo", "compare", "deltas"),
-                                    ("three_way", "compare", "deltas"),
+def test_the_reports_lists_are_the_bands_and_the_pointwise_lists_stay_beside_them():
+    """A block is in b_better_blocks / b_worse_blocks when the simultaneous band over blocks × t excludes 0
+    (sim_low, sim_high of the deltas file), and in b_*_blocks_pointwise when its own paired interval does."""
+    for folder, compare, deltas in (("demo", "compare", "deltas"), ("demo/shipped", "compare", "deltas"),
+                                    ("seeds", "compare", "deltas"), ("three_way", "compare", "deltas"),
                                     ("three_way", "irepa_vs_repa", "irepa_vs_repa_deltas")):
         d = table(f"{folder}/{deltas}.csv")
         for r in table(f"{folder}/{compare}.csv").itertuples():
             cell = d[(d.a == r.a) & (d.b == r.b) & (d.metric == r.metric) & (d.t == r.t) & (d.block >= 1)]
-            assert r.b_better_blocks == sorted(cell.loc[cell.ci_low > 0, "block"]), (folder, r.b, r.metric, r.t)
-            assert r.b_worse_blocks == sorted(cell.loc[cell.ci_high < 0, "block"]), (folder, r.b, r.metric, r.t)
+            where = (folder, r.b, r.metric, r.t)
+            assert r.b_better_blocks == sorted(cell.loc[cell.sim_low > 0, "block"]), where
+            assert r.b_worse_blocks == sorted(cell.loc[cell.sim_high < 0, "block"]), where
+            assert r.b_better_blocks_pointwise == sorted(cell.loc[cell.ci_low > 0, "block"]), where
+            assert r.b_worse_blocks_pointwise == sorted(cell.loc[cell.ci_high < 0, "block"]), where
 
 
 def test_every_number_in_reports_readme_is_traced():
@@ -419,7 +297,7 @@ def test_every_number_in_reports_readme_is_traced():
     for c in [flat(c) for c in claims()] + [m.group(0) for p in WORDING for m in re.finditer(p, text)]:
         for m in re.finditer(re.escape(c), text):
             cover(*m.span())
-    ts = {g(t) for t in summary("three_way")["config"]["ts"]}
+    ts = {g(t) for t in summary("seeds")["config"]["ts"]}
     for m in T_MENTION.finditer(text):
         if set(m.group(1).split(" / ")) <= ts:
             cover(*m.span())
