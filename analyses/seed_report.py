@@ -61,7 +61,8 @@ def seed_table(seeds: pd.DataFrame, peaks: pd.DataFrame, cfg: dict, quantity: st
 def readme(out: Path, command: str) -> str:
     """OUT/README.md from the report's own files (summary.json, seeds.csv): no number typed."""
     summary = json.loads((out / "summary.json").read_text())
-    seeds = pd.read_csv(out / "seeds.csv", dtype={"seed": str}).fillna({"encoder": "", "reference": ""})
+    text = {"seed": str, "encoder": str, "reference": str}
+    seeds = pd.read_csv(out / "seeds.csv", dtype=text).fillna({"encoder": "", "reference": ""})
     cfg, groups, peaks = summary["config"], summary["seeds"]["groups"], pd.DataFrame(summary["peaks"])
     preset = next((name for name, p in PRESETS.items() if f"preset {name}:" in " ".join(cfg["notes"])), "deep")
     p = PRESETS[preset]
