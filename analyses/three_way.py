@@ -69,8 +69,9 @@ def same_start(summary: dict) -> str:
     if len(set(first)) == 1:
         return (f"Their training logs record one SiT init (sha256 `{first[0][0][:16]}…`) and one first-step "
                 f"denoising loss ({first[0][1]!r}) for the three.")
-    return "Their training logs record different starts: " + "; ".join(f"{n}: init {h[:16]}…, first-step denoising "
-                                                                      f"loss {l!r}" for n, (h, l) in zip(NAMES.values(), first)) + "."
+    each = [f"{name}: init {init[:16]}…, first-step denoising loss {loss!r}"
+            for name, (init, loss) in zip(NAMES.values(), first)]
+    return "Their training logs record different starts: " + "; ".join(each) + "."
 
 
 def readme(out: Path, command: str) -> str:
@@ -93,8 +94,8 @@ def readme(out: Path, command: str) -> str:
              f"images of `{cfg['probe_train']}`, t ∈ {{{', '.join(f'{x:g}' for x in cfg['ts'])}}}; the final EMA "
              "weights in fp16 with their sha256 in `reports/weights/cifar_deep/` (SHA256SUMS). The untrained network is "
              "the same architecture at initialisation with its zero-initialised gates given a standard init "
-             "(docs/statistics.md); the raw thumbnail is the noisy input average-pooled per patch. " + same_start(s), "",
-             "## Page 1", ""]
+             "(docs/statistics.md); the raw thumbnail is the noisy input average-pooled per patch. "
+             + same_start(s), "", "## Page 1", ""]
     lines += [f"- {sentence}" for sentence in s["overview"]]
     lines += ["", f"## At the aligned block {block}, t = {t:g}", ""] + block_table(res, deltas, block, t)
     lines += ["", f"## iREPA − REPA block by block (t = {t:g}; the simultaneous band over blocks × t)", ""]
@@ -122,6 +123,7 @@ if __name__ == "__main__":
         aligned = loaded[1].anatomy.aligned_block
         compare_summary(results, "REPA", "iREPA", aligned).to_csv(Path(out) / "irepa_vs_repa.csv", index=False)
         paired_deltas(results, "REPA", "iREPA").to_csv(Path(out) / "irepa_vs_repa_deltas.csv", index=False)
-        (Path(out) / "README.md").write_text(readme(Path(out), "python analyses/three_way.py " + " ".join(sys.argv[1:])))
+        command = "python analyses/three_way.py " + " ".join(sys.argv[1:])
+        (Path(out) / "README.md").write_text(readme(Path(out), command))
         print(out, f"{time.perf_counter() - start:.0f} s")
     shutdown_distributed()

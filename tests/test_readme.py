@@ -7,6 +7,8 @@ import re
 from conftest import REPO
 from repa_probe.cli import build_parser
 
+NUMBER = r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?"     # a number as the README writes one: 1, 10,000, 0.011
+
 USAGE_WIDTH = "100"
 
 
@@ -135,7 +137,7 @@ def test_the_demo_paragraph_quotes_committed_numbers_as_page_1_prints_them():
                   | {f"{x:,}" for x in (r["n"], trained["steps"], seed_n)}
                   | set(re.findall(r"\d+\.\d+", lift + here + "".join(drops + quoted_seeds))))
     wording = {"1", "95", "0"}                  # "page 1", "95% intervals", "seed-0" and "t = 0"
-    assert set(re.findall(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?", para)) <= from_files | wording
+    assert set(re.findall(NUMBER, para)) <= from_files | wording
     assert "![page 1 of the shipped pair's report](reports/demo/shipped/figures/01_overview.png)" in readme
 
 
@@ -160,8 +162,8 @@ def test_the_three_way_sentence_quotes_its_report():
             f"in pooled CKNNA ({where})")
     assert said in para, said
     assert at["lds"]["aligned_block"] == at["cknna"]["aligned_block"] == block
-    numbers = set(re.findall(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?", para))
-    assert numbers <= set(re.findall(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?", said)) | {"0"}    # "seed-0"
+    numbers = set(re.findall(NUMBER, para))
+    assert numbers <= set(re.findall(NUMBER, said)) | {"0"}    # "seed-0"
 
 
 def test_the_probe_intervals_report_quotes_its_json():

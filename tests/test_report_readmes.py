@@ -53,5 +53,6 @@ def test_a_committed_report_reads_committed_weights_with_the_recorded_hashes(fol
         path = REPO / ck["path"]
         assert ck["path"].startswith(("reports/weights/", "repa_probe/assets/")) and path.is_file(), (name, ck["path"])
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        sums = (REPO / "reports" / "weights" / path.parent.name / "SHA256SUMS").read_text().split()
-        assert digest == ck["sha256"] and sums[sums.index(path.name) - 1] == digest, (name, ck["path"])
+        sums = (REPO / "reports" / "weights" / path.parent.name / "SHA256SUMS").read_text().splitlines()
+        recorded = dict(reversed(line.split()) for line in sums)               # {file name: sha256}
+        assert digest == ck["sha256"] == recorded[path.name], (name, ck["path"])
